@@ -1,0 +1,8 @@
+//! checkpoint
+
+pub mod codec;
+pub mod delta_cache;
+pub mod digest;
+
+/// Size of a guest page: the unit of dirty tracking, encoding and transfer.
+pub const PAGE_SIZE: usize = 4096;
