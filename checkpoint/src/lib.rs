@@ -3,6 +3,8 @@
 pub mod codec;
 pub mod delta_cache;
 pub mod digest;
+pub mod protocol;
+pub mod transport;
 
 /// Size of a guest page: the unit of dirty tracking, encoding and transfer.
 pub const PAGE_SIZE: usize = 4096;

@@ -1,0 +1,1324 @@
+//! The wire protocol between primary and backup.
+//!
+//! ```text
+//!  primary                                                  backup
+//!     |-- Hello {version, page size, RAM layout, vCPUs, id} -->|
+//!     |<-- HelloOk  | Refuse {reason}  (both sides then exit) --|
+//!     |                                                         |
+//!     |-- SyncPages {bytes done/total, pages} x N ------------->|  pre-copy while the
+//!     |                                                         |  guest runs: written
+//!     |   pause, harvest dirty set, copy pages, capture state,  |  straight to RAM (no
+//!     |   resume; encode on workers                             |  epoch committed yet)
+//!     |-- EpochBegin {E, page count, state length} ------------>|  open staging for E
+//!     |-- Pages {E, (pfn, encoding, payload)...} x M ---------->|  decode into staging
+//!     |-- State {E, vCPU + device blob} ----------------------->|
+//!     |-- EpochCommit {E, pages, frames, digest} -------------->|  verify all, apply
+//!     |<-- Ack {E}  | Nack {E, reason} -------------------------|  whole or not at all
+//!     |   output commit: packets of E leave the primary         |
+//!     |<-- Heartbeat {last epoch} ----------------------------->|  both ways when idle
+//!     |-- End {E, digest of RAM + state} ---------------------->|  backup compares
+//! ```
+//!
+//! The primary may send epoch E+1 before `Ack {E}` arrives, up to a small window (see
+//! [`InFlight`](crate::inflight::InFlight)); the backup applies epochs strictly in order.
+//! The first epoch is 1: committing it turns the pre-copied RAM into a consistent image.
+//!
+//! Every message is one frame: a fixed 24-byte little-endian [`FrameHeader`] followed by
+//! the payload. The CRC32 covers the header bytes before the `crc` field and the payload.
+//! Decoding validates magic, version, kind, flags, the length bound [`MAX_PAYLOAD_LEN`],
+//! the CRC and then the payload structure; every error names what failed. The version is
+//! bumped on any incompatible change; a peer with another version is refused.
+//!
+//! Payloads (all integers little-endian):
+//!
+//! | kind | header epoch | payload |
+//! | --- | --- | --- |
+//! | Hello | 0 | version u16, 0 u16, page size u32, vCPUs u32, n u32, guest id u64, flags u64, n x (gpa u64, len u64) |
+//! | HelloOk | 0 | none |
+//! | Refuse | 0 | reason, UTF-8 |
+//! | SyncPages | 0 | bytes done u64, bytes total u64, page batch |
+//! | EpochBegin | E | page count u64, state length u64 |
+//! | Pages | E | page batch |
+//! | State | E | the blob |
+//! | EpochCommit | E | page count u64, frame count u32, 0 u32, state length u64, digest u64 |
+//! | Ack | E | none |
+//! | Nack | E | reason, UTF-8 |
+//! | Heartbeat | last epoch | none |
+//! | End | E | digest u64 |
+//!
+//! A page batch is `count u32` then `count` entries of `pfn u64, encoding u8, length u16`
+//! followed by `length` payload bytes (see [`codec`](crate::codec)).
+
+use bytes::{BufMut, Bytes, BytesMut};
+use thiserror::Error;
+
+use crate::codec::{CodecError, Encoding};
+use crate::PAGE_SIZE;
+
+/// Frame magic, `"LKSP"` on the wire.
+pub const MAGIC: u32 = u32::from_le_bytes(*b"LKSP");
+/// Protocol version spoken by this build.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// Length of the frame header.
+pub const HEADER_LEN: usize = 24;
+/// Largest payload accepted (bounds the receive buffer).
+pub const MAX_PAYLOAD_LEN: usize = 16 << 20;
+/// Largest reason string in `Refuse` and `Nack`.
+pub const MAX_REASON_LEN: usize = 4096;
+/// Largest number of memory regions in `Hello`.
+pub const MAX_REGIONS: usize = 256;
+/// Bytes of a page-batch entry before its payload.
+pub const ENTRY_HEADER_LEN: usize = 11;
+/// Offset of the `crc` field in the header.
+const CRC_OFFSET: usize = 20;
+
+/// Errors from encoding or decoding frames.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ProtocolError {
+    /// The frame does not start with the lockstep magic.
+    #[error("bad frame magic {got:#010x} (expected {MAGIC:#010x}): the peer is not speaking the lockstep protocol")]
+    BadMagic {
+        /// The magic received.
+        got: u32,
+    },
+    /// The peer speaks another protocol version.
+    #[error("protocol version mismatch: the peer speaks version {got}, this build speaks version {PROTOCOL_VERSION}")]
+    Version {
+        /// The version received.
+        got: u16,
+    },
+    /// The message kind is unknown.
+    #[error("unknown message kind {kind} at epoch {epoch}")]
+    UnknownKind {
+        /// The kind byte received.
+        kind: u8,
+        /// Epoch in the header.
+        epoch: u64,
+    },
+    /// Flags this version does not define are set.
+    #[error("{kind:?} frame at epoch {epoch} has unknown flags {flags:#04x}")]
+    UnknownFlags {
+        /// Kind of the frame.
+        kind: MessageKind,
+        /// Epoch in the header.
+        epoch: u64,
+        /// The flags received.
+        flags: u8,
+    },
+    /// The payload is longer than allowed.
+    #[error("{kind:?} frame at epoch {epoch} announces a {len}-byte payload, more than the maximum {max}")]
+    TooLarge {
+        /// Kind of the frame.
+        kind: MessageKind,
+        /// Epoch in the header.
+        epoch: u64,
+        /// Announced length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The CRC does not match.
+    #[error("frame checksum mismatch at epoch {epoch} ({kind:?} frame, {len}-byte payload): expected {expected:#010x}, got {got:#010x}")]
+    Checksum {
+        /// Kind of the frame.
+        kind: MessageKind,
+        /// Epoch in the header.
+        epoch: u64,
+        /// Payload length.
+        len: usize,
+        /// CRC carried by the frame.
+        expected: u32,
+        /// CRC computed over what arrived.
+        got: u32,
+    },
+    /// Fewer bytes than a complete frame.
+    #[error("incomplete frame: {have} bytes, {need} needed")]
+    Incomplete {
+        /// Bytes needed.
+        need: usize,
+        /// Bytes available.
+        have: usize,
+    },
+    /// The payload does not have the structure its kind requires.
+    #[error("malformed {kind:?} frame at epoch {epoch}: {reason}")]
+    Malformed {
+        /// Kind of the frame.
+        kind: MessageKind,
+        /// Epoch in the header.
+        epoch: u64,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A page entry names an unknown encoding.
+    #[error("{kind:?} frame at epoch {epoch}, entry {entry}: {source}")]
+    Encoding {
+        /// Kind of the frame.
+        kind: MessageKind,
+        /// Epoch in the header.
+        epoch: u64,
+        /// Index of the entry in the batch.
+        entry: u32,
+        /// The codec's complaint.
+        source: CodecError,
+    },
+    /// A message is too large to be encoded.
+    #[error("cannot encode {kind:?}: {reason}")]
+    Encode {
+        /// Kind of the message.
+        kind: MessageKind,
+        /// What is too large.
+        reason: String,
+    },
+}
+
+/// The kind byte of a frame.
+#[repr(u8)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MessageKind {
+    /// Primary introduces itself.
+    Hello = 1,
+    /// Backup accepts the primary.
+    HelloOk = 2,
+    /// Either side refuses the other.
+    Refuse = 3,
+    /// Pre-copy pages, before the first epoch.
+    SyncPages = 4,
+    /// An epoch starts.
+    EpochBegin = 5,
+    /// A batch of an epoch's pages.
+    Pages = 6,
+    /// The epoch's vCPU and device state.
+    State = 7,
+    /// The epoch is complete.
+    EpochCommit = 8,
+    /// The backup committed an epoch.
+    Ack = 9,
+    /// The backup rejected an epoch.
+    Nack = 10,
+    /// Liveness.
+    Heartbeat = 11,
+    /// Clean end of replication.
+    End = 12,
+}
+
+impl MessageKind {
+    const ALL: [MessageKind; 12] = [
+        MessageKind::Hello,
+        MessageKind::HelloOk,
+        MessageKind::Refuse,
+        MessageKind::SyncPages,
+        MessageKind::EpochBegin,
+        MessageKind::Pages,
+        MessageKind::State,
+        MessageKind::EpochCommit,
+        MessageKind::Ack,
+        MessageKind::Nack,
+        MessageKind::Heartbeat,
+        MessageKind::End,
+    ];
+
+    /// Parses the kind byte.
+    pub fn from_u8(v: u8) -> Option<Self> {
+        Self::ALL.get(usize::from(v).wrapping_sub(1)).copied()
+    }
+}
+
+/// The fixed frame header, little-endian on the wire in field order.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameHeader {
+    /// [`MAGIC`].
+    pub magic: u32,
+    /// [`PROTOCOL_VERSION`].
+    pub version: u16,
+    /// A [`MessageKind`] byte.
+    pub kind: u8,
+    /// Reserved, zero in version 1.
+    pub flags: u8,
+    /// The epoch the frame belongs to (see the table in the module docs).
+    pub epoch: u64,
+    /// Length of the payload that follows.
+    pub payload_len: u32,
+    /// CRC32 of the header bytes before this field and of the payload.
+    pub crc: u32,
+}
+
+const _: () = assert!(std::mem::size_of::<FrameHeader>() == HEADER_LEN);
+
+impl FrameHeader {
+    /// The header bytes.
+    pub fn to_bytes(&self) -> [u8; HEADER_LEN] {
+        let mut b = [0u8; HEADER_LEN];
+        b[0..4].copy_from_slice(&self.magic.to_le_bytes());
+        b[4..6].copy_from_slice(&self.version.to_le_bytes());
+        b[6] = self.kind;
+        b[7] = self.flags;
+        b[8..16].copy_from_slice(&self.epoch.to_le_bytes());
+        b[16..20].copy_from_slice(&self.payload_len.to_le_bytes());
+        b[20..24].copy_from_slice(&self.crc.to_le_bytes());
+        b
+    }
+
+    /// Parses and validates a header: magic, version, kind, flags and length bound.
+    /// The CRC is checked by [`decode_frame`] once the payload is there.
+    pub fn parse(b: &[u8; HEADER_LEN]) -> Result<Self, ProtocolError> {
+        let mut r = Reader::new(b);
+        let h = FrameHeader {
+            magic: r.u32_or_zero(),
+            version: r.u16_or_zero(),
+            kind: r.u8_or_zero(),
+            flags: r.u8_or_zero(),
+            epoch: r.u64_or_zero(),
+            payload_len: r.u32_or_zero(),
+            crc: r.u32_or_zero(),
+        };
+        if h.magic != MAGIC {
+            return Err(ProtocolError::BadMagic { got: h.magic });
+        }
+        if h.version != PROTOCOL_VERSION {
+            return Err(ProtocolError::Version { got: h.version });
+        }
+        let kind = h.message_kind()?;
+        if h.flags != 0 {
+            return Err(ProtocolError::UnknownFlags {
+                kind,
+                epoch: h.epoch,
+                flags: h.flags,
+            });
+        }
+        if h.payload_len as usize > MAX_PAYLOAD_LEN {
+            return Err(ProtocolError::TooLarge {
+                kind,
+                epoch: h.epoch,
+                len: h.payload_len as usize,
+                max: MAX_PAYLOAD_LEN,
+            });
+        }
+        Ok(h)
+    }
+
+    /// The kind, validated.
+    pub fn message_kind(&self) -> Result<MessageKind, ProtocolError> {
+        MessageKind::from_u8(self.kind).ok_or(ProtocolError::UnknownKind {
+            kind: self.kind,
+            epoch: self.epoch,
+        })
+    }
+
+    /// Header plus payload length.
+    pub fn frame_len(&self) -> usize {
+        HEADER_LEN + self.payload_len as usize
+    }
+}
+
+/// The CRC of a frame: the header bytes before the `crc` field, then the payload.
+pub fn frame_crc(header: &[u8; HEADER_LEN], payload: &[u8]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(&header[..CRC_OFFSET]);
+    h.update(payload);
+    h.finalize()
+}
+
+/// A guest memory region: guest-physical address and length in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryRegion {
+    /// Guest-physical start address.
+    pub gpa: u64,
+    /// Length in bytes.
+    pub len: u64,
+}
+
+/// The primary's introduction; the backup compares it with its own configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    /// Protocol version of the sender.
+    pub version: u16,
+    /// Guest page size.
+    pub page_size: u32,
+    /// Number of vCPUs.
+    pub vcpu_count: u32,
+    /// Identifies the protected VM (both sides are configured with it).
+    pub guest_id: u64,
+    /// Feature flags; both sides must agree.
+    pub flags: u64,
+    /// Guest RAM layout.
+    pub regions: Vec<MemoryRegion>,
+}
+
+impl Hello {
+    /// A `Hello` for this build's version and page size.
+    pub fn new(vcpu_count: u32, regions: Vec<MemoryRegion>, guest_id: u64) -> Self {
+        Self {
+            version: PROTOCOL_VERSION,
+            page_size: PAGE_SIZE as u32,
+            vcpu_count,
+            guest_id,
+            flags: 0,
+            regions,
+        }
+    }
+
+    /// Every difference between `self` (the local configuration) and `peer`, one phrase
+    /// each; empty when they are compatible.
+    pub fn differences(&self, peer: &Hello, local_name: &str, peer_name: &str) -> Vec<String> {
+        let mut d = Vec::new();
+        let mut diff = |what: &str, l: String, p: String| {
+            if l != p {
+                d.push(format!("{what} differs: {local_name} {l}, {peer_name} {p}"));
+            }
+        };
+        diff(
+            "protocol version",
+            self.version.to_string(),
+            peer.version.to_string(),
+        );
+        diff(
+            "page size",
+            self.page_size.to_string(),
+            peer.page_size.to_string(),
+        );
+        diff(
+            "vCPU count",
+            self.vcpu_count.to_string(),
+            peer.vcpu_count.to_string(),
+        );
+        diff(
+            "guest id",
+            format!("{:#x}", self.guest_id),
+            format!("{:#x}", peer.guest_id),
+        );
+        diff(
+            "feature flags",
+            format!("{:#x}", self.flags),
+            format!("{:#x}", peer.flags),
+        );
+        let layout = |r: &[MemoryRegion]| {
+            let parts: Vec<String> = r
+                .iter()
+                .map(|m| format!("{:#x}+{:#x}", m.gpa, m.len))
+                .collect();
+            format!("[{}]", parts.join(", "))
+        };
+        diff(
+            "memory layout",
+            layout(&self.regions),
+            layout(&peer.regions),
+        );
+        d
+    }
+}
+
+/// A validated batch of encoded pages, borrowed from the received frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PageBatch {
+    count: u32,
+    /// The entries, without the leading count.
+    entries: Bytes,
+}
+
+/// One page of a [`PageBatch`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageEntry<'a> {
+    /// Guest page frame number (gpa / 4096).
+    pub pfn: u64,
+    /// How the payload is encoded.
+    pub encoding: Encoding,
+    /// The encoded page.
+    pub payload: &'a [u8],
+}
+
+impl PageBatch {
+    /// Number of pages in the batch.
+    pub fn len(&self) -> u32 {
+        self.count
+    }
+
+    /// Whether the batch holds no page.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// The entries, in frame order.
+    pub fn iter(&self) -> PageIter<'_> {
+        PageIter {
+            rest: &self.entries,
+        }
+    }
+
+    /// Validates the batch part of a payload (`count u32` then entries).
+    fn parse(kind: MessageKind, epoch: u64, payload: Bytes) -> Result<Self, ProtocolError> {
+        let malformed = |reason: String| ProtocolError::Malformed {
+            kind,
+            epoch,
+            reason,
+        };
+        let mut r = Reader::new(&payload);
+        let count = r
+            .u32()
+            .ok_or_else(|| malformed("page batch has no entry count".into()))?;
+        let mut pos = 4usize;
+        for entry in 0..count {
+            let mut r = Reader::new(&payload[pos..]);
+            let (Some(pfn), Some(enc), Some(len)) = (r.u64(), r.u8(), r.u16()) else {
+                return Err(malformed(format!(
+                    "entry {entry} of {count} is cut short at byte {pos}"
+                )));
+            };
+            Encoding::from_u8(enc).map_err(|source| ProtocolError::Encoding {
+                kind,
+                epoch,
+                entry,
+                source,
+            })?;
+            if usize::from(len) > PAGE_SIZE {
+                return Err(malformed(format!(
+                    "entry {entry} (pfn {pfn:#x}) has a {len}-byte payload, more than a page"
+                )));
+            }
+            let end = pos + ENTRY_HEADER_LEN + usize::from(len);
+            if end > payload.len() {
+                return Err(malformed(format!(
+                    "entry {entry} (pfn {pfn:#x}) payload runs past the frame end"
+                )));
+            }
+            pos = end;
+        }
+        if pos != payload.len() {
+            return Err(malformed(format!(
+                "{} trailing bytes after {count} entries",
+                payload.len() - pos
+            )));
+        }
+        Ok(PageBatch {
+            count,
+            entries: payload.slice(4..),
+        })
+    }
+}
+
+/// Iterator over the entries of a [`PageBatch`].
+#[derive(Debug)]
+pub struct PageIter<'a> {
+    rest: &'a [u8],
+}
+
+impl<'a> Iterator for PageIter<'a> {
+    type Item = PageEntry<'a>;
+
+    fn next(&mut self) -> Option<PageEntry<'a>> {
+        let mut r = Reader::new(self.rest);
+        let pfn = r.u64()?;
+        let encoding = Encoding::from_u8(r.u8()?).ok()?;
+        let len = usize::from(r.u16()?);
+        let payload = self.rest.get(ENTRY_HEADER_LEN..ENTRY_HEADER_LEN + len)?;
+        self.rest = &self.rest[ENTRY_HEADER_LEN + len..];
+        Some(PageEntry {
+            pfn,
+            encoding,
+            payload,
+        })
+    }
+}
+
+/// Builds a `Pages` or `SyncPages` frame in place, page by page: the encoder writes each
+/// page's payload straight into the frame.
+#[derive(Debug)]
+pub struct PagesFrameBuilder {
+    buf: Vec<u8>,
+    kind: MessageKind,
+    count: u32,
+    /// Offset of the entry count.
+    count_at: usize,
+}
+
+impl PagesFrameBuilder {
+    /// A `Pages` frame of `epoch`, with room for about `capacity` bytes.
+    pub fn pages(epoch: u64, capacity: usize) -> Self {
+        Self::new(MessageKind::Pages, epoch, capacity, 0)
+    }
+
+    /// A `SyncPages` frame; progress is filled in by [`PagesFrameBuilder::finish_sync`].
+    pub fn sync(capacity: usize) -> Self {
+        Self::new(MessageKind::SyncPages, 0, capacity, 16)
+    }
+
+    fn new(kind: MessageKind, epoch: u64, capacity: usize, prefix: usize) -> Self {
+        let mut buf = Vec::with_capacity(capacity.max(HEADER_LEN + 64));
+        let header = FrameHeader {
+            magic: MAGIC,
+            version: PROTOCOL_VERSION,
+            kind: kind as u8,
+            flags: 0,
+            epoch,
+            payload_len: 0,
+            crc: 0,
+        };
+        buf.extend_from_slice(&header.to_bytes());
+        buf.resize(HEADER_LEN + prefix + 4, 0);
+        Self {
+            buf,
+            kind,
+            count: 0,
+            count_at: HEADER_LEN + prefix,
+        }
+    }
+
+    /// Appends page `pfn`; `encode` appends the payload to the vector it is given and
+    /// returns the encoding (e.g. `|out| codec::encode_page(page, base, out)`).
+    pub fn push(&mut self, pfn: u64, encode: impl FnOnce(&mut Vec<u8>) -> Encoding) {
+        let at = self.buf.len();
+        self.buf.extend_from_slice(&pfn.to_le_bytes());
+        self.buf.extend_from_slice(&[0u8; 3]);
+        let enc = encode(&mut self.buf);
+        let len = self.buf.len() - at - ENTRY_HEADER_LEN;
+        debug_assert!(len <= PAGE_SIZE);
+        self.buf[at + 8] = enc as u8;
+        self.buf[at + 9..at + 11].copy_from_slice(&(len as u16).to_le_bytes());
+        self.count += 1;
+    }
+
+    /// Pages pushed so far.
+    pub fn count(&self) -> u32 {
+        self.count
+    }
+
+    /// Frame bytes so far (header included).
+    pub fn frame_len(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Finishes a `Pages` frame.
+    pub fn finish(self) -> Bytes {
+        self.seal()
+    }
+
+    /// Finishes a `SyncPages` frame with its progress figures.
+    pub fn finish_sync(mut self, bytes_done: u64, bytes_total: u64) -> Bytes {
+        if self.kind == MessageKind::SyncPages {
+            self.buf[HEADER_LEN..HEADER_LEN + 8].copy_from_slice(&bytes_done.to_le_bytes());
+            self.buf[HEADER_LEN + 8..HEADER_LEN + 16].copy_from_slice(&bytes_total.to_le_bytes());
+        }
+        self.seal()
+    }
+
+    fn seal(mut self) -> Bytes {
+        let count_at = self.count_at;
+        self.buf[count_at..count_at + 4].copy_from_slice(&self.count.to_le_bytes());
+        seal_frame(&mut self.buf[..]);
+        Bytes::from(self.buf)
+    }
+}
+
+/// Fills in the payload length and CRC of a frame laid out in `frame`.
+fn seal_frame(frame: &mut [u8]) {
+    let payload_len = (frame.len() - HEADER_LEN) as u32;
+    frame[16..20].copy_from_slice(&payload_len.to_le_bytes());
+    let (head, payload) = frame.split_at_mut(HEADER_LEN);
+    let mut hb = [0u8; HEADER_LEN];
+    hb.copy_from_slice(head);
+    let crc = frame_crc(&hb, payload);
+    head[CRC_OFFSET..].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// Every message of the protocol.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    /// Primary introduces itself.
+    Hello(Hello),
+    /// Backup accepts.
+    HelloOk,
+    /// The configuration is refused; the reason names what differs.
+    Refuse {
+        /// Why.
+        reason: String,
+    },
+    /// Pre-copy pages.
+    SyncPages {
+        /// Guest bytes sent so far, this frame included.
+        bytes_done: u64,
+        /// Guest bytes this pre-copy round sends.
+        bytes_total: u64,
+        /// The pages.
+        pages: PageBatch,
+    },
+    /// An epoch starts.
+    EpochBegin {
+        /// The epoch.
+        epoch: u64,
+        /// Dirty pages in the epoch.
+        page_count: u64,
+        /// Length of the state blob.
+        state_len: u64,
+    },
+    /// Some of the epoch's pages.
+    Pages {
+        /// The epoch.
+        epoch: u64,
+        /// The pages.
+        pages: PageBatch,
+    },
+    /// The epoch's vCPU and device state (opaque to this crate).
+    State {
+        /// The epoch.
+        epoch: u64,
+        /// The blob.
+        bytes: Bytes,
+    },
+    /// The epoch is complete; the backup verifies and applies it.
+    EpochCommit {
+        /// The epoch.
+        epoch: u64,
+        /// Pages sent in the epoch.
+        page_count: u64,
+        /// `Pages` frames sent in the epoch.
+        frame_count: u32,
+        /// Length of the state blob.
+        state_len: u64,
+        /// [`Digest`](crate::digest::Digest) of the epoch's pages and state.
+        digest: u64,
+    },
+    /// The backup committed `epoch`.
+    Ack {
+        /// The epoch.
+        epoch: u64,
+    },
+    /// The backup rejected `epoch` and stays on its last committed one.
+    Nack {
+        /// The epoch.
+        epoch: u64,
+        /// Why.
+        reason: String,
+    },
+    /// Liveness, carrying the sender's last epoch.
+    Heartbeat {
+        /// Last epoch sent (primary) or committed (backup).
+        epoch: u64,
+    },
+    /// Replication ends cleanly after `epoch`.
+    End {
+        /// The final epoch.
+        epoch: u64,
+        /// Digest of the primary's RAM and state at that epoch.
+        digest: u64,
+    },
+}
+
+impl Message {
+    /// The kind of the message.
+    pub fn kind(&self) -> MessageKind {
+        match self {
+            Message::Hello(_) => MessageKind::Hello,
+            Message::HelloOk => MessageKind::HelloOk,
+            Message::Refuse { .. } => MessageKind::Refuse,
+            Message::SyncPages { .. } => MessageKind::SyncPages,
+            Message::EpochBegin { .. } => MessageKind::EpochBegin,
+            Message::Pages { .. } => MessageKind::Pages,
+            Message::State { .. } => MessageKind::State,
+            Message::EpochCommit { .. } => MessageKind::EpochCommit,
+            Message::Ack { .. } => MessageKind::Ack,
+            Message::Nack { .. } => MessageKind::Nack,
+            Message::Heartbeat { .. } => MessageKind::Heartbeat,
+            Message::End { .. } => MessageKind::End,
+        }
+    }
+
+    /// The epoch carried in the header.
+    pub fn epoch(&self) -> u64 {
+        match self {
+            Message::Hello(_)
+            | Message::HelloOk
+            | Message::Refuse { .. }
+            | Message::SyncPages { .. } => 0,
+            Message::EpochBegin { epoch, .. }
+            | Message::Pages { epoch, .. }
+            | Message::State { epoch, .. }
+            | Message::EpochCommit { epoch, .. }
+            | Message::Ack { epoch }
+            | Message::Nack { epoch, .. }
+            | Message::Heartbeat { epoch }
+            | Message::End { epoch, .. } => *epoch,
+        }
+    }
+
+    /// Appends the complete frame to `out` (a reusable buffer).
+    pub fn encode(&self, out: &mut BytesMut) -> Result<(), ProtocolError> {
+        let kind = self.kind();
+        let too_large = |reason: String| ProtocolError::Encode { kind, reason };
+        let start = out.len();
+        let header = FrameHeader {
+            magic: MAGIC,
+            version: PROTOCOL_VERSION,
+            kind: kind as u8,
+            flags: 0,
+            epoch: self.epoch(),
+            payload_len: 0,
+            crc: 0,
+        };
+        out.extend_from_slice(&header.to_bytes());
+        match self {
+            Message::Hello(h) => {
+                if h.regions.len() > MAX_REGIONS {
+                    out.truncate(start);
+                    return Err(too_large(format!(
+                        "{} memory regions, at most {MAX_REGIONS}",
+                        h.regions.len()
+                    )));
+                }
+                out.put_u16_le(h.version);
+                out.put_u16_le(0);
+                out.put_u32_le(h.page_size);
+                out.put_u32_le(h.vcpu_count);
+                out.put_u32_le(h.regions.len() as u32);
+                out.put_u64_le(h.guest_id);
+                out.put_u64_le(h.flags);
+                for r in &h.regions {
+                    out.put_u64_le(r.gpa);
+                    out.put_u64_le(r.len);
+                }
+            }
+            Message::HelloOk | Message::Ack { .. } | Message::Heartbeat { .. } => {}
+            Message::Refuse { reason } | Message::Nack { reason, .. } => {
+                // Over-long reasons are cut at a character boundary, not refused.
+                let mut end = reason.len().min(MAX_REASON_LEN);
+                while !reason.is_char_boundary(end) {
+                    end -= 1;
+                }
+                out.extend_from_slice(&reason.as_bytes()[..end]);
+            }
+            Message::SyncPages {
+                bytes_done,
+                bytes_total,
+                pages,
+            } => {
+                out.put_u64_le(*bytes_done);
+                out.put_u64_le(*bytes_total);
+                out.put_u32_le(pages.count);
+                out.extend_from_slice(&pages.entries);
+            }
+            Message::EpochBegin {
+                page_count,
+                state_len,
+                ..
+            } => {
+                out.put_u64_le(*page_count);
+                out.put_u64_le(*state_len);
+            }
+            Message::Pages { pages, .. } => {
+                out.put_u32_le(pages.count);
+                out.extend_from_slice(&pages.entries);
+            }
+            Message::State { bytes, .. } => out.extend_from_slice(bytes),
+            Message::EpochCommit {
+                page_count,
+                frame_count,
+                state_len,
+                digest,
+                ..
+            } => {
+                out.put_u64_le(*page_count);
+                out.put_u32_le(*frame_count);
+                out.put_u32_le(0);
+                out.put_u64_le(*state_len);
+                out.put_u64_le(*digest);
+            }
+            Message::End { digest, .. } => out.put_u64_le(*digest),
+        }
+        if out.len() - start - HEADER_LEN > MAX_PAYLOAD_LEN {
+            let len = out.len() - start - HEADER_LEN;
+            out.truncate(start);
+            return Err(too_large(format!(
+                "{len}-byte payload, at most {MAX_PAYLOAD_LEN}"
+            )));
+        }
+        seal_frame(&mut out[start..]);
+        Ok(())
+    }
+
+    /// Encodes into a fresh buffer.
+    pub fn to_frame(&self) -> Result<Bytes, ProtocolError> {
+        let mut b = BytesMut::new();
+        self.encode(&mut b)?;
+        Ok(b.freeze())
+    }
+
+    /// Decodes one complete frame from the start of `buf`; returns the message and the
+    /// number of bytes used.
+    pub fn decode(buf: &Bytes) -> Result<(Message, usize), ProtocolError> {
+        let Some(hb) = buf.get(..HEADER_LEN) else {
+            return Err(ProtocolError::Incomplete {
+                need: HEADER_LEN,
+                have: buf.len(),
+            });
+        };
+        let mut hdr = [0u8; HEADER_LEN];
+        hdr.copy_from_slice(hb);
+        let header = FrameHeader::parse(&hdr)?;
+        let need = header.frame_len();
+        if buf.len() < need {
+            return Err(ProtocolError::Incomplete {
+                need,
+                have: buf.len(),
+            });
+        }
+        let msg = decode_frame(&header, buf.slice(HEADER_LEN..need))?;
+        Ok((msg, need))
+    }
+}
+
+/// Decodes the payload of a frame whose header passed [`FrameHeader::parse`]: checks the
+/// CRC, then the payload's structure.
+pub fn decode_frame(header: &FrameHeader, payload: Bytes) -> Result<Message, ProtocolError> {
+    let kind = header.message_kind()?;
+    let epoch = header.epoch;
+    if payload.len() != header.payload_len as usize {
+        return Err(ProtocolError::Incomplete {
+            need: header.frame_len(),
+            have: HEADER_LEN + payload.len(),
+        });
+    }
+    let got = frame_crc(&header.to_bytes(), &payload);
+    if got != header.crc {
+        return Err(ProtocolError::Checksum {
+            kind,
+            epoch,
+            len: payload.len(),
+            expected: header.crc,
+            got,
+        });
+    }
+    let malformed = |reason: String| ProtocolError::Malformed {
+        kind,
+        epoch,
+        reason,
+    };
+    // Fixed-size payloads must have exactly their size.
+    let fixed = |n: usize| {
+        if payload.len() == n {
+            Ok(())
+        } else {
+            Err(malformed(format!(
+                "payload is {} bytes, expected {n}",
+                payload.len()
+            )))
+        }
+    };
+    let mut r = Reader::new(&payload);
+    let text = |p: &[u8]| -> Result<String, ProtocolError> {
+        if p.len() > MAX_REASON_LEN {
+            return Err(malformed(format!(
+                "reason is {} bytes, at most {MAX_REASON_LEN}",
+                p.len()
+            )));
+        }
+        String::from_utf8(p.to_vec()).map_err(|_| malformed("reason is not UTF-8".into()))
+    };
+    let msg = match kind {
+        MessageKind::Hello => {
+            const FIXED: usize = 32;
+            if payload.len() < FIXED {
+                return Err(malformed(format!(
+                    "payload is {} bytes, at least {FIXED} expected",
+                    payload.len()
+                )));
+            }
+            let version = r.u16_or_zero();
+            let _reserved = r.u16_or_zero();
+            let page_size = r.u32_or_zero();
+            let vcpu_count = r.u32_or_zero();
+            let n = r.u32_or_zero() as usize;
+            let guest_id = r.u64_or_zero();
+            let flags = r.u64_or_zero();
+            if n > MAX_REGIONS {
+                return Err(malformed(format!(
+                    "{n} memory regions, at most {MAX_REGIONS}"
+                )));
+            }
+            fixed(FIXED + 16 * n)?;
+            let regions = (0..n)
+                .map(|_| MemoryRegion {
+                    gpa: r.u64_or_zero(),
+                    len: r.u64_or_zero(),
+                })
+                .collect();
+            Message::Hello(Hello {
+                version,
+                page_size,
+                vcpu_count,
+                guest_id,
+                flags,
+                regions,
+            })
+        }
+        MessageKind::HelloOk => {
+            fixed(0)?;
+            Message::HelloOk
+        }
+        MessageKind::Refuse => Message::Refuse {
+            reason: text(&payload)?,
+        },
+        MessageKind::SyncPages => {
+            if payload.len() < 16 {
+                return Err(malformed("payload shorter than its progress fields".into()));
+            }
+            let bytes_done = r.u64_or_zero();
+            let bytes_total = r.u64_or_zero();
+            Message::SyncPages {
+                bytes_done,
+                bytes_total,
+                pages: PageBatch::parse(kind, epoch, payload.slice(16..))?,
+            }
+        }
+        MessageKind::EpochBegin => {
+            fixed(16)?;
+            Message::EpochBegin {
+                epoch,
+                page_count: r.u64_or_zero(),
+                state_len: r.u64_or_zero(),
+            }
+        }
+        MessageKind::Pages => Message::Pages {
+            epoch,
+            pages: PageBatch::parse(kind, epoch, payload)?,
+        },
+        MessageKind::State => Message::State {
+            epoch,
+            bytes: payload,
+        },
+        MessageKind::EpochCommit => {
+            fixed(32)?;
+            let page_count = r.u64_or_zero();
+            let frame_count = r.u32_or_zero();
+            let _reserved = r.u32_or_zero();
+            Message::EpochCommit {
+                epoch,
+                page_count,
+                frame_count,
+                state_len: r.u64_or_zero(),
+                digest: r.u64_or_zero(),
+            }
+        }
+        MessageKind::Ack => {
+            fixed(0)?;
+            Message::Ack { epoch }
+        }
+        MessageKind::Nack => Message::Nack {
+            epoch,
+            reason: text(&payload)?,
+        },
+        MessageKind::Heartbeat => {
+            fixed(0)?;
+            Message::Heartbeat { epoch }
+        }
+        MessageKind::End => {
+            fixed(8)?;
+            Message::End {
+                epoch,
+                digest: r.u64_or_zero(),
+            }
+        }
+    };
+    Ok(msg)
+}
+
+/// Little-endian reader over a byte slice; never panics.
+struct Reader<'a> {
+    b: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn new(b: &'a [u8]) -> Self {
+        Self { b }
+    }
+
+    fn take<const N: usize>(&mut self) -> Option<[u8; N]> {
+        let (head, rest) = self.b.split_first_chunk::<N>()?;
+        self.b = rest;
+        Some(*head)
+    }
+
+    fn u8(&mut self) -> Option<u8> {
+        self.take::<1>().map(|a| a[0])
+    }
+    fn u16(&mut self) -> Option<u16> {
+        self.take().map(u16::from_le_bytes)
+    }
+    fn u32(&mut self) -> Option<u32> {
+        self.take().map(u32::from_le_bytes)
+    }
+    fn u64(&mut self) -> Option<u64> {
+        self.take().map(u64::from_le_bytes)
+    }
+    // For fields whose presence the caller checked through the payload length.
+    fn u8_or_zero(&mut self) -> u8 {
+        self.u8().unwrap_or(0)
+    }
+    fn u16_or_zero(&mut self) -> u16 {
+        self.u16().unwrap_or(0)
+    }
+    fn u32_or_zero(&mut self) -> u32 {
+        self.u32().unwrap_or(0)
+    }
+    fn u64_or_zero(&mut self) -> u64 {
+        self.u64().unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::{decode_page, encode_page};
+    use proptest::prelude::*;
+
+    fn batch_frame(epoch: u64, n: u64) -> (Bytes, Vec<[u8; PAGE_SIZE]>) {
+        let mut b = PagesFrameBuilder::pages(epoch, 64 << 10);
+        let mut pages = Vec::new();
+        for i in 0..n {
+            let mut p = [0u8; PAGE_SIZE];
+            p[..8].copy_from_slice(&(i * 0x0101_0101).to_le_bytes());
+            b.push(100 + i, |out| encode_page(&p, None, out));
+            pages.push(p);
+        }
+        (b.finish(), pages)
+    }
+
+    fn sample_messages() -> Vec<Message> {
+        let (frame, _) = batch_frame(7, 3);
+        let Message::Pages { pages, .. } = Message::decode(&frame).unwrap().0 else {
+            panic!("not pages");
+        };
+        vec![
+            Message::Hello(Hello::new(
+                2,
+                vec![MemoryRegion {
+                    gpa: 0,
+                    len: 512 << 20,
+                }],
+                42,
+            )),
+            Message::HelloOk,
+            Message::Refuse {
+                reason: "vCPU count differs: backup 2, primary 4".into(),
+            },
+            Message::SyncPages {
+                bytes_done: 4096,
+                bytes_total: 1 << 30,
+                pages: pages.clone(),
+            },
+            Message::EpochBegin {
+                epoch: 7,
+                page_count: 3,
+                state_len: 5,
+            },
+            Message::Pages { epoch: 7, pages },
+            Message::State {
+                epoch: 7,
+                bytes: Bytes::from_static(b"state"),
+            },
+            Message::EpochCommit {
+                epoch: 7,
+                page_count: 3,
+                frame_count: 1,
+                state_len: 5,
+                digest: 0xdead_beef_cafe_f00d,
+            },
+            Message::Ack { epoch: 7 },
+            Message::Nack {
+                epoch: 8,
+                reason: "digest mismatch".into(),
+            },
+            Message::Heartbeat { epoch: 7 },
+            Message::End {
+                epoch: 7,
+                digest: 1,
+            },
+        ]
+    }
+
+    #[test]
+    fn every_message_roundtrips_bit_exact() {
+        let mut buf = BytesMut::new();
+        let msgs = sample_messages();
+        for m in &msgs {
+            m.encode(&mut buf).unwrap();
+        }
+        // All frames back to back in one buffer, as a stream would carry them.
+        let mut stream = buf.freeze();
+        for m in &msgs {
+            let (got, used) = Message::decode(&stream).unwrap();
+            assert_eq!(&got, m);
+            assert_eq!(got.to_frame().unwrap(), stream.slice(..used));
+            let _ = stream.split_to(used);
+        }
+        assert!(stream.is_empty());
+    }
+
+    #[test]
+    fn builder_frames_decode_to_the_pages_pushed() {
+        let (frame, pages) = batch_frame(9, 5);
+        let (msg, used) = Message::decode(&frame).unwrap();
+        assert_eq!(used, frame.len());
+        let Message::Pages {
+            epoch,
+            pages: batch,
+        } = msg
+        else {
+            panic!("{msg:?}");
+        };
+        assert_eq!((epoch, batch.len()), (9, 5));
+        for (i, e) in batch.iter().enumerate() {
+            assert_eq!(e.pfn, 100 + i as u64);
+            let mut dest = [0xffu8; PAGE_SIZE];
+            decode_page(e.encoding, e.payload, &mut dest).unwrap();
+            assert!(dest == pages[i]);
+        }
+        let mut s = PagesFrameBuilder::sync(1024);
+        s.push(1, |out| encode_page(&[0; PAGE_SIZE], None, out));
+        let Message::SyncPages {
+            bytes_done,
+            bytes_total,
+            pages,
+        } = Message::decode(&s.finish_sync(4096, 8192)).unwrap().0
+        else {
+            panic!("not sync");
+        };
+        assert_eq!((bytes_done, bytes_total, pages.len()), (4096, 8192, 1));
+    }
+
+    #[test]
+    fn header_errors_name_what_failed() {
+        let frame = Message::Ack { epoch: 17 }.to_frame().unwrap();
+        let corrupt = |at: usize, v: u8| {
+            let mut f = frame.to_vec();
+            f[at] = v;
+            Message::decode(&Bytes::from(f)).unwrap_err()
+        };
+        assert!(matches!(corrupt(0, b'X'), ProtocolError::BadMagic { .. }));
+        assert_eq!(
+            corrupt(4, 9).to_string(),
+            "protocol version mismatch: the peer speaks version 9, this build speaks version 1"
+        );
+        assert!(matches!(
+            corrupt(6, 200),
+            ProtocolError::UnknownKind { kind: 200, .. }
+        ));
+        assert!(matches!(corrupt(7, 1), ProtocolError::UnknownFlags { .. }));
+        let err = corrupt(20, frame[20] ^ 1).to_string();
+        assert!(
+            err.starts_with(
+                "frame checksum mismatch at epoch 17 (Ack frame, 0-byte payload): expected 0x"
+            ),
+            "{err}"
+        );
+        let mut big = frame.to_vec();
+        big[16..20].copy_from_slice(&(MAX_PAYLOAD_LEN as u32 + 1).to_le_bytes());
+        assert!(matches!(
+            Message::decode(&Bytes::from(big)).unwrap_err(),
+            ProtocolError::TooLarge { .. }
+        ));
+        assert_eq!(
+            Message::decode(&frame.slice(..10)).unwrap_err(),
+            ProtocolError::Incomplete { need: 24, have: 10 }
+        );
+    }
+
+    /// Re-seals a frame after editing its payload so only the structure check can object.
+    fn resealed(mut f: Vec<u8>) -> Bytes {
+        let len = (f.len() - HEADER_LEN) as u32;
+        f[16..20].copy_from_slice(&len.to_le_bytes());
+        seal_frame(&mut f);
+        Bytes::from(f)
+    }
+
+    #[test]
+    fn malformed_payloads_are_rejected_after_a_good_crc() {
+        let (frame, _) = batch_frame(3, 2);
+        let mut f = frame.to_vec();
+        f[HEADER_LEN..HEADER_LEN + 4].copy_from_slice(&3u32.to_le_bytes());
+        let err = Message::decode(&resealed(f)).unwrap_err().to_string();
+        assert!(err.contains("entry 2 of 3 is cut short"), "{err}");
+
+        let mut f = frame.to_vec();
+        f.push(0);
+        let err = Message::decode(&resealed(f)).unwrap_err().to_string();
+        assert!(err.contains("1 trailing bytes after 2 entries"), "{err}");
+
+        let mut f = frame.to_vec();
+        f[HEADER_LEN + 4 + 8] = 77; // first entry's encoding byte
+        let err = Message::decode(&resealed(f)).unwrap_err().to_string();
+        assert!(err.contains("entry 0: unknown page encoding 77"), "{err}");
+
+        let mut f = Message::Refuse { reason: "x".into() }
+            .to_frame()
+            .unwrap()
+            .to_vec();
+        f[HEADER_LEN] = 0xff;
+        assert!(Message::decode(&resealed(f))
+            .unwrap_err()
+            .to_string()
+            .contains("not UTF-8"));
+
+        let mut f = Message::Ack { epoch: 1 }.to_frame().unwrap().to_vec();
+        f.extend_from_slice(&[1, 2]);
+        assert!(Message::decode(&resealed(f))
+            .unwrap_err()
+            .to_string()
+            .contains("payload is 2 bytes, expected 0"));
+    }
+
+    #[test]
+    fn hello_differences_name_each_mismatch() {
+        let backup = Hello::new(
+            2,
+            vec![MemoryRegion {
+                gpa: 0,
+                len: 0x1000_0000,
+            }],
+            1,
+        );
+        assert!(backup
+            .differences(&backup.clone(), "backup", "primary")
+            .is_empty());
+        let mut primary = backup.clone();
+        primary.vcpu_count = 4;
+        primary.regions[0].len = 0x2000_0000;
+        let d = backup.differences(&primary, "backup", "primary");
+        assert_eq!(
+            d,
+            vec![
+                "vCPU count differs: backup 2, primary 4".to_string(),
+                "memory layout differs: backup [0x0+0x10000000], primary [0x0+0x20000000]"
+                    .to_string(),
+            ]
+        );
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn any_single_byte_corruption_is_an_error(
+            which in 0usize..12,
+            at in any::<prop::sample::Index>(),
+            x in 1u8..=255,
+        ) {
+            let frame = sample_messages()[which].to_frame().unwrap();
+            let mut f = frame.to_vec();
+            let i = at.index(f.len());
+            f[i] ^= x;
+            prop_assert!(Message::decode(&Bytes::from(f)).is_err(), "corruption at {} accepted", i);
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(mut f in prop::collection::vec(any::<u8>(), 0..200), kind in 1u8..=12) {
+            // Give random payloads a valid header so the payload parsers get exercised.
+            if f.len() >= HEADER_LEN {
+                f[..4].copy_from_slice(&MAGIC.to_le_bytes());
+                f[4..6].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+                f[6] = kind;
+                f[7] = 0;
+                let _ = Message::decode(&resealed(f.clone()));
+            }
+            let _ = Message::decode(&Bytes::from(f));
+        }
+    }
+}
