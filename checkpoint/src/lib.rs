@@ -3,6 +3,8 @@
 pub mod codec;
 pub mod delta_cache;
 pub mod digest;
+pub mod handshake;
+pub mod inflight;
 pub mod protocol;
 pub mod transport;
 
