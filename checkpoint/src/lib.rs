@@ -6,6 +6,7 @@ pub mod digest;
 pub mod handshake;
 pub mod inflight;
 pub mod protocol;
+pub mod staging;
 pub mod transport;
 
 /// Size of a guest page: the unit of dirty tracking, encoding and transfer.

@@ -1,0 +1,940 @@
+//! Backup side: receive an epoch into a staging area, verify it whole, apply it in one step.
+//!
+//! Guest memory on the backup only ever holds a committed epoch (DESIGN.md invariant 1).
+//! An epoch's pages are decoded into a staging buffer as its frames arrive; XOR deltas
+//! decode against the backup's committed page, read from guest memory (which the epoch has
+//! not touched yet). When `EpochCommit` arrives, [`Staging`] checks that
+//!
+//! - the epoch is the last committed one plus one (no duplicate, no gap),
+//! - every frame belonged to it and the number of `Pages` frames matches,
+//! - the number of pages matches `EpochBegin` and `EpochCommit`, no page came twice, and
+//!   every page lies inside guest memory,
+//! - the state blob arrived and has the announced length,
+//! - the digest of the decoded pages and the state equals the primary's,
+//!
+//! and only then copies the staged pages into guest memory and makes the state blob the
+//! committed state. The caller then sends `Ack`. Any failure discards the open epoch and
+//! leaves memory and state exactly at the last committed epoch; the error says why (the
+//! caller sends `Nack` with it). Nothing is written to guest memory before the commit
+//! check, so a truncated stream (primary death mid-epoch) changes nothing either.
+//!
+//! Before the first commit, `SyncPages` (pre-copy) are written straight into guest memory:
+//! there is no committed epoch yet to protect, and epoch 1 makes the image consistent.
+//!
+//! Memory bound (invariant 4): a page may appear once per epoch, so staging holds at most
+//! as many pages as guest RAM has; the state blob is bounded by `max_state_len`.
+
+use std::collections::HashSet;
+
+use bytes::Bytes;
+use thiserror::Error;
+use vm_memory::{Bytes as _, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::codec::{as_page_mut, decode_page, CodecError};
+use crate::digest::{digest_guest_memory, Digest, DigestError, DigestValue};
+use crate::protocol::{Message, MessageKind, PageBatch};
+use crate::PAGE_SIZE;
+
+/// Why an epoch (or a message) was rejected. The backup stays on its committed epoch.
+#[derive(Debug, Error)]
+pub enum StagingError {
+    /// `EpochBegin` for an epoch that is not the next one.
+    #[error("epoch {got} rejected: expected epoch {expected} (last committed {committed})")]
+    OutOfOrder {
+        /// Epoch received.
+        got: u64,
+        /// Epoch expected.
+        expected: u64,
+        /// Last committed epoch.
+        committed: u64,
+    },
+    /// `EpochBegin` while another epoch was still open.
+    #[error("epoch {got} began while epoch {open} was still open (its EpochCommit never came); epoch {open} discarded")]
+    StillOpen {
+        /// Epoch received.
+        got: u64,
+        /// Epoch that was open.
+        open: u64,
+    },
+    /// A frame of an epoch that is not open.
+    #[error("{kind:?} frame for epoch {got}, but {open}")]
+    NotOpen {
+        /// Kind of the frame.
+        kind: MessageKind,
+        /// Epoch of the frame.
+        got: u64,
+        /// What is open, in words.
+        open: String,
+    },
+    /// An announced size exceeds the limits.
+    #[error("epoch {epoch} rejected: {what} is {got}, more than the limit {max}")]
+    TooLarge {
+        /// The epoch.
+        epoch: u64,
+        /// What is too large.
+        what: &'static str,
+        /// Announced size.
+        got: u64,
+        /// Limit.
+        max: u64,
+    },
+    /// A page lies outside guest memory.
+    #[error("epoch {epoch} rejected: page {pfn:#x} lies outside guest memory")]
+    OutOfRange {
+        /// The epoch.
+        epoch: u64,
+        /// The page frame number.
+        pfn: u64,
+    },
+    /// A page came twice in one epoch.
+    #[error("epoch {epoch} rejected: page {pfn:#x} sent twice")]
+    DuplicatePage {
+        /// The epoch.
+        epoch: u64,
+        /// The page frame number.
+        pfn: u64,
+    },
+    /// A page failed to decode.
+    #[error("epoch {epoch} rejected: page {pfn:#x}: {source}")]
+    Decode {
+        /// The epoch.
+        epoch: u64,
+        /// The page frame number.
+        pfn: u64,
+        /// The codec's complaint.
+        source: CodecError,
+    },
+    /// The state blob came twice.
+    #[error("epoch {epoch} rejected: state sent twice")]
+    DuplicateState {
+        /// The epoch.
+        epoch: u64,
+    },
+    /// The commit does not match what arrived.
+    #[error(
+        "epoch {epoch} rejected at commit: {what}: announced {announced}, received {received}"
+    )]
+    Mismatch {
+        /// The epoch.
+        epoch: u64,
+        /// What differs.
+        what: &'static str,
+        /// What `EpochBegin` / `EpochCommit` announced.
+        announced: String,
+        /// What arrived.
+        received: String,
+    },
+    /// The digest of the decoded epoch differs from the primary's.
+    #[error(
+        "epoch {epoch} rejected at commit: digest mismatch: primary {expected}, decoded {got}"
+    )]
+    Digest {
+        /// The epoch.
+        epoch: u64,
+        /// Digest from `EpochCommit`.
+        expected: DigestValue,
+        /// Digest of what was decoded.
+        got: DigestValue,
+    },
+    /// `SyncPages` after the first commit, or while an epoch is open.
+    #[error("pre-copy pages refused: {0}")]
+    SyncRefused(String),
+    /// A message that has no place in the replication stream.
+    #[error("unexpected {0:?} message during replication")]
+    Unexpected(MessageKind),
+    /// `End` that does not match the committed epoch.
+    #[error("End at epoch {got} but the last committed epoch is {committed}")]
+    EndMismatch {
+        /// Epoch in `End`.
+        got: u64,
+        /// Last committed epoch.
+        committed: u64,
+    },
+    /// Guest memory could not be read or written (a pre-validated access failed).
+    #[error("guest memory access at gpa {gpa:#x} failed while {during}: {source}")]
+    Memory {
+        /// Address.
+        gpa: u64,
+        /// What was being done.
+        during: &'static str,
+        /// The error.
+        source: vm_memory::GuestMemoryError,
+    },
+    /// Digesting guest memory failed.
+    #[error(transparent)]
+    DigestRead(#[from] DigestError),
+}
+
+/// What the caller should do after [`Staging::handle`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// Nothing yet (the epoch is still arriving).
+    Continue,
+    /// Pre-copy progress.
+    Sync {
+        /// Guest bytes sent so far.
+        bytes_done: u64,
+        /// Guest bytes in the round.
+        bytes_total: u64,
+    },
+    /// `epoch` is committed: send `Ack {epoch}`.
+    Committed {
+        /// The epoch.
+        epoch: u64,
+    },
+    /// The primary is alive; its last epoch.
+    Heartbeat {
+        /// The epoch.
+        epoch: u64,
+    },
+    /// Replication ended cleanly at `epoch`; compare the digests.
+    End {
+        /// The final epoch.
+        epoch: u64,
+        /// The primary's digest of RAM and state.
+        primary: DigestValue,
+        /// Ours.
+        local: DigestValue,
+    },
+}
+
+#[derive(Debug)]
+struct OpenEpoch {
+    epoch: u64,
+    page_count: u64,
+    state_len: u64,
+    frames: u32,
+    state: Option<Bytes>,
+    digest: Digest,
+}
+
+/// The backup's staging area and committed-epoch bookkeeping.
+#[derive(Debug)]
+pub struct Staging {
+    committed_epoch: u64,
+    committed_state: Bytes,
+    open: Option<OpenEpoch>,
+    /// Decoded pages of the open epoch, `PAGE_SIZE` bytes each, reused across epochs.
+    data: Vec<u8>,
+    pfns: Vec<u64>,
+    seen: HashSet<u64>,
+    max_pages: u64,
+    max_state_len: usize,
+}
+
+impl Staging {
+    /// Staging for guest memory `mem` (which bounds the pages per epoch) and state blobs of
+    /// at most `max_state_len` bytes. Nothing is committed yet (epoch 0).
+    pub fn new<M: GuestMemoryBackend>(mem: &M, max_state_len: usize) -> Self {
+        let max_pages = mem.iter().map(|r| r.len() / PAGE_SIZE as u64).sum();
+        Self {
+            committed_epoch: 0,
+            committed_state: Bytes::new(),
+            open: None,
+            data: Vec::new(),
+            pfns: Vec::new(),
+            seen: HashSet::new(),
+            max_pages,
+            max_state_len,
+        }
+    }
+
+    /// The last committed epoch (0: none yet).
+    pub fn committed_epoch(&self) -> u64 {
+        self.committed_epoch
+    }
+
+    /// The state blob of the last committed epoch.
+    pub fn committed_state(&self) -> &Bytes {
+        &self.committed_state
+    }
+
+    /// The epoch being received, if any.
+    pub fn open_epoch(&self) -> Option<u64> {
+        self.open.as_ref().map(|o| o.epoch)
+    }
+
+    /// Discards the open epoch, if any (e.g. the connection dropped mid-epoch).
+    pub fn abort(&mut self) {
+        self.open = None;
+        self.data.clear();
+        self.pfns.clear();
+        self.seen.clear();
+    }
+
+    /// Runs `f`; on error, discards the open epoch before returning the error.
+    fn or_abort<T>(
+        &mut self,
+        f: impl FnOnce(&mut Self) -> Result<T, StagingError>,
+    ) -> Result<T, StagingError> {
+        let r = f(self);
+        if r.is_err() {
+            self.abort();
+        }
+        r
+    }
+
+    /// Handles one message of the replication stream.
+    pub fn handle<M: GuestMemoryBackend>(
+        &mut self,
+        mem: &M,
+        msg: Message,
+    ) -> Result<Step, StagingError> {
+        match msg {
+            Message::SyncPages {
+                bytes_done,
+                bytes_total,
+                pages,
+            } => {
+                self.sync_pages(mem, &pages)?;
+                Ok(Step::Sync {
+                    bytes_done,
+                    bytes_total,
+                })
+            }
+            Message::EpochBegin {
+                epoch,
+                page_count,
+                state_len,
+            } => self
+                .begin(epoch, page_count, state_len)
+                .map(|()| Step::Continue),
+            Message::Pages { epoch, pages } => {
+                self.pages(mem, epoch, &pages).map(|()| Step::Continue)
+            }
+            Message::State { epoch, bytes } => self.state(epoch, bytes).map(|()| Step::Continue),
+            Message::EpochCommit {
+                epoch,
+                page_count,
+                frame_count,
+                state_len,
+                digest,
+            } => self
+                .commit(mem, epoch, page_count, frame_count, state_len, digest)
+                .map(|epoch| Step::Committed { epoch }),
+            Message::Heartbeat { epoch } => Ok(Step::Heartbeat { epoch }),
+            Message::End { epoch, digest } => {
+                if epoch != self.committed_epoch || self.open.is_some() {
+                    self.abort();
+                    return Err(StagingError::EndMismatch {
+                        got: epoch,
+                        committed: self.committed_epoch,
+                    });
+                }
+                Ok(Step::End {
+                    epoch,
+                    primary: DigestValue(digest),
+                    local: self.digest(mem)?,
+                })
+            }
+            other => Err(StagingError::Unexpected(other.kind())),
+        }
+    }
+
+    /// Digest of guest memory plus the committed state (what `final ... digest=` prints).
+    pub fn digest<M: GuestMemoryBackend>(&self, mem: &M) -> Result<DigestValue, StagingError> {
+        Ok(digest_guest_memory(mem, &self.committed_state)?)
+    }
+
+    /// Writes pre-copy pages straight into guest memory (only before the first commit).
+    pub fn sync_pages<M: GuestMemoryBackend>(
+        &mut self,
+        mem: &M,
+        pages: &PageBatch,
+    ) -> Result<(), StagingError> {
+        if self.committed_epoch != 0 {
+            return Err(StagingError::SyncRefused(format!(
+                "epoch {} is already committed",
+                self.committed_epoch
+            )));
+        }
+        if let Some(o) = &self.open {
+            return Err(StagingError::SyncRefused(format!(
+                "epoch {} is open",
+                o.epoch
+            )));
+        }
+        let mut page = [0u8; PAGE_SIZE];
+        for e in pages.iter() {
+            let gpa = page_gpa(mem, e.pfn).ok_or(StagingError::OutOfRange {
+                epoch: 0,
+                pfn: e.pfn,
+            })?;
+            if e.encoding.is_delta() {
+                read_page(mem, gpa, &mut page)?;
+            }
+            decode_page(e.encoding, e.payload, &mut page).map_err(|source| {
+                StagingError::Decode {
+                    epoch: 0,
+                    pfn: e.pfn,
+                    source,
+                }
+            })?;
+            mem.write_slice(&page, GuestAddress(gpa))
+                .map_err(|source| StagingError::Memory {
+                    gpa,
+                    during: "writing a pre-copy page",
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Opens `epoch`, which must be the next one.
+    pub fn begin(
+        &mut self,
+        epoch: u64,
+        page_count: u64,
+        state_len: u64,
+    ) -> Result<(), StagingError> {
+        self.or_abort(|s| {
+            if let Some(o) = &s.open {
+                return Err(StagingError::StillOpen {
+                    got: epoch,
+                    open: o.epoch,
+                });
+            }
+            let expected = s.committed_epoch + 1;
+            if epoch != expected {
+                return Err(StagingError::OutOfOrder {
+                    got: epoch,
+                    expected,
+                    committed: s.committed_epoch,
+                });
+            }
+            let too_large = |what, got, max| StagingError::TooLarge {
+                epoch,
+                what,
+                got,
+                max,
+            };
+            if page_count > s.max_pages {
+                return Err(too_large("page count", page_count, s.max_pages));
+            }
+            if state_len > s.max_state_len as u64 {
+                return Err(too_large("state length", state_len, s.max_state_len as u64));
+            }
+            s.open = Some(OpenEpoch {
+                epoch,
+                page_count,
+                state_len,
+                frames: 0,
+                state: None,
+                digest: Digest::new(),
+            });
+            Ok(())
+        })
+    }
+
+    fn check_open(&self, kind: MessageKind, epoch: u64) -> Result<(), StagingError> {
+        match &self.open {
+            Some(o) if o.epoch == epoch => Ok(()),
+            other => Err(StagingError::NotOpen {
+                kind,
+                got: epoch,
+                open: match other {
+                    Some(o) => format!("epoch {} is open", o.epoch),
+                    None => format!("no epoch is open (last committed {})", self.committed_epoch),
+                },
+            }),
+        }
+    }
+
+    /// Decodes a batch of the open epoch's pages into staging.
+    pub fn pages<M: GuestMemoryBackend>(
+        &mut self,
+        mem: &M,
+        epoch: u64,
+        pages: &PageBatch,
+    ) -> Result<(), StagingError> {
+        self.or_abort(|s| {
+            s.check_open(MessageKind::Pages, epoch)?;
+            let Some(open) = s.open.as_mut() else {
+                return Ok(());
+            };
+            open.frames += 1;
+            let staged = s.pfns.len() as u64 + u64::from(pages.len());
+            if staged > open.page_count {
+                return Err(StagingError::Mismatch {
+                    epoch,
+                    what: "page count",
+                    announced: open.page_count.to_string(),
+                    received: format!("at least {staged}"),
+                });
+            }
+            for e in pages.iter() {
+                let pfn = e.pfn;
+                let gpa = page_gpa(mem, pfn).ok_or(StagingError::OutOfRange { epoch, pfn })?;
+                if !s.seen.insert(pfn) {
+                    return Err(StagingError::DuplicatePage { epoch, pfn });
+                }
+                let at = s.data.len();
+                s.data.resize(at + PAGE_SIZE, 0);
+                let Some(slot) = as_page_mut(&mut s.data[at..]) else {
+                    return Ok(());
+                };
+                if e.encoding.is_delta() {
+                    read_page(mem, gpa, slot)?;
+                }
+                decode_page(e.encoding, e.payload, slot)
+                    .map_err(|source| StagingError::Decode { epoch, pfn, source })?;
+                open.digest.add_page(gpa, slot);
+                s.pfns.push(pfn);
+            }
+            Ok(())
+        })
+    }
+
+    /// Stages the open epoch's state blob.
+    pub fn state(&mut self, epoch: u64, bytes: Bytes) -> Result<(), StagingError> {
+        self.or_abort(|s| {
+            s.check_open(MessageKind::State, epoch)?;
+            let Some(open) = s.open.as_mut() else {
+                return Ok(());
+            };
+            if open.state.is_some() {
+                return Err(StagingError::DuplicateState { epoch });
+            }
+            if bytes.len() as u64 != open.state_len {
+                return Err(StagingError::Mismatch {
+                    epoch,
+                    what: "state length",
+                    announced: open.state_len.to_string(),
+                    received: bytes.len().to_string(),
+                });
+            }
+            open.state = Some(bytes);
+            Ok(())
+        })
+    }
+
+    /// Verifies the open epoch against its `EpochCommit` and applies it whole; returns the
+    /// newly committed epoch.
+    pub fn commit<M: GuestMemoryBackend>(
+        &mut self,
+        mem: &M,
+        epoch: u64,
+        page_count: u64,
+        frame_count: u32,
+        state_len: u64,
+        digest: u64,
+    ) -> Result<u64, StagingError> {
+        self.or_abort(|s| {
+            s.check_open(MessageKind::EpochCommit, epoch)?;
+            let Some(open) = s.open.take() else {
+                return Ok(s.committed_epoch);
+            };
+            let mismatch = |what, announced: String, received: String| StagingError::Mismatch {
+                epoch,
+                what,
+                announced,
+                received,
+            };
+            let staged = s.pfns.len() as u64;
+            if page_count != open.page_count || staged != page_count {
+                return Err(mismatch(
+                    "page count",
+                    format!("{} at begin, {page_count} at commit", open.page_count),
+                    staged.to_string(),
+                ));
+            }
+            if frame_count != open.frames {
+                return Err(mismatch(
+                    "Pages frame count",
+                    frame_count.to_string(),
+                    open.frames.to_string(),
+                ));
+            }
+            let Some(state) = open.state else {
+                return Err(mismatch(
+                    "state",
+                    format!("{state_len} bytes"),
+                    "no State frame".into(),
+                ));
+            };
+            if state_len != open.state_len {
+                return Err(mismatch(
+                    "state length",
+                    format!("{} at begin, {state_len} at commit", open.state_len),
+                    state.len().to_string(),
+                ));
+            }
+            let got = open.digest.finish(&state);
+            if got.0 != digest {
+                return Err(StagingError::Digest {
+                    epoch,
+                    expected: DigestValue(digest),
+                    got,
+                });
+            }
+            // Verified: apply in one step. Every address was checked when staged.
+            for (pfn, page) in s.pfns.iter().zip(s.data.chunks_exact(PAGE_SIZE)) {
+                let gpa = pfn * PAGE_SIZE as u64;
+                mem.write_slice(page, GuestAddress(gpa)).map_err(|source| {
+                    StagingError::Memory {
+                        gpa,
+                        during: "applying a verified epoch (memory may now be inconsistent)",
+                        source,
+                    }
+                })?;
+            }
+            s.committed_epoch = epoch;
+            s.committed_state = state;
+            s.abort();
+            Ok(epoch)
+        })
+    }
+}
+
+/// The gpa of page `pfn` if the whole page lies inside guest memory.
+fn page_gpa<M: GuestMemoryBackend>(mem: &M, pfn: u64) -> Option<u64> {
+    let gpa = pfn.checked_mul(PAGE_SIZE as u64)?;
+    GuestMemoryBackend::check_range(mem, GuestAddress(gpa), PAGE_SIZE).then_some(gpa)
+}
+
+fn read_page<M: GuestMemoryBackend>(
+    mem: &M,
+    gpa: u64,
+    page: &mut [u8; PAGE_SIZE],
+) -> Result<(), StagingError> {
+    mem.read_slice(page, GuestAddress(gpa))
+        .map_err(|source| StagingError::Memory {
+            gpa,
+            during: "reading the base of a delta",
+            source,
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::delta_cache::DeltaCache;
+    use crate::protocol::PagesFrameBuilder;
+    use vm_memory::GuestMemoryMmap;
+
+    const PAGES: u64 = 32;
+
+    type Page = [u8; PAGE_SIZE];
+
+    fn page(seed: u8) -> Page {
+        let mut p = [0u8; PAGE_SIZE];
+        for (i, b) in p.iter_mut().enumerate() {
+            *b = seed.wrapping_mul(31).wrapping_add((i % 97) as u8);
+        }
+        p
+    }
+
+    fn memory() -> GuestMemoryMmap<()> {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), PAGES as usize * PAGE_SIZE)]).unwrap()
+    }
+
+    fn frames_of(epoch: u64, pages: &[(u64, Page)], cache: &DeltaCache) -> Vec<Message> {
+        pages
+            .chunks(3)
+            .map(|chunk| {
+                let mut b = PagesFrameBuilder::pages(epoch, 64 << 10);
+                for (pfn, p) in chunk {
+                    b.push(*pfn, |out| cache.encode(*pfn, p, out));
+                }
+                Message::decode(&b.finish()).unwrap().0
+            })
+            .collect()
+    }
+
+    /// The messages of a well-formed epoch, deltas against what `cache` remembers.
+    fn epoch(epoch: u64, pages: &[(u64, Page)], state: &[u8], cache: &DeltaCache) -> Vec<Message> {
+        let mut d = Digest::new();
+        for (pfn, p) in pages {
+            d.add_page(pfn * PAGE_SIZE as u64, p);
+        }
+        let frames = frames_of(epoch, pages, cache);
+        let mut msgs = vec![Message::EpochBegin {
+            epoch,
+            page_count: pages.len() as u64,
+            state_len: state.len() as u64,
+        }];
+        let frame_count = frames.len() as u32;
+        msgs.extend(frames);
+        msgs.push(Message::State {
+            epoch,
+            bytes: Bytes::copy_from_slice(state),
+        });
+        msgs.push(Message::EpochCommit {
+            epoch,
+            page_count: pages.len() as u64,
+            frame_count,
+            state_len: state.len() as u64,
+            digest: d.finish(state).0,
+        });
+        msgs
+    }
+
+    fn feed(
+        s: &mut Staging,
+        mem: &GuestMemoryMmap<()>,
+        msgs: Vec<Message>,
+    ) -> Result<Step, StagingError> {
+        let mut last = Step::Continue;
+        for m in msgs {
+            last = s.handle(mem, m)?;
+        }
+        Ok(last)
+    }
+
+    fn read(mem: &GuestMemoryMmap<()>, pfn: u64) -> Page {
+        let mut p = [0u8; PAGE_SIZE];
+        mem.read_slice(&mut p, GuestAddress(pfn * PAGE_SIZE as u64))
+            .unwrap();
+        p
+    }
+
+    /// Sync + epoch 1 committed; returns the staging, memory and the primary's cache.
+    fn committed_once() -> (Staging, GuestMemoryMmap<()>, DeltaCache) {
+        let mem = memory();
+        let mut s = Staging::new(&mem, 1 << 20);
+        let cache = DeltaCache::new(64, 2);
+        let mut b = PagesFrameBuilder::sync(1 << 20);
+        for pfn in 0..PAGES {
+            let p = page(pfn as u8);
+            b.push(pfn, |out| cache.encode(pfn, &p, out));
+        }
+        let sync = Message::decode(&b.finish_sync(1, 2)).unwrap().0;
+        assert_eq!(
+            s.handle(&mem, sync).unwrap(),
+            Step::Sync {
+                bytes_done: 1,
+                bytes_total: 2
+            }
+        );
+        let mut p3 = page(3);
+        p3[7] ^= 0x40;
+        let step = feed(
+            &mut s,
+            &mem,
+            epoch(1, &[(3, p3), (4, [0; PAGE_SIZE])], b"state-1", &cache),
+        );
+        assert_eq!(step.unwrap(), Step::Committed { epoch: 1 });
+        assert!(read(&mem, 3) == p3 && read(&mem, 4) == [0; PAGE_SIZE]);
+        (s, mem, cache)
+    }
+
+    /// Feeds `msgs`, expects a rejection containing `why`, and proves memory and state are
+    /// still epoch 1's.
+    fn rejected(msgs: Vec<Message>, why: &str, setup: (Staging, GuestMemoryMmap<()>, DeltaCache)) {
+        let (mut s, mem, _) = setup;
+        let before = s.digest(&mem).unwrap();
+        let err = feed(&mut s, &mem, msgs).unwrap_err().to_string();
+        assert!(err.contains(why), "error {err:?} does not contain {why:?}");
+        assert_eq!(s.committed_epoch(), 1);
+        assert_eq!(&s.committed_state()[..], b"state-1");
+        assert_eq!(s.open_epoch(), None, "open epoch discarded");
+        assert_eq!(s.digest(&mem).unwrap(), before, "memory changed");
+    }
+
+    fn good_epoch_2(cache: &DeltaCache) -> Vec<Message> {
+        let mut p5 = page(5);
+        p5[100..110].fill(9);
+        epoch(
+            2,
+            &[(5, p5), (6, page(66)), (7, page(77)), (8, page(88))],
+            b"state-2",
+            cache,
+        )
+    }
+
+    #[test]
+    fn epochs_commit_whole_with_deltas_against_committed_pages() {
+        let (mut s, mem, cache) = committed_once();
+        let msgs = good_epoch_2(&cache);
+        assert!(
+            msgs.iter().any(|m| matches!(m, Message::Pages { pages, .. }
+            if pages.iter().any(|e| e.encoding.is_delta()))),
+            "deltas are exercised"
+        );
+        // Nothing reaches memory before the commit.
+        let n = msgs.len();
+        let mut msgs = msgs.into_iter();
+        for m in msgs.by_ref().take(n - 1) {
+            assert_eq!(s.handle(&mem, m).unwrap(), Step::Continue);
+        }
+        assert!(read(&mem, 6) == page(6));
+        assert_eq!(
+            s.handle(&mem, msgs.next().unwrap()).unwrap(),
+            Step::Committed { epoch: 2 }
+        );
+        assert!(read(&mem, 6) == page(66) && read(&mem, 8) == page(88));
+        assert_eq!(&s.committed_state()[..], b"state-2");
+
+        let local = s.digest(&mem).unwrap();
+        let end = s
+            .handle(
+                &mem,
+                Message::End {
+                    epoch: 2,
+                    digest: local.0,
+                },
+            )
+            .unwrap();
+        assert_eq!(
+            end,
+            Step::End {
+                epoch: 2,
+                primary: local,
+                local
+            }
+        );
+    }
+
+    #[test]
+    fn missing_pages_frame_is_rejected() {
+        let setup = committed_once();
+        let mut msgs = good_epoch_2(&setup.2);
+        msgs.remove(2); // second Pages frame
+        rejected(msgs, "page count", setup);
+    }
+
+    #[test]
+    fn missing_state_is_rejected() {
+        let setup = committed_once();
+        let mut msgs = good_epoch_2(&setup.2);
+        msgs.retain(|m| !matches!(m, Message::State { .. }));
+        rejected(msgs, "no State frame", setup);
+    }
+
+    #[test]
+    fn wrong_frame_count_is_rejected() {
+        let setup = committed_once();
+        let mut msgs = good_epoch_2(&setup.2);
+        if let Some(Message::EpochCommit { frame_count, .. }) = msgs.last_mut() {
+            *frame_count += 1;
+        }
+        rejected(msgs, "Pages frame count: announced 3, received 2", setup);
+    }
+
+    #[test]
+    fn digest_mismatch_is_rejected() {
+        let setup = committed_once();
+        let mut msgs = good_epoch_2(&setup.2);
+        if let Some(Message::EpochCommit { digest, .. }) = msgs.last_mut() {
+            *digest ^= 1;
+        }
+        rejected(msgs, "digest mismatch", setup);
+    }
+
+    #[test]
+    fn delta_against_a_base_the_backup_lacks_is_caught_by_the_digest() {
+        let setup = committed_once();
+        // The primary's cache believes page 9 holds something it never sent.
+        setup.2.remember(9, &page(200));
+        let mut p9 = page(200);
+        p9[0] ^= 1;
+        let msgs = epoch(2, &[(9, p9)], b"s", &setup.2);
+        rejected(msgs, "digest mismatch", setup);
+    }
+
+    #[test]
+    fn duplicate_and_out_of_order_epochs_are_rejected() {
+        let setup = committed_once();
+        let msgs = epoch(1, &[(1, page(1))], b"x", &setup.2);
+        rejected(
+            msgs,
+            "epoch 1 rejected: expected epoch 2 (last committed 1)",
+            setup,
+        );
+        let setup = committed_once();
+        let msgs = epoch(3, &[(1, page(1))], b"x", &setup.2);
+        rejected(msgs, "epoch 3 rejected: expected epoch 2", setup);
+    }
+
+    #[test]
+    fn duplicate_page_out_of_range_page_and_corrupt_page_are_rejected() {
+        let setup = committed_once();
+        let msgs = epoch(
+            2,
+            &[(5, page(1)), (6, page(2)), (5, page(3))],
+            b"x",
+            &setup.2,
+        );
+        rejected(msgs, "page 0x5 sent twice", setup);
+
+        let setup = committed_once();
+        let msgs = epoch(2, &[(PAGES, page(1))], b"x", &setup.2);
+        rejected(msgs, "page 0x20 lies outside guest memory", setup);
+
+        let setup = committed_once();
+        let mut msgs = good_epoch_2(&setup.2);
+        // Re-frame the first batch with a raw page cut short.
+        let mut b = PagesFrameBuilder::pages(2, 1 << 16);
+        b.push(5, |out| {
+            out.extend_from_slice(&[1, 2, 3]);
+            crate::codec::Encoding::Raw
+        });
+        msgs[1] = Message::decode(&b.finish()).unwrap().0;
+        rejected(msgs, "page 0x5: Raw page payload has 3 bytes", setup);
+    }
+
+    #[test]
+    fn frames_of_another_epoch_and_interleaved_epochs_are_rejected() {
+        let setup = committed_once();
+        let mut msgs = good_epoch_2(&setup.2);
+        if let Some(Message::State { epoch, .. }) = msgs.get_mut(3) {
+            *epoch = 7;
+        }
+        rejected(msgs, "State frame for epoch 7, but epoch 2 is open", setup);
+
+        let setup = committed_once();
+        let mut msgs = good_epoch_2(&setup.2);
+        msgs.truncate(3);
+        msgs.extend(epoch(3, &[(1, page(1))], b"x", &setup.2));
+        rejected(msgs, "epoch 3 began while epoch 2 was still open", setup);
+    }
+
+    #[test]
+    fn truncated_epoch_changes_nothing_and_the_next_attempt_commits() {
+        let (mut s, mem, cache) = committed_once();
+        let before = s.digest(&mem).unwrap();
+        let msgs = good_epoch_2(&cache);
+        let n = msgs.len();
+        feed(&mut s, &mem, msgs.into_iter().take(n - 1).collect()).unwrap();
+        s.abort(); // the connection dropped
+        assert_eq!(s.digest(&mem).unwrap(), before);
+        assert_eq!(s.committed_epoch(), 1);
+        // A full resend of epoch 2 (without deltas, as after a reconnect) commits.
+        cache.clear();
+        let step = feed(&mut s, &mem, good_epoch_2(&cache)).unwrap();
+        assert_eq!(step, Step::Committed { epoch: 2 });
+    }
+
+    #[test]
+    fn sync_after_commit_and_oversized_epochs_are_refused() {
+        let (mut s, mem, _) = committed_once();
+        let sync = Message::decode(&PagesFrameBuilder::sync(64).finish_sync(0, 0))
+            .unwrap()
+            .0;
+        let err = s.handle(&mem, sync).unwrap_err().to_string();
+        assert_eq!(err, "pre-copy pages refused: epoch 1 is already committed");
+        let err = s.begin(2, PAGES + 1, 0).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "epoch 2 rejected: page count is 33, more than the limit 32"
+        );
+        assert!(s.begin(2, 1, 2 << 20).is_err());
+        let err = s
+            .handle(
+                &mem,
+                Message::End {
+                    epoch: 5,
+                    digest: 0,
+                },
+            )
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "End at epoch 5 but the last committed epoch is 1"
+        );
+        assert!(matches!(
+            s.handle(&mem, Message::HelloOk),
+            Err(StagingError::Unexpected(MessageKind::HelloOk))
+        ));
+    }
+}
