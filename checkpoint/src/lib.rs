@@ -3,6 +3,7 @@
 pub mod codec;
 pub mod delta_cache;
 pub mod digest;
+pub mod encode;
 pub mod handshake;
 pub mod inflight;
 pub mod protocol;

@@ -564,8 +564,9 @@ impl PagesFrameBuilder {
     }
 
     /// Appends page `pfn`; `encode` appends the payload to the vector it is given and
-    /// returns the encoding (e.g. `|out| codec::encode_page(page, base, out)`).
-    pub fn push(&mut self, pfn: u64, encode: impl FnOnce(&mut Vec<u8>) -> Encoding) {
+    /// returns the encoding (e.g. `|out| codec::encode_page(page, base, out)`), which
+    /// `push` returns too.
+    pub fn push(&mut self, pfn: u64, encode: impl FnOnce(&mut Vec<u8>) -> Encoding) -> Encoding {
         let at = self.buf.len();
         self.buf.extend_from_slice(&pfn.to_le_bytes());
         self.buf.extend_from_slice(&[0u8; 3]);
@@ -575,6 +576,7 @@ impl PagesFrameBuilder {
         self.buf[at + 8] = enc as u8;
         self.buf[at + 9..at + 11].copy_from_slice(&(len as u16).to_le_bytes());
         self.count += 1;
+        enc
     }
 
     /// Pages pushed so far.
@@ -607,6 +609,28 @@ impl PagesFrameBuilder {
         seal_frame(&mut self.buf[..]);
         Bytes::from(self.buf)
     }
+}
+
+/// The header of a `State` frame carrying `state`, so that the blob can be sent after it
+/// without being copied into a frame buffer.
+pub fn state_frame_header(epoch: u64, state: &[u8]) -> Result<[u8; HEADER_LEN], ProtocolError> {
+    if state.len() > MAX_PAYLOAD_LEN {
+        return Err(ProtocolError::Encode {
+            kind: MessageKind::State,
+            reason: format!("{}-byte state, at most {MAX_PAYLOAD_LEN}", state.len()),
+        });
+    }
+    let mut h = FrameHeader {
+        magic: MAGIC,
+        version: PROTOCOL_VERSION,
+        kind: MessageKind::State as u8,
+        flags: 0,
+        epoch,
+        payload_len: state.len() as u32,
+        crc: 0,
+    };
+    h.crc = frame_crc(&h.to_bytes(), state);
+    Ok(h.to_bytes())
 }
 
 /// Fills in the payload length and CRC of a frame laid out in `frame`.
@@ -1150,6 +1174,18 @@ mod tests {
             let _ = stream.split_to(used);
         }
         assert!(stream.is_empty());
+    }
+
+    #[test]
+    fn state_header_matches_the_encoded_state_frame() {
+        let state = b"vcpu and device state";
+        let msg = Message::State {
+            epoch: 3,
+            bytes: Bytes::from_static(state),
+        };
+        let mut both = state_frame_header(3, state).unwrap().to_vec();
+        both.extend_from_slice(state);
+        assert_eq!(msg.to_frame().unwrap(), Bytes::from(both));
     }
 
     #[test]
