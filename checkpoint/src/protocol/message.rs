@@ -1,0 +1,496 @@
+//! The messages of the protocol: their payload layouts, encoding and decoding.
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use super::{
+    frame_crc, seal_frame, FrameHeader, MessageKind, PageBatch, ProtocolError, Reader, HEADER_LEN,
+    MAGIC, MAX_PAYLOAD_LEN, MAX_REASON_LEN, MAX_REGIONS, PROTOCOL_VERSION,
+};
+use crate::PAGE_SIZE;
+
+/// A guest memory region: guest-physical address and length in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryRegion {
+    /// Guest-physical start address.
+    pub gpa: u64,
+    /// Length in bytes.
+    pub len: u64,
+}
+
+/// The primary's introduction; the backup compares it with its own configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    /// Protocol version of the sender.
+    pub version: u16,
+    /// Guest page size.
+    pub page_size: u32,
+    /// Number of vCPUs.
+    pub vcpu_count: u32,
+    /// Identifies the protected VM (both sides are configured with it).
+    pub guest_id: u64,
+    /// Feature flags; both sides must agree.
+    pub flags: u64,
+    /// Guest RAM layout.
+    pub regions: Vec<MemoryRegion>,
+}
+
+impl Hello {
+    /// A `Hello` for this build's version and page size.
+    pub fn new(vcpu_count: u32, regions: Vec<MemoryRegion>, guest_id: u64) -> Self {
+        Self {
+            version: PROTOCOL_VERSION,
+            page_size: PAGE_SIZE as u32,
+            vcpu_count,
+            guest_id,
+            flags: 0,
+            regions,
+        }
+    }
+
+    /// Every difference between `self` (the local configuration) and `peer`, one phrase
+    /// each; empty when they are compatible.
+    pub fn differences(&self, peer: &Hello, local_name: &str, peer_name: &str) -> Vec<String> {
+        let mut d = Vec::new();
+        let mut diff = |what: &str, l: String, p: String| {
+            if l != p {
+                d.push(format!("{what} differs: {local_name} {l}, {peer_name} {p}"));
+            }
+        };
+        diff(
+            "protocol version",
+            self.version.to_string(),
+            peer.version.to_string(),
+        );
+        diff(
+            "page size",
+            self.page_size.to_string(),
+            peer.page_size.to_string(),
+        );
+        diff(
+            "vCPU count",
+            self.vcpu_count.to_string(),
+            peer.vcpu_count.to_string(),
+        );
+        diff(
+            "guest id",
+            format!("{:#x}", self.guest_id),
+            format!("{:#x}", peer.guest_id),
+        );
+        diff(
+            "feature flags",
+            format!("{:#x}", self.flags),
+            format!("{:#x}", peer.flags),
+        );
+        let layout = |r: &[MemoryRegion]| {
+            let parts: Vec<String> = r
+                .iter()
+                .map(|m| format!("{:#x}+{:#x}", m.gpa, m.len))
+                .collect();
+            format!("[{}]", parts.join(", "))
+        };
+        diff(
+            "memory layout",
+            layout(&self.regions),
+            layout(&peer.regions),
+        );
+        d
+    }
+}
+
+/// Every message of the protocol.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    /// Primary introduces itself.
+    Hello(Hello),
+    /// Backup accepts.
+    HelloOk,
+    /// The configuration is refused; the reason names what differs.
+    Refuse {
+        /// Why.
+        reason: String,
+    },
+    /// Pre-copy pages.
+    SyncPages {
+        /// Guest bytes sent so far, this frame included.
+        bytes_done: u64,
+        /// Guest bytes this pre-copy round sends.
+        bytes_total: u64,
+        /// The pages.
+        pages: PageBatch,
+    },
+    /// An epoch starts.
+    EpochBegin {
+        /// The epoch.
+        epoch: u64,
+        /// Dirty pages in the epoch.
+        page_count: u64,
+        /// Length of the state blob.
+        state_len: u64,
+    },
+    /// Some of the epoch's pages.
+    Pages {
+        /// The epoch.
+        epoch: u64,
+        /// The pages.
+        pages: PageBatch,
+    },
+    /// The epoch's vCPU and device state (opaque to this crate).
+    State {
+        /// The epoch.
+        epoch: u64,
+        /// The blob.
+        bytes: Bytes,
+    },
+    /// The epoch is complete; the backup verifies and applies it.
+    EpochCommit {
+        /// The epoch.
+        epoch: u64,
+        /// Pages sent in the epoch.
+        page_count: u64,
+        /// `Pages` frames sent in the epoch.
+        frame_count: u32,
+        /// Length of the state blob.
+        state_len: u64,
+        /// [`Digest`](crate::digest::Digest) of the epoch's pages and state.
+        digest: u64,
+    },
+    /// The backup committed `epoch`.
+    Ack {
+        /// The epoch.
+        epoch: u64,
+    },
+    /// The backup rejected `epoch` and stays on its last committed one.
+    Nack {
+        /// The epoch.
+        epoch: u64,
+        /// Why.
+        reason: String,
+    },
+    /// Liveness, carrying the sender's last epoch.
+    Heartbeat {
+        /// Last epoch sent (primary) or committed (backup).
+        epoch: u64,
+    },
+    /// Replication ends cleanly after `epoch`.
+    End {
+        /// The final epoch.
+        epoch: u64,
+        /// Digest of the primary's RAM and state at that epoch.
+        digest: u64,
+    },
+}
+
+impl Message {
+    /// The kind of the message.
+    pub fn kind(&self) -> MessageKind {
+        match self {
+            Message::Hello(_) => MessageKind::Hello,
+            Message::HelloOk => MessageKind::HelloOk,
+            Message::Refuse { .. } => MessageKind::Refuse,
+            Message::SyncPages { .. } => MessageKind::SyncPages,
+            Message::EpochBegin { .. } => MessageKind::EpochBegin,
+            Message::Pages { .. } => MessageKind::Pages,
+            Message::State { .. } => MessageKind::State,
+            Message::EpochCommit { .. } => MessageKind::EpochCommit,
+            Message::Ack { .. } => MessageKind::Ack,
+            Message::Nack { .. } => MessageKind::Nack,
+            Message::Heartbeat { .. } => MessageKind::Heartbeat,
+            Message::End { .. } => MessageKind::End,
+        }
+    }
+
+    /// The epoch carried in the header.
+    pub fn epoch(&self) -> u64 {
+        match self {
+            Message::Hello(_)
+            | Message::HelloOk
+            | Message::Refuse { .. }
+            | Message::SyncPages { .. } => 0,
+            Message::EpochBegin { epoch, .. }
+            | Message::Pages { epoch, .. }
+            | Message::State { epoch, .. }
+            | Message::EpochCommit { epoch, .. }
+            | Message::Ack { epoch }
+            | Message::Nack { epoch, .. }
+            | Message::Heartbeat { epoch }
+            | Message::End { epoch, .. } => *epoch,
+        }
+    }
+
+    /// Appends the complete frame to `out` (a reusable buffer).
+    pub fn encode(&self, out: &mut BytesMut) -> Result<(), ProtocolError> {
+        let kind = self.kind();
+        let too_large = |reason: String| ProtocolError::Encode { kind, reason };
+        let start = out.len();
+        let header = FrameHeader {
+            magic: MAGIC,
+            version: PROTOCOL_VERSION,
+            kind: kind as u8,
+            flags: 0,
+            epoch: self.epoch(),
+            payload_len: 0,
+            crc: 0,
+        };
+        out.extend_from_slice(&header.to_bytes());
+        match self {
+            Message::Hello(h) => {
+                if h.regions.len() > MAX_REGIONS {
+                    out.truncate(start);
+                    return Err(too_large(format!(
+                        "{} memory regions, at most {MAX_REGIONS}",
+                        h.regions.len()
+                    )));
+                }
+                out.put_u16_le(h.version);
+                out.put_u16_le(0);
+                out.put_u32_le(h.page_size);
+                out.put_u32_le(h.vcpu_count);
+                out.put_u32_le(h.regions.len() as u32);
+                out.put_u64_le(h.guest_id);
+                out.put_u64_le(h.flags);
+                for r in &h.regions {
+                    out.put_u64_le(r.gpa);
+                    out.put_u64_le(r.len);
+                }
+            }
+            Message::HelloOk | Message::Ack { .. } | Message::Heartbeat { .. } => {}
+            Message::Refuse { reason } | Message::Nack { reason, .. } => {
+                // Over-long reasons are cut at a character boundary, not refused.
+                let mut end = reason.len().min(MAX_REASON_LEN);
+                while !reason.is_char_boundary(end) {
+                    end -= 1;
+                }
+                out.extend_from_slice(&reason.as_bytes()[..end]);
+            }
+            Message::SyncPages {
+                bytes_done,
+                bytes_total,
+                pages,
+            } => {
+                out.put_u64_le(*bytes_done);
+                out.put_u64_le(*bytes_total);
+                pages.write_to(out);
+            }
+            Message::EpochBegin {
+                page_count,
+                state_len,
+                ..
+            } => {
+                out.put_u64_le(*page_count);
+                out.put_u64_le(*state_len);
+            }
+            Message::Pages { pages, .. } => {
+                pages.write_to(out);
+            }
+            Message::State { bytes, .. } => out.extend_from_slice(bytes),
+            Message::EpochCommit {
+                page_count,
+                frame_count,
+                state_len,
+                digest,
+                ..
+            } => {
+                out.put_u64_le(*page_count);
+                out.put_u32_le(*frame_count);
+                out.put_u32_le(0);
+                out.put_u64_le(*state_len);
+                out.put_u64_le(*digest);
+            }
+            Message::End { digest, .. } => out.put_u64_le(*digest),
+        }
+        if out.len() - start - HEADER_LEN > MAX_PAYLOAD_LEN {
+            let len = out.len() - start - HEADER_LEN;
+            out.truncate(start);
+            return Err(too_large(format!(
+                "{len}-byte payload, at most {MAX_PAYLOAD_LEN}"
+            )));
+        }
+        seal_frame(&mut out[start..]);
+        Ok(())
+    }
+
+    /// Encodes into a fresh buffer.
+    pub fn to_frame(&self) -> Result<Bytes, ProtocolError> {
+        let mut b = BytesMut::new();
+        self.encode(&mut b)?;
+        Ok(b.freeze())
+    }
+
+    /// Decodes one complete frame from the start of `buf`; returns the message and the
+    /// number of bytes used.
+    pub fn decode(buf: &Bytes) -> Result<(Message, usize), ProtocolError> {
+        let Some(hb) = buf.get(..HEADER_LEN) else {
+            return Err(ProtocolError::Incomplete {
+                need: HEADER_LEN,
+                have: buf.len(),
+            });
+        };
+        let mut hdr = [0u8; HEADER_LEN];
+        hdr.copy_from_slice(hb);
+        let header = FrameHeader::parse(&hdr)?;
+        let need = header.frame_len();
+        if buf.len() < need {
+            return Err(ProtocolError::Incomplete {
+                need,
+                have: buf.len(),
+            });
+        }
+        let msg = decode_frame(&header, buf.slice(HEADER_LEN..need))?;
+        Ok((msg, need))
+    }
+}
+
+/// Decodes the payload of a frame whose header passed [`FrameHeader::parse`]: checks the
+/// CRC, then the payload's structure.
+pub fn decode_frame(header: &FrameHeader, payload: Bytes) -> Result<Message, ProtocolError> {
+    let kind = header.message_kind()?;
+    let epoch = header.epoch;
+    if payload.len() != header.payload_len as usize {
+        return Err(ProtocolError::Incomplete {
+            need: header.frame_len(),
+            have: HEADER_LEN + payload.len(),
+        });
+    }
+    let got = frame_crc(&header.to_bytes(), &payload);
+    if got != header.crc {
+        return Err(ProtocolError::Checksum {
+            kind,
+            epoch,
+            len: payload.len(),
+            expected: header.crc,
+            got,
+        });
+    }
+    let malformed = |reason: String| ProtocolError::Malformed {
+        kind,
+        epoch,
+        reason,
+    };
+    // Fixed-size payloads must have exactly their size.
+    let fixed = |n: usize| {
+        if payload.len() == n {
+            Ok(())
+        } else {
+            Err(malformed(format!(
+                "payload is {} bytes, expected {n}",
+                payload.len()
+            )))
+        }
+    };
+    let mut r = Reader::new(&payload);
+    let text = |p: &[u8]| -> Result<String, ProtocolError> {
+        if p.len() > MAX_REASON_LEN {
+            return Err(malformed(format!(
+                "reason is {} bytes, at most {MAX_REASON_LEN}",
+                p.len()
+            )));
+        }
+        String::from_utf8(p.to_vec()).map_err(|_| malformed("reason is not UTF-8".into()))
+    };
+    let msg = match kind {
+        MessageKind::Hello => {
+            const FIXED: usize = 32;
+            if payload.len() < FIXED {
+                return Err(malformed(format!(
+                    "payload is {} bytes, at least {FIXED} expected",
+                    payload.len()
+                )));
+            }
+            let version = r.u16_or_zero();
+            let _reserved = r.u16_or_zero();
+            let page_size = r.u32_or_zero();
+            let vcpu_count = r.u32_or_zero();
+            let n = r.u32_or_zero() as usize;
+            let guest_id = r.u64_or_zero();
+            let flags = r.u64_or_zero();
+            if n > MAX_REGIONS {
+                return Err(malformed(format!(
+                    "{n} memory regions, at most {MAX_REGIONS}"
+                )));
+            }
+            fixed(FIXED + 16 * n)?;
+            let regions = (0..n)
+                .map(|_| MemoryRegion {
+                    gpa: r.u64_or_zero(),
+                    len: r.u64_or_zero(),
+                })
+                .collect();
+            Message::Hello(Hello {
+                version,
+                page_size,
+                vcpu_count,
+                guest_id,
+                flags,
+                regions,
+            })
+        }
+        MessageKind::HelloOk => {
+            fixed(0)?;
+            Message::HelloOk
+        }
+        MessageKind::Refuse => Message::Refuse {
+            reason: text(&payload)?,
+        },
+        MessageKind::SyncPages => {
+            if payload.len() < 16 {
+                return Err(malformed("payload shorter than its progress fields".into()));
+            }
+            let bytes_done = r.u64_or_zero();
+            let bytes_total = r.u64_or_zero();
+            Message::SyncPages {
+                bytes_done,
+                bytes_total,
+                pages: PageBatch::parse(kind, epoch, payload.slice(16..))?,
+            }
+        }
+        MessageKind::EpochBegin => {
+            fixed(16)?;
+            Message::EpochBegin {
+                epoch,
+                page_count: r.u64_or_zero(),
+                state_len: r.u64_or_zero(),
+            }
+        }
+        MessageKind::Pages => Message::Pages {
+            epoch,
+            pages: PageBatch::parse(kind, epoch, payload)?,
+        },
+        MessageKind::State => Message::State {
+            epoch,
+            bytes: payload,
+        },
+        MessageKind::EpochCommit => {
+            fixed(32)?;
+            let page_count = r.u64_or_zero();
+            let frame_count = r.u32_or_zero();
+            let _reserved = r.u32_or_zero();
+            Message::EpochCommit {
+                epoch,
+                page_count,
+                frame_count,
+                state_len: r.u64_or_zero(),
+                digest: r.u64_or_zero(),
+            }
+        }
+        MessageKind::Ack => {
+            fixed(0)?;
+            Message::Ack { epoch }
+        }
+        MessageKind::Nack => Message::Nack {
+            epoch,
+            reason: text(&payload)?,
+        },
+        MessageKind::Heartbeat => {
+            fixed(0)?;
+            Message::Heartbeat { epoch }
+        }
+        MessageKind::End => {
+            fixed(8)?;
+            Message::End {
+                epoch,
+                digest: r.u64_or_zero(),
+            }
+        }
+    };
+    Ok(msg)
+}
