@@ -142,6 +142,10 @@ impl Ring {
                 None => Ok(()),
             });
             if pushed.is_err() {
+                // An entry left in the queue would later run against freed buffers:
+                // give the ring up instead.
+                drop(sq);
+                self.ring = None;
                 return Err(TransportError::Io {
                     op: "queueing an io_uring operation",
                     source: io::Error::other("submission queue full"),
