@@ -1,0 +1,96 @@
+//! The boot contract between the VMM and the reference guest.
+//!
+//! This file is compiled twice: into the engine (`engine::boot::abi`) and into the
+//! `no_std` guest (`#[path]` include), so both sides read one definition. It must stay
+//! `no_std`-clean: constants and `#[repr(C)]` plain data only.
+//!
+//! Guest physical memory (identity mapped, every page user-accessible):
+//!
+//! ```text
+//! 0x0000_0500  GDT (null, 64-bit code DPL3, data DPL3, TSS)
+//! 0x0000_0600  TSS with an I/O permission bitmap allowing ports 0..4096
+//! 0x0001_0000  boot-info pages, one per vCPU (BOOT_INFO_BASE + index * 4096)
+//! 0x0002_0000  page tables: PML4, PDPT, then one PD per GiB (2 MiB pages)
+//! 0x0004_0000  vCPU stacks, STACK_SIZE each, vCPU i's top at STACK_BASE + (i+1)*STACK_SIZE
+//! 0x0020_0000  the guest ELF image (linked with --image-base 0x200000)
+//! heap_start   free RAM up to ram_size (page aligned, after the image)
+//! MMIO_BASE    virtio-mmio devices, MMIO_DEVICE_SIZE apart
+//! ```
+//!
+//! Entry: 64-bit mode, CPL3, IOPL=3 (and a TSS I/O bitmap), IF=0, RIP = ELF entry, RSP = stack top - 8,
+//! RDI = this vCPU's boot-info address, RSI = vCPU index.
+//!
+//! Ports: 16550 serial at `SERIAL_PORT`; `out EXIT_PORT, eax` stops the VM with status
+//! `eax`; `out IDLE_PORT, eax` parks the vCPU in the VMM for at most `eax` microseconds or
+//! until a device has something for the guest (the guest's `hlt`).
+
+/// "LKST" in little endian.
+pub const BOOT_INFO_MAGIC: u32 = 0x5453_4b4c;
+/// Bumped whenever anything in this file changes meaning.
+pub const ABI_VERSION: u32 = 1;
+
+pub const PAGE_SIZE: u64 = 4096;
+pub const GDT_ADDR: u64 = 0x500;
+pub const TSS_ADDR: u64 = 0x600;
+pub const BOOT_INFO_BASE: u64 = 0x1_0000;
+pub const PAGE_TABLE_BASE: u64 = 0x2_0000;
+/// Page-table area ends where the stacks begin.
+pub const PAGE_TABLE_END: u64 = 0x4_0000;
+pub const STACK_BASE: u64 = 0x4_0000;
+pub const STACK_SIZE: u64 = 0x1_0000;
+pub const MAX_VCPUS: u32 = 16;
+pub const IMAGE_BASE: u64 = 0x20_0000;
+
+/// Base of the virtio-mmio window, above any RAM we accept.
+pub const MMIO_BASE: u64 = 0x10_0000_0000;
+pub const MMIO_DEVICE_SIZE: u64 = 0x1000;
+pub const MAX_VIRTIO: usize = 8;
+/// The largest guest RAM the layout maps (the page tables must fit below the stacks).
+pub const MAX_RAM: u64 = 16 << 30;
+
+pub const SERIAL_PORT: u16 = 0x3f8;
+pub const EXIT_PORT: u16 = 0x600;
+pub const IDLE_PORT: u16 = 0x604;
+
+pub const CMDLINE_MAX: usize = 2048;
+
+/// GDT selectors, RPL 3.
+pub const CODE_SELECTOR: u16 = 0x08 | 3;
+pub const DATA_SELECTOR: u16 = 0x10 | 3;
+pub const TSS_SELECTOR: u16 = 0x18;
+
+/// virtio device ids (virtio 1.x, section 5).
+pub const VIRTIO_ID_NET: u32 = 1;
+pub const VIRTIO_ID_BLOCK: u32 = 2;
+
+/// One virtio-mmio device the guest may drive.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VirtioDeviceInfo {
+    pub base: u64,
+    pub size: u64,
+    pub device_id: u32,
+    pub _reserved: u32,
+}
+
+/// The page at `BOOT_INFO_BASE + vcpu_index * PAGE_SIZE`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct BootInfo {
+    pub magic: u32,
+    pub version: u32,
+    pub vcpu_index: u32,
+    pub vcpu_count: u32,
+    pub ram_size: u64,
+    pub heap_start: u64,
+    pub tsc_khz: u64,
+    pub virtio_count: u32,
+    pub cmdline_len: u32,
+    pub virtio: [VirtioDeviceInfo; MAX_VIRTIO],
+    pub cmdline: [u8; CMDLINE_MAX],
+}
+
+const _: () = assert!(core::mem::size_of::<BootInfo>() <= PAGE_SIZE as usize);
+const _: () = assert!(TSS_ADDR + 0x68 + 4096 / 8 < BOOT_INFO_BASE);
+const _: () = assert!(STACK_BASE + MAX_VCPUS as u64 * STACK_SIZE <= IMAGE_BASE);
+const _: () = assert!(BOOT_INFO_BASE + MAX_VCPUS as u64 * PAGE_SIZE <= PAGE_TABLE_BASE);

@@ -1,0 +1,336 @@
+//! Entering the reference guest: ELF loading, page tables, GDT, boot-info pages, and the
+//! initial vCPU registers, all per the contract in [`abi`].
+
+pub mod abi;
+
+use std::io::Cursor;
+
+use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment, kvm_sregs};
+use linux_loader::loader::{elf::Elf, KernelLoader};
+use thiserror::Error;
+use vm_memory::{ByteValued, Bytes, GuestAddress};
+
+use crate::vstate::memory::GuestMemory;
+use abi::*;
+
+#[derive(Debug, Error)]
+pub enum BootError {
+    #[error("guest image is not a loadable x86-64 ELF: {0}")]
+    Elf(linux_loader::loader::Error),
+    #[error("guest image ends at {end:#x}, beyond the {ram:#x} bytes of guest RAM")]
+    ImageTooLarge { end: u64, ram: u64 },
+    #[error("guest command line is {len} bytes; at most {max} fit")]
+    CmdlineTooLong { len: usize, max: usize },
+    #[error("{0} vCPUs requested; the guest layout supports 1 to {MAX_VCPUS}")]
+    VcpuCount(u32),
+    #[error("{0} virtio devices; at most {MAX_VIRTIO} fit in the boot info")]
+    TooManyDevices(usize),
+    #[error("cannot write boot structures into guest memory: {0}")]
+    Memory(#[from] vm_memory::GuestMemoryError),
+}
+
+// SAFETY: BootInfo is #[repr(C)], made only of integers and arrays of integers, and has no
+// padding (its size is a multiple of 8 and every field is naturally aligned), so any byte
+// pattern is a valid value.
+unsafe impl ByteValued for BootInfo {}
+
+/// What the loader placed in guest memory.
+#[derive(Clone, Copy, Debug)]
+pub struct LoadedGuest {
+    pub entry: u64,
+    pub heap_start: u64,
+}
+
+/// Everything the boot code needs to know about the VM.
+pub struct BootParams<'a> {
+    pub cmdline: &'a str,
+    pub vcpu_count: u32,
+    pub tsc_khz: u64,
+    pub virtio: &'a [VirtioDeviceInfo],
+}
+
+/// Loads the guest ELF and writes page tables, GDT/TSS and one boot-info page per vCPU.
+pub fn load(
+    mem: &GuestMemory,
+    image: &[u8],
+    params: &BootParams<'_>,
+) -> Result<LoadedGuest, BootError> {
+    if params.vcpu_count == 0 || params.vcpu_count > MAX_VCPUS {
+        return Err(BootError::VcpuCount(params.vcpu_count));
+    }
+    if params.cmdline.len() > CMDLINE_MAX {
+        return Err(BootError::CmdlineTooLong {
+            len: params.cmdline.len(),
+            max: CMDLINE_MAX,
+        });
+    }
+    if params.virtio.len() > MAX_VIRTIO {
+        return Err(BootError::TooManyDevices(params.virtio.len()));
+    }
+    let ram = crate::vstate::memory::ram_size(mem);
+    let loaded = Elf::load(mem, None, &mut Cursor::new(image), None).map_err(BootError::Elf)?;
+    let heap_start = loaded.kernel_end.next_multiple_of(PAGE_SIZE);
+    if heap_start > ram {
+        return Err(BootError::ImageTooLarge {
+            end: heap_start,
+            ram,
+        });
+    }
+
+    write_page_tables(mem, ram)?;
+    write_gdt(mem)?;
+    for index in 0..params.vcpu_count {
+        let mut info = BootInfo {
+            magic: BOOT_INFO_MAGIC,
+            version: ABI_VERSION,
+            vcpu_index: index,
+            vcpu_count: params.vcpu_count,
+            ram_size: ram,
+            heap_start,
+            tsc_khz: params.tsc_khz,
+            virtio_count: params.virtio.len() as u32,
+            cmdline_len: params.cmdline.len() as u32,
+            virtio: [VirtioDeviceInfo::default(); MAX_VIRTIO],
+            cmdline: [0; CMDLINE_MAX],
+        };
+        info.virtio[..params.virtio.len()].copy_from_slice(params.virtio);
+        info.cmdline[..params.cmdline.len()].copy_from_slice(params.cmdline.as_bytes());
+        mem.write_obj(info, GuestAddress(boot_info_addr(index)))?;
+    }
+    Ok(LoadedGuest {
+        entry: loaded.kernel_load.0,
+        heap_start,
+    })
+}
+
+pub fn boot_info_addr(vcpu_index: u32) -> u64 {
+    BOOT_INFO_BASE + u64::from(vcpu_index) * PAGE_SIZE
+}
+
+const PTE_PRESENT: u64 = 1;
+const PTE_WRITE: u64 = 1 << 1;
+const PTE_USER: u64 = 1 << 2;
+const PTE_LARGE: u64 = 1 << 7;
+const PTE_FLAGS: u64 = PTE_PRESENT | PTE_WRITE | PTE_USER;
+const GIB: u64 = 1 << 30;
+
+/// Identity map of RAM and of the first 2 MiB of the MMIO window with 2 MiB pages,
+/// every level user-accessible (the guest runs at CPL3).
+fn write_page_tables(mem: &GuestMemory, ram: u64) -> Result<(), BootError> {
+    let pml4 = PAGE_TABLE_BASE;
+    let pdpt = pml4 + PAGE_SIZE;
+    let first_pd = pdpt + PAGE_SIZE;
+    mem.write_obj(pdpt | PTE_FLAGS, GuestAddress(pml4))?;
+
+    let mut gibs: Vec<u64> = (0..ram.div_ceil(GIB)).collect();
+    gibs.push(MMIO_BASE / GIB);
+    for (n, gib) in gibs.iter().enumerate() {
+        let pd = first_pd + n as u64 * PAGE_SIZE;
+        debug_assert!(pd + PAGE_SIZE <= PAGE_TABLE_END);
+        mem.write_obj(pd | PTE_FLAGS, GuestAddress(pdpt + gib * 8))?;
+        let entries: Vec<u8> = (0..512u64)
+            .flat_map(|i| ((gib * GIB + (i << 21)) | PTE_FLAGS | PTE_LARGE).to_le_bytes())
+            .collect();
+        mem.write_slice(&entries, GuestAddress(pd))?;
+    }
+    Ok(())
+}
+
+/// The TSS: 104 bytes, then an I/O permission bitmap that allows ports 0..IO_PORTS.
+/// Port I/O at CPL3 is legal with IOPL=3 on hardware virtualization, but a hypervisor
+/// that runs the guest's CPL3 natively at host CPL3 (PVM) cannot grant IOPL and instead
+/// emulates the trapped instruction, checking the guest's TSS bitmap: so we provide both.
+const IO_PORTS: u64 = 4096;
+const TSS_IOMAP_BASE: u64 = 0x68;
+/// Limit covers the bitmap and its terminating 0xff byte.
+const TSS_LIMIT: u64 = TSS_IOMAP_BASE + IO_PORTS / 8;
+
+const GDT: [u64; 5] = [
+    0,
+    // 64-bit code, DPL3, present, readable.
+    0x00af_fb00_0000_ffff,
+    // data, DPL3, present, writable.
+    0x00cf_f300_0000_ffff,
+    // 64-bit TSS at TSS_ADDR (low half, then high half of the base).
+    0x0000_8b00_0000_0000
+        | TSS_LIMIT
+        | ((TSS_ADDR & 0xff_ffff) << 16)
+        | ((TSS_ADDR >> 24 & 0xff) << 56),
+    TSS_ADDR >> 32,
+];
+
+fn write_gdt(mem: &GuestMemory) -> Result<(), BootError> {
+    mem.write_obj(GDT, GuestAddress(GDT_ADDR))?;
+    let mut tss = vec![0u8; (TSS_LIMIT + 1) as usize];
+    tss[0x66..0x68].copy_from_slice(&(TSS_IOMAP_BASE as u16).to_le_bytes());
+    tss[TSS_LIMIT as usize] = 0xff;
+    mem.write_slice(&tss, GuestAddress(TSS_ADDR))?;
+    Ok(())
+}
+
+fn segment(selector: u16, type_: u8, long: bool) -> kvm_segment {
+    kvm_segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector,
+        type_,
+        present: 1,
+        dpl: 3,
+        db: u8::from(!long),
+        s: 1,
+        l: u8::from(long),
+        g: 1,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
+    }
+}
+
+/// Special registers for 64-bit mode at CPL3 (`base` holds the vCPU's reset state).
+pub fn initial_sregs(mut sregs: kvm_sregs) -> kvm_sregs {
+    sregs.cs = segment(CODE_SELECTOR, 0xb, true);
+    let data = segment(DATA_SELECTOR, 0x3, false);
+    sregs.ds = data;
+    sregs.es = data;
+    sregs.fs = data;
+    sregs.gs = data;
+    sregs.ss = data;
+    sregs.tr = kvm_segment {
+        base: TSS_ADDR,
+        limit: TSS_LIMIT as u32,
+        selector: TSS_SELECTOR,
+        type_: 0xb,
+        present: 1,
+        dpl: 0,
+        db: 0,
+        s: 0,
+        l: 0,
+        g: 0,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
+    };
+    sregs.gdt.base = GDT_ADDR;
+    sregs.gdt.limit = (GDT.len() * 8 - 1) as u16;
+    sregs.idt.base = 0;
+    sregs.idt.limit = 0;
+    const CR0_PE: u64 = 1;
+    const CR0_MP: u64 = 1 << 1;
+    const CR0_ET: u64 = 1 << 4;
+    const CR0_NE: u64 = 1 << 5;
+    const CR0_PG: u64 = 1 << 31;
+    const CR4_PAE: u64 = 1 << 5;
+    const CR4_OSFXSR: u64 = 1 << 9;
+    const CR4_OSXMMEXCPT: u64 = 1 << 10;
+    const EFER_LME: u64 = 1 << 8;
+    const EFER_LMA: u64 = 1 << 10;
+    sregs.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_PG;
+    sregs.cr3 = PAGE_TABLE_BASE;
+    sregs.cr4 = CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT;
+    sregs.efer = EFER_LME | EFER_LMA;
+    sregs
+}
+
+/// General registers at the ELF entry: IOPL=3, IF=0, stack and boot-info per vCPU.
+pub fn initial_regs(entry: u64, vcpu_index: u32) -> kvm_regs {
+    const RFLAGS_RESERVED: u64 = 1 << 1;
+    const RFLAGS_IOPL3: u64 = 3 << 12;
+    kvm_regs {
+        rip: entry,
+        rsp: STACK_BASE + (u64::from(vcpu_index) + 1) * STACK_SIZE - 8,
+        rdi: boot_info_addr(vcpu_index),
+        rsi: u64::from(vcpu_index),
+        rflags: RFLAGS_RESERVED | RFLAGS_IOPL3,
+        ..Default::default()
+    }
+}
+
+/// x87 and SSE control words at their reset values.
+pub fn initial_fpu() -> kvm_fpu {
+    kvm_fpu {
+        fcw: 0x37f,
+        mxcsr: 0x1f80,
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::GuestMemoryBackend;
+
+    #[test]
+    fn page_tables_map_ram_and_mmio_window() {
+        let mem = crate::vstate::memory::create(64 << 20).unwrap();
+        write_page_tables(&mem, 64 << 20).unwrap();
+        let pml4: u64 = mem.read_obj(GuestAddress(PAGE_TABLE_BASE)).unwrap();
+        let pdpt = pml4 & !0xfff;
+        let pd0: u64 = mem.read_obj(GuestAddress(pdpt)).unwrap();
+        let pd_mmio: u64 = mem
+            .read_obj(GuestAddress(pdpt + (MMIO_BASE / GIB) * 8))
+            .unwrap();
+        assert_eq!(pd0 & 7, 7);
+        assert_eq!(pd_mmio & 7, 7);
+        let e: u64 = mem.read_obj(GuestAddress((pd0 & !0xfff) + 8)).unwrap();
+        assert_eq!(e & !0xfff, 2 << 20);
+        let m: u64 = mem.read_obj(GuestAddress(pd_mmio & !0xfff)).unwrap();
+        assert_eq!(m & !0xfff, MMIO_BASE);
+        assert!(mem.address_in_range(GuestAddress(PAGE_TABLE_END - 1)));
+    }
+
+    #[test]
+    fn rejects_bad_params() {
+        let mem = crate::vstate::memory::create(64 << 20).unwrap();
+        let p = BootParams {
+            cmdline: "",
+            vcpu_count: 0,
+            tsc_khz: 1,
+            virtio: &[],
+        };
+        assert!(matches!(
+            load(&mem, crate::BUILTIN_GUEST, &p),
+            Err(BootError::VcpuCount(0))
+        ));
+        let long = "x".repeat(CMDLINE_MAX + 1);
+        let p = BootParams {
+            cmdline: &long,
+            vcpu_count: 1,
+            tsc_khz: 1,
+            virtio: &[],
+        };
+        assert!(matches!(
+            load(&mem, crate::BUILTIN_GUEST, &p),
+            Err(BootError::CmdlineTooLong { .. })
+        ));
+        let p = BootParams {
+            cmdline: "",
+            vcpu_count: 1,
+            tsc_khz: 1,
+            virtio: &[],
+        };
+        assert!(matches!(
+            load(&mem, b"not an elf", &p),
+            Err(BootError::Elf(_))
+        ));
+    }
+
+    #[test]
+    fn loads_builtin_guest() {
+        let mem = crate::vstate::memory::create(64 << 20).unwrap();
+        let p = BootParams {
+            cmdline: "workload=counter limit=1",
+            vcpu_count: 2,
+            tsc_khz: 1000,
+            virtio: &[],
+        };
+        let g = load(&mem, crate::BUILTIN_GUEST, &p).unwrap();
+        assert!(g.entry >= IMAGE_BASE && g.entry < g.heap_start);
+        let info: BootInfo = mem.read_obj(GuestAddress(boot_info_addr(1))).unwrap();
+        assert_eq!(info.magic, BOOT_INFO_MAGIC);
+        assert_eq!(info.vcpu_index, 1);
+        assert_eq!(
+            &info.cmdline[..info.cmdline_len as usize],
+            p.cmdline.as_bytes()
+        );
+    }
+}

@@ -1,0 +1,332 @@
+//! The `lockstep` command line.
+//!
+//! Hand-written rather than clap: the grammar is small, and every mistake must come out as
+//! one line naming the problem (clap prints usage blocks).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+
+use crate::devices::serial::Console;
+use crate::machine::{Machine, MachineConfig, MachineError};
+use crate::size::{parse_size, SizeError};
+use crate::snapshot::{self, SnapshotError};
+use crate::vstate::vcpu::VcpuEvent;
+use crate::{info, log};
+
+pub const USAGE: &str = "\
+usage:
+  lockstep run --guest builtin|PATH [--guest-args STR] [--mem SIZE] [--vcpus N]
+               [--console stdout|none|PATH] [--snapshot-after-ms MS --snapshot-to DIR]
+  lockstep restore DIR [--console stdout|none|PATH]
+
+The built-in guest runs workload=counter|dirty|hash (see README.md).";
+
+/// Workloads of the built-in guest, checked before boot so a typo is a clear error.
+pub const BUILTIN_WORKLOADS: &[&str] = &["counter", "dirty", "hash"];
+
+#[derive(Debug, Error)]
+pub enum CliError {
+    #[error("{0}")]
+    Usage(String),
+    #[error(transparent)]
+    Size(#[from] SizeError),
+    #[error("cannot read guest image {path}: {source}")]
+    Image {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Machine(#[from] MachineError),
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    #[error("vCPU {vcpu}: {message}")]
+    Crashed { vcpu: u32, message: String },
+}
+
+impl CliError {
+    fn exit_code(&self) -> u8 {
+        match self {
+            CliError::Usage(_) | CliError::Size(_) => 2,
+            _ => 1,
+        }
+    }
+}
+
+fn usage(msg: impl Into<String>) -> CliError {
+    CliError::Usage(msg.into())
+}
+
+pub fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match dispatch(&args) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("lockstep: error: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+fn dispatch(args: &[String]) -> Result<ExitCode, CliError> {
+    let Some((cmd, rest)) = args.split_first() else {
+        eprintln!("{USAGE}");
+        return Ok(ExitCode::from(2));
+    };
+    match cmd.as_str() {
+        "run" => cmd_run(rest),
+        "restore" => cmd_restore(rest),
+        "-h" | "--help" | "help" => {
+            println!("{USAGE}");
+            Ok(ExitCode::SUCCESS)
+        }
+        "-V" | "--version" => {
+            println!("lockstep {}", env!("CARGO_PKG_VERSION"));
+            Ok(ExitCode::SUCCESS)
+        }
+        other => Err(usage(format!(
+            "unknown command '{other}' (try: run, restore, --help)"
+        ))),
+    }
+}
+
+/// `--name value` / `--name=value` options and positional arguments.
+pub struct Options {
+    command: &'static str,
+    pairs: Vec<(String, String)>,
+    switches: Vec<String>,
+    pub positional: Vec<String>,
+}
+
+impl Options {
+    /// Parses `args`; `valued` and `switches` list the accepted option names.
+    pub fn parse(
+        command: &'static str,
+        args: &[String],
+        valued: &[&str],
+        switches: &[&str],
+    ) -> Result<Options, CliError> {
+        let mut o = Options {
+            command,
+            pairs: Vec::new(),
+            switches: Vec::new(),
+            positional: Vec::new(),
+        };
+        let mut it = args.iter();
+        while let Some(a) = it.next() {
+            let Some(name) = a.strip_prefix("--") else {
+                o.positional.push(a.clone());
+                continue;
+            };
+            let (name, inline) = match name.split_once('=') {
+                Some((n, v)) => (n, Some(v.to_string())),
+                None => (name, None),
+            };
+            if switches.contains(&name) {
+                if inline.is_some() {
+                    return Err(usage(format!(
+                        "option --{name} of 'lockstep {command}' takes no value"
+                    )));
+                }
+                o.switches.push(name.to_string());
+            } else if valued.contains(&name) {
+                let value = match inline {
+                    Some(v) => v,
+                    None => it
+                        .next()
+                        .cloned()
+                        .ok_or_else(|| usage(format!("option --{name} needs a value")))?,
+                };
+                if o.pairs.iter().any(|(n, _)| n == name) {
+                    return Err(usage(format!("option --{name} given twice")));
+                }
+                o.pairs.push((name.to_string(), value));
+            } else {
+                return Err(usage(format!(
+                    "unknown option --{name} for 'lockstep {command}'"
+                )));
+            }
+        }
+        Ok(o)
+    }
+
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.pairs
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn switch(&self, name: &str) -> bool {
+        self.switches.iter().any(|n| n == name)
+    }
+
+    pub fn number<T: std::str::FromStr>(&self, name: &str) -> Result<Option<T>, CliError> {
+        self.get(name)
+            .map(|v| {
+                v.parse()
+                    .map_err(|_| usage(format!("--{name} {v}: not a valid number")))
+            })
+            .transpose()
+    }
+
+    pub fn no_positional(&self) -> Result<(), CliError> {
+        match self.positional.first() {
+            Some(p) => Err(usage(format!(
+                "unexpected argument '{p}' for 'lockstep {}'",
+                self.command
+            ))),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The guest and machine options shared by `run` and the replication roles.
+pub struct GuestOptions {
+    pub image: Vec<u8>,
+    pub guest_args: String,
+    pub machine: MachineConfig,
+}
+
+pub const GUEST_OPTIONS: &[&str] = &["guest", "guest-args", "mem", "vcpus", "console"];
+pub const DEFAULT_MEM: u64 = 256 << 20;
+
+impl GuestOptions {
+    pub fn from(o: &Options) -> Result<GuestOptions, CliError> {
+        let guest = o
+            .get("guest")
+            .ok_or_else(|| usage("--guest builtin|PATH is required"))?;
+        let guest_args = o
+            .get("guest-args")
+            .unwrap_or("workload=counter limit=10")
+            .to_string();
+        let image = if guest == "builtin" {
+            check_builtin_args(&guest_args)?;
+            crate::BUILTIN_GUEST.to_vec()
+        } else {
+            std::fs::read(guest).map_err(|source| CliError::Image {
+                path: guest.into(),
+                source,
+            })?
+        };
+        let mem = match o.get("mem") {
+            Some(m) => parse_size(m)?,
+            None => DEFAULT_MEM,
+        };
+        crate::vstate::memory::validate_size(mem).map_err(MachineError::from)?;
+        let vcpus: u32 = o.number("vcpus")?.unwrap_or(1);
+        let max = crate::boot::abi::MAX_VCPUS;
+        if vcpus == 0 || vcpus > max {
+            return Err(usage(format!(
+                "--vcpus {vcpus}: must be between 1 and {max}"
+            )));
+        }
+        let console = Console::parse(o.get("console").unwrap_or("stdout"));
+        Ok(GuestOptions {
+            image,
+            guest_args,
+            machine: MachineConfig {
+                mem_size: mem,
+                vcpus,
+                console,
+            },
+        })
+    }
+}
+
+fn check_builtin_args(args: &str) -> Result<(), CliError> {
+    let workload = args
+        .split_whitespace()
+        .find_map(|kv| kv.strip_prefix("workload="));
+    match workload {
+        None => Err(usage(format!(
+            "--guest-args '{args}': no workload= given (the built-in guest runs {})",
+            BUILTIN_WORKLOADS.join(", ")
+        ))),
+        Some(w) if !BUILTIN_WORKLOADS.contains(&w) => Err(usage(format!(
+            "unknown workload '{w}' (the built-in guest runs {})",
+            BUILTIN_WORKLOADS.join(", ")
+        ))),
+        Some(_) => Ok(()),
+    }
+}
+
+fn cmd_run(args: &[String]) -> Result<ExitCode, CliError> {
+    log::init("run");
+    let mut valued = GUEST_OPTIONS.to_vec();
+    valued.extend(["snapshot-after-ms", "snapshot-to"]);
+    let o = Options::parse("run", args, &valued, &[])?;
+    o.no_positional()?;
+    let g = GuestOptions::from(&o)?;
+    let snapshot = match (o.number::<u64>("snapshot-after-ms")?, o.get("snapshot-to")) {
+        (Some(ms), Some(dir)) => Some((Duration::from_millis(ms), PathBuf::from(dir))),
+        (None, None) => None,
+        _ => return Err(usage("--snapshot-after-ms and --snapshot-to go together")),
+    };
+    let mut machine = Machine::boot(&g.machine, &g.image, &g.guest_args)?;
+    drive(&mut machine, snapshot)
+}
+
+fn cmd_restore(args: &[String]) -> Result<ExitCode, CliError> {
+    log::init("restore");
+    let o = Options::parse("restore", args, &["console"], &[])?;
+    let [dir] = o.positional.as_slice() else {
+        return Err(usage(
+            "usage: lockstep restore DIR [--console stdout|none|PATH]",
+        ));
+    };
+    let console = Console::parse(o.get("console").unwrap_or("stdout"));
+    let snap = snapshot::read(dir.as_ref())?;
+    let mut machine = Machine::restore(&snap.state, &console, |mem| {
+        snap.load_memory(mem)
+            .map_err(|e| MachineError::Restore(e.to_string()))
+    })?;
+    info!(
+        "restored {} vCPUs and {} MiB from {dir}",
+        snap.state.vcpus.len(),
+        snap.state.mem_size >> 20
+    );
+    drive(&mut machine, None)
+}
+
+/// Runs the machine until the guest exits, taking the snapshot on the way if asked.
+fn drive(
+    machine: &mut Machine,
+    mut snapshot: Option<(Duration, PathBuf)>,
+) -> Result<ExitCode, CliError> {
+    let start = Instant::now();
+    machine.resume()?;
+    loop {
+        let timeout = match &snapshot {
+            Some((at, _)) => at.saturating_sub(start.elapsed()),
+            None => Duration::from_secs(3600),
+        };
+        match machine.wait_event(timeout) {
+            Some(VcpuEvent::GuestExit { status, .. }) => {
+                machine.pause()?;
+                machine.flush_console();
+                return Ok(ExitCode::from(u8::try_from(status).unwrap_or(u8::MAX)));
+            }
+            Some(VcpuEvent::Crashed { vcpu, message }) => {
+                let _ = machine.pause();
+                machine.flush_console();
+                return Err(CliError::Crashed { vcpu, message });
+            }
+            None => {
+                if let Some((_, dir)) = snapshot.take() {
+                    let (state, timing) = machine.pause_and_capture()?;
+                    let written = snapshot::write(&dir, &state, machine.memory())?;
+                    machine.resume()?;
+                    info!(
+                        "snapshot written to {} ({} KiB of non-zero memory; pause {} us)",
+                        dir.display(),
+                        written >> 10,
+                        timing.captured.as_micros()
+                    );
+                }
+            }
+        }
+    }
+}

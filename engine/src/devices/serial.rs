@@ -1,0 +1,150 @@
+//! The 16550 UART at 0x3f8 (vm-superio), writing the guest's console to stdout or a file.
+//!
+//! The guest polls the line status register and takes no interrupts, so the trigger is a
+//! no-op. Output is buffered per line: vm-superio flushes after every byte, which would
+//! cost a syscall per character.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use thiserror::Error;
+use vm_superio::serial::{NoEvents, SerialState};
+use vm_superio::{Serial, Trigger};
+
+#[derive(Debug, Error)]
+pub enum SerialError {
+    #[error("cannot open console file {path}: {source}")]
+    Open { path: PathBuf, source: io::Error },
+    #[error("serial state has {0} bytes of input, more than the 16550 FIFO holds")]
+    BadState(usize),
+}
+
+/// Where the guest's serial output goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Console {
+    Stdout,
+    File(PathBuf),
+    Null,
+}
+
+impl Console {
+    pub fn parse(s: &str) -> Console {
+        match s {
+            "stdout" => Console::Stdout,
+            "none" | "null" => Console::Null,
+            path => Console::File(PathBuf::from(path)),
+        }
+    }
+
+    /// Opens the console; `append` keeps what an earlier run wrote to the file.
+    fn open(&self, append: bool) -> Result<ConsoleWriter, SerialError> {
+        let out: Box<dyn Write + Send> = match self {
+            Console::Stdout => Box::new(io::stdout()),
+            Console::Null => Box::new(io::sink()),
+            Console::File(path) => Box::new(open_file(path, append)?),
+        };
+        Ok(ConsoleWriter {
+            out,
+            line: Vec::with_capacity(256),
+        })
+    }
+}
+
+fn open_file(path: &Path, append: bool) -> Result<File, SerialError> {
+    let mut o = OpenOptions::new();
+    o.create(true);
+    if append {
+        o.append(true);
+    } else {
+        o.write(true).truncate(true);
+    }
+    o.open(path).map_err(|source| SerialError::Open {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Buffers until a newline; `flush` from the UART is ignored, [`ConsoleWriter::flush_now`]
+/// and drop write out the rest.
+pub struct ConsoleWriter {
+    out: Box<dyn Write + Send>,
+    line: Vec<u8>,
+}
+
+impl ConsoleWriter {
+    pub fn flush_now(&mut self) {
+        if !self.line.is_empty() {
+            // The console is best effort: a closed stdout must not stop the guest.
+            let _ = self.out.write_all(&self.line);
+            self.line.clear();
+        }
+        let _ = self.out.flush();
+    }
+}
+
+impl Write for ConsoleWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.line.extend_from_slice(buf);
+        if buf.contains(&b'\n') || self.line.len() >= 4096 {
+            self.flush_now();
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for ConsoleWriter {
+    fn drop(&mut self) {
+        self.flush_now();
+    }
+}
+
+/// No interrupt line: the guest polls.
+pub struct NoIrq;
+
+impl Trigger for NoIrq {
+    type E = io::Error;
+    fn trigger(&self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+pub struct SerialDevice {
+    uart: Serial<NoIrq, NoEvents, ConsoleWriter>,
+}
+
+impl SerialDevice {
+    pub fn new(console: &Console) -> Result<SerialDevice, SerialError> {
+        Ok(SerialDevice {
+            uart: Serial::new(NoIrq, console.open(false)?),
+        })
+    }
+
+    /// A UART in a saved state; output is appended to the console.
+    pub fn restore(console: &Console, state: &SerialState) -> Result<SerialDevice, SerialError> {
+        let uart = Serial::from_state(state, NoIrq, NoEvents, console.open(true)?)
+            .map_err(|_| SerialError::BadState(state.in_buffer.len()))?;
+        Ok(SerialDevice { uart })
+    }
+
+    pub fn read(&mut self, offset: u8) -> u8 {
+        self.uart.read(offset)
+    }
+
+    pub fn write(&mut self, offset: u8, value: u8) {
+        // A write error means the console is gone; the guest keeps running.
+        let _ = self.uart.write(offset, value);
+    }
+
+    pub fn state(&self) -> SerialState {
+        self.uart.state()
+    }
+
+    pub fn flush(&mut self) {
+        self.uart.writer_mut().flush_now();
+    }
+}

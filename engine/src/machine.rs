@@ -1,0 +1,267 @@
+//! A running VM: KVM, guest memory, devices and vCPU threads, with the operations every
+//! role needs — boot, pause, capture, restore, resume.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{unbounded, Receiver};
+use kvm_ioctls::VcpuFd;
+use thiserror::Error;
+
+use crate::boot::{self, BootError, BootParams};
+use crate::devices::serial::{Console, SerialDevice, SerialError};
+use crate::devices::{lock, Bus, Devices};
+use crate::persist::state::MachineState;
+use crate::vstate::memory::{self, GuestMemory, MemoryError};
+use crate::vstate::vcpu::{self, VcpuCommand, VcpuError, VcpuEvent, VcpuHandle, Waker};
+use crate::vstate::vm::{Vm, VmError};
+
+#[derive(Debug, Error)]
+pub enum MachineError {
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error(transparent)]
+    Serial(#[from] SerialError),
+    #[error("cannot restore: {0}")]
+    Restore(String),
+    #[error("state has {state} vCPUs but the machine has {machine}")]
+    VcpuMismatch { state: usize, machine: usize },
+}
+
+/// What a machine is made of.
+#[derive(Clone, Debug)]
+pub struct MachineConfig {
+    pub mem_size: u64,
+    pub vcpus: u32,
+    pub console: Console,
+}
+
+/// How long the last pause took, from the request until every vCPU acknowledged.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PauseTiming {
+    /// Until every vCPU was parked.
+    pub parked: Duration,
+    /// Until the state was captured too (equal to `parked` without capture).
+    pub captured: Duration,
+}
+
+pub struct Machine {
+    // Declared first: dropping the handles stops and joins the vCPU threads (which own the
+    // vCPU fds and use the memory) before the VM and memory go away.
+    vcpus: Vec<VcpuHandle>,
+    events: Receiver<VcpuEvent>,
+    devices: Arc<Devices>,
+    waker: Waker,
+    vm: Vm,
+    running: bool,
+}
+
+impl Machine {
+    /// Creates the VM, loads `image` and sets every vCPU at the guest's entry, paused.
+    pub fn boot(cfg: &MachineConfig, image: &[u8], cmdline: &str) -> Result<Machine, MachineError> {
+        let vm = Vm::new(memory::create(cfg.mem_size)?)?;
+        let fds = vcpu::create_all(vm.fd(), &vm.supported_cpuid()?, cfg.vcpus)?;
+        let tsc_khz = fds[0].get_tsc_khz().map_err(|source| VcpuError::Kvm {
+            index: 0,
+            what: "KVM_GET_TSC_KHZ",
+            source,
+        })?;
+        let params = BootParams {
+            cmdline,
+            vcpu_count: cfg.vcpus,
+            tsc_khz: u64::from(tsc_khz),
+            virtio: &[],
+        };
+        let loaded = boot::load(vm.memory(), image, &params)?;
+        for (index, fd) in fds.iter().enumerate() {
+            set_boot_registers(fd, index as u32, loaded.entry)?;
+        }
+        let devices = Arc::new(Devices {
+            serial: std::sync::Mutex::new(SerialDevice::new(&cfg.console)?),
+        });
+        Machine::assemble(vm, fds, devices)
+    }
+
+    /// Creates a VM from a captured state; `load_memory` fills guest RAM. Paused.
+    pub fn restore(
+        state: &MachineState,
+        console: &Console,
+        load_memory: impl FnOnce(&GuestMemory) -> Result<(), MachineError>,
+    ) -> Result<Machine, MachineError> {
+        let vm = Vm::new(memory::create(state.mem_size)?)?;
+        load_memory(vm.memory())?;
+        vm.restore_state(&state.vm)?;
+        let fds = vcpu::create_all(vm.fd(), &vm.supported_cpuid()?, state.vcpus.len() as u32)?;
+        let devices = Arc::new(Devices {
+            serial: std::sync::Mutex::new(SerialDevice::restore(console, &state.serial)?),
+        });
+        let machine = Machine::assemble(vm, fds, devices)?;
+        for (h, s) in machine.vcpus.iter().zip(&state.vcpus) {
+            h.restore(Box::new(s.clone()))?;
+        }
+        Ok(machine)
+    }
+
+    fn assemble(vm: Vm, fds: Vec<VcpuFd>, devices: Arc<Devices>) -> Result<Machine, MachineError> {
+        let (events_tx, events) = unbounded();
+        let bus: Arc<dyn Bus> = devices.clone();
+        let (vcpus, waker) = vcpu::spawn_all(fds, vm.msr_list(), bus, events_tx)?;
+        Ok(Machine {
+            vcpus,
+            events,
+            devices,
+            waker,
+            vm,
+            running: false,
+        })
+    }
+
+    pub fn memory(&self) -> &GuestMemory {
+        self.vm.memory()
+    }
+
+    pub fn vm(&self) -> &Vm {
+        &self.vm
+    }
+
+    pub fn vcpu_count(&self) -> usize {
+        self.vcpus.len()
+    }
+
+    pub fn waker(&self) -> &Waker {
+        &self.waker
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.running
+    }
+
+    /// Starts or continues every vCPU.
+    pub fn resume(&mut self) -> Result<(), MachineError> {
+        for h in &self.vcpus {
+            h.send(VcpuCommand::Resume)?;
+        }
+        for h in &self.vcpus {
+            h.expect_resumed()?;
+        }
+        self.running = true;
+        Ok(())
+    }
+
+    /// Stops every vCPU at an instruction boundary; returns once all have acknowledged.
+    pub fn pause(&mut self) -> Result<PauseTiming, MachineError> {
+        let start = Instant::now();
+        for h in &self.vcpus {
+            h.send(VcpuCommand::Pause)?;
+        }
+        for h in &self.vcpus {
+            h.expect_paused()?;
+        }
+        self.running = false;
+        let parked = start.elapsed();
+        Ok(PauseTiming {
+            parked,
+            captured: parked,
+        })
+    }
+
+    /// Pauses and captures the whole machine state. The capture is pipelined: each vCPU
+    /// thread saves its own registers right after parking.
+    pub fn pause_and_capture(&mut self) -> Result<(MachineState, PauseTiming), MachineError> {
+        let start = Instant::now();
+        for h in &self.vcpus {
+            h.send(VcpuCommand::Pause)?;
+            h.send(VcpuCommand::Save)?;
+        }
+        for h in &self.vcpus {
+            h.expect_paused()?;
+        }
+        self.running = false;
+        let parked = start.elapsed();
+        let mut vcpus = Vec::with_capacity(self.vcpus.len());
+        for h in &self.vcpus {
+            vcpus.push(*h.expect_state()?);
+        }
+        let state = self.capture_rest(vcpus)?;
+        Ok((
+            state,
+            PauseTiming {
+                parked,
+                captured: start.elapsed(),
+            },
+        ))
+    }
+
+    /// Captures the state of a paused machine.
+    pub fn capture(&self) -> Result<MachineState, MachineError> {
+        let mut vcpus = Vec::with_capacity(self.vcpus.len());
+        for h in &self.vcpus {
+            h.send(VcpuCommand::Save)?;
+            vcpus.push(*h.expect_state()?);
+        }
+        self.capture_rest(vcpus)
+    }
+
+    fn capture_rest(&self, vcpus: Vec<vcpu::VcpuState>) -> Result<MachineState, MachineError> {
+        Ok(MachineState {
+            mem_size: memory::ram_size(self.memory()),
+            vcpus,
+            vm: self.vm.save_state()?,
+            serial: lock(&self.devices.serial).state(),
+        })
+    }
+
+    /// Loads a captured state into this (paused) machine; memory is the caller's business.
+    pub fn load_state(&mut self, state: &MachineState) -> Result<(), MachineError> {
+        if state.vcpus.len() != self.vcpus.len() {
+            return Err(MachineError::VcpuMismatch {
+                state: state.vcpus.len(),
+                machine: self.vcpus.len(),
+            });
+        }
+        self.vm.restore_state(&state.vm)?;
+        for (h, s) in self.vcpus.iter().zip(&state.vcpus) {
+            h.restore(Box::new(s.clone()))?;
+        }
+        Ok(())
+    }
+
+    /// The next thing a vCPU reported (guest exit or crash), if any within `timeout`.
+    pub fn wait_event(&self, timeout: Duration) -> Option<VcpuEvent> {
+        self.events.recv_timeout(timeout).ok()
+    }
+
+    pub fn flush_console(&self) {
+        lock(&self.devices.serial).flush();
+    }
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        self.flush_console();
+    }
+}
+
+fn set_boot_registers(fd: &VcpuFd, index: u32, entry: u64) -> Result<(), VcpuError> {
+    let err = |what| {
+        move |source| VcpuError::Kvm {
+            index,
+            what,
+            source,
+        }
+    };
+    let sregs = fd.get_sregs().map_err(err("KVM_GET_SREGS"))?;
+    fd.set_sregs(&boot::initial_sregs(sregs))
+        .map_err(err("KVM_SET_SREGS"))?;
+    fd.set_regs(&boot::initial_regs(entry, index))
+        .map_err(err("KVM_SET_REGS"))?;
+    fd.set_fpu(&boot::initial_fpu())
+        .map_err(err("KVM_SET_FPU"))?;
+    Ok(())
+}

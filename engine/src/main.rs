@@ -1,0 +1,5 @@
+//! The `lockstep` command.
+
+fn main() -> std::process::ExitCode {
+    engine::cli::main()
+}

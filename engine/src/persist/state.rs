@@ -1,0 +1,186 @@
+//! The state of a whole machine at a consistent point (every vCPU paused): what a snapshot
+//! and a checkpoint epoch carry besides guest memory.
+
+use kvm_bindings::kvm_fpu;
+use vm_superio::serial::SerialState;
+
+use super::{PersistError, Reader, Writer};
+use crate::vstate::vcpu::VcpuState;
+use crate::vstate::vm::VmState;
+
+/// Upper bound on vCPUs in a blob, so a corrupt count cannot make us allocate wildly.
+const MAX_VCPUS_IN_BLOB: u32 = 256;
+const MAX_MSRS: u64 = 4096;
+
+#[derive(Clone)]
+pub struct MachineState {
+    pub mem_size: u64,
+    pub vcpus: Vec<VcpuState>,
+    pub vm: VmState,
+    pub serial: SerialState,
+}
+
+impl MachineState {
+    pub fn encode(&self, w: &mut Writer) {
+        w.u64(self.mem_size);
+        w.u32(self.vcpus.len() as u32);
+        for v in &self.vcpus {
+            encode_vcpu(w, v);
+        }
+        w.pod(&self.vm.pic_master);
+        w.pod(&self.vm.pic_slave);
+        w.pod(&self.vm.ioapic);
+        w.pod(&self.vm.pit);
+        w.pod(&self.vm.clock);
+        encode_serial(w, &self.serial);
+    }
+
+    pub fn decode(r: &mut Reader<'_>) -> Result<MachineState, PersistError> {
+        let mem_size = r.u64("memory size")?;
+        let n = r.u32("vCPU count")?;
+        if n == 0 || n > MAX_VCPUS_IN_BLOB {
+            return Err(PersistError::Malformed(format!("vCPU count {n}")));
+        }
+        let vcpus = (0..n)
+            .map(|_| decode_vcpu(r))
+            .collect::<Result<Vec<_>, _>>()?;
+        let vm = VmState {
+            pic_master: r.pod("PIC master")?,
+            pic_slave: r.pod("PIC slave")?,
+            ioapic: r.pod("IOAPIC")?,
+            pit: r.pod("PIT")?,
+            clock: r.pod("KVM clock")?,
+        };
+        let serial = decode_serial(r)?;
+        Ok(MachineState {
+            mem_size,
+            vcpus,
+            vm,
+            serial,
+        })
+    }
+
+    /// The state alone, sealed (header, version, checksum).
+    pub fn to_blob(&self) -> Vec<u8> {
+        let mut w = Writer::default();
+        self.encode(&mut w);
+        super::seal(&w.buf)
+    }
+
+    pub fn from_blob(blob: &[u8]) -> Result<MachineState, PersistError> {
+        let mut r = Reader::new(super::unseal(blob)?);
+        let s = MachineState::decode(&mut r)?;
+        r.finish()?;
+        Ok(s)
+    }
+}
+
+fn encode_vcpu(w: &mut Writer, v: &VcpuState) {
+    w.pod(&v.regs);
+    w.pod(&v.sregs);
+    encode_fpu(w, &v.fpu);
+    w.pod(&v.xsave);
+    w.pod(&v.xcrs);
+    w.u64(v.msrs.len() as u64);
+    for m in &v.msrs {
+        w.pod(m);
+    }
+    w.pod(&v.lapic);
+    w.pod(&v.events);
+    w.pod(&v.mp_state);
+    w.pod(&v.debugregs);
+}
+
+fn decode_vcpu(r: &mut Reader<'_>) -> Result<VcpuState, PersistError> {
+    let regs = r.pod("regs")?;
+    let sregs = r.pod("sregs")?;
+    let fpu = decode_fpu(r)?;
+    let xsave = r.pod("xsave")?;
+    let xcrs = r.pod("xcrs")?;
+    let n = r.u64("MSR count")?;
+    if n > MAX_MSRS {
+        return Err(PersistError::Malformed(format!("MSR count {n}")));
+    }
+    let msrs = (0..n)
+        .map(|_| r.pod("MSR"))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(VcpuState {
+        regs,
+        sregs,
+        fpu,
+        xsave,
+        xcrs,
+        msrs,
+        lapic: r.pod("LAPIC")?,
+        events: r.pod("vCPU events")?,
+        mp_state: r.pod("MP state")?,
+        debugregs: r.pod("debug registers")?,
+    })
+}
+
+/// kvm_fpu has no zerocopy impls in kvm-bindings; its fields are written one by one.
+fn encode_fpu(w: &mut Writer, f: &kvm_fpu) {
+    for r in &f.fpr {
+        w.buf.extend_from_slice(r);
+    }
+    w.u32(u32::from(f.fcw) | u32::from(f.fsw) << 16);
+    w.u32(u32::from(f.ftwx) | u32::from(f.last_opcode) << 16);
+    w.u64(f.last_ip);
+    w.u64(f.last_dp);
+    for x in &f.xmm {
+        w.buf.extend_from_slice(x);
+    }
+    w.u32(f.mxcsr);
+}
+
+fn decode_fpu(r: &mut Reader<'_>) -> Result<kvm_fpu, PersistError> {
+    let mut f = kvm_fpu::default();
+    for reg in f.fpr.iter_mut() {
+        *reg = r.pod("fpu")?;
+    }
+    let a = r.u32("fpu")?;
+    let b = r.u32("fpu")?;
+    f.fcw = a as u16;
+    f.fsw = (a >> 16) as u16;
+    f.ftwx = b as u8;
+    f.last_opcode = (b >> 16) as u16;
+    f.last_ip = r.u64("fpu")?;
+    f.last_dp = r.u64("fpu")?;
+    for x in f.xmm.iter_mut() {
+        *x = r.pod("fpu")?;
+    }
+    f.mxcsr = r.u32("fpu")?;
+    Ok(f)
+}
+
+fn encode_serial(w: &mut Writer, s: &SerialState) {
+    for b in [
+        s.baud_divisor_low,
+        s.baud_divisor_high,
+        s.interrupt_enable,
+        s.interrupt_identification,
+        s.line_control,
+        s.line_status,
+        s.modem_control,
+        s.modem_status,
+        s.scratch,
+    ] {
+        w.u8(b);
+    }
+    w.bytes(&s.in_buffer);
+}
+
+fn decode_serial(r: &mut Reader<'_>) -> Result<SerialState, PersistError> {
+    Ok(SerialState {
+        baud_divisor_low: r.u8("serial")?,
+        baud_divisor_high: r.u8("serial")?,
+        interrupt_enable: r.u8("serial")?,
+        interrupt_identification: r.u8("serial")?,
+        line_control: r.u8("serial")?,
+        line_status: r.u8("serial")?,
+        modem_control: r.u8("serial")?,
+        modem_status: r.u8("serial")?,
+        scratch: r.u8("serial")?,
+        in_buffer: r.bytes("serial input")?.to_vec(),
+    })
+}

@@ -1,0 +1,5 @@
+//! KVM state: guest memory, the VM, and the vCPU threads with their run-state machine.
+
+pub mod memory;
+pub mod vcpu;
+pub mod vm;

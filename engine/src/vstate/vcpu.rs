@@ -1,0 +1,670 @@
+//! vCPU threads and their run-state machine.
+//!
+//! Each vCPU runs on its own thread and is driven over a channel: every command gets exactly
+//! one response. States:
+//!
+//! ```text
+//!            Resume                 guest writes the exit port,
+//!  Paused ----------> Running ---> crashes, or Stop ---------> Exited
+//!    ^                   |
+//!    +------ Pause ------+   (immediate_exit + signal; pending PIO/MMIO completed)
+//! ```
+//!
+//! A pause sets `kvm_run.immediate_exit` from a signal handler on the vCPU thread, so a
+//! `KVM_RUN` that is entered after the signal returns at once, and one that was running
+//! returns with `EINTR`. Before parking, the thread re-enters `KVM_RUN` with
+//! `immediate_exit` set: KVM completes a pending port or MMIO read and returns without
+//! running guest code, so the saved registers describe a point between two instructions.
+
+use std::cell::Cell;
+use std::sync::atomic::{fence, Ordering};
+use std::sync::{Arc, Once};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crossbeam_channel::{bounded, select, unbounded, Receiver, Sender, TryRecvError};
+use kvm_bindings::{
+    kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_run,
+    kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs,
+};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use thiserror::Error;
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use crate::boot::abi::{EXIT_PORT, IDLE_PORT};
+use crate::devices::Bus;
+
+#[derive(Debug, Error)]
+pub enum VcpuError {
+    #[error("vCPU {index}: KVM ioctl {what} failed: {source}")]
+    Kvm {
+        index: u32,
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error("vCPU {index}: KVM accepted only {set} of {total} MSRs (stopped at MSR {msr:#x})")]
+    Msrs {
+        index: u32,
+        set: usize,
+        total: usize,
+        msr: u32,
+    },
+    #[error("vCPU {index}: cannot start its thread: {source}")]
+    Spawn { index: u32, source: std::io::Error },
+    #[error("cannot install the vCPU kick signal handler: {0}")]
+    Signal(vmm_sys_util::errno::Error),
+    #[error("vCPU {index}: no answer to {command} within {timeout:?}")]
+    Timeout {
+        index: u32,
+        command: &'static str,
+        timeout: Duration,
+    },
+    #[error("vCPU {index}: thread is gone")]
+    Gone { index: u32 },
+    #[error("vCPU {index}: {command} is not allowed while the vCPU is running")]
+    Running { index: u32, command: &'static str },
+    #[error("vCPU {index}: unexpected answer to {command}")]
+    Protocol { index: u32, command: &'static str },
+}
+
+/// Everything KVM holds for one vCPU.
+pub struct VcpuState {
+    pub regs: kvm_regs,
+    pub sregs: kvm_sregs,
+    pub fpu: kvm_fpu,
+    pub xsave: kvm_xsave,
+    pub xcrs: kvm_xcrs,
+    pub msrs: Vec<kvm_msr_entry>,
+    pub lapic: kvm_lapic_state,
+    pub events: kvm_vcpu_events,
+    pub mp_state: kvm_mp_state,
+    pub debugregs: kvm_debugregs,
+}
+
+impl Clone for VcpuState {
+    fn clone(&self) -> Self {
+        VcpuState {
+            // kvm_xsave ends in a flexible array (always empty here), so it is not Clone.
+            xsave: zerocopy::FromBytes::read_from_bytes(zerocopy::IntoBytes::as_bytes(&self.xsave))
+                .expect("same type, same size"),
+            msrs: self.msrs.clone(),
+            ..*self
+        }
+    }
+}
+
+/// Commands to a vCPU thread. Each gets exactly one [`VcpuResponse`].
+pub enum VcpuCommand {
+    Pause,
+    Resume,
+    Save,
+    Restore(Box<VcpuState>),
+    Stop,
+}
+
+pub enum VcpuResponse {
+    Paused,
+    Resumed,
+    State(Box<VcpuState>),
+    Restored,
+    Stopped,
+    Error(VcpuError),
+}
+
+/// Something a vCPU reports on its own: the VM's run is over.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VcpuEvent {
+    /// The guest wrote `status` to the exit port.
+    GuestExit { vcpu: u32, status: u32 },
+    /// The guest cannot go on (triple fault, KVM internal error, failed entry).
+    Crashed { vcpu: u32, message: String },
+}
+
+thread_local! {
+    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let run = KVM_RUN.with(Cell::get);
+    if !run.is_null() {
+        // SAFETY: the pointer is this thread's own kvm_run mapping, set by the vCPU thread
+        // while it owns the VcpuFd and cleared before the fd is dropped. A volatile byte
+        // store is async-signal-safe.
+        unsafe { std::ptr::write_volatile(&raw mut (*run).immediate_exit, 1) };
+    }
+    fence(Ordering::SeqCst);
+}
+
+fn kick_signal() -> libc::c_int {
+    SIGRTMIN()
+}
+
+fn install_kick_handler() -> Result<(), VcpuError> {
+    static ONCE: Once = Once::new();
+    let mut result = Ok(());
+    ONCE.call_once(|| result = register_signal_handler(kick_signal(), handle_kick));
+    result.map_err(VcpuError::Signal)
+}
+
+/// The controller's side of a vCPU thread.
+pub struct VcpuHandle {
+    pub index: u32,
+    commands: Sender<VcpuCommand>,
+    responses: Receiver<VcpuResponse>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// How long the controller waits for a vCPU's answer before calling it stuck.
+pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl VcpuHandle {
+    /// Sends a command and makes sure the vCPU leaves `KVM_RUN` to read it.
+    pub fn send(&self, command: VcpuCommand) -> Result<(), VcpuError> {
+        self.commands
+            .send(command)
+            .map_err(|_| VcpuError::Gone { index: self.index })?;
+        self.kick();
+        Ok(())
+    }
+
+    fn kick(&self) {
+        if let Some(t) = &self.thread {
+            // The thread has not been joined, so its pthread handle is valid; a thread that
+            // already returned makes pthread_kill fail with ESRCH, which is harmless here.
+            let _ = t.kill(kick_signal());
+        }
+    }
+
+    pub fn recv(&self, command: &'static str) -> Result<VcpuResponse, VcpuError> {
+        match self.responses.recv_timeout(ANSWER_TIMEOUT) {
+            Ok(VcpuResponse::Error(e)) => Err(e),
+            Ok(r) => Ok(r),
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => Err(VcpuError::Timeout {
+                index: self.index,
+                command,
+                timeout: ANSWER_TIMEOUT,
+            }),
+            Err(_) => Err(VcpuError::Gone { index: self.index }),
+        }
+    }
+
+    /// Pauses and waits for the acknowledgement.
+    pub fn pause(&self) -> Result<(), VcpuError> {
+        self.send(VcpuCommand::Pause)?;
+        self.expect_paused()
+    }
+
+    pub fn expect_paused(&self) -> Result<(), VcpuError> {
+        match self.recv("pause")? {
+            VcpuResponse::Paused => Ok(()),
+            _ => Err(VcpuError::Protocol {
+                index: self.index,
+                command: "pause",
+            }),
+        }
+    }
+
+    pub fn expect_state(&self) -> Result<Box<VcpuState>, VcpuError> {
+        match self.recv("save")? {
+            VcpuResponse::State(s) => Ok(s),
+            _ => Err(VcpuError::Protocol {
+                index: self.index,
+                command: "save",
+            }),
+        }
+    }
+
+    pub fn resume(&self) -> Result<(), VcpuError> {
+        self.send(VcpuCommand::Resume)?;
+        self.expect_resumed()
+    }
+
+    pub fn expect_resumed(&self) -> Result<(), VcpuError> {
+        match self.recv("resume")? {
+            VcpuResponse::Resumed => Ok(()),
+            _ => Err(VcpuError::Protocol {
+                index: self.index,
+                command: "resume",
+            }),
+        }
+    }
+
+    pub fn restore(&self, state: Box<VcpuState>) -> Result<(), VcpuError> {
+        self.send(VcpuCommand::Restore(state))?;
+        match self.recv("restore")? {
+            VcpuResponse::Restored => Ok(()),
+            _ => Err(VcpuError::Protocol {
+                index: self.index,
+                command: "restore",
+            }),
+        }
+    }
+
+    /// Stops the thread and joins it.
+    pub fn stop(&mut self) {
+        if self.send(VcpuCommand::Stop).is_ok() {
+            let _ = self.responses.recv_timeout(ANSWER_TIMEOUT);
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for VcpuHandle {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Wakes vCPUs that wait on the idle port (a device has something for the guest).
+#[derive(Clone)]
+pub struct Waker(Vec<Sender<()>>);
+
+impl Waker {
+    pub fn wake_all(&self) {
+        for w in &self.0 {
+            let _ = w.try_send(());
+        }
+    }
+}
+
+enum Flow {
+    Continue,
+    Stop,
+}
+
+struct VcpuThread {
+    index: u32,
+    fd: VcpuFd,
+    msrs: Vec<u32>,
+    bus: Arc<dyn Bus>,
+    commands: Receiver<VcpuCommand>,
+    responses: Sender<VcpuResponse>,
+    events: Sender<VcpuEvent>,
+    wake: Receiver<()>,
+    exited: bool,
+}
+
+/// Creates `count` vCPUs with the host's supported CPUID (each with its own APIC id).
+pub fn create_all(
+    vm: &kvm_ioctls::VmFd,
+    cpuid: &CpuId,
+    count: u32,
+) -> Result<Vec<VcpuFd>, VcpuError> {
+    (0..count)
+        .map(|index| {
+            let fd = vm
+                .create_vcpu(u64::from(index))
+                .map_err(|source| VcpuError::Kvm {
+                    index,
+                    what: "KVM_CREATE_VCPU",
+                    source,
+                })?;
+            let mut cpuid = cpuid.clone();
+            set_apic_id(&mut cpuid, index);
+            fd.set_cpuid2(&cpuid).map_err(|source| VcpuError::Kvm {
+                index,
+                what: "KVM_SET_CPUID2",
+                source,
+            })?;
+            Ok(fd)
+        })
+        .collect()
+}
+
+/// Starts one thread per vCPU, each parked (Paused) until its first Resume. Returns the
+/// handles and a waker for vCPUs waiting on the idle port.
+pub fn spawn_all(
+    fds: Vec<VcpuFd>,
+    msr_list: &[u32],
+    bus: Arc<dyn Bus>,
+    events: Sender<VcpuEvent>,
+) -> Result<(Vec<VcpuHandle>, Waker), VcpuError> {
+    install_kick_handler()?;
+    let mut handles = Vec::new();
+    let mut wakers = Vec::new();
+    for (index, fd) in fds.into_iter().enumerate() {
+        let index = index as u32;
+        let msrs = readable_msrs(&fd, index, msr_list)?;
+        let (cmd_tx, cmd_rx) = unbounded();
+        let (resp_tx, resp_rx) = unbounded();
+        let (wake_tx, wake_rx) = bounded(1);
+        let thread = VcpuThread {
+            index,
+            fd,
+            msrs,
+            bus: Arc::clone(&bus),
+            commands: cmd_rx,
+            responses: resp_tx,
+            events: events.clone(),
+            wake: wake_rx,
+            exited: false,
+        };
+        let join = std::thread::Builder::new()
+            .name(format!("vcpu{index}"))
+            .spawn(move || thread.run())
+            .map_err(|source| VcpuError::Spawn { index, source })?;
+        handles.push(VcpuHandle {
+            index,
+            commands: cmd_tx,
+            responses: resp_rx,
+            thread: Some(join),
+        });
+        wakers.push(wake_tx);
+    }
+    Ok((handles, Waker(wakers)))
+}
+
+/// Gives each vCPU its own APIC id in CPUID leaves 0x1 and 0xb.
+fn set_apic_id(cpuid: &mut CpuId, index: u32) {
+    for e in cpuid.as_mut_slice() {
+        match e.function {
+            0x1 => e.ebx = (e.ebx & 0x00ff_ffff) | (index << 24),
+            0xb | 0x1f => e.edx = index,
+            _ => {}
+        }
+    }
+}
+
+/// The MSRs of the index list that this vCPU can actually read (KVM lists some that are
+/// only valid with features the guest's CPUID lacks).
+fn readable_msrs(fd: &VcpuFd, index: u32, list: &[u32]) -> Result<Vec<u32>, VcpuError> {
+    let mut ok = Vec::with_capacity(list.len());
+    for &msr in list {
+        let mut one = msrs_of(
+            &[kvm_msr_entry {
+                index: msr,
+                ..Default::default()
+            }],
+            index,
+        )?;
+        if fd.get_msrs(&mut one).unwrap_or(0) == 1 {
+            ok.push(msr);
+        }
+    }
+    Ok(ok)
+}
+
+fn msrs_of(entries: &[kvm_msr_entry], index: u32) -> Result<Msrs, VcpuError> {
+    Msrs::from_entries(entries).map_err(|_| VcpuError::Msrs {
+        index,
+        set: 0,
+        total: entries.len(),
+        msr: 0,
+    })
+}
+
+impl VcpuThread {
+    fn err(&self, what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
+        let index = self.index;
+        move |source| VcpuError::Kvm {
+            index,
+            what,
+            source,
+        }
+    }
+
+    fn run(mut self) {
+        KVM_RUN.with(|p| p.set(self.fd.get_kvm_run()));
+        if let Flow::Continue = self.park() {
+            self.run_loop();
+        }
+        KVM_RUN.with(|p| p.set(std::ptr::null_mut()));
+    }
+
+    fn run_loop(&mut self) {
+        loop {
+            match self.commands.try_recv() {
+                Ok(cmd) => {
+                    if let Flow::Stop = self.handle_running(cmd) {
+                        return;
+                    }
+                    continue;
+                }
+                Err(TryRecvError::Disconnected) => return,
+                Err(TryRecvError::Empty) => {}
+            }
+            if self.exited {
+                if let Flow::Stop = self.park() {
+                    return;
+                }
+                continue;
+            }
+            if let Flow::Stop = self.run_once() {
+                return;
+            }
+        }
+    }
+
+    fn reply(&self, r: VcpuResponse) {
+        let _ = self.responses.send(r);
+    }
+
+    /// A command that arrives while the vCPU runs.
+    fn handle_running(&mut self, cmd: VcpuCommand) -> Flow {
+        match cmd {
+            VcpuCommand::Pause => {
+                self.complete_pending_io();
+                self.reply(VcpuResponse::Paused);
+                self.park()
+            }
+            VcpuCommand::Resume => {
+                self.reply(VcpuResponse::Resumed);
+                Flow::Continue
+            }
+            VcpuCommand::Save => {
+                self.reply(VcpuResponse::Error(VcpuError::Running {
+                    index: self.index,
+                    command: "save",
+                }));
+                Flow::Continue
+            }
+            VcpuCommand::Restore(_) => {
+                self.reply(VcpuResponse::Error(VcpuError::Running {
+                    index: self.index,
+                    command: "restore",
+                }));
+                Flow::Continue
+            }
+            VcpuCommand::Stop => {
+                self.reply(VcpuResponse::Stopped);
+                Flow::Stop
+            }
+        }
+    }
+
+    /// Paused (or exited): answers commands until Resume or Stop.
+    fn park(&mut self) -> Flow {
+        while let Ok(cmd) = self.commands.recv() {
+            match cmd {
+                VcpuCommand::Pause => self.reply(VcpuResponse::Paused),
+                VcpuCommand::Save => match self.save() {
+                    Ok(s) => self.reply(VcpuResponse::State(Box::new(s))),
+                    Err(e) => self.reply(VcpuResponse::Error(e)),
+                },
+                VcpuCommand::Restore(s) => match self.restore(&s) {
+                    Ok(()) => {
+                        self.exited = false;
+                        self.reply(VcpuResponse::Restored)
+                    }
+                    Err(e) => self.reply(VcpuResponse::Error(e)),
+                },
+                VcpuCommand::Resume => {
+                    self.reply(VcpuResponse::Resumed);
+                    return Flow::Continue;
+                }
+                VcpuCommand::Stop => {
+                    self.reply(VcpuResponse::Stopped);
+                    return Flow::Stop;
+                }
+            }
+        }
+        Flow::Stop
+    }
+
+    /// Re-enters KVM_RUN with immediate_exit set: KVM finishes a pending PIO/MMIO read
+    /// (writes the data into the guest's registers, advances RIP) and returns EINTR without
+    /// running guest code.
+    fn complete_pending_io(&mut self) {
+        self.fd.set_kvm_immediate_exit(1);
+        match self.fd.run() {
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+            Ok(_) => crate::warn!(
+                "vCPU {}: unexpected exit while completing I/O before a pause",
+                self.index
+            ),
+            Err(e) => crate::warn!(
+                "vCPU {}: KVM_RUN failed while completing I/O: {e}",
+                self.index
+            ),
+        }
+        self.fd.set_kvm_immediate_exit(0);
+    }
+
+    fn crash(&mut self, message: String) {
+        self.exited = true;
+        let _ = self.events.send(VcpuEvent::Crashed {
+            vcpu: self.index,
+            message,
+        });
+    }
+
+    fn rip(&self) -> u64 {
+        self.fd.get_regs().map(|r| r.rip).unwrap_or(0)
+    }
+
+    fn run_once(&mut self) -> Flow {
+        let bus = Arc::clone(&self.bus);
+        let mut idle = None;
+        let mut exit_status = None;
+        let mut crash = None;
+        match self.fd.run() {
+            Ok(exit) => match exit {
+                VcpuExit::IoOut(EXIT_PORT, data) => exit_status = Some(le_u32(data)),
+                VcpuExit::IoOut(IDLE_PORT, data) => idle = Some(le_u32(data)),
+                VcpuExit::IoOut(port, data) => bus.pio_write(port, data),
+                VcpuExit::IoIn(port, data) => bus.pio_read(port, data),
+                VcpuExit::MmioRead(addr, data) => bus.mmio_read(addr, data),
+                VcpuExit::MmioWrite(addr, data) => bus.mmio_write(addr, data),
+                VcpuExit::Hlt => crash = Some("halted (hlt at CPL0)".to_string()),
+                VcpuExit::Shutdown => crash = Some("triple fault (shutdown exit)".to_string()),
+                VcpuExit::InternalError => {
+                    crash = Some("KVM internal error (emulation failed)".to_string())
+                }
+                VcpuExit::FailEntry(reason, cpu) => {
+                    crash = Some(format!(
+                        "VM entry failed: hardware reason {reason:#x} on host cpu {cpu}"
+                    ))
+                }
+                VcpuExit::SystemEvent(kind, _) => crash = Some(format!("system event {kind}")),
+                VcpuExit::Intr => {}
+                other => crash = Some(format!("unhandled exit {other:?}")),
+            },
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                self.fd.set_kvm_immediate_exit(0);
+            }
+            Err(e) => crash = Some(format!("KVM_RUN failed: {e}")),
+        }
+        if let Some(message) = crash {
+            let rip = self.rip();
+            self.crash(format!("guest crashed at RIP={rip:#x}: {message}"));
+        } else if let Some(status) = exit_status {
+            self.exited = true;
+            let _ = self.events.send(VcpuEvent::GuestExit {
+                vcpu: self.index,
+                status,
+            });
+        } else if let Some(us) = idle {
+            return self.idle(Duration::from_micros(u64::from(us)));
+        }
+        Flow::Continue
+    }
+
+    /// The guest's `hlt`: wait for a device event, a command or the timeout.
+    fn idle(&mut self, timeout: Duration) -> Flow {
+        select! {
+            recv(self.commands) -> cmd => match cmd {
+                Ok(cmd) => self.handle_running(cmd),
+                Err(_) => Flow::Stop,
+            },
+            recv(self.wake) -> _ => Flow::Continue,
+            default(timeout) => Flow::Continue,
+        }
+    }
+
+    fn save(&self) -> Result<VcpuState, VcpuError> {
+        let fd = &self.fd;
+        let mut entries: Vec<kvm_msr_entry> = self
+            .msrs
+            .iter()
+            .map(|&index| kvm_msr_entry {
+                index,
+                ..Default::default()
+            })
+            .collect();
+        let mut msrs = msrs_of(&entries, self.index)?;
+        let n = fd.get_msrs(&mut msrs).map_err(self.err("KVM_GET_MSRS"))?;
+        if n != entries.len() {
+            return Err(VcpuError::Msrs {
+                index: self.index,
+                set: n,
+                total: entries.len(),
+                msr: entries[n].index,
+            });
+        }
+        entries.copy_from_slice(msrs.as_slice());
+        Ok(VcpuState {
+            regs: fd.get_regs().map_err(self.err("KVM_GET_REGS"))?,
+            sregs: fd.get_sregs().map_err(self.err("KVM_GET_SREGS"))?,
+            fpu: fd.get_fpu().map_err(self.err("KVM_GET_FPU"))?,
+            xsave: fd.get_xsave().map_err(self.err("KVM_GET_XSAVE"))?,
+            xcrs: fd.get_xcrs().map_err(self.err("KVM_GET_XCRS"))?,
+            msrs: entries,
+            lapic: fd.get_lapic().map_err(self.err("KVM_GET_LAPIC"))?,
+            events: fd
+                .get_vcpu_events()
+                .map_err(self.err("KVM_GET_VCPU_EVENTS"))?,
+            mp_state: fd.get_mp_state().map_err(self.err("KVM_GET_MP_STATE"))?,
+            debugregs: fd.get_debug_regs().map_err(self.err("KVM_GET_DEBUGREGS"))?,
+        })
+    }
+
+    /// Loads a saved state, in the order Firecracker uses (sregs before the MSRs that
+    /// depend on EFER, LAPIC before events).
+    fn restore(&self, s: &VcpuState) -> Result<(), VcpuError> {
+        let fd = &self.fd;
+        fd.set_mp_state(s.mp_state)
+            .map_err(self.err("KVM_SET_MP_STATE"))?;
+        fd.set_regs(&s.regs).map_err(self.err("KVM_SET_REGS"))?;
+        fd.set_sregs(&s.sregs).map_err(self.err("KVM_SET_SREGS"))?;
+        fd.set_fpu(&s.fpu).map_err(self.err("KVM_SET_FPU"))?;
+        // SAFETY: `s.xsave` is a full `kvm_xsave` as returned by KVM_GET_XSAVE (the legacy
+        // 4 KiB layout); this VM never enabled KVM_CAP_XSAVE2, so KVM reads exactly that size.
+        unsafe { fd.set_xsave(&s.xsave) }.map_err(self.err("KVM_SET_XSAVE"))?;
+        fd.set_xcrs(&s.xcrs).map_err(self.err("KVM_SET_XCRS"))?;
+        fd.set_debug_regs(&s.debugregs)
+            .map_err(self.err("KVM_SET_DEBUGREGS"))?;
+        fd.set_lapic(&s.lapic).map_err(self.err("KVM_SET_LAPIC"))?;
+        let msrs = msrs_of(&s.msrs, self.index)?;
+        let n = fd.set_msrs(&msrs).map_err(self.err("KVM_SET_MSRS"))?;
+        if n != s.msrs.len() {
+            return Err(VcpuError::Msrs {
+                index: self.index,
+                set: n,
+                total: s.msrs.len(),
+                msr: s.msrs[n].index,
+            });
+        }
+        fd.set_vcpu_events(&s.events)
+            .map_err(self.err("KVM_SET_VCPU_EVENTS"))?;
+        Ok(())
+    }
+}
+
+fn le_u32(data: &[u8]) -> u32 {
+    let mut b = [0u8; 4];
+    let n = data.len().min(4);
+    b[..n].copy_from_slice(&data[..n]);
+    u32::from_le_bytes(b)
+}
