@@ -1,4 +1,4 @@
-//! The guest command line: space-separated `key=value` pairs, e.g.
+//! The guest command line: `key=value` pairs separated by spaces, e.g.
 //! `workload=dirty pages_per_ms=100 wss=64M seconds=5`.
 
 use core::fmt;
@@ -25,6 +25,8 @@ pub enum ArgError<'a> {
     Missing {
         workload: &'static str,
         key: &'static str,
+        /// What the value is, e.g. `N` or `panic|fault`.
+        placeholder: &'static str,
     },
     Malformed {
         key: &'static str,
@@ -39,6 +41,10 @@ pub enum ArgError<'a> {
     DoesNotFit {
         wss: &'a str,
         free: u64,
+    },
+    PagePerVcpu {
+        wss: &'a str,
+        vcpus: u32,
     },
 }
 
@@ -66,9 +72,11 @@ impl fmt::Display for ArgError<'_> {
             ArgError::Duplicate { key, value } => {
                 write!(f, "duplicate key {key}={value}")
             }
-            ArgError::Missing { workload, key } => {
-                write!(f, "workload={workload} needs {key}=")
-            }
+            ArgError::Missing {
+                workload,
+                key,
+                placeholder,
+            } => write!(f, "workload={workload} needs {key}={placeholder}"),
             ArgError::Malformed {
                 key,
                 value,
@@ -81,6 +89,12 @@ impl fmt::Display for ArgError<'_> {
                     "wss={wss} does not fit in {free} bytes of free guest RAM"
                 )
             }
+            ArgError::PagePerVcpu { wss, vcpus } => {
+                write!(
+                    f,
+                    "wss={wss} is less than one 4K page for each of {vcpus} vCPUs"
+                )
+            }
         }
     }
 }
@@ -88,8 +102,7 @@ impl fmt::Display for ArgError<'_> {
 /// The `key=value` pairs of a command line, in order.
 pub fn pairs(cmdline: &str) -> impl Iterator<Item = Result<(&str, &str), ArgError<'_>>> {
     cmdline
-        .split(' ')
-        .filter(|token| !token.is_empty())
+        .split_ascii_whitespace()
         .map(|token| match token.split_once('=') {
             Some((key, value)) if !key.is_empty() => Ok((key, value)),
             _ => Err(ArgError::NotKeyValue(token)),

@@ -2,6 +2,7 @@
 //! its own keys (any error is reported before anything runs), then runs on every vCPU.
 
 mod counter;
+mod crash;
 mod dirty;
 mod hash;
 
@@ -9,11 +10,12 @@ use crate::args::{self, ArgError, Size};
 use crate::boot::Boot;
 
 /// The workload names, for error messages.
-pub const NAMES: &str = "counter, dirty, hash";
+pub const NAMES: &str = "counter, dirty, hash, crash";
 
 /// A workload with its checked parameters.
 pub enum Workload {
     Counter(counter::Config),
+    Crash(crash::Config),
     Dirty(dirty::Config),
     Hash(hash::Config),
 }
@@ -23,6 +25,7 @@ pub fn parse(boot: &Boot) -> Result<Workload, ArgError<'static>> {
     let cmdline = boot.cmdline;
     match args::workload(cmdline)? {
         counter::NAME => counter::Config::parse(cmdline).map(Workload::Counter),
+        crash::NAME => crash::Config::parse(cmdline).map(Workload::Crash),
         dirty::NAME => dirty::Config::parse(cmdline, boot).map(Workload::Dirty),
         hash::NAME => hash::Config::parse(cmdline, boot).map(Workload::Hash),
         other => Err(ArgError::UnknownWorkload(other)),
@@ -33,6 +36,7 @@ pub fn parse(boot: &Boot) -> Result<Workload, ArgError<'static>> {
 pub fn run(boot: &Boot, workload: Workload) -> ! {
     match workload {
         Workload::Counter(config) => counter::run(boot, &config),
+        Workload::Crash(config) => crash::run(boot, &config),
         Workload::Dirty(config) => dirty::run(boot, &config),
         Workload::Hash(config) => hash::run(boot, &config),
     }

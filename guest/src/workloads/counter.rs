@@ -22,6 +22,7 @@ impl Config {
         let limit = limit.ok_or(ArgError::Missing {
             workload: NAME,
             key: "limit",
+            placeholder: "N",
         })?;
         Ok(Config { limit })
     }

@@ -65,10 +65,9 @@ impl Config {
         )?;
         let pages = wss.bytes / PAGE_SIZE;
         if pages < u64::from(boot.vcpu_count) {
-            return Err(ArgError::Invalid {
-                key: "wss",
-                value: wss.text,
-                reason: "gives some vCPU no page to write (it needs a 4K page per vCPU)",
+            return Err(ArgError::PagePerVcpu {
+                wss: wss.text,
+                vcpus: boot.vcpu_count,
             });
         }
         super::check_fits(wss, boot)?;
