@@ -263,5 +263,11 @@ fn set_boot_registers(fd: &VcpuFd, index: u32, entry: u64) -> Result<(), VcpuErr
         .map_err(err("KVM_SET_REGS"))?;
     fd.set_fpu(&boot::initial_fpu())
         .map_err(err("KVM_SET_FPU"))?;
+    // With the in-kernel LAPIC, application processors start UNINITIALIZED (waiting for
+    // INIT/SIPI); every vCPU of the reference guest starts at the entry at once.
+    let runnable = kvm_bindings::kvm_mp_state {
+        mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE,
+    };
+    fd.set_mp_state(runnable).map_err(err("KVM_SET_MP_STATE"))?;
     Ok(())
 }

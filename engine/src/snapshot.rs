@@ -159,7 +159,10 @@ impl Snapshot {
             file.read_exact(&mut buf[..n])
                 .map_err(io_err(&self.mem_path))?;
             crc.update(&buf[..n]);
-            mem.write_slice(&buf[..n], GuestAddress(offset))?;
+            // Fresh guest RAM is already zero.
+            if buf[..n].iter().any(|&b| b != 0) {
+                mem.write_slice(&buf[..n], GuestAddress(offset))?;
+            }
             offset += n as u64;
         }
         let found = crc.finalize();

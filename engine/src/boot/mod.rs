@@ -69,7 +69,18 @@ pub fn load(
     }
     let ram = crate::vstate::memory::ram_size(mem);
     let loaded = Elf::load(mem, None, &mut Cursor::new(image), None).map_err(BootError::Elf)?;
-    let heap_start = loaded.kernel_end.next_multiple_of(PAGE_SIZE);
+    // linux-loader skips segments without file bytes (a pure .bss) when it computes
+    // kernel_end, so the image's end comes from the program headers.
+    let image_end = load_segments(image)
+        .into_iter()
+        .map(|(paddr, filesz, memsz)| {
+            // Zero the .bss part of each segment (RAM may not be fresh on every path).
+            let bss = vec![0u8; memsz.saturating_sub(filesz) as usize];
+            mem.write_slice(&bss, GuestAddress(paddr + filesz))
+                .map(|_| paddr + memsz)
+        })
+        .try_fold(loaded.kernel_end, |end, seg| seg.map(|e| end.max(e)))?;
+    let heap_start = image_end.next_multiple_of(PAGE_SIZE);
     if heap_start > ram {
         return Err(BootError::ImageTooLarge {
             end: heap_start,
@@ -101,6 +112,34 @@ pub fn load(
         entry: loaded.kernel_load.0,
         heap_start,
     })
+}
+
+/// `(p_paddr, p_filesz, p_memsz)` of each PT_LOAD segment of a 64-bit ELF that
+/// linux-loader already accepted (so the header is sane); malformed entries are skipped.
+fn load_segments(image: &[u8]) -> Vec<(u64, u64, u64)> {
+    let u16_at = |o: usize| {
+        image
+            .get(o..o + 2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]) as usize)
+    };
+    let u64_at = |o: usize| {
+        image
+            .get(o..o + 8)
+            .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+    };
+    let (Some(phoff), Some(phentsize), Some(phnum)) = (u64_at(0x20), u16_at(0x36), u16_at(0x38))
+    else {
+        return Vec::new();
+    };
+    const PT_LOAD: u32 = 1;
+    (0..phnum)
+        .filter_map(|i| {
+            let ph = usize::try_from(phoff).ok()?.checked_add(i * phentsize)?;
+            let p_type = u32::from_le_bytes(image.get(ph..ph + 4)?.try_into().ok()?);
+            (p_type == PT_LOAD).then_some(())?;
+            Some((u64_at(ph + 24)?, u64_at(ph + 32)?, u64_at(ph + 40)?))
+        })
+        .collect()
 }
 
 pub fn boot_info_addr(vcpu_index: u32) -> u64 {
@@ -325,6 +364,10 @@ mod tests {
         };
         let g = load(&mem, crate::BUILTIN_GUEST, &p).unwrap();
         assert!(g.entry >= IMAGE_BASE && g.entry < g.heap_start);
+        // The heap starts after every segment, .bss included.
+        for (paddr, _, memsz) in load_segments(crate::BUILTIN_GUEST) {
+            assert!(paddr + memsz <= g.heap_start);
+        }
         let info: BootInfo = mem.read_obj(GuestAddress(boot_info_addr(1))).unwrap();
         assert_eq!(info.magic, BOOT_INFO_MAGIC);
         assert_eq!(info.vcpu_index, 1);
