@@ -11,6 +11,8 @@ use thiserror::Error;
 
 use crate::devices::serial::Console;
 use crate::machine::{Machine, MachineConfig, MachineError};
+use crate::replication::backup::{self, BackupError, BackupOptions};
+use crate::replication::primary::{self, PrimaryError, PrimaryOptions};
 use crate::size::{parse_size, SizeError};
 use crate::snapshot::{self, SnapshotError};
 use crate::vstate::vcpu::VcpuEvent;
@@ -21,6 +23,10 @@ usage:
   lockstep run --guest builtin|PATH [--guest-args STR] [--mem SIZE] [--vcpus N]
                [--console stdout|none|PATH] [--snapshot-after-ms MS --snapshot-to DIR]
   lockstep restore DIR [--console stdout|none|PATH]
+  lockstep primary --peer ADDR:PORT [--interval-ms MS] [--seconds S] [--window N]
+               [--name NAME] <the run options>
+  lockstep backup --listen ADDR:PORT [--mem SIZE] [--vcpus N] [--name NAME]
+               [--run-after-end] [--console stdout|none|PATH]
 
 The built-in guest runs workload=counter|dirty|hash (see README.md).";
 
@@ -44,6 +50,10 @@ pub enum CliError {
     Snapshot(#[from] SnapshotError),
     #[error("vCPU {vcpu}: {message}")]
     Crashed { vcpu: u32, message: String },
+    #[error(transparent)]
+    Primary(#[from] PrimaryError),
+    #[error(transparent)]
+    Backup(#[from] BackupError),
 }
 
 impl CliError {
@@ -78,6 +88,8 @@ fn dispatch(args: &[String]) -> Result<ExitCode, CliError> {
     match cmd.as_str() {
         "run" => cmd_run(rest),
         "restore" => cmd_restore(rest),
+        "primary" => cmd_primary(rest),
+        "backup" => cmd_backup(rest),
         "-h" | "--help" | "help" => {
             println!("{USAGE}");
             Ok(ExitCode::SUCCESS)
@@ -279,16 +291,91 @@ fn cmd_restore(args: &[String]) -> Result<ExitCode, CliError> {
     };
     let console = Console::parse(o.get("console").unwrap_or("stdout"));
     let snap = snapshot::read(dir.as_ref())?;
-    let mut machine = Machine::restore(&snap.state, &console, |mem| {
-        snap.load_memory(mem)
-            .map_err(|e| MachineError::Restore(e.to_string()))
-    })?;
+    let memory = crate::vstate::memory::create(snap.state.mem_size).map_err(MachineError::from)?;
+    snap.load_memory(&memory)?;
+    let mut machine = Machine::restore(&snap.state, &console, memory)?;
     info!(
         "restored {} vCPUs and {} MiB from {dir}",
         snap.state.vcpus.len(),
         snap.state.mem_size >> 20
     );
     drive(&mut machine, None)
+}
+
+fn cmd_primary(args: &[String]) -> Result<ExitCode, CliError> {
+    log::init("primary");
+    let mut valued = GUEST_OPTIONS.to_vec();
+    valued.extend([
+        "peer",
+        "interval-ms",
+        "seconds",
+        "window",
+        "name",
+        "connect-timeout-s",
+    ]);
+    let o = Options::parse("primary", args, &valued, &[])?;
+    o.no_positional()?;
+    let g = GuestOptions::from(&o)?;
+    let peer = o
+        .get("peer")
+        .ok_or_else(|| usage("--peer ADDR:PORT is required"))?;
+    let interval_ms: u64 = o
+        .number("interval-ms")?
+        .unwrap_or(primary::DEFAULT_INTERVAL.as_millis() as u64);
+    if interval_ms == 0 {
+        return Err(usage("--interval-ms must be at least 1"));
+    }
+    let window: usize = o.number("window")?.unwrap_or(primary::DEFAULT_WINDOW);
+    if window == 0 {
+        return Err(usage("--window must be at least 1"));
+    }
+    let opts = PrimaryOptions {
+        peer: peer.to_string(),
+        interval: Duration::from_millis(interval_ms),
+        seconds: o.number::<f64>("seconds")?.map(Duration::from_secs_f64),
+        connect_timeout: Duration::from_secs(o.number("connect-timeout-s")?.unwrap_or(10)),
+        name: o.get("name").unwrap_or("lockstep").to_string(),
+        window,
+        backup_timeout: Duration::from_secs(5),
+    };
+    let status = primary::run(g, opts)?;
+    Ok(ExitCode::from(status))
+}
+
+fn cmd_backup(args: &[String]) -> Result<ExitCode, CliError> {
+    log::init("backup");
+    let o = Options::parse(
+        "backup",
+        args,
+        &["listen", "mem", "vcpus", "name", "console"],
+        &["run-after-end"],
+    )?;
+    o.no_positional()?;
+    let listen = o
+        .get("listen")
+        .ok_or_else(|| usage("--listen ADDR:PORT is required"))?;
+    let mem = o.get("mem").map(parse_size).transpose()?;
+    if let Some(m) = mem {
+        crate::vstate::memory::validate_size(m).map_err(MachineError::from)?;
+    }
+    let console = Console::parse(o.get("console").unwrap_or("stdout"));
+    let opts = BackupOptions {
+        listen: listen.to_string(),
+        mem,
+        vcpus: o.number("vcpus")?,
+        name: o.get("name").unwrap_or("lockstep").to_string(),
+        run_after_end: o.switch("run-after-end"),
+        console: console.clone(),
+        primary_timeout: Duration::from_secs(5),
+    };
+    let committed = backup::run(opts.clone())?;
+    match committed {
+        Some(c) if opts.run_after_end => {
+            let mut machine = backup::resume(c, &console)?;
+            drive(&mut machine, None)
+        }
+        _ => Ok(ExitCode::SUCCESS),
+    }
 }
 
 /// Runs the machine until the guest exits, taking the snapshot on the way if asked.

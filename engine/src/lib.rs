@@ -11,6 +11,7 @@ pub mod devices;
 pub mod log;
 pub mod machine;
 pub mod persist;
+pub mod replication;
 pub mod size;
 pub mod snapshot;
 pub mod vstate;

@@ -88,14 +88,21 @@ impl Machine {
         Machine::assemble(vm, fds, devices)
     }
 
-    /// Creates a VM from a captured state; `load_memory` fills guest RAM. Paused.
+    /// Creates a VM from a captured state and guest RAM that already holds that state's
+    /// memory. Paused.
     pub fn restore(
         state: &MachineState,
         console: &Console,
-        load_memory: impl FnOnce(&GuestMemory) -> Result<(), MachineError>,
+        memory: GuestMemory,
     ) -> Result<Machine, MachineError> {
-        let vm = Vm::new(memory::create(state.mem_size)?)?;
-        load_memory(vm.memory())?;
+        let ram = memory::ram_size(&memory);
+        if ram != state.mem_size {
+            return Err(MachineError::Restore(format!(
+                "state is for {} bytes of RAM, memory has {ram}",
+                state.mem_size
+            )));
+        }
+        let vm = Vm::new(memory)?;
         vm.restore_state(&state.vm)?;
         let fds = vcpu::create_all(vm.fd(), &vm.supported_cpuid()?, state.vcpus.len() as u32)?;
         let devices = Arc::new(Devices {

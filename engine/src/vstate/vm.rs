@@ -34,6 +34,7 @@ pub struct Vm {
     fd: VmFd,
     memory: GuestMemory,
     msr_list: Vec<u32>,
+    manual_protect: bool,
 }
 
 /// The VM-wide device state kept in the kernel.
@@ -52,6 +53,8 @@ impl Vm {
     pub fn new(memory: GuestMemory) -> Result<Vm, VmError> {
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
         let fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        // Before any slot has dirty logging on.
+        let manual_protect = super::dirty::enable_manual_protect(&fd);
         fd.set_tss_address(KVM_TSS_ADDRESS)
             .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
         fd.create_irq_chip()
@@ -84,6 +87,7 @@ impl Vm {
             fd,
             memory,
             msr_list,
+            manual_protect,
         })
     }
 
@@ -93,6 +97,11 @@ impl Vm {
 
     pub fn kvm(&self) -> &Kvm {
         &self.kvm
+    }
+
+    /// A harvester for this VM's dirty pages.
+    pub fn dirty_log(&self) -> super::dirty::DirtyLog {
+        super::dirty::DirtyLog::new(self.manual_protect)
     }
 
     pub fn memory(&self) -> &GuestMemory {

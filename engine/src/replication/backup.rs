@@ -1,0 +1,238 @@
+//! The backup: receives epochs into staging, verifies each whole, applies it in one step
+//! and acknowledges it. Its guest memory plus the last committed state blob are always a
+//! runnable machine (hot standby); `--run-after-end` runs it once replication ends cleanly.
+
+use std::net::TcpListener;
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+use checkpoint::protocol::{Hello, MemoryRegion, Message};
+use checkpoint::staging::{Staging, Step};
+use checkpoint::transport::{Connection, TransportError};
+use checkpoint::PAGE_SIZE;
+use thiserror::Error;
+
+use super::{guest_id, install_stop_handler, stop_requested};
+use crate::devices::serial::Console;
+use crate::machine::{Machine, MachineError};
+use crate::persist::state::MachineState;
+use crate::persist::PersistError;
+use crate::vstate::memory::{self, GuestMemory, MemoryError};
+use crate::{info, warn};
+
+#[derive(Debug, Error)]
+pub enum BackupError {
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("connection from the primary failed: {0}")]
+    Transport(#[from] TransportError),
+    #[error("expected the primary's Hello, got {0}")]
+    NoHello(String),
+    #[error("refused the primary: {0}")]
+    Refused(String),
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error("digest mismatch at final epoch {epoch}: primary {primary}, backup {local}")]
+    DigestMismatch {
+        epoch: u64,
+        primary: String,
+        local: String,
+    },
+    #[error("lost the primary ({why}); the backup holds committed epoch {committed}")]
+    PrimaryLost { why: String, committed: u64 },
+    #[error("stopped before the primary ended replication; the backup holds committed epoch {0}")]
+    Stopped(u64),
+    #[error("committed state: {0}")]
+    State(#[from] PersistError),
+    #[error(transparent)]
+    Machine(#[from] MachineError),
+    #[error("digest: {0}")]
+    Staging(#[from] checkpoint::staging::StagingError),
+}
+
+#[derive(Clone, Debug)]
+pub struct BackupOptions {
+    pub listen: String,
+    pub mem: Option<u64>,
+    pub vcpus: Option<u32>,
+    pub name: String,
+    pub run_after_end: bool,
+    pub console: Console,
+    /// How long the primary may stay silent before it counts as lost.
+    pub primary_timeout: Duration,
+}
+
+/// The state blob may not exceed this (a few vCPUs' state is ~30 KiB).
+const MAX_STATE_LEN: usize = 4 << 20;
+const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What a finished replication left: the committed machine.
+pub struct Committed {
+    pub epoch: u64,
+    pub memory: GuestMemory,
+    pub state: MachineState,
+}
+
+/// Runs `lockstep backup`. With `--run-after-end`, returns the resumed guest's exit status.
+pub fn run(opts: BackupOptions) -> Result<Option<Committed>, BackupError> {
+    install_stop_handler();
+    let listener = TcpListener::bind(&opts.listen).map_err(|source| BackupError::Listen {
+        addr: opts.listen.clone(),
+        source,
+    })?;
+    let local = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| opts.listen.clone());
+    info!("listening on {local}");
+    let Some(mut conn) = accept(&listener)? else {
+        return Err(BackupError::Stopped(0));
+    };
+    let peer = conn.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    let hello = match conn.recv(Some(HELLO_TIMEOUT))? {
+        Message::Hello(h) => h,
+        other => return Err(BackupError::NoHello(format!("{:?}", other.kind()))),
+    };
+    let mem_size = opts
+        .mem
+        .unwrap_or_else(|| hello.regions.iter().map(|r| r.len).sum());
+    let ours = Hello::new(
+        opts.vcpus.unwrap_or(hello.vcpu_count),
+        vec![MemoryRegion {
+            gpa: 0,
+            len: mem_size,
+        }],
+        guest_id(&opts.name),
+    );
+    let diffs = ours.differences(&hello, "backup", "primary");
+    if !diffs.is_empty() {
+        let reason = diffs.join("; ");
+        let _ = conn.send(&Message::Refuse {
+            reason: reason.clone(),
+        });
+        return Err(BackupError::Refused(reason));
+    }
+    let memory = memory::create(mem_size)?;
+    conn.send(&Message::HelloOk)?;
+    info!(
+        "replicating from {peer}: {} MiB, {} vCPUs",
+        mem_size >> 20,
+        hello.vcpu_count
+    );
+
+    let mut staging = Staging::new(&memory, MAX_STATE_LEN);
+    let mut last_report = Instant::now();
+    let mut rejected = 0u64;
+    loop {
+        if stop_requested() {
+            return Err(BackupError::Stopped(staging.committed_epoch()));
+        }
+        let msg = match conn.recv(Some(opts.primary_timeout)) {
+            Ok(m) => m,
+            Err(e) => {
+                staging.abort();
+                let why = match e {
+                    TransportError::Timeout(t) => format!("no data for {t:?}"),
+                    e => e.to_string(),
+                };
+                return Err(BackupError::PrimaryLost {
+                    why,
+                    committed: staging.committed_epoch(),
+                });
+            }
+        };
+        let kind = msg.kind();
+        match staging.handle(&memory, msg) {
+            Ok(Step::Continue) | Ok(Step::Heartbeat { .. }) => {}
+            Ok(Step::Sync {
+                bytes_done,
+                bytes_total,
+            }) => {
+                if last_report.elapsed() >= Duration::from_millis(500) || bytes_done >= bytes_total
+                {
+                    last_report = Instant::now();
+                    info!(
+                        "initial sync: {} of {} MiB received",
+                        bytes_done >> 20,
+                        bytes_total >> 20
+                    );
+                }
+            }
+            Ok(Step::Committed { epoch }) => {
+                conn.send(&Message::Ack { epoch })?;
+                if epoch == 1 {
+                    info!("epoch 1 committed: the backup holds a runnable copy");
+                }
+            }
+            Ok(Step::End {
+                epoch,
+                primary,
+                local,
+            }) => {
+                println!("final epoch={epoch} digest={local}");
+                if primary != local {
+                    return Err(BackupError::DigestMismatch {
+                        epoch,
+                        primary: primary.to_string(),
+                        local: local.to_string(),
+                    });
+                }
+                info!("replication ended cleanly at epoch {epoch} ({rejected} epochs rejected)");
+                let state = MachineState::from_blob(staging.committed_state())?;
+                return Ok(Some(Committed {
+                    epoch,
+                    memory,
+                    state,
+                }));
+            }
+            Err(e) => {
+                rejected += 1;
+                let epoch = staging.committed_epoch() + 1;
+                warn!(
+                    "rejected {kind:?} of epoch {epoch}: {e}; staying on committed epoch {}",
+                    staging.committed_epoch()
+                );
+                conn.send(&Message::Nack {
+                    epoch,
+                    reason: e.to_string(),
+                })?;
+            }
+        }
+    }
+}
+
+/// Waits for the primary, giving up on SIGTERM/SIGINT.
+fn accept(listener: &TcpListener) -> Result<Option<Connection>, BackupError> {
+    loop {
+        if stop_requested() {
+            return Ok(None);
+        }
+        let mut pfd = libc::pollfd {
+            fd: listener.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: `pfd` is a valid pollfd for a listener that outlives the call.
+        let n = unsafe { libc::poll(&mut pfd, 1, 200) };
+        if n > 0 {
+            return Ok(Some(Connection::accept(listener)?));
+        }
+    }
+}
+
+/// Turns a finished replication into a running machine.
+pub fn resume(committed: Committed, console: &Console) -> Result<Machine, BackupError> {
+    info!(
+        "resuming the guest from committed epoch {} ({} pages of RAM)",
+        committed.epoch,
+        memory::ram_size(&committed.memory) / PAGE_SIZE as u64
+    );
+    Ok(Machine::restore(
+        &committed.state,
+        console,
+        committed.memory,
+    )?)
+}

@@ -1,0 +1,38 @@
+//! The replication roles: the primary runs the guest and ships epochs, the backup keeps an
+//! exact, runnable copy of the last committed epoch.
+//!
+//! The wire protocol, the page codec, staging and the transport are in the `checkpoint`
+//! crate; this module drives them from a running [`Machine`](crate::machine::Machine).
+
+pub mod backup;
+pub mod primary;
+pub mod stats;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_stop_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+/// Makes SIGTERM and SIGINT request a clean end (final epoch, digest) instead of killing
+/// the process.
+pub fn install_stop_handler() {
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe, and
+        // `signal` with a valid signal number and handler has no other preconditions.
+        unsafe { libc::signal(sig, on_stop_signal as *const () as libc::sighandler_t) };
+    }
+}
+
+/// Whether SIGTERM or SIGINT arrived.
+pub fn stop_requested() -> bool {
+    STOP.load(Ordering::SeqCst)
+}
+
+/// The guest id both sides put in the handshake: the memory layout and vCPU count already
+/// have to match; this ties a pair to the same protected VM name.
+pub fn guest_id(name: &str) -> u64 {
+    checkpoint::digest::xxh64(name.as_bytes(), 0)
+}

@@ -1,0 +1,118 @@
+//! Figures a replication run reports: pause times, epoch sizes, commit latency.
+
+use std::time::Duration;
+
+/// Percentiles over recorded samples (kept whole: runs are minutes, epochs are ms).
+#[derive(Default, Clone, Debug)]
+pub struct Samples {
+    values: Vec<u64>,
+}
+
+impl Samples {
+    pub fn push(&mut self, v: u64) {
+        self.values.push(v);
+    }
+
+    pub fn push_duration(&mut self, d: Duration) {
+        self.values.push(d.as_micros() as u64);
+    }
+
+    pub fn len(&self) -> usize {
+        self.values.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.values.is_empty()
+    }
+
+    pub fn sum(&self) -> u64 {
+        self.values.iter().sum()
+    }
+
+    /// The `p`-th percentile (nearest rank), 0 when empty.
+    pub fn percentile(&self, p: f64) -> u64 {
+        if self.values.is_empty() {
+            return 0;
+        }
+        let mut v = self.values.clone();
+        v.sort_unstable();
+        let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
+        v[rank.clamp(1, v.len()) - 1]
+    }
+
+    pub fn max(&self) -> u64 {
+        self.values.iter().copied().max().unwrap_or(0)
+    }
+}
+
+/// What the primary measured.
+#[derive(Default, Clone, Debug)]
+pub struct PrimaryStats {
+    /// Pause per epoch (µs): request until the guest runs again.
+    pub pause_us: Samples,
+    /// Dirty pages per epoch.
+    pub pages: Samples,
+    /// Bytes on the wire per epoch.
+    pub wire_bytes: Samples,
+    /// Pause start until the backup's ack (µs).
+    pub commit_us: Samples,
+    /// Encoded pages by encoding (zero, delta, lz4, raw).
+    pub encodings: [u64; 8],
+    /// Epochs where the window told us to wait for the backup.
+    pub throttled: u64,
+    /// Time the guest spent paused because the backup was behind.
+    pub throttle_time: Duration,
+}
+
+impl PrimaryStats {
+    /// One line for the log at the end of a run.
+    pub fn summary(&self) -> String {
+        let pages = self.pages.sum();
+        let bytes = self.wire_bytes.sum();
+        let per_page = if pages > 0 {
+            bytes as f64 / pages as f64
+        } else {
+            0.0
+        };
+        let ratio = if bytes > 0 {
+            (pages * 4096) as f64 / bytes as f64
+        } else {
+            0.0
+        };
+        format!(
+            "epochs={} pause_us p50={} p99={} max={} commit_us p50={} p99={} dirty_pages={} \
+             wire_bytes={} bytes_per_dirty_page={:.0} compression={:.2}x throttled={}",
+            self.pause_us.len(),
+            self.pause_us.percentile(50.0),
+            self.pause_us.percentile(99.0),
+            self.pause_us.max(),
+            self.commit_us.percentile(50.0),
+            self.commit_us.percentile(99.0),
+            pages,
+            bytes,
+            per_page,
+            ratio,
+            self.throttled,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_use_nearest_rank() {
+        let mut s = Samples::default();
+        assert_eq!(s.percentile(50.0), 0);
+        for v in 1..=100 {
+            s.push(v);
+        }
+        assert_eq!(s.percentile(50.0), 50);
+        assert_eq!(s.percentile(99.0), 99);
+        assert_eq!(s.percentile(100.0), 100);
+        assert_eq!(s.percentile(0.0), 1);
+        assert_eq!(s.max(), 100);
+        assert_eq!(s.sum(), 5050);
+    }
+}
