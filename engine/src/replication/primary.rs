@@ -33,7 +33,7 @@ use super::{guest_id, install_stop_handler, stop_requested};
 use crate::cli::GuestOptions;
 use crate::machine::{Machine, MachineError};
 use crate::vstate::dirty::{DirtyError, DirtyLog};
-use crate::vstate::memory::ram_size;
+use crate::vstate::memory::{self, ram_size};
 use crate::vstate::vcpu::VcpuEvent;
 use crate::{info, warn};
 
@@ -61,6 +61,8 @@ pub enum PrimaryError {
     Rejected { epoch: u64, reason: String },
     #[error("lost the backup: {0}")]
     BackupLost(String),
+    #[error(transparent)]
+    Copy(#[from] memory::PageOutOfRange),
     #[error("digest: {0}")]
     Digest(#[from] checkpoint::digest::DigestError),
     #[error("vCPU {vcpu}: {message}")]
@@ -412,18 +414,17 @@ impl Primary {
     /// with `last`, it stays paused (the end of the run).
     fn checkpoint(&mut self, last: bool) -> Result<(), PrimaryError> {
         let t0 = Instant::now();
-        let (state, _) = self.machine.pause_and_capture()?;
-        self.dirty.harvest(
-            self.machine.vm().fd(),
-            self.machine.memory(),
-            &mut self.pfns,
-        )?;
+        let (state, timing) = self.machine.pause_and_capture()?;
+        let (fd, mem) = (self.machine.vm().fd(), self.machine.memory());
+        self.dirty.harvest(fd, mem, &mut self.pfns)?;
         if !self.carry.is_empty() {
             self.pfns.append(&mut self.carry);
             self.pfns.sort_unstable();
             self.pfns.dedup();
         }
-        copy_pages(self.machine.memory(), &self.pfns, &mut self.buf)?;
+        let harvested = t0.elapsed();
+        memory::copy_pages(mem, &self.pfns, &mut self.buf)?;
+        let copied = t0.elapsed();
         if !last {
             self.machine.resume()?;
         }
@@ -431,17 +432,21 @@ impl Primary {
         self.epoch += 1;
         let epoch = self.epoch;
         let blob = state.to_blob();
-        self.inflight
-            .lock()
-            .sent(epoch, (self.buf.len() + blob.len()) as u64)?;
+        let bytes = (self.buf.len() + blob.len()) as u64;
+        self.inflight.lock().sent(epoch, bytes)?;
         self.pause_start.insert(epoch, t0);
         let staged = StagedPages::new(&self.pfns, &self.buf)?;
         let summary = send_epoch(&mut self.tx, &self.encoder, epoch, &staged, &blob)?;
-        self.stats.pause_us.push_duration(pause);
-        self.stats.pages.push(self.pfns.len() as u64);
-        self.stats.wire_bytes.push(summary.bytes);
+        let st = &mut self.stats;
+        st.pause_us.push_duration(pause);
+        st.parked_us.push_duration(timing.parked);
+        st.captured_us.push_duration(timing.captured);
+        st.harvested_us.push_duration(harvested);
+        st.copied_us.push_duration(copied);
+        st.pages.push(self.pfns.len() as u64);
+        st.wire_bytes.push(summary.bytes);
         for (i, n) in summary.by_encoding.iter().enumerate() {
-            self.stats.encodings[i] += n;
+            st.encodings[i] += n;
         }
         if last {
             self.last_state = Some(blob);
@@ -470,6 +475,7 @@ impl Primary {
         self.machine.flush_console();
         println!("final epoch={epoch} digest={digest}");
         info!("{}", self.stats.summary());
+        info!("{}", self.stats.pause_breakdown());
         if self.stats.throttled > 0 {
             warn!(
                 "the backup fell behind {} times; the guest was held for {:.1} ms in all",

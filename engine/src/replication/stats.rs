@@ -54,6 +54,12 @@ pub struct PrimaryStats {
     pub pages: Samples,
     /// Bytes on the wire per epoch.
     pub wire_bytes: Samples,
+    /// Parts of the pause (µs): until every vCPU parked, until the state was captured,
+    /// until the dirty set was harvested, until the pages were copied.
+    pub parked_us: Samples,
+    pub captured_us: Samples,
+    pub harvested_us: Samples,
+    pub copied_us: Samples,
     /// Pause start until the backup's ack (µs).
     pub commit_us: Samples,
     /// Encoded pages by encoding (zero, delta, lz4, raw).
@@ -65,6 +71,18 @@ pub struct PrimaryStats {
 }
 
 impl PrimaryStats {
+    /// Where the pause goes, p50 of the cumulative times.
+    pub fn pause_breakdown(&self) -> String {
+        format!(
+            "pause p50 (cumulative, us): parked={} captured={} harvested={} copied={} resumed={}",
+            self.parked_us.percentile(50.0),
+            self.captured_us.percentile(50.0),
+            self.harvested_us.percentile(50.0),
+            self.copied_us.percentile(50.0),
+            self.pause_us.percentile(50.0),
+        )
+    }
+
     /// One line for the log at the end of a run.
     pub fn summary(&self) -> String {
         let pages = self.pages.sum();

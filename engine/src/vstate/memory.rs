@@ -66,12 +66,13 @@ fn host_memory() -> Option<u64> {
 /// Maps `size` bytes of guest RAM at GPA 0 with a dirty bitmap.
 pub fn create(size: u64) -> Result<GuestMemory, MemoryError> {
     validate_size(size)?;
-    GuestMemory::from_ranges(&[(GuestAddress(0), size as usize)]).map_err(|source| {
+    let mem = GuestMemory::from_ranges(&[(GuestAddress(0), size as usize)]).map_err(|source| {
         MemoryError::Map {
             size: format_size(size),
             source,
         }
-    })
+    })?;
+    Ok(mem)
 }
 
 pub fn ram_size(mem: &GuestMemory) -> u64 {
@@ -89,6 +90,57 @@ pub fn regions(mem: &GuestMemory) -> Vec<(u64, *mut u8, usize)> {
         .map(|r| (r.start_addr().0, r.as_ptr(), r.len() as usize))
         .collect()
 }
+
+/// Copies the pages `pfns` into `out` (resized to fit), in order, with plain `memcpy`.
+///
+/// This is the copy that happens while the guest is paused. vm-memory's `read_slice`
+/// copies with volatile word accesses, which measured ~3 µs per page here; `memcpy` is
+/// several times faster, and the guest cannot write while its vCPUs are paused.
+pub fn copy_pages(
+    mem: &GuestMemory,
+    pfns: &[u64],
+    out: &mut Vec<u8>,
+) -> Result<(), PageOutOfRange> {
+    let page = PAGE_SIZE as usize;
+    out.resize(pfns.len() * page, 0);
+    // Below this, a second thread costs more than it saves.
+    const PARALLEL_MIN_PAGES: usize = 256;
+    if pfns.len() >= PARALLEL_MIN_PAGES {
+        let half = pfns.len() / 2;
+        let (a, b) = out.split_at_mut(half * page);
+        return std::thread::scope(|s| {
+            let other = s.spawn(|| copy_into(mem, &pfns[half..], b));
+            let mine = copy_into(mem, &pfns[..half], a);
+            mine.and(other.join().expect("page copy thread panicked"))
+        });
+    }
+    copy_into(mem, pfns, out)
+}
+
+fn copy_into(mem: &GuestMemory, pfns: &[u64], out: &mut [u8]) -> Result<(), PageOutOfRange> {
+    let page = PAGE_SIZE as usize;
+    let regions = regions(mem);
+    for (&pfn, dst) in pfns.iter().zip(out.chunks_exact_mut(page)) {
+        let gpa = pfn.checked_mul(PAGE_SIZE).ok_or(PageOutOfRange(pfn))?;
+        let (start, host, len) = regions
+            .iter()
+            .copied()
+            .find(|&(start, _, len)| gpa >= start && gpa + PAGE_SIZE <= start + len as u64)
+            .ok_or(PageOutOfRange(pfn))?;
+        let offset = (gpa - start) as usize;
+        debug_assert!(offset + page <= len);
+        // SAFETY: `host` maps `len` bytes of guest RAM owned by `mem`, and
+        // `offset + page <= len` was checked above, so the source lies inside the mapping;
+        // `dst` is a distinct page-sized slice of `out`. The vCPUs are paused (the caller's
+        // contract), so nothing writes the source during the copy.
+        unsafe { std::ptr::copy_nonoverlapping(host.add(offset), dst.as_mut_ptr(), page) };
+    }
+    Ok(())
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+#[error("page {0:#x} is outside guest memory")]
+pub struct PageOutOfRange(pub u64);
 
 #[cfg(test)]
 mod tests {
@@ -108,5 +160,21 @@ mod tests {
         assert!(validate_size(64 << 20).is_ok());
         let m = create(64 << 20).unwrap();
         assert_eq!(ram_size(&m), 64 << 20);
+    }
+
+    #[test]
+    fn copy_pages_copies_in_order_and_checks_bounds() {
+        use vm_memory::Bytes;
+        let m = create(64 << 20).unwrap();
+        m.write_slice(&[7u8; 4096], GuestAddress(5 * 4096)).unwrap();
+        m.write_slice(&[9u8; 4096], GuestAddress(2 * 4096)).unwrap();
+        let mut out = Vec::new();
+        copy_pages(&m, &[5, 2, 3], &mut out).unwrap();
+        assert_eq!(out.len(), 3 * 4096);
+        assert!(out[..4096].iter().all(|&b| b == 7));
+        assert!(out[4096..8192].iter().all(|&b| b == 9));
+        assert!(out[8192..].iter().all(|&b| b == 0));
+        let last = (64 << 20) / 4096;
+        assert_eq!(copy_pages(&m, &[last], &mut out), Err(PageOutOfRange(last)));
     }
 }
