@@ -60,6 +60,7 @@ pub struct Machine {
     waker: Waker,
     vm: Vm,
     running: bool,
+    resume_acks_pending: bool,
 }
 
 impl Machine {
@@ -126,6 +127,7 @@ impl Machine {
             waker,
             vm,
             running: false,
+            resume_acks_pending: false,
         })
     }
 
@@ -149,20 +151,37 @@ impl Machine {
         self.running
     }
 
-    /// Starts or continues every vCPU.
+    /// Starts or continues every vCPU and waits for every acknowledgement.
     pub fn resume(&mut self) -> Result<(), MachineError> {
+        self.resume_nowait()?;
+        self.collect_resume_acks()
+    }
+
+    /// Starts or continues every vCPU without waiting for the acknowledgements: the
+    /// guest runs as soon as each vCPU thread reads the command. The acks are collected
+    /// by the next pause, capture or resume (each command still gets its answer).
+    pub fn resume_nowait(&mut self) -> Result<(), MachineError> {
+        self.collect_resume_acks()?;
         for h in &self.vcpus {
             h.send(VcpuCommand::Resume)?;
         }
-        for h in &self.vcpus {
-            h.expect_resumed()?;
-        }
+        self.resume_acks_pending = true;
         self.running = true;
+        Ok(())
+    }
+
+    fn collect_resume_acks(&mut self) -> Result<(), MachineError> {
+        if std::mem::take(&mut self.resume_acks_pending) {
+            for h in &self.vcpus {
+                h.expect_resumed()?;
+            }
+        }
         Ok(())
     }
 
     /// Stops every vCPU at an instruction boundary; returns once all have acknowledged.
     pub fn pause(&mut self) -> Result<PauseTiming, MachineError> {
+        self.collect_resume_acks()?;
         let start = Instant::now();
         for h in &self.vcpus {
             h.send(VcpuCommand::Pause)?;
@@ -181,6 +200,7 @@ impl Machine {
     /// Pauses and captures the whole machine state. The capture is pipelined: each vCPU
     /// thread saves its own registers right after parking.
     pub fn pause_and_capture(&mut self) -> Result<(MachineState, PauseTiming), MachineError> {
+        self.collect_resume_acks()?;
         let start = Instant::now();
         for h in &self.vcpus {
             h.send(VcpuCommand::Pause)?;

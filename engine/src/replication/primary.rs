@@ -426,7 +426,7 @@ impl Primary {
         memory::copy_pages(mem, &self.pfns, &mut self.buf)?;
         let copied = t0.elapsed();
         if !last {
-            self.machine.resume()?;
+            self.machine.resume_nowait()?;
         }
         let pause = t0.elapsed();
         self.epoch += 1;
