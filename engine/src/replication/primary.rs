@@ -92,7 +92,8 @@ const MAX_INFLIGHT_BYTES: u64 = 512 << 20;
 const DELTA_CACHE_PAGES: usize = 16 << 10;
 /// Pages copied and sent per pre-copy step (32 MiB).
 const SYNC_CHUNK_PAGES: usize = 8 << 10;
-/// Pre-copy ends when a round's dirty set is this small, or after MAX_SYNC_ROUNDS.
+/// Pre-copy ends when a round's dirty set is this small, stops shrinking, or after
+/// MAX_SYNC_ROUNDS.
 const SYNC_DONE_PAGES: usize = 4 << 10;
 const MAX_SYNC_ROUNDS: usize = 8;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -272,8 +273,11 @@ impl Primary {
                     self.machine.memory(),
                     &mut self.pfns,
                 )?;
+                let previous = round_pfns.len();
                 round_pfns = std::mem::take(&mut self.pfns);
-                if round_pfns.len() <= SYNC_DONE_PAGES {
+                // Small enough for one epoch, or not shrinking any more (the guest dirties
+                // as fast as we send): the rest goes with epoch 1.
+                if round_pfns.len() <= SYNC_DONE_PAGES || round_pfns.len() * 10 > previous * 9 {
                     self.carry = round_pfns;
                     break;
                 }
