@@ -21,7 +21,7 @@
 //! the VMM. Under PVM (our machines) the guest observes IOPL=0 and IF=1: port I/O works
 //! through the TSS bitmap, and no interrupt is ever raised (the PIT and LAPIC stay
 //! unprogrammed, there is no IDT). RIP = ELF entry, RSP = stack top - 8,
-//! RSP = stack top - 8, RDI = this vCPU's boot-info address, RSI = vCPU index.
+//! RDI = this vCPU's boot-info address, RSI = vCPU index.
 //!
 //! Ports: 16550 serial at `SERIAL_PORT`; `out EXIT_PORT, eax` stops the VM with status
 //! `eax`; `out IDLE_PORT, eax` parks the vCPU in the VMM for at most `eax` microseconds or
