@@ -121,6 +121,8 @@ struct Primary {
     pause_start: HashMap<u64, Instant>,
     /// The state blob of the final epoch, for the digest.
     last_state: Option<Vec<u8>>,
+    /// The guest's exit status, once it exited.
+    exit_status: Option<u32>,
 }
 
 /// Runs `lockstep primary` to the end; returns the guest's exit status.
@@ -178,6 +180,7 @@ pub fn run(guest: GuestOptions, opts: PrimaryOptions) -> Result<u8, PrimaryError
         epoch: 0,
         pause_start: HashMap::new(),
         last_state: None,
+        exit_status: None,
     };
     p.machine.resume()?;
     p.initial_sync()?;
@@ -305,7 +308,10 @@ impl Primary {
                     );
                 }
                 self.drain_acks()?;
-                if self.check_guest()?.is_some() || stop_requested() {
+                if let Some(status) = self.check_guest()? {
+                    self.exit_status = Some(status);
+                }
+                if self.exit_status.is_some() || stop_requested() {
                     // The end comes with the final epoch, which carries every page
                     // dirtied since the harvest that began this round.
                     self.carry = round_pfns;
@@ -357,6 +363,9 @@ impl Primary {
     fn epochs(&mut self) -> Result<u8, PrimaryError> {
         let start = Instant::now();
         let mut next = Instant::now();
+        if let Some(status) = self.exit_status {
+            return Ok(u8::try_from(status).unwrap_or(u8::MAX));
+        }
         loop {
             let wait = next
                 .saturating_duration_since(Instant::now())
