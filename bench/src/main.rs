@@ -1,1 +1,91 @@
-fn main() {}
+//! lockstep's benchmark harness: `cargo run --release -p bench -- <subcommand> [options]`.
+//!
+//! Each subcommand measures one thing on the real engine and prints a markdown table of
+//! p50 / p99 / max. These are benchmarks, never tests: nothing here asserts a time.
+//!
+//! Subcommands live in their own module (`pause.rs`; later `checkpoint`, `net`,
+//! `failover`) with a `run(&Args)` entry point, listed in [`SUBCOMMANDS`] and dispatched
+//! in [`dispatch`]. `stats.rs` holds the percentile helpers they share.
+
+mod args;
+mod pause;
+mod stats;
+
+use std::process::ExitCode;
+
+use thiserror::Error;
+
+use crate::args::Args;
+
+/// Subcommands and what they measure, for the usage text.
+const SUBCOMMANDS: &[(&str, &str)] = &[(
+    "pause",
+    "pause latency (until every vCPU is parked, until the state is captured) and resume \
+     latency, 1 and 2 vCPUs, idle and dirtying guest [--samples N (500)] [--gap-ms MS (3)]",
+)];
+
+#[derive(Debug, Error)]
+pub enum BenchError {
+    #[error("{0}")]
+    Usage(String),
+    #[error(transparent)]
+    Machine(#[from] engine::machine::MachineError),
+    #[error("{what}: the guest stopped during the benchmark: {event}")]
+    GuestStopped { what: String, event: String },
+}
+
+impl BenchError {
+    fn exit_code(&self) -> u8 {
+        match self {
+            BenchError::Usage(_) => 2,
+            _ => 1,
+        }
+    }
+}
+
+fn usage() -> String {
+    let mut s = String::from("usage: bench <subcommand> [options]\n\nsubcommands:\n");
+    for (name, what) in SUBCOMMANDS {
+        s.push_str(&format!("  {name:<10} {what}\n"));
+    }
+    s
+}
+
+fn names() -> String {
+    SUBCOMMANDS
+        .iter()
+        .map(|(n, _)| *n)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn dispatch(args: &[String]) -> Result<(), BenchError> {
+    let Some((cmd, rest)) = args.split_first() else {
+        return Err(BenchError::Usage(format!(
+            "no subcommand given (try: {}, --help)",
+            names()
+        )));
+    };
+    match cmd.as_str() {
+        "pause" => pause::run(&Args::parse("pause", rest, pause::OPTIONS)?),
+        "-h" | "--help" | "help" => {
+            print!("{}", usage());
+            Ok(())
+        }
+        other => Err(BenchError::Usage(format!(
+            "unknown subcommand '{other}' (try: {}, --help)",
+            names()
+        ))),
+    }
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match dispatch(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bench: error: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}

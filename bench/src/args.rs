@@ -1,0 +1,134 @@
+//! Options of a subcommand: `--name value` or `--name=value`, each name from a known list.
+
+use crate::BenchError;
+
+pub struct Args {
+    subcommand: &'static str,
+    pairs: Vec<(String, String)>,
+}
+
+impl Args {
+    /// Parses `args` for `subcommand`, which accepts the options named in `valued`.
+    pub fn parse(
+        subcommand: &'static str,
+        args: &[String],
+        valued: &[&str],
+    ) -> Result<Args, BenchError> {
+        let mut pairs: Vec<(String, String)> = Vec::new();
+        let mut it = args.iter();
+        while let Some(a) = it.next() {
+            let Some(name) = a.strip_prefix("--") else {
+                return Err(BenchError::Usage(format!(
+                    "unexpected argument '{a}' for 'bench {subcommand}'"
+                )));
+            };
+            let (name, value) = match name.split_once('=') {
+                Some((n, v)) => (n, Some(v.to_string())),
+                None => (name, None),
+            };
+            if !valued.contains(&name) {
+                return Err(BenchError::Usage(format!(
+                    "unknown option --{name} for 'bench {subcommand}' (it takes {})",
+                    list(valued)
+                )));
+            }
+            let value = match value {
+                Some(v) => v,
+                None => it
+                    .next()
+                    .cloned()
+                    .ok_or_else(|| BenchError::Usage(format!("option --{name} needs a value")))?,
+            };
+            if pairs.iter().any(|(n, _)| n == name) {
+                return Err(BenchError::Usage(format!("option --{name} given twice")));
+            }
+            pairs.push((name.to_string(), value));
+        }
+        Ok(Args { subcommand, pairs })
+    }
+
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.pairs
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// A number option, `default` when absent; `min` is the smallest value allowed.
+    pub fn number<T>(&self, name: &str, default: T, min: T) -> Result<T, BenchError>
+    where
+        T: std::str::FromStr + PartialOrd + std::fmt::Display + Copy,
+    {
+        let Some(v) = self.get(name) else {
+            return Ok(default);
+        };
+        match v.parse::<T>() {
+            Ok(n) if n >= min => Ok(n),
+            _ => Err(BenchError::Usage(format!(
+                "--{name} {v}: expected a number of at least {min} for 'bench {}'",
+                self.subcommand
+            ))),
+        }
+    }
+}
+
+fn list(names: &[&str]) -> String {
+    if names.is_empty() {
+        return "no options".to_string();
+    }
+    names
+        .iter()
+        .map(|n| format!("--{n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn strings(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn parses_both_forms_and_defaults() {
+        let a = Args::parse(
+            "pause",
+            &strings(&["--samples", "10", "--gap-ms=4"]),
+            &["samples", "gap-ms"],
+        )
+        .unwrap();
+        assert_eq!(a.number("samples", 500usize, 1).unwrap(), 10);
+        assert_eq!(a.number("gap-ms", 3u64, 0).unwrap(), 4);
+        let a = Args::parse("pause", &[], &["samples"]).unwrap();
+        assert_eq!(a.number("samples", 500usize, 1).unwrap(), 500);
+    }
+
+    #[test]
+    fn rejects_bad_input() {
+        let v = &["samples"];
+        let usage = |r: Result<Args, BenchError>| match r {
+            Err(BenchError::Usage(m)) => m,
+            Err(e) => panic!("not a usage error: {e}"),
+            Ok(_) => panic!("accepted"),
+        };
+        assert!(usage(Args::parse("pause", &strings(&["--nope", "1"]), v))
+            .contains("unknown option --nope"));
+        assert!(usage(Args::parse("pause", &strings(&["--samples"]), v)).contains("needs a value"));
+        assert!(usage(Args::parse("pause", &strings(&["stray"]), v)).contains("'stray'"));
+        assert!(usage(Args::parse(
+            "pause",
+            &strings(&["--samples", "1", "--samples", "2"]),
+            v
+        ))
+        .contains("twice"));
+        let a = Args::parse("pause", &strings(&["--samples", "0"]), v).unwrap();
+        assert!(matches!(
+            a.number("samples", 500usize, 1),
+            Err(BenchError::Usage(_))
+        ));
+        let a = Args::parse("pause", &strings(&["--samples", "x"]), v).unwrap();
+        assert!(a.number("samples", 500usize, 1).is_err());
+    }
+}
