@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 
 use crate::devices::serial::Console;
+use crate::devices::NetConfig;
 use crate::machine::{Machine, MachineConfig, MachineError};
 use crate::replication::backup::{self, BackupError, BackupOptions};
 use crate::replication::primary::{self, PrimaryError, PrimaryOptions};
@@ -21,12 +22,13 @@ use crate::{info, log};
 pub const USAGE: &str = "\
 usage:
   lockstep run --guest builtin|PATH [--guest-args STR] [--mem SIZE] [--vcpus N]
-               [--console stdout|none|PATH] [--snapshot-after-ms MS --snapshot-to DIR]
-  lockstep restore DIR [--console stdout|none|PATH]
+               [--console stdout|none|PATH] [--net tap=NAME[,mac=MAC]]
+               [--snapshot-after-ms MS --snapshot-to DIR]
+  lockstep restore DIR [--console stdout|none|PATH] [--net tap=NAME[,mac=MAC]]
   lockstep primary --peer ADDR:PORT [--interval-ms MS] [--seconds S] [--window N]
                [--name NAME] <the run options>
   lockstep backup --listen ADDR:PORT [--mem SIZE] [--vcpus N] [--name NAME]
-               [--run-after-end] [--console stdout|none|PATH]
+               [--run-after-end] [--console stdout|none|PATH] [--net tap=NAME[,mac=MAC]]
 
 The built-in guest runs workload=counter|dirty|hash (see README.md).";
 
@@ -202,7 +204,7 @@ pub struct GuestOptions {
     pub machine: MachineConfig,
 }
 
-pub const GUEST_OPTIONS: &[&str] = &["guest", "guest-args", "mem", "vcpus", "console"];
+pub const GUEST_OPTIONS: &[&str] = &["guest", "guest-args", "mem", "vcpus", "console", "net"];
 pub const DEFAULT_MEM: u64 = 256 << 20;
 
 impl GuestOptions {
@@ -243,9 +245,16 @@ impl GuestOptions {
                 mem_size: mem,
                 vcpus,
                 console,
+                net: net_option(o)?,
             },
         })
     }
+}
+
+fn net_option(o: &Options) -> Result<Option<NetConfig>, CliError> {
+    o.get("net")
+        .map(|n| NetConfig::parse(n).map_err(CliError::Usage))
+        .transpose()
 }
 
 fn check_builtin_args(args: &str) -> Result<(), CliError> {
@@ -283,7 +292,7 @@ fn cmd_run(args: &[String]) -> Result<ExitCode, CliError> {
 
 fn cmd_restore(args: &[String]) -> Result<ExitCode, CliError> {
     log::init("restore");
-    let o = Options::parse("restore", args, &["console"], &[])?;
+    let o = Options::parse("restore", args, &["console", "net"], &[])?;
     let [dir] = o.positional.as_slice() else {
         return Err(usage(
             "usage: lockstep restore DIR [--console stdout|none|PATH]",
@@ -293,7 +302,8 @@ fn cmd_restore(args: &[String]) -> Result<ExitCode, CliError> {
     let snap = snapshot::read(dir.as_ref())?;
     let memory = crate::vstate::memory::create(snap.state.mem_size).map_err(MachineError::from)?;
     snap.load_memory(&memory)?;
-    let mut machine = Machine::restore(&snap.state, &console, memory)?;
+    let net = net_option(&o)?;
+    let mut machine = Machine::restore(&snap.state, &console, net.as_ref(), memory)?;
     info!(
         "restored {} vCPUs and {} MiB from {dir}",
         snap.state.vcpus.len(),
@@ -347,7 +357,7 @@ fn cmd_backup(args: &[String]) -> Result<ExitCode, CliError> {
     let o = Options::parse(
         "backup",
         args,
-        &["listen", "mem", "vcpus", "name", "console"],
+        &["listen", "mem", "vcpus", "name", "console", "net"],
         &["run-after-end"],
     )?;
     o.no_positional()?;
@@ -365,13 +375,14 @@ fn cmd_backup(args: &[String]) -> Result<ExitCode, CliError> {
         vcpus: o.number("vcpus")?,
         name: o.get("name").unwrap_or("lockstep").to_string(),
         run_after_end: o.switch("run-after-end"),
+        net: net_option(&o)?,
         console: console.clone(),
         primary_timeout: Duration::from_secs(5),
     };
     let committed = backup::run(opts.clone())?;
     match committed {
         Some(c) if opts.run_after_end => {
-            let mut machine = backup::resume(c, &console)?;
+            let mut machine = backup::resume(c, &console, opts.net.as_ref())?;
             drive(&mut machine, None)
         }
         _ => Ok(ExitCode::SUCCESS),

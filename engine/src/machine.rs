@@ -10,7 +10,8 @@ use thiserror::Error;
 
 use crate::boot::{self, BootError, BootParams};
 use crate::devices::serial::{Console, SerialDevice, SerialError};
-use crate::devices::{lock, Bus, Devices};
+use crate::devices::tap::TapError;
+use crate::devices::{lock, Bus, Devices, NetConfig, NetDevice};
 use crate::persist::state::MachineState;
 use crate::vstate::memory::{self, GuestMemory, MemoryError};
 use crate::vstate::vcpu::{self, VcpuCommand, VcpuError, VcpuEvent, VcpuHandle, Waker};
@@ -30,6 +31,8 @@ pub enum MachineError {
     Serial(#[from] SerialError),
     #[error("cannot restore: {0}")]
     Restore(String),
+    #[error(transparent)]
+    Tap(#[from] TapError),
     #[error("state has {state} vCPUs but the machine has {machine}")]
     VcpuMismatch { state: usize, machine: usize },
 }
@@ -40,6 +43,7 @@ pub struct MachineConfig {
     pub mem_size: u64,
     pub vcpus: u32,
     pub console: Console,
+    pub net: Option<NetConfig>,
 }
 
 /// How long the last pause took, from the request until every vCPU acknowledged.
@@ -73,11 +77,17 @@ impl Machine {
             what: "KVM_GET_TSC_KHZ",
             source,
         })?;
+        let net = cfg
+            .net
+            .as_ref()
+            .map(|n| NetDevice::new(n, vm.memory().clone()))
+            .transpose()?;
+        let virtio: Vec<_> = net.iter().map(NetDevice::info).collect();
         let params = BootParams {
             cmdline,
             vcpu_count: cfg.vcpus,
             tsc_khz: u64::from(tsc_khz),
-            virtio: &[],
+            virtio: &virtio,
         };
         let loaded = boot::load(vm.memory(), image, &params)?;
         for (index, fd) in fds.iter().enumerate() {
@@ -85,6 +95,7 @@ impl Machine {
         }
         let devices = Arc::new(Devices {
             serial: std::sync::Mutex::new(SerialDevice::new(&cfg.console)?),
+            net,
         });
         Machine::assemble(vm, fds, devices)
     }
@@ -94,6 +105,7 @@ impl Machine {
     pub fn restore(
         state: &MachineState,
         console: &Console,
+        net: Option<&NetConfig>,
         memory: GuestMemory,
     ) -> Result<Machine, MachineError> {
         let ram = memory::ram_size(&memory);
@@ -106,9 +118,16 @@ impl Machine {
         let vm = Vm::new(memory)?;
         vm.restore_state(&state.vm)?;
         let fds = vcpu::create_all(vm.fd(), &vm.supported_cpuid()?, state.vcpus.len() as u32)?;
+        let net = net
+            .map(|n| NetDevice::new(n, vm.memory().clone()))
+            .transpose()?;
         let devices = Arc::new(Devices {
             serial: std::sync::Mutex::new(SerialDevice::restore(console, &state.serial)?),
+            net,
         });
+        devices
+            .restore_virtio(&state.virtio)
+            .map_err(MachineError::Restore)?;
         let machine = Machine::assemble(vm, fds, devices)?;
         for (h, s) in machine.vcpus.iter().zip(&state.vcpus) {
             h.restore(Box::new(s.clone()))?;
@@ -120,6 +139,9 @@ impl Machine {
         let (events_tx, events) = unbounded();
         let bus: Arc<dyn Bus> = devices.clone();
         let (vcpus, waker) = vcpu::spawn_all(fds, vm.msr_list(), bus, events_tx)?;
+        if let Some(n) = &devices.net {
+            n.start(waker.clone());
+        }
         Ok(Machine {
             vcpus,
             events,
@@ -162,6 +184,7 @@ impl Machine {
     /// by the next pause, capture or resume (each command still gets its answer).
     pub fn resume_nowait(&mut self) -> Result<(), MachineError> {
         self.collect_resume_acks()?;
+        self.devices.thaw();
         for h in &self.vcpus {
             h.send(VcpuCommand::Resume)?;
         }
@@ -189,6 +212,7 @@ impl Machine {
         for h in &self.vcpus {
             h.expect_paused()?;
         }
+        self.devices.freeze();
         self.running = false;
         let parked = start.elapsed();
         Ok(PauseTiming {
@@ -209,6 +233,7 @@ impl Machine {
         for h in &self.vcpus {
             h.expect_paused()?;
         }
+        self.devices.freeze();
         self.running = false;
         let parked = start.elapsed();
         let mut vcpus = Vec::with_capacity(self.vcpus.len());
@@ -241,6 +266,7 @@ impl Machine {
             vcpus,
             vm: self.vm.save_state()?,
             serial: lock(&self.devices.serial).state(),
+            virtio: self.devices.save_virtio(),
         })
     }
 
@@ -262,6 +288,11 @@ impl Machine {
     /// The next thing a vCPU reported (guest exit or crash), if any within `timeout`.
     pub fn wait_event(&self, timeout: Duration) -> Option<VcpuEvent> {
         self.events.recv_timeout(timeout).ok()
+    }
+
+    /// The virtio-net device, if the machine has one.
+    pub fn net(&self) -> Option<&NetDevice> {
+        self.devices.net.as_ref()
     }
 
     pub fn flush_console(&self) {

@@ -1,11 +1,117 @@
 //! Emulated devices and the bus that routes vCPU port and MMIO exits to them.
 
+pub mod egress;
 pub mod serial;
+pub mod tap;
+pub mod virtio;
 
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 
-use crate::boot::abi::SERIAL_PORT;
+use crate::boot::abi::{VirtioDeviceInfo, MMIO_BASE, MMIO_DEVICE_SIZE, SERIAL_PORT, VIRTIO_ID_NET};
+use egress::Egress;
 use serial::SerialDevice;
+use tap::{Tap, TapError};
+use virtio::mmio::MmioTransport;
+use virtio::net::{Net, NetTransport};
+use virtio::VirtioState;
+
+/// `--net tap=NAME,mac=MAC`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetConfig {
+    pub tap: String,
+    pub mac: [u8; 6],
+}
+
+impl NetConfig {
+    /// Parses `tap=NAME,mac=aa:bb:cc:dd:ee:ff` (the MAC defaults to 52:54:00:12:34:56).
+    pub fn parse(s: &str) -> Result<NetConfig, String> {
+        let mut tap = None;
+        let mut mac = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
+        for part in s.split(',') {
+            match part.split_once('=') {
+                Some(("tap", v)) if !v.is_empty() => tap = Some(v.to_string()),
+                Some(("mac", v)) => {
+                    mac =
+                        virtio::net::parse_mac(v).ok_or_else(|| format!("--net: bad MAC '{v}'"))?
+                }
+                _ => {
+                    return Err(format!(
+                        "--net {s}: expected tap=NAME[,mac=aa:bb:cc:dd:ee:ff]"
+                    ))
+                }
+            }
+        }
+        let tap = tap.ok_or_else(|| format!("--net {s}: tap=NAME is required"))?;
+        Ok(NetConfig { tap, mac })
+    }
+}
+
+/// The virtio-net device with its tap, egress path and receive thread.
+pub struct NetDevice {
+    pub transport: NetTransport,
+    pub egress: Arc<Egress>,
+    pub base: u64,
+    rx_stop: Arc<AtomicBool>,
+    rx_thread: Mutex<Option<JoinHandle<()>>>,
+    tap: Arc<Tap>,
+}
+
+impl NetDevice {
+    pub fn new(
+        cfg: &NetConfig,
+        mem: crate::vstate::memory::GuestMemory,
+    ) -> Result<NetDevice, TapError> {
+        let tap = Arc::new(Tap::open(&cfg.tap)?);
+        let egress = Arc::new(Egress::new(Arc::clone(&tap)));
+        let net = Net::new(cfg.mac, Arc::clone(&egress));
+        Ok(NetDevice {
+            transport: Arc::new(Mutex::new(MmioTransport::new(net, mem))),
+            egress,
+            base: MMIO_BASE,
+            rx_stop: Arc::new(AtomicBool::new(false)),
+            rx_thread: Mutex::new(None),
+            tap,
+        })
+    }
+
+    pub fn info(&self) -> VirtioDeviceInfo {
+        VirtioDeviceInfo {
+            base: self.base,
+            size: MMIO_DEVICE_SIZE,
+            device_id: VIRTIO_ID_NET,
+            _reserved: 0,
+        }
+    }
+
+    /// Starts receiving; received frames wake vCPUs through `waker`.
+    pub fn start(&self, waker: crate::vstate::vcpu::Waker) {
+        lock(&self.transport).device.set_waker(waker);
+        *lock(&self.rx_thread) = Some(virtio::net::spawn_rx(
+            Arc::clone(&self.transport),
+            Arc::clone(&self.tap),
+            Arc::clone(&self.rx_stop),
+        ));
+    }
+
+    /// Retries transmission that stopped on a full egress buffer.
+    pub fn retry_tx(&self) {
+        let mut t = lock(&self.transport);
+        if t.device.tx_blocked {
+            t.kick(1);
+        }
+    }
+}
+
+impl Drop for NetDevice {
+    fn drop(&mut self) {
+        self.rx_stop.store(true, Ordering::Relaxed);
+        if let Some(t) = lock(&self.rx_thread).take() {
+            let _ = t.join();
+        }
+    }
+}
 
 /// Where vCPU threads send the port and MMIO accesses that KVM hands to userspace.
 pub trait Bus: Send + Sync {
@@ -18,6 +124,47 @@ pub trait Bus: Send + Sync {
 /// The VM's devices.
 pub struct Devices {
     pub serial: Mutex<SerialDevice>,
+    pub net: Option<NetDevice>,
+}
+
+impl Devices {
+    fn net_at(&self, addr: u64) -> Option<(&NetDevice, u64)> {
+        self.net
+            .as_ref()
+            .filter(|n| addr >= n.base && addr < n.base + MMIO_DEVICE_SIZE)
+            .map(|n| (n, addr - n.base))
+    }
+
+    /// Stops devices from touching guest memory (a consistent point is being captured).
+    pub fn freeze(&self) {
+        if let Some(n) = &self.net {
+            lock(&n.transport).set_frozen(true);
+        }
+    }
+
+    pub fn thaw(&self) {
+        if let Some(n) = &self.net {
+            let mut t = lock(&n.transport);
+            t.set_frozen(false);
+            // Whatever waited during the freeze (a received frame, blocked output).
+            t.kick(0);
+        }
+    }
+
+    pub fn save_virtio(&self) -> Vec<VirtioState> {
+        self.net.iter().map(|n| lock(&n.transport).save()).collect()
+    }
+
+    pub fn restore_virtio(&self, states: &[VirtioState]) -> Result<(), String> {
+        match (&self.net, states) {
+            (None, []) => Ok(()),
+            (Some(n), [s]) => lock(&n.transport).restore(s),
+            (None, _) => {
+                Err("the saved machine has a virtio-net device: give --net tap=NAME".into())
+            }
+            (Some(_), _) => Err("the saved machine has no virtio-net device: drop --net".into()),
+        }
+    }
 }
 
 const SERIAL_PORTS: std::ops::Range<u16> = SERIAL_PORT..SERIAL_PORT + 8;
@@ -38,11 +185,18 @@ impl Bus for Devices {
         }
     }
 
-    fn mmio_read(&self, _addr: u64, data: &mut [u8]) {
-        data.fill(0xff);
+    fn mmio_read(&self, addr: u64, data: &mut [u8]) {
+        match self.net_at(addr) {
+            Some((n, offset)) => lock(&n.transport).read(offset, data),
+            None => data.fill(0xff),
+        }
     }
 
-    fn mmio_write(&self, _addr: u64, _data: &[u8]) {}
+    fn mmio_write(&self, addr: u64, data: &[u8]) {
+        if let Some((n, offset)) = self.net_at(addr) {
+            lock(&n.transport).write(offset, data);
+        }
+    }
 }
 
 /// Locks a device mutex; a device is plain data, so a panic elsewhere leaves it usable.

@@ -23,7 +23,8 @@ use thiserror::Error;
 use zerocopy::{FromBytes, Immutable, IntoBytes};
 
 pub const MAGIC: [u8; 8] = *b"LKSTATE\0";
-pub const FORMAT_VERSION: u32 = 1;
+/// 2: virtio devices (transport, queues, device) joined the machine state.
+pub const FORMAT_VERSION: u32 = 2;
 pub const HEADER_LEN: usize = 32;
 
 #[derive(Debug, Error, PartialEq, Eq)]

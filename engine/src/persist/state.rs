@@ -2,7 +2,10 @@
 //! and a checkpoint epoch carry besides guest memory.
 
 use kvm_bindings::kvm_fpu;
+use virtio_queue::QueueState;
 use vm_superio::serial::SerialState;
+
+use crate::devices::virtio::VirtioState;
 
 use super::{PersistError, Reader, Writer};
 use crate::vstate::vcpu::VcpuState;
@@ -18,6 +21,7 @@ pub struct MachineState {
     pub vcpus: Vec<VcpuState>,
     pub vm: VmState,
     pub serial: SerialState,
+    pub virtio: Vec<VirtioState>,
 }
 
 impl MachineState {
@@ -33,6 +37,10 @@ impl MachineState {
         w.pod(&self.vm.pit);
         w.pod(&self.vm.clock);
         encode_serial(w, &self.serial);
+        w.u32(self.virtio.len() as u32);
+        for v in &self.virtio {
+            encode_virtio(w, v);
+        }
     }
 
     pub fn decode(r: &mut Reader<'_>) -> Result<MachineState, PersistError> {
@@ -52,11 +60,19 @@ impl MachineState {
             clock: r.pod("KVM clock")?,
         };
         let serial = decode_serial(r)?;
+        let n = r.u32("virtio device count")?;
+        if n > crate::boot::abi::MAX_VIRTIO as u32 {
+            return Err(PersistError::Malformed(format!("virtio device count {n}")));
+        }
+        let virtio = (0..n)
+            .map(|_| decode_virtio(r))
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(MachineState {
             mem_size,
             vcpus,
             vm,
             serial,
+            virtio,
         })
     }
 
@@ -183,4 +199,65 @@ fn decode_serial(r: &mut Reader<'_>) -> Result<SerialState, PersistError> {
         scratch: r.u8("serial")?,
         in_buffer: r.bytes("serial input")?.to_vec(),
     })
+}
+
+fn encode_virtio(w: &mut Writer, v: &VirtioState) {
+    for x in [
+        v.device_id,
+        v.status,
+        v.device_features_sel,
+        v.driver_features_sel,
+        v.queue_sel,
+        v.interrupt_status,
+        v.config_generation,
+    ] {
+        w.u32(x);
+    }
+    w.u64(v.driver_features);
+    w.u32(v.queues.len() as u32);
+    for q in &v.queues {
+        w.u32(u32::from(q.max_size) | u32::from(q.size) << 16);
+        w.u32(u32::from(q.next_avail) | u32::from(q.next_used) << 16);
+        w.u8(u8::from(q.ready) | u8::from(q.event_idx_enabled) << 1);
+        w.u64(q.desc_table);
+        w.u64(q.avail_ring);
+        w.u64(q.used_ring);
+    }
+    w.bytes(&v.device);
+}
+
+fn decode_virtio(r: &mut Reader<'_>) -> Result<VirtioState, PersistError> {
+    let mut v = VirtioState {
+        device_id: r.u32("virtio")?,
+        status: r.u32("virtio")?,
+        device_features_sel: r.u32("virtio")?,
+        driver_features_sel: r.u32("virtio")?,
+        queue_sel: r.u32("virtio")?,
+        interrupt_status: r.u32("virtio")?,
+        config_generation: r.u32("virtio")?,
+        driver_features: r.u64("virtio")?,
+        ..Default::default()
+    };
+    let n = r.u32("virtqueue count")?;
+    if n > 16 {
+        return Err(PersistError::Malformed(format!("virtqueue count {n}")));
+    }
+    for _ in 0..n {
+        let sizes = r.u32("virtqueue")?;
+        let idx = r.u32("virtqueue")?;
+        let flags = r.u8("virtqueue")?;
+        v.queues.push(QueueState {
+            max_size: sizes as u16,
+            size: (sizes >> 16) as u16,
+            next_avail: idx as u16,
+            next_used: (idx >> 16) as u16,
+            ready: flags & 1 != 0,
+            event_idx_enabled: flags & 2 != 0,
+            desc_table: r.u64("virtqueue")?,
+            avail_ring: r.u64("virtqueue")?,
+            used_ring: r.u64("virtqueue")?,
+        });
+    }
+    v.device = r.bytes("virtio device state")?.to_vec();
+    Ok(v)
 }

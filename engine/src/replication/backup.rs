@@ -14,6 +14,7 @@ use thiserror::Error;
 
 use super::{guest_id, install_stop_handler, stop_requested};
 use crate::devices::serial::Console;
+use crate::devices::NetConfig;
 use crate::machine::{Machine, MachineError};
 use crate::persist::state::MachineState;
 use crate::persist::PersistError;
@@ -61,6 +62,8 @@ pub struct BackupOptions {
     pub name: String,
     pub run_after_end: bool,
     pub console: Console,
+    /// The network device the resumed guest gets (its state comes from the primary).
+    pub net: Option<NetConfig>,
     /// How long the primary may stay silent before it counts as lost.
     pub primary_timeout: Duration,
 }
@@ -224,7 +227,11 @@ fn accept(listener: &TcpListener) -> Result<Option<Connection>, BackupError> {
 }
 
 /// Turns a finished replication into a running machine.
-pub fn resume(committed: Committed, console: &Console) -> Result<Machine, BackupError> {
+pub fn resume(
+    committed: Committed,
+    console: &Console,
+    net: Option<&NetConfig>,
+) -> Result<Machine, BackupError> {
     info!(
         "resuming the guest from committed epoch {} ({} pages of RAM)",
         committed.epoch,
@@ -233,6 +240,7 @@ pub fn resume(committed: Committed, console: &Console) -> Result<Machine, Backup
     Ok(Machine::restore(
         &committed.state,
         console,
+        net,
         committed.memory,
     )?)
 }

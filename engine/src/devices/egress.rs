@@ -1,0 +1,128 @@
+//! The guest's way out: frames from the virtio-net TX queue go to the tap directly
+//! (unprotected) or through the `netbuffer` egress buffer, tagged with the open epoch and
+//! released only when the backup acknowledges it (output commit, invariant 2).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use bytes::Bytes;
+use netbuffer::{EgressBuffer, Limits, Mode, Pushed};
+
+use super::lock;
+use super::tap::Tap;
+
+/// Held output is bounded by these (then the device stops taking from the TX queue).
+pub const HELD_PACKETS: usize = 4096;
+pub const HELD_BYTES: usize = 16 << 20;
+
+#[derive(Default, Clone, Copy, Debug)]
+pub struct EgressCounters {
+    pub sent: u64,
+    pub tap_errors: u64,
+}
+
+pub struct Egress {
+    tap: Arc<Tap>,
+    buffer: Mutex<(EgressBuffer, EgressCounters)>,
+    open_epoch: AtomicU64,
+}
+
+impl Egress {
+    /// Unprotected: every frame goes out at once.
+    pub fn new(tap: Arc<Tap>) -> Egress {
+        let limits = Limits {
+            max_packets: HELD_PACKETS,
+            max_bytes: HELD_BYTES,
+        };
+        let buffer = EgressBuffer::new(limits, Mode::PassThrough).expect("non-zero limits");
+        Egress {
+            tap,
+            buffer: Mutex::new((buffer, EgressCounters::default())),
+            open_epoch: AtomicU64::new(1),
+        }
+    }
+
+    /// Holds output from now on; frames are tagged with the open epoch.
+    pub fn protect(&self) {
+        let mut g = lock(&self.buffer);
+        let released =
+            g.0.set_mode(Mode::Protected, Instant::now())
+                .collect::<Vec<_>>();
+        self.transmit(&mut g.1, released);
+    }
+
+    /// Stops holding: everything held goes out, in order (the backup is gone and the
+    /// primary continues unprotected).
+    pub fn unprotect(&self) {
+        let mut g = lock(&self.buffer);
+        let released =
+            g.0.set_mode(Mode::PassThrough, Instant::now())
+                .collect::<Vec<_>>();
+        self.transmit(&mut g.1, released);
+    }
+
+    /// The epoch that frames sent from now on belong to (set while the guest is paused).
+    pub fn set_open_epoch(&self, epoch: u64) {
+        self.open_epoch.store(epoch, Ordering::SeqCst);
+    }
+
+    pub fn has_room(&self, len: usize) -> bool {
+        lock(&self.buffer).0.has_room(len)
+    }
+
+    /// Frames held for an unacknowledged epoch.
+    pub fn held(&self) -> usize {
+        lock(&self.buffer).0.len()
+    }
+
+    /// Sends or holds one frame. A frame refused for lack of room is handed back.
+    pub fn send(&self, frame: Bytes) -> Result<(), Bytes> {
+        let epoch = self.open_epoch.load(Ordering::SeqCst);
+        let mut g = lock(&self.buffer);
+        match g.0.push(epoch, frame, Instant::now()) {
+            Ok(Pushed::Transmit(f)) => {
+                self.transmit(&mut g.1, [f]);
+                Ok(())
+            }
+            Ok(Pushed::Held) => Ok(()),
+            Err(e) => match e.into_packet() {
+                Some(f) => Err(f),
+                None => Ok(()),
+            },
+        }
+    }
+
+    /// The backup committed `epoch`: its frames (and earlier ones) go out, in order.
+    pub fn release(&self, epoch: u64) {
+        let mut g = lock(&self.buffer);
+        let released = g.0.release(epoch, Instant::now()).collect::<Vec<_>>();
+        self.transmit(&mut g.1, released);
+    }
+
+    pub fn counters(&self) -> EgressCounters {
+        lock(&self.buffer).1
+    }
+
+    /// Hold time p50/p99 in µs and the number of frames ever held.
+    pub fn hold_times(&self) -> (u64, u64, u64) {
+        let g = lock(&self.buffer);
+        let s = g.0.stats();
+        let us = |d: Option<std::time::Duration>| d.map_or(0, |d| d.as_micros() as u64);
+        (
+            us(s.hold_time.p50()),
+            us(s.hold_time.p99()),
+            s.pushed_packets,
+        )
+    }
+
+    fn transmit(&self, c: &mut EgressCounters, frames: impl IntoIterator<Item = Bytes>) {
+        for f in frames {
+            // A tap that refuses a frame is a lossy wire: TCP retransmits.
+            match self.tap.write_frame(&f) {
+                Ok(()) => c.sent += 1,
+                Err(_) => c.tap_errors += 1,
+            }
+        }
+    }
+}

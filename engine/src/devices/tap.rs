@@ -1,0 +1,105 @@
+//! A Linux tap device: the host side of the guest's network card.
+//!
+//! Opened by name with `IFF_TAP | IFF_NO_PI` (frames without a packet-info prefix and
+//! without a vnet header: the virtio-net header is added and stripped by the device).
+//! The interface must already exist (`ip tuntap add dev NAME mode tap`) or is created if
+//! the process may; it is never configured by lockstep.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum TapError {
+    #[error("tap name '{0}' is empty or longer than 15 bytes")]
+    BadName(String),
+    #[error("cannot open /dev/net/tun: {0}")]
+    Open(io::Error),
+    #[error("cannot attach to tap device '{name}': {source}")]
+    Attach { name: String, source: io::Error },
+}
+
+const IFF_TAP: libc::c_short = 0x0002;
+const IFF_NO_PI: libc::c_short = 0x1000;
+/// `_IOW('T', 202, int)`.
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+
+#[repr(C)]
+struct IfReq {
+    name: [u8; libc::IFNAMSIZ],
+    flags: libc::c_short,
+    _pad: [u8; 22],
+}
+
+/// An open tap device.
+pub struct Tap {
+    file: File,
+    name: String,
+}
+
+impl Tap {
+    pub fn open(name: &str) -> Result<Tap, TapError> {
+        if name.is_empty() || name.len() >= libc::IFNAMSIZ {
+            return Err(TapError::BadName(name.to_string()));
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open("/dev/net/tun")
+            .map_err(TapError::Open)?;
+        let mut req = IfReq {
+            name: [0; libc::IFNAMSIZ],
+            flags: IFF_TAP | IFF_NO_PI,
+            _pad: [0; 22],
+        };
+        req.name[..name.len()].copy_from_slice(name.as_bytes());
+        // SAFETY: TUNSETIFF reads and writes an `ifreq`; `req` is a correctly sized,
+        // initialized `#[repr(C)]` ifreq that lives across the call.
+        let ret = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut req) };
+        if ret < 0 {
+            return Err(TapError::Attach {
+                name: name.to_string(),
+                source: io::Error::last_os_error(),
+            });
+        }
+        Ok(Tap {
+            file,
+            name: name.to_string(),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Reads one frame; `WouldBlock` when none is waiting.
+    pub fn read_frame(&self, buf: &mut [u8]) -> io::Result<usize> {
+        (&self.file).read(buf)
+    }
+
+    /// Writes one frame.
+    pub fn write_frame(&self, frame: &[u8]) -> io::Result<()> {
+        loop {
+            match (&self.file).write(frame) {
+                Ok(_) => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Waits until a frame can be read, for at most `timeout_ms`.
+    pub fn wait_readable(&self, timeout_ms: i32) -> bool {
+        let mut pfd = libc::pollfd {
+            fd: self.file.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: `pfd` is a valid pollfd for an fd that outlives the call.
+        unsafe { libc::poll(&mut pfd, 1, timeout_ms) > 0 }
+    }
+}

@@ -1,0 +1,45 @@
+//! virtio 1.x devices over the MMIO transport (virtio 1.2, section 4.2).
+//!
+//! The guest polls used rings and never takes an interrupt, so there is no interrupt line:
+//! a device that has something for the guest wakes vCPUs parked on the idle port instead.
+
+pub mod mmio;
+pub mod net;
+
+use virtio_queue::{Queue, QueueState};
+
+use crate::vstate::memory::GuestMemory;
+
+/// VIRTIO_F_VERSION_1: the modern interface.
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+
+/// A device behind an [`mmio::MmioTransport`].
+pub trait VirtioDevice: Send {
+    fn device_id(&self) -> u32;
+    /// Feature bits offered (VIRTIO_F_VERSION_1 included).
+    fn features(&self) -> u64;
+    /// Maximum size of each queue; the count is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// The driver wrote `queue`'s notify register (or the device wants to make progress).
+    fn notify(&mut self, queue: usize, queues: &mut [Queue], mem: &GuestMemory);
+    /// The device's own saved state (beyond the transport's).
+    fn save(&self) -> Vec<u8>;
+    /// Loads what [`VirtioDevice::save`] produced.
+    fn restore(&mut self, bytes: &[u8]) -> Result<(), String>;
+}
+
+/// The transport's state plus the device's, as saved in snapshots and checkpoints.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct VirtioState {
+    pub device_id: u32,
+    pub status: u32,
+    pub driver_features: u64,
+    pub device_features_sel: u32,
+    pub driver_features_sel: u32,
+    pub queue_sel: u32,
+    pub interrupt_status: u32,
+    pub config_generation: u32,
+    pub queues: Vec<QueueState>,
+    pub device: Vec<u8>,
+}
