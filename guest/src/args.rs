@@ -46,6 +46,17 @@ pub enum ArgError<'a> {
         wss: &'a str,
         vcpus: u32,
     },
+    TooLittleRam {
+        workload: &'static str,
+        need: &'static str,
+        free: u64,
+    },
+    /// The workload needs a device the VMM did not give the guest.
+    NoDevice {
+        workload: &'static str,
+        device: &'static str,
+        flag: &'static str,
+    },
 }
 
 impl fmt::Display for ArgError<'_> {
@@ -95,6 +106,19 @@ impl fmt::Display for ArgError<'_> {
                     "wss={wss} is less than one 4K page for each of {vcpus} vCPUs"
                 )
             }
+            ArgError::TooLittleRam {
+                workload,
+                need,
+                free,
+            } => write!(
+                f,
+                "workload={workload} needs at least {need} of free guest RAM ({free} bytes free)"
+            ),
+            ArgError::NoDevice {
+                workload,
+                device,
+                flag,
+            } => write!(f, "workload={workload} needs a {device} device ({flag})"),
         }
     }
 }
@@ -180,6 +204,44 @@ pub fn parse_size<'a>(key: &'static str, value: &'a str) -> Result<Size<'a>, Arg
     let number = digits(number).ok_or(malformed)?;
     let bytes = number.checked_mul(1 << shift).ok_or(malformed)?;
     Ok(Size { bytes, text: value })
+}
+
+/// An IPv4 address in dotted-quad form, e.g. `gw=10.0.0.1`.
+pub fn parse_ipv4<'a>(key: &'static str, value: &'a str) -> Result<[u8; 4], ArgError<'a>> {
+    ipv4(value).ok_or(ArgError::Malformed {
+        key,
+        value,
+        expected: "an IPv4 address such as 10.0.0.1",
+    })
+}
+
+/// An IPv4 address with a prefix length, e.g. `ip=10.0.0.2/24`.
+pub fn parse_ipv4_cidr<'a>(
+    key: &'static str,
+    value: &'a str,
+) -> Result<([u8; 4], u8), ArgError<'a>> {
+    let malformed = ArgError::Malformed {
+        key,
+        value,
+        expected: "an IPv4 address with a prefix length such as 10.0.0.2/24",
+    };
+    let (addr, prefix) = value.split_once('/').ok_or(malformed)?;
+    let addr = ipv4(addr).ok_or(malformed)?;
+    let prefix = digits(prefix).filter(|p| *p <= 32).ok_or(malformed)?;
+    Ok((addr, prefix as u8))
+}
+
+fn ipv4(text: &str) -> Option<[u8; 4]> {
+    let mut addr = [0u8; 4];
+    let mut parts = text.split('.');
+    for byte in &mut addr {
+        let part = parts.next()?;
+        if part.len() > 3 {
+            return None;
+        }
+        *byte = u8::try_from(digits(part)?).ok()?;
+    }
+    parts.next().is_none().then_some(addr)
 }
 
 /// A size with the text it was given as, to name it in errors.

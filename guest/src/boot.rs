@@ -2,7 +2,10 @@
 
 use core::fmt;
 
-use crate::abi::{BootInfo, ABI_VERSION, BOOT_INFO_MAGIC, CMDLINE_MAX, MAX_VCPUS, PAGE_SIZE};
+use crate::abi::{
+    BootInfo, VirtioDeviceInfo, ABI_VERSION, BOOT_INFO_MAGIC, CMDLINE_MAX, MAX_VCPUS, MAX_VIRTIO,
+    PAGE_SIZE,
+};
 
 /// What the VMM handed this vCPU, checked.
 #[derive(Clone, Copy, Debug)]
@@ -14,6 +17,8 @@ pub struct Boot {
     pub heap_start: u64,
     pub tsc_khz: u64,
     pub cmdline: &'static str,
+    /// The virtio-mmio devices the VMM gave the guest.
+    pub virtio: &'static [VirtioDeviceInfo],
 }
 
 /// Why the boot-info page cannot be used. Printed as the `error: ...` line (status 3).
@@ -28,6 +33,7 @@ pub enum BootError {
     TscKhz,
     CmdlineLen(u32),
     CmdlineUtf8,
+    VirtioCount(u32),
 }
 
 impl fmt::Display for BootError {
@@ -61,6 +67,9 @@ impl fmt::Display for BootError {
                 write!(f, "boot info: cmdline_len={len} exceeds {CMDLINE_MAX}")
             }
             BootError::CmdlineUtf8 => write!(f, "boot info: the command line is not UTF-8"),
+            BootError::VirtioCount(count) => {
+                write!(f, "boot info: virtio_count={count} exceeds {MAX_VIRTIO}")
+            }
         }
     }
 }
@@ -110,6 +119,10 @@ impl Boot {
         }
         let cmdline =
             core::str::from_utf8(&info.cmdline[..len]).map_err(|_| BootError::CmdlineUtf8)?;
+        let virtio = info
+            .virtio
+            .get(..info.virtio_count as usize)
+            .ok_or(BootError::VirtioCount(info.virtio_count))?;
         Ok(Boot {
             vcpu_index: info.vcpu_index,
             vcpu_count: info.vcpu_count,
@@ -117,6 +130,7 @@ impl Boot {
             heap_start: info.heap_start,
             tsc_khz: info.tsc_khz,
             cmdline,
+            virtio,
         })
     }
 

@@ -4,26 +4,31 @@
 //! I/O only (serial, exit port, idle port).
 //!
 //! Every vCPU enters [`_start`] with its own boot-info page. The command line picks a
-//! workload (`workload=counter|dirty|hash ...`); vCPU 0 prints and ends the VM through
+//! workload (`workload=counter|dirty|hash|kv|crash ...`); vCPU 0 prints and ends the VM through
 //! the exit port, the other vCPUs never print (except when they panic).
 //!
-//! Exit statuses: 0 done, 2 bad command line, 3 bad boot info, 101 panic.
+//! Exit statuses: 0 done, 2 bad command line, 3 bad boot info, 4 a device that cannot
+//! be brought up, 101 panic.
 
 #![no_std]
 #![no_main]
 #![deny(clippy::undocumented_unsafe_blocks)]
+
+extern crate alloc;
 
 #[path = "../../engine/src/boot/abi.rs"]
 #[allow(dead_code)]
 mod abi;
 mod args;
 mod boot;
+mod heap;
 mod mem;
 mod panic;
 mod ports;
 mod serial;
 mod sync;
 mod time;
+mod virtio;
 mod workloads;
 
 use abi::BootInfo;

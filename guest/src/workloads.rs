@@ -5,12 +5,13 @@ mod counter;
 mod crash;
 mod dirty;
 mod hash;
+mod kv;
 
 use crate::args::{self, ArgError, Size};
 use crate::boot::Boot;
 
 /// The workload names, for error messages.
-pub const NAMES: &str = "counter, dirty, hash, crash";
+pub const NAMES: &str = "counter, dirty, hash, kv, crash";
 
 /// A workload with its checked parameters.
 pub enum Workload {
@@ -18,6 +19,7 @@ pub enum Workload {
     Crash(crash::Config),
     Dirty(dirty::Config),
     Hash(hash::Config),
+    Kv(kv::Config),
 }
 
 /// Reads the command line of `boot`.
@@ -28,6 +30,7 @@ pub fn parse(boot: &Boot) -> Result<Workload, ArgError<'static>> {
         crash::NAME => crash::Config::parse(cmdline).map(Workload::Crash),
         dirty::NAME => dirty::Config::parse(cmdline, boot).map(Workload::Dirty),
         hash::NAME => hash::Config::parse(cmdline, boot).map(Workload::Hash),
+        kv::NAME => kv::Config::parse(cmdline, boot).map(Workload::Kv),
         other => Err(ArgError::UnknownWorkload(other)),
     }
 }
@@ -39,6 +42,7 @@ pub fn run(boot: &Boot, workload: Workload) -> ! {
         Workload::Crash(config) => crash::run(boot, &config),
         Workload::Dirty(config) => dirty::run(boot, &config),
         Workload::Hash(config) => hash::run(boot, &config),
+        Workload::Kv(config) => kv::run(boot, &config),
     }
 }
 

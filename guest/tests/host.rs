@@ -10,7 +10,7 @@ mod compute;
 
 /// What `args.rs` takes from the guest's `workloads` module.
 mod workloads {
-    pub const NAMES: &str = "counter, dirty, hash, crash";
+    pub const NAMES: &str = "counter, dirty, hash, kv, crash";
 }
 
 use args::{parse_keys, parse_size, parse_u64, workload, ArgError};

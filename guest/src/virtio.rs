@@ -1,0 +1,5 @@
+//! virtio devices over the modern MMIO transport, driven by polling.
+
+pub mod mmio;
+pub mod net;
+pub mod queue;

@@ -1,0 +1,292 @@
+//! `workload=kv ip=A.B.C.D/NN port=P [gw=A.B.C.D]`: a Redis-protocol key-value service
+//! over the virtio-net device, smoltcp and the guest heap.
+//!
+//! vCPU 0 brings up the device, prints `kv: listening on <ip>:<port> mac=<mac>` and then
+//! runs the network forever: it polls the interface, moves bytes between the TCP
+//! sockets and the protocol code (`resp`, pure and host-tested), and parks on the idle
+//! port when nothing is due (the VMM wakes it early when a frame arrives). The other
+//! vCPUs idle. The data lives in a hash table (`table`) in guest RAM, so checkpoints
+//! and failover carry it along with the TCP state.
+
+mod resp;
+mod table;
+
+use alloc::boxed::Box;
+use alloc::vec;
+use alloc::vec::Vec;
+use core::fmt;
+
+use smoltcp::iface::{self, Interface, SocketHandle, SocketSet, SocketStorage};
+use smoltcp::socket::tcp::{self, State};
+use smoltcp::time::Instant;
+use smoltcp::wire::{EthernetAddress, IpAddress, IpCidr, Ipv4Address};
+
+use crate::abi::VIRTIO_ID_NET;
+use crate::args::{self, ArgError};
+use crate::boot::Boot;
+use crate::heap;
+use crate::ports::{exit, idle, idle_forever};
+use crate::println;
+use crate::time::{rdtsc, Clock};
+use crate::virtio::net::VirtioNet;
+
+pub const NAME: &str = "kv";
+
+/// Status when the virtio-net device cannot be brought up.
+const EXIT_DEVICE: u32 = 4;
+/// The free RAM the service needs at least (sockets, rings, buffers, some data).
+const MIN_FREE: u64 = 16 << 20;
+/// TCP sockets, each listening until a client connects and again after it leaves.
+const SOCKETS: usize = 64;
+const SOCKET_RX_BYTES: usize = 16 << 10;
+const SOCKET_TX_BYTES: usize = 32 << 10;
+/// The longest the network vCPU parks before it looks at the interface again.
+const MAX_IDLE_US: u64 = 1000;
+
+pub struct Config {
+    ip: [u8; 4],
+    prefix: u8,
+    port: u16,
+    gateway: Option<[u8; 4]>,
+    /// MMIO base of the virtio-net device.
+    net_base: u64,
+}
+
+impl Config {
+    pub fn parse<'a>(cmdline: &'a str, boot: &Boot) -> Result<Self, ArgError<'a>> {
+        let mut ip = None;
+        let mut port = 6379;
+        let mut gateway = None;
+        args::parse_keys(cmdline, NAME, &["ip", "port", "gw"], |key, value| {
+            match key {
+                "ip" => ip = Some(args::parse_ipv4_cidr(key, value)?),
+                "port" => {
+                    port = u16::try_from(args::parse_u64(key, value)?)
+                        .ok()
+                        .filter(|port| *port != 0)
+                        .ok_or(ArgError::Invalid {
+                            key,
+                            value,
+                            reason: "is not a TCP port (1..=65535)",
+                        })?;
+                }
+                _ => gateway = Some((args::parse_ipv4(key, value)?, value)),
+            }
+            Ok(())
+        })?;
+        let (ip, prefix) = ip.ok_or(ArgError::Missing {
+            workload: NAME,
+            key: "ip",
+            placeholder: "A.B.C.D/NN",
+        })?;
+        if let Some((gw, text)) = gateway {
+            let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+            if u32::from_be_bytes(gw) & mask != u32::from_be_bytes(ip) & mask {
+                return Err(ArgError::Invalid {
+                    key: "gw",
+                    value: text,
+                    reason: "is outside the subnet given by ip=",
+                });
+            }
+        }
+        let net_base = boot
+            .virtio
+            .iter()
+            .find(|device| device.device_id == VIRTIO_ID_NET)
+            .ok_or(ArgError::NoDevice {
+                workload: NAME,
+                device: "virtio-net",
+                flag: "--net",
+            })?
+            .base;
+        if boot.free_bytes() < MIN_FREE {
+            return Err(ArgError::TooLittleRam {
+                workload: NAME,
+                need: "16M",
+                free: boot.free_bytes(),
+            });
+        }
+        Ok(Config {
+            ip,
+            prefix,
+            port,
+            gateway: gateway.map(|(gw, _)| gw),
+            net_base,
+        })
+    }
+}
+
+pub fn run(boot: &Boot, config: &Config) -> ! {
+    if !boot.is_leader() {
+        idle_forever();
+    }
+    // SAFETY: free RAM from `heap_start` to the end of RAM belongs to the workload, and
+    // in this one only vCPU 0 uses it, through the allocator.
+    unsafe { heap::init(boot.heap_start, boot.ram_size) };
+    let clock = Clock::new(rdtsc(), boot.tsc_khz);
+    let now = || {
+        let us = u128::from(clock.ticks()) * 1000 / u128::from(boot.tsc_khz);
+        Instant::from_micros(us as i64)
+    };
+
+    // SAFETY: the boot info lists this device; nothing else in the guest drives it.
+    let mut device = match unsafe { VirtioNet::new(config.net_base) } {
+        Ok(device) => device,
+        Err(err) => {
+            println!("error: {err}");
+            exit(EXIT_DEVICE)
+        }
+    };
+    let mac = device.mac();
+    let mut iface_config = iface::Config::new(EthernetAddress(mac).into());
+    iface_config.random_seed = rdtsc();
+    let mut iface = Interface::new(iface_config, &mut device, now());
+    let ip = Ipv4Address::from(config.ip);
+    iface.update_ip_addrs(|addrs| {
+        addrs
+            .push(IpCidr::new(IpAddress::Ipv4(ip), config.prefix))
+            .expect("room for one address");
+    });
+    if let Some(gw) = config.gateway {
+        iface
+            .routes_mut()
+            .add_default_ipv4_route(Ipv4Address::from(gw))
+            .expect("room for the default route");
+    }
+
+    let storage: Vec<SocketStorage<'static>> = (0..SOCKETS).map(|_| SocketStorage::EMPTY).collect();
+    let mut sockets = SocketSet::new(Box::leak(storage.into_boxed_slice()));
+    let mut conns: Vec<Conn> = (0..SOCKETS)
+        .map(|_| Conn::new(sockets.add(new_socket())))
+        .collect();
+    let mut store = table::Table::new();
+
+    println!("kv: listening on {ip}:{} mac={}", config.port, Mac(mac));
+    loop {
+        let timestamp = now();
+        let changed = iface.poll(timestamp, &mut device, &mut sockets);
+        let mut progress = false;
+        for conn in &mut conns {
+            progress |= conn.pump(sockets.get_mut(conn.handle), config.port, &mut store);
+        }
+        device.flush();
+        if progress || changed == iface::PollResult::SocketStateChanged || device.rx_pending() {
+            continue;
+        }
+        let delay = iface
+            .poll_delay(timestamp, &sockets)
+            .map_or(MAX_IDLE_US, |delay| delay.total_micros().min(MAX_IDLE_US));
+        if delay > 0 {
+            idle(delay as u32);
+        }
+    }
+}
+
+fn new_socket() -> tcp::Socket<'static> {
+    let rx = tcp::SocketBuffer::new(Box::leak(vec![0u8; SOCKET_RX_BYTES].into_boxed_slice()));
+    let tx = tcp::SocketBuffer::new(Box::leak(vec![0u8; SOCKET_TX_BYTES].into_boxed_slice()));
+    let mut socket = tcp::Socket::new(rx, tx);
+    // Replies go out at once, as Redis sets TCP_NODELAY.
+    socket.set_nagle_enabled(false);
+    socket
+}
+
+/// One TCP socket and the connection it carries.
+struct Conn {
+    handle: SocketHandle,
+    /// Received bytes not yet parsed: the start of a partial request.
+    input: Vec<u8>,
+    /// Replies not yet accepted by the socket, from `sent` on.
+    output: Vec<u8>,
+    sent: usize,
+    /// Close once `output` is sent (QUIT, protocol error).
+    closing: bool,
+}
+
+impl Conn {
+    fn new(handle: SocketHandle) -> Conn {
+        Conn {
+            handle,
+            input: Vec::new(),
+            output: Vec::new(),
+            sent: 0,
+            closing: false,
+        }
+    }
+
+    fn reset(&mut self) {
+        self.input.clear();
+        self.output.clear();
+        self.sent = 0;
+        self.closing = false;
+    }
+
+    /// Moves bytes between the socket and the protocol; whether anything moved.
+    fn pump(&mut self, socket: &mut tcp::Socket<'_>, port: u16, store: &mut table::Table) -> bool {
+        match socket.state() {
+            State::Closed => {
+                self.reset();
+                socket.listen(port).expect("a closed socket can listen");
+                return false;
+            }
+            State::Listen => {
+                self.reset();
+                return false;
+            }
+            _ => {}
+        }
+        let mut progress = false;
+        loop {
+            if self.sent < self.output.len() && socket.can_send() {
+                let n = socket.send_slice(&self.output[self.sent..]).unwrap_or(0);
+                self.sent += n;
+                progress |= n > 0;
+            }
+            if self.sent < self.output.len() {
+                // Read no more requests until the replies so far have gone out.
+                break;
+            }
+            self.output.clear();
+            self.sent = 0;
+            if self.closing {
+                socket.close();
+                break;
+            }
+            if !socket.can_recv() {
+                break;
+            }
+            let input = &mut self.input;
+            let n = socket
+                .recv(|data| {
+                    input.extend_from_slice(data);
+                    (data.len(), data.len())
+                })
+                .unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            progress = true;
+            let served = resp::serve(&self.input, store, &mut self.output);
+            self.input.drain(..served.consumed);
+            if served.close {
+                self.closing = true;
+                self.input.clear();
+            }
+        }
+        // The client has closed its side and every reply is out: close ours.
+        if socket.state() == State::CloseWait && self.output.is_empty() && !socket.can_recv() {
+            socket.close();
+        }
+        progress
+    }
+}
+
+/// A MAC address as `aa:bb:cc:dd:ee:ff`.
+struct Mac([u8; 6]);
+
+impl fmt::Display for Mac {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let [a, b, c, d, e, g] = self.0;
+        write!(f, "{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{g:02x}")
+    }
+}
