@@ -8,6 +8,7 @@
 //! in [`dispatch`]. `stats.rs` holds the percentile helpers they share.
 
 mod args;
+mod checkpoint;
 mod pause;
 mod stats;
 
@@ -18,11 +19,19 @@ use thiserror::Error;
 use crate::args::Args;
 
 /// Subcommands and what they measure, for the usage text.
-const SUBCOMMANDS: &[(&str, &str)] = &[(
-    "pause",
-    "pause latency (until every vCPU is parked, until the state is captured) and resume \
-     latency, 1 and 2 vCPUs, idle and dirtying guest [--samples N (500)] [--gap-ms MS (3)]",
-)];
+const SUBCOMMANDS: &[(&str, &str)] = &[
+    (
+        "pause",
+        "pause latency (until every vCPU is parked, until the state is captured) and resume \
+         latency, 1 and 2 vCPUs, idle and dirtying guest [--samples N (500)] [--gap-ms MS (3)]",
+    ),
+    (
+        "checkpoint",
+        "primary + backup over loopback: pause, commit latency and wire bytes per dirty rate \
+         and interval, guest progress protected / unprotected [--seconds S (3)] \
+         [--intervals 5,25] [--pages 100,1000,10000] [--mem 256M] [--wss 128M]",
+    ),
+];
 
 #[derive(Debug, Error)]
 pub enum BenchError {
@@ -32,6 +41,8 @@ pub enum BenchError {
     Machine(#[from] engine::machine::MachineError),
     #[error("{what}: the guest stopped during the benchmark: {event}")]
     GuestStopped { what: String, event: String },
+    #[error(transparent)]
+    Checkpoint(#[from] checkpoint::CheckpointError),
 }
 
 impl BenchError {
@@ -68,6 +79,7 @@ fn dispatch(args: &[String]) -> Result<(), BenchError> {
     };
     match cmd.as_str() {
         "pause" => pause::run(&Args::parse("pause", rest, pause::OPTIONS)?),
+        "checkpoint" => checkpoint::run(&Args::parse("checkpoint", rest, checkpoint::OPTIONS)?),
         "-h" | "--help" | "help" => {
             print!("{}", usage());
             Ok(())

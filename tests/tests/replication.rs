@@ -1,0 +1,631 @@
+//! Replication end to end: a `lockstep primary` and a `lockstep backup` over loopback.
+//!
+//! - A clean run ends with both sides printing the same `final epoch=E digest=D`.
+//! - A primary stopped mid-computation leaves a backup that finishes the computation with
+//!   the result an unreplicated run gives.
+//! - A configuration mismatch is refused on both sides.
+//! - A corrupt or truncated stream (a proxy thread between the two damages it after the
+//!   initial sync, at a chosen epoch) is never applied: the backup stays on the epoch
+//!   before and says why.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use tests::{kvm_required, lockstep, lockstep_bin, read_console, Run, TempDir, COMMAND_TIMEOUT};
+
+/// `hash=` of `workload=hash rounds=12 wss=32M`, whatever the vCPU count.
+const HASH_12_32M: &str = "hash=2fc630dfe2228656";
+
+/// A port on 127.0.0.1 that was free a moment ago (the race with other tests is accepted).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind 127.0.0.1:0")
+        .port()
+}
+
+/// A `lockstep` process in the background, killed if dropped before [`Spawned::wait`]
+/// (a failing test leaves nothing running).
+struct Spawned {
+    what: String,
+    child: Option<Child>,
+    stdout: Option<JoinHandle<String>>,
+    stderr: Option<JoinHandle<String>>,
+}
+
+impl Spawned {
+    fn start(args: &[&str]) -> Spawned {
+        let mut cmd = Command::new(lockstep_bin());
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .env_remove("RUST_BACKTRACE");
+        let what = format!("{cmd:?}");
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
+        let stdout = drain(child.stdout.take().expect("piped stdout"));
+        let stderr = drain(child.stderr.take().expect("piped stderr"));
+        Spawned {
+            what,
+            child: Some(child),
+            stdout: Some(stdout),
+            stderr: Some(stderr),
+        }
+    }
+
+    /// Waits for the exit; kills the process and fails after [`COMMAND_TIMEOUT`].
+    fn wait(mut self) -> Run {
+        let deadline = Instant::now() + COMMAND_TIMEOUT;
+        let child = self.child.as_mut().expect("not waited for yet");
+        let status = loop {
+            match child.try_wait() {
+                Ok(Some(status)) => break status,
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                Ok(None) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    self.child = None;
+                    panic!("{} did not finish within {COMMAND_TIMEOUT:?}", self.what);
+                }
+                Err(e) => panic!("waiting for {}: {e}", self.what),
+            }
+        };
+        self.child = None;
+        Run {
+            what: std::mem::take(&mut self.what),
+            status,
+            stdout: join(self.stdout.take()),
+            stderr: join(self.stderr.take()),
+        }
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn drain(mut pipe: impl Read + Send + 'static) -> JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = pipe.read_to_end(&mut buf);
+        String::from_utf8_lossy(&buf).into_owned()
+    })
+}
+
+fn join(h: Option<JoinHandle<String>>) -> String {
+    h.map(|h| h.join().expect("output reader"))
+        .unwrap_or_default()
+}
+
+/// Both sides of a finished replication.
+struct Pair {
+    primary: Run,
+    backup: Run,
+}
+
+/// Starts `lockstep backup --listen 127.0.0.1:PORT BACKUP_ARGS...`, then
+/// `lockstep primary --peer 127.0.0.1:PEER PRIMARY_ARGS...` (PEER = PORT unless a proxy
+/// sits between them: `via_proxy` gets the backup's port and returns the port to dial),
+/// and waits for both.
+fn replicate_via(
+    backup_args: &[&str],
+    primary_args: &[&str],
+    via_proxy: impl FnOnce(u16) -> u16,
+) -> Pair {
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut args = vec!["backup", "--listen", &listen];
+    args.extend_from_slice(backup_args);
+    let backup = Spawned::start(&args);
+    let peer = format!("127.0.0.1:{}", via_proxy(port));
+    let mut args = vec!["primary", "--peer", &peer, "--connect-timeout-s", "20"];
+    args.extend_from_slice(primary_args);
+    let primary = Spawned::start(&args);
+    let primary = primary.wait();
+    let backup = backup.wait();
+    Pair { primary, backup }
+}
+
+fn replicate(backup_args: &[&str], primary_args: &[&str]) -> Pair {
+    replicate_via(backup_args, primary_args, |port| port)
+}
+
+/// The one `final epoch=E digest=D` line of a side's stdout, parsed.
+fn final_line(run: &Run) -> (u64, String) {
+    let lines: Vec<&str> = run
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with("final "))
+        .collect();
+    let [line] = lines.as_slice() else {
+        panic!("expected one 'final' line on stdout: {run:?}");
+    };
+    let parsed = line
+        .strip_prefix("final epoch=")
+        .and_then(|r| r.split_once(" digest="))
+        .and_then(|(e, d)| Some((e.parse::<u64>().ok()?, d.to_string())));
+    match parsed {
+        Some((e, d)) if d.len() == 16 && d.bytes().all(|b| b.is_ascii_hexdigit()) => (e, d),
+        _ => panic!("malformed final line '{line}': {run:?}"),
+    }
+}
+
+/// Both sides ended cleanly on the same epoch with the same digest; returns the epoch.
+fn assert_same_final(pair: &Pair) -> u64 {
+    assert!(
+        pair.primary.status.success() && pair.backup.status.success(),
+        "replication failed\nprimary: {:#?}\nbackup: {:#?}",
+        pair.primary,
+        pair.backup
+    );
+    let (pe, pd) = final_line(&pair.primary);
+    let (be, bd) = final_line(&pair.backup);
+    assert_eq!(
+        (pe, &pd),
+        (be, &bd),
+        "primary and backup disagree\nprimary: {:?}\nbackup: {:?}",
+        pair.primary,
+        pair.backup
+    );
+    pe
+}
+
+/// The side failed with exactly one `lockstep: error:` line (its log lines aside), which
+/// contains each of `needles`, did not panic, and printed no `final` line. Returns the line.
+fn assert_failed_with<'a>(run: &'a Run, needles: &[&str]) -> &'a str {
+    assert!(!run.status.success(), "expected a failure: {run:?}");
+    assert!(
+        !run.stdout.contains("final "),
+        "a failed side printed a final digest: {run:?}"
+    );
+    for bad in ["panicked", "stack backtrace"] {
+        assert!(!run.stderr.contains(bad), "stderr shows a panic: {run:?}");
+    }
+    let errors: Vec<&str> = run
+        .stderr
+        .lines()
+        .filter(|l| l.contains("lockstep: error:"))
+        .collect();
+    let [line] = errors.as_slice() else {
+        panic!("expected exactly one 'lockstep: error:' line: {run:?}");
+    };
+    assert!(
+        line.starts_with("lockstep: error: "),
+        "the error is not on a line of its own: {run:?}"
+    );
+    for needle in needles {
+        assert!(
+            line.contains(needle),
+            "the error line does not mention '{needle}': {run:?}"
+        );
+    }
+    line
+}
+
+fn replicated_dirty(vcpus: &str) {
+    let dir = TempDir::new(&format!("repl-dirty-{vcpus}"));
+    let console = dir.arg("primary-console.txt");
+    let pair = replicate(
+        &["--console", "none"],
+        &[
+            "--mem",
+            "64M",
+            "--vcpus",
+            vcpus,
+            "--interval-ms",
+            "25",
+            "--guest",
+            "builtin",
+            "--guest-args",
+            "workload=dirty pages_per_ms=20 wss=16M seconds=2",
+            "--console",
+            &console,
+        ],
+    );
+    // How many epochs fit in the guest's 2 s depends on the load (the guest also runs
+    // during the initial sync); the count is the benchmark's business, not the test's.
+    assert_same_final(&pair);
+    let out = read_console(console.as_ref());
+    assert!(
+        out.lines().filter(|l| l.starts_with("dirty: ms=")).count() >= 2
+            && out.trim_end().ends_with("dirty: done"),
+        "the primary's guest did not run to the end:\n{out}"
+    );
+    assert_eq!(
+        pair.backup.stdout.lines().count(),
+        1,
+        "the backup's stdout is its final line only: {:?}",
+        pair.backup
+    );
+}
+
+#[test]
+fn dirty_one_vcpu_ends_with_equal_digests() {
+    if !kvm_required() {
+        return;
+    }
+    replicated_dirty("1");
+}
+
+#[test]
+fn dirty_two_vcpus_ends_with_equal_digests() {
+    if !kvm_required() {
+        return;
+    }
+    replicated_dirty("2");
+}
+
+fn replicated_hash(vcpus: &str) {
+    let dir = TempDir::new(&format!("repl-hash-{vcpus}"));
+    let console = dir.arg("primary-console.txt");
+    let pair = replicate(
+        &["--console", "none"],
+        &[
+            "--mem",
+            "64M",
+            "--vcpus",
+            vcpus,
+            "--guest",
+            "builtin",
+            "--guest-args",
+            "workload=hash rounds=12 wss=32M",
+            "--console",
+            &console,
+        ],
+    );
+    assert_same_final(&pair);
+    assert_eq!(read_console(console.as_ref()).trim_end(), HASH_12_32M);
+}
+
+#[test]
+fn hash_one_vcpu_ends_with_equal_digests() {
+    if !kvm_required() {
+        return;
+    }
+    replicated_hash("1");
+}
+
+#[test]
+fn hash_two_vcpus_ends_with_equal_digests() {
+    if !kvm_required() {
+        return;
+    }
+    replicated_hash("2");
+}
+
+/// The primary stops half a second into its epochs, long before the guest's hash is done
+/// (the hash takes several seconds); the backup resumes the committed state and must reach
+/// the hash an unreplicated run computes.
+#[test]
+fn backup_finishes_a_hash_the_primary_left_midway() {
+    if !kvm_required() {
+        return;
+    }
+    const ARGS: &str = "workload=hash rounds=32 wss=32M";
+    let reference = std::thread::spawn(|| {
+        lockstep(&[
+            "run",
+            "--mem",
+            "64M",
+            "--vcpus",
+            "2",
+            "--guest",
+            "builtin",
+            "--guest-args",
+            ARGS,
+        ])
+    });
+    let dir = TempDir::new("repl-hash-midway");
+    let primary_console = dir.arg("primary-console.txt");
+    let backup_console = dir.arg("backup-console.txt");
+    let pair = replicate(
+        &["--run-after-end", "--console", &backup_console],
+        &[
+            "--seconds",
+            "0.5",
+            "--mem",
+            "64M",
+            "--vcpus",
+            "2",
+            "--guest",
+            "builtin",
+            "--guest-args",
+            ARGS,
+            "--console",
+            &primary_console,
+        ],
+    );
+    assert_same_final(&pair);
+    let reference = reference.join().expect("reference run");
+    reference.assert_success();
+    let expected = reference
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("hash="))
+        .unwrap_or_else(|| panic!("no hash from the unreplicated run: {reference:?}"));
+
+    let on_primary = read_console(primary_console.as_ref());
+    assert!(
+        !on_primary.contains("hash="),
+        "the primary finished the hash within its 0.5 s, so the test proves nothing: \
+         {on_primary}"
+    );
+    let on_backup = read_console(backup_console.as_ref());
+    assert_eq!(
+        on_backup.trim_end().lines().last(),
+        Some(expected),
+        "the resumed backup's console:\n{on_backup}\nbackup: {:?}",
+        pair.backup
+    );
+}
+
+#[test]
+fn vcpu_count_mismatch_is_refused_on_both_sides() {
+    if !kvm_required() {
+        return;
+    }
+    let pair = replicate(
+        &["--vcpus", "2", "--console", "none"],
+        &[
+            "--vcpus",
+            "1",
+            "--mem",
+            "64M",
+            "--guest",
+            "builtin",
+            "--guest-args",
+            "workload=dirty pages_per_ms=10 wss=8M seconds=2",
+            "--console",
+            "none",
+        ],
+    );
+    let difference = "vCPU count differs: backup 2, primary 1";
+    assert_failed_with(&pair.backup, &[difference]);
+    assert_failed_with(&pair.primary, &[difference]);
+}
+
+/// What the proxy does to the primary's stream.
+#[derive(Clone, Copy, Debug)]
+enum Fault {
+    /// Flip one byte in the middle of the payload of the first `Pages` frame of `epoch`.
+    Flip { epoch: u64 },
+    /// Forward the first half of that frame, then end the stream to the backup.
+    Truncate { epoch: u64 },
+}
+
+impl Fault {
+    fn epoch(self) -> u64 {
+        match self {
+            Fault::Flip { epoch } | Fault::Truncate { epoch } => epoch,
+        }
+    }
+}
+
+/// What the proxy saw.
+#[derive(Debug, Default)]
+struct ProxyReport {
+    /// Frames forwarded from the primary.
+    frames: u64,
+    /// Stream offset of the damaged byte (flip) or of the cut (truncate).
+    damaged_at: Option<u64>,
+    /// Why forwarding stopped, if not at the fault.
+    ended: String,
+}
+
+/// The frame header as the wire protocol defines it (checkpoint/src/protocol/mod.rs),
+/// read independently of the engine: magic "LKSP", version u16, kind u8, flags u8,
+/// epoch u64, payload length u32, CRC32 u32, all little-endian.
+const HEADER_LEN: usize = 24;
+const KIND_PAGES: u8 = 6;
+
+/// A TCP proxy between primary and backup that frames the primary's stream and damages
+/// it once, as `fault` says. Acks flow back untouched.
+struct Proxy {
+    port: u16,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<ProxyReport>>,
+}
+
+impl Proxy {
+    fn start(backup_port: u16, fault: Fault) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the proxy");
+        let port = listener.local_addr().expect("proxy address").port();
+        listener.set_nonblocking(true).expect("non-blocking accept");
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            let mut report = ProxyReport::default();
+            let from_primary = loop {
+                match listener.accept() {
+                    Ok((s, _)) => break s,
+                    Err(_) if flag.load(Ordering::SeqCst) => {
+                        report.ended = "stopped before the primary connected".into();
+                        return report;
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            };
+            from_primary.set_nonblocking(false).expect("blocking");
+            let deadline = Instant::now() + Duration::from_secs(20);
+            let to_backup = loop {
+                match TcpStream::connect(("127.0.0.1", backup_port)) {
+                    Ok(s) => break s,
+                    Err(e) if Instant::now() > deadline => {
+                        report.ended = format!("cannot reach the backup: {e}");
+                        return report;
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            };
+            let _ = to_backup.set_nodelay(true);
+            let _ = from_primary.set_nodelay(true);
+            let (mut back_rx, mut back_tx) = (
+                to_backup.try_clone().expect("clone"),
+                from_primary.try_clone().expect("clone"),
+            );
+            let acks = std::thread::spawn(move || {
+                let _ = std::io::copy(&mut back_rx, &mut back_tx);
+                let _ = back_tx.shutdown(Shutdown::Write);
+            });
+            report.ended = forward(&from_primary, &to_backup, fault, &mut report);
+            // Only half-close towards the backup: it must see the end of the stream, not a
+            // reset of the acks it may still be sending. The primary learns of it once the
+            // backup has closed its side.
+            let _ = to_backup.shutdown(Shutdown::Write);
+            let _ = acks.join();
+            let _ = from_primary.shutdown(Shutdown::Both);
+            report
+        });
+        Proxy {
+            port,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn finish(mut self) -> ProxyReport {
+        self.stop.store(true, Ordering::SeqCst);
+        self.thread
+            .take()
+            .expect("proxy thread")
+            .join()
+            .expect("proxy thread panicked")
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        // The thread ends once the processes are gone (their sockets close).
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Copies frames from the primary to the backup until the stream ends, damaging one.
+fn forward(
+    mut from: &TcpStream,
+    mut to: &TcpStream,
+    fault: Fault,
+    report: &mut ProxyReport,
+) -> String {
+    let mut offset = 0u64;
+    let mut payload = Vec::new();
+    loop {
+        let mut header = [0u8; HEADER_LEN];
+        if let Err(e) = from.read_exact(&mut header) {
+            return format!("primary stream ended: {e}");
+        }
+        if &header[..4] != b"LKSP" {
+            return format!("not a lockstep frame at offset {offset}: {header:02x?}");
+        }
+        let kind = header[6];
+        let epoch = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
+        let len = u32::from_le_bytes(header[16..20].try_into().expect("4 bytes")) as usize;
+        payload.resize(len, 0);
+        if let Err(e) = from.read_exact(&mut payload) {
+            return format!("primary stream ended in a frame: {e}");
+        }
+        let target =
+            report.damaged_at.is_none() && kind == KIND_PAGES && epoch == fault.epoch() && len > 2;
+        if target {
+            let middle = len / 2;
+            report.damaged_at = Some(offset + (HEADER_LEN + middle) as u64);
+            match fault {
+                Fault::Flip { .. } => payload[middle] ^= 0x5a,
+                Fault::Truncate { .. } => {
+                    let _ = to
+                        .write_all(&header)
+                        .and_then(|()| to.write_all(&payload[..middle]));
+                    return format!("cut in the middle of epoch {epoch}'s Pages frame");
+                }
+            }
+        }
+        if let Err(e) = to.write_all(&header).and_then(|()| to.write_all(&payload)) {
+            return format!("backup stream ended: {e}");
+        }
+        offset += (HEADER_LEN + len) as u64;
+        report.frames += 1;
+    }
+}
+
+/// Replicates a guest that would run for a while through a proxy that damages `fault`'s
+/// epoch; returns both sides and what the proxy did.
+fn replicate_with_fault(fault: Fault) -> (Pair, ProxyReport) {
+    let mut proxy = None;
+    let pair = replicate_via(
+        &["--console", "none"],
+        &[
+            "--mem",
+            "64M",
+            "--interval-ms",
+            "25",
+            "--guest",
+            "builtin",
+            "--guest-args",
+            "workload=dirty pages_per_ms=20 wss=16M seconds=10",
+            "--console",
+            "none",
+        ],
+        |backup_port| {
+            let p = Proxy::start(backup_port, fault);
+            let port = p.port;
+            proxy = Some(p);
+            port
+        },
+    );
+    let report = proxy.expect("proxy started").finish();
+    assert!(
+        report.damaged_at.is_some(),
+        "the proxy never saw epoch {}'s pages: {report:?}\nprimary: {:?}\nbackup: {:?}",
+        fault.epoch(),
+        pair.primary,
+        pair.backup
+    );
+    (pair, report)
+}
+
+#[test]
+fn corrupt_epoch_is_never_applied() {
+    if !kvm_required() {
+        return;
+    }
+    let (pair, report) = replicate_with_fault(Fault::Flip { epoch: 5 });
+    let line = assert_failed_with(
+        &pair.backup,
+        &[
+            "frame checksum mismatch at epoch 5",
+            "holds committed epoch 4",
+        ],
+    );
+    assert_eq!(pair.backup.code(), Some(1), "{line}");
+    let primary = assert_failed_with(&pair.primary, &["backup"]);
+    eprintln!("backup: {line}\nprimary: {primary}\nproxy: {report:?}");
+}
+
+#[test]
+fn truncated_stream_leaves_the_last_whole_epoch() {
+    if !kvm_required() {
+        return;
+    }
+    let (pair, report) = replicate_with_fault(Fault::Truncate { epoch: 5 });
+    let line = assert_failed_with(
+        &pair.backup,
+        &["in the middle of a frame", "holds committed epoch 4"],
+    );
+    assert_eq!(pair.backup.code(), Some(1), "{line}");
+    let primary = assert_failed_with(&pair.primary, &["backup"]);
+    eprintln!("backup: {line}\nprimary: {primary}\nproxy: {report:?}");
+}
