@@ -26,14 +26,14 @@ usage:
                [--snapshot-after-ms MS --snapshot-to DIR]
   lockstep restore DIR [--console stdout|none|PATH] [--net tap=NAME[,mac=MAC]]
   lockstep primary --peer ADDR:PORT [--interval-ms MS] [--seconds S] [--window N]
-               [--name NAME] <the run options>
+               [--min-interval-ms MS] [--no-early-checkpoint] [--name NAME] <the run options>
   lockstep backup --listen ADDR:PORT [--mem SIZE] [--vcpus N] [--name NAME]
                [--run-after-end] [--console stdout|none|PATH] [--net tap=NAME[,mac=MAC]]
 
 The built-in guest runs workload=counter|dirty|hash (see README.md).";
 
 /// Workloads of the built-in guest, checked before boot so a typo is a clear error.
-pub const BUILTIN_WORKLOADS: &[&str] = &["counter", "dirty", "hash"];
+pub const BUILTIN_WORKLOADS: &[&str] = &["counter", "dirty", "hash", "kv", "crash"];
 
 #[derive(Debug, Error)]
 pub enum CliError {
@@ -229,7 +229,7 @@ impl GuestOptions {
             Some(m) => parse_size(m)?,
             None => DEFAULT_MEM,
         };
-        crate::vstate::memory::validate_size(mem).map_err(MachineError::from)?;
+        crate::vstate::memory::validate_size(mem).map_err(|e| usage(e.to_string()))?;
         let vcpus: u32 = o.number("vcpus")?.unwrap_or(1);
         let max = crate::boot::abi::MAX_VCPUS;
         if vcpus == 0 || vcpus > max {
@@ -316,6 +316,7 @@ fn cmd_primary(args: &[String]) -> Result<ExitCode, CliError> {
     log::init("primary");
     let mut valued = GUEST_OPTIONS.to_vec();
     valued.extend([
+        "min-interval-ms",
         "peer",
         "interval-ms",
         "seconds",
@@ -323,7 +324,7 @@ fn cmd_primary(args: &[String]) -> Result<ExitCode, CliError> {
         "name",
         "connect-timeout-s",
     ]);
-    let o = Options::parse("primary", args, &valued, &[])?;
+    let o = Options::parse("primary", args, &valued, &["no-early-checkpoint"])?;
     o.no_positional()?;
     let g = GuestOptions::from(&o)?;
     let peer = o
@@ -347,6 +348,8 @@ fn cmd_primary(args: &[String]) -> Result<ExitCode, CliError> {
         name: o.get("name").unwrap_or("lockstep").to_string(),
         window,
         backup_timeout: Duration::from_secs(5),
+        early_checkpoint: !o.switch("no-early-checkpoint"),
+        min_interval: Duration::from_millis(o.number("min-interval-ms")?.unwrap_or(2)),
     };
     let status = primary::run(g, opts)?;
     Ok(ExitCode::from(status))
@@ -357,7 +360,15 @@ fn cmd_backup(args: &[String]) -> Result<ExitCode, CliError> {
     let o = Options::parse(
         "backup",
         args,
-        &["listen", "mem", "vcpus", "name", "console", "net"],
+        &[
+            "listen",
+            "mem",
+            "vcpus",
+            "name",
+            "console",
+            "net",
+            "test-withhold-acks-ms",
+        ],
         &["run-after-end"],
     )?;
     o.no_positional()?;
@@ -366,7 +377,7 @@ fn cmd_backup(args: &[String]) -> Result<ExitCode, CliError> {
         .ok_or_else(|| usage("--listen ADDR:PORT is required"))?;
     let mem = o.get("mem").map(parse_size).transpose()?;
     if let Some(m) = mem {
-        crate::vstate::memory::validate_size(m).map_err(MachineError::from)?;
+        crate::vstate::memory::validate_size(m).map_err(|e| usage(e.to_string()))?;
     }
     let console = Console::parse(o.get("console").unwrap_or("stdout"));
     let opts = BackupOptions {
@@ -378,6 +389,9 @@ fn cmd_backup(args: &[String]) -> Result<ExitCode, CliError> {
         net: net_option(&o)?,
         console: console.clone(),
         primary_timeout: Duration::from_secs(5),
+        withhold_acks: o
+            .number("test-withhold-acks-ms")?
+            .map(Duration::from_millis),
     };
     let committed = backup::run(opts.clone())?;
     match committed {

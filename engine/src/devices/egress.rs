@@ -26,6 +26,8 @@ pub struct Egress {
     tap: Arc<Tap>,
     buffer: Mutex<(EgressBuffer, EgressCounters)>,
     open_epoch: AtomicU64,
+    /// Frames held that belong to the open epoch (no checkpoint covers them yet).
+    open_frames: AtomicU64,
 }
 
 impl Egress {
@@ -40,6 +42,7 @@ impl Egress {
             tap,
             buffer: Mutex::new((buffer, EgressCounters::default())),
             open_epoch: AtomicU64::new(1),
+            open_frames: AtomicU64::new(0),
         }
     }
 
@@ -65,6 +68,12 @@ impl Egress {
     /// The epoch that frames sent from now on belong to (set while the guest is paused).
     pub fn set_open_epoch(&self, epoch: u64) {
         self.open_epoch.store(epoch, Ordering::SeqCst);
+        self.open_frames.store(0, Ordering::SeqCst);
+    }
+
+    /// Whether the guest produced output that waits for a checkpoint not yet taken.
+    pub fn open_output(&self) -> bool {
+        self.open_frames.load(Ordering::SeqCst) > 0
     }
 
     pub fn has_room(&self, len: usize) -> bool {
@@ -85,7 +94,10 @@ impl Egress {
                 self.transmit(&mut g.1, [f]);
                 Ok(())
             }
-            Ok(Pushed::Held) => Ok(()),
+            Ok(Pushed::Held) => {
+                self.open_frames.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            }
             Err(e) => match e.into_packet() {
                 Some(f) => Err(f),
                 None => Ok(()),

@@ -148,6 +148,9 @@ impl Devices {
             t.set_frozen(false);
             // Whatever waited during the freeze (a received frame, blocked output).
             t.kick(0);
+            if t.device.tx_blocked {
+                t.kick(1);
+            }
         }
     }
 

@@ -66,6 +66,9 @@ pub struct BackupOptions {
     pub net: Option<NetConfig>,
     /// How long the primary may stay silent before it counts as lost.
     pub primary_timeout: Duration,
+    /// Test-only: after epoch 1 commits, send no ack for this long (then one cumulative
+    /// ack). Shows output commit: the primary's clients see nothing meanwhile.
+    pub withhold_acks: Option<Duration>,
 }
 
 /// The state blob may not exceed this (a few vCPUs' state is ~30 KiB).
@@ -80,7 +83,7 @@ pub struct Committed {
 }
 
 /// Runs `lockstep backup`. With `--run-after-end`, returns the resumed guest's exit status.
-pub fn run(opts: BackupOptions) -> Result<Option<Committed>, BackupError> {
+pub fn run(mut opts: BackupOptions) -> Result<Option<Committed>, BackupError> {
     install_stop_handler();
     let listener = TcpListener::bind(&opts.listen).map_err(|source| BackupError::Listen {
         addr: opts.listen.clone(),
@@ -129,12 +132,31 @@ pub fn run(opts: BackupOptions) -> Result<Option<Committed>, BackupError> {
     let mut staging = Staging::new(&memory, MAX_STATE_LEN);
     let mut last_report = Instant::now();
     let mut rejected = 0u64;
+    let mut withheld_since: Option<Instant> = None;
     loop {
         if stop_requested() {
             return Err(BackupError::Stopped(staging.committed_epoch()));
         }
-        let msg = match conn.recv(Some(opts.primary_timeout)) {
+        let mut timeout = opts.primary_timeout;
+        if let (Some(d), Some(since)) = (opts.withhold_acks, withheld_since) {
+            if since.elapsed() >= d {
+                // The withholding is over: one cumulative ack for everything committed.
+                conn.send(&Message::Ack {
+                    epoch: staging.committed_epoch(),
+                })?;
+                info!(
+                    "acks withheld for {d:?}; acknowledged epoch {}",
+                    staging.committed_epoch()
+                );
+                withheld_since = None;
+                opts.withhold_acks = None;
+            } else {
+                timeout = timeout.min(d - since.elapsed());
+            }
+        }
+        let msg = match conn.recv(Some(timeout)) {
             Ok(m) => m,
+            Err(TransportError::Timeout(_)) if timeout < opts.primary_timeout => continue,
             Err(e) => {
                 staging.abort();
                 let why = match e {
@@ -165,6 +187,12 @@ pub fn run(opts: BackupOptions) -> Result<Option<Committed>, BackupError> {
                 }
             }
             Ok(Step::Committed { epoch }) => {
+                if let Some(d) = opts.withhold_acks {
+                    let since = *withheld_since.get_or_insert_with(Instant::now);
+                    if epoch > 1 && since.elapsed() < d {
+                        continue;
+                    }
+                }
                 conn.send(&Message::Ack { epoch })?;
                 if epoch == 1 {
                     info!("epoch 1 committed: the backup holds a runnable copy");

@@ -31,6 +31,8 @@ use thiserror::Error;
 use super::stats::PrimaryStats;
 use super::{guest_id, install_stop_handler, stop_requested};
 use crate::cli::GuestOptions;
+use crate::devices::egress::Egress;
+use crate::devices::virtio::net::NetTransport;
 use crate::machine::{Machine, MachineError};
 use crate::vstate::dirty::{DirtyError, DirtyLog};
 use crate::vstate::memory::{self, ram_size};
@@ -81,6 +83,10 @@ pub struct PrimaryOptions {
     pub window: usize,
     /// How long the backup may stay silent before it counts as lost.
     pub backup_timeout: Duration,
+    /// End an epoch early when the guest's output waits for it and the epoch has run at
+    /// least `min_interval` (so a reply waits about one pause plus one round trip).
+    pub early_checkpoint: bool,
+    pub min_interval: Duration,
 }
 
 /// Default epoch interval; see README ("Choosing the interval").
@@ -153,7 +159,18 @@ pub fn run(guest: GuestOptions, opts: PrimaryOptions) -> Result<u8, PrimaryError
         0,
     )));
     let (ack_tx, acks) = unbounded();
-    spawn_ack_reader(rx, Arc::clone(&inflight), ack_tx, opts.backup_timeout);
+    let output = machine.net().map(|n| {
+        n.egress.set_open_epoch(1);
+        n.egress.protect();
+        (Arc::clone(&n.egress), Arc::clone(&n.transport))
+    });
+    spawn_ack_reader(
+        rx,
+        Arc::clone(&inflight),
+        ack_tx,
+        opts.backup_timeout,
+        output,
+    );
     let workers = std::thread::available_parallelism()
         .map_or(2, |n| n.get())
         .min(4);
@@ -214,16 +231,27 @@ fn spawn_ack_reader(
     inflight: Arc<SharedInFlight>,
     events: Sender<AckEvent>,
     timeout: Duration,
+    output: Option<(Arc<Egress>, NetTransport)>,
 ) {
     std::thread::Builder::new()
         .name("acks".into())
         .spawn(move || loop {
             let ev = match rx.recv(Some(timeout)) {
                 Ok(Message::Ack { epoch }) => match inflight.acked(epoch) {
-                    Ok(_) => AckEvent::Ack {
-                        epoch,
-                        at: Instant::now(),
-                    },
+                    Ok(_) => {
+                        // Output commit: what the guest sent up to this epoch may leave now.
+                        if let Some((egress, net)) = &output {
+                            egress.release(epoch);
+                            let mut t = crate::devices::lock(net);
+                            if t.device.tx_blocked {
+                                t.kick(1);
+                            }
+                        }
+                        AckEvent::Ack {
+                            epoch,
+                            at: Instant::now(),
+                        }
+                    }
                     Err(e) => AckEvent::Lost(e.to_string()),
                 },
                 Ok(Message::Nack { epoch, reason }) => AckEvent::Nack { epoch, reason },
@@ -366,8 +394,14 @@ impl Primary {
         if let Some(status) = self.exit_status {
             return Ok(u8::try_from(status).unwrap_or(u8::MAX));
         }
+        let early = self.opts.early_checkpoint && self.machine.net().is_some();
+        let mut last_start = Instant::now();
         loop {
-            let wait = next
+            let mut deadline = next;
+            if early {
+                deadline = deadline.min(last_start + self.opts.min_interval);
+            }
+            let wait = deadline
                 .saturating_duration_since(Instant::now())
                 .min(Duration::from_millis(50));
             match self.machine.wait_event(wait) {
@@ -383,8 +417,15 @@ impl Primary {
             if stop_requested() || self.opts.seconds.is_some_and(|s| start.elapsed() >= s) {
                 return Ok(0);
             }
-            if Instant::now() < next {
+            let now = Instant::now();
+            let output_waits = early
+                && now >= last_start + self.opts.min_interval
+                && self.machine.net().is_some_and(|n| n.egress.open_output());
+            if now < next && !output_waits {
                 continue;
+            }
+            if output_waits && now < next {
+                self.stats.early += 1;
             }
             let pacing = self.inflight.lock().pacing();
             match pacing {
@@ -402,6 +443,7 @@ impl Primary {
             }
             let t0 = Instant::now();
             self.checkpoint(false)?;
+            last_start = t0;
             next = t0 + self.opts.interval;
         }
     }
@@ -428,6 +470,10 @@ impl Primary {
     fn checkpoint(&mut self, last: bool) -> Result<(), PrimaryError> {
         let t0 = Instant::now();
         let (state, timing) = self.machine.pause_and_capture()?;
+        // Output from now on belongs to the next epoch.
+        if let Some(n) = self.machine.net() {
+            n.egress.set_open_epoch(self.epoch + 2);
+        }
         let (fd, mem) = (self.machine.vm().fd(), self.machine.memory());
         self.dirty.harvest(fd, mem, &mut self.pfns)?;
         if !self.carry.is_empty() {
@@ -489,6 +535,15 @@ impl Primary {
         println!("final epoch={epoch} digest={digest}");
         info!("{}", self.stats.summary());
         info!("{}", self.stats.pause_breakdown());
+        if let Some(n) = self.machine.net() {
+            let (p50, p99, held) = n.egress.hold_times();
+            let c = n.egress.counters();
+            info!(
+                "output commit: {held} frames held, hold time p50={p50} us p99={p99} us, \
+                 {} frames sent, {} tap errors, {} early checkpoints",
+                c.sent, c.tap_errors, self.stats.early
+            );
+        }
         if self.stats.throttled > 0 {
             warn!(
                 "the backup fell behind {} times; the guest was held for {:.1} ms in all",

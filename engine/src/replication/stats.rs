@@ -64,6 +64,8 @@ pub struct PrimaryStats {
     pub commit_us: Samples,
     /// Encoded pages by encoding (zero, delta, lz4, raw).
     pub encodings: [u64; 8],
+    /// Epochs ended early because output waited for them.
+    pub early: u64,
     /// Epochs where the window told us to wait for the backup.
     pub throttled: u64,
     /// Time the guest spent paused because the backup was behind.

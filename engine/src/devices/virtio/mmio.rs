@@ -136,10 +136,8 @@ impl<D: VirtioDevice> MmioTransport<D> {
                     }
                 }
             }
-            0x050 => {
-                if self.is_active() {
-                    self.device.notify(v as usize, &mut self.queues, &self.mem);
-                }
+            0x050 if self.is_active() => {
+                self.device.notify(v as usize, &mut self.queues, &self.mem);
             }
             0x064 => self.interrupt_status &= !v,
             0x070 => self.set_status(v),
