@@ -12,7 +12,7 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -20,6 +20,14 @@ use tests::{kvm_required, lockstep, lockstep_bin, read_console, Run, TempDir, CO
 
 /// `hash=` of `workload=hash rounds=12 wss=32M`, whatever the vCPU count.
 const HASH_12_32M: &str = "hash=2fc630dfe2228656";
+
+/// Serializes the tests of this file. A pair keeps two or three threads busy (the guest,
+/// the primary's encoder, the backup) and the machines here have two cores: pairs running
+/// side by side would slow each other's initial sync for nothing.
+fn one_pair_at_a_time() -> MutexGuard<'static, ()> {
+    static PAIRS: Mutex<()> = Mutex::new(());
+    PAIRS.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// A port on 127.0.0.1 that was free a moment ago (the race with other tests is accepted).
 fn free_port() -> u16 {
@@ -258,6 +266,7 @@ fn dirty_one_vcpu_ends_with_equal_digests() {
     if !kvm_required() {
         return;
     }
+    let _serial = one_pair_at_a_time();
     replicated_dirty("1");
 }
 
@@ -266,6 +275,7 @@ fn dirty_two_vcpus_ends_with_equal_digests() {
     if !kvm_required() {
         return;
     }
+    let _serial = one_pair_at_a_time();
     replicated_dirty("2");
 }
 
@@ -296,6 +306,7 @@ fn hash_one_vcpu_ends_with_equal_digests() {
     if !kvm_required() {
         return;
     }
+    let _serial = one_pair_at_a_time();
     replicated_hash("1");
 }
 
@@ -304,6 +315,7 @@ fn hash_two_vcpus_ends_with_equal_digests() {
     if !kvm_required() {
         return;
     }
+    let _serial = one_pair_at_a_time();
     replicated_hash("2");
 }
 
@@ -315,20 +327,8 @@ fn backup_finishes_a_hash_the_primary_left_midway() {
     if !kvm_required() {
         return;
     }
+    let _serial = one_pair_at_a_time();
     const ARGS: &str = "workload=hash rounds=32 wss=32M";
-    let reference = std::thread::spawn(|| {
-        lockstep(&[
-            "run",
-            "--mem",
-            "64M",
-            "--vcpus",
-            "2",
-            "--guest",
-            "builtin",
-            "--guest-args",
-            ARGS,
-        ])
-    });
     let dir = TempDir::new("repl-hash-midway");
     let primary_console = dir.arg("primary-console.txt");
     let backup_console = dir.arg("backup-console.txt");
@@ -350,7 +350,17 @@ fn backup_finishes_a_hash_the_primary_left_midway() {
         ],
     );
     assert_same_final(&pair);
-    let reference = reference.join().expect("reference run");
+    let reference = lockstep(&[
+        "run",
+        "--mem",
+        "64M",
+        "--vcpus",
+        "2",
+        "--guest",
+        "builtin",
+        "--guest-args",
+        ARGS,
+    ]);
     reference.assert_success();
     let expected = reference
         .stdout
@@ -378,6 +388,7 @@ fn vcpu_count_mismatch_is_refused_on_both_sides() {
     if !kvm_required() {
         return;
     }
+    let _serial = one_pair_at_a_time();
     let pair = replicate(
         &["--vcpus", "2", "--console", "none"],
         &[
@@ -602,6 +613,7 @@ fn corrupt_epoch_is_never_applied() {
     if !kvm_required() {
         return;
     }
+    let _serial = one_pair_at_a_time();
     let (pair, report) = replicate_with_fault(Fault::Flip { epoch: 5 });
     let line = assert_failed_with(
         &pair.backup,
@@ -620,6 +632,7 @@ fn truncated_stream_leaves_the_last_whole_epoch() {
     if !kvm_required() {
         return;
     }
+    let _serial = one_pair_at_a_time();
     let (pair, report) = replicate_with_fault(Fault::Truncate { epoch: 5 });
     let line = assert_failed_with(
         &pair.backup,
