@@ -114,6 +114,7 @@ fn measure(
         mem_size: MEM_SIZE,
         vcpus,
         console: Console::Null,
+        net: None,
     };
     let guest_args = format!("{} seconds={seconds}", load.guest_args);
     let mut m = Machine::boot(&cfg, engine::BUILTIN_GUEST, &guest_args)?;

@@ -64,6 +64,7 @@ fn pause_resume_cycles(vcpus: u32) {
         mem_size: 256 << 20,
         vcpus,
         console: Console::File(console.clone()),
+        net: None,
     };
     let args = format!("{WORKLOAD} seconds={GUEST_SECONDS}");
     let mut m = Machine::boot(&cfg, engine::BUILTIN_GUEST, &args).expect("boot");

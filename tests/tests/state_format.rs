@@ -15,6 +15,7 @@ fn captured_state() -> MachineState {
         mem_size: 64 << 20,
         vcpus: 2,
         console: Console::Null,
+        net: None,
     };
     let mut m = Machine::boot(
         &cfg,

@@ -133,6 +133,7 @@ pub fn run(mut opts: BackupOptions) -> Result<Option<Committed>, BackupError> {
     let mut last_report = Instant::now();
     let mut rejected = 0u64;
     let mut withheld_since: Option<Instant> = None;
+    let mut last_heartbeat = Instant::now();
     loop {
         if stop_requested() {
             return Err(BackupError::Stopped(staging.committed_epoch()));
@@ -141,9 +142,13 @@ pub fn run(mut opts: BackupOptions) -> Result<Option<Committed>, BackupError> {
         if let (Some(d), Some(since)) = (opts.withhold_acks, withheld_since) {
             if since.elapsed() >= d {
                 // The withholding is over: one cumulative ack for everything committed.
-                conn.send(&Message::Ack {
-                    epoch: staging.committed_epoch(),
-                })?;
+                send(
+                    &mut conn,
+                    &Message::Ack {
+                        epoch: staging.committed_epoch(),
+                    },
+                    &staging,
+                )?;
                 info!(
                     "acks withheld for {d:?}; acknowledged epoch {}",
                     staging.committed_epoch()
@@ -176,6 +181,11 @@ pub fn run(mut opts: BackupOptions) -> Result<Option<Committed>, BackupError> {
                 bytes_done,
                 bytes_total,
             }) => {
+                // The primary hears nothing else from us until epoch 1 commits.
+                if last_heartbeat.elapsed() >= Duration::from_millis(500) {
+                    last_heartbeat = Instant::now();
+                    send(&mut conn, &Message::Heartbeat { epoch: 0 }, &staging)?;
+                }
                 if last_report.elapsed() >= Duration::from_millis(500) || bytes_done >= bytes_total
                 {
                     last_report = Instant::now();
@@ -193,7 +203,7 @@ pub fn run(mut opts: BackupOptions) -> Result<Option<Committed>, BackupError> {
                         continue;
                     }
                 }
-                conn.send(&Message::Ack { epoch })?;
+                send(&mut conn, &Message::Ack { epoch }, &staging)?;
                 if epoch == 1 {
                     info!("epoch 1 committed: the backup holds a runnable copy");
                 }
@@ -226,13 +236,23 @@ pub fn run(mut opts: BackupOptions) -> Result<Option<Committed>, BackupError> {
                     "rejected {kind:?} of epoch {epoch}: {e}; staying on committed epoch {}",
                     staging.committed_epoch()
                 );
-                conn.send(&Message::Nack {
+                let nack = Message::Nack {
                     epoch,
                     reason: e.to_string(),
-                })?;
+                };
+                send(&mut conn, &nack, &staging)?;
             }
         }
     }
+}
+
+/// Sends to the primary; a failure means the primary is gone, and the error says which
+/// epoch the backup holds.
+fn send(conn: &mut Connection, msg: &Message, staging: &Staging) -> Result<(), BackupError> {
+    conn.send(msg).map_err(|e| BackupError::PrimaryLost {
+        why: e.to_string(),
+        committed: staging.committed_epoch(),
+    })
 }
 
 /// Waits for the primary, giving up on SIGTERM/SIGINT.
