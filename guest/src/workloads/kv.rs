@@ -37,9 +37,13 @@ const EXIT_DEVICE: u32 = 4;
 /// The free RAM the service needs at least (sockets, rings, buffers, some data).
 const MIN_FREE: u64 = 16 << 20;
 /// TCP sockets, each listening until a client connects and again after it leaves.
-const SOCKETS: usize = 64;
+/// smoltcp has no listen backlog: a SYN that finds no listening socket is refused. A
+/// client that reconnects all its connections at once (`redis-benchmark` between two
+/// tests) needs a socket for each new connection while the old ones still close, so
+/// there are twice as many as the clients we expect (`redis-benchmark -c 50`) and more.
+const SOCKETS: usize = 128;
 const SOCKET_RX_BYTES: usize = 16 << 10;
-const SOCKET_TX_BYTES: usize = 32 << 10;
+const SOCKET_TX_BYTES: usize = 16 << 10;
 /// The longest the network vCPU parks before it looks at the interface again.
 const MAX_IDLE_US: u64 = 1000;
 
