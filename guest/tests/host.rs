@@ -148,3 +148,43 @@ fn hash_depends_on_rounds_and_size() {
 fn hash_is_stable() {
     assert_eq!(format!("{:016x}", hash(8192, 1, 2)), "8192914102b2cee0");
 }
+
+#[test]
+fn parses_ipv4_addresses() {
+    use args::{parse_ipv4, parse_ipv4_cidr};
+    assert_eq!(
+        parse_ipv4_cidr("ip", "10.0.0.2/24"),
+        Ok(([10, 0, 0, 2], 24))
+    );
+    assert_eq!(parse_ipv4_cidr("ip", "0.0.0.0/0"), Ok(([0, 0, 0, 0], 0)));
+    assert_eq!(parse_ipv4("gw", "255.255.255.255"), Ok([255; 4]));
+    for bad in [
+        "10.0.0.2",
+        "10.0.0.2/33",
+        "10.0.0/24",
+        "10.0.0.256/24",
+        "10.0.0.2.1/8",
+        "a.b.c.d/8",
+        "10.0.0.2/",
+        "10..0.2/8",
+        "10.0.0.0002/8",
+    ] {
+        let err = parse_ipv4_cidr("ip", bad).unwrap_err().to_string();
+        assert!(
+            err.starts_with(&format!(
+                "malformed value ip={bad}: expected an IPv4 address"
+            )),
+            "{err}"
+        );
+    }
+    assert!(parse_ipv4("gw", "10.0.0.1/24").is_err());
+    assert_eq!(
+        ArgError::NoDevice {
+            workload: "kv",
+            device: "virtio-net",
+            flag: "--net"
+        }
+        .to_string(),
+        "workload=kv needs a virtio-net device (--net)"
+    );
+}
