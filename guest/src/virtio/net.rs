@@ -230,9 +230,15 @@ impl VirtioNet {
         self.mac
     }
 
-    /// Whether a received frame waits in the receive queue.
-    pub fn rx_pending(&self) -> bool {
-        self.rx.queue.has_used()
+    /// Whether a received frame waits in the receive queue and can be taken now (smoltcp
+    /// takes a frame only with a free transmit buffer for its answer; while the device
+    /// holds them all, e.g. when output commit holds the egress, the frame waits).
+    pub fn rx_ready(&mut self) -> bool {
+        if !self.rx.queue.has_used() {
+            return false;
+        }
+        self.tx.reclaim();
+        !self.tx.free.is_empty()
     }
 
     /// Tells the device about receive buffers given back since the last call.

@@ -174,7 +174,7 @@ pub fn run(boot: &Boot, config: &Config) -> ! {
             progress |= conn.pump(sockets.get_mut(conn.handle), config.port, &mut store);
         }
         device.flush();
-        if progress || changed == iface::PollResult::SocketStateChanged || device.rx_pending() {
+        if progress || changed == iface::PollResult::SocketStateChanged || device.rx_ready() {
             continue;
         }
         let delay = iface
