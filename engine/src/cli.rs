@@ -12,8 +12,9 @@ use thiserror::Error;
 use crate::devices::serial::Console;
 use crate::devices::NetConfig;
 use crate::machine::{Machine, MachineConfig, MachineError};
-use crate::replication::backup::{self, BackupError, BackupOptions};
-use crate::replication::primary::{self, PrimaryError, PrimaryOptions};
+use crate::replication::backup::{self, BackupError, BackupOptions, Outcome};
+use crate::replication::fence::{fence_until_done, FenceConfig};
+use crate::replication::primary::{self, OnBackupLoss, PrimaryError, PrimaryOptions};
 use crate::size::{parse_size, SizeError};
 use crate::snapshot::{self, SnapshotError};
 use crate::vstate::vcpu::VcpuEvent;
@@ -26,9 +27,13 @@ usage:
                [--snapshot-after-ms MS --snapshot-to DIR]
   lockstep restore DIR [--console stdout|none|PATH] [--net tap=NAME[,mac=MAC]]
   lockstep primary --peer ADDR:PORT [--interval-ms MS] [--seconds S] [--window N]
-               [--min-interval-ms MS] [--no-early-checkpoint] [--name NAME] <the run options>
+               [--min-interval-ms MS] [--no-early-checkpoint] [--name NAME]
+               [--heartbeat-timeout-ms MS] [--on-backup-loss continue|pause]
+               [--pid-file PATH] <the run options>
   lockstep backup --listen ADDR:PORT [--mem SIZE] [--vcpus N] [--name NAME]
                [--run-after-end] [--console stdout|none|PATH] [--net tap=NAME[,mac=MAC]]
+               [--heartbeat-timeout-ms MS] [--fence-cmd CMD [--fence-arg K=V]...
+               [--fence-timeout-s S] | --fence none]
 
 The built-in guest runs workload=counter|dirty|hash (see README.md).";
 
@@ -106,6 +111,9 @@ fn dispatch(args: &[String]) -> Result<ExitCode, CliError> {
     }
 }
 
+/// Options that may be given more than once.
+const REPEATABLE: &[&str] = &["fence-arg"];
+
 /// `--name value` / `--name=value` options and positional arguments.
 pub struct Options {
     command: &'static str,
@@ -153,7 +161,7 @@ impl Options {
                         .cloned()
                         .ok_or_else(|| usage(format!("option --{name} needs a value")))?,
                 };
-                if o.pairs.iter().any(|(n, _)| n == name) {
+                if !REPEATABLE.contains(&name) && o.pairs.iter().any(|(n, _)| n == name) {
                     return Err(usage(format!("option --{name} given twice")));
                 }
                 o.pairs.push((name.to_string(), value));
@@ -171,6 +179,15 @@ impl Options {
             .iter()
             .find(|(n, _)| n == name)
             .map(|(_, v)| v.as_str())
+    }
+
+    /// Every value of a repeatable option, in order.
+    pub fn get_all(&self, name: &str) -> Vec<&str> {
+        self.pairs
+            .iter()
+            .filter(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+            .collect()
     }
 
     pub fn switch(&self, name: &str) -> bool {
@@ -323,6 +340,9 @@ fn cmd_primary(args: &[String]) -> Result<ExitCode, CliError> {
         "window",
         "name",
         "connect-timeout-s",
+        "heartbeat-timeout-ms",
+        "on-backup-loss",
+        "pid-file",
     ]);
     let o = Options::parse("primary", args, &valued, &["no-early-checkpoint"])?;
     o.no_positional()?;
@@ -347,7 +367,17 @@ fn cmd_primary(args: &[String]) -> Result<ExitCode, CliError> {
         connect_timeout: Duration::from_secs(o.number("connect-timeout-s")?.unwrap_or(10)),
         name: o.get("name").unwrap_or("lockstep").to_string(),
         window,
-        backup_timeout: Duration::from_secs(5),
+        backup_timeout: Duration::from_millis(o.number("heartbeat-timeout-ms")?.unwrap_or(500)),
+        on_backup_loss: match o.get("on-backup-loss").unwrap_or("continue") {
+            "continue" => OnBackupLoss::Continue,
+            "pause" => OnBackupLoss::Pause,
+            other => {
+                return Err(usage(format!(
+                    "--on-backup-loss {other}: expected continue or pause"
+                )))
+            }
+        },
+        pid_file: o.get("pid-file").map(PathBuf::from),
         early_checkpoint: !o.switch("no-early-checkpoint"),
         min_interval: Duration::from_millis(o.number("min-interval-ms")?.unwrap_or(2)),
     };
@@ -388,18 +418,75 @@ fn cmd_backup(args: &[String]) -> Result<ExitCode, CliError> {
         run_after_end: o.switch("run-after-end"),
         net: net_option(&o)?,
         console: console.clone(),
-        primary_timeout: Duration::from_secs(5),
+        heartbeat_timeout: Duration::from_millis(o.number("heartbeat-timeout-ms")?.unwrap_or(500)),
         withhold_acks: o
             .number("test-withhold-acks-ms")?
             .map(Duration::from_millis),
     };
-    let committed = backup::run(opts.clone())?;
-    match committed {
-        Some(c) if opts.run_after_end => {
+    let fence = fence_option(&o)?;
+    if fence.is_some() && opts.net.is_none() {
+        // Promotion without the network would cut every client off: refuse up front.
+        return Err(usage(
+            "--fence/--fence-cmd need --net tap=NAME (the tap the promoted guest takes over)",
+        ));
+    }
+    match backup::run(opts.clone())? {
+        Outcome::Ended(c) if opts.run_after_end => {
             let mut machine = backup::resume(c, &console, opts.net.as_ref())?;
             drive(&mut machine, None)
         }
-        _ => Ok(ExitCode::SUCCESS),
+        Outcome::Ended(_) => Ok(ExitCode::SUCCESS),
+        Outcome::PrimaryLost { why, committed } => {
+            let Some(fence) = fence else {
+                return Err(BackupError::PrimaryLost {
+                    why,
+                    committed: committed.epoch,
+                }
+                .into());
+            };
+            let lost = Instant::now();
+            let attempts = fence_until_done(&fence, &opts.name).map_err(BackupError::Fence)?;
+            if attempts > 0 {
+                info!(
+                    "fenced the old primary '{}' (attempt {attempts})",
+                    opts.name
+                );
+            }
+            let epoch = committed.epoch;
+            let mut machine = backup::promote(committed, &console, opts.net.as_ref())?;
+            info!(
+                "PROMOTED: guest running from committed epoch {epoch}, {} ms after the primary was declared lost",
+                lost.elapsed().as_millis()
+            );
+            drive(&mut machine, None)
+        }
+    }
+}
+
+fn fence_option(o: &Options) -> Result<Option<FenceConfig>, CliError> {
+    let args = o
+        .get_all("fence-arg")
+        .into_iter()
+        .map(|kv| {
+            kv.split_once('=')
+                .filter(|(k, _)| !k.is_empty() && !kv.contains('\n'))
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .ok_or_else(|| usage(format!("--fence-arg {kv}: expected key=value")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let timeout = Duration::from_secs(o.number("fence-timeout-s")?.unwrap_or(10));
+    match (o.get("fence"), o.get("fence-cmd")) {
+        (Some("none"), None) => Ok(Some(FenceConfig::None)),
+        (Some(other), None) => Err(usage(format!(
+            "--fence {other}: the only value is 'none' (or use --fence-cmd)"
+        ))),
+        (Some(_), Some(_)) => Err(usage("--fence none and --fence-cmd exclude each other")),
+        (None, Some(cmd)) => Ok(Some(FenceConfig::Agent {
+            cmd: cmd.to_string(),
+            args,
+            timeout,
+        })),
+        (None, None) => Ok(None),
     }
 }
 

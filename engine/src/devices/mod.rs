@@ -95,6 +95,24 @@ impl NetDevice {
         ));
     }
 
+    /// Announces the guest's MAC on the tap: three RARP frames, as QEMU sends after a live
+    /// migration, so that bridges and switches learn the new port at once.
+    pub fn announce(&self) {
+        let mac = lock(&self.transport).device.mac();
+        let mut f = vec![0xffu8; 6];
+        f.extend_from_slice(&mac);
+        f.extend_from_slice(&[0x80, 0x35]); // ethertype RARP
+        f.extend_from_slice(&[0, 1, 0x08, 0, 6, 4, 0, 3]); // Ethernet/IPv4, op 3
+        f.extend_from_slice(&mac);
+        f.extend_from_slice(&[0; 4]);
+        f.extend_from_slice(&mac);
+        f.extend_from_slice(&[0; 4]);
+        f.resize(60, 0);
+        for _ in 0..3 {
+            let _ = self.tap.write_frame(&f);
+        }
+    }
+
     /// Retries transmission that stopped on a full egress buffer.
     pub fn retry_tx(&self) {
         let mut t = lock(&self.transport);

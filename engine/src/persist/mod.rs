@@ -182,8 +182,13 @@ mod tests {
         assert!(matches!(unseal(&bad), Err(PersistError::Checksum { .. })));
 
         let mut v2 = blob.clone();
-        v2[8] = 2;
-        assert_eq!(unseal(&v2), Err(PersistError::Version { found: 2 }));
+        v2[8..12].copy_from_slice(&(FORMAT_VERSION + 1).to_le_bytes());
+        assert_eq!(
+            unseal(&v2),
+            Err(PersistError::Version {
+                found: FORMAT_VERSION + 1
+            })
+        );
 
         assert!(matches!(
             unseal(&blob[..blob.len() - 1]),

@@ -50,6 +50,8 @@ pub enum BackupError {
     State(#[from] PersistError),
     #[error(transparent)]
     Machine(#[from] MachineError),
+    #[error(transparent)]
+    Fence(#[from] super::fence::FenceError),
     #[error("digest: {0}")]
     Staging(#[from] checkpoint::staging::StagingError),
 }
@@ -65,7 +67,7 @@ pub struct BackupOptions {
     /// The network device the resumed guest gets (its state comes from the primary).
     pub net: Option<NetConfig>,
     /// How long the primary may stay silent before it counts as lost.
-    pub primary_timeout: Duration,
+    pub heartbeat_timeout: Duration,
     /// Test-only: after epoch 1 commits, send no ack for this long (then one cumulative
     /// ack). Shows output commit: the primary's clients see nothing meanwhile.
     pub withhold_acks: Option<Duration>,
@@ -75,6 +77,17 @@ pub struct BackupOptions {
 const MAX_STATE_LEN: usize = 4 << 20;
 const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How replication ended.
+pub enum Outcome {
+    /// The primary ended it cleanly (final epoch, equal digests).
+    Ended(Committed),
+    /// The primary went silent or away after at least one committed epoch.
+    PrimaryLost { why: String, committed: Committed },
+}
+
+/// Heartbeats to the primary while the initial sync gives it nothing to acknowledge.
+const SYNC_HEARTBEAT: Duration = Duration::from_millis(100);
+
 /// What a finished replication left: the committed machine.
 pub struct Committed {
     pub epoch: u64,
@@ -83,7 +96,7 @@ pub struct Committed {
 }
 
 /// Runs `lockstep backup`. With `--run-after-end`, returns the resumed guest's exit status.
-pub fn run(mut opts: BackupOptions) -> Result<Option<Committed>, BackupError> {
+pub fn run(mut opts: BackupOptions) -> Result<Outcome, BackupError> {
     install_stop_handler();
     let listener = TcpListener::bind(&opts.listen).map_err(|source| BackupError::Listen {
         addr: opts.listen.clone(),
@@ -130,6 +143,39 @@ pub fn run(mut opts: BackupOptions) -> Result<Option<Committed>, BackupError> {
     );
 
     let mut staging = Staging::new(&memory, MAX_STATE_LEN);
+    let result = replicate(&mut conn, &memory, &mut staging, &mut opts);
+    let committed = |staging: &Staging, memory: GuestMemory| -> Result<Committed, BackupError> {
+        Ok(Committed {
+            epoch: staging.committed_epoch(),
+            memory,
+            state: MachineState::from_blob(staging.committed_state())?,
+        })
+    };
+    match result {
+        Ok(()) => Ok(Outcome::Ended(committed(&staging, memory)?)),
+        Err(BackupError::PrimaryLost {
+            why,
+            committed: epoch,
+        }) if epoch >= 1 => {
+            staging.abort();
+            warn!("ROLE CHANGE: primary lost ({why}); the backup holds committed epoch {epoch}");
+            Ok(Outcome::PrimaryLost {
+                why,
+                committed: committed(&staging, memory)?,
+            })
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Receives, verifies, applies and acknowledges epochs until the primary ends cleanly
+/// (`Ok`) or is lost (`PrimaryLost`).
+fn replicate(
+    conn: &mut Connection,
+    memory: &GuestMemory,
+    staging: &mut Staging,
+    opts: &mut BackupOptions,
+) -> Result<(), BackupError> {
     let mut last_report = Instant::now();
     let mut rejected = 0u64;
     let mut withheld_since: Option<Instant> = None;
@@ -138,16 +184,16 @@ pub fn run(mut opts: BackupOptions) -> Result<Option<Committed>, BackupError> {
         if stop_requested() {
             return Err(BackupError::Stopped(staging.committed_epoch()));
         }
-        let mut timeout = opts.primary_timeout;
+        let mut timeout = opts.heartbeat_timeout;
         if let (Some(d), Some(since)) = (opts.withhold_acks, withheld_since) {
             if since.elapsed() >= d {
                 // The withholding is over: one cumulative ack for everything committed.
                 send(
-                    &mut conn,
+                    conn,
                     &Message::Ack {
                         epoch: staging.committed_epoch(),
                     },
-                    &staging,
+                    staging,
                 )?;
                 info!(
                     "acks withheld for {d:?}; acknowledged epoch {}",
@@ -161,7 +207,7 @@ pub fn run(mut opts: BackupOptions) -> Result<Option<Committed>, BackupError> {
         }
         let msg = match conn.recv(Some(timeout)) {
             Ok(m) => m,
-            Err(TransportError::Timeout(_)) if timeout < opts.primary_timeout => continue,
+            Err(TransportError::Timeout(_)) if timeout < opts.heartbeat_timeout => continue,
             Err(e) => {
                 staging.abort();
                 let why = match e {
@@ -175,16 +221,16 @@ pub fn run(mut opts: BackupOptions) -> Result<Option<Committed>, BackupError> {
             }
         };
         let kind = msg.kind();
-        match staging.handle(&memory, msg) {
+        match staging.handle(memory, msg) {
             Ok(Step::Continue) | Ok(Step::Heartbeat { .. }) => {}
             Ok(Step::Sync {
                 bytes_done,
                 bytes_total,
             }) => {
                 // The primary hears nothing else from us until epoch 1 commits.
-                if last_heartbeat.elapsed() >= Duration::from_millis(500) {
+                if last_heartbeat.elapsed() >= SYNC_HEARTBEAT {
                     last_heartbeat = Instant::now();
-                    send(&mut conn, &Message::Heartbeat { epoch: 0 }, &staging)?;
+                    send(conn, &Message::Heartbeat { epoch: 0 }, staging)?;
                 }
                 if last_report.elapsed() >= Duration::from_millis(500) || bytes_done >= bytes_total
                 {
@@ -203,7 +249,7 @@ pub fn run(mut opts: BackupOptions) -> Result<Option<Committed>, BackupError> {
                         continue;
                     }
                 }
-                send(&mut conn, &Message::Ack { epoch }, &staging)?;
+                send(conn, &Message::Ack { epoch }, staging)?;
                 if epoch == 1 {
                     info!("epoch 1 committed: the backup holds a runnable copy");
                 }
@@ -222,12 +268,7 @@ pub fn run(mut opts: BackupOptions) -> Result<Option<Committed>, BackupError> {
                     });
                 }
                 info!("replication ended cleanly at epoch {epoch} ({rejected} epochs rejected)");
-                let state = MachineState::from_blob(staging.committed_state())?;
-                return Ok(Some(Committed {
-                    epoch,
-                    memory,
-                    state,
-                }));
+                return Ok(());
             }
             Err(e) => {
                 rejected += 1;
@@ -240,7 +281,7 @@ pub fn run(mut opts: BackupOptions) -> Result<Option<Committed>, BackupError> {
                     epoch,
                     reason: e.to_string(),
                 };
-                send(&mut conn, &nack, &staging)?;
+                send(conn, &nack, staging)?;
             }
         }
     }
@@ -291,4 +332,20 @@ pub fn resume(
         net,
         committed.memory,
     )?)
+}
+
+/// Promotion: the last committed epoch becomes the running VM — vCPUs and devices loaded,
+/// the tap attached, the guest's MAC announced (RARP, as after a live migration so
+/// switches learn where it is now), running.
+pub fn promote(
+    committed: Committed,
+    console: &Console,
+    net: Option<&NetConfig>,
+) -> Result<Machine, BackupError> {
+    let mut machine = resume(committed, console, net)?;
+    if let Some(n) = machine.net() {
+        n.announce();
+    }
+    machine.resume()?;
+    Ok(machine)
 }

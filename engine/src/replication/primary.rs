@@ -63,6 +63,8 @@ pub enum PrimaryError {
     Rejected { epoch: u64, reason: String },
     #[error("lost the backup: {0}")]
     BackupLost(String),
+    #[error("cannot write the pid file {0}")]
+    PidFile(String),
     #[error(transparent)]
     Copy(#[from] memory::PageOutOfRange),
     #[error("digest: {0}")]
@@ -83,10 +85,20 @@ pub struct PrimaryOptions {
     pub window: usize,
     /// How long the backup may stay silent before it counts as lost.
     pub backup_timeout: Duration,
+    pub on_backup_loss: OnBackupLoss,
+    /// Written with this process's pid (for fence agents on a single host).
+    pub pid_file: Option<std::path::PathBuf>,
     /// End an epoch early when the guest's output waits for it and the epoch has run at
     /// least `min_interval` (so a reply waits about one pause plus one round trip).
     pub early_checkpoint: bool,
     pub min_interval: Duration,
+}
+
+/// What the primary does when the backup is lost.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnBackupLoss {
+    Continue,
+    Pause,
 }
 
 /// Default epoch interval; see README ("Choosing the interval").
@@ -129,11 +141,17 @@ struct Primary {
     last_state: Option<Vec<u8>>,
     /// The guest's exit status, once it exited.
     exit_status: Option<u32>,
+    started: Instant,
+    last_send: Instant,
 }
 
 /// Runs `lockstep primary` to the end; returns the guest's exit status.
 pub fn run(guest: GuestOptions, opts: PrimaryOptions) -> Result<u8, PrimaryError> {
     install_stop_handler();
+    if let Some(path) = &opts.pid_file {
+        std::fs::write(path, format!("{}\n", std::process::id()))
+            .map_err(|e| PrimaryError::PidFile(format!("{}: {e}", path.display())))?;
+    }
     let machine = Machine::boot(&guest.machine, &guest.image, &guest.guest_args)?;
     let mut conn = connect(&opts.peer, opts.connect_timeout)?;
     let mem_size = ram_size(machine.memory());
@@ -198,12 +216,22 @@ pub fn run(guest: GuestOptions, opts: PrimaryOptions) -> Result<u8, PrimaryError
         pause_start: HashMap::new(),
         last_state: None,
         exit_status: None,
+        started: Instant::now(),
+        last_send: Instant::now(),
     };
     p.machine.resume()?;
-    p.initial_sync()?;
-    let status = p.epochs()?;
-    p.finish()?;
-    Ok(status)
+    match p.initial_sync().and_then(|()| p.epochs()) {
+        Ok(status) => {
+            p.finish()?;
+            Ok(status)
+        }
+        Err(PrimaryError::BackupLost(why)) => p.without_backup(why),
+        // A send that fails is the backup going away mid-epoch.
+        Err(e @ (PrimaryError::Send(_) | PrimaryError::Transport(_))) => {
+            p.without_backup(e.to_string())
+        }
+        Err(e) => Err(e),
+    }
 }
 
 fn connect(peer: &str, timeout: Duration) -> Result<Connection, PrimaryError> {
@@ -417,6 +445,11 @@ impl Primary {
             if stop_requested() || self.opts.seconds.is_some_and(|s| start.elapsed() >= s) {
                 return Ok(0);
             }
+            // Long intervals: tell the backup we are alive between epochs.
+            if self.last_send.elapsed() >= self.opts.backup_timeout / 4 {
+                self.tx.send(&Message::Heartbeat { epoch: self.epoch })?;
+                self.last_send = Instant::now();
+            }
             let now = Instant::now();
             let output_waits = early
                 && now >= last_start + self.opts.min_interval
@@ -445,6 +478,55 @@ impl Primary {
             self.checkpoint(false)?;
             last_start = t0;
             next = t0 + self.opts.interval;
+        }
+    }
+
+    /// The backup is gone. By default the guest goes on unprotected (held output is
+    /// released: nobody else can take over any more); with `--on-backup-loss pause` it is
+    /// stopped until an operator steps in.
+    fn without_backup(&mut self, why: String) -> Result<u8, PrimaryError> {
+        let pause = self.opts.on_backup_loss == OnBackupLoss::Pause;
+        warn!(
+            "ROLE CHANGE: backup lost ({why}) after epoch {}; {}",
+            self.epoch,
+            if pause {
+                "PAUSING the guest (--on-backup-loss pause)"
+            } else {
+                "the guest continues UNPROTECTED"
+            }
+        );
+        if pause {
+            self.machine.pause()?;
+            while !stop_requested() {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            return Err(PrimaryError::BackupLost(why));
+        }
+        if let Some(n) = self.machine.net() {
+            n.egress.unprotect();
+            n.retry_tx();
+        }
+        if !self.machine.is_running() {
+            self.machine.resume()?;
+        }
+        loop {
+            match self.machine.wait_event(Duration::from_millis(50)) {
+                Some(VcpuEvent::GuestExit { status, .. }) => {
+                    return Ok(u8::try_from(status).unwrap_or(u8::MAX))
+                }
+                Some(VcpuEvent::Crashed { vcpu, message }) => {
+                    return Err(PrimaryError::Crashed { vcpu, message })
+                }
+                None => {}
+            }
+            if stop_requested()
+                || self
+                    .opts
+                    .seconds
+                    .is_some_and(|s| self.started.elapsed() >= s)
+            {
+                return Ok(0);
+            }
         }
     }
 
@@ -496,6 +578,7 @@ impl Primary {
         self.pause_start.insert(epoch, t0);
         let staged = StagedPages::new(&self.pfns, &self.buf)?;
         let summary = send_epoch(&mut self.tx, &self.encoder, epoch, &staged, &blob)?;
+        self.last_send = Instant::now();
         let st = &mut self.stats;
         st.pause_us.push_duration(pause);
         st.parked_us.push_duration(timing.parked);

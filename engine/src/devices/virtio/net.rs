@@ -56,6 +56,10 @@ impl Net {
         }
     }
 
+    pub fn mac(&self) -> [u8; 6] {
+        self.mac
+    }
+
     pub fn set_waker(&mut self, waker: Waker) {
         self.waker = Some(waker);
     }
