@@ -398,6 +398,11 @@ fn cmd_backup(args: &[String]) -> Result<ExitCode, CliError> {
             "console",
             "net",
             "test-withhold-acks-ms",
+            "heartbeat-timeout-ms",
+            "fence",
+            "fence-cmd",
+            "fence-arg",
+            "fence-timeout-s",
         ],
         &["run-after-end"],
     )?;
