@@ -34,6 +34,7 @@ usage:
                [--run-after-end] [--console stdout|none|PATH] [--net tap=NAME[,mac=MAC]]
                [--heartbeat-timeout-ms MS] [--fence-cmd CMD [--fence-arg K=V]...
                [--fence-timeout-s S] | --fence none]
+  lockstep demo [--seconds S]
 
 The built-in guest runs workload=counter|dirty|hash (see README.md).";
 
@@ -97,6 +98,7 @@ fn dispatch(args: &[String]) -> Result<ExitCode, CliError> {
         "restore" => cmd_restore(rest),
         "primary" => cmd_primary(rest),
         "backup" => cmd_backup(rest),
+        "demo" => crate::demo::run(rest),
         "-h" | "--help" | "help" => {
             println!("{USAGE}");
             Ok(ExitCode::SUCCESS)

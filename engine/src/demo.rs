@@ -102,7 +102,9 @@ impl Netns {
     /// `program args...` inside the namespace (`ip netns exec` execs it: same pid).
     pub fn command(&self, program: &Path, args: &[&str]) -> Command {
         let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.name]).arg(program).args(args);
+        c.args(["netns", "exec", &self.name])
+            .arg(program)
+            .args(args);
         c
     }
 
@@ -335,7 +337,12 @@ fn parse_reply(buf: &[u8]) -> io::Result<Option<(Reply, usize)>> {
         return Ok(None);
     };
     let line = String::from_utf8_lossy(&buf[1..end]).into_owned();
-    let bad = || io::Error::new(io::ErrorKind::InvalidData, format!("bad reply line {line:?}"));
+    let bad = || {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("bad reply line {line:?}"),
+        )
+    };
     let reply = match buf.first() {
         Some(b'+') => Reply::Simple(line),
         Some(b'-') => Reply::Error(line),
@@ -500,7 +507,8 @@ pub fn trial(ns: &Netns, cfg: &TrialConfig) -> Result<TrialOutcome, String> {
         cfg.dir.join("backup.out"),
         cfg.dir.join("backup.err"),
     )?;
-    if !wait_for_line(&backup.stderr, "listening on", Duration::from_secs(10), || {
+    let backup_err = backup.stderr.clone();
+    if !wait_for_line(&backup_err, "listening on", Duration::from_secs(10), || {
         backup.try_wait().is_none()
     }) {
         return Err(format!("the backup did not start:\n{}", backup.log()));
@@ -622,8 +630,7 @@ pub fn trial(ns: &Netns, cfg: &TrialConfig) -> Result<TrialOutcome, String> {
                 Some(t) => Instant::now() >= t + cfg.run_after_failover,
                 None => false,
             };
-            if done || client_done || backup_gone || interrupted() || Instant::now() >= deadline
-            {
+            if done || client_done || backup_gone || interrupted() || Instant::now() >= deadline {
                 break;
             }
             std::thread::sleep(Duration::from_millis(2));
@@ -646,7 +653,7 @@ pub fn trial(ns: &Netns, cfg: &TrialConfig) -> Result<TrialOutcome, String> {
             .collect();
         let before = p.replies.iter().rev().find(|t| **t <= killed).copied();
         o.stall = match (before, first_reply) {
-            (Some(b), Some(_)) => window
+            (Some(_), Some(_)) => window
                 .windows(2)
                 .map(|w| w[1].duration_since(w[0]))
                 .chain(std::iter::once(Duration::ZERO))
@@ -871,8 +878,13 @@ fn summary(o: &TrialOutcome) -> bool {
                 field(l, "epochs").unwrap_or_default()
             );
             let pause = l.split("pause_us").nth(1).unwrap_or_default();
-            println!("pause (us):{}", pause.split("commit_us").next().unwrap_or(""));
-            let eps: f64 = field(l, "epochs").and_then(|v| v.parse().ok()).unwrap_or(0.0);
+            println!(
+                "pause (us):{}",
+                pause.split("commit_us").next().unwrap_or("")
+            );
+            let eps: f64 = field(l, "epochs")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0.0);
             let bytes: f64 = field(l, "wire_bytes")
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0.0);

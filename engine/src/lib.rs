@@ -7,6 +7,7 @@
 
 pub mod boot;
 pub mod cli;
+pub mod demo;
 pub mod devices;
 pub mod log;
 pub mod machine;
