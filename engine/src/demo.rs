@@ -663,7 +663,8 @@ pub fn trial(ns: &Netns, cfg: &TrialConfig) -> Result<TrialOutcome, String> {
         o
     });
     let mut o = outcome;
-    o.backup_status = backup.terminate(Duration::from_secs(5));
+    // The promoted backup should end on SIGTERM; do not wait long if it does not.
+    o.backup_status = backup.terminate(Duration::from_secs(1));
     o.backup_log = backup.log();
     o.primary_log = primary.log();
     if o.promotion.is_none() {
