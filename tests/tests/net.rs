@@ -366,6 +366,8 @@ fn no_reply_leaves_before_the_backup_acknowledges() {
                 "127.0.0.1:7601",
                 "--test-withhold-acks-ms",
                 "2000",
+                "--heartbeat-timeout-ms",
+                "8000",
             ],
         ),
         &dir.join("backup.out"),
@@ -378,6 +380,9 @@ fn no_reply_leaves_before_the_backup_acknowledges() {
                 "primary",
                 "--peer",
                 "127.0.0.1:7601",
+                // Acks are held back on purpose: the backup is slow, not lost.
+                "--heartbeat-timeout-ms",
+                "8000",
                 "--guest",
                 "builtin",
                 "--net",
