@@ -126,7 +126,7 @@ fn measure(bin: &Path, work: &Path, trials: usize, mem: Option<String>) -> Resul
     println!(
         "\nDetection is immediate here: a SIGKILLed process's TCP connection is closed by its \
          kernel. A dead host is detected by the heartbeat timeout instead (--heartbeat-timeout-ms, \
-         500 by default). The client's wait beyond promotion is TCP retransmission (at least \
+         1000 by default). The client's wait beyond promotion is TCP retransmission (at least \
          200 ms on Linux)."
     );
     Ok(())
