@@ -595,7 +595,7 @@ fn protected(
 
 /// The `lockstep` binary: `LOCKSTEP_BIN`, or built into this benchmark's target directory
 /// and profile (`<target>/<profile>/bench` is the running executable).
-fn lockstep_bin() -> Result<PathBuf, CheckpointError> {
+pub(crate) fn lockstep_bin() -> Result<PathBuf, CheckpointError> {
     if let Some(path) = std::env::var_os("LOCKSTEP_BIN") {
         return Ok(PathBuf::from(path));
     }

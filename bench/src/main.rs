@@ -9,6 +9,8 @@
 
 mod args;
 mod checkpoint;
+mod failover;
+mod net;
 mod pause;
 mod stats;
 
@@ -31,6 +33,17 @@ const SUBCOMMANDS: &[(&str, &str)] = &[
          and interval, guest progress protected / unprotected [--seconds S (3)] \
          [--intervals 5,25] [--pages 100,1000,10000] [--mem 256M] [--wss 128M]",
     ),
+    (
+        "failover",
+        "SIGKILL the primary of a protected kv guest under client load: kill -> first reply \
+         from the promoted guest, detection, fence + promotion [--trials N (10)] [--mem SIZE]",
+    ),
+    (
+        "net",
+        "redis-benchmark GET/SET against the kv guest in a network namespace: unprotected, \
+         protected with and without early checkpoints [--requests N (5000)] [--clients N (20)] \
+         [--interval-ms MS (25)]",
+    ),
 ];
 
 #[derive(Debug, Error)]
@@ -43,6 +56,8 @@ pub enum BenchError {
     GuestStopped { what: String, event: String },
     #[error(transparent)]
     Checkpoint(#[from] checkpoint::CheckpointError),
+    #[error(transparent)]
+    Net(#[from] net::NetError),
 }
 
 impl BenchError {
@@ -80,6 +95,8 @@ fn dispatch(args: &[String]) -> Result<(), BenchError> {
     match cmd.as_str() {
         "pause" => pause::run(&Args::parse("pause", rest, pause::OPTIONS)?),
         "checkpoint" => checkpoint::run(&Args::parse("checkpoint", rest, checkpoint::OPTIONS)?),
+        "failover" => failover::run(&Args::parse("failover", rest, failover::OPTIONS)?),
+        "net" => net::run_bench(&Args::parse("net", rest, net::OPTIONS)?),
         "-h" | "--help" | "help" => {
             print!("{}", usage());
             Ok(())

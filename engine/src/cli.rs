@@ -521,7 +521,15 @@ fn drive(
             Some((at, _)) => at.saturating_sub(start.elapsed()),
             None => Duration::from_secs(3600),
         };
-        match machine.wait_event(timeout) {
+        // Roles that install the stop handler (a resumed or promoted backup) end on
+        // SIGTERM/SIGINT with the guest stopped; `run` and `restore` keep the default.
+        if crate::replication::stop_requested() {
+            machine.pause()?;
+            machine.flush_console();
+            info!("stopped by signal");
+            return Ok(ExitCode::SUCCESS);
+        }
+        match machine.wait_event(timeout.min(Duration::from_millis(100))) {
             Some(VcpuEvent::GuestExit { status, .. }) => {
                 machine.pause()?;
                 machine.flush_console();
@@ -533,7 +541,10 @@ fn drive(
                 return Err(CliError::Crashed { vcpu, message });
             }
             None => {
-                if let Some((_, dir)) = snapshot.take() {
+                let due = snapshot
+                    .as_ref()
+                    .is_some_and(|(at, _)| start.elapsed() >= *at);
+                if let Some((_, dir)) = snapshot.take_if(|_| due) {
                     let (state, timing) = machine.pause_and_capture()?;
                     let written = snapshot::write(&dir, &state, machine.memory())?;
                     machine.resume()?;

@@ -114,6 +114,8 @@ const SYNC_CHUNK_PAGES: usize = 8 << 10;
 /// MAX_SYNC_ROUNDS.
 const SYNC_DONE_PAGES: usize = 4 << 10;
 const MAX_SYNC_ROUNDS: usize = 8;
+/// The running figures go to the log this often (a SIGKILLed primary leaves them behind).
+const STATS_EVERY: Duration = Duration::from_secs(5);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 enum AckEvent {
@@ -423,6 +425,7 @@ impl Primary {
             return Ok(u8::try_from(status).unwrap_or(u8::MAX));
         }
         let early = self.opts.early_checkpoint && self.machine.net().is_some();
+        let mut last_stats = Instant::now();
         let mut last_start = Instant::now();
         loop {
             let mut deadline = next;
@@ -444,6 +447,10 @@ impl Primary {
             self.drain_acks()?;
             if stop_requested() || self.opts.seconds.is_some_and(|s| start.elapsed() >= s) {
                 return Ok(0);
+            }
+            if last_stats.elapsed() >= STATS_EVERY {
+                last_stats = Instant::now();
+                info!("{}", self.stats.summary());
             }
             // Long intervals: tell the backup we are alive between epochs.
             if self.last_send.elapsed() >= self.opts.backup_timeout / 4 {

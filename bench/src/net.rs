@@ -1,0 +1,289 @@
+//! `bench net`: redis-benchmark GET and SET against the kv guest, unprotected, protected
+//! with early checkpoints, and protected without — throughput and p50/p99 latency, each as
+//! a ratio against unprotected, all in one run.
+//!
+//! Everything runs in a network namespace the benchmark creates (a tap at 10.0.0.1/24, the
+//! guest at 10.0.0.2) and deletes afterwards; the backup listens on the namespace's own
+//! loopback.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+
+use crate::args::Args;
+use crate::checkpoint::lockstep_bin;
+use crate::BenchError;
+
+pub const OPTIONS: &[&str] = &["requests", "clients", "interval-ms"];
+
+#[derive(Debug, Error)]
+pub enum NetError {
+    #[error("{0}")]
+    Setup(String),
+    #[error("{mode}: {why}")]
+    Run { mode: &'static str, why: String },
+}
+
+struct Netns(String);
+
+impl Netns {
+    fn create() -> Result<Netns, NetError> {
+        let name = format!("lsbench{}", std::process::id());
+        run(&["ip", "netns", "add", &name])?;
+        let ns = Netns(name);
+        for cmd in [
+            &["ip", "link", "set", "lo", "up"][..],
+            &["ip", "tuntap", "add", "dev", "tap0", "mode", "tap"],
+            &["ip", "addr", "add", "10.0.0.1/24", "dev", "tap0"],
+            &["ip", "link", "set", "tap0", "up"],
+        ] {
+            let mut full = vec!["ip", "netns", "exec", &ns.0];
+            full.extend_from_slice(cmd);
+            run(&full)?;
+        }
+        Ok(ns)
+    }
+
+    fn command(&self, program: &Path) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.0]).arg(program);
+        c
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+fn run(args: &[&str]) -> Result<(), NetError> {
+    let st = Command::new(args[0])
+        .args(&args[1..])
+        .status()
+        .map_err(|e| NetError::Setup(format!("cannot run {}: {e}", args[0])))?;
+    if !st.success() {
+        return Err(NetError::Setup(format!("{} failed: {st}", args.join(" "))));
+    }
+    Ok(())
+}
+
+/// Child processes killed on drop.
+struct Procs(Vec<Child>);
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+#[derive(Clone, Copy, Default)]
+struct Figures {
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+#[derive(Clone, Copy)]
+enum Mode {
+    Unprotected,
+    Early,
+    NoEarly,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Unprotected => "unprotected",
+            Mode::Early => "protected, early checkpoint",
+            Mode::NoEarly => "protected, no early checkpoint",
+        }
+    }
+}
+
+pub fn run_bench(args: &Args) -> Result<(), BenchError> {
+    let requests: u64 = args.number("requests", 5000, 100)?;
+    let clients: u64 = args.number("clients", 20, 1)?;
+    let interval: u64 = args.number("interval-ms", 25, 1)?;
+    let bin = lockstep_bin().map_err(|e| BenchError::Usage(e.to_string()))?;
+    let work = std::env::temp_dir().join(format!("lockstep-bench-net-{}", std::process::id()));
+    std::fs::create_dir_all(&work)
+        .map_err(|e| NetError::Setup(format!("{}: {e}", work.display())))?;
+    let ns = Netns::create()?;
+    let mut results = Vec::new();
+    for mode in [Mode::Unprotected, Mode::Early, Mode::NoEarly] {
+        eprintln!("bench net: {} ...", mode.name());
+        let r = measure(&ns, &bin, &work, mode, requests, clients, interval).map_err(|why| {
+            NetError::Run {
+                mode: mode.name(),
+                why,
+            }
+        })?;
+        results.push((mode, r));
+    }
+    drop(ns);
+    let _ = std::fs::remove_dir_all(&work);
+    print_table(&results, requests, clients, interval);
+    Ok(())
+}
+
+fn measure(
+    ns: &Netns,
+    bin: &Path,
+    work: &Path,
+    mode: Mode,
+    requests: u64,
+    clients: u64,
+    interval: u64,
+) -> Result<[Figures; 2], String> {
+    let console = work.join(format!("console-{}", mode as u8));
+    let _ = std::fs::remove_file(&console);
+    let mut procs = Procs(Vec::new());
+    let quiet = || Stdio::null();
+    let kv = [
+        "--guest",
+        "builtin",
+        "--net",
+        "tap=tap0",
+        "--guest-args",
+        "workload=kv ip=10.0.0.2/24",
+    ];
+    let console_arg = console.display().to_string();
+    match mode {
+        Mode::Unprotected => {
+            let mut c = ns.command(bin);
+            c.arg("run").args(kv).args(["--console", &console_arg]);
+            procs.0.push(
+                c.stdout(quiet())
+                    .stderr(quiet())
+                    .spawn()
+                    .map_err(|e| e.to_string())?,
+            );
+        }
+        Mode::Early | Mode::NoEarly => {
+            let mut b = ns.command(bin);
+            b.args(["backup", "--listen", "127.0.0.1:7600"]);
+            procs.0.push(
+                b.stdout(quiet())
+                    .stderr(quiet())
+                    .spawn()
+                    .map_err(|e| e.to_string())?,
+            );
+            let mut p = ns.command(bin);
+            p.args([
+                "primary",
+                "--peer",
+                "127.0.0.1:7600",
+                "--interval-ms",
+                &interval.to_string(),
+            ])
+            .args(kv)
+            .args(["--console", &console_arg]);
+            if let Mode::NoEarly = mode {
+                p.arg("--no-early-checkpoint");
+            }
+            procs.0.push(
+                p.stdout(quiet())
+                    .stderr(quiet())
+                    .spawn()
+                    .map_err(|e| e.to_string())?,
+            );
+        }
+    }
+    wait_for(&console, "kv: listening", Duration::from_secs(30))?;
+    // Let the initial sync finish before measuring.
+    std::thread::sleep(Duration::from_secs(2));
+    let out = Command::new("timeout")
+        .arg("300")
+        .args([
+            "ip",
+            "netns",
+            "exec",
+            &ns.0,
+            "redis-benchmark",
+            "-h",
+            "10.0.0.2",
+            "--csv",
+        ])
+        .args([
+            "-n",
+            &requests.to_string(),
+            "-c",
+            &clients.to_string(),
+            "-t",
+            "set,get",
+        ])
+        .output()
+        .map_err(|e| format!("cannot run redis-benchmark: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        return Err(format!(
+            "redis-benchmark failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok([parse(&text, "SET")?, parse(&text, "GET")?])
+}
+
+/// A row of redis-benchmark's CSV: test, rps, avg, min, p50, p95, p99, max.
+fn parse(csv: &str, test: &str) -> Result<Figures, String> {
+    let line = csv
+        .lines()
+        .find(|l| l.starts_with(&format!("\"{test}\"")))
+        .ok_or_else(|| format!("no {test} row in redis-benchmark's output: {csv}"))?;
+    let f: Vec<f64> = line
+        .split(',')
+        .skip(1)
+        .map(|v| v.trim_matches('"').parse().unwrap_or(f64::NAN))
+        .collect();
+    if f.len() < 7 {
+        return Err(format!("short {test} row: {line}"));
+    }
+    Ok(Figures {
+        rps: f[0],
+        p50_ms: f[3],
+        p99_ms: f[5],
+    })
+}
+
+fn wait_for(file: &PathBuf, needle: &str, limit: Duration) -> Result<(), String> {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if std::fs::read_to_string(file).is_ok_and(|s| s.contains(needle)) {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Err(format!("the guest did not say '{needle}' within {limit:?}"))
+}
+
+fn print_table(results: &[(Mode, [Figures; 2])], requests: u64, clients: u64, interval: u64) {
+    println!(
+        "redis-benchmark -n {requests} -c {clients} against the kv guest; epochs of {interval} ms \
+         when protected\n"
+    );
+    println!("| mode | test | requests/s | p50 ms | p99 ms | throughput ratio | p50 added ms | p99 added ms |");
+    println!("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+    let base = results.first().map(|r| r.1).unwrap_or_default();
+    for (mode, figs) in results {
+        for (i, test) in ["SET", "GET"].iter().enumerate() {
+            let f = figs[i];
+            let b = base[i];
+            println!(
+                "| {} | {test} | {:.0} | {:.3} | {:.3} | {:.2} | {:+.3} | {:+.3} |",
+                mode.name(),
+                f.rps,
+                f.p50_ms,
+                f.p99_ms,
+                f.rps / b.rps,
+                f.p50_ms - b.p50_ms,
+                f.p99_ms - b.p99_ms
+            );
+        }
+    }
+}
