@@ -899,7 +899,7 @@ fn summary(o: &TrialOutcome) -> bool {
         }
         None => println!(
             "pause p50/p99, bytes per epoch, compression: not available — the primary was \
-             SIGKILLed and prints these only in its end-of-run summary"
+             SIGKILLed before it logged its figures (every 2 s, and at the end)"
         ),
     }
     match o.promotion {

@@ -115,7 +115,7 @@ const SYNC_CHUNK_PAGES: usize = 8 << 10;
 const SYNC_DONE_PAGES: usize = 4 << 10;
 const MAX_SYNC_ROUNDS: usize = 8;
 /// The running figures go to the log this often (a SIGKILLed primary leaves them behind).
-const STATS_EVERY: Duration = Duration::from_secs(5);
+const STATS_EVERY: Duration = Duration::from_secs(2);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 enum AckEvent {
