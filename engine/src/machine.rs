@@ -270,21 +270,6 @@ impl Machine {
         })
     }
 
-    /// Loads a captured state into this (paused) machine; memory is the caller's business.
-    pub fn load_state(&mut self, state: &MachineState) -> Result<(), MachineError> {
-        if state.vcpus.len() != self.vcpus.len() {
-            return Err(MachineError::VcpuMismatch {
-                state: state.vcpus.len(),
-                machine: self.vcpus.len(),
-            });
-        }
-        self.vm.restore_state(&state.vm)?;
-        for (h, s) in self.vcpus.iter().zip(&state.vcpus) {
-            h.restore(Box::new(s.clone()))?;
-        }
-        Ok(())
-    }
-
     /// The next thing a vCPU reported (guest exit or crash), if any within `timeout`.
     pub fn wait_event(&self, timeout: Duration) -> Option<VcpuEvent> {
         self.events.recv_timeout(timeout).ok()
