@@ -33,8 +33,6 @@ pub enum MachineError {
     Restore(String),
     #[error(transparent)]
     Tap(#[from] TapError),
-    #[error("state has {state} vCPUs but the machine has {machine}")]
-    VcpuMismatch { state: usize, machine: usize },
 }
 
 /// What a machine is made of.
