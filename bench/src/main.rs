@@ -10,6 +10,7 @@
 mod args;
 mod checkpoint;
 mod failover;
+mod harvest;
 mod net;
 mod pause;
 mod stats;
@@ -37,6 +38,11 @@ const SUBCOMMANDS: &[(&str, &str)] = &[
         "failover",
         "SIGKILL the primary of a protected kv guest under client load: kill -> first reply \
          from the promoted guest, detection, fence + promotion [--trials N (10)] [--mem SIZE]",
+    ),
+    (
+        "harvest",
+        "dirty harvest per epoch, bitmap (manual protect) vs dirty ring, same workload \
+         [--samples N (40)] [--pages 1000,10000,50000]",
     ),
     (
         "net",
@@ -96,6 +102,7 @@ fn dispatch(args: &[String]) -> Result<(), BenchError> {
         "pause" => pause::run(&Args::parse("pause", rest, pause::OPTIONS)?),
         "checkpoint" => checkpoint::run(&Args::parse("checkpoint", rest, checkpoint::OPTIONS)?),
         "failover" => failover::run(&Args::parse("failover", rest, failover::OPTIONS)?),
+        "harvest" => harvest::run(&Args::parse("harvest", rest, harvest::OPTIONS)?),
         "net" => net::run_bench(&Args::parse("net", rest, net::OPTIONS)?),
         "-h" | "--help" | "help" => {
             print!("{}", usage());

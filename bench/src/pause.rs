@@ -115,6 +115,7 @@ fn measure(
         vcpus,
         console: Console::Null,
         net: None,
+        dirty_ring: None,
     };
     let guest_args = format!("{} seconds={seconds}", load.guest_args);
     let mut m = Machine::boot(&cfg, engine::BUILTIN_GUEST, &guest_args)?;

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 /// A summary of a set of samples.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Summary {
     pub count: usize,
     pub min: Duration,

@@ -29,7 +29,7 @@ usage:
   lockstep primary --peer ADDR:PORT [--interval-ms MS] [--seconds S] [--window N]
                [--min-interval-ms MS] [--no-early-checkpoint] [--name NAME]
                [--heartbeat-timeout-ms MS] [--on-backup-loss continue|pause]
-               [--pid-file PATH] <the run options>
+               [--pid-file PATH] [--dirty-ring ENTRIES] <the run options>
   lockstep backup --listen ADDR:PORT [--mem SIZE] [--vcpus N] [--name NAME]
                [--run-after-end] [--console stdout|none|PATH] [--net tap=NAME[,mac=MAC]]
                [--heartbeat-timeout-ms MS] [--fence-cmd CMD [--fence-arg K=V]...
@@ -271,8 +271,18 @@ impl GuestOptions {
                 vcpus,
                 console,
                 net: net_option(o)?,
+                dirty_ring: dirty_ring_option(o)?,
             },
         })
+    }
+}
+
+fn dirty_ring_option(o: &Options) -> Result<Option<u32>, CliError> {
+    match o.number::<u32>("dirty-ring")? {
+        Some(n) if !n.is_power_of_two() || !(64..=(1 << 20)).contains(&n) => Err(usage(format!(
+            "--dirty-ring {n}: entries must be a power of two from 64 to 1048576"
+        ))),
+        r => Ok(r),
     }
 }
 
@@ -351,6 +361,7 @@ fn cmd_primary(args: &[String]) -> Result<ExitCode, CliError> {
         "heartbeat-timeout-ms",
         "on-backup-loss",
         "pid-file",
+        "dirty-ring",
     ]);
     let o = Options::parse("primary", args, &valued, &["no-early-checkpoint"])?;
     o.no_positional()?;

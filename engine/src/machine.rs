@@ -13,9 +13,11 @@ use crate::devices::serial::{Console, SerialDevice, SerialError};
 use crate::devices::tap::TapError;
 use crate::devices::{lock, Bus, Devices, NetConfig, NetDevice};
 use crate::persist::state::MachineState;
+use crate::vstate::dirty_ring::DirtyRing;
 use crate::vstate::memory::{self, GuestMemory, MemoryError};
 use crate::vstate::vcpu::{self, VcpuCommand, VcpuError, VcpuEvent, VcpuHandle, Waker};
 use crate::vstate::vm::{Vm, VmError};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 #[derive(Debug, Error)]
 pub enum MachineError {
@@ -42,6 +44,8 @@ pub struct MachineConfig {
     pub vcpus: u32,
     pub console: Console,
     pub net: Option<NetConfig>,
+    /// Track dirty pages with a dirty ring of this many entries per vCPU (else the bitmap).
+    pub dirty_ring: Option<u32>,
 }
 
 /// How long the last pause took, from the request until every vCPU acknowledged.
@@ -63,13 +67,24 @@ pub struct Machine {
     vm: Vm,
     running: bool,
     resume_acks_pending: bool,
+    /// The vCPUs' dirty rings, when the machine tracks dirty pages with them.
+    rings: std::sync::Mutex<Vec<DirtyRing>>,
 }
 
 impl Machine {
     /// Creates the VM, loads `image` and sets every vCPU at the guest's entry, paused.
     pub fn boot(cfg: &MachineConfig, image: &[u8], cmdline: &str) -> Result<Machine, MachineError> {
-        let vm = Vm::new(memory::create(cfg.mem_size)?)?;
+        let vm = Vm::with_dirty_ring(memory::create(cfg.mem_size)?, cfg.dirty_ring)?;
         let fds = vcpu::create_all(vm.fd(), &vm.supported_cpuid()?, cfg.vcpus)?;
+        let rings = match cfg.dirty_ring {
+            Some(entries) => fds
+                .iter()
+                .enumerate()
+                .map(|(i, fd)| DirtyRing::map(fd, i as u32, entries))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| MachineError::Restore(e.to_string()))?,
+            None => Vec::new(),
+        };
         let tsc_khz = fds[0].get_tsc_khz().map_err(|source| VcpuError::Kvm {
             index: 0,
             what: "KVM_GET_TSC_KHZ",
@@ -95,7 +110,9 @@ impl Machine {
             serial: std::sync::Mutex::new(SerialDevice::new(&cfg.console)?),
             net,
         });
-        Machine::assemble(vm, fds, devices)
+        let mut machine = Machine::assemble(vm, fds, devices)?;
+        machine.rings = std::sync::Mutex::new(rings);
+        Ok(machine)
     }
 
     /// Creates a VM from a captured state and guest RAM that already holds that state's
@@ -148,11 +165,53 @@ impl Machine {
             vm,
             running: false,
             resume_acks_pending: false,
+            rings: std::sync::Mutex::new(Vec::new()),
         })
     }
 
     pub fn memory(&self) -> &GuestMemory {
         self.vm.memory()
+    }
+
+    /// Every page dirtied since the last harvest (sorted, no duplicates), by the dirty
+    /// ring or the bitmap, whichever the machine was created with, ORed with the pages
+    /// the VMM and devices wrote.
+    pub fn harvest(&self, pfns: &mut Vec<u64>) -> Result<(), MachineError> {
+        let mut rings = lock(&self.rings);
+        if rings.is_empty() {
+            return self
+                .vm
+                .dirty_log()
+                .harvest(self.vm.fd(), self.memory(), pfns)
+                .map_err(|e| MachineError::Restore(e.to_string()));
+        }
+        pfns.clear();
+        let bases: Vec<u64> = memory::regions(self.memory())
+            .iter()
+            .map(|r| r.0 >> 12)
+            .collect();
+        for ring in rings.iter_mut() {
+            ring.harvest(&mut |slot, offset| {
+                if let Some(base) = bases.get(slot as usize) {
+                    pfns.push(base + offset);
+                }
+            });
+        }
+        crate::vstate::dirty_ring::reset(self.vm.fd())
+            .map_err(|e| MachineError::Restore(e.to_string()))?;
+        for region in self.memory().iter() {
+            let base = region.start_addr().0 >> 12;
+            let words = std::ops::Deref::deref(region).bitmap().get_and_reset();
+            for (i, mut w) in words.into_iter().enumerate() {
+                while w != 0 {
+                    pfns.push(base + i as u64 * 64 + u64::from(w.trailing_zeros()));
+                    w &= w - 1;
+                }
+            }
+        }
+        pfns.sort_unstable();
+        pfns.dedup();
+        Ok(())
     }
 
     pub fn vm(&self) -> &Vm {

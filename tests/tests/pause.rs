@@ -65,6 +65,7 @@ fn pause_resume_cycles(vcpus: u32) {
         vcpus,
         console: Console::File(console.clone()),
         net: None,
+        dirty_ring: None,
     };
     let args = format!("{WORKLOAD} seconds={GUEST_SECONDS}");
     let mut m = Machine::boot(&cfg, engine::BUILTIN_GUEST, &args).expect("boot");

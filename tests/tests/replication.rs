@@ -660,3 +660,38 @@ fn truncated_stream_leaves_the_last_whole_epoch() {
     let primary = assert_went_on_unprotected(&pair.primary);
     eprintln!("backup: {line}\nprimary: {primary}\nproxy: {report:?}");
 }
+
+/// The dirty ring instead of the bitmap, small enough to fill up between epochs (the
+/// vCPUs then wait for the next harvest): the replica still ends exactly equal.
+#[test]
+fn dirty_ring_with_a_full_ring_ends_with_equal_digests() {
+    if !kvm_required() {
+        return;
+    }
+    let _serial = one_pair_at_a_time();
+    let dir = TempDir::new("repl-dirty-ring");
+    let console = dir.arg("primary-console.txt");
+    let pair = replicate(
+        &["--console", "none"],
+        &[
+            "--mem",
+            "64M",
+            "--vcpus",
+            "2",
+            "--dirty-ring",
+            "512",
+            "--guest",
+            "builtin",
+            "--guest-args",
+            "workload=dirty pages_per_ms=100 wss=16M seconds=2",
+            "--console",
+            &console,
+        ],
+    );
+    assert_same_final(&pair);
+    let out = read_console(console.as_ref());
+    assert!(
+        out.trim_end().ends_with("dirty: done"),
+        "the primary's guest did not run to the end:\n{out}"
+    );
+}

@@ -34,7 +34,6 @@ use crate::cli::GuestOptions;
 use crate::devices::egress::Egress;
 use crate::devices::virtio::net::NetTransport;
 use crate::machine::{Machine, MachineError};
-use crate::vstate::dirty::{DirtyError, DirtyLog};
 use crate::vstate::memory::{self, ram_size};
 use crate::vstate::vcpu::VcpuEvent;
 use crate::{info, warn};
@@ -51,8 +50,6 @@ pub enum PrimaryError {
     },
     #[error(transparent)]
     Handshake(#[from] checkpoint::handshake::HandshakeError),
-    #[error(transparent)]
-    Dirty(#[from] DirtyError),
     #[error("sending to the backup failed: {0}")]
     Send(#[from] checkpoint::encode::EncodeError),
     #[error("sending to the backup failed: {0}")]
@@ -126,7 +123,6 @@ enum AckEvent {
 
 struct Primary {
     machine: Machine,
-    dirty: DirtyLog,
     tx: FrameSender,
     encoder: EpochEncoder,
     inflight: Arc<SharedInFlight>,
@@ -201,10 +197,8 @@ pub fn run(guest: GuestOptions, opts: PrimaryOptions) -> Result<u8, PrimaryError
         },
         Some(Arc::new(DeltaCache::new(DELTA_CACHE_PAGES, workers))),
     );
-    let dirty = machine.vm().dirty_log();
     let mut p = Primary {
         machine,
-        dirty,
         tx,
         encoder,
         inflight,
@@ -318,22 +312,14 @@ impl Primary {
     fn initial_sync(&mut self) -> Result<(), PrimaryError> {
         let mem_pages = (ram_size(self.machine.memory()) / PAGE_SIZE as u64) as usize;
         // Everything counts as dirty for round 0: forget what the boot dirtied.
-        self.dirty.harvest(
-            self.machine.vm().fd(),
-            self.machine.memory(),
-            &mut self.pfns,
-        )?;
+        self.machine.harvest(&mut self.pfns)?;
         let mut round_pfns: Vec<u64> = (0..mem_pages as u64).collect();
         let start = Instant::now();
         let mut sent_bytes = 0u64;
         let mut synced = 0u64;
         for round in 0..MAX_SYNC_ROUNDS {
             if round > 0 {
-                self.dirty.harvest(
-                    self.machine.vm().fd(),
-                    self.machine.memory(),
-                    &mut self.pfns,
-                )?;
+                self.machine.harvest(&mut self.pfns)?;
                 let previous = round_pfns.len();
                 round_pfns = std::mem::take(&mut self.pfns);
                 // Small enough for one epoch, or not shrinking any more (the guest dirties
@@ -563,8 +549,8 @@ impl Primary {
         if let Some(n) = self.machine.net() {
             n.egress.set_open_epoch(self.epoch + 2);
         }
-        let (fd, mem) = (self.machine.vm().fd(), self.machine.memory());
-        self.dirty.harvest(fd, mem, &mut self.pfns)?;
+        self.machine.harvest(&mut self.pfns)?;
+        let mem = self.machine.memory();
         if !self.carry.is_empty() {
             self.pfns.append(&mut self.carry);
             self.pfns.sort_unstable();

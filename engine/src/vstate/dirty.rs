@@ -9,9 +9,10 @@
 //! KVM only sees the guest's own writes; the VMM's and devices' writes go through
 //! vm-memory, whose `AtomicBitmap` is ORed in.
 //!
-//! The dirty ring (`KVM_CAP_DIRTY_LOG_RING`) is the alternative; on these machines it
-//! measured slower than the bitmap at 10k and 50k dirty pages per epoch (DESIGN.md's
-//! budget table: 0.45 vs 0.3 ms and 1.44 vs 0.65 ms), so the bitmap is the one implemented.
+//! The dirty ring ([`super::dirty_ring`], `lockstep primary --dirty-ring N`) is the
+//! alternative. `bench harvest` measured it slower than the bitmap at every size here
+//! (p50, 2 vCPUs: 157 vs 104 µs at 1k dirty pages, 968 vs 642 µs at 10k, 4330 vs 2570 µs at
+//! 50k), so the bitmap is the default.
 
 use kvm_bindings::{
     kvm_clear_dirty_log, kvm_clear_dirty_log__bindgen_ty_1, kvm_enable_cap,

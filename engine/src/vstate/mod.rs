@@ -1,6 +1,7 @@
 //! KVM state: guest memory, the VM, and the vCPU threads with their run-state machine.
 
 pub mod dirty;
+pub mod dirty_ring;
 pub mod memory;
 pub mod vcpu;
 pub mod vm;

@@ -559,6 +559,9 @@ impl VcpuThread {
                 }
                 VcpuExit::SystemEvent(kind, _) => crash = Some(format!("system event {kind}")),
                 VcpuExit::Intr => {}
+                // KVM_EXIT_DIRTY_RING_FULL: the guest waits until the next harvest resets
+                // the ring (that is the throttle keeping memory bounded).
+                VcpuExit::Unsupported(31) => std::thread::sleep(Duration::from_micros(500)),
                 other => crash = Some(format!("unhandled exit {other:?}")),
             },
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {

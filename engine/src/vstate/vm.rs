@@ -15,6 +15,8 @@ use super::memory::{self, GuestMemory};
 pub enum VmError {
     #[error("cannot open /dev/kvm: {0} (lockstep needs KVM and permission to use it)")]
     OpenKvm(kvm_ioctls::Error),
+    #[error("{0}")]
+    Ring(String),
     #[error("KVM ioctl {what} failed: {source}")]
     Kvm {
         what: &'static str,
@@ -51,10 +53,23 @@ impl Vm {
     /// Opens KVM, creates the VM with its irqchip and PIT, and registers `memory` with dirty
     /// logging enabled on every slot.
     pub fn new(memory: GuestMemory) -> Result<Vm, VmError> {
+        Vm::with_dirty_ring(memory, None)
+    }
+
+    /// Like [`Vm::new`]; with `ring` entries, dirty pages are tracked by the dirty ring
+    /// instead of the bitmap.
+    pub fn with_dirty_ring(memory: GuestMemory, ring: Option<u32>) -> Result<Vm, VmError> {
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
         let fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
         // Before any slot has dirty logging on.
-        let manual_protect = super::dirty::enable_manual_protect(&fd);
+        let manual_protect = match ring {
+            Some(entries) => {
+                super::dirty_ring::enable(&fd, entries)
+                    .map_err(|e| VmError::Ring(e.to_string()))?;
+                false
+            }
+            None => super::dirty::enable_manual_protect(&fd),
+        };
         fd.set_tss_address(KVM_TSS_ADDRESS)
             .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
         fd.create_irq_chip()
