@@ -33,6 +33,8 @@ pub enum MachineError {
     Serial(#[from] SerialError),
     #[error("cannot restore: {0}")]
     Restore(String),
+    #[error("dirty-page tracking: {0}")]
+    Dirty(String),
     #[error(transparent)]
     Tap(#[from] TapError),
 }
@@ -82,7 +84,7 @@ impl Machine {
                 .enumerate()
                 .map(|(i, fd)| DirtyRing::map(fd, i as u32, entries))
                 .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| MachineError::Restore(e.to_string()))?,
+                .map_err(|e| MachineError::Dirty(e.to_string()))?,
             None => Vec::new(),
         };
         let tsc_khz = fds[0].get_tsc_khz().map_err(|source| VcpuError::Kvm {
@@ -183,7 +185,7 @@ impl Machine {
                 .vm
                 .dirty_log()
                 .harvest(self.vm.fd(), self.memory(), pfns)
-                .map_err(|e| MachineError::Restore(e.to_string()));
+                .map_err(|e| MachineError::Dirty(e.to_string()));
         }
         pfns.clear();
         let bases: Vec<u64> = memory::regions(self.memory())
@@ -198,7 +200,7 @@ impl Machine {
             });
         }
         crate::vstate::dirty_ring::reset(self.vm.fd())
-            .map_err(|e| MachineError::Restore(e.to_string()))?;
+            .map_err(|e| MachineError::Dirty(e.to_string()))?;
         for region in self.memory().iter() {
             let base = region.start_addr().0 >> 12;
             let words = std::ops::Deref::deref(region).bitmap().get_and_reset();
