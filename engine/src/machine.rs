@@ -202,14 +202,9 @@ impl Machine {
         crate::vstate::dirty_ring::reset(self.vm.fd())
             .map_err(|e| MachineError::Dirty(e.to_string()))?;
         for region in self.memory().iter() {
-            let base = region.start_addr().0 >> 12;
+            // Writes by the VMM and devices since the last harvest.
             let words = std::ops::Deref::deref(region).bitmap().get_and_reset();
-            for (i, mut w) in words.into_iter().enumerate() {
-                while w != 0 {
-                    pfns.push(base + i as u64 * 64 + u64::from(w.trailing_zeros()));
-                    w &= w - 1;
-                }
-            }
+            crate::vstate::dirty::push_set_bits(region.start_addr().0 >> 12, &words, pfns);
         }
         pfns.sort_unstable();
         pfns.dedup();

@@ -91,17 +91,21 @@ impl DirtyLog {
             for (w, v) in bitmap.iter_mut().zip(vmm) {
                 *w |= v;
             }
-            let base = region.start_addr().0 >> PAGE_SHIFT;
-            for (i, &word) in bitmap.iter().enumerate() {
-                let mut w = word;
-                while w != 0 {
-                    let bit = w.trailing_zeros() as u64;
-                    pfns.push(base + i as u64 * 64 + bit);
-                    w &= w - 1;
-                }
-            }
+            push_set_bits(region.start_addr().0 >> PAGE_SHIFT, &bitmap, pfns);
         }
         Ok(())
+    }
+}
+
+/// Appends the page frame number of every set bit of `bitmap` (bit `i` = page
+/// `base_pfn + i`), in order.
+pub fn push_set_bits(base_pfn: u64, bitmap: &[u64], pfns: &mut Vec<u64>) {
+    for (i, &word) in bitmap.iter().enumerate() {
+        let mut w = word;
+        while w != 0 {
+            pfns.push(base_pfn + i as u64 * 64 + u64::from(w.trailing_zeros()));
+            w &= w - 1;
+        }
     }
 }
 
@@ -126,4 +130,16 @@ fn clear(vm: &VmFd, slot: u32, len: usize, bitmap: &[u64]) -> Result<(), DirtyEr
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn set_bits_become_page_numbers_in_order() {
+        let mut pfns = vec![];
+        push_set_bits(100, &[0b1001, 0, 1 << 63], &mut pfns);
+        assert_eq!(pfns, vec![100, 103, 100 + 128 + 63]);
+    }
 }
