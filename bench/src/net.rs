@@ -6,10 +6,11 @@
 //! guest at 10.0.0.2) and deletes afterwards; the backup listens on the namespace's own
 //! loopback.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
 
+use engine::demo::{wait_for_line, Netns, Proc};
 use thiserror::Error;
 
 use crate::args::Args;
@@ -24,62 +25,6 @@ pub enum NetError {
     Setup(String),
     #[error("{mode}: {why}")]
     Run { mode: &'static str, why: String },
-}
-
-struct Netns(String);
-
-impl Netns {
-    fn create() -> Result<Netns, NetError> {
-        let name = format!("lsbench{}", std::process::id());
-        run(&["ip", "netns", "add", &name])?;
-        let ns = Netns(name);
-        for cmd in [
-            &["ip", "link", "set", "lo", "up"][..],
-            &["ip", "tuntap", "add", "dev", "tap0", "mode", "tap"],
-            &["ip", "addr", "add", "10.0.0.1/24", "dev", "tap0"],
-            &["ip", "link", "set", "tap0", "up"],
-        ] {
-            let mut full = vec!["ip", "netns", "exec", &ns.0];
-            full.extend_from_slice(cmd);
-            run(&full)?;
-        }
-        Ok(ns)
-    }
-
-    fn command(&self, program: &Path) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.0]).arg(program);
-        c
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
-fn run(args: &[&str]) -> Result<(), NetError> {
-    let st = Command::new(args[0])
-        .args(&args[1..])
-        .status()
-        .map_err(|e| NetError::Setup(format!("cannot run {}: {e}", args[0])))?;
-    if !st.success() {
-        return Err(NetError::Setup(format!("{} failed: {st}", args.join(" "))));
-    }
-    Ok(())
-}
-
-/// Child processes killed on drop.
-struct Procs(Vec<Child>);
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
 }
 
 #[derive(Clone, Copy, Default)]
@@ -114,7 +59,7 @@ pub fn run_bench(args: &Args) -> Result<(), BenchError> {
     let work = std::env::temp_dir().join(format!("lockstep-bench-net-{}", std::process::id()));
     std::fs::create_dir_all(&work)
         .map_err(|e| NetError::Setup(format!("{}: {e}", work.display())))?;
-    let ns = Netns::create()?;
+    let ns = Netns::create("lsbench").map_err(NetError::Setup)?;
     let mut results = Vec::new();
     for mode in [Mode::Unprotected, Mode::Early, Mode::NoEarly] {
         eprintln!("bench net: {} ...", mode.name());
@@ -143,8 +88,6 @@ fn measure(
 ) -> Result<[Figures; 2], String> {
     let console = work.join(format!("console-{}", mode as u8));
     let _ = std::fs::remove_file(&console);
-    let mut procs = Procs(Vec::new());
-    let quiet = || Stdio::null();
     let kv = [
         "--guest",
         "builtin",
@@ -154,48 +97,48 @@ fn measure(
         "workload=kv ip=10.0.0.2/24",
     ];
     let console_arg = console.display().to_string();
+    let spawn = |name: &str, args: Vec<&str>| {
+        Proc::spawn(
+            ns.command(bin, &args),
+            work.join(format!("{name}.out")),
+            work.join(format!("{name}.err")),
+        )
+    };
+    let mut procs = Vec::new();
     match mode {
         Mode::Unprotected => {
-            let mut c = ns.command(bin);
-            c.arg("run").args(kv).args(["--console", &console_arg]);
-            procs.0.push(
-                c.stdout(quiet())
-                    .stderr(quiet())
-                    .spawn()
-                    .map_err(|e| e.to_string())?,
-            );
+            let mut args = vec!["run"];
+            args.extend(kv);
+            args.extend(["--console", &console_arg]);
+            procs.push(spawn("run", args)?);
         }
         Mode::Early | Mode::NoEarly => {
-            let mut b = ns.command(bin);
-            b.args(["backup", "--listen", "127.0.0.1:7600"]);
-            procs.0.push(
-                b.stdout(quiet())
-                    .stderr(quiet())
-                    .spawn()
-                    .map_err(|e| e.to_string())?,
-            );
-            let mut p = ns.command(bin);
-            p.args([
+            procs.push(spawn(
+                "backup",
+                vec!["backup", "--listen", "127.0.0.1:7600"],
+            )?);
+            let interval = interval.to_string();
+            let mut args = vec![
                 "primary",
                 "--peer",
                 "127.0.0.1:7600",
                 "--interval-ms",
-                &interval.to_string(),
-            ])
-            .args(kv)
-            .args(["--console", &console_arg]);
+                &interval,
+            ];
+            args.extend(kv);
+            args.extend(["--console", &console_arg]);
             if let Mode::NoEarly = mode {
-                p.arg("--no-early-checkpoint");
+                args.push("--no-early-checkpoint");
             }
-            procs.0.push(
-                p.stdout(quiet())
-                    .stderr(quiet())
-                    .spawn()
-                    .map_err(|e| e.to_string())?,
-            );
+            procs.push(spawn("primary", args)?);
         }
     }
-    wait_for(&console, "kv: listening", Duration::from_secs(30))?;
+    let limit = Duration::from_secs(30);
+    if !wait_for_line(&console, "kv: listening", limit, || true) {
+        return Err(format!(
+            "the guest did not say 'kv: listening' within {limit:?}"
+        ));
+    }
     // Let the initial sync finish before measuring.
     std::thread::sleep(Duration::from_secs(2));
     let out = Command::new("timeout")
@@ -204,7 +147,7 @@ fn measure(
             "ip",
             "netns",
             "exec",
-            &ns.0,
+            &ns.name,
             "redis-benchmark",
             "-h",
             "10.0.0.2",
@@ -249,17 +192,6 @@ fn parse(csv: &str, test: &str) -> Result<Figures, String> {
         p50_ms: f[3],
         p99_ms: f[5],
     })
-}
-
-fn wait_for(file: &PathBuf, needle: &str, limit: Duration) -> Result<(), String> {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if std::fs::read_to_string(file).is_ok_and(|s| s.contains(needle)) {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Err(format!("the guest did not say '{needle}' within {limit:?}"))
 }
 
 fn print_table(results: &[(Mode, [Figures; 2])], requests: u64, clients: u64, interval: u64) {
