@@ -7,10 +7,11 @@
 //! afterwards: no address or packet exists outside the namespace.
 
 use std::io::{Read, Write};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::{Duration, Instant};
+
+use engine::demo::{wait_for_line, Netns, Proc};
 
 use tests::{kvm_required, lockstep_bin, read_console, TempDir};
 
@@ -25,136 +26,28 @@ fn serialize() -> std::sync::MutexGuard<'static, ()> {
 }
 const KV_ARGS: &str = "workload=kv ip=10.0.0.2/24 port=6379";
 
-/// A network namespace with a tap device, deleted on drop.
-struct Netns {
-    name: String,
+/// Runs a client to completion inside the namespace (bounded by `timeout`).
+fn client(ns: &Netns, args: &[&str], timeout: Duration) -> (bool, String) {
+    let out = Command::new("timeout")
+        .arg(timeout.as_secs().to_string())
+        .args(["ip", "netns", "exec", &ns.name])
+        .args(args)
+        .output()
+        .expect("run a client in the namespace");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
 }
 
-impl Netns {
-    fn new() -> Netns {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let name = format!(
-            "lsnet{}x{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        );
-        sh(&["ip", "netns", "add", &name]);
-        let ns = Netns { name };
-        ns.exec_ok(&["ip", "link", "set", "lo", "up"]);
-        ns.exec_ok(&["ip", "tuntap", "add", "dev", "tap0", "mode", "tap"]);
-        ns.exec_ok(&["ip", "addr", "add", "10.0.0.1/24", "dev", "tap0"]);
-        ns.exec_ok(&["ip", "link", "set", "tap0", "up"]);
-        ns
-    }
-
-    fn command(&self, program: &Path, args: &[&str]) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.name])
-            .arg(program)
-            .args(args);
-        c
-    }
-
-    fn exec_ok(&self, args: &[&str]) {
-        let mut full = vec!["ip", "netns", "exec", &self.name];
-        full.extend_from_slice(args);
-        sh(&full);
-    }
-
-    /// Runs a client to completion inside the namespace (bounded by `timeout`).
-    fn client(&self, args: &[&str], timeout: Duration) -> (bool, String) {
-        let mut c = Command::new("timeout");
-        c.arg(timeout.as_secs().to_string())
-            .args(["ip", "netns", "exec", &self.name])
-            .args(args);
-        let out = c.output().expect("run a client in the namespace");
-        let text = String::from_utf8_lossy(&out.stdout).into_owned()
-            + &String::from_utf8_lossy(&out.stderr);
-        (out.status.success(), text)
-    }
+fn spawn(cmd: Command, stdout: PathBuf, stderr: PathBuf) -> Proc {
+    Proc::spawn(cmd, stdout, stderr).expect("start lockstep")
 }
 
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
-}
-
-fn sh(args: &[&str]) {
-    let st = Command::new(args[0])
-        .args(&args[1..])
-        .status()
-        .unwrap_or_else(|e| panic!("cannot run {args:?}: {e}"));
-    assert!(st.success(), "{args:?} failed: {st}");
-}
-
-/// A background process killed (SIGKILL) on drop if still running.
-struct Bg(Child);
-
-impl Bg {
-    fn spawn(mut c: Command, stdout: &Path, stderr: &Path) -> Bg {
-        let out = std::fs::File::create(stdout).expect("stdout file");
-        let err = std::fs::File::create(stderr).expect("stderr file");
-        Bg(c.stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .expect("spawn lockstep"))
-    }
-
-    /// Asks for a clean end (SIGTERM) and waits for it.
-    fn terminate(mut self) -> std::process::ExitStatus {
-        let pid = self.0.id() as libc::pid_t;
-        // SAFETY: kill(2) takes no pointers; the child has not been reaped, so the pid is
-        // still ours. `ip netns exec` execs lockstep, so the pid is lockstep's.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(st) = self.0.try_wait().expect("wait") {
-                return st;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "lockstep did not end within 30 s of SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn wait(mut self, limit: Duration) -> std::process::ExitStatus {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(st) = self.0.try_wait().expect("wait") {
-                return st;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "process did not end within {limit:?}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Bg {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Waits until `file` contains `needle` (bounded).
-fn wait_for(file: &Path, needle: &str, limit: Duration) {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if std::fs::read_to_string(file).is_ok_and(|s| s.contains(needle)) {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    panic!(
+/// Waits until `file` contains `needle` (bounded), or fails the test showing the file.
+fn wait_for(file: impl AsRef<Path>, needle: &str, limit: Duration) {
+    let file = file.as_ref();
+    assert!(
+        wait_for_line(file, needle, limit, || true),
         "{} did not show '{needle}' within {limit:?}; it has:\n{}",
         file.display(),
         std::fs::read_to_string(file).unwrap_or_default()
@@ -164,7 +57,7 @@ fn wait_for(file: &Path, needle: &str, limit: Duration) {
 fn redis_cli(ns: &Netns, args: &[&str]) -> String {
     let mut full = vec!["redis-cli", "-h", GUEST_IP];
     full.extend_from_slice(args);
-    let (ok, out) = ns.client(&full, Duration::from_secs(20));
+    let (ok, out) = client(ns, &full, Duration::from_secs(20));
     assert!(ok, "redis-cli {args:?} failed: {out}");
     out.trim().to_string()
 }
@@ -172,7 +65,8 @@ fn redis_cli(ns: &Netns, args: &[&str]) -> String {
 /// redis-benchmark's SET and GET tests finish with no error, then redis-cli checks the
 /// replies are right (the guest really stores what it was told).
 fn benchmark_and_check(ns: &Netns) {
-    let (ok, out) = ns.client(
+    let (ok, out) = client(
+        ns,
         &[
             "redis-benchmark",
             "-h",
@@ -233,9 +127,9 @@ fn redis_benchmark_against_an_unprotected_kv_guest() {
     need_redis_tools();
     let _one = serialize();
     let dir = TempDir::new("net-unprotected");
-    let ns = Netns::new();
+    let ns = Netns::create("lsnet").expect("network namespace");
     let console = dir.join("console");
-    let vm = Bg::spawn(
+    let vm = spawn(
         ns.command(
             lockstep_bin(),
             &[
@@ -250,8 +144,8 @@ fn redis_benchmark_against_an_unprotected_kv_guest() {
                 &dir.arg("console"),
             ],
         ),
-        &dir.join("out"),
-        &dir.join("err"),
+        dir.join("out"),
+        dir.join("err"),
     );
     wait_for(
         &console,
@@ -271,13 +165,13 @@ fn redis_benchmark_against_a_protected_kv_guest() {
     need_redis_tools();
     let _one = serialize();
     let dir = TempDir::new("net-protected");
-    let ns = Netns::new();
-    let backup = Bg::spawn(
+    let ns = Netns::create("lsnet").expect("network namespace");
+    let mut backup = spawn(
         ns.command(lockstep_bin(), &["backup", "--listen", "127.0.0.1:7600"]),
-        &dir.join("backup.out"),
-        &dir.join("backup.err"),
+        dir.join("backup.out"),
+        dir.join("backup.err"),
     );
-    let primary = Bg::spawn(
+    let mut primary = spawn(
         ns.command(
             lockstep_bin(),
             &[
@@ -294,16 +188,16 @@ fn redis_benchmark_against_a_protected_kv_guest() {
                 &dir.arg("console"),
             ],
         ),
-        &dir.join("primary.out"),
-        &dir.join("primary.err"),
+        dir.join("primary.out"),
+        dir.join("primary.err"),
     );
     wait_for(
-        &dir.join("console"),
+        dir.join("console"),
         "kv: listening",
         Duration::from_secs(20),
     );
     wait_for(
-        &dir.join("backup.err"),
+        dir.join("backup.err"),
         "epoch 1 committed",
         Duration::from_secs(20),
     );
@@ -311,12 +205,16 @@ fn redis_benchmark_against_a_protected_kv_guest() {
 
     // A clean end: both sides agree on the final state, output was held and released.
     assert!(
-        primary.terminate().success(),
+        primary
+            .terminate(Duration::from_secs(30))
+            .is_some_and(|st| st.success()),
         "primary failed: {}",
         std::fs::read_to_string(dir.join("primary.err")).unwrap_or_default()
     );
     assert!(
-        backup.wait(Duration::from_secs(30)).success(),
+        backup
+            .wait_for(Duration::from_secs(30))
+            .is_some_and(|st| st.success()),
         "backup failed"
     );
     let p = std::fs::read_to_string(dir.join("primary.out")).unwrap();
@@ -355,9 +253,9 @@ fn no_reply_leaves_before_the_backup_acknowledges() {
     }
     let _one = serialize();
     let dir = TempDir::new("net-output-commit");
-    let ns = Netns::new();
+    let ns = Netns::create("lsnet").expect("network namespace");
     // After epoch 1, the backup keeps every ack for 2 s, then acknowledges all at once.
-    let backup = Bg::spawn(
+    let backup = spawn(
         ns.command(
             lockstep_bin(),
             &[
@@ -370,10 +268,10 @@ fn no_reply_leaves_before_the_backup_acknowledges() {
                 "8000",
             ],
         ),
-        &dir.join("backup.out"),
-        &dir.join("backup.err"),
+        dir.join("backup.out"),
+        dir.join("backup.err"),
     );
-    let primary = Bg::spawn(
+    let primary = spawn(
         ns.command(
             lockstep_bin(),
             &[
@@ -393,28 +291,26 @@ fn no_reply_leaves_before_the_backup_acknowledges() {
                 &dir.arg("console"),
             ],
         ),
-        &dir.join("primary.out"),
-        &dir.join("primary.err"),
+        dir.join("primary.out"),
+        dir.join("primary.err"),
     );
     wait_for(
-        &dir.join("console"),
+        dir.join("console"),
         "kv: listening",
         Duration::from_secs(20),
     );
     wait_for(
-        &dir.join("backup.err"),
+        dir.join("backup.err"),
         "epoch 1 committed",
         Duration::from_secs(20),
     );
 
     // A client in the namespace: connect, SET, read the reply. Even the SYN-ACK is
     // output, so the connection itself completes only after the ack.
-    let ns_name = ns.name.clone();
     let log_path = dir.join("backup.err");
     let started = Instant::now();
-    let (reply, waited, log_at_reply) = std::thread::scope(|s| {
-        s.spawn(|| {
-            enter_netns(&ns_name);
+    let (reply, waited, log_at_reply) = ns
+        .within(|| {
             let mut c = std::net::TcpStream::connect_timeout(
                 &"10.0.0.2:6379".parse().expect("address"),
                 Duration::from_secs(20),
@@ -428,11 +324,9 @@ fn no_reply_leaves_before_the_backup_acknowledges() {
             let n = c.read(&mut buf).expect("read the reply");
             let waited = started.elapsed();
             let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-            (String::from_utf8_lossy(&buf[..n]).into_owned(), waited, log)
+            Ok((String::from_utf8_lossy(&buf[..n]).into_owned(), waited, log))
         })
-        .join()
-        .expect("client thread")
-    });
+        .expect("enter the namespace");
     assert_eq!(reply, "+OK\r\n", "wrong reply");
     // Acks were withheld for 2 s from epoch 1's commit, which came before the client
     // started: the reply cannot have arrived much sooner than that, and when it did, the
@@ -455,14 +349,4 @@ fn no_reply_leaves_before_the_backup_acknowledges() {
     );
     drop(primary);
     drop(backup);
-}
-
-/// Moves this thread into the network namespace `name` (sockets it opens live there).
-fn enter_netns(name: &str) {
-    use std::os::fd::AsRawFd;
-    let f = std::fs::File::open(format!("/var/run/netns/{name}")).expect("open the namespace");
-    // SAFETY: setns(2) on a namespace fd we hold open; it only changes this thread's
-    // network namespace.
-    let r = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
-    assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
 }
