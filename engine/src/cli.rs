@@ -13,7 +13,7 @@ use crate::devices::serial::Console;
 use crate::devices::NetConfig;
 use crate::machine::{Machine, MachineConfig, MachineError};
 use crate::replication::backup::{self, BackupError, BackupOptions, Outcome};
-use crate::replication::fence::{fence_until_done, FenceConfig};
+use crate::replication::fence::{parse_fence_arg, FenceAgent, FenceConfig};
 use crate::replication::primary::{self, OnBackupLoss, PrimaryError, PrimaryOptions};
 use crate::size::{parse_size, SizeError};
 use crate::snapshot::{self, SnapshotError};
@@ -28,15 +28,25 @@ usage:
   lockstep restore DIR [--console stdout|none|PATH] [--net tap=NAME[,mac=MAC]]
   lockstep primary --peer ADDR:PORT [--interval-ms MS] [--seconds S] [--window N]
                [--min-interval-ms MS] [--no-early-checkpoint] [--name NAME]
-               [--heartbeat-timeout-ms MS] [--on-backup-loss continue|pause]
+               [--heartbeat-timeout-ms MS] [--on-backup-loss fence|pause|continue]
+               [--fence-cmd CMD --peer-node NODE [--fence-arg K=V]... [--fence-timeout-s S]]
                [--pid-file PATH] [--dirty-ring ENTRIES] <the run options>
   lockstep backup --listen ADDR:PORT [--mem SIZE] [--vcpus N] [--name NAME]
                [--run-after-end] [--console stdout|none|PATH] [--net tap=NAME[,mac=MAC]]
-               [--heartbeat-timeout-ms MS] [--fence-cmd CMD [--fence-arg K=V]...
-               [--fence-timeout-s S] | --fence none]
+               [--heartbeat-timeout-ms MS] [--pid-file PATH]
+               [--fence-cmd CMD --peer-node NODE [--fence-arg K=V]... [--fence-timeout-s S]
+               [--fence-delay-ms MS] | --fence none]
   lockstep demo [--seconds S]
 
-The built-in guest runs workload=counter|dirty|hash (see README.md).";
+Fencing (docs/fencing.md): CMD runs as `sh -c CMD` with key=value lines on stdin, the
+fence-agents convention: each --fence-arg, then action=off, nodename=NODE, port=NODE and
+plug=NODE. Those keys (and option, missing_as_off, port_as_ip) are lockstep's: a
+--fence-arg cannot set them. Only exit 0 within --fence-timeout-s (10) counts as fenced.
+The backup fences the primary before it promotes, after --fence-delay-ms (1000) when the
+primary went silent (the primary's head start); the primary fences the backup before it
+releases output the backup has not acknowledged (--on-backup-loss fence, the default).
+
+The built-in guest runs workload=counter|dirty|hash|kv (see README.md).";
 
 /// Workloads of the built-in guest, checked before boot so a typo is a clear error.
 pub const BUILTIN_WORKLOADS: &[&str] = &["counter", "dirty", "hash", "kv", "crash"];
@@ -363,6 +373,7 @@ fn cmd_primary(args: &[String]) -> Result<ExitCode, CliError> {
         "pid-file",
         "dirty-ring",
     ]);
+    valued.extend(FENCE_OPTIONS);
     let o = Options::parse("primary", args, &valued, &["no-early-checkpoint"])?;
     o.no_positional()?;
     let g = GuestOptions::from(&o)?;
@@ -390,13 +401,24 @@ fn cmd_primary(args: &[String]) -> Result<ExitCode, CliError> {
             o.number("heartbeat-timeout-ms")?
                 .unwrap_or(DEFAULT_HEARTBEAT_TIMEOUT_MS),
         ),
-        on_backup_loss: match o.get("on-backup-loss").unwrap_or("continue") {
-            "continue" => OnBackupLoss::Continue,
+        on_backup_loss: match o.get("on-backup-loss").unwrap_or("fence") {
+            "fence" => OnBackupLoss::Fence,
             "pause" => OnBackupLoss::Pause,
+            "continue" => OnBackupLoss::Continue,
             other => {
                 return Err(usage(format!(
-                    "--on-backup-loss {other}: expected continue or pause"
+                    "--on-backup-loss {other}: expected fence, pause or continue"
                 )))
+            }
+        },
+        fence: match fence_option(&o)? {
+            None => None,
+            Some(FenceConfig::Agent(a)) => Some(a),
+            Some(FenceConfig::None) => {
+                return Err(usage(
+                    "--fence none is for the backup; a primary that may go on without \
+                     fencing its backup says --on-backup-loss continue",
+                ))
             }
         },
         pid_file: o.get("pid-file").map(PathBuf::from),
@@ -425,6 +447,9 @@ fn cmd_backup(args: &[String]) -> Result<ExitCode, CliError> {
             "fence-cmd",
             "fence-arg",
             "fence-timeout-s",
+            "peer-node",
+            "fence-delay-ms",
+            "pid-file",
         ],
         &["run-after-end"],
     )?;
@@ -449,10 +474,15 @@ fn cmd_backup(args: &[String]) -> Result<ExitCode, CliError> {
             o.number("heartbeat-timeout-ms")?
                 .unwrap_or(DEFAULT_HEARTBEAT_TIMEOUT_MS),
         ),
+        pid_file: o.get("pid-file").map(PathBuf::from),
         withhold_acks: o
             .number("test-withhold-acks-ms")?
             .map(Duration::from_millis),
     };
+    let fence_delay = Duration::from_millis(
+        o.number("fence-delay-ms")?
+            .unwrap_or(DEFAULT_FENCE_DELAY_MS),
+    );
     let fence = fence_option(&o)?;
     if fence.is_some() && opts.net.is_none() {
         // Promotion without the network would cut every client off: refuse up front.
@@ -466,57 +496,93 @@ fn cmd_backup(args: &[String]) -> Result<ExitCode, CliError> {
             drive(&mut machine, None)
         }
         Outcome::Ended(_) => Ok(ExitCode::SUCCESS),
-        Outcome::PrimaryLost { why, committed } => {
+        Outcome::PrimaryLost {
+            why,
+            committed,
+            silent,
+        } => {
             let Some(fence) = fence else {
                 return Err(BackupError::PrimaryLost {
                     why,
                     committed: committed.epoch,
+                    silent,
                 }
                 .into());
             };
-            let lost = Instant::now();
-            let attempts = fence_until_done(&fence, &opts.name).map_err(BackupError::Fence)?;
-            if attempts > 0 {
-                info!(
-                    "fenced the old primary '{}' (attempt {attempts})",
-                    opts.name
-                );
-            }
-            let epoch = committed.epoch;
-            let mut machine = backup::promote(committed, &console, opts.net.as_ref())?;
-            info!(
-                "PROMOTED: guest running from committed epoch {epoch}, {} ms after the primary was declared lost",
-                lost.elapsed().as_millis()
-            );
+            let mut machine = backup::fail_over(
+                committed,
+                silent,
+                &fence,
+                fence_delay,
+                &console,
+                opts.net.as_ref(),
+            )?;
             drive(&mut machine, None)
         }
     }
 }
 
+/// The fencing options of both roles.
+const FENCE_OPTIONS: [&str; 5] = [
+    "fence",
+    "fence-cmd",
+    "fence-arg",
+    "fence-timeout-s",
+    "peer-node",
+];
+
+/// The backup's head start for a primary that may be alive behind a cut link.
+pub const DEFAULT_FENCE_DELAY_MS: u64 = 1000;
+
 fn fence_option(o: &Options) -> Result<Option<FenceConfig>, CliError> {
     let args = o
         .get_all("fence-arg")
         .into_iter()
-        .map(|kv| {
-            kv.split_once('=')
-                .filter(|(k, _)| !k.is_empty() && !kv.contains('\n'))
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .ok_or_else(|| usage(format!("--fence-arg {kv}: expected key=value")))
-        })
+        .map(|kv| parse_fence_arg(kv).map_err(|e| usage(e.to_string())))
         .collect::<Result<Vec<_>, _>>()?;
     let timeout = Duration::from_secs(o.number("fence-timeout-s")?.unwrap_or(10));
+    if timeout.is_zero() {
+        return Err(usage("--fence-timeout-s must be at least 1"));
+    }
+    // Options of an agent, given without one: a mistake, never silently ignored.
+    let agent_only = || -> Result<(), CliError> {
+        for name in ["peer-node", "fence-arg", "fence-timeout-s"] {
+            if o.get(name).is_some() {
+                return Err(usage(format!(
+                    "--{name} needs --fence-cmd (it configures the fence agent)"
+                )));
+            }
+        }
+        Ok(())
+    };
     match (o.get("fence"), o.get("fence-cmd")) {
-        (Some("none"), None) => Ok(Some(FenceConfig::None)),
+        (Some("none"), None) => {
+            agent_only()?;
+            Ok(Some(FenceConfig::None))
+        }
         (Some(other), None) => Err(usage(format!(
             "--fence {other}: the only value is 'none' (or use --fence-cmd)"
         ))),
         (Some(_), Some(_)) => Err(usage("--fence none and --fence-cmd exclude each other")),
-        (None, Some(cmd)) => Ok(Some(FenceConfig::Agent {
-            cmd: cmd.to_string(),
-            args,
-            timeout,
-        })),
-        (None, None) => Ok(None),
+        (None, Some(cmd)) => {
+            let victim = o.get("peer-node").map(str::trim).unwrap_or_default();
+            if victim.is_empty() || victim.contains(['\n', '\r']) {
+                return Err(usage(
+                    "--fence-cmd needs --peer-node NODE: the peer's node as the fence device \
+                     knows it (sent as nodename=, port= and plug=)",
+                ));
+            }
+            Ok(Some(FenceConfig::Agent(FenceAgent {
+                cmd: cmd.to_string(),
+                args,
+                victim: victim.to_string(),
+                timeout,
+            })))
+        }
+        (None, None) => {
+            agent_only()?;
+            Ok(None)
+        }
     }
 }
 

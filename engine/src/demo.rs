@@ -476,6 +476,8 @@ pub fn trial(ns: &Netns, cfg: &TrialConfig) -> Result<TrialOutcome, String> {
     write_agent(&agent)?;
     let pid_file = cfg.dir.join("primary.pid");
     let _ = std::fs::remove_file(&pid_file);
+    let backup_pid_file = cfg.dir.join("backup.pid");
+    let _ = std::fs::remove_file(&backup_pid_file);
     let arg = |p: &Path| p.to_str().unwrap_or_default().to_string();
     let listen = format!("127.0.0.1:{}", cfg.port);
     let say = |s: String| {
@@ -496,8 +498,12 @@ pub fn trial(ns: &Netns, cfg: &TrialConfig) -> Result<TrialOutcome, String> {
                 "tap=tap0",
                 "--name",
                 "demo",
+                "--pid-file",
+                &arg(&backup_pid_file),
                 "--fence-cmd",
                 &arg(&agent),
+                "--peer-node",
+                "demo-primary",
                 "--fence-arg",
                 &format!("pidfile={}", arg(&pid_file)),
                 "--console",
@@ -521,6 +527,14 @@ pub fn trial(ns: &Netns, cfg: &TrialConfig) -> Result<TrialOutcome, String> {
         arg(&pid_file),
         "--name".into(),
         "demo".into(),
+        // The backup, should it be the one lost, is fenced before any output it has not
+        // acknowledged leaves.
+        "--fence-cmd".into(),
+        arg(&agent),
+        "--peer-node".into(),
+        "demo-backup".into(),
+        "--fence-arg".into(),
+        format!("pidfile={}", arg(&backup_pid_file)),
         "--guest".into(),
         "builtin".into(),
         "--guest-args".into(),

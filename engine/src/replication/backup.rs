@@ -12,6 +12,7 @@ use checkpoint::transport::{Connection, TransportError};
 use checkpoint::PAGE_SIZE;
 use thiserror::Error;
 
+use super::fence::{fence_until_done, FenceConfig, FenceError};
 use super::{guest_id, install_stop_handler, stop_requested};
 use crate::devices::serial::Console;
 use crate::devices::NetConfig;
@@ -43,7 +44,14 @@ pub enum BackupError {
         local: String,
     },
     #[error("lost the primary ({why}); the backup holds committed epoch {committed}")]
-    PrimaryLost { why: String, committed: u64 },
+    PrimaryLost {
+        why: String,
+        committed: u64,
+        /// Lost by silence (a stalled peer or a cut link), not by a closed connection.
+        silent: bool,
+    },
+    #[error("cannot write the pid file {0}")]
+    PidFile(String),
     #[error("stopped before the primary ended replication; the backup holds committed epoch {0}")]
     Stopped(u64),
     #[error("committed state: {0}")]
@@ -51,7 +59,7 @@ pub enum BackupError {
     #[error(transparent)]
     Machine(#[from] MachineError),
     #[error(transparent)]
-    Fence(#[from] super::fence::FenceError),
+    Fence(#[from] FenceError),
     #[error("digest: {0}")]
     Staging(#[from] checkpoint::staging::StagingError),
 }
@@ -68,6 +76,8 @@ pub struct BackupOptions {
     pub net: Option<NetConfig>,
     /// How long the primary may stay silent before it counts as lost.
     pub heartbeat_timeout: Duration,
+    /// Written with this process's pid (so that the primary's fence agent can find it).
+    pub pid_file: Option<std::path::PathBuf>,
     /// Test-only: after epoch 1 commits, send no ack for this long (then one cumulative
     /// ack). Shows output commit: the primary's clients see nothing meanwhile.
     pub withhold_acks: Option<Duration>,
@@ -82,7 +92,13 @@ pub enum Outcome {
     /// The primary ended it cleanly (final epoch, equal digests).
     Ended(Committed),
     /// The primary went silent or away after at least one committed epoch.
-    PrimaryLost { why: String, committed: Committed },
+    PrimaryLost {
+        why: String,
+        committed: Committed,
+        /// By silence rather than a closed connection: the primary may be alive behind a
+        /// cut link, so it gets a head start before the backup fences it.
+        silent: bool,
+    },
 }
 
 /// Heartbeats to the primary while the initial sync gives it nothing to acknowledge.
@@ -98,6 +114,10 @@ pub struct Committed {
 /// Runs `lockstep backup`. With `--run-after-end`, returns the resumed guest's exit status.
 pub fn run(mut opts: BackupOptions) -> Result<Outcome, BackupError> {
     install_stop_handler();
+    if let Some(path) = &opts.pid_file {
+        std::fs::write(path, format!("{}\n", std::process::id()))
+            .map_err(|e| BackupError::PidFile(format!("{}: {e}", path.display())))?;
+    }
     let listener = TcpListener::bind(&opts.listen).map_err(|source| BackupError::Listen {
         addr: opts.listen.clone(),
         source,
@@ -156,12 +176,14 @@ pub fn run(mut opts: BackupOptions) -> Result<Outcome, BackupError> {
         Err(BackupError::PrimaryLost {
             why,
             committed: epoch,
+            silent,
         }) if epoch >= 1 => {
             staging.abort();
             warn!("ROLE CHANGE: primary lost ({why}); the backup holds committed epoch {epoch}");
             Ok(Outcome::PrimaryLost {
                 why,
                 committed: committed(&staging, memory)?,
+                silent,
             })
         }
         Err(e) => Err(e),
@@ -210,13 +232,14 @@ fn replicate(
             Err(TransportError::Timeout(_)) if timeout < opts.heartbeat_timeout => continue,
             Err(e) => {
                 staging.abort();
-                let why = match e {
-                    TransportError::Timeout(t) => format!("no data for {t:?}"),
-                    e => e.to_string(),
+                let (why, silent) = match e {
+                    TransportError::Timeout(t) => (format!("no data for {t:?}"), true),
+                    e => (e.to_string(), false),
                 };
                 return Err(BackupError::PrimaryLost {
                     why,
                     committed: staging.committed_epoch(),
+                    silent,
                 });
             }
         };
@@ -293,6 +316,7 @@ fn send(conn: &mut Connection, msg: &Message, staging: &Staging) -> Result<(), B
     conn.send(msg).map_err(|e| BackupError::PrimaryLost {
         why: e.to_string(),
         committed: staging.committed_epoch(),
+        silent: false,
     })
 }
 
@@ -332,6 +356,41 @@ pub fn resume(
         net,
         committed.memory,
     )?)
+}
+
+/// Failover: fences the primary, then promotes (invariant 3: never the other way round).
+///
+/// When the primary was lost by silence it may be alive behind a cut link, where it
+/// fences the backup before it releases any output; the backup waits `delay` first (its
+/// head start, as Pacemaker's `priority-fencing-delay` gives the node running the
+/// resource), so that exactly one side wins the race. A closed connection means the
+/// primary's process is gone, and fencing starts at once. Returns the running machine.
+pub fn fail_over(
+    committed: Committed,
+    silent: bool,
+    fence: &FenceConfig,
+    delay: Duration,
+    console: &Console,
+    net: Option<&NetConfig>,
+) -> Result<Machine, BackupError> {
+    let lost = Instant::now();
+    if silent && !delay.is_zero() && *fence != FenceConfig::None {
+        info!("waiting {delay:?} before fencing (--fence-delay-ms): a primary alive behind a cut link fences this backup first");
+        while lost.elapsed() < delay {
+            if stop_requested() {
+                return Err(BackupError::Fence(FenceError::Stopped));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    fence_until_done(fence, "the old primary")?;
+    let epoch = committed.epoch;
+    let machine = promote(committed, console, net)?;
+    info!(
+        "PROMOTED: guest running from committed epoch {epoch}, {} ms after the primary was declared lost",
+        lost.elapsed().as_millis()
+    );
+    Ok(machine)
 }
 
 /// Promotion: the last committed epoch becomes the running VM — vCPUs and devices loaded,

@@ -1,32 +1,121 @@
-//! Fencing: making sure the old primary is dead before the backup promotes (invariant 3).
+//! Fencing: making sure a peer can no longer run the guest before this side acts alone
+//! (invariant 3: at most one guest of a pair runs, and the backup only ever promotes from
+//! a state that includes every output the primary released).
 //!
-//! The ClusterLabs fence-agents convention: the agent reads `key=value` lines on stdin
-//! (`action=off`, `nodename=...`, plus the options the operator gave), and only exit status
-//! 0 within the timeout means the node is off. Anything else — a non-zero exit, a timeout,
-//! an agent that cannot be started — means it may still be running, and the backup must not
-//! promote: it retries with backoff, loudly, for as long as it takes.
+//! Both roles fence through the same agents. The backup fences the primary before it
+//! promotes; the primary fences the backup before it releases output the backup has not
+//! acknowledged (DRBD's `fence-peer`, resource-level fencing, is the same idea).
+//!
+//! Agents are called the way Pacemaker's fencer calls the ClusterLabs fence-agents
+//! (`fencing.py`, `_parse_input_stdin`): `sh -c CMD` reads `key=value` lines on stdin, and
+//! only exit status 0 within the timeout means the victim is off. Anything else — a non-zero
+//! exit, a timeout, an agent that cannot be started — means it may still be running: this
+//! side does not act, and retries with backoff, loudly, for as long as it takes.
+//!
+//! What lockstep asks and of whom is not the operator's to change: the keys in
+//! [`RESERVED_KEYS`] are refused in `--fence-arg`, and lockstep's own lines come after the
+//! operator's, so an agent that keeps the last value of a key (as fence-agents do) still
+//! reads lockstep's.
 
-use std::io::Write;
-use std::process::{Command, Stdio};
+use std::io::{Read, Write};
+use std::os::unix::process::CommandExt;
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
 use super::stop_requested;
-use crate::warn;
+use crate::{info, warn};
 
+/// Keys of the agent's stdin that only lockstep sets, compared after trimming, lowering
+/// the case and turning `-` into `_` (fence-agents accept both spellings):
+/// - `action` (and its old name `option`): what to do; always `off` when lockstep fences;
+/// - `nodename`, `port`, `plug`: whom; `--peer-node` sets them;
+/// - `missing_as_off`, `port_as_ip`: would let an agent report success for a victim it
+///   cannot find, or address another machine than the one named.
+pub const RESERVED_KEYS: &[&str] = &[
+    "action",
+    "option",
+    "nodename",
+    "port",
+    "plug",
+    "missing_as_off",
+    "port_as_ip",
+];
+
+/// Bytes of an agent's stdout and stderr kept for the log (each); the rest is counted and
+/// dropped, never left unread (an agent blocked on a full pipe would look hung).
+pub const OUTPUT_KEPT: usize = 4096;
+
+/// How one side fences its peer.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum FenceConfig {
-    /// `--fence none`: promote without fencing (unsafe: two primaries are possible).
+    /// `--fence none`: act without fencing (unsafe: two running guests are possible).
     None,
-    /// `--fence-cmd CMD [--fence-arg k=v]... [--fence-timeout-s S]`.
-    Agent {
-        cmd: String,
-        args: Vec<(String, String)>,
-        timeout: Duration,
-    },
+    /// `--fence-cmd CMD --peer-node NAME [--fence-arg k=v]... [--fence-timeout-s S]`.
+    Agent(FenceAgent),
 }
 
+/// A fence agent and whom it fences.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FenceAgent {
+    /// Run as `sh -c CMD`.
+    pub cmd: String,
+    /// The operator's options, in order; none has a key of [`RESERVED_KEYS`].
+    pub args: Vec<(String, String)>,
+    /// The victim: the peer's node as the fence device knows it, sent as `nodename=`,
+    /// `port=` and `plug=` (Pacemaker passes `nodename` plus `port` or `plug`).
+    pub victim: String,
+    /// One attempt longer than this counts as failed; the agent's process group is killed.
+    pub timeout: Duration,
+}
+
+/// Why a `--fence-arg` was refused.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum FenceArgError {
+    #[error("--fence-arg {0}: expected key=value")]
+    Shape(String),
+    #[error("--fence-arg {0}: a key is letters, digits, '-' and '_'")]
+    Key(String),
+    #[error("--fence-arg {0}: a value cannot hold a line break")]
+    Value(String),
+    #[error(
+        "--fence-arg {arg}: '{key}' is lockstep's to set (it always asks for action=off of \
+         --peer-node); reserved: {}",
+        RESERVED_KEYS.join(", ")
+    )]
+    Reserved { arg: String, key: String },
+}
+
+/// Parses one `--fence-arg key=value`, refusing reserved keys and anything that would
+/// read as more than one line on the agent's stdin.
+pub fn parse_fence_arg(arg: &str) -> Result<(String, String), FenceArgError> {
+    let (k, v) = arg
+        .split_once('=')
+        .ok_or_else(|| FenceArgError::Shape(arg.to_string()))?;
+    let key = k.trim();
+    if key.is_empty()
+        || !key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return Err(FenceArgError::Key(arg.to_string()));
+    }
+    if v.contains(['\n', '\r']) {
+        return Err(FenceArgError::Value(arg.to_string()));
+    }
+    let norm = key.to_ascii_lowercase().replace('-', "_");
+    if RESERVED_KEYS.contains(&norm.as_str()) {
+        return Err(FenceArgError::Reserved {
+            arg: arg.to_string(),
+            key: key.to_string(),
+        });
+    }
+    Ok((key.to_string(), v.to_string()))
+}
+
+/// Why one fencing attempt did not confirm the victim is off.
 #[derive(Debug, Error)]
 pub enum FenceError {
     #[error("cannot start fence command '{cmd}': {source}")]
@@ -34,95 +123,208 @@ pub enum FenceError {
     #[error("fence command '{cmd}' failed with {status}{detail}")]
     Failed {
         cmd: String,
-        status: std::process::ExitStatus,
+        status: ExitStatus,
         detail: String,
     },
-    #[error("fence command '{cmd}' did not finish within {timeout:?}; killed it")]
-    Timeout { cmd: String, timeout: Duration },
-    #[error("stopped while fencing; no promotion")]
+    #[error("fence command '{cmd}' did not finish within {timeout:?}; killed it{detail}")]
+    Timeout {
+        cmd: String,
+        timeout: Duration,
+        detail: String,
+    },
+    #[error("stopped while fencing; not acting alone")]
     Stopped,
 }
 
-/// What the agent reads on stdin.
-pub fn agent_input(nodename: &str, args: &[(String, String)]) -> String {
-    let mut s = format!("action=off\nnodename={nodename}\n");
+/// What the agent reads on stdin: the operator's options, then lockstep's own.
+pub fn agent_input(victim: &str, action: &str, args: &[(String, String)]) -> String {
+    let mut s = String::new();
     for (k, v) in args {
         s.push_str(&format!("{k}={v}\n"));
     }
+    s.push_str(&format!(
+        "action={action}\nnodename={victim}\nport={victim}\nplug={victim}\n"
+    ));
     s
 }
 
-/// One attempt: runs `sh -c CMD` with the options on stdin.
-pub fn fence_once(
-    cmd: &str,
-    args: &[(String, String)],
-    nodename: &str,
-    timeout: Duration,
-) -> Result<(), FenceError> {
-    let mut child = Command::new("sh")
-        .arg("-c")
-        .arg(cmd)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|source| FenceError::Spawn {
-            cmd: cmd.to_string(),
-            source,
-        })?;
-    if let Some(mut stdin) = child.stdin.take() {
-        // An agent that exits without reading its stdin is judged by its status alone.
-        let _ = stdin.write_all(agent_input(nodename, args).as_bytes());
+/// What an agent wrote on one stream: the first [`OUTPUT_KEPT`] bytes and the total.
+#[derive(Debug, Default)]
+pub struct Output {
+    pub kept: Vec<u8>,
+    pub total: u64,
+}
+
+impl Output {
+    /// The kept text as one log line (`a | b | c`), with how much was dropped.
+    pub fn summary(&self) -> String {
+        let text = String::from_utf8_lossy(&self.kept);
+        let mut s: String = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect::<Vec<_>>()
+            .join(" | ");
+        if self.total > self.kept.len() as u64 {
+            s.push_str(&format!(
+                " [... {} more bytes]",
+                self.total - self.kept.len() as u64
+            ));
+        }
+        s
     }
-    let deadline = Instant::now() + timeout;
-    loop {
-        match child.try_wait() {
-            Ok(Some(status)) if status.success() => return Ok(()),
-            Ok(Some(status)) => {
-                let mut err = String::new();
-                if let Some(mut e) = child.stderr.take() {
-                    let _ = std::io::Read::read_to_string(&mut e, &mut err);
+}
+
+/// Reads a pipe to its end on a thread, keeping the first [`OUTPUT_KEPT`] bytes.
+fn drain(mut from: impl Read + Send + 'static, done: mpsc::Sender<(usize, Output)>, which: usize) {
+    std::thread::spawn(move || {
+        let mut out = Output::default();
+        let mut buf = [0u8; 8192];
+        loop {
+            match from.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    let room = OUTPUT_KEPT.saturating_sub(out.kept.len());
+                    out.kept.extend_from_slice(&buf[..n.min(room)]);
+                    out.total += n as u64;
                 }
-                let first = err.lines().next().unwrap_or("").trim();
-                let detail = if first.is_empty() {
-                    String::new()
-                } else {
-                    format!(": {first}")
-                };
-                return Err(FenceError::Failed {
-                    cmd: cmd.to_string(),
-                    status,
-                    detail,
-                });
             }
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
-            _ => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(FenceError::Timeout {
-                    cmd: cmd.to_string(),
-                    timeout,
-                });
+        }
+        let _ = done.send((which, out));
+    });
+}
+
+/// The result of running an agent once.
+#[derive(Debug)]
+pub struct AgentRun {
+    /// `None` when it did not finish within the timeout (its process group was killed).
+    pub status: Option<ExitStatus>,
+    pub stdout: Output,
+    pub stderr: Output,
+}
+
+impl AgentRun {
+    /// The agent's output for a log line: `stderr: ...; stdout: ...`, empty if silent.
+    pub fn detail(&self) -> String {
+        let mut parts = Vec::new();
+        for (name, o) in [("stderr", &self.stderr), ("stdout", &self.stdout)] {
+            let s = o.summary();
+            if !s.is_empty() {
+                parts.push(format!("{name}: {s}"));
             }
+        }
+        if parts.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", parts.join("; "))
         }
     }
 }
 
+/// Runs `sh -c CMD` once with `input` on stdin, in a process group of its own, draining
+/// stdout and stderr as it goes; on timeout, SIGKILLs the whole group.
+pub fn run_agent(cmd: &str, input: &str, timeout: Duration) -> std::io::Result<AgentRun> {
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()?;
+    let (tx, rx) = mpsc::channel();
+    if let Some(out) = child.stdout.take() {
+        drain(out, tx.clone(), 0);
+    }
+    if let Some(err) = child.stderr.take() {
+        drain(err, tx, 1);
+    }
+    if let Some(mut stdin) = child.stdin.take() {
+        let input = input.to_string();
+        // An agent that never reads its stdin must not block us: write from a thread, and
+        // close the pipe when done (the agent reads to EOF).
+        std::thread::spawn(move || {
+            let _ = stdin.write_all(input.as_bytes());
+        });
+    }
+    let pgid = child.id() as libc::pid_t;
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break Some(status),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(2)),
+            _ => {
+                // SAFETY: kill(2) with a negative pid signals the process group the child
+                // leads (process_group(0) above); no memory is involved.
+                unsafe { libc::kill(-pgid, libc::SIGKILL) };
+                let _ = child.wait();
+                break None;
+            }
+        }
+    };
+    // Children the agent left behind may still hold its pipes: take what arrived soon
+    // after it ended, never wait for them.
+    let mut outs = [Output::default(), Output::default()];
+    let until = Instant::now() + Duration::from_millis(200);
+    for _ in 0..2 {
+        match rx.recv_timeout(until.saturating_duration_since(Instant::now())) {
+            Ok((i, o)) => outs[i] = o,
+            Err(_) => break,
+        }
+    }
+    let [stdout, stderr] = outs;
+    Ok(AgentRun {
+        status,
+        stdout,
+        stderr,
+    })
+}
+
+/// One attempt to switch `agent.victim` off.
+pub fn fence_once(agent: &FenceAgent) -> Result<AgentRun, FenceError> {
+    let input = agent_input(&agent.victim, "off", &agent.args);
+    let run = run_agent(&agent.cmd, &input, agent.timeout).map_err(|source| FenceError::Spawn {
+        cmd: agent.cmd.clone(),
+        source,
+    })?;
+    match run.status {
+        Some(s) if s.success() => Ok(run),
+        Some(status) => Err(FenceError::Failed {
+            cmd: agent.cmd.clone(),
+            status,
+            detail: run.detail(),
+        }),
+        None => Err(FenceError::Timeout {
+            cmd: agent.cmd.clone(),
+            timeout: agent.timeout,
+            detail: run.detail(),
+        }),
+    }
+}
+
 /// Fences until it succeeds (backoff 0.5 s doubling to 8 s), or until SIGTERM/SIGINT.
-/// Returns the number of attempts it took.
-pub fn fence_until_done(cfg: &FenceConfig, nodename: &str) -> Result<u32, FenceError> {
-    let FenceConfig::Agent { cmd, args, timeout } = cfg else {
-        warn!("UNSAFE: promoting WITHOUT fencing (--fence none): the old primary may still be running");
+/// `peer` names the victim's role in the log ("the old primary", "the backup").
+/// Returns the number of attempts it took (0 for `--fence none`).
+pub fn fence_until_done(cfg: &FenceConfig, peer: &str) -> Result<u32, FenceError> {
+    let FenceConfig::Agent(agent) = cfg else {
+        warn!("UNSAFE: acting WITHOUT fencing {peer} (--fence none): it may still be running");
         return Ok(0);
     };
     let mut backoff = Duration::from_millis(500);
     let mut attempt = 0u32;
     loop {
         attempt += 1;
-        match fence_once(cmd, args, nodename, *timeout) {
-            Ok(()) => return Ok(attempt),
+        match fence_once(agent) {
+            Ok(run) => {
+                info!(
+                    "fenced {peer} '{}' (attempt {attempt}){}",
+                    agent.victim,
+                    run.detail()
+                );
+                return Ok(attempt);
+            }
             Err(e) => {
-                warn!("FENCING FAILED (attempt {attempt}): {e}; NOT promoting, retrying in {backoff:?}");
+                warn!("FENCING FAILED (attempt {attempt}) for {peer} '{}': {e}; NOT acting alone, retrying in {backoff:?}", agent.victim);
             }
         }
         let until = Instant::now() + backoff;
@@ -140,35 +342,127 @@ pub fn fence_until_done(cfg: &FenceConfig, nodename: &str) -> Result<u32, FenceE
 mod tests {
     use super::*;
 
-    #[test]
-    fn agent_gets_the_convention_on_stdin() {
-        let args = vec![("pidfile".to_string(), "/run/p".to_string())];
-        assert_eq!(
-            agent_input("node-a", &args),
-            "action=off\nnodename=node-a\npidfile=/run/p\n"
-        );
-        // The agent sees exactly that: it checks its input and succeeds only if it matches.
-        let cmd = "[ \"$(cat)\" = \"$(printf 'action=off\\nnodename=node-a\\npidfile=/run/p')\" ]";
-        fence_once(cmd, &args, "node-a", Duration::from_secs(5)).unwrap();
-        assert!(fence_once(cmd, &args, "node-b", Duration::from_secs(5)).is_err());
+    fn agent(cmd: &str, timeout: Duration) -> FenceAgent {
+        FenceAgent {
+            cmd: cmd.to_string(),
+            args: vec![("pidfile".to_string(), "/run/p".to_string())],
+            victim: "node-a".to_string(),
+            timeout,
+        }
     }
 
     #[test]
-    fn failure_and_timeout_are_failures() {
-        let e = fence_once(
+    fn the_agent_reads_the_operators_options_then_lockstep_s() {
+        let a = agent("", Duration::ZERO);
+        let want = "pidfile=/run/p\naction=off\nnodename=node-a\nport=node-a\nplug=node-a\n";
+        assert_eq!(agent_input(&a.victim, "off", &a.args), want);
+        // The agent sees exactly that on stdin.
+        let check = format!(
+            "[ \"$(cat)\" = \"$(printf '{}')\" ]",
+            want.replace('\n', "\\n")
+        );
+        fence_once(&agent(&check, Duration::from_secs(5))).unwrap();
+        let mut other = agent(&check, Duration::from_secs(5));
+        other.victim = "node-b".into();
+        assert!(fence_once(&other).is_err());
+    }
+
+    #[test]
+    fn reserved_keys_are_refused_in_every_spelling() {
+        for arg in [
+            "action=monitor",
+            "ACTION=reboot",
+            " action =status",
+            "option=status",
+            "nodename=other",
+            "port=other",
+            "plug=other",
+            "Plug=other",
+            "missing_as_off=1",
+            "missing-as-off=1",
+            "port-as-ip=1",
+        ] {
+            assert!(
+                matches!(parse_fence_arg(arg), Err(FenceArgError::Reserved { .. })),
+                "{arg} was accepted"
+            );
+        }
+        assert!(matches!(
+            parse_fence_arg("ip=1.2.3.4\naction=on"),
+            Err(FenceArgError::Value(_))
+        ));
+        assert!(matches!(
+            parse_fence_arg("ip=1\r"),
+            Err(FenceArgError::Value(_))
+        ));
+        assert!(matches!(parse_fence_arg("=x"), Err(FenceArgError::Key(_))));
+        assert!(matches!(
+            parse_fence_arg("a b=x"),
+            Err(FenceArgError::Key(_))
+        ));
+        assert!(matches!(
+            parse_fence_arg("novalue"),
+            Err(FenceArgError::Shape(_))
+        ));
+        assert_eq!(
+            parse_fence_arg("password_script=cat /etc/p=q").unwrap(),
+            ("password_script".into(), "cat /etc/p=q".into())
+        );
+        let e = parse_fence_arg("action=monitor").unwrap_err().to_string();
+        assert!(!e.contains('\n') && e.contains("lockstep's to set"), "{e}");
+    }
+
+    #[test]
+    fn failure_and_timeout_are_failures_and_say_what_the_agent_wrote() {
+        let e = fence_once(&agent(
             "echo no power switch >&2; exit 3",
-            &[],
-            "n",
             Duration::from_secs(5),
-        )
+        ))
         .unwrap_err();
         assert!(e.to_string().contains("no power switch"), "{e}");
         let t = Instant::now();
-        let e = fence_once("sleep 5", &[], "n", Duration::from_millis(200)).unwrap_err();
+        let e = fence_once(&agent("echo trying; sleep 5", Duration::from_millis(300))).unwrap_err();
         assert!(matches!(e, FenceError::Timeout { .. }), "{e}");
+        assert!(e.to_string().contains("trying"), "{e}");
         assert!(
-            t.elapsed() < Duration::from_secs(4),
+            t.elapsed() < Duration::from_secs(3),
             "the timeout did not kill the agent"
         );
+    }
+
+    #[test]
+    fn a_timeout_kills_what_the_agent_started_too() {
+        let t = Instant::now();
+        // The agent's child holds the pipes open; killing only `sh` would leave it.
+        let e = fence_once(&agent("sleep 30 & sleep 30", Duration::from_millis(200))).unwrap_err();
+        assert!(matches!(e, FenceError::Timeout { .. }), "{e}");
+        assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    }
+
+    #[test]
+    fn a_talkative_agent_is_not_a_hung_one() {
+        for cmd in [
+            "head -c 1000000 /dev/zero | tr '\\0' e >&2; exit 0",
+            "head -c 1000000 /dev/zero | tr '\\0' o; exit 0",
+        ] {
+            let t = Instant::now();
+            let run = fence_once(&agent(cmd, Duration::from_secs(3))).unwrap();
+            assert!(
+                t.elapsed() < Duration::from_secs(2),
+                "{cmd}: {:?}",
+                t.elapsed()
+            );
+            let total = run.stdout.total + run.stderr.total;
+            assert_eq!(total, 1_000_000, "{cmd}");
+            let d = run.detail();
+            assert!(d.len() < 2 * OUTPUT_KEPT + 200, "{} bytes logged", d.len());
+            assert!(d.contains("more bytes"), "{d}");
+        }
+    }
+
+    #[test]
+    fn an_agent_that_ignores_its_stdin_is_judged_by_its_status() {
+        fence_once(&agent("exit 0", Duration::from_secs(5))).unwrap();
+        assert!(fence_once(&agent("exec 0<&-; exit 1", Duration::from_secs(5))).is_err());
     }
 }

@@ -28,6 +28,7 @@ use checkpoint::PAGE_SIZE;
 use crossbeam_channel::{unbounded, Receiver, Sender};
 use thiserror::Error;
 
+use super::fence::{fence_until_done, FenceAgent, FenceConfig};
 use super::stats::PrimaryStats;
 use super::{guest_id, install_stop_handler, stop_requested};
 use crate::cli::GuestOptions;
@@ -83,6 +84,8 @@ pub struct PrimaryOptions {
     /// How long the backup may stay silent before it counts as lost.
     pub backup_timeout: Duration,
     pub on_backup_loss: OnBackupLoss,
+    /// How to fence the backup before releasing output it has not acknowledged.
+    pub fence: Option<FenceAgent>,
     /// Written with this process's pid (for fence agents on a single host).
     pub pid_file: Option<std::path::PathBuf>,
     /// End an epoch early when the guest's output waits for it and the epoch has run at
@@ -91,11 +94,15 @@ pub struct PrimaryOptions {
     pub min_interval: Duration,
 }
 
-/// What the primary does when the backup is lost.
+/// What the primary does when the backup is lost (`--on-backup-loss`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OnBackupLoss {
-    Continue,
+    /// Hold the output, fence the backup, then release and run unprotected (the default).
+    Fence,
+    /// Stop the guest; nothing more leaves.
     Pause,
+    /// Release at once and run unprotected, without fencing (unsafe).
+    Continue,
 }
 
 /// Default epoch interval; see README ("Choosing the interval").
@@ -474,36 +481,76 @@ impl Primary {
         }
     }
 
-    /// The backup is gone. By default the guest goes on unprotected (held output is
-    /// released: nobody else can take over any more); with `--on-backup-loss pause` it is
-    /// stopped until an operator steps in.
+    /// The backup is gone. Output the backup has not acknowledged may leave only once the
+    /// backup can no longer promote (invariant 3): by default (`--on-backup-loss fence`)
+    /// the guest runs on while its output stays held, the backup is fenced with
+    /// `--fence-cmd`, and only on success is the output released and the guest left to run
+    /// unprotected. Without a fence command the output stays held until the primary is
+    /// stopped. `pause` stops the guest; `continue` releases at once (unsafe: a backup that
+    /// was only stalled may promote a state older than what clients saw).
     fn without_backup(&mut self, why: String) -> Result<u8, PrimaryError> {
-        let pause = self.opts.on_backup_loss == OnBackupLoss::Pause;
-        warn!(
-            "ROLE CHANGE: backup lost ({why}) after epoch {}; {}",
-            self.epoch,
-            if pause {
-                "PAUSING the guest (--on-backup-loss pause)"
-            } else {
-                "the guest continues UNPROTECTED"
+        let has_output = self.machine.net().is_some();
+        let what = match (self.opts.on_backup_loss, &self.opts.fence) {
+            (OnBackupLoss::Pause, _) => "PAUSING the guest (--on-backup-loss pause)".to_string(),
+            (OnBackupLoss::Continue, _) => {
+                "UNSAFE: the guest continues UNPROTECTED without fencing the backup \
+                 (--on-backup-loss continue); a stalled backup may still promote"
+                    .to_string()
             }
+            (OnBackupLoss::Fence, _) if !has_output => {
+                "the guest continues UNPROTECTED (no network device: no output to hold)".to_string()
+            }
+            (OnBackupLoss::Fence, Some(agent)) => format!(
+                "output HELD until the backup '{}' is fenced; the guest runs on",
+                agent.victim
+            ),
+            (OnBackupLoss::Fence, None) => "output stays HELD: no --fence-cmd to fence the \
+                 backup with, so it could still promote (stop the primary, or choose \
+                 --on-backup-loss continue, unsafe)"
+                .to_string(),
+        };
+        warn!(
+            "ROLE CHANGE: backup lost ({why}) after epoch {}; {what}",
+            self.epoch
         );
-        if pause {
+        if self.opts.on_backup_loss == OnBackupLoss::Pause {
             self.machine.pause()?;
             while !stop_requested() {
                 std::thread::sleep(Duration::from_millis(50));
             }
             return Err(PrimaryError::BackupLost(why));
         }
-        if let Some(n) = self.machine.net() {
-            n.egress.unprotect();
-            n.retry_tx();
-        }
         if !self.machine.is_running() {
             self.machine.resume()?;
         }
+        let release = |m: &Machine| {
+            if let Some(n) = m.net() {
+                n.egress.unprotect();
+                n.retry_tx();
+            }
+        };
+        let fencing = match (self.opts.on_backup_loss, &self.opts.fence) {
+            (OnBackupLoss::Continue, _) => {
+                release(&self.machine);
+                None
+            }
+            (_, _) if !has_output => None,
+            (_, Some(agent)) => {
+                let cfg = FenceConfig::Agent(agent.clone());
+                let (tx, rx) = crossbeam_channel::bounded(1);
+                std::thread::Builder::new()
+                    .name("fence".into())
+                    .spawn(move || {
+                        let _ = tx.send(fence_until_done(&cfg, "the backup"));
+                    })
+                    .expect("spawn the fencing thread");
+                Some(rx)
+            }
+            (_, None) => None,
+        };
+        let mut fencing = fencing;
         loop {
-            match self.machine.wait_event(Duration::from_millis(50)) {
+            match self.machine.wait_event(Duration::from_millis(20)) {
                 Some(VcpuEvent::GuestExit { status, .. }) => {
                     return Ok(u8::try_from(status).unwrap_or(u8::MAX))
                 }
@@ -511,6 +558,16 @@ impl Primary {
                     return Err(PrimaryError::Crashed { vcpu, message })
                 }
                 None => {}
+            }
+            if let Some(Ok(result)) = fencing.as_ref().map(|rx| rx.try_recv()) {
+                fencing = None;
+                match result {
+                    Ok(_) => {
+                        release(&self.machine);
+                        warn!("the backup is fenced: output released, the guest continues UNPROTECTED");
+                    }
+                    Err(e) => warn!("{e}: output stays held"),
+                }
             }
             if stop_requested()
                 || self
