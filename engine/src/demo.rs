@@ -186,7 +186,8 @@ impl Proc {
         self.child.id()
     }
 
-    fn signal(&self, sig: libc::c_int) {
+    /// Sends `sig` (SIGSTOP, SIGCONT, ...) unless the process was reaped already.
+    pub fn signal(&self, sig: libc::c_int) {
         if self.status.is_none() {
             let pid = self.child.id() as libc::pid_t;
             // SAFETY: kill(2) takes no pointers; the child is not reaped yet (no status),

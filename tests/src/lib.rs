@@ -8,6 +8,8 @@
 //! no-op when it is up to date). `LOCKSTEP_BIN=/path/to/lockstep` skips the build and
 //! tests that binary instead.
 
+pub mod pair;
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};

@@ -8,12 +8,11 @@
 //! no acknowledged write is lost (2: output commit), the connection is never reset, and
 //! the backup never promotes without a successful fence (3).
 
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use engine::demo::{self, Kv, Netns, Proc, Reply, TrialConfig, TrialOutcome, KV_ARGS};
+use engine::demo::{self, Netns, TrialConfig, TrialOutcome};
+use tests::pair::{backup_cmd, fence_args, ms, primary_cmd, tail, wait_log, Load, Proxy};
 use tests::{kvm_required, lockstep_bin, TempDir, Watchdog};
 
 /// One failover test at a time: two cores.
@@ -21,10 +20,6 @@ static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 fn serialize() -> std::sync::MutexGuard<'static, ()> {
     ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn fence_agent() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/fence-pidfile")
 }
 
 /// xorshift64*, seeded from the clock unless `LOCKSTEP_FAILOVER_SEED` is set.
@@ -57,10 +52,6 @@ impl Rng {
     fn millis(&mut self, lo: u64, hi: u64) -> Duration {
         Duration::from_millis(lo + self.next() % (hi - lo))
     }
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -226,180 +217,6 @@ fn sigkill_of_the_primary_at_random_moments_loses_no_acknowledged_write() {
     );
 }
 
-fn tail(s: &str, n: usize) -> String {
-    let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
-/// A client writing `SET k<i> <i>` / `INCR counter` over one connection until stopped.
-struct Load {
-    stop: Arc<AtomicBool>,
-    state: Arc<Mutex<LoadState>>,
-    thread: Option<std::thread::JoinHandle<Option<Kv>>>,
-}
-
-#[derive(Default)]
-struct LoadState {
-    replies: Vec<Instant>,
-    acked: Vec<u64>,
-    error: Option<String>,
-}
-
-impl Load {
-    fn start(ns: &Netns) -> Load {
-        let stream = ns
-            .connect(demo::GUEST_ADDR, Duration::from_secs(20))
-            .expect("connect to the kv guest");
-        let mut kv = Kv::new(stream, Duration::from_secs(20)).expect("socket options");
-        let stop = Arc::new(AtomicBool::new(false));
-        let state = Arc::new(Mutex::new(LoadState::default()));
-        let (st, sp) = (state.clone(), stop.clone());
-        let thread = std::thread::spawn(move || {
-            let mut i = 0u64;
-            let mut last = 0i64;
-            while !sp.load(Ordering::SeqCst) {
-                i += 1;
-                let r = kv
-                    .call(&["SET", &format!("k{i}"), &i.to_string()])
-                    .and_then(|r| Ok((r, kv.call(&["INCR", "counter"])?)));
-                let mut s = st.lock().unwrap();
-                match r {
-                    Ok((Reply::Simple(ok), Reply::Int(n))) if ok == "OK" && n == last + 1 => {
-                        last = n;
-                        s.acked.push(i);
-                        s.replies.push(Instant::now());
-                    }
-                    Ok(other) => {
-                        s.error = Some(format!("unexpected replies {other:?} (counter {last})"));
-                        return None;
-                    }
-                    Err(e) => {
-                        s.error = Some(format!("{e} ({:?})", e.kind()));
-                        return None;
-                    }
-                }
-            }
-            Some(kv)
-        });
-        Load {
-            stop,
-            state,
-            thread: Some(thread),
-        }
-    }
-
-    fn replies_since(&self, t: Instant) -> usize {
-        let s = self.state.lock().unwrap();
-        s.replies.iter().filter(|r| **r > t).count()
-    }
-
-    fn error(&self) -> Option<String> {
-        self.state.lock().unwrap().error.clone()
-    }
-
-    /// Stops, then reads back every acknowledged key; returns (acknowledged, lost, the
-    /// longest gap between replies).
-    fn finish(mut self) -> (usize, Vec<u64>, Duration) {
-        self.stop.store(true, Ordering::SeqCst);
-        let kv = self.thread.take().unwrap().join().expect("load thread");
-        let s = self.state.lock().unwrap();
-        assert!(s.error.is_none(), "the client failed: {:?}", s.error);
-        let mut kv = kv.expect("client connection");
-        let mut lost = Vec::new();
-        for chunk in s.acked.chunks(100) {
-            let mut out = Vec::new();
-            for i in chunk {
-                Kv::encode(&mut out, &["GET", &format!("k{i}")]);
-            }
-            kv.send_raw(&out).expect("send the read-back");
-            for i in chunk {
-                match kv.reply().expect("read-back reply") {
-                    Reply::Bulk(Some(v)) if v == i.to_string().as_bytes() => {}
-                    _ => lost.push(*i),
-                }
-            }
-        }
-        let gap = s
-            .replies
-            .windows(2)
-            .map(|w| w[1].duration_since(w[0]))
-            .max()
-            .unwrap_or_default();
-        (s.acked.len(), lost, gap)
-    }
-}
-
-impl Drop for Load {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-    }
-}
-
-fn primary_cmd(ns: &Netns, dir: &TempDir, peer: &str, extra: &[&str]) -> Proc {
-    let mut args = vec![
-        "primary",
-        "--peer",
-        peer,
-        "--guest",
-        "builtin",
-        "--guest-args",
-        KV_ARGS,
-        "--net",
-        "tap=tap0",
-        "--pid-file",
-    ];
-    let pid = dir.arg("primary.pid");
-    let console = dir.arg("primary.console");
-    args.push(&pid);
-    args.extend(["--console", &console]);
-    args.extend_from_slice(extra);
-    Proc::spawn(
-        ns.command(lockstep_bin(), &args),
-        dir.join("primary.out"),
-        dir.join("primary.err"),
-    )
-    .expect("start the primary")
-}
-
-fn backup_cmd(ns: &Netns, dir: &TempDir, listen: &str, extra: &[&str]) -> Proc {
-    let console = dir.arg("backup.console");
-    let mut args = vec![
-        "backup",
-        "--listen",
-        listen,
-        "--net",
-        "tap=tap0",
-        "--console",
-        &console,
-    ];
-    args.extend_from_slice(extra);
-    let p = Proc::spawn(
-        ns.command(lockstep_bin(), &args),
-        dir.join("backup.out"),
-        dir.join("backup.err"),
-    )
-    .expect("start the backup");
-    assert!(
-        demo::wait_for_line(
-            &dir.join("backup.err"),
-            "listening on",
-            Duration::from_secs(10),
-            || true
-        ),
-        "the backup did not start"
-    );
-    p
-}
-
-fn wait_log(file: &Path, needle: &str, limit: Duration) {
-    assert!(
-        demo::wait_for_line(file, needle, limit, || true),
-        "{} did not show '{needle}' within {limit:?}:\n{}",
-        file.display(),
-        std::fs::read_to_string(file).unwrap_or_default()
-    );
-}
-
 #[test]
 fn losing_the_backup_leaves_the_primary_serving_without_a_hitch() {
     if !kvm_required() {
@@ -410,7 +227,11 @@ fn losing_the_backup_leaves_the_primary_serving_without_a_hitch() {
     let dir = TempDir::new("failover-backup-loss");
     let ns = Netns::create("lsfb").expect("network namespace");
     let mut backup = backup_cmd(&ns, &dir, "127.0.0.1:7600", &["--fence", "none"]);
-    let mut primary = primary_cmd(&ns, &dir, "127.0.0.1:7600", &[]);
+    // The primary fences the lost backup (here: confirms its process is gone) before it
+    // releases what the backup never acknowledged.
+    let fence = fence_args(&dir, "backup");
+    let fence: Vec<&str> = fence.iter().map(String::as_str).collect();
+    let mut primary = primary_cmd(&ns, &dir, "127.0.0.1:7600", &fence);
     wait_log(
         &dir.join("backup.err"),
         "epoch 1 committed",
@@ -446,61 +267,13 @@ fn losing_the_backup_leaves_the_primary_serving_without_a_hitch() {
         ms(gap)
     );
     assert!(lost.is_empty(), "{} acknowledged writes lost", lost.len());
+    let plog = primary.log();
+    let fenced = plog.find("fenced the backup");
+    let released = plog.find("output released, the guest continues UNPROTECTED");
     assert!(
-        primary.log().contains("UNPROTECTED"),
-        "the primary's log does not say it runs unprotected:\n{}",
-        primary.log()
+        matches!((fenced, released), (Some(f), Some(r)) if f < r),
+        "the primary's log does not show the backup fenced, then the output released:\n{plog}"
     );
-}
-
-/// A TCP proxy inside the namespace that can be cut: after `cut`, it keeps both
-/// connections open and reads everything, but forwards nothing.
-struct Proxy {
-    cut: Arc<AtomicBool>,
-}
-
-impl Proxy {
-    fn start(ns: &Netns, listen: &str, upstream: &str) -> Proxy {
-        let listener = ns.listen(listen).expect("proxy listener");
-        let cut = Arc::new(AtomicBool::new(false));
-        let ns_name = ns.name.clone();
-        let upstream = upstream.to_string();
-        let c = cut.clone();
-        std::thread::spawn(move || {
-            // The namespace is the test's: this copy must not delete it when dropped.
-            let ns = std::mem::ManuallyDrop::new(Netns { name: ns_name });
-            for conn in listener.incoming() {
-                let Ok(down) = conn else { break };
-                let Ok(up) = ns.connect(&upstream, Duration::from_secs(5)) else {
-                    break;
-                };
-                for (mut from, mut to) in [
-                    (down.try_clone().unwrap(), up.try_clone().unwrap()),
-                    (up, down),
-                ] {
-                    let c = c.clone();
-                    std::thread::spawn(move || {
-                        use std::io::{Read, Write};
-                        let mut buf = vec![0u8; 1 << 16];
-                        loop {
-                            let n = match from.read(&mut buf) {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => n,
-                            };
-                            if !c.load(Ordering::SeqCst) && to.write_all(&buf[..n]).is_err() {
-                                return;
-                            }
-                        }
-                    });
-                }
-            }
-        });
-        Proxy { cut }
-    }
-
-    fn cut(&self) {
-        self.cut.store(true, Ordering::SeqCst);
-    }
 }
 
 #[test]
@@ -512,9 +285,21 @@ fn a_cut_link_with_failing_fencing_never_promotes() {
     let _dog = Watchdog::start("split brain, fencing fails", Duration::from_secs(120));
     let dir = TempDir::new("failover-split-false");
     let ns = Netns::create("lsfs").expect("network namespace");
-    let mut backup = backup_cmd(&ns, &dir, "127.0.0.1:7600", &["--fence-cmd", "false"]);
+    let mut backup = backup_cmd(
+        &ns,
+        &dir,
+        "127.0.0.1:7600",
+        &["--fence-cmd", "false", "--peer-node", "primary-node"],
+    );
     let proxy = Proxy::start(&ns, "127.0.0.1:7601", "127.0.0.1:7600");
-    let mut primary = primary_cmd(&ns, &dir, "127.0.0.1:7601", &[]);
+    // The primary goes on without fencing (unsafe, and said so), so that only the
+    // backup's side is under test: its fencing fails, so it must never promote.
+    let mut primary = primary_cmd(
+        &ns,
+        &dir,
+        "127.0.0.1:7601",
+        &["--on-backup-loss", "continue"],
+    );
     wait_log(
         &dir.join("backup.err"),
         "epoch 1 committed",
@@ -581,23 +366,13 @@ fn a_cut_link_with_working_fencing_kills_the_old_primary_before_promotion() {
     let _dog = Watchdog::start("split brain, fencing works", Duration::from_secs(120));
     let dir = TempDir::new("failover-split-fence");
     let ns = Netns::create("lsfk").expect("network namespace");
-    let agent = fence_agent();
-    let pidfile = format!("pidfile={}", dir.arg("primary.pid"));
-    let backup = backup_cmd(
-        &ns,
-        &dir,
-        "127.0.0.1:7600",
-        &[
-            "--fence-cmd",
-            agent.to_str().unwrap(),
-            "--fence-arg",
-            &pidfile,
-        ],
-    );
+    let fence = fence_args(&dir, "primary");
+    let fence: Vec<&str> = fence.iter().map(String::as_str).collect();
+    let backup = backup_cmd(&ns, &dir, "127.0.0.1:7600", &fence);
     let proxy = Proxy::start(&ns, "127.0.0.1:7601", "127.0.0.1:7600");
     // With `pause`, the cut-off primary releases nothing the backup has not committed, so
-    // the promoted guest owes the client nothing (with the default `continue` it would
-    // answer unprotected until the fence kills it, and those answers would be lost).
+    // the promoted guest owes the client nothing (the default, `fence`, without a fence
+    // command of its own, holds the output the same way while the guest runs).
     let primary = primary_cmd(&ns, &dir, "127.0.0.1:7601", &["--on-backup-loss", "pause"]);
     wait_log(
         &dir.join("backup.err"),

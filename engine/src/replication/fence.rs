@@ -74,14 +74,14 @@ pub struct FenceAgent {
 /// Why a `--fence-arg` was refused.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum FenceArgError {
-    #[error("--fence-arg {0}: expected key=value")]
+    #[error("--fence-arg {0:?}: expected key=value")]
     Shape(String),
-    #[error("--fence-arg {0}: a key is letters, digits, '-' and '_'")]
+    #[error("--fence-arg {0:?}: a key is letters, digits, '-' and '_'")]
     Key(String),
-    #[error("--fence-arg {0}: a value cannot hold a line break")]
+    #[error("--fence-arg {0:?}: a value cannot hold a line break")]
     Value(String),
     #[error(
-        "--fence-arg {arg}: '{key}' is lockstep's to set (it always asks for action=off of \
+        "--fence-arg {arg:?}: '{key}' is lockstep's to set (it always asks for action=off of \
          --peer-node); reserved: {}",
         RESERVED_KEYS.join(", ")
     )]

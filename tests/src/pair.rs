@@ -1,0 +1,268 @@
+//! A protected pair of real `lockstep` processes in a network namespace, for the failover
+//! and fencing tests: the kv guest behind a tap (10.0.0.1/24 host side, the guest at
+//! 10.0.0.2), a client that keeps ONE TCP connection and checks every reply, a proxy on
+//! the replication link that can be cut, and the fence agent wired in both directions.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use engine::demo::{self, Kv, Netns, Proc, Reply, KV_ARGS};
+
+use crate::{lockstep_bin, TempDir};
+
+/// `scripts/fence-pidfile`, the single-host fence agent.
+pub fn fence_agent() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/fence-pidfile")
+}
+
+/// The options that make one side fence the other with `scripts/fence-pidfile`: `victim`
+/// is "primary" or "backup", whose pid file is `<dir>/<victim>.pid`.
+pub fn fence_args(dir: &TempDir, victim: &str) -> Vec<String> {
+    vec![
+        "--fence-cmd".into(),
+        fence_agent().to_str().expect("UTF-8 path").into(),
+        "--peer-node".into(),
+        format!("{victim}-node"),
+        "--fence-arg".into(),
+        format!("pidfile={}", dir.arg(&format!("{victim}.pid"))),
+    ]
+}
+
+/// Milliseconds, for reports.
+pub fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// The last `n` lines of `s`.
+pub fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// A client writing `SET k<i> <i>` / `INCR counter` over one connection until stopped.
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    state: Arc<Mutex<LoadState>>,
+    thread: Option<std::thread::JoinHandle<Option<Kv>>>,
+}
+
+#[derive(Default)]
+pub struct LoadState {
+    replies: Vec<Instant>,
+    acked: Vec<u64>,
+    error: Option<String>,
+}
+
+impl Load {
+    pub fn start(ns: &Netns) -> Load {
+        let stream = ns
+            .connect(demo::GUEST_ADDR, Duration::from_secs(20))
+            .expect("connect to the kv guest");
+        let mut kv = Kv::new(stream, Duration::from_secs(20)).expect("socket options");
+        let stop = Arc::new(AtomicBool::new(false));
+        let state = Arc::new(Mutex::new(LoadState::default()));
+        let (st, sp) = (state.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let mut i = 0u64;
+            let mut last = 0i64;
+            while !sp.load(Ordering::SeqCst) {
+                i += 1;
+                let r = kv
+                    .call(&["SET", &format!("k{i}"), &i.to_string()])
+                    .and_then(|r| Ok((r, kv.call(&["INCR", "counter"])?)));
+                let mut s = st.lock().unwrap();
+                match r {
+                    Ok((Reply::Simple(ok), Reply::Int(n))) if ok == "OK" && n == last + 1 => {
+                        last = n;
+                        s.acked.push(i);
+                        s.replies.push(Instant::now());
+                    }
+                    Ok(other) => {
+                        s.error = Some(format!("unexpected replies {other:?} (counter {last})"));
+                        return None;
+                    }
+                    Err(e) => {
+                        s.error = Some(format!("{e} ({:?})", e.kind()));
+                        return None;
+                    }
+                }
+            }
+            Some(kv)
+        });
+        Load {
+            stop,
+            state,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn replies_since(&self, t: Instant) -> usize {
+        let s = self.state.lock().unwrap();
+        s.replies.iter().filter(|r| **r > t).count()
+    }
+
+    pub fn error(&self) -> Option<String> {
+        self.state.lock().unwrap().error.clone()
+    }
+
+    /// Stops, then reads back every acknowledged key; returns (acknowledged, lost, the
+    /// longest gap between replies).
+    pub fn finish(mut self) -> (usize, Vec<u64>, Duration) {
+        self.stop.store(true, Ordering::SeqCst);
+        let kv = self.thread.take().unwrap().join().expect("load thread");
+        let s = self.state.lock().unwrap();
+        assert!(s.error.is_none(), "the client failed: {:?}", s.error);
+        let mut kv = kv.expect("client connection");
+        let mut lost = Vec::new();
+        for chunk in s.acked.chunks(100) {
+            let mut out = Vec::new();
+            for i in chunk {
+                Kv::encode(&mut out, &["GET", &format!("k{i}")]);
+            }
+            kv.send_raw(&out).expect("send the read-back");
+            for i in chunk {
+                match kv.reply().expect("read-back reply") {
+                    Reply::Bulk(Some(v)) if v == i.to_string().as_bytes() => {}
+                    _ => lost.push(*i),
+                }
+            }
+        }
+        let gap = s
+            .replies
+            .windows(2)
+            .map(|w| w[1].duration_since(w[0]))
+            .max()
+            .unwrap_or_default();
+        (s.acked.len(), lost, gap)
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+/// `lockstep primary` running the kv guest on tap0, pid file `<dir>/primary.pid`, log in
+/// `<dir>/primary.err`.
+pub fn primary_cmd(ns: &Netns, dir: &TempDir, peer: &str, extra: &[&str]) -> Proc {
+    let mut args = vec![
+        "primary",
+        "--peer",
+        peer,
+        "--guest",
+        "builtin",
+        "--guest-args",
+        KV_ARGS,
+        "--net",
+        "tap=tap0",
+        "--pid-file",
+    ];
+    let pid = dir.arg("primary.pid");
+    let console = dir.arg("primary.console");
+    args.push(&pid);
+    args.extend(["--console", &console]);
+    args.extend_from_slice(extra);
+    Proc::spawn(
+        ns.command(lockstep_bin(), &args),
+        dir.join("primary.out"),
+        dir.join("primary.err"),
+    )
+    .expect("start the primary")
+}
+
+/// `lockstep backup` on tap0, pid file `<dir>/backup.pid`; returns once it listens.
+pub fn backup_cmd(ns: &Netns, dir: &TempDir, listen: &str, extra: &[&str]) -> Proc {
+    let console = dir.arg("backup.console");
+    let mut args = vec![
+        "backup",
+        "--listen",
+        listen,
+        "--net",
+        "tap=tap0",
+        "--console",
+        &console,
+        "--pid-file",
+    ];
+    let pid = dir.arg("backup.pid");
+    args.push(&pid);
+    args.extend_from_slice(extra);
+    let p = Proc::spawn(
+        ns.command(lockstep_bin(), &args),
+        dir.join("backup.out"),
+        dir.join("backup.err"),
+    )
+    .expect("start the backup");
+    assert!(
+        demo::wait_for_line(
+            &dir.join("backup.err"),
+            "listening on",
+            Duration::from_secs(10),
+            || true
+        ),
+        "the backup did not start"
+    );
+    p
+}
+
+/// Fails the test unless `file` shows `needle` within `limit`.
+pub fn wait_log(file: &Path, needle: &str, limit: Duration) {
+    assert!(
+        demo::wait_for_line(file, needle, limit, || true),
+        "{} did not show '{needle}' within {limit:?}:\n{}",
+        file.display(),
+        std::fs::read_to_string(file).unwrap_or_default()
+    );
+}
+
+/// A TCP proxy inside the namespace that can be cut: after `cut`, it keeps both
+/// connections open and reads everything, but forwards nothing.
+pub struct Proxy {
+    cut: Arc<AtomicBool>,
+}
+
+impl Proxy {
+    pub fn start(ns: &Netns, listen: &str, upstream: &str) -> Proxy {
+        let listener = ns.listen(listen).expect("proxy listener");
+        let cut = Arc::new(AtomicBool::new(false));
+        let ns_name = ns.name.clone();
+        let upstream = upstream.to_string();
+        let c = cut.clone();
+        std::thread::spawn(move || {
+            // The namespace is the test's: this copy must not delete it when dropped.
+            let ns = std::mem::ManuallyDrop::new(Netns { name: ns_name });
+            for conn in listener.incoming() {
+                let Ok(down) = conn else { break };
+                let Ok(up) = ns.connect(&upstream, Duration::from_secs(5)) else {
+                    break;
+                };
+                for (mut from, mut to) in [
+                    (down.try_clone().unwrap(), up.try_clone().unwrap()),
+                    (up, down),
+                ] {
+                    let c = c.clone();
+                    std::thread::spawn(move || {
+                        use std::io::{Read, Write};
+                        let mut buf = vec![0u8; 1 << 16];
+                        loop {
+                            let n = match from.read(&mut buf) {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => n,
+                            };
+                            if !c.load(Ordering::SeqCst) && to.write_all(&buf[..n]).is_err() {
+                                return;
+                            }
+                        }
+                    });
+                }
+            }
+        });
+        Proxy { cut }
+    }
+
+    pub fn cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+    }
+}

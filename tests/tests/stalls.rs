@@ -1,0 +1,306 @@
+//! Invariant 3 under stalls and partitions: the backup only ever promotes from a state that
+//! includes every output the primary released, and exactly one guest of the pair runs.
+//!
+//! Both sides fence the other with `scripts/fence-pidfile` (the backup fences the primary
+//! before promoting, after its head-start delay when the primary went silent; the primary
+//! fences the backup before releasing output the backup has not acknowledged). A client
+//! keeps ONE TCP connection and checks every reply: `INCR` must answer the previous value
+//! plus one, so a rollback shows at once, and every acknowledged `SET` is read back at the
+//! end.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use engine::demo::{wait_for_line, Netns, Proc};
+use tests::pair::{backup_cmd, fence_args, ms, primary_cmd, tail, wait_log, Load, Proxy};
+use tests::{kvm_required, TempDir, Watchdog};
+
+/// One pair at a time: two cores.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn serialize() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Fault {
+    /// SIGSTOP the backup for this long, then SIGCONT (if it still exists).
+    StopBackup(Duration),
+    /// SIGSTOP the primary for this long, then SIGCONT.
+    StopPrimary(Duration),
+    /// The replication link drops everything both ways; no FIN, no RST.
+    CutLink,
+}
+
+/// Which side ends up running the guest.
+#[derive(Debug, PartialEq, Eq)]
+enum Survivor {
+    Primary,
+    Backup,
+}
+
+fn alive(p: &mut Proc) -> bool {
+    p.try_wait().is_none()
+}
+
+/// Runs a protected pair under load, applies `fault`, and checks the outcome: exactly one
+/// side left, that side serving the same connection, no acknowledged write lost, the
+/// counter never going backwards. Returns who survived.
+fn stall(prefix: &str, fault: Fault, primary_extra: &[&str]) -> Survivor {
+    let _one = serialize();
+    let _dog = Watchdog::start(prefix, Duration::from_secs(150));
+    let dir = TempDir::new(prefix);
+    let ns = Netns::create(prefix).expect("network namespace");
+    let fence_primary = fence_args(&dir, "primary");
+    let fence_primary: Vec<&str> = fence_primary.iter().map(String::as_str).collect();
+    let mut backup = backup_cmd(&ns, &dir, "127.0.0.1:7600", &fence_primary);
+    let proxy = Proxy::start(&ns, "127.0.0.1:7601", "127.0.0.1:7600");
+    let fence_backup = fence_args(&dir, "backup");
+    let mut pargs: Vec<&str> = fence_backup.iter().map(String::as_str).collect();
+    pargs.extend_from_slice(primary_extra);
+    let mut primary = primary_cmd(&ns, &dir, "127.0.0.1:7601", &pargs);
+    wait_log(
+        &dir.join("backup.err"),
+        "epoch 1 committed",
+        Duration::from_secs(30),
+    );
+    let load = Load::start(&ns);
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(load.replies_since(Instant::now() - Duration::from_secs(5)) > 10);
+
+    let t0 = Instant::now();
+    match fault {
+        Fault::StopBackup(d) => {
+            backup.signal(libc::SIGSTOP);
+            std::thread::sleep(d);
+            backup.signal(libc::SIGCONT);
+        }
+        Fault::StopPrimary(d) => {
+            primary.signal(libc::SIGSTOP);
+            std::thread::sleep(d);
+            primary.signal(libc::SIGCONT);
+        }
+        Fault::CutLink => proxy.cut(),
+    }
+    // Settled: one side is gone (fenced), the other acts alone.
+    let deadline = t0 + Duration::from_secs(20);
+    while alive(&mut backup) && alive(&mut primary) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let (p, b) = (alive(&mut primary), alive(&mut backup));
+    let (plog, blog) = (primary.log(), backup.log());
+    let logs = format!(
+        "primary:\n{}\nbackup:\n{}",
+        tail(&plog, 15),
+        tail(&blog, 15)
+    );
+    assert!(
+        p != b,
+        "{fault:?}: primary alive {p}, backup alive {b}: exactly one side must be left\n{logs}"
+    );
+    let survivor = if p {
+        Survivor::Primary
+    } else {
+        Survivor::Backup
+    };
+    let settled = Instant::now();
+    match survivor {
+        Survivor::Primary => {
+            wait_log(
+                &dir.join("primary.err"),
+                "output released",
+                Duration::from_secs(10),
+            );
+            let plog = primary.log();
+            assert!(
+                plog.find("fenced the backup") < plog.find("output released"),
+                "{logs}"
+            );
+            assert!(!blog.contains("PROMOTED"), "{logs}");
+        }
+        Survivor::Backup => {
+            assert!(
+                wait_for_line(
+                    &dir.join("backup.err"),
+                    "PROMOTED",
+                    Duration::from_secs(10),
+                    || true
+                ),
+                "{logs}"
+            );
+            let blog = backup.log();
+            assert!(
+                blog.find("fenced the old primary") < blog.find("PROMOTED"),
+                "{logs}"
+            );
+            assert!(
+                !plog.contains("output released"),
+                "the primary released output and was then fenced:\n{logs}"
+            );
+        }
+    }
+    // The survivor serves the same connection.
+    let t = Instant::now();
+    while load.replies_since(settled) < 20 && t.elapsed() < Duration::from_secs(15) {
+        if load.error().is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(load.error(), None, "{fault:?}: the client failed\n{logs}");
+    let after = load.replies_since(settled);
+    let (acked, lost, gap) = load.finish();
+    eprintln!(
+        "{fault:?}: {survivor:?} left after {:.0} ms, {acked} writes acknowledged \
+         ({after} after), longest gap {:.0} ms",
+        ms(settled - t0),
+        ms(gap)
+    );
+    assert!(
+        after >= 20,
+        "{fault:?}: only {after} replies afterwards\n{logs}"
+    );
+    assert!(
+        lost.is_empty(),
+        "{fault:?}: {} acknowledged writes lost (first k{})\n{logs}",
+        lost.len(),
+        lost[0]
+    );
+    survivor
+}
+
+#[test]
+fn invariant3_a_backup_stopped_for_3s_is_fenced_before_output_leaves() {
+    if !kvm_required() {
+        return;
+    }
+    let s = stall("lss3", Fault::StopBackup(Duration::from_secs(3)), &[]);
+    assert_eq!(s, Survivor::Primary);
+}
+
+#[test]
+fn invariant3_a_backup_stopped_for_10s_is_fenced_before_output_leaves() {
+    if !kvm_required() {
+        return;
+    }
+    let s = stall("lss10", Fault::StopBackup(Duration::from_secs(10)), &[]);
+    assert_eq!(s, Survivor::Primary);
+}
+
+#[test]
+fn invariant3_a_cut_link_leaves_exactly_one_side_the_primary_first() {
+    if !kvm_required() {
+        return;
+    }
+    // The primary fences at once, the backup only after its head-start delay (1 s).
+    let s = stall("lscut", Fault::CutLink, &[]);
+    assert_eq!(s, Survivor::Primary);
+}
+
+#[test]
+fn invariant3_a_primary_stopped_for_3s_is_fenced_and_the_backup_promotes() {
+    if !kvm_required() {
+        return;
+    }
+    let s = stall("lsps3", Fault::StopPrimary(Duration::from_secs(3)), &[]);
+    assert_eq!(s, Survivor::Backup);
+}
+
+/// Issue input: the backup's fence agent cannot find its victim (a typo in the pid file)
+/// and the primary stalls. The backup never promotes; the primary, back, fences the backup
+/// and serves on alone.
+#[test]
+fn invariant3_a_backup_whose_agent_cannot_find_the_primary_never_promotes() {
+    if !kvm_required() {
+        return;
+    }
+    let _one = serialize();
+    let _dog = Watchdog::start("typo", Duration::from_secs(120));
+    let dir = TempDir::new("lstypo");
+    let ns = Netns::create("lstypo").expect("network namespace");
+    let typo = format!("pidfile={}", dir.arg("primary.pi"));
+    let agent = tests::pair::fence_agent();
+    let mut backup = backup_cmd(
+        &ns,
+        &dir,
+        "127.0.0.1:7600",
+        &[
+            "--fence-cmd",
+            agent.to_str().unwrap(),
+            "--peer-node",
+            "primary-node",
+            "--fence-arg",
+            &typo,
+        ],
+    );
+    let fence_backup = fence_args(&dir, "backup");
+    let pargs: Vec<&str> = fence_backup.iter().map(String::as_str).collect();
+    let mut primary = primary_cmd(&ns, &dir, "127.0.0.1:7600", &pargs);
+    wait_log(
+        &dir.join("backup.err"),
+        "epoch 1 committed",
+        Duration::from_secs(30),
+    );
+    let load = Load::start(&ns);
+    std::thread::sleep(Duration::from_millis(700));
+    primary.signal(libc::SIGSTOP);
+    std::thread::sleep(Duration::from_millis(1500));
+    primary.signal(libc::SIGCONT);
+    wait_log(
+        &dir.join("primary.err"),
+        "output released",
+        Duration::from_secs(15),
+    );
+    let settled = Instant::now();
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(alive(&mut primary), "{}", primary.log());
+    assert!(
+        backup.wait_for(Duration::from_secs(5)).is_some(),
+        "the backup was not fenced"
+    );
+    let blog = backup.log();
+    assert!(!blog.contains("PROMOTED"), "{blog}");
+    assert!(
+        !blog.contains("fenced the old primary") && !blog.contains("FENCED"),
+        "{blog}"
+    );
+    assert_eq!(load.error(), None);
+    assert!(load.replies_since(settled) > 20);
+    let (_, lost, _) = load.finish();
+    assert!(lost.is_empty());
+}
+
+/// Without a fence command the primary cannot make the backup unable to promote: its
+/// output stays held (the guest runs on); nothing unacknowledged reaches a client.
+#[test]
+fn invariant3_without_a_way_to_fence_the_backup_output_stays_held() {
+    if !kvm_required() {
+        return;
+    }
+    let _one = serialize();
+    let _dog = Watchdog::start("held", Duration::from_secs(120));
+    let dir = TempDir::new("lshold");
+    let ns = Netns::create("lshold").expect("network namespace");
+    let mut backup = backup_cmd(&ns, &dir, "127.0.0.1:7600", &[]);
+    let mut primary = primary_cmd(&ns, &dir, "127.0.0.1:7600", &[]);
+    wait_log(
+        &dir.join("backup.err"),
+        "epoch 1 committed",
+        Duration::from_secs(30),
+    );
+    let load = Load::start(&ns);
+    std::thread::sleep(Duration::from_millis(700));
+    backup.signal(libc::SIGSTOP);
+    let stopped = Instant::now();
+    wait_log(
+        &dir.join("primary.err"),
+        "output stays HELD",
+        Duration::from_secs(10),
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    // Replies only for epochs the backup acknowledged before it stopped.
+    let after = load.replies_since(stopped + Duration::from_millis(100));
+    assert_eq!(after, 0, "{after} replies left without the backup's ack");
+    assert!(alive(&mut primary), "{}", primary.log());
+    backup.kill9();
+}
