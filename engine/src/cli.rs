@@ -3,6 +3,7 @@
 //! Hand-written rather than clap: the grammar is small, and every mistake must come out as
 //! one line naming the problem (clap prints usage blocks).
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -47,6 +48,82 @@ primary went silent (the primary's head start); the primary fences the backup be
 releases output the backup has not acknowledged (--on-backup-loss fence, the default).
 
 The built-in guest runs workload=counter|dirty|hash|kv (see README.md).";
+
+const RUN_OPTIONS_HELP: &str = "\
+\x20 --guest builtin|PATH       the guest: the built-in reference guest or an ELF file (required)
+  --guest-args STR           the guest's command line (built-in: workload=counter|dirty|hash|kv ...)
+  --mem SIZE                 guest RAM, e.g. 256M, 2G (default 256M)
+  --vcpus N                  vCPUs, 1 to 16 (default 1)
+  --console stdout|none|PATH where the guest's serial output goes (default stdout)
+  --net tap=NAME[,mac=MAC]   a virtio-net device on the tap NAME (created if missing, as root)";
+
+const FENCE_OPTIONS_HELP: &str = "\
+\x20 --fence-cmd CMD            fence agent, run as `sh -c CMD` with key=value lines on stdin
+                             (fence-agents convention); only exit 0 counts as fenced
+  --peer-node NODE           the peer's node as the fence device knows it (required with
+                             --fence-cmd; sent as nodename=, port= and plug=)
+  --fence-arg KEY=VALUE      an option for the agent (repeatable); action, option, nodename,
+                             port, plug, missing_as_off and port_as_ip are lockstep's
+  --fence-timeout-s S        one attempt longer than this fails (default 10)";
+
+/// `lockstep COMMAND --help`.
+fn command_help(cmd: &str) -> Option<String> {
+    Some(match cmd {
+        "run" => format!(
+            "lockstep run: boot a guest and run it until it exits (exit status: the guest's)\n\n\
+             options:\n{RUN_OPTIONS_HELP}\n\
+             \x20 --snapshot-after-ms MS     take a snapshot after MS ...\n\
+             \x20 --snapshot-to DIR          ... into DIR (restore it with `lockstep restore DIR`)"
+        ),
+        "restore" => "lockstep restore DIR: continue a snapshot in a new process\n\n\
+             options:\n\
+             \x20 --console stdout|none|PATH where the guest's serial output goes (default stdout)\n\
+             \x20 --net tap=NAME[,mac=MAC]   the tap the restored virtio-net device uses"
+            .to_string(),
+        "primary" => format!(
+            "lockstep primary: run a guest protected by a backup (epochs, output commit)\n\n\
+             options:\n\
+             \x20 --peer ADDR:PORT           the backup (required; retried until --connect-timeout-s)\n\
+             \x20 --interval-ms MS           epoch interval (default 25)\n\
+             \x20 --min-interval-ms MS       shortest epoch when output waits (default 2)\n\
+             \x20 --no-early-checkpoint      never end an epoch early for waiting output\n\
+             \x20 --window N                 unacknowledged epochs in flight (default 4)\n\
+             \x20 --seconds S                end cleanly (final epoch, digests) after S seconds\n\
+             \x20 --name NAME                the pair's name; the backup must have the same (default lockstep)\n\
+             \x20 --connect-timeout-s S      how long to retry connecting to the backup (default 10)\n\
+             \x20 --heartbeat-timeout-ms MS  silence after which the backup counts as lost (default 1000)\n\
+             \x20 --on-backup-loss fence|pause|continue\n\
+             \x20                            fence (default): hold output, fence the backup, then go on\n\
+             \x20                            unprotected; pause: stop the guest; continue: release at\n\
+             \x20                            once without fencing (unsafe)\n\
+             \x20 --pid-file PATH            write this process's pid (for a single-host fence agent)\n\
+             \x20 --dirty-ring ENTRIES       harvest dirty pages from a KVM dirty ring, not the bitmap\n\
+             {FENCE_OPTIONS_HELP}\n{RUN_OPTIONS_HELP}"
+        ),
+        "backup" => format!(
+            "lockstep backup: keep a runnable copy of a primary's guest; fence and promote when it is lost\n\n\
+             options:\n\
+             \x20 --listen ADDR:PORT         where the primary connects (required)\n\
+             \x20 --mem SIZE, --vcpus N      expected guest shape (default: the primary's)\n\
+             \x20 --name NAME                the pair's name; the primary must have the same (default lockstep)\n\
+             \x20 --net tap=NAME[,mac=MAC]   the tap the guest takes over on promotion (required to fence)\n\
+             \x20 --console stdout|none|PATH the resumed guest's serial output (default stdout)\n\
+             \x20 --run-after-end            resume the guest when the primary ends replication cleanly\n\
+             \x20 --heartbeat-timeout-ms MS  silence after which the primary counts as lost (default 1000)\n\
+             \x20 --pid-file PATH            write this process's pid (for the primary's fence agent)\n\
+             \x20 --fence none               promote without fencing (unsafe)\n\
+             {FENCE_OPTIONS_HELP}\n\
+             \x20 --fence-delay-ms MS        wait this long before fencing a primary that went silent:\n\
+             \x20                            its head start to fence this backup (default 1000)"
+        ),
+        "demo" => "lockstep demo: a protected kv guest in a namespace of its own, a client, the \
+             primary SIGKILLed, failover\n\n\
+             options:\n\
+             \x20 --seconds S                how long the client writes before the kill (default 3)"
+            .to_string(),
+        _ => return None,
+    })
+}
 
 /// Workloads of the built-in guest, checked before boot so a typo is a clear error.
 pub const BUILTIN_WORKLOADS: &[&str] = &["counter", "dirty", "hash", "kv", "crash"];
@@ -103,6 +180,13 @@ fn dispatch(args: &[String]) -> Result<ExitCode, CliError> {
         eprintln!("{USAGE}");
         return Ok(ExitCode::from(2));
     };
+    if rest.iter().any(|a| a == "--help" || a == "-h") {
+        if let Some(help) = command_help(cmd) {
+            // A closed pipe (`| head`) is not an error worth a panic.
+            let _ = writeln!(std::io::stdout(), "{help}");
+            return Ok(ExitCode::SUCCESS);
+        }
+    }
     match cmd.as_str() {
         "run" => cmd_run(rest),
         "restore" => cmd_restore(rest),
@@ -110,7 +194,7 @@ fn dispatch(args: &[String]) -> Result<ExitCode, CliError> {
         "backup" => cmd_backup(rest),
         "demo" => crate::demo::run(rest),
         "-h" | "--help" | "help" => {
-            println!("{USAGE}");
+            let _ = writeln!(std::io::stdout(), "{USAGE}");
             Ok(ExitCode::SUCCESS)
         }
         "-V" | "--version" => {

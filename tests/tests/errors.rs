@@ -252,3 +252,43 @@ fn restore_without_a_dir() {
     assert_eq!(run.code(), Some(2), "{run:?}");
     run.assert_one_line_error(&["lockstep restore DIR"]);
 }
+
+#[test]
+fn every_subcommand_answers_help_with_its_options() {
+    for (cmd, options) in [
+        ("run", &["--guest", "--mem", "--snapshot-to"][..]),
+        ("restore", &["--console", "--net"][..]),
+        (
+            "primary",
+            &[
+                "--peer",
+                "--interval-ms",
+                "--on-backup-loss",
+                "--fence-cmd",
+                "--peer-node",
+                "--guest",
+            ][..],
+        ),
+        (
+            "backup",
+            &["--listen", "--fence-delay-ms", "--fence-arg", "--pid-file"][..],
+        ),
+        ("demo", &["--seconds"][..]),
+    ] {
+        for args in [vec![cmd, "--help"], vec![cmd, "--peer", "x", "-h"]] {
+            let run = tests::lockstep(&args);
+            let run = run.assert_success();
+            assert!(
+                run.stdout.starts_with(&format!("lockstep {cmd}")),
+                "{args:?}: {}",
+                run.stdout
+            );
+            assert!(run.stderr.is_empty(), "{args:?}: {}", run.stderr);
+            for o in options {
+                assert!(run.stdout.contains(o), "{args:?} does not mention {o}");
+            }
+        }
+    }
+    // A mistake next to no --help is still one line.
+    tests::lockstep(&["primary", "--bogus"]).assert_one_line_error(&["--bogus"]);
+}
