@@ -30,12 +30,12 @@ usage:
   lockstep primary --peer ADDR:PORT [--interval-ms MS] [--seconds S] [--window N]
                [--min-interval-ms MS] [--no-early-checkpoint] [--name NAME]
                [--heartbeat-timeout-ms MS] [--on-backup-loss fence|pause|continue]
-               [--fence-cmd CMD --peer-node NODE [--fence-arg K=V]... [--fence-timeout-s S]]
+               [--fence-cmd CMD [--peer-node NODE] [--fence-arg K=V]... [--fence-timeout-s S]]
                [--pid-file PATH] [--dirty-ring ENTRIES] <the run options>
   lockstep backup --listen ADDR:PORT [--mem SIZE] [--vcpus N] [--name NAME]
                [--run-after-end] [--console stdout|none|PATH] [--net tap=NAME[,mac=MAC]]
                [--heartbeat-timeout-ms MS] [--pid-file PATH]
-               [--fence-cmd CMD --peer-node NODE [--fence-arg K=V]... [--fence-timeout-s S]
+               [--fence-cmd CMD [--peer-node NODE] [--fence-arg K=V]... [--fence-timeout-s S]
                [--fence-delay-ms MS] | --fence none]
   lockstep demo [--seconds S]
 
@@ -60,8 +60,8 @@ const RUN_OPTIONS_HELP: &str = "\
 const FENCE_OPTIONS_HELP: &str = "\
 \x20 --fence-cmd CMD            fence agent, run as `sh -c CMD` with key=value lines on stdin
                              (fence-agents convention); only exit 0 counts as fenced
-  --peer-node NODE           the peer's node as the fence device knows it (required with
-                             --fence-cmd; sent as nodename=, port= and plug=)
+  --peer-node NODE           the peer's node as the fence device knows it, sent as
+                             nodename=, port= and plug= (default: the pair's --name)
   --fence-arg KEY=VALUE      an option for the agent (repeatable); action, option, nodename,
                              port, plug, missing_as_off and port_as_ip are lockstep's
   --fence-timeout-s S        one attempt longer than this fails (default 10)";
@@ -479,7 +479,7 @@ fn cmd_primary(args: &[String]) -> Result<ExitCode, CliError> {
         interval: Duration::from_millis(interval_ms),
         seconds: o.number::<f64>("seconds")?.map(Duration::from_secs_f64),
         connect_timeout: Duration::from_secs(o.number("connect-timeout-s")?.unwrap_or(10)),
-        name: o.get("name").unwrap_or("lockstep").to_string(),
+        name: o.get("name").unwrap_or(DEFAULT_NAME).to_string(),
         window,
         backup_timeout: Duration::from_millis(
             o.number("heartbeat-timeout-ms")?
@@ -550,7 +550,7 @@ fn cmd_backup(args: &[String]) -> Result<ExitCode, CliError> {
         listen: listen.to_string(),
         mem,
         vcpus: o.number("vcpus")?,
-        name: o.get("name").unwrap_or("lockstep").to_string(),
+        name: o.get("name").unwrap_or(DEFAULT_NAME).to_string(),
         run_after_end: o.switch("run-after-end"),
         net: net_option(&o)?,
         console: console.clone(),
@@ -615,6 +615,9 @@ const FENCE_OPTIONS: [&str; 5] = [
     "peer-node",
 ];
 
+/// The pair's name when `--name` is not given.
+pub const DEFAULT_NAME: &str = "lockstep";
+
 /// The backup's head start for a primary that may be alive behind a cut link.
 pub const DEFAULT_FENCE_DELAY_MS: u64 = 1000;
 
@@ -630,7 +633,12 @@ fn fence_option(o: &Options) -> Result<Option<FenceConfig>, CliError> {
     }
     // Options of an agent, given without one: a mistake, never silently ignored.
     let agent_only = || -> Result<(), CliError> {
-        for name in ["peer-node", "fence-arg", "fence-timeout-s"] {
+        for name in [
+            "peer-node",
+            "fence-arg",
+            "fence-timeout-s",
+            "fence-delay-ms",
+        ] {
             if o.get(name).is_some() {
                 return Err(usage(format!(
                     "--{name} needs --fence-cmd (it configures the fence agent)"
@@ -649,13 +657,27 @@ fn fence_option(o: &Options) -> Result<Option<FenceConfig>, CliError> {
         ))),
         (Some(_), Some(_)) => Err(usage("--fence none and --fence-cmd exclude each other")),
         (None, Some(cmd)) => {
-            let victim = o.get("peer-node").map(str::trim).unwrap_or_default();
+            // Without --peer-node the victim is the pair's --name, as nodename= was before;
+            // an agent that does not know that name fails, and nothing is promoted.
+            let victim = o
+                .get("peer-node")
+                .or(o.get("name"))
+                .unwrap_or(DEFAULT_NAME)
+                .trim();
             if victim.is_empty() || victim.contains(['\n', '\r']) {
                 return Err(usage(
-                    "--fence-cmd needs --peer-node NODE: the peer's node as the fence device \
-                     knows it (sent as nodename=, port= and plug=)",
+                    "--peer-node: the peer's node as the fence device knows it (sent as \
+                     nodename=, port= and plug=) cannot be empty or hold a line break",
                 ));
             }
+            info!(
+                "fencing the peer with '{cmd}' as node '{victim}'{}",
+                if o.get("peer-node").is_none() {
+                    " (the pair's --name: set --peer-node to the name the fence device knows)"
+                } else {
+                    ""
+                }
+            );
             Ok(Some(FenceConfig::Agent(FenceAgent {
                 cmd: cmd.to_string(),
                 args,

@@ -226,11 +226,11 @@ fn invariant3_no_fence_arg_changes_what_is_asked_or_of_whom() {
             assert_eq!(run.code(), Some(2), "{arg:?}: {line}");
         }
     }
-    // Whom to fence is not guessed either, and agent options without an agent are a
-    // mistake, not something to ignore.
+    // Whom to fence cannot be blank, and agent options without an agent are a mistake,
+    // not something to ignore.
     for args in [
-        &["--fence-cmd", "true"][..],
         &["--fence-cmd", "true", "--peer-node", " "][..],
+        &["--fence-delay-ms", "10"][..],
         &["--fence-arg", "ip=1.2.3.4"][..],
         &["--peer-node", "vm1"][..],
         &["--fence", "none", "--peer-node", "vm1"][..],
