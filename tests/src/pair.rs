@@ -103,6 +103,28 @@ impl Load {
         s.replies.iter().filter(|r| **r > t).count()
     }
 
+    /// Waits until `n` replies arrived (a loaded machine may take a while for the first
+    /// ones); fails the test if they do not within `limit` or the client failed.
+    pub fn wait_for_replies(&self, n: usize, limit: Duration) {
+        let t = Instant::now();
+        loop {
+            let got = self.state.lock().unwrap().replies.len();
+            if got >= n {
+                return;
+            }
+            assert!(
+                self.error().is_none(),
+                "the client failed: {:?}",
+                self.error()
+            );
+            assert!(
+                t.elapsed() < limit,
+                "only {got} replies within {limit:?} of the client's start"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     pub fn error(&self) -> Option<String> {
         self.state.lock().unwrap().error.clone()
     }

@@ -238,7 +238,7 @@ fn losing_the_backup_leaves_the_primary_serving_without_a_hitch() {
         Duration::from_secs(30),
     );
     let load = Load::start(&ns);
-    std::thread::sleep(Duration::from_millis(1000));
+    load.wait_for_replies(50, Duration::from_secs(15));
     let before = load.replies_since(Instant::now() - Duration::from_secs(10));
     assert!(before > 10, "only {before} replies before the backup died");
 
@@ -306,7 +306,7 @@ fn a_cut_link_with_failing_fencing_never_promotes() {
         Duration::from_secs(30),
     );
     let load = Load::start(&ns);
-    std::thread::sleep(Duration::from_millis(700));
+    load.wait_for_replies(50, Duration::from_secs(15));
     let cut = Instant::now();
     proxy.cut();
 
@@ -380,7 +380,7 @@ fn a_cut_link_with_working_fencing_kills_the_old_primary_before_promotion() {
         Duration::from_secs(30),
     );
     let load = Load::start(&ns);
-    std::thread::sleep(Duration::from_millis(700));
+    load.wait_for_replies(50, Duration::from_secs(15));
 
     // Watch the primary's end precisely on one thread, the backup's PROMOTED on this one.
     let exited: Arc<Mutex<Option<(Instant, std::process::ExitStatus)>>> = Arc::default();

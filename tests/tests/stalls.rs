@@ -65,8 +65,7 @@ fn stall(prefix: &str, fault: Fault, primary_extra: &[&str]) -> Survivor {
         Duration::from_secs(30),
     );
     let load = Load::start(&ns);
-    std::thread::sleep(Duration::from_millis(1000));
-    assert!(load.replies_since(Instant::now() - Duration::from_secs(5)) > 10);
+    load.wait_for_replies(50, Duration::from_secs(15));
 
     let t0 = Instant::now();
     match fault {
@@ -151,7 +150,7 @@ fn stall(prefix: &str, fault: Fault, primary_extra: &[&str]) -> Survivor {
     let after = load.replies_since(settled);
     let (acked, lost, gap) = load.finish();
     eprintln!(
-        "{fault:?}: {survivor:?} left after {:.0} ms, {acked} writes acknowledged \
+        "{fault:?}: {survivor:?} alone when checked {:.0} ms after the fault, {acked} writes acknowledged \
          ({after} after), longest gap {:.0} ms",
         ms(settled - t0),
         ms(gap)
@@ -242,7 +241,7 @@ fn invariant3_a_backup_whose_agent_cannot_find_the_primary_never_promotes() {
         Duration::from_secs(30),
     );
     let load = Load::start(&ns);
-    std::thread::sleep(Duration::from_millis(700));
+    load.wait_for_replies(50, Duration::from_secs(15));
     primary.signal(libc::SIGSTOP);
     std::thread::sleep(Duration::from_millis(1500));
     primary.signal(libc::SIGCONT);
@@ -289,7 +288,7 @@ fn invariant3_without_a_way_to_fence_the_backup_output_stays_held() {
         Duration::from_secs(30),
     );
     let load = Load::start(&ns);
-    std::thread::sleep(Duration::from_millis(700));
+    load.wait_for_replies(50, Duration::from_secs(15));
     backup.signal(libc::SIGSTOP);
     let stopped = Instant::now();
     wait_log(
