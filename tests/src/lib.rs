@@ -19,6 +19,13 @@ use std::sync::OnceLock;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+/// Serializes the heavy tests of one test executable (a pair of VMs each): the machines
+/// have two cores. Hold the guard for the whole test.
+pub fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static ONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    ONE.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// How long one `lockstep` command may take before the test calls it hung.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
 

@@ -30,6 +30,11 @@ pub fn fence_args(dir: &TempDir, victim: &str) -> Vec<String> {
     ]
 }
 
+/// Owned copies of `args`, for [`Pair::start`].
+pub fn strings(args: &[&str]) -> Vec<String> {
+    args.iter().map(|s| s.to_string()).collect()
+}
+
 /// Milliseconds, for reports.
 pub fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
@@ -286,5 +291,55 @@ impl Proxy {
 
     pub fn cut(&self) {
         self.cut.store(true, Ordering::SeqCst);
+    }
+}
+
+/// A started pair under load: backup and primary with the extra options `args` gives for
+/// the pair's directory (backup's, primary's), epoch 1 committed, and the client past its
+/// first 50 replies. With `proxy`, the primary reaches the backup through a [`Proxy`] that
+/// can be cut.
+pub struct Pair {
+    pub dir: TempDir,
+    pub ns: Netns,
+    pub backup: Proc,
+    pub primary: Proc,
+    pub proxy: Option<Proxy>,
+    pub load: Load,
+}
+
+impl Pair {
+    pub fn start(
+        prefix: &str,
+        proxy: bool,
+        args: impl FnOnce(&TempDir) -> (Vec<String>, Vec<String>),
+    ) -> Pair {
+        let dir = TempDir::new(prefix);
+        let ns = Netns::create(prefix).expect("network namespace");
+        let (backup_extra, primary_extra) = args(&dir);
+        let backup_extra: Vec<&str> = backup_extra.iter().map(String::as_str).collect();
+        let primary_extra: Vec<&str> = primary_extra.iter().map(String::as_str).collect();
+        let backup = backup_cmd(&ns, &dir, "127.0.0.1:7600", &backup_extra);
+        let proxy = proxy.then(|| Proxy::start(&ns, "127.0.0.1:7601", "127.0.0.1:7600"));
+        let peer = if proxy.is_some() {
+            "127.0.0.1:7601"
+        } else {
+            "127.0.0.1:7600"
+        };
+        let primary = primary_cmd(&ns, &dir, peer, &primary_extra);
+        wait_log(
+            &dir.join("backup.err"),
+            "epoch 1 committed",
+            Duration::from_secs(30),
+        );
+        let load = Load::start(&ns);
+        load.wait_for_replies(50, Duration::from_secs(15));
+        Pair {
+            dir,
+            ns,
+            backup,
+            primary,
+            proxy,
+            load,
+        }
     }
 }

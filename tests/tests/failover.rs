@@ -12,15 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use engine::demo::{self, Netns, TrialConfig, TrialOutcome};
-use tests::pair::{backup_cmd, fence_args, ms, primary_cmd, tail, wait_log, Load, Proxy};
-use tests::{kvm_required, lockstep_bin, TempDir, Watchdog};
-
-/// One failover test at a time: two cores.
-static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-
-fn serialize() -> std::sync::MutexGuard<'static, ()> {
-    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
-}
+use tests::pair::{fence_args, ms, strings, tail, wait_log, Pair};
+use tests::{kvm_required, lockstep_bin, one_at_a_time, TempDir, Watchdog};
 
 /// xorshift64*, seeded from the clock unless `LOCKSTEP_FAILOVER_SEED` is set.
 struct Rng(u64);
@@ -128,7 +121,7 @@ fn sigkill_of_the_primary_at_random_moments_loses_no_acknowledged_write() {
     if !kvm_required() {
         return;
     }
-    let _one = serialize();
+    let _one = one_at_a_time();
     let _dog = Watchdog::start("failover trials", Duration::from_secs(600));
     let trials: usize = std::env::var("LOCKSTEP_FAILOVER_TRIALS")
         .ok()
@@ -222,23 +215,20 @@ fn losing_the_backup_leaves_the_primary_serving_without_a_hitch() {
     if !kvm_required() {
         return;
     }
-    let _one = serialize();
+    let _one = one_at_a_time();
     let _dog = Watchdog::start("backup loss", Duration::from_secs(120));
-    let dir = TempDir::new("failover-backup-loss");
-    let ns = Netns::create("lsfb").expect("network namespace");
-    let mut backup = backup_cmd(&ns, &dir, "127.0.0.1:7600", &["--fence", "none"]);
     // The primary fences the lost backup (here: confirms its process is gone) before it
     // releases what the backup never acknowledged.
-    let fence = fence_args(&dir, "backup");
-    let fence: Vec<&str> = fence.iter().map(String::as_str).collect();
-    let mut primary = primary_cmd(&ns, &dir, "127.0.0.1:7600", &fence);
-    wait_log(
-        &dir.join("backup.err"),
-        "epoch 1 committed",
-        Duration::from_secs(30),
-    );
-    let load = Load::start(&ns);
-    load.wait_for_replies(50, Duration::from_secs(15));
+    let Pair {
+        dir,
+        ns: _ns,
+        mut backup,
+        mut primary,
+        load,
+        proxy: _,
+    } = Pair::start("lsfb", false, |dir| {
+        (strings(&["--fence", "none"]), fence_args(dir, "backup"))
+    });
     let before = load.replies_since(Instant::now() - Duration::from_secs(10));
     assert!(before > 10, "only {before} replies before the backup died");
 
@@ -281,32 +271,24 @@ fn a_cut_link_with_failing_fencing_never_promotes() {
     if !kvm_required() {
         return;
     }
-    let _one = serialize();
+    let _one = one_at_a_time();
     let _dog = Watchdog::start("split brain, fencing fails", Duration::from_secs(120));
-    let dir = TempDir::new("failover-split-false");
-    let ns = Netns::create("lsfs").expect("network namespace");
-    let mut backup = backup_cmd(
-        &ns,
-        &dir,
-        "127.0.0.1:7600",
-        &["--fence-cmd", "false", "--peer-node", "primary-node"],
-    );
-    let proxy = Proxy::start(&ns, "127.0.0.1:7601", "127.0.0.1:7600");
     // The primary goes on without fencing (unsafe, and said so), so that only the
     // backup's side is under test: its fencing fails, so it must never promote.
-    let mut primary = primary_cmd(
-        &ns,
-        &dir,
-        "127.0.0.1:7601",
-        &["--on-backup-loss", "continue"],
-    );
-    wait_log(
-        &dir.join("backup.err"),
-        "epoch 1 committed",
-        Duration::from_secs(30),
-    );
-    let load = Load::start(&ns);
-    load.wait_for_replies(50, Duration::from_secs(15));
+    let Pair {
+        dir: _dir,
+        ns: _ns,
+        mut backup,
+        mut primary,
+        proxy,
+        load,
+    } = Pair::start("lsfs", true, |_| {
+        (
+            strings(&["--fence-cmd", "false", "--peer-node", "primary-node"]),
+            strings(&["--on-backup-loss", "continue"]),
+        )
+    });
+    let proxy = proxy.expect("proxy");
     let cut = Instant::now();
     proxy.cut();
 
@@ -362,25 +344,25 @@ fn a_cut_link_with_working_fencing_kills_the_old_primary_before_promotion() {
     if !kvm_required() {
         return;
     }
-    let _one = serialize();
+    let _one = one_at_a_time();
     let _dog = Watchdog::start("split brain, fencing works", Duration::from_secs(120));
-    let dir = TempDir::new("failover-split-fence");
-    let ns = Netns::create("lsfk").expect("network namespace");
-    let fence = fence_args(&dir, "primary");
-    let fence: Vec<&str> = fence.iter().map(String::as_str).collect();
-    let backup = backup_cmd(&ns, &dir, "127.0.0.1:7600", &fence);
-    let proxy = Proxy::start(&ns, "127.0.0.1:7601", "127.0.0.1:7600");
     // With `pause`, the cut-off primary releases nothing the backup has not committed, so
     // the promoted guest owes the client nothing (the default, `fence`, without a fence
     // command of its own, holds the output the same way while the guest runs).
-    let primary = primary_cmd(&ns, &dir, "127.0.0.1:7601", &["--on-backup-loss", "pause"]);
-    wait_log(
-        &dir.join("backup.err"),
-        "epoch 1 committed",
-        Duration::from_secs(30),
-    );
-    let load = Load::start(&ns);
-    load.wait_for_replies(50, Duration::from_secs(15));
+    let Pair {
+        dir,
+        ns: _ns,
+        backup,
+        primary,
+        proxy,
+        load,
+    } = Pair::start("lsfk", true, |dir| {
+        (
+            fence_args(dir, "primary"),
+            strings(&["--on-backup-loss", "pause"]),
+        )
+    });
+    let proxy = proxy.expect("proxy");
 
     // Watch the primary's end precisely on one thread, the backup's PROMOTED on this one.
     let exited: Arc<Mutex<Option<(Instant, std::process::ExitStatus)>>> = Arc::default();

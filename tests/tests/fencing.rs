@@ -5,19 +5,10 @@
 
 use std::io::Write;
 use std::process::{Child, Command, Stdio};
-use std::sync::Mutex;
 use std::time::Duration;
 
-use engine::demo::Netns;
-use tests::pair::{backup_cmd, fence_agent, primary_cmd, wait_log};
-use tests::{kvm_required, lockstep, TempDir, Watchdog};
-
-/// One pair at a time: two cores.
-static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-
-fn serialize() -> std::sync::MutexGuard<'static, ()> {
-    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
-}
+use tests::pair::{fence_agent, strings, Pair};
+use tests::{kvm_required, lockstep, one_at_a_time, TempDir, Watchdog};
 
 /// A process to fence: `sleep 300`, killed on drop.
 struct Victim(Child);
@@ -254,24 +245,14 @@ fn invariant3_no_fence_arg_changes_what_is_asked_or_of_whom() {
 /// A backup whose primary is SIGKILLed, fencing with `fence`; returns the backup's log
 /// once it promoted or `limit` passed.
 fn backup_fencing_a_killed_primary(prefix: &str, fence: &[&str], limit: Duration) -> String {
-    let _one = serialize();
+    let _one = one_at_a_time();
     let _dog = Watchdog::start(prefix, Duration::from_secs(120));
-    let dir = TempDir::new(prefix);
-    let ns = Netns::create(prefix).expect("network namespace");
-    let mut extra = vec!["--fence-delay-ms", "0"];
-    extra.extend_from_slice(fence);
-    let mut backup = backup_cmd(&ns, &dir, "127.0.0.1:7600", &extra);
-    let mut primary = primary_cmd(&ns, &dir, "127.0.0.1:7600", &[]);
-    wait_log(
-        &dir.join("backup.err"),
-        "epoch 1 committed",
-        Duration::from_secs(30),
-    );
-    primary.kill9();
-    engine::demo::wait_for_line(&dir.join("backup.err"), "PROMOTED", limit, || {
-        backup.try_wait().is_none()
+    let mut p = Pair::start(prefix, false, |_| (strings(fence), vec![]));
+    p.primary.kill9();
+    engine::demo::wait_for_line(&p.dir.join("backup.err"), "PROMOTED", limit, || {
+        p.backup.try_wait().is_none()
     });
-    backup.log()
+    p.backup.log()
 }
 
 #[test]

