@@ -5,7 +5,9 @@
 //! allocation of that class; memory never goes back to the bump region. When a class has
 //! no free block and the bump region is used up, a free block of a larger class is split
 //! in halves (buddy style, never merged again), so memory freed in one size serves
-//! allocations of smaller sizes. Blocks of a class of up to a page are aligned to their
+//! allocations of smaller sizes. The bytes skipped to align a block go to the free
+//! lists too, and free blocks below a page serve small allocations before fresh memory
+//! does, so small blocks between page-sized ones waste nothing. Blocks of a class of up to a page are aligned to their
 //! size, larger ones to a page, so any alignment up to 4096 is served from the lists; a
 //! larger alignment always takes fresh memory (nothing here asks for one).
 //!
@@ -28,6 +30,8 @@ const MIN_SHIFT: u32 = 4;
 /// Classes from 16 bytes to 2^47 bytes.
 const CLASSES: usize = 44;
 const PAGE: usize = 4096;
+/// The class of a page.
+const PAGE_CLASS: usize = (PAGE.trailing_zeros() - MIN_SHIFT) as usize;
 
 /// The allocator of the guest binary. Host tests that include this file by path are
 /// compiled with `cfg(test)` and keep their own global allocator (they may wrap this one).
@@ -196,10 +200,30 @@ impl State {
         };
         match start.checked_add(block) {
             Some(end) if end <= self.end => {
+                self.free_gap(start);
                 self.next = end;
                 start as *mut u8
             }
             _ => null_mut(),
+        }
+    }
+
+    /// Puts the bytes from `next` to `start`, skipped to align a block, on the free
+    /// lists, as the largest aligned blocks that fit (else small blocks between large
+    /// ones would waste up to a page each).
+    fn free_gap(&mut self, start: usize) {
+        let mut at = self.next;
+        while at < start {
+            let mut size = 1usize << MIN_SHIFT;
+            while size * 2 <= start - at && at % (size * 2).min(PAGE) == 0 {
+                size *= 2;
+            }
+            let index = (size.trailing_zeros() - MIN_SHIFT) as usize;
+            // SAFETY: `[at, at + size)` lies in the unused bump region before `start`;
+            // `at` is aligned to min(size, PAGE) (the loop above) and at least to 16,
+            // since every block is a multiple of 16 bytes from a page-aligned start.
+            unsafe { self.push(index, at as *mut u8) };
+            at += size;
         }
     }
 
@@ -226,11 +250,13 @@ impl State {
         self.free[index] = block;
     }
 
-    /// A block of class `index` split off the smallest larger free block: the first half
+    /// A block of class `index` split off the smallest larger free block among
+    /// `classes`: the first half
     /// of each split is split again until it has the size asked for, the second halves
     /// go to the free lists of their classes.
-    fn split(&mut self, index: usize) -> *mut u8 {
-        let Some(larger) = (index + 1..CLASSES).find(|&j| !self.free[j].is_null()) else {
+    fn split(&mut self, index: usize, classes: core::ops::Range<usize>) -> *mut u8 {
+        let from = classes.start.max(index + 1);
+        let Some(larger) = (from..classes.end).find(|&j| !self.free[j].is_null()) else {
             return null_mut();
         };
         let block = self.pop(larger);
@@ -253,14 +279,21 @@ impl State {
             return null_mut();
         }
         let mut found = null_mut();
-        if layout.align() <= PAGE {
+        let listed = layout.align() <= PAGE;
+        if listed {
             found = self.pop(index);
+        }
+        // Free blocks below a page (the pieces of alignment gaps, freed small blocks)
+        // serve small requests before fresh memory does: else each small block taken
+        // from the bump region before a page-aligned one would leave a new gap.
+        if found.is_null() && listed && index < PAGE_CLASS {
+            found = self.split(index, 0..PAGE_CLASS);
         }
         if found.is_null() {
             found = self.bump(block, layout.align());
         }
-        if found.is_null() && layout.align() <= PAGE {
-            found = self.split(index);
+        if found.is_null() && listed {
+            found = self.split(index, 0..CLASSES);
         }
         if !found.is_null() {
             self.used += block;
