@@ -186,6 +186,11 @@ pub fn run(boot: &Boot, config: &Config) -> ! {
             session: Session::new(max_request),
         })
         .collect();
+    // Listening before saying so: a client that connects at once is not refused.
+    for conn in &conns {
+        let socket = sockets.get_mut::<tcp::Socket>(conn.handle);
+        socket.listen(config.port).expect("a new socket can listen");
+    }
     let mut store = table::Table::new();
 
     println!("kv: listening on {ip}:{} mac={}", config.port, Mac(mac));
