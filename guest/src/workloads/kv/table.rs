@@ -25,10 +25,74 @@ struct Entry {
     value: Vec<u8>,
 }
 
+/// Slots per segment: as many as fit in a 4 KiB block.
+const SEGMENT: usize = 4096 / core::mem::size_of::<Option<Entry>>();
+
+/// The slot array, in segments of one 4 KiB block each rather than one block: growing
+/// the table then needs no large contiguous block, which a heap that never merges
+/// freed blocks may no longer have (after FLUSHALL of page-sized values, say).
+struct Slots {
+    segments: Vec<Vec<Option<Entry>>>,
+    /// Slots: 0 or a power of two.
+    len: usize,
+}
+
+impl Slots {
+    const fn new() -> Slots {
+        Slots {
+            segments: Vec::new(),
+            len: 0,
+        }
+    }
+
+    /// `len` empty slots, in memory held to the data limit.
+    fn empty(len: usize) -> Result<Slots, NoMemory> {
+        let count = len.div_ceil(SEGMENT);
+        let mut segments: Vec<Vec<Option<Entry>>> = Vec::new();
+        heap::for_data(|| segments.try_reserve_exact(count)).map_err(|_| NoMemory)?;
+        for _ in 0..count {
+            let mut segment = Vec::new();
+            heap::for_data(|| segment.try_reserve_exact(SEGMENT)).map_err(|_| NoMemory)?;
+            segment.resize_with(SEGMENT, || None);
+            segments.push(segment);
+        }
+        Ok(Slots { segments, len })
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Option<Entry>> {
+        self.segments.iter().flatten().take(self.len)
+    }
+
+    fn into_entries(self) -> impl Iterator<Item = Entry> {
+        self.segments.into_iter().flatten().flatten()
+    }
+}
+
+impl core::ops::Index<usize> for Slots {
+    type Output = Option<Entry>;
+
+    fn index(&self, i: usize) -> &Option<Entry> {
+        &self.segments[i / SEGMENT][i % SEGMENT]
+    }
+}
+
+impl core::ops::IndexMut<usize> for Slots {
+    fn index_mut(&mut self, i: usize) -> &mut Option<Entry> {
+        &mut self.segments[i / SEGMENT][i % SEGMENT]
+    }
+}
+
 /// A map from byte-string keys to byte-string values.
 pub struct Table {
-    /// Empty, or a power of two of slots.
-    slots: Vec<Option<Entry>>,
+    slots: Slots,
     len: usize,
 }
 
@@ -85,7 +149,7 @@ impl Table {
     /// An empty table; it allocates on the first insert.
     pub const fn new() -> Table {
         Table {
-            slots: Vec::new(),
+            slots: Slots::new(),
             len: 0,
         }
     }
@@ -154,11 +218,9 @@ impl Table {
         while !fits(slots) {
             slots = slots.checked_mul(2).ok_or(NoMemory)?;
         }
-        let mut bigger = Vec::new();
-        heap::for_data(|| bigger.try_reserve_exact(slots)).map_err(|_| NoMemory)?;
-        bigger.resize_with(slots, || None);
+        let bigger = Slots::empty(slots)?;
         let old = core::mem::replace(&mut self.slots, bigger);
-        for entry in old.into_iter().flatten() {
+        for entry in old.into_entries() {
             let i = self.vacant(entry.hash);
             self.slots[i] = Some(entry);
         }
@@ -275,7 +337,7 @@ impl Table {
 
     /// Removes every key and gives all the memory back.
     pub fn clear(&mut self) {
-        self.slots = Vec::new();
+        self.slots = Slots::new();
         self.len = 0;
     }
 }
