@@ -972,3 +972,149 @@ fn redis_cli_pipe_mass_insertion_into_the_kv_guest() {
     assert_eq!(redis_cli(&ns, &["GET", "inline"]), "yes");
     drop(vm);
 }
+
+/// Terminal output without its escape sequences and carriage returns.
+fn plain_terminal_text(raw: &[u8]) -> String {
+    let mut text = Vec::new();
+    let mut i = 0;
+    while i < raw.len() {
+        if raw[i] == 0x1b && raw.get(i + 1) == Some(&b'[') {
+            i += 2;
+            while i < raw.len() && !raw[i].is_ascii_alphabetic() {
+                i += 1;
+            }
+        } else if raw[i] != b'\r' {
+            text.push(raw[i]);
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&text).into_owned()
+}
+
+/// redis-cli in interactive mode, on a terminal of its own (a pty): it asks the server
+/// `COMMAND DOCS` when it starts, falls back to its built-in help on the error, and then
+/// works as a prompt. Each line is typed once the output so far shows what the previous
+/// one should have printed.
+#[test]
+fn redis_cli_interactive_against_the_kv_guest() {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::os::unix::process::CommandExt;
+    use std::process::Stdio;
+    use std::sync::{Arc, Mutex};
+
+    if !kvm_required() {
+        return;
+    }
+    need_redis_tools();
+    let _one = serialize();
+    let dir = TempDir::new("net-interactive");
+    let ns = Netns::create("lsnet").expect("network namespace");
+    let vm = start_kv_guest(&ns, &dir, &[]);
+
+    let (mut master, mut slave) = (0, 0);
+    // SAFETY: openpty writes the two descriptors it opens; the other arguments may be
+    // null (no name, default terminal settings and size).
+    let opened = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(opened, 0, "openpty: {}", std::io::Error::last_os_error());
+    // SAFETY: both descriptors were just opened for us and nothing else owns them.
+    let (master, slave) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &ns.name, "redis-cli", "-h", GUEST_IP])
+        .env("TERM", "xterm")
+        .stdin(Stdio::from(slave.try_clone().expect("dup")))
+        .stdout(Stdio::from(slave.try_clone().expect("dup")))
+        .stderr(Stdio::from(slave));
+    // SAFETY: setsid and ioctl are async-signal-safe; the child makes the pty (its
+    // stdin) its controlling terminal, as a shell would.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            if libc::ioctl(0, libc::TIOCSCTTY, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().expect("start redis-cli");
+    drop(cmd);
+
+    // The terminal: everything redis-cli prints, and the answer to its cursor position
+    // queries (ESC [ 6 n), which a real terminal would give.
+    let screen = Arc::new(Mutex::new(Vec::<u8>::new()));
+    let mut output = std::fs::File::from(master.try_clone().expect("dup"));
+    let mut input = std::fs::File::from(master);
+    let mut answers = input.try_clone().expect("dup");
+    let reader = {
+        let screen = Arc::clone(&screen);
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = output.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                let mut screen = screen.lock().unwrap();
+                screen.extend_from_slice(&buf[..n]);
+                if buf[..n].windows(4).any(|w| w == b"\x1b[6n") {
+                    let _ = answers.write_all(b"\x1b[1;1R");
+                }
+            }
+        })
+    };
+    // Waits until what redis-cli printed from byte `from` on shows `needle`.
+    let wait_for_text = |from: usize, needle: &str| {
+        let started = Instant::now();
+        loop {
+            let text = plain_terminal_text(&screen.lock().unwrap()[from..]);
+            if text.contains(needle) {
+                return;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "redis-cli did not show {needle:?}; the terminal has:\n{text}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    wait_for_text(0, "10.0.0.2:6379> ");
+    for (line, shows) in [
+        ("SET greeting \"hello there\"", "OK"),
+        ("GET greeting", "\"hello there\""),
+        ("HELP GET", "summary: Get the value of a key"),
+        (
+            "INCR greeting",
+            "(error) ERR value is not an integer or out of range",
+        ),
+        ("ECHO done", "\"done\""),
+    ] {
+        let from = screen.lock().unwrap().len();
+        input
+            .write_all(format!("{line}\r").as_bytes())
+            .expect("type a line");
+        wait_for_text(from, shows);
+    }
+    input.write_all(b"quit\r").expect("type quit");
+    let status = (0..200)
+        .find_map(|_| {
+            std::thread::sleep(Duration::from_millis(50));
+            child.try_wait().ok().flatten()
+        })
+        .unwrap_or_else(|| {
+            let _ = child.kill();
+            panic!("redis-cli did not quit")
+        });
+    assert!(status.success(), "redis-cli ended with {status}");
+    drop(input);
+    let _ = reader.join();
+    let _ = child.wait();
+    let text = plain_terminal_text(&screen.lock().unwrap());
+    assert!(!text.contains("Could not connect"), "{text}");
+    drop(vm);
+}
