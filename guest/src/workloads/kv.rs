@@ -3,12 +3,18 @@
 //!
 //! vCPU 0 brings up the device, prints `kv: listening on <ip>:<port> mac=<mac>` and then
 //! runs the network forever: it polls the interface, moves bytes between the TCP
-//! sockets and the protocol code (`resp`, pure and host-tested), and parks on the idle
-//! port when nothing is due (the VMM wakes it early when a frame arrives). The other
-//! vCPUs idle. The data lives in a hash table (`table`) in guest RAM, so checkpoints
-//! and failover carry it along with the TCP state.
+//! sockets and each connection's `session` (buffers, bounded; `resp` parses and runs
+//! the requests; all pure and host-tested), and parks on the idle port when nothing is
+//! due (the VMM wakes it early when a frame arrives). The other vCPUs idle. The data
+//! lives in a hash table (`table`) in guest RAM, so checkpoints and failover carry it
+//! along with the TCP state.
+//!
+//! Memory: stored data may take the heap up to its data limit (7/8 of it); the rest
+//! serves requests. A write that would pass the limit gets redis-server's `-OOM` error
+//! and changes nothing, so a client cannot stop the service by filling memory.
 
 mod resp;
+mod session;
 mod table;
 
 use alloc::boxed::Box;
@@ -30,6 +36,8 @@ use crate::println;
 use crate::time::{rdtsc, Clock};
 use crate::virtio::net::VirtioNet;
 
+use session::Session;
+
 pub const NAME: &str = "kv";
 
 /// Status when the virtio-net device cannot be brought up.
@@ -44,6 +52,11 @@ const MIN_FREE: u64 = 16 << 20;
 const SOCKETS: usize = 128;
 const SOCKET_RX_BYTES: usize = 16 << 10;
 const SOCKET_TX_BYTES: usize = 16 << 10;
+/// The part of the memory kept from stored data for serving requests (1/8), and its
+/// least size. A request is kept in memory up to half of it; a larger one is refused
+/// with the OOM error.
+const RESERVE_DIVISOR: usize = 8;
+const MIN_RESERVE: usize = 2 << 20;
 /// The longest the network vCPU parks before it looks at the interface again.
 const MAX_IDLE_US: u64 = 1000;
 
@@ -127,6 +140,13 @@ pub fn run(boot: &Boot, config: &Config) -> ! {
     // SAFETY: free RAM from `heap_start` to the end of RAM belongs to the workload, and
     // in this one only vCPU 0 uses it, through the allocator.
     unsafe { heap::init(boot.heap_start, boot.ram_size) };
+    // What clients store may fill memory up to the data limit; the rest is for serving
+    // requests, so that a full store still reads them and answers with the OOM error.
+    let heap_size = heap::usage().size;
+    let reserve = (heap_size / RESERVE_DIVISOR).max(MIN_RESERVE);
+    let data_limit = heap_size - reserve;
+    heap::set_data_limit(data_limit);
+    let max_request = reserve / 2;
     let clock = Clock::new(rdtsc(), boot.tsc_khz);
     let now = || {
         let us = u128::from(clock.ticks()) * 1000 / u128::from(boot.tsc_khz);
@@ -161,11 +181,25 @@ pub fn run(boot: &Boot, config: &Config) -> ! {
     let storage: Vec<SocketStorage<'static>> = (0..SOCKETS).map(|_| SocketStorage::EMPTY).collect();
     let mut sockets = SocketSet::new(Box::leak(storage.into_boxed_slice()));
     let mut conns: Vec<Conn> = (0..SOCKETS)
-        .map(|_| Conn::new(sockets.add(new_socket())))
+        .map(|_| Conn {
+            handle: sockets.add(new_socket()),
+            session: Session::new(max_request),
+        })
         .collect();
+    // Listening before saying so: a client that connects at once is not refused.
+    for conn in &conns {
+        let socket = sockets.get_mut::<tcp::Socket>(conn.handle);
+        socket.listen(config.port).expect("a new socket can listen");
+    }
     let mut store = table::Table::new();
 
     println!("kv: listening on {ip}:{} mac={}", config.port, Mac(mac));
+    println!(
+        "kv: {} MiB of memory, data up to {} MiB, requests up to {} MiB",
+        heap_size >> 20,
+        data_limit >> 20,
+        max_request >> 20
+    );
     loop {
         let timestamp = now();
         let changed = iface.poll(timestamp, &mut device, &mut sockets);
@@ -198,87 +232,60 @@ fn new_socket() -> tcp::Socket<'static> {
 /// One TCP socket and the connection it carries.
 struct Conn {
     handle: SocketHandle,
-    /// Received bytes not yet parsed: the start of a partial request.
-    input: Vec<u8>,
-    /// Replies not yet accepted by the socket, from `sent` on.
-    output: Vec<u8>,
-    sent: usize,
-    /// Close once `output` is sent (QUIT, protocol error).
-    closing: bool,
+    session: Session,
 }
 
 impl Conn {
-    fn new(handle: SocketHandle) -> Conn {
-        Conn {
-            handle,
-            input: Vec::new(),
-            output: Vec::new(),
-            sent: 0,
-            closing: false,
-        }
-    }
-
-    fn reset(&mut self) {
-        self.input.clear();
-        self.output.clear();
-        self.sent = 0;
-        self.closing = false;
-    }
-
-    /// Moves bytes between the socket and the protocol; whether anything moved.
+    /// Moves bytes between the socket and the session; whether anything moved.
     fn pump(&mut self, socket: &mut tcp::Socket<'_>, port: u16, store: &mut table::Table) -> bool {
         match socket.state() {
             State::Closed => {
-                self.reset();
+                self.session.reset();
                 socket.listen(port).expect("a closed socket can listen");
                 return false;
             }
             State::Listen => {
-                self.reset();
+                self.session.reset();
                 return false;
             }
             _ => {}
         }
+        let session = &mut self.session;
         let mut progress = false;
         loop {
-            if self.sent < self.output.len() && socket.can_send() {
-                let n = socket.send_slice(&self.output[self.sent..]).unwrap_or(0);
-                self.sent += n;
+            if !session.output().is_empty() && socket.can_send() {
+                let n = socket.send_slice(session.output()).unwrap_or(0);
+                session.sent(n);
                 progress |= n > 0;
             }
-            if self.sent < self.output.len() {
+            if !session.output().is_empty() {
                 // Read no more requests until the replies so far have gone out.
                 break;
             }
-            self.output.clear();
-            self.sent = 0;
-            if self.closing {
+            if session.closing() {
                 socket.close();
                 break;
+            }
+            if session.resume(store) {
+                progress = true;
+                continue;
             }
             if !socket.can_recv() {
                 break;
             }
-            let input = &mut self.input;
             let n = socket
                 .recv(|data| {
-                    input.extend_from_slice(data);
-                    (data.len(), data.len())
+                    let n = session.receive(data, store);
+                    (n, n)
                 })
                 .unwrap_or(0);
             if n == 0 {
                 break;
             }
             progress = true;
-            let served = resp::serve(&self.input, store, &mut self.output);
-            self.input.drain(..served.consumed);
-            if served.close {
-                self.closing = true;
-                self.input.clear();
-            }
         }
         // The client has closed its side and every reply is out: close ours.
-        if socket.state() == State::CloseWait && self.output.is_empty() && !socket.can_recv() {
+        if socket.state() == State::CloseWait && session.output().is_empty() && !socket.can_recv() {
             socket.close();
         }
         progress

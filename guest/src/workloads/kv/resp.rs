@@ -1,153 +1,378 @@
-//! The Redis protocol (RESP2) subset that `redis-cli` and `redis-benchmark` speak by
-//! default, and the commands of the kv service.
+//! The Redis protocol (RESP2) as redis-server 7.0 reads it, and the commands of the kv
+//! service, with redis-server's reply bytes.
 //!
-//! Requests are arrays of bulk strings (`*2\r\n$3\r\nGET\r\n$1\r\nk\r\n`) or inline
-//! lines (`PING\r\n`). [`serve`] runs every complete request in its input (pipelining)
-//! and leaves a partial one for later. Commands: PING, SET, GET, INCR, DEL, EXISTS,
-//! DBSIZE, MSET, CONFIG GET, QUIT; anything else gets `-ERR unknown command '<name>'`.
-//! A malformed request gets `-ERR Protocol error: ...` and the connection is closed, as
-//! Redis does.
+//! Requests are arrays of bulk strings (`*2\r\n$3\r\nGET\r\n$1\r\nk\r\n`) or inline lines
+//! (`SET k "a b"\r\n`, split as `sdssplitargs` does). [`parse`] finds where one request
+//! ends (or that it is partial, or malformed: the `-ERR Protocol error: ...` redis-server
+//! sends before it closes the connection), the session collects its arguments and
+//! [`execute`] runs it.
+//!
+//! Commands (strings only, one database): PING, ECHO, QUIT, SELECT, SET (NX, XX, GET,
+//! KEEPTTL; an expiry is refused), GET, GETSET, GETDEL, SETNX, MSET, MSETNX, MGET,
+//! APPEND, STRLEN, INCR, DECR, INCRBY, DECRBY, DEL, UNLINK, EXISTS, TYPE, KEYS, DBSIZE,
+//! FLUSHALL, FLUSHDB, CONFIG GET. Anything else gets redis-server's unknown-command
+//! error. A write that cannot get memory gets redis-server's `-OOM` error and changes
+//! nothing.
 //!
 //! Pure `alloc` code: the host tests include it by path.
 
 use alloc::vec::Vec;
 
-use super::table::Table;
+use super::table::{NoMemory, Table};
 
-/// The largest bulk string accepted (a value or key), in bytes.
-pub const MAX_BULK: usize = 16 << 20;
-/// The most arguments one request may have.
-pub const MAX_ARGS: usize = 1 << 20;
-/// The longest inline request or header line without its end, in bytes.
+/// The longest bulk string a request may announce (redis-server's `proto-max-bulk-len`).
+pub const MAX_BULK: usize = 512 << 20;
+/// The longest inline request, or header line, without its end (redis-server's
+/// `PROTO_INLINE_MAX_SIZE`).
 pub const MAX_INLINE: usize = 64 << 10;
+/// Room enough for any reply that carries no stored data or long client text (errors,
+/// integers, `+OK`, the OOM error).
+pub const SMALL_REPLY: usize = 512;
 
-/// What [`serve`] did with its input.
+/// redis-server's reply to a write when memory is full.
+pub const OOM: &[u8] = b"-OOM command not allowed when used memory > 'maxmemory'.\r\n";
+
+/// What [`parse`] found at the start of its input.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Served {
-    /// Bytes of input consumed (complete requests); the rest is a partial request.
-    pub consumed: usize,
-    /// The connection must be closed once the replies are sent (QUIT, protocol error).
-    pub close: bool,
+pub enum Parse {
+    /// A complete request of `len` bytes.
+    Request { len: usize, kind: Kind },
+    /// The request is not complete yet.
+    Partial(Partial),
+    /// A malformed request: send the error and close the connection.
+    Error(ProtocolError),
 }
 
-/// Runs every complete request at the start of `input` against `store`, appending the
-/// replies to `out`.
-pub fn serve(input: &[u8], store: &mut Table, out: &mut Vec<u8>) -> Served {
-    let mut consumed = 0;
-    let mut args = Vec::new();
-    loop {
-        args.clear();
-        match parse(&input[consumed..], &mut args) {
-            Ok(Some(used)) => {
-                consumed += used;
-                if args.is_empty() {
-                    continue;
-                }
-                if execute(&args, store, out) == Flow::Close {
-                    return Served {
-                        consumed,
-                        close: true,
-                    };
-                }
-            }
-            Ok(None) => {
-                return Served {
-                    consumed,
-                    close: false,
-                }
-            }
-            Err(message) => {
-                error(out, message.as_bytes());
-                return Served {
-                    consumed: input.len(),
-                    close: true,
-                };
-            }
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// No arguments (a blank line, `*0`, `*-1`): nothing to run.
+    Empty,
+    /// An inline request: its line is the input's `..line_end`, `argc` arguments.
+    Inline { line_end: usize, argc: usize },
+    /// An array of `argc` bulk strings.
+    Multibulk { argc: usize },
+}
+
+/// Where the parser stopped in a partial request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Partial {
+    /// In an inline request or the count line of an array.
+    Line,
+    /// In the header (`$<len>\r\n`) of an argument that starts at `at`; `args` arguments,
+    /// this one included, are still to come.
+    Header { at: usize, args: usize },
+    /// In the bytes of an argument: `len` bytes from `start`, then CRLF; `after` more
+    /// arguments follow it.
+    Body {
+        start: usize,
+        len: usize,
+        after: usize,
+    },
+}
+
+impl Partial {
+    /// The input length from which parsing again can get further, given `have` bytes.
+    pub fn wanted(self, have: usize) -> usize {
+        match self {
+            Partial::Body { start, len, .. } => start + len + 2,
+            _ => have + 1,
         }
     }
 }
 
-/// Parses one request from the start of `buf` into `args`: `Ok(Some(bytes used))`, with
-/// `args` empty for an empty request (a blank line, `*0`); `Ok(None)` when the request
-/// is not complete yet; `Err(message)` for a malformed one.
-pub fn parse<'a>(buf: &'a [u8], args: &mut Vec<&'a [u8]>) -> Result<Option<usize>, &'static str> {
-    match buf.first() {
-        None => Ok(None),
-        Some(b'*') => parse_multibulk(buf, args),
-        Some(_) => parse_inline(buf, args),
-    }
+/// The protocol errors of redis-server, each closing the connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProtocolError {
+    TooBigInline,
+    UnbalancedQuotes,
+    TooBigCount,
+    InvalidCount,
+    TooBigBulkCount,
+    /// A header that does not start with `$`: the byte it starts with.
+    ExpectedDollar(u8),
+    InvalidBulkLength,
 }
 
-fn parse_inline<'a>(
-    buf: &'a [u8],
-    args: &mut Vec<&'a [u8]>,
-) -> Result<Option<usize>, &'static str> {
-    let Some(end) = buf.iter().position(|&b| b == b'\n') else {
-        if buf.len() > MAX_INLINE {
-            return Err("Protocol error: too big inline request");
-        }
-        return Ok(None);
-    };
-    let line = &buf[..end];
-    let line = line.strip_suffix(b"\r").unwrap_or(line);
-    args.extend(
-        line.split(|b| matches!(b, b' ' | b'\t' | b'\r'))
-            .filter(|word| !word.is_empty()),
-    );
-    Ok(Some(end + 1))
-}
-
-/// A `\r\n`-terminated line starting at `at`: its text and the offset after it.
-fn line(buf: &[u8], at: usize) -> Result<Option<(&[u8], usize)>, &'static str> {
-    let rest = &buf[at..];
-    match rest.windows(2).position(|w| w == b"\r\n") {
-        Some(end) => Ok(Some((&rest[..end], at + end + 2))),
-        None if rest.len() > MAX_INLINE => Err("Protocol error: too big header line"),
-        None => Ok(None),
-    }
-}
-
-fn parse_multibulk<'a>(
-    buf: &'a [u8],
-    args: &mut Vec<&'a [u8]>,
-) -> Result<Option<usize>, &'static str> {
-    let Some((header, mut at)) = line(buf, 1)? else {
-        return Ok(None);
-    };
-    let count = parse_i64(header).ok_or("Protocol error: invalid multibulk length")?;
-    if count <= 0 {
-        return Ok(Some(at));
-    }
-    if count as u64 > MAX_ARGS as u64 {
-        return Err("Protocol error: invalid multibulk length");
-    }
-    for _ in 0..count {
-        match buf.get(at) {
-            None => return Ok(None),
-            Some(b'$') => {}
-            Some(_) => return Err("Protocol error: expected '$'"),
-        }
-        let Some((header, start)) = line(buf, at + 1)? else {
-            return Ok(None);
+impl ProtocolError {
+    /// Appends the error reply.
+    pub fn write(self, out: &mut Vec<u8>) {
+        out.extend_from_slice(b"-ERR Protocol error: ");
+        let text: &[u8] = match self {
+            ProtocolError::TooBigInline => b"too big inline request",
+            ProtocolError::UnbalancedQuotes => b"unbalanced quotes in request",
+            ProtocolError::TooBigCount => b"too big mbulk count string",
+            ProtocolError::InvalidCount => b"invalid multibulk length",
+            ProtocolError::TooBigBulkCount => b"too big bulk count string",
+            ProtocolError::InvalidBulkLength => b"invalid bulk length",
+            ProtocolError::ExpectedDollar(byte) => {
+                out.extend_from_slice(b"expected '$', got '");
+                // redis-server formats with %c into a C string: a NUL ends the message,
+                // and line breaks become spaces.
+                if byte != 0 {
+                    out.push(no_line_break(byte));
+                    out.push(b'\'');
+                }
+                b""
+            }
         };
-        let len = parse_i64(header)
-            .filter(|len| (0..=MAX_BULK as i64).contains(len))
-            .ok_or("Protocol error: invalid bulk length")? as usize;
-        let end = start + len;
-        if buf.len() < end + 2 {
-            return Ok(None);
-        }
-        if &buf[end..end + 2] != b"\r\n" {
-            return Err("Protocol error: bulk string not followed by CRLF");
-        }
-        args.push(&buf[start..end]);
-        at = end + 2;
+        out.extend_from_slice(text);
+        out.extend_from_slice(b"\r\n");
     }
-    Ok(Some(at))
 }
 
-/// A decimal integer as Redis reads one: optional `-`, no leading zeros or `+`, no
-/// spaces, within `i64`.
+/// The first `\r` of `buf` from `from`, as redis-server's `strchr` finds it: a NUL byte
+/// before it ends the search.
+fn find_cr(buf: &[u8], from: usize) -> Option<usize> {
+    let at = from + buf[from..].iter().position(|&b| b == b'\r' || b == 0)?;
+    (buf[at] == b'\r').then_some(at)
+}
+
+/// Finds the end of the request at the start of `buf`, as redis-server's
+/// `processInlineBuffer` and `processMultibulkBuffer` do.
+pub fn parse(buf: &[u8]) -> Parse {
+    match buf.first() {
+        None => Parse::Partial(Partial::Line),
+        Some(b'*') => parse_multibulk(buf),
+        Some(_) => parse_inline(buf),
+    }
+}
+
+fn parse_inline(buf: &[u8]) -> Parse {
+    let newline = buf.iter().position(|&b| b == b'\n' || b == 0);
+    let Some(newline) = newline.filter(|&at| buf[at] == b'\n') else {
+        if buf.len() > MAX_INLINE {
+            return Parse::Error(ProtocolError::TooBigInline);
+        }
+        return Parse::Partial(Partial::Line);
+    };
+    let mut line_end = newline;
+    if line_end > 0 && buf[line_end - 1] == b'\r' {
+        line_end -= 1;
+    }
+    match split_inline(&buf[..line_end], None) {
+        Err(()) => Parse::Error(ProtocolError::UnbalancedQuotes),
+        Ok(0) => Parse::Request {
+            len: newline + 1,
+            kind: Kind::Empty,
+        },
+        Ok(argc) => Parse::Request {
+            len: newline + 1,
+            kind: Kind::Inline { line_end, argc },
+        },
+    }
+}
+
+fn parse_multibulk(buf: &[u8]) -> Parse {
+    let Some(cr) = find_cr(buf, 0) else {
+        if buf.len() > MAX_INLINE {
+            return Parse::Error(ProtocolError::TooBigCount);
+        }
+        return Parse::Partial(Partial::Line);
+    };
+    // The line ends with two bytes (CRLF; the second is not checked, as in redis-server).
+    if cr + 2 > buf.len() {
+        return Parse::Partial(Partial::Line);
+    }
+    let count = match parse_i64(&buf[1..cr]) {
+        Some(count) if count <= i64::from(i32::MAX) => count,
+        _ => return Parse::Error(ProtocolError::InvalidCount),
+    };
+    let mut at = cr + 2;
+    if count <= 0 {
+        return Parse::Request {
+            len: at,
+            kind: Kind::Empty,
+        };
+    }
+    let count = count as usize;
+    for i in 0..count {
+        let Some(cr) = find_cr(buf, at) else {
+            if buf.len() - at > MAX_INLINE {
+                return Parse::Error(ProtocolError::TooBigBulkCount);
+            }
+            return Parse::Partial(Partial::Header {
+                at,
+                args: count - i,
+            });
+        };
+        if cr + 2 > buf.len() {
+            return Parse::Partial(Partial::Header {
+                at,
+                args: count - i,
+            });
+        }
+        if buf[at] != b'$' {
+            return Parse::Error(ProtocolError::ExpectedDollar(buf[at]));
+        }
+        let len = match parse_i64(&buf[at + 1..cr]) {
+            Some(len) if (0..=MAX_BULK as i64).contains(&len) => len as usize,
+            _ => return Parse::Error(ProtocolError::InvalidBulkLength),
+        };
+        let start = cr + 2;
+        // The body is followed by two bytes that redis-server skips unchecked.
+        if buf.len() - start < len + 2 {
+            return Parse::Partial(Partial::Body {
+                start,
+                len,
+                after: count - i - 1,
+            });
+        }
+        at = start + len + 2;
+    }
+    Parse::Request {
+        len: at,
+        kind: Kind::Multibulk { argc: count },
+    }
+}
+
+/// The arguments of a complete array request of `argc` bulk strings at the start of
+/// `buf`, as `(start, end)` ranges into it.
+pub fn multibulk_args(
+    buf: &[u8],
+    argc: usize,
+    ranges: &mut Vec<(usize, usize)>,
+) -> Result<(), NoMemory> {
+    ranges.clear();
+    ranges.try_reserve_exact(argc).map_err(|_| NoMemory)?;
+    let mut at = find_cr(buf, 0).expect("a complete request") + 2;
+    for _ in 0..argc {
+        let cr = find_cr(buf, at).expect("a complete request");
+        let len = parse_i64(&buf[at + 1..cr]).expect("a checked length") as usize;
+        ranges.push((cr + 2, cr + 2 + len));
+        at = cr + 2 + len + 2;
+    }
+    Ok(())
+}
+
+/// The arguments of an inline request whose line is `line` (found by [`parse`], `argc`
+/// arguments), unquoted into `scratch`, as `(start, end)` ranges into it.
+pub fn inline_args(
+    line: &[u8],
+    argc: usize,
+    scratch: &mut Vec<u8>,
+    ranges: &mut Vec<(usize, usize)>,
+) -> Result<(), NoMemory> {
+    scratch.clear();
+    ranges.clear();
+    scratch
+        .try_reserve_exact(line.len())
+        .map_err(|_| NoMemory)?;
+    ranges.try_reserve_exact(argc).map_err(|_| NoMemory)?;
+    split_inline(line, Some((scratch, ranges))).expect("a checked line");
+    Ok(())
+}
+
+fn is_space(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\n' | b'\x0b' | b'\x0c' | b'\r')
+}
+
+fn hex_value(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+/// Where [`split_inline`] writes the arguments: their bytes, and a range for each.
+type SplitOut<'a> = (&'a mut Vec<u8>, &'a mut Vec<(usize, usize)>);
+
+/// redis-server's `sdssplitargs`: words separated by blanks, `"double quotes"` with
+/// `\n \r \t \b \a \xHH` escapes, `'single quotes'` with `\'`; a closing quote must be
+/// followed by a blank or the end. Counts the arguments, and writes them to `out` when
+/// given (which must have room: as many bytes as the line, a range per argument).
+fn split_inline(line: &[u8], mut out: Option<SplitOut<'_>>) -> Result<usize, ()> {
+    // The line is a C string to redis-server: a NUL ends it.
+    let line = &line[..line.iter().position(|&b| b == 0).unwrap_or(line.len())];
+    let at = |i: usize| line.get(i).copied().unwrap_or(0);
+    fn push(out: &mut Option<SplitOut<'_>>, b: u8) {
+        if let Some((scratch, _)) = out {
+            scratch.push(b);
+        }
+    }
+    let mut argc = 0;
+    let mut p = 0;
+    loop {
+        while p < line.len() && is_space(line[p]) {
+            p += 1;
+        }
+        if p >= line.len() {
+            return Ok(argc);
+        }
+        let start = out.as_ref().map_or(0, |(scratch, _)| scratch.len());
+        let (mut in_double, mut in_single) = (false, false);
+        loop {
+            let c = at(p);
+            if in_double {
+                if c == b'\\' && at(p + 1) == b'x' {
+                    if let (Some(hi), Some(lo)) = (hex_value(at(p + 2)), hex_value(at(p + 3))) {
+                        push(&mut out, hi * 16 + lo);
+                        p += 4;
+                        continue;
+                    }
+                }
+                if c == b'\\' && at(p + 1) != 0 {
+                    p += 1;
+                    let escaped = match at(p) {
+                        b'n' => b'\n',
+                        b'r' => b'\r',
+                        b't' => b'\t',
+                        b'b' => 0x08,
+                        b'a' => 0x07,
+                        other => other,
+                    };
+                    push(&mut out, escaped);
+                } else if c == b'"' {
+                    if at(p + 1) != 0 && !is_space(at(p + 1)) {
+                        return Err(());
+                    }
+                    p += 1;
+                    break;
+                } else if c == 0 {
+                    return Err(());
+                } else {
+                    push(&mut out, c);
+                }
+            } else if in_single {
+                if c == b'\\' && at(p + 1) == b'\'' {
+                    p += 1;
+                    push(&mut out, b'\'');
+                } else if c == b'\'' {
+                    if at(p + 1) != 0 && !is_space(at(p + 1)) {
+                        return Err(());
+                    }
+                    p += 1;
+                    break;
+                } else if c == 0 {
+                    return Err(());
+                } else {
+                    push(&mut out, c);
+                }
+            } else {
+                match c {
+                    b' ' | b'\n' | b'\r' | b'\t' | 0 => {
+                        if c != 0 {
+                            p += 1;
+                        }
+                        break;
+                    }
+                    b'"' => in_double = true,
+                    b'\'' => in_single = true,
+                    _ => push(&mut out, c),
+                }
+            }
+            p += 1;
+        }
+        if let Some((scratch, ranges)) = &mut out {
+            ranges.push((start, scratch.len()));
+        }
+        argc += 1;
+    }
+}
+
+/// A decimal integer as redis-server's `string2ll` reads one: optional `-`, no leading
+/// zeros or `+`, no spaces, within `i64`.
 pub fn parse_i64(text: &[u8]) -> Option<i64> {
     let (negative, digits) = match text.strip_prefix(b"-") {
         Some(digits) => (true, digits),
@@ -175,146 +400,251 @@ pub fn parse_i64(text: &[u8]) -> Option<i64> {
     Some(value)
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Flow {
+/// The arguments of one request: ranges into the buffer that holds them.
+#[derive(Clone, Copy)]
+pub struct Args<'a> {
+    buf: &'a [u8],
+    ranges: &'a [(usize, usize)],
+}
+
+impl<'a> Args<'a> {
+    pub fn new(buf: &'a [u8], ranges: &'a [(usize, usize)]) -> Args<'a> {
+        Args { buf, ranges }
+    }
+
+    pub fn len(&self) -> usize {
+        self.ranges.len()
+    }
+
+    pub fn get(&self, i: usize) -> &'a [u8] {
+        let (start, end) = self.ranges[i];
+        &self.buf[start..end]
+    }
+
+    /// The arguments from `from` on.
+    pub fn iter_from(&self, from: usize) -> impl Iterator<Item = &'a [u8]> + Clone + 'a {
+        let buf = self.buf;
+        self.ranges[from.min(self.ranges.len())..]
+            .iter()
+            .map(move |&(start, end)| &buf[start..end])
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flow {
     Continue,
+    /// Close the connection once the replies are sent (QUIT).
     Close,
 }
 
-/// Runs one request (`args` not empty).
-fn execute(args: &[&[u8]], store: &mut Table, out: &mut Vec<u8>) -> Flow {
-    let name = args[0];
-    let argc = args.len();
-    let is = |command: &str| name.eq_ignore_ascii_case(command.as_bytes());
-    if is("get") {
-        if argc != 2 {
-            return arity(out, "get");
+type Handler = fn(&Args<'_>, &mut Table, &mut Vec<u8>) -> Result<(), NoMemory>;
+
+struct Command {
+    /// Lower case, as redis-server names it in errors (`config|get` for a subcommand).
+    name: &'static str,
+    /// redis-server's arity: `n` exactly n arguments (the name included), `-n` at least n.
+    arity: i32,
+    run: Handler,
+}
+
+const fn command(name: &'static str, arity: i32, run: Handler) -> Command {
+    Command { name, arity, run }
+}
+
+const COMMANDS: &[Command] = &[
+    command("get", 2, get),
+    command("set", -3, set),
+    command("ping", -1, ping),
+    command("echo", 2, echo),
+    command("select", 2, select),
+    command("incr", 2, |args, store, out| incr_by(args, store, out, 1)),
+    command("decr", 2, |args, store, out| incr_by(args, store, out, -1)),
+    command("incrby", 3, incrby),
+    command("decrby", 3, decrby),
+    command("mset", -3, mset),
+    command("msetnx", -3, msetnx),
+    command("mget", -2, mget),
+    command("setnx", 3, setnx),
+    command("getset", 3, getset),
+    command("getdel", 2, getdel),
+    command("append", 3, append),
+    command("strlen", 2, strlen),
+    command("del", -2, del),
+    command("unlink", -2, del),
+    command("exists", -2, exists),
+    command("type", 2, type_of),
+    command("keys", 2, keys),
+    command("dbsize", 1, dbsize),
+    command("flushall", -1, flush),
+    command("flushdb", -1, flush),
+];
+
+/// CONFIG, a command with subcommands.
+const CONFIG: Command = command("config", -2, |_, _, _| Ok(()));
+const CONFIG_SUBCOMMANDS: &[Command] = &[command("config|get", -3, config_get)];
+
+/// The configuration parameters CONFIG GET knows, with the values of a server without
+/// persistence (`redis-benchmark` asks for `save` and `appendonly` when it starts).
+const CONFIG_VALUES: [(&[u8], &[u8]); 2] = [(b"appendonly", b"no"), (b"save", b"")];
+
+fn lookup<'c>(table: &'c [Command], name: &[u8], prefix: &str) -> Option<&'c Command> {
+    table.iter().find(|command| {
+        let bare = &command.name.as_bytes()[prefix.len()..];
+        bare.eq_ignore_ascii_case(name)
+    })
+}
+
+/// The command `args` names, or the error redis-server gives when there is none or the
+/// arguments do not fit its arity.
+fn resolve(args: &Args<'_>, out: &mut Vec<u8>) -> Option<&'static Command> {
+    let name = args.get(0);
+    let command = if CONFIG.name.as_bytes().eq_ignore_ascii_case(name) {
+        match args.len() {
+            1 => &CONFIG,
+            _ => match lookup(CONFIG_SUBCOMMANDS, args.get(1), "config|") {
+                Some(sub) => sub,
+                None => {
+                    out.extend_from_slice(b"-ERR unknown subcommand '");
+                    c_text(out, args.get(1), 128);
+                    out.extend_from_slice(b"'. Try CONFIG HELP.\r\n");
+                    return None;
+                }
+            },
         }
-        match store.get(args[1]) {
-            Some(value) => bulk(out, value),
-            None => out.extend_from_slice(b"$-1\r\n"),
-        }
-    } else if is("set") {
-        match argc {
-            3 => {
-                store.insert(args[1], args[2]);
-                out.extend_from_slice(b"+OK\r\n");
+    } else {
+        match lookup(COMMANDS, name, "") {
+            Some(command) => command,
+            None => {
+                unknown_command(out, args);
+                return None;
             }
-            0..3 => return arity(out, "set"),
-            _ => error(out, b"syntax error"),
         }
-    } else if is("ping") {
-        match argc {
-            1 => out.extend_from_slice(b"+PONG\r\n"),
-            2 => bulk(out, args[1]),
-            _ => return arity(out, "ping"),
-        }
-    } else if is("incr") {
-        if argc != 2 {
-            return arity(out, "incr");
-        }
-        let current = match store.get(args[1]) {
-            None => Some(0),
-            Some(value) => parse_i64(value),
-        };
-        let Some(current) = current else {
-            error(out, b"value is not an integer or out of range");
-            return Flow::Continue;
-        };
-        let Some(next) = current.checked_add(1) else {
-            error(out, b"increment or decrement would overflow");
-            return Flow::Continue;
-        };
-        let mut digits = [0u8; 20];
-        store.insert(args[1], format_i64(next, &mut digits));
-        integer(out, next);
-    } else if is("mset") {
-        if argc < 3 || argc % 2 == 0 {
-            return arity(out, "mset");
-        }
-        for pair in args[1..].chunks_exact(2) {
-            store.insert(pair[0], pair[1]);
-        }
-        out.extend_from_slice(b"+OK\r\n");
-    } else if is("del") {
-        if argc < 2 {
-            return arity(out, "del");
-        }
-        let removed = args[1..].iter().filter(|key| store.remove(key)).count();
-        integer(out, removed as i64);
-    } else if is("exists") {
-        if argc < 2 {
-            return arity(out, "exists");
-        }
-        let found = args[1..].iter().filter(|key| store.contains(key)).count();
-        integer(out, found as i64);
-    } else if is("dbsize") {
-        if argc != 1 {
-            return arity(out, "dbsize");
-        }
-        integer(out, store.len() as i64);
-    } else if is("config") {
-        config(args, out);
-    } else if is("quit") {
+    };
+    let argc = args.len() as i64;
+    let arity = i64::from(command.arity);
+    if (arity > 0 && argc != arity) || argc < -arity {
+        arity_error(out, command.name);
+        return None;
+    }
+    Some(command)
+}
+
+/// Runs one request (`args` not empty), appending its reply to `out`, which must have
+/// room for [`reply_bound`] bytes.
+pub fn execute(args: &Args<'_>, store: &mut Table, out: &mut Vec<u8>) -> Flow {
+    // QUIT is answered before any lookup, whatever its arguments (redis-server 7.0).
+    if args.get(0).eq_ignore_ascii_case(b"quit") {
         out.extend_from_slice(b"+OK\r\n");
         return Flow::Close;
+    }
+    let Some(command) = resolve(args, out) else {
+        return Flow::Continue;
+    };
+    let mark = out.len();
+    if (command.run)(args, store, out).is_err() {
+        // Nothing changed: the reply is the OOM error alone.
+        out.truncate(mark);
+        out.extend_from_slice(OOM);
+    }
+    Flow::Continue
+}
+
+/// Bytes of a bulk reply's framing, an integer reply, or a nil, at most.
+const FRAMING: usize = 32;
+
+fn value_bound(store: &Table, key: &[u8]) -> usize {
+    FRAMING + store.get(key).map_or(0, <[u8]>::len)
+}
+
+/// At most how many bytes the reply to `args` takes (run against `store` as it is): a
+/// reply is either its data or an error, never both.
+pub fn reply_bound(args: &Args<'_>, store: &Table) -> usize {
+    let name = args.get(0);
+    let is = |command: &str| name.eq_ignore_ascii_case(command.as_bytes());
+    let data = if args.len() < 2 {
+        0
+    } else if is("get") || is("getset") || is("getdel") || is("set") {
+        value_bound(store, args.get(1))
+    } else if is("mget") {
+        FRAMING
+            + args
+                .iter_from(1)
+                .map(|key| value_bound(store, key))
+                .sum::<usize>()
+    } else if is("echo") || is("ping") {
+        FRAMING + args.get(1).len()
+    } else if is("keys") {
+        let pattern = args.get(1);
+        let keys = store.keys().filter(|key| keys_match(pattern, key));
+        FRAMING + keys.map(|key| FRAMING + key.len()).sum::<usize>()
+    } else if is("config") {
+        // CONFIG GET answers with the parameter names as given.
+        let names = args.iter_from(2).map(|name| FRAMING * 2 + name.len());
+        FRAMING + names.sum::<usize>()
     } else {
-        out.extend_from_slice(b"-ERR unknown command '");
-        printable(out, name);
-        out.extend_from_slice(b"'\r\n");
-    }
-    Flow::Continue
+        0
+    };
+    data.max(SMALL_REPLY)
 }
 
-/// `CONFIG GET parameter...`: `redis-benchmark` asks for `save` and `appendonly` when it
-/// starts. Those two get the values of a server without persistence; any other
-/// parameter matches nothing.
-fn config(args: &[&[u8]], out: &mut Vec<u8>) {
-    if args.len() < 2 {
-        arity(out, "config");
-        return;
-    }
-    if !args[1].eq_ignore_ascii_case(b"get") {
-        out.extend_from_slice(b"-ERR unknown subcommand '");
-        printable(out, args[1]);
-        out.extend_from_slice(b"'. Try CONFIG HELP.\r\n");
-        return;
-    }
-    if args.len() < 3 {
-        arity(out, "config|get");
-        return;
-    }
-    const KNOWN: [(&[u8], &[u8]); 2] = [(b"save", b""), (b"appendonly", b"no")];
-    let found: Vec<_> = KNOWN
-        .iter()
-        .filter(|(name, _)| args[2..].iter().any(|p| p.eq_ignore_ascii_case(name)))
-        .collect();
-    array(out, found.len() * 2);
-    for (name, value) in found {
-        bulk(out, name);
-        bulk(out, value);
-    }
+// The replies.
+
+fn ok(out: &mut Vec<u8>) {
+    out.extend_from_slice(b"+OK\r\n");
 }
 
-fn arity(out: &mut Vec<u8>, command: &str) -> Flow {
-    out.extend_from_slice(b"-ERR wrong number of arguments for '");
-    out.extend_from_slice(command.as_bytes());
-    out.extend_from_slice(b"' command\r\n");
-    Flow::Continue
+fn nil(out: &mut Vec<u8>) {
+    out.extend_from_slice(b"$-1\r\n");
 }
 
-fn error(out: &mut Vec<u8>, message: &[u8]) {
+/// `-ERR <message>`.
+fn error(out: &mut Vec<u8>, message: &str) {
     out.extend_from_slice(b"-ERR ");
-    out.extend_from_slice(message);
+    out.extend_from_slice(message.as_bytes());
     out.extend_from_slice(b"\r\n");
 }
 
-/// At most 128 bytes of client text for an error line, without line breaks.
-fn printable(out: &mut Vec<u8>, text: &[u8]) {
-    out.extend(text.iter().take(128).map(|&b| match b {
+const NOT_AN_INTEGER: &str = "value is not an integer or out of range";
+const SYNTAX: &str = "syntax error";
+
+fn arity_error(out: &mut Vec<u8>, command: &str) {
+    out.extend_from_slice(b"-ERR wrong number of arguments for '");
+    out.extend_from_slice(command.as_bytes());
+    out.extend_from_slice(b"' command\r\n");
+}
+
+fn no_line_break(b: u8) -> u8 {
+    match b {
         b'\r' | b'\n' => b' ',
         b => b,
-    }));
+    }
+}
+
+/// Client text as redis-server puts it in an error line with `%.<max>s`: up to the
+/// first NUL, at most `max` bytes, line breaks as spaces. Returns the bytes written.
+fn c_text(out: &mut Vec<u8>, text: &[u8], max: usize) -> usize {
+    let text = &text[..text.iter().position(|&b| b == 0).unwrap_or(text.len())];
+    let text = &text[..text.len().min(max)];
+    out.extend(text.iter().map(|&b| no_line_break(b)));
+    text.len()
+}
+
+/// `-ERR unknown command 'NAME', with args beginning with: 'a' 'b' `: the arguments
+/// until their text reaches 128 bytes, as redis-server 7 writes it.
+fn unknown_command(out: &mut Vec<u8>, args: &Args<'_>) {
+    out.extend_from_slice(b"-ERR unknown command '");
+    c_text(out, args.get(0), 128);
+    out.extend_from_slice(b"', with args beginning with: ");
+    let mut written = 0;
+    for arg in args.iter_from(1) {
+        if written >= 128 {
+            break;
+        }
+        out.push(b'\'');
+        written += c_text(out, arg, 128 - written) + 3;
+        out.extend_from_slice(b"' ");
+    }
+    out.extend_from_slice(b"\r\n");
 }
 
 fn integer(out: &mut Vec<u8>, value: i64) {
@@ -340,6 +670,13 @@ fn bulk(out: &mut Vec<u8>, value: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
+fn bulk_or_nil(out: &mut Vec<u8>, value: Option<&[u8]>) {
+    match value {
+        Some(value) => bulk(out, value),
+        None => nil(out),
+    }
+}
+
 /// `value` in decimal, written at the end of `buf` (20 bytes hold any `i64`).
 pub fn format_i64(value: i64, buf: &mut [u8; 20]) -> &[u8] {
     let mut at = buf.len();
@@ -357,4 +694,440 @@ pub fn format_i64(value: i64, buf: &mut [u8; 20]) -> &[u8] {
         buf[at] = b'-';
     }
     &buf[at..]
+}
+
+// The commands. Each has its arity checked; on `Err(NoMemory)` its reply is replaced by
+// the OOM error, so a command changes the store only once it cannot fail any more.
+
+fn get(args: &Args<'_>, store: &mut Table, out: &mut Vec<u8>) -> Result<(), NoMemory> {
+    bulk_or_nil(out, store.get(args.get(1)));
+    Ok(())
+}
+
+fn set(args: &Args<'_>, store: &mut Table, out: &mut Vec<u8>) -> Result<(), NoMemory> {
+    // The options as redis-server's parseExtendedStringArgumentsOrReply takes them.
+    let (mut nx, mut xx, mut get, mut keep_ttl) = (false, false, false, false);
+    let mut expiry: Option<(&[u8], &[u8])> = None;
+    let mut j = 3;
+    while j < args.len() {
+        let option = args.get(j);
+        let has_next = j + 1 < args.len();
+        let is = |name: &str| option.eq_ignore_ascii_case(name.as_bytes());
+        if is("nx") && !xx {
+            nx = true;
+        } else if is("xx") && !nx {
+            xx = true;
+        } else if is("get") {
+            get = true;
+        } else if is("keepttl") && expiry.is_none() {
+            keep_ttl = true;
+        } else if (is("ex") || is("px") || is("exat") || is("pxat"))
+            && !keep_ttl
+            && expiry.is_none_or(|(unit, _)| unit.eq_ignore_ascii_case(option))
+            && has_next
+        {
+            expiry = Some((option, args.get(j + 1)));
+            j += 1;
+        } else {
+            error(out, SYNTAX);
+            return Ok(());
+        }
+        j += 1;
+    }
+    if let Some((unit, value)) = expiry {
+        let seconds = unit.eq_ignore_ascii_case(b"ex") || unit.eq_ignore_ascii_case(b"exat");
+        match parse_i64(value) {
+            None => error(out, NOT_AN_INTEGER),
+            Some(time) if time <= 0 || (seconds && time > i64::MAX / 1000) => {
+                error(out, "invalid expire time in 'set' command")
+            }
+            // Keys never expire in this store: refuse rather than keep the key forever.
+            Some(_) => error(out, "expiring keys are not supported by this server"),
+        }
+        return Ok(());
+    }
+    let (key, value) = (args.get(1), args.get(2));
+    let old = store.get(key);
+    let found = old.is_some();
+    if get {
+        bulk_or_nil(out, old);
+    }
+    if (nx && found) || (xx && !found) {
+        if !get {
+            nil(out);
+        }
+        return Ok(());
+    }
+    store.set(key, value)?;
+    if !get {
+        ok(out);
+    }
+    Ok(())
+}
+
+fn ping(args: &Args<'_>, _: &mut Table, out: &mut Vec<u8>) -> Result<(), NoMemory> {
+    match args.len() {
+        1 => out.extend_from_slice(b"+PONG\r\n"),
+        2 => bulk(out, args.get(1)),
+        _ => arity_error(out, "ping"),
+    }
+    Ok(())
+}
+
+fn echo(args: &Args<'_>, _: &mut Table, out: &mut Vec<u8>) -> Result<(), NoMemory> {
+    bulk(out, args.get(1));
+    Ok(())
+}
+
+/// There is one database, 0: other indexes get the error of a server with
+/// `databases 1`.
+fn select(args: &Args<'_>, _: &mut Table, out: &mut Vec<u8>) -> Result<(), NoMemory> {
+    match parse_i64(args.get(1)) {
+        None => error(out, NOT_AN_INTEGER),
+        Some(index) if i32::try_from(index).is_err() => error(
+            out,
+            "value is out of range, value must between -2147483648 and 2147483647",
+        ),
+        Some(0) => ok(out),
+        Some(_) => error(out, "DB index is out of range"),
+    }
+    Ok(())
+}
+
+fn incr_by(
+    args: &Args<'_>,
+    store: &mut Table,
+    out: &mut Vec<u8>,
+    delta: i64,
+) -> Result<(), NoMemory> {
+    let key = args.get(1);
+    let current = match store.get(key) {
+        None => 0,
+        Some(value) => match parse_i64(value) {
+            Some(current) => current,
+            None => {
+                error(out, NOT_AN_INTEGER);
+                return Ok(());
+            }
+        },
+    };
+    let Some(next) = current.checked_add(delta) else {
+        error(out, "increment or decrement would overflow");
+        return Ok(());
+    };
+    let mut digits = [0u8; 20];
+    store.set(key, format_i64(next, &mut digits))?;
+    integer(out, next);
+    Ok(())
+}
+
+fn incrby(args: &Args<'_>, store: &mut Table, out: &mut Vec<u8>) -> Result<(), NoMemory> {
+    match parse_i64(args.get(2)) {
+        Some(delta) => incr_by(args, store, out, delta),
+        None => {
+            error(out, NOT_AN_INTEGER);
+            Ok(())
+        }
+    }
+}
+
+fn decrby(args: &Args<'_>, store: &mut Table, out: &mut Vec<u8>) -> Result<(), NoMemory> {
+    match parse_i64(args.get(2)) {
+        Some(i64::MIN) => error(out, "decrement would overflow"),
+        Some(delta) => return incr_by(args, store, out, -delta),
+        None => error(out, NOT_AN_INTEGER),
+    }
+    Ok(())
+}
+
+/// The key/value pairs of MSET and MSETNX, or their arity error.
+fn pairs<'a>(
+    args: &Args<'a>,
+    out: &mut Vec<u8>,
+    name: &str,
+) -> Option<impl Iterator<Item = (&'a [u8], &'a [u8])> + Clone + 'a> {
+    if args.len() % 2 == 0 {
+        arity_error(out, name);
+        return None;
+    }
+    let keys = args.iter_from(1).step_by(2);
+    let values = args.iter_from(2).step_by(2);
+    Some(keys.zip(values))
+}
+
+fn mset(args: &Args<'_>, store: &mut Table, out: &mut Vec<u8>) -> Result<(), NoMemory> {
+    if let Some(pairs) = pairs(args, out, "mset") {
+        store.set_all(pairs)?;
+        ok(out);
+    }
+    Ok(())
+}
+
+fn msetnx(args: &Args<'_>, store: &mut Table, out: &mut Vec<u8>) -> Result<(), NoMemory> {
+    if let Some(pairs) = pairs(args, out, "msetnx") {
+        if pairs.clone().any(|(key, _)| store.contains(key)) {
+            integer(out, 0);
+        } else {
+            store.set_all(pairs)?;
+            integer(out, 1);
+        }
+    }
+    Ok(())
+}
+
+fn mget(args: &Args<'_>, store: &mut Table, out: &mut Vec<u8>) -> Result<(), NoMemory> {
+    array(out, args.len() - 1);
+    for key in args.iter_from(1) {
+        bulk_or_nil(out, store.get(key));
+    }
+    Ok(())
+}
+
+fn setnx(args: &Args<'_>, store: &mut Table, out: &mut Vec<u8>) -> Result<(), NoMemory> {
+    if store.contains(args.get(1)) {
+        integer(out, 0);
+    } else {
+        store.set(args.get(1), args.get(2))?;
+        integer(out, 1);
+    }
+    Ok(())
+}
+
+fn getset(args: &Args<'_>, store: &mut Table, out: &mut Vec<u8>) -> Result<(), NoMemory> {
+    bulk_or_nil(out, store.get(args.get(1)));
+    store.set(args.get(1), args.get(2))
+}
+
+fn getdel(args: &Args<'_>, store: &mut Table, out: &mut Vec<u8>) -> Result<(), NoMemory> {
+    bulk_or_nil(out, store.get(args.get(1)));
+    store.remove(args.get(1));
+    Ok(())
+}
+
+fn append(args: &Args<'_>, store: &mut Table, out: &mut Vec<u8>) -> Result<(), NoMemory> {
+    let (key, suffix) = (args.get(1), args.get(2));
+    let current = store.get(key).map_or(0, <[u8]>::len);
+    if current + suffix.len() > MAX_BULK {
+        error(
+            out,
+            "string exceeds maximum allowed size (proto-max-bulk-len)",
+        );
+        return Ok(());
+    }
+    let len = store.append(key, suffix)?;
+    integer(out, len as i64);
+    Ok(())
+}
+
+fn strlen(args: &Args<'_>, store: &mut Table, out: &mut Vec<u8>) -> Result<(), NoMemory> {
+    integer(out, store.get(args.get(1)).map_or(0, <[u8]>::len) as i64);
+    Ok(())
+}
+
+fn del(args: &Args<'_>, store: &mut Table, out: &mut Vec<u8>) -> Result<(), NoMemory> {
+    let removed = args.iter_from(1).filter(|key| store.remove(key)).count();
+    integer(out, removed as i64);
+    Ok(())
+}
+
+fn exists(args: &Args<'_>, store: &mut Table, out: &mut Vec<u8>) -> Result<(), NoMemory> {
+    let found = args.iter_from(1).filter(|key| store.contains(key)).count();
+    integer(out, found as i64);
+    Ok(())
+}
+
+fn type_of(args: &Args<'_>, store: &mut Table, out: &mut Vec<u8>) -> Result<(), NoMemory> {
+    match store.contains(args.get(1)) {
+        true => out.extend_from_slice(b"+string\r\n"),
+        false => out.extend_from_slice(b"+none\r\n"),
+    }
+    Ok(())
+}
+
+/// KEYS pattern: the matching keys in table order (not redis-server's order).
+fn keys(args: &Args<'_>, store: &mut Table, out: &mut Vec<u8>) -> Result<(), NoMemory> {
+    let pattern = args.get(1);
+    let matching = || store.keys().filter(|key| keys_match(pattern, key));
+    array(out, matching().count());
+    for key in matching() {
+        bulk(out, key);
+    }
+    Ok(())
+}
+
+fn dbsize(_: &Args<'_>, store: &mut Table, out: &mut Vec<u8>) -> Result<(), NoMemory> {
+    integer(out, store.len() as i64);
+    Ok(())
+}
+
+/// FLUSHALL and FLUSHDB [ASYNC|SYNC]: the same with one database; always synchronous.
+fn flush(args: &Args<'_>, store: &mut Table, out: &mut Vec<u8>) -> Result<(), NoMemory> {
+    let mode_ok = match args.len() {
+        1 => true,
+        2 => {
+            args.get(1).eq_ignore_ascii_case(b"sync") || args.get(1).eq_ignore_ascii_case(b"async")
+        }
+        _ => false,
+    };
+    if !mode_ok {
+        error(out, SYNTAX);
+        return Ok(());
+    }
+    store.clear();
+    ok(out);
+    Ok(())
+}
+
+/// CONFIG GET parameter...: the known parameters that match (a name, case-insensitive,
+/// answered as given; or a glob pattern, answered with the parameter's own name), each
+/// once.
+fn config_get(args: &Args<'_>, _: &mut Table, out: &mut Vec<u8>) -> Result<(), NoMemory> {
+    let mut found: [Option<&[u8]>; CONFIG_VALUES.len()] = [None; CONFIG_VALUES.len()];
+    for asked in args.iter_from(2) {
+        let glob = asked.iter().any(|b| matches!(b, b'[' | b'*' | b'?'));
+        for (i, (name, _)) in CONFIG_VALUES.iter().enumerate() {
+            if found[i].is_some() {
+                continue;
+            }
+            if !glob && asked.eq_ignore_ascii_case(name) {
+                found[i] = Some(asked);
+            } else if glob && string_match_nocase(asked, name) {
+                found[i] = Some(name);
+            }
+        }
+    }
+    array(out, found.iter().flatten().count() * 2);
+    for (name, (_, value)) in found.iter().zip(CONFIG_VALUES) {
+        if let Some(name) = name {
+            bulk(out, name);
+            bulk(out, value);
+        }
+    }
+    Ok(())
+}
+
+/// Whether KEYS `pattern` lists `key`: `*` alone lists every key, the empty one too
+/// (which the glob itself does not match).
+fn keys_match(pattern: &[u8], key: &[u8]) -> bool {
+    pattern == b"*" || string_match(pattern, key)
+}
+
+/// redis-server's glob matching (`stringmatchlen`): `*`, `?`, `[...]` with ranges and
+/// `^`, `\` escapes.
+pub fn string_match(pattern: &[u8], text: &[u8]) -> bool {
+    let mut skip_longer = false;
+    glob(pattern, text, false, &mut skip_longer)
+}
+
+fn string_match_nocase(pattern: &[u8], text: &[u8]) -> bool {
+    let mut skip_longer = false;
+    glob(pattern, text, true, &mut skip_longer)
+}
+
+/// A port of `stringmatchlen_impl`: bytes compare as C `char`s (signed), and reading
+/// past the end of the pattern sees the NUL that ends it in redis-server.
+fn glob(mut p: &[u8], mut s: &[u8], nocase: bool, skip_longer: &mut bool) -> bool {
+    let at = |p: &[u8], i: usize| p.get(i).copied().unwrap_or(0);
+    let fold = |b: u8| if nocase { b.to_ascii_lowercase() } else { b };
+    while !p.is_empty() && !s.is_empty() {
+        match p[0] {
+            b'*' => {
+                while p.len() > 1 && p[1] == b'*' {
+                    p = &p[1..];
+                }
+                if p.len() == 1 {
+                    return true;
+                }
+                while !s.is_empty() {
+                    if glob(&p[1..], s, nocase, skip_longer) {
+                        return true;
+                    }
+                    if *skip_longer {
+                        return false;
+                    }
+                    s = &s[1..];
+                }
+                *skip_longer = true;
+                return false;
+            }
+            b'?' => s = &s[1..],
+            b'[' => {
+                p = &p[1..];
+                let not = at(p, 0) == b'^';
+                if not {
+                    p = &p[1..];
+                }
+                let mut matched = false;
+                // `p` may run out: redis-server then steps back onto the last byte, so
+                // that the common step after the match leaves the pattern empty.
+                let mut back = false;
+                loop {
+                    if at(p, 0) == b'\\' && p.len() >= 2 {
+                        p = &p[1..];
+                        if fold(p[0]) == fold(s[0]) {
+                            matched = true;
+                        }
+                    } else if at(p, 0) == b']' && !p.is_empty() {
+                        break;
+                    } else if p.is_empty() {
+                        back = true;
+                        break;
+                    } else if p.len() >= 3 && p[1] == b'-' {
+                        let (mut start, mut end) = (p[0] as i8, p[2] as i8);
+                        let mut c = s[0] as i8;
+                        if start > end {
+                            core::mem::swap(&mut start, &mut end);
+                        }
+                        if nocase {
+                            start = (start as u8).to_ascii_lowercase() as i8;
+                            end = (end as u8).to_ascii_lowercase() as i8;
+                            c = (c as u8).to_ascii_lowercase() as i8;
+                        }
+                        p = &p[2..];
+                        if c >= start && c <= end {
+                            matched = true;
+                        }
+                    } else if fold(p[0]) == fold(s[0]) {
+                        matched = true;
+                    }
+                    p = &p[1..];
+                }
+                if not {
+                    matched = !matched;
+                }
+                if !matched {
+                    return false;
+                }
+                s = &s[1..];
+                if back {
+                    // The pattern is used up; the loop's step would go past its end.
+                    if s.is_empty() {
+                        return true;
+                    }
+                    return false;
+                }
+            }
+            b'\\' if p.len() >= 2 => {
+                p = &p[1..];
+                if fold(p[0]) != fold(s[0]) {
+                    return false;
+                }
+                s = &s[1..];
+            }
+            c => {
+                if fold(c) != fold(s[0]) {
+                    return false;
+                }
+                s = &s[1..];
+            }
+        }
+        p = &p[1..];
+        if s.is_empty() {
+            while !p.is_empty() && p[0] == b'*' {
+                p = &p[1..];
+            }
+            break;
+        }
+    }
+    p.is_empty() && s.is_empty()
 }
