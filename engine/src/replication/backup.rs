@@ -142,7 +142,8 @@ pub fn run(mut opts: BackupOptions) -> Result<Outcome, BackupError> {
         hello.vcpu_count
     );
 
-    let mut staging = Staging::new(&memory, MAX_STATE_LEN);
+    // Fresh anonymous memory is all zeros: zero pages for it need not be written.
+    let mut staging = Staging::new(&memory, MAX_STATE_LEN).with_zeroed_memory(&memory);
     let result = replicate(&mut conn, &memory, &mut staging, &mut opts);
     let committed = |staging: &Staging, memory: GuestMemory| -> Result<Committed, BackupError> {
         Ok(Committed {
