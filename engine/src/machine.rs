@@ -15,7 +15,9 @@ use crate::devices::{lock, Bus, Devices, NetConfig, NetDevice};
 use crate::persist::state::MachineState;
 use crate::vstate::dirty_ring::DirtyRing;
 use crate::vstate::memory::{self, GuestMemory, MemoryError};
-use crate::vstate::vcpu::{self, VcpuCommand, VcpuError, VcpuEvent, VcpuHandle, Waker};
+use crate::vstate::vcpu::{
+    self, Throttle, Throttler, VcpuCommand, VcpuError, VcpuEvent, VcpuHandle, Waker,
+};
 use crate::vstate::vm::{Vm, VmError};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
@@ -60,8 +62,12 @@ pub struct PauseTiming {
 }
 
 pub struct Machine {
-    // Declared first: dropping the handles stops and joins the vCPU threads (which own the
-    // vCPU fds and use the memory) before the VM and memory go away.
+    // Declared before the vCPUs: the throttler signals their threads, so it must stop
+    // before they are joined.
+    throttler: Option<Throttler>,
+    throttle: Arc<Throttle>,
+    // Dropping the handles stops and joins the vCPU threads (which own the vCPU fds and
+    // use the memory) before the VM and memory go away.
     vcpus: Vec<VcpuHandle>,
     events: Receiver<VcpuEvent>,
     devices: Arc<Devices>,
@@ -155,11 +161,15 @@ impl Machine {
     fn assemble(vm: Vm, fds: Vec<VcpuFd>, devices: Arc<Devices>) -> Result<Machine, MachineError> {
         let (events_tx, events) = unbounded();
         let bus: Arc<dyn Bus> = devices.clone();
-        let (vcpus, waker) = vcpu::spawn_all(fds, vm.msr_list(), bus, events_tx)?;
+        let throttle = Arc::new(Throttle::default());
+        let (vcpus, waker) =
+            vcpu::spawn_all(fds, vm.msr_list(), bus, events_tx, Arc::clone(&throttle))?;
         if let Some(n) = &devices.net {
             n.start(waker.clone());
         }
         Ok(Machine {
+            throttler: None,
+            throttle,
             vcpus,
             events,
             devices,
@@ -209,6 +219,37 @@ impl Machine {
         pfns.sort_unstable();
         pfns.dedup();
         Ok(())
+    }
+
+    /// How many pages the guest dirtied since the last harvest, counted without harvesting
+    /// them; `None` where that cannot be done without a harvest (the dirty ring, or a
+    /// kernel without manual dirty-log protect). There the ring's size bounds what one
+    /// epoch can hold instead: a full ring stops its vCPU until the next harvest.
+    pub fn dirty_count(&self) -> Result<Option<u64>, MachineError> {
+        if !lock(&self.rings).is_empty() {
+            return Ok(None);
+        }
+        self.vm
+            .dirty_log()
+            .count(self.vm.fd(), self.memory())
+            .map_err(|e| MachineError::Dirty(e.to_string()))
+    }
+
+    /// Holds the running vCPUs for `pct`% of the time (0 = never, at most 99), in slices
+    /// of [`vcpu::THROTTLE_SLICE`] of run: pre-copy's auto-converge.
+    pub fn set_throttle(&mut self, pct: u32) {
+        if pct > 0 && self.throttler.is_none() {
+            let threads = self.vcpus.iter().filter_map(VcpuHandle::pthread).collect();
+            self.throttler = Some(Throttler::start(Arc::clone(&self.throttle), threads));
+        }
+        if let Some(t) = &self.throttler {
+            t.set(pct);
+        }
+    }
+
+    /// The share of time the vCPUs are held (see [`Machine::set_throttle`]).
+    pub fn throttle(&self) -> u32 {
+        self.throttle.percent()
     }
 
     pub fn vm(&self) -> &Vm {
