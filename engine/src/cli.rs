@@ -29,7 +29,8 @@ usage:
   lockstep primary --peer ADDR:PORT [--interval-ms MS] [--seconds S] [--window N]
                [--min-interval-ms MS] [--no-early-checkpoint] [--name NAME]
                [--heartbeat-timeout-ms MS] [--on-backup-loss continue|pause]
-               [--pid-file PATH] [--dirty-ring ENTRIES] <the run options>
+               [--pid-file PATH] [--dirty-ring ENTRIES] [--max-epoch-pages N]
+               <the run options>
   lockstep backup --listen ADDR:PORT [--mem SIZE] [--vcpus N] [--name NAME]
                [--run-after-end] [--console stdout|none|PATH] [--net tap=NAME[,mac=MAC]]
                [--heartbeat-timeout-ms MS] [--fence-cmd CMD [--fence-arg K=V]...
@@ -362,6 +363,7 @@ fn cmd_primary(args: &[String]) -> Result<ExitCode, CliError> {
         "on-backup-loss",
         "pid-file",
         "dirty-ring",
+        "max-epoch-pages",
     ]);
     let o = Options::parse("primary", args, &valued, &["no-early-checkpoint"])?;
     o.no_positional()?;
@@ -402,6 +404,11 @@ fn cmd_primary(args: &[String]) -> Result<ExitCode, CliError> {
         pid_file: o.get("pid-file").map(PathBuf::from),
         early_checkpoint: !o.switch("no-early-checkpoint"),
         min_interval: Duration::from_millis(o.number("min-interval-ms")?.unwrap_or(2)),
+        max_epoch_pages: match o.number("max-epoch-pages")? {
+            None => primary::DEFAULT_MAX_EPOCH_PAGES,
+            Some(0) => return Err(usage("--max-epoch-pages must be at least 1")),
+            Some(n) => n,
+        },
     };
     let status = primary::run(g, opts)?;
     Ok(ExitCode::from(status))
