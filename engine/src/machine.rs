@@ -83,7 +83,9 @@ impl Machine {
     /// Creates the VM, loads `image` and sets every vCPU at the guest's entry, paused.
     pub fn boot(cfg: &MachineConfig, image: &[u8], cmdline: &str) -> Result<Machine, MachineError> {
         let vm = Vm::with_dirty_ring(memory::create(cfg.mem_size)?, cfg.dirty_ring)?;
-        let fds = vcpu::create_all(vm.fd(), &vm.supported_cpuid()?, cfg.vcpus)?;
+        let cpuid = vm.supported_cpuid()?;
+        let kvmclock = has_kvmclock(&cpuid);
+        let fds = vcpu::create_all(vm.fd(), &cpuid, cfg.vcpus)?;
         let rings = match cfg.dirty_ring {
             Some(entries) => fds
                 .iter()
@@ -108,11 +110,15 @@ impl Machine {
             cmdline,
             vcpu_count: cfg.vcpus,
             tsc_khz: u64::from(tsc_khz),
+            kvmclock,
             virtio: &virtio,
         };
         let loaded = boot::load(vm.memory(), image, &params)?;
         for (index, fd) in fds.iter().enumerate() {
             set_boot_registers(fd, index as u32, loaded.entry)?;
+            if kvmclock {
+                enable_kvmclock(fd, index as u32)?;
+            }
         }
         let devices = Arc::new(Devices {
             serial: std::sync::Mutex::new(SerialDevice::new(&cfg.console)?),
@@ -383,6 +389,48 @@ impl Machine {
 impl Drop for Machine {
     fn drop(&mut self) {
         self.flush_console();
+    }
+}
+
+/// KVM's paravirtual clock (`KVM_FEATURE_CLOCKSOURCE2` in CPUID leaf 0x4000_0001).
+fn has_kvmclock(cpuid: &kvm_bindings::CpuId) -> bool {
+    const KVM_FEATURE_CLOCKSOURCE2: u32 = 1 << 3;
+    cpuid
+        .as_slice()
+        .iter()
+        .any(|e| e.function == 0x4000_0001 && e.eax & KVM_FEATURE_CLOCKSOURCE2 != 0)
+}
+
+/// Turns kvmclock on for a vCPU: KVM keeps its time record at the address the boot info
+/// gives the guest. The MSR is part of the vCPU state, so a restored or promoted vCPU
+/// keeps it, and `KVM_SET_CLOCK` makes the clock go on from where it was captured (see
+/// `Vm::restore_state` for why the guest does not simply read the TSC).
+fn enable_kvmclock(fd: &VcpuFd, index: u32) -> Result<(), VcpuError> {
+    const MSR_KVM_SYSTEM_TIME_NEW: u32 = 0x4b56_4d01;
+    let entry = kvm_bindings::kvm_msr_entry {
+        index: MSR_KVM_SYSTEM_TIME_NEW,
+        data: boot::pvclock_addr(index) | 1,
+        ..Default::default()
+    };
+    let msrs = kvm_bindings::Msrs::from_entries(&[entry]).map_err(|_| VcpuError::Msrs {
+        index,
+        set: 0,
+        total: 1,
+        msr: MSR_KVM_SYSTEM_TIME_NEW,
+    })?;
+    match fd.set_msrs(&msrs) {
+        Ok(1) => Ok(()),
+        Ok(n) => Err(VcpuError::Msrs {
+            index,
+            set: n,
+            total: 1,
+            msr: MSR_KVM_SYSTEM_TIME_NEW,
+        }),
+        Err(source) => Err(VcpuError::Kvm {
+            index,
+            what: "KVM_SET_MSRS (kvmclock)",
+            source,
+        }),
     }
 }
 
