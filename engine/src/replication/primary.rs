@@ -141,6 +141,8 @@ const DIRTY_POLL_MAX: Duration = Duration::from_millis(5);
 /// Room the state blob may take in the in-flight window next to an epoch's pages (the
 /// backup refuses larger blobs).
 const STATE_ALLOWANCE: u64 = 4 << 20;
+/// A checkpoint pause this long is logged with its parts.
+const LONG_PAUSE: Duration = Duration::from_millis(50);
 /// Waits for the backup look at its answers (and at the ack reader's verdict) this often.
 const WAIT_SLICE: Duration = Duration::from_millis(20);
 /// A heartbeat goes out when nothing was sent for this long (or a quarter of the
@@ -572,13 +574,17 @@ impl Primary {
     /// Pre-copy: the whole memory while the guest runs, then rounds of what it dirtied
     /// meanwhile, until that fits in one epoch; it goes with epoch 1.
     ///
-    /// Auto-converge: each round should leave at most a quarter of what it sends (or half
-    /// an epoch) dirty. After every step the dirty set is counted (without harvesting it);
-    /// a guest ahead of that budget is held for a larger share of the time (50%, then
-    /// halving the share it runs, up to 99%), one behind it for a smaller one. A round at
-    /// 99% that still does not shrink is followed by one with the guest paused (the final
-    /// pause then lasts one round of what is left). When the run is to end during
-    /// pre-copy, the guest is paused for good and the rounds finish without it running.
+    /// Auto-converge: each round may leave at most a quarter of what it sends (or half an
+    /// epoch) dirty. After every step the dirty set is counted (without harvesting it) and
+    /// the share of time the vCPUs are held is set so that the rest of the round stays
+    /// within that budget: from the guest's dirty rate this round (pages per second it
+    /// ran) and the link's pace, the guest may run `budget left / rate` more, out of the
+    /// time the round still takes (at most 99% held). A round at 99% that still does not
+    /// shrink is followed by one with the guest paused (the final pause then lasts one
+    /// round of what is left). Without a dirty count (dirty ring), a round whose guest
+    /// dirtied more than half of what it sent raises the share (50%, then halving what it
+    /// runs). When the run is to end during pre-copy, the guest is paused for good and the
+    /// rounds finish without it running.
     fn initial_sync(&mut self) -> Result<(), PrimaryError> {
         let mem_pages = (ram_size(self.machine.memory()) / PAGE_SIZE as u64) as usize;
         let cap = self.opts.max_epoch_pages;
@@ -597,6 +603,10 @@ impl Primary {
             let budget = (cap / 2).max(round_pfns.len() / 4) as f64;
             let mut done = 0u64;
             let mut last_report = Instant::now();
+            let round_start = Instant::now();
+            // Seconds the guest ran this round (as far as the throttle lets it).
+            let mut ran = 0f64;
+            let mut step_start = Instant::now();
             for chunk in round_pfns.chunks(SYNC_CHUNK_PAGES) {
                 self.heartbeats.check_in(0);
                 if !ending && self.end_requested()? {
@@ -619,16 +629,18 @@ impl Primary {
                 synced += (chunk.len() * PAGE_SIZE) as u64;
                 sent_bytes += s.bytes;
                 if !ending && !stop_and_copy {
-                    // Dirtied so far this round against the budget for this far.
+                    let held = f64::from(self.machine.throttle()) / 100.0;
+                    ran += step_start.elapsed().as_secs_f64() * (1.0 - held);
+                    step_start = Instant::now();
                     if let Some(dirty) = self.machine.dirty_count()? {
-                        let allowed = budget * done as f64 / total as f64;
-                        let t = self.machine.throttle();
-                        if dirty as f64 > allowed + cap as f64 / 4.0 {
-                            self.machine.set_throttle(throttle_up(t));
-                        } else if (dirty as f64) < allowed / 2.0 && t > 0 {
-                            self.machine.set_throttle(throttle_down(t));
-                        }
-                        max_throttle = max_throttle.max(self.machine.throttle());
+                        let pct = converge_throttle(
+                            budget - dirty as f64,
+                            dirty as f64 / ran.max(1e-6),
+                            round_start.elapsed().as_secs_f64() * (total - done) as f64
+                                / done as f64,
+                        );
+                        self.machine.set_throttle(pct);
+                        max_throttle = max_throttle.max(pct);
                     }
                 }
                 if last_report.elapsed() >= Duration::from_millis(500) || done == total {
@@ -1024,6 +1036,18 @@ impl Primary {
         let bytes = (self.buf.len() + blob.len()) as u64;
         self.inflight.lock().sent(epoch, bytes)?;
         self.pause_start.insert(epoch, t0);
+        if pause >= LONG_PAUSE {
+            info!(
+                "epoch {epoch}: the guest was paused {} ms (parked {} ms, state captured {} ms, \
+                 dirty set harvested {} ms, {} pages copied {} ms)",
+                pause.as_millis(),
+                timing.parked.as_millis(),
+                timing.captured.as_millis(),
+                harvested.as_millis(),
+                self.pfns.len(),
+                copied.as_millis()
+            );
+        }
         let st = &mut self.stats;
         st.pause_us.push_duration(pause);
         st.parked_us.push_duration(timing.parked);
@@ -1111,20 +1135,27 @@ fn final_not_acked(epoch: u64, e: PrimaryError) -> PrimaryError {
     }
 }
 
+/// The share of time (%) to hold the guest for the rest of a pre-copy round: it may
+/// dirty `budget_left` more pages, dirties `rate` pages a second while it runs, and the
+/// round takes `left` more seconds.
+fn converge_throttle(budget_left: f64, rate: f64, left: f64) -> u32 {
+    if budget_left <= 0.0 {
+        return THROTTLE_MAX;
+    }
+    if rate <= 0.0 || left <= 0.0 {
+        return 0;
+    }
+    let may_run = budget_left / rate;
+    let held = 1.0 - may_run / left;
+    ((held * 100.0).ceil().max(0.0) as u32).min(THROTTLE_MAX)
+}
+
 /// A larger share of time the guest is held: 50%, then half of the share it still runs.
 fn throttle_up(pct: u32) -> u32 {
     if pct < 50 {
         50
     } else {
         (pct + (100 - pct).div_ceil(2)).min(THROTTLE_MAX)
-    }
-}
-
-/// A smaller share: half of it (none below 5%).
-fn throttle_down(pct: u32) -> u32 {
-    match pct / 2 {
-        p if p < 5 => 0,
-        p => p,
     }
 }
 

@@ -538,7 +538,7 @@ impl VcpuThread {
                 continue;
             }
             if let Some(hold) = self.throttle.due(&mut self.tick) {
-                if let Flow::Stop = self.idle_on_commands(hold) {
+                if let Flow::Stop = self.throttle_hold(hold) {
                     return;
                 }
                 continue;
@@ -696,15 +696,22 @@ impl VcpuThread {
         Flow::Continue
     }
 
-    /// Sits out a throttle sleep, answering commands at once (a pause parks the vCPU and
-    /// ends the sleep).
-    fn idle_on_commands(&mut self, timeout: Duration) -> Flow {
-        select! {
-            recv(self.commands) -> cmd => match cmd {
-                Ok(cmd) => self.handle_running(cmd),
-                Err(_) => Flow::Stop,
-            },
-            default(timeout) => Flow::Continue,
+    /// Sits out a throttle sleep, answering commands at once (any command ends the
+    /// sleep; a pause parks the vCPU), and ending early when the throttle is lifted.
+    fn throttle_hold(&mut self, hold: Duration) -> Flow {
+        let until = std::time::Instant::now() + hold;
+        loop {
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() || self.throttle.percent() == 0 {
+                return Flow::Continue;
+            }
+            select! {
+                recv(self.commands) -> cmd => return match cmd {
+                    Ok(cmd) => self.handle_running(cmd),
+                    Err(_) => Flow::Stop,
+                },
+                default(left.min(THROTTLE_SLICE)) => {}
+            }
         }
     }
 
