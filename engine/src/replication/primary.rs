@@ -21,8 +21,10 @@
 //!   epoch. The primary never gives up on a backup that still answers.
 //! - Pre-copy rounds go on until what the guest dirtied during a round fits in one epoch.
 //!   A guest that dirties faster than the link carries is throttled as QEMU's
-//!   auto-converge does: the vCPUs are held for a growing share of the round (20%, then
-//!   +10% a round up to 99%), one pre-copy step (16 MiB) at a time.
+//!   auto-converge does: its vCPUs are held for a share of the time (up to 99%, in 10 ms
+//!   run slices) set after every 8 MiB step so that each round leaves at most a quarter of
+//!   what it sent; if even 99% does not make a round shrink, the last round goes with the
+//!   guest paused.
 //!
 //! A peer is lost only after it has been silent for the heartbeat timeout: any bytes
 //! count as life (see the transport), the primary sends heartbeats from a thread of its
