@@ -268,16 +268,19 @@ struct Realtime {
 impl Realtime {
     fn enter() -> Realtime {
         let mut param = libc::sched_param { sched_priority: 0 };
-        // SAFETY: pid 0 is the calling thread; `param` is a valid sched_param to fill.
+        // SAFETY: pid 0 is the calling thread; no pointer is passed.
         let policy = unsafe { libc::sched_getscheduler(0) };
-        // SAFETY: as above.
+        // SAFETY: pid 0 is the calling thread; `param` is a valid sched_param to fill.
         let got = unsafe { libc::sched_getparam(0, &mut param) };
         let rt = libc::sched_param { sched_priority: 1 };
-        // SAFETY: pid 0 is the calling thread; `rt` is a valid sched_param for SCHED_FIFO.
-        if policy < 0
-            || got != 0
-            || unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &rt) } != 0
-        {
+        let set = if policy >= 0 && got == 0 {
+            // SAFETY: pid 0 is the calling thread; `rt` is a valid sched_param for
+            // SCHED_FIFO that outlives the call.
+            unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &rt) }
+        } else {
+            -1
+        };
+        if set != 0 {
             info!(
                 "the epoch loop keeps its normal priority (real-time scheduling refused: {}); \
                  on a busy host epochs may overshoot --max-epoch-pages",
