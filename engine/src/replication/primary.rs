@@ -21,7 +21,7 @@
 //!   epoch. The primary never gives up on a backup that still answers.
 //! - Pre-copy rounds go on until what the guest dirtied during a round fits in one epoch.
 //!   A guest that dirties faster than the link carries is throttled as QEMU's
-//!   auto-converge does: its vCPUs are held for a share of the time (up to 99%, in 10 ms
+//!   auto-converge does: its vCPUs are held for a share of the time (up to 99%, in 2 ms
 //!   run slices) set after every 8 MiB step so that each round leaves at most a quarter of
 //!   what it sent; if even 99% does not make a round shrink, the last round goes with the
 //!   guest paused.
