@@ -201,7 +201,8 @@ impl Throttler {
                 while !s.load(Ordering::Relaxed) {
                     let p = t.percent();
                     if p == 0 {
-                        std::thread::sleep(THROTTLE_SLICE);
+                        // `set` unparks us when the throttle is raised again.
+                        std::thread::park_timeout(Duration::from_millis(100));
                         continue;
                     }
                     t.tick.fetch_add(1, Ordering::Relaxed);
@@ -227,6 +228,9 @@ impl Throttler {
     /// Holds the vCPUs `pct`% of the time (clamped to 0..=99).
     pub fn set(&self, pct: u32) {
         self.throttle.pct.store(pct.min(99), Ordering::Relaxed);
+        if let Some(t) = &self.thread {
+            t.thread().unpark();
+        }
     }
 }
 
@@ -235,6 +239,7 @@ impl Drop for Throttler {
         self.throttle.pct.store(0, Ordering::Relaxed);
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
+            t.thread().unpark();
             let _ = t.join();
         }
     }
