@@ -807,28 +807,16 @@ impl Primary {
             if now < next && !output_waits && !full {
                 continue;
             }
-            if now < next {
-                if full {
-                    self.stats.capped += 1;
-                } else {
-                    self.stats.early += 1;
-                }
-            }
             let pacing = self.inflight.lock().pacing();
-            match pacing {
-                Pacing::Normal => {}
-                Pacing::Lengthen => {
-                    // One slot left: give the backup one more interval before the next
-                    // epoch, unless the epoch is full already.
-                    if !full
-                        && self.inflight.lock().last_sent() == self.epoch
-                        && next.elapsed() < self.opts.interval
-                    {
-                        next += self.opts.interval / 2;
-                        continue;
-                    }
-                }
-                Pacing::Throttle => {}
+            // One slot left: give the backup one more interval before the next epoch,
+            // unless the epoch is full already.
+            if pacing == Pacing::Lengthen
+                && !full
+                && self.inflight.lock().last_sent() == self.epoch
+                && next.elapsed() < self.opts.interval
+            {
+                next += self.opts.interval / 2;
+                continue;
             }
             if pacing == Pacing::Throttle || self.sending.is_some() {
                 if !full && self.next_dirty_count != far_future() {
@@ -842,6 +830,13 @@ impl Primary {
                     continue;
                 }
                 self.throttle()?;
+            }
+            if now < next {
+                if full {
+                    self.stats.capped += 1;
+                } else {
+                    self.stats.early += 1;
+                }
             }
             let t0 = Instant::now();
             self.checkpoint(false)?;
