@@ -781,7 +781,12 @@ fn a_dirty_storm_is_throttled_with_bounded_pauses() {
          held max {held_max_us} us, pre-copy done at {protected_at} s, run {took:?}",
         dirty_pages / epochs.max(1)
     );
-    assert!(protected_at < 3.0, "pre-copy took {protected_at} s");
+    // Protection comes well before the run's end (it took 0.5-1.3 s here).
+    assert!(
+        protected_at < 4.0,
+        "pre-copy took {protected_at} s: {:?}",
+        pair.primary
+    );
     assert!(epochs >= 10, "{epochs} epochs: {:?}", pair.primary);
     // 4096 pages a epoch (the default cap) copy in ~10 ms here; the bound leaves room
     // for a loaded machine, and is far below the whole-working-set pauses of before.
