@@ -11,12 +11,19 @@
 //!    the nested KVM), so the largest targets are not reached: read the achieved column.
 //! 2. Guest progress: for each interval, `workload=dirty pages_per_ms=0` (write as fast as
 //!    possible) once unprotected (`lockstep run`, `--seconds` of guest time) and once
-//!    protected (a pair, `--seconds` of epochs). The guest reports `dirty: ms=<guest ms>
-//!    pages=<total>` every guest second; progress is pages per guest second between its
-//!    reports: unprotected from the first to the last, protected from the first report
-//!    after the primary's initial sync ended to the last (pre-copy rounds are not what
-//!    protection costs in the steady state). The ratio is protected ÷ unprotected. The
-//!    guest's clock (TSC) keeps running while it is paused, so pauses count against it.
+//!    protected (a pair, `--seconds` plus 2 s for the pre-copy). The guest reports
+//!    `dirty: ms=<guest ms> pages=<total>` every guest second; progress is pages per guest
+//!    second between its reports: unprotected from the first to the last, protected from
+//!    the first report after the primary's initial sync ended to the last (pre-copy rounds
+//!    are not what protection costs in the steady state). The ratio is protected ÷
+//!    unprotected. The guest's clock (kvmclock) keeps running while it is paused, so
+//!    pauses count against it.
+//! 3. Pre-copy and dirty storms (`--sync on`, the default): a 2 GiB guest that is almost
+//!    all zeros (how fast each side takes the memory in), and a 1 GiB guest whose two
+//!    vCPUs rewrite 512 MiB as fast as they can (pre-copy cannot converge without
+//!    throttling the guest; then every epoch is capped and the guest held while the backup
+//!    catches up): time to protection, the throttle, pauses and holds, and whether the run
+//!    ended when `--seconds` said.
 //!
 //! The `lockstep` binary is `LOCKSTEP_BIN`, or built (`cargo build -p engine --bin
 //! lockstep`, a no-op when up to date) into the target directory and profile of this
@@ -34,9 +41,12 @@ use thiserror::Error;
 use crate::args::Args;
 use crate::BenchError;
 
-pub const OPTIONS: &[&str] = &["seconds", "intervals", "pages", "mem", "wss"];
+pub const OPTIONS: &[&str] = &["seconds", "intervals", "pages", "mem", "wss", "sync"];
 
 const PAGE_SIZE: u64 = 4096;
+/// The protected progress runs get this much longer than `--seconds`: `--seconds` counts
+/// from the guest's start, pre-copy included.
+const PRECOPY_ALLOWANCE: f64 = 2.0;
 /// How long a run may exceed its planned length before it counts as hung.
 const GRACE: Duration = Duration::from_secs(60);
 
@@ -59,6 +69,7 @@ struct Config {
     pages: Vec<u64>,
     mem: String,
     wss: String,
+    sync: bool,
 }
 
 impl Config {
@@ -69,6 +80,15 @@ impl Config {
             pages: list(args, "pages", &[100, 1_000, 10_000])?,
             mem: args.get("mem").unwrap_or("256M").to_string(),
             wss: args.get("wss").unwrap_or("128M").to_string(),
+            sync: match args.get("sync").unwrap_or("on") {
+                "on" => true,
+                "off" => false,
+                other => {
+                    return Err(BenchError::Usage(format!(
+                        "--sync {other}: expected on or off"
+                    )))
+                }
+            },
         })
     }
 }
@@ -109,10 +129,11 @@ pub fn run(args: &Args) -> Result<(), BenchError> {
                 cfg.wss,
                 cfg.seconds.ceil() as u64 + GRACE.as_secs()
             );
-            let result = protected(&bin, &cfg, interval, &guest, cfg.seconds).and_then(|p| {
-                Summary::parse(&p.stderr)
-                    .ok_or_else(|| format!("no summary line from the primary:\n{}", p.stderr))
-            });
+            let result =
+                protected(&bin, &cfg.mem, "1", interval, &guest, cfg.seconds).and_then(|(p, _)| {
+                    Summary::parse(&p.stderr)
+                        .ok_or_else(|| format!("no summary line from the primary:\n{}", p.stderr))
+                });
             total += 1;
             failed += usize::from(result.is_err());
             epochs.push(EpochRow {
@@ -136,16 +157,18 @@ pub fn run(args: &Args) -> Result<(), BenchError> {
         let unprotected = unprotected(&bin, &cfg, &short).and_then(|out| rate_of(&out, 0));
         eprintln!("bench checkpoint: guest progress, protected at {interval} ms...");
         let long = guest(cfg.seconds.ceil() as u64 + GRACE.as_secs());
-        let protected = protected(&bin, &cfg, interval, &long, cfg.seconds).and_then(|p| {
-            let synced = sync_end_ms(&p.stderr).ok_or_else(|| {
-                format!(
-                    "no 'initial sync done' line from the primary:\n{}",
-                    p.stderr
-                )
-            })?;
-            let rate = rate_of(&p.stdout, synced)?;
-            Ok((rate, Summary::parse(&p.stderr)))
-        });
+        let seconds = cfg.seconds + PRECOPY_ALLOWANCE;
+        let protected =
+            protected(&bin, &cfg.mem, "1", interval, &long, seconds).and_then(|(p, _)| {
+                let synced = sync_end_ms(&p.stderr).ok_or_else(|| {
+                    format!(
+                        "no 'initial sync done' line from the primary:\n{}",
+                        p.stderr
+                    )
+                })?;
+                let rate = rate_of(&p.stdout, synced)?;
+                Ok((rate, Summary::parse(&p.stderr)))
+            });
         total += 2;
         failed += usize::from(unprotected.is_err()) + usize::from(protected.is_err());
         progress.push(ProgressRow {
@@ -155,8 +178,27 @@ pub fn run(args: &Args) -> Result<(), BenchError> {
         });
     }
 
+    let mut storms = Vec::new();
+    if cfg.sync {
+        for storm in STORMS {
+            eprintln!(
+                "bench checkpoint: pre-copy, {} guest, {} vCPUs, {} for {} s...",
+                storm.mem, storm.vcpus, storm.guest, storm.seconds
+            );
+            let started = Instant::now();
+            let result = protected(&bin, storm.mem, storm.vcpus, 25, storm.guest, storm.seconds)
+                .map(|(p, b)| StormRun::parse(storm, &p, &b, started.elapsed()));
+            total += 1;
+            failed += usize::from(result.is_err());
+            storms.push((storm, result));
+        }
+    }
+
     print_epochs(&cfg, &epochs);
     print_progress(&cfg, &progress);
+    if cfg.sync {
+        print_storms(&storms);
+    }
     if failed > 0 {
         return Err(CheckpointError::RunsFailed { failed, total }.into());
     }
@@ -175,16 +217,24 @@ struct Summary {
     dirty_pages: u64,
     wire_bytes: u64,
     throttled: u64,
+    /// The longest the guest was held at once for the backup (µs), and how many epochs
+    /// ended early at the page cap (absent from older primaries).
+    held_max: Option<u64>,
+    capped: Option<u64>,
+    /// Seconds of continuous epochs (after the pre-copy).
+    epoch_secs: Option<f64>,
     /// p50 of the pause's cumulative steps (µs): parked, captured, harvested, copied.
     steps: Option<[u64; 4]>,
 }
 
 impl Summary {
-    /// Finds and parses the line `... epochs=N pause_us p50=.. p99=.. max=.. commit_us
-    /// p50=.. p99=.. dirty_pages=.. wire_bytes=.. ... throttled=..` in `log`.
+    /// Finds and parses the last line `... epochs=N pause_us p50=.. p99=.. max=..
+    /// commit_us p50=.. p99=.. dirty_pages=.. wire_bytes=.. ... throttled=.. [held_us
+    /// max=.. capped=..]` in `log` (the primary also logs the figures so far every 2 s).
     fn parse(log: &str) -> Option<Summary> {
         let line = log
             .lines()
+            .rev()
             .find(|l| l.contains(" epochs=") && l.contains("pause_us"))?;
         let fields = &line[line.find("epochs=")?..];
         let mut section = "";
@@ -217,8 +267,22 @@ impl Summary {
             dirty_pages: get("dirty_pages")?,
             wire_bytes: get("wire_bytes")?,
             throttled: get("throttled")?,
+            held_max: get("held_us.max"),
+            capped: get("capped"),
+            epoch_secs: match (
+                log_secs(log, "initial sync done"),
+                log_secs(line, "epochs="),
+            ) {
+                (Some(a), Some(b)) if b > a => Some(b - a),
+                _ => None,
+            },
             steps: steps(log),
         })
+    }
+
+    /// Seconds of epochs: measured from the log, else what the run was asked for.
+    fn secs(&self, asked: f64) -> f64 {
+        self.epoch_secs.unwrap_or(asked)
     }
 
     fn steps_cell(&self) -> String {
@@ -292,6 +356,8 @@ fn print_epochs(cfg: &Config, rows: &[EpochRow]) {
         "dirty MiB/s",
         "wire MiB/s",
         "throttled",
+        "held max µs",
+        "capped",
     ];
     println!("| {} |", header.join(" | "));
     println!("|{}", " ---: |".repeat(header.len()));
@@ -300,7 +366,10 @@ fn print_epochs(cfg: &Config, rows: &[EpochRow]) {
             Ok(s) => vec![
                 format!("{:.0}", s.pages_per_epoch()),
                 s.epochs.to_string(),
-                format!("{:.1}", cfg.seconds * 1000.0 / s.epochs.max(1) as f64),
+                format!(
+                    "{:.1}",
+                    s.secs(cfg.seconds) * 1000.0 / s.epochs.max(1) as f64
+                ),
                 s.pause_p50.to_string(),
                 s.pause_p99.to_string(),
                 s.pause_max.to_string(),
@@ -310,10 +379,12 @@ fn print_epochs(cfg: &Config, rows: &[EpochRow]) {
                 format!("{:.0}", s.bytes_per_page()),
                 format!(
                     "{:.1}",
-                    mib((s.dirty_pages * PAGE_SIZE) as f64) / cfg.seconds
+                    mib((s.dirty_pages * PAGE_SIZE) as f64) / s.secs(cfg.seconds)
                 ),
-                format!("{:.2}", mib(s.wire_bytes as f64) / cfg.seconds),
+                format!("{:.2}", mib(s.wire_bytes as f64) / s.secs(cfg.seconds)),
                 s.throttled.to_string(),
+                opt(s.held_max),
+                opt(s.capped),
             ],
             Err(e) => vec![format!("failed: {}", first_line(e))],
         };
@@ -331,8 +402,15 @@ fn print_epochs(cfg: &Config, rows: &[EpochRow]) {
          (cumulative). commit: from the pause until the backup's ack. dirty MiB/s: dirty \
          pages captured (4 KiB each) per second of epochs, what the encoder consumed; wire \
          MiB/s: bytes sent per second. Neither is the encoder's capacity, only what this \
-         load asked of it. throttled: epochs that waited for the backup (window full)."
+         load asked of it. throttled: epochs that waited for the backup (window full or the \
+         last epoch still being sent) once the guest had dirtied --max-epoch-pages (4096); \
+         held max: the longest the guest was held for it at once. capped: epochs ended \
+         early because the dirty set reached the cap, which bounds the pause."
     );
+}
+
+fn opt(v: Option<u64>) -> String {
+    v.map_or_else(|| "-".into(), |v| v.to_string())
 }
 
 fn print_progress(cfg: &Config, rows: &[ProgressRow]) {
@@ -386,6 +464,161 @@ fn print_progress(cfg: &Config, rows: &[ProgressRow]) {
     );
 }
 
+/// A pre-copy / dirty-storm row: a guest and how long to protect it.
+struct Storm {
+    what: &'static str,
+    mem: &'static str,
+    vcpus: &'static str,
+    guest: &'static str,
+    seconds: f64,
+}
+
+const STORMS: &[Storm] = &[
+    Storm {
+        what: "2 GiB, almost all zero",
+        mem: "2G",
+        vcpus: "1",
+        guest: "workload=dirty pages_per_ms=1 wss=16M seconds=60",
+        seconds: 3.0,
+    },
+    Storm {
+        what: "1 GiB, 2 vCPUs rewriting 512 MiB flat out",
+        mem: "1G",
+        vcpus: "2",
+        guest: "workload=dirty pages_per_ms=0 wss=512M seconds=60",
+        seconds: 6.0,
+    },
+];
+
+/// What a storm run showed.
+struct StormRun {
+    /// Seconds until the primary's pre-copy ended, and its rounds.
+    precopy: Option<f64>,
+    rounds: usize,
+    held_pct: Option<u64>,
+    /// Guest memory MiB/s of round 0 on the primary (sent) and on the backup (taken in).
+    primary_mibs: Option<f64>,
+    backup_mibs: Option<f64>,
+    /// Seconds from the backup's start of replication to epoch 1 committed.
+    protected_at: Option<f64>,
+    summary: Option<Summary>,
+    wall: Duration,
+}
+
+impl StormRun {
+    fn parse(storm: &Storm, primary: &Output, backup: &Output, wall: Duration) -> StormRun {
+        let (p, b) = (&primary.stderr, &backup.stderr);
+        let mem_mib = engine::size::parse_size(storm.mem).unwrap_or(0) >> 20;
+        let round0 = format!("round 0: {mem_mib} of {mem_mib} MiB");
+        let received = format!("initial sync: {mem_mib} of {mem_mib} MiB received");
+        let rate = |start: Option<f64>, end: Option<f64>| match (start, end) {
+            (Some(a), Some(e)) if e > a => Some(mem_mib as f64 / (e - a)),
+            _ => None,
+        };
+        let b_start = log_secs(b, "replicating from");
+        StormRun {
+            precopy: after_number(p, "initial sync done in "),
+            rounds: p
+                .lines()
+                .filter(|l| l.contains("initial sync round"))
+                .filter(|l| l.contains(" done"))
+                .count()
+                + 1,
+            held_pct: after_number(p, "guest held up to ").map(|v| v as u64),
+            primary_mibs: rate(log_secs(p, "accepted the guest"), log_secs(p, &round0)),
+            backup_mibs: rate(b_start, log_secs(b, &received)),
+            protected_at: match (b_start, log_secs(b, "epoch 1 committed")) {
+                (Some(a), Some(e)) => Some(e - a),
+                _ => None,
+            },
+            summary: Summary::parse(p),
+            wall,
+        }
+    }
+}
+
+fn print_storms(rows: &[(&Storm, Result<StormRun, String>)]) {
+    println!(
+        "\nPre-copy and dirty storms: primary and backup over loopback, 25 ms epochs, \
+         default heartbeat timeout (1 s) and epoch cap (4096 pages)\n"
+    );
+    let header = [
+        "guest",
+        "--seconds",
+        "run s",
+        "pre-copy s",
+        "rounds",
+        "held up to %",
+        "primary MiB/s",
+        "backup MiB/s",
+        "epoch 1 at s",
+        "epochs",
+        "pages/epoch",
+        "pause p99 µs",
+        "pause max µs",
+        "held max µs",
+    ];
+    println!("| {} |", header.join(" | "));
+    println!("|{}", " ---: |".repeat(header.len()));
+    let f = |v: Option<f64>, digits: usize| v.map_or("-".into(), |v| format!("{v:.digits$}"));
+    for (storm, r) in rows {
+        let cells = match r {
+            Ok(r) => {
+                let s = r.summary.as_ref();
+                vec![
+                    format!("{:.1}", r.wall.as_secs_f64()),
+                    f(r.precopy, 2),
+                    r.rounds.to_string(),
+                    opt(r.held_pct),
+                    f(r.primary_mibs, 0),
+                    f(r.backup_mibs, 0),
+                    f(r.protected_at, 2),
+                    opt(s.map(|s| s.epochs)),
+                    f(s.map(|s| s.pages_per_epoch()), 0),
+                    opt(s.map(|s| s.pause_p99)),
+                    opt(s.map(|s| s.pause_max)),
+                    opt(s.and_then(|s| s.held_max)),
+                ]
+            }
+            Err(e) => vec![format!("failed: {}", first_line(e))],
+        };
+        println!(
+            "| {} | {} | {} |",
+            storm.what,
+            storm.seconds,
+            cells.join(" | ")
+        );
+    }
+    println!(
+        "\nrun s: the primary's wall time (it ends --seconds after the guest started, then \
+         waits for the backup's last ack). pre-copy: until the primary's initial sync ended, \
+         in rounds; held up to: the largest share of time the pre-copy held the vCPUs \
+         (auto-converge; 100 = the last round went with the guest paused). primary / \
+         backup MiB/s: guest memory per second in round 0 (the whole RAM), sent and taken \
+         in. epoch 1 at: when the backup first held a runnable copy. pause: checkpoint \
+         pauses of the continuous epochs; held: the longest the guest was held at once \
+         while the backup caught up."
+    );
+}
+
+/// The number right after `needle` in the first line that has it.
+fn after_number(log: &str, needle: &str) -> Option<f64> {
+    let line = log.lines().find(|l| l.contains(needle))?;
+    let rest = &line[line.find(needle)? + needle.len()..];
+    let digits: String = rest
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '.')
+        .collect();
+    digits.parse().ok()
+}
+
+/// The log-clock time (`[role  12.345s ...]`) of the first line containing `needle`.
+fn log_secs(log: &str, needle: &str) -> Option<f64> {
+    let line = log.lines().find(|l| l.contains(needle))?;
+    let stamp = line.strip_prefix('[')?.split_whitespace().nth(1)?;
+    stamp.strip_suffix('s')?.parse().ok()
+}
+
 fn first_line(s: &str) -> &str {
     s.lines().next().unwrap_or("")
 }
@@ -417,10 +650,7 @@ fn rate_of(console: &str, from_ms: u64) -> Result<Rate, String> {
 /// When the primary's initial sync ended, in ms of its log clock (which starts before
 /// the guest's, so the guest's reports after it are all from continuous epochs).
 fn sync_end_ms(log: &str) -> Option<u64> {
-    let line = log.lines().find(|l| l.contains("initial sync done"))?;
-    let stamp = line.strip_prefix('[')?.split_whitespace().nth(1)?;
-    let secs: f64 = stamp.strip_suffix('s')?.parse().ok()?;
-    Some((secs * 1000.0).ceil() as u64)
+    log_secs(log, "initial sync done").map(|secs| (secs * 1000.0).ceil() as u64)
 }
 
 /// A finished process.
@@ -541,15 +771,16 @@ fn unprotected(bin: &Path, cfg: &Config, guest: &str) -> Result<String, String> 
     Ok(out.stdout)
 }
 
-/// A primary (console on its stdout) and a backup over loopback; returns the primary's
-/// output once both ended cleanly with the same final digest.
+/// A primary (console on its stdout) and a backup over loopback; returns both outputs
+/// once both ended cleanly with the same final digest.
 fn protected(
     bin: &Path,
-    cfg: &Config,
+    mem: &str,
+    vcpus: &str,
     interval_ms: u64,
     guest: &str,
     seconds: f64,
-) -> Result<Output, String> {
+) -> Result<(Output, Output), String> {
     let port = free_port()?;
     let addr = format!("127.0.0.1:{port}");
     let deadline = Instant::now() + Duration::from_secs_f64(seconds) + GRACE;
@@ -563,7 +794,9 @@ fn protected(
         "--interval-ms",
         &interval,
         "--mem",
-        &cfg.mem,
+        mem,
+        "--vcpus",
+        vcpus,
         "--guest",
         "builtin",
         "--guest-args",
@@ -586,7 +819,7 @@ fn protected(
             .find_map(|l| l.find("final epoch=").map(|i| l[i..].to_string()))
     };
     match (final_line(&primary), final_line(&backup)) {
-        (Some(p), Some(b)) if p == b => Ok(primary),
+        (Some(p), Some(b)) if p == b => Ok((primary, backup)),
         (p, b) => Err(format!(
             "primary and backup disagree: primary {p:?}, backup {b:?}"
         )),
@@ -668,9 +901,27 @@ throttled=2
                 dirty_pages: 118759,
                 wire_bytes: 3815294,
                 throttled: 2,
+                held_max: None,
+                capped: None,
+                epoch_secs: None,
                 steps: None,
             }
         );
+        // Today's primary: figures every 2 s, the last line counts; held and capped.
+        let today = "\
+[primary    0.500s info] initial sync done in 0.49 s (1200 MiB/s of guest memory)
+[primary    2.500s info] epochs=60 pause_us p50=1 p99=2 max=3 commit_us p50=4 p99=5 \
+dirty_pages=6 wire_bytes=7 bytes_per_dirty_page=1 compression=1.00x throttled=8 \
+held_us max=9 capped=10
+[primary    4.500s info] epochs=103 pause_us p50=2211 p99=6194 max=6439 commit_us p50=9855 \
+p99=61121 dirty_pages=118759 wire_bytes=3815294 bytes_per_dirty_page=32 compression=127.50x \
+throttled=2 held_us max=45642 capped=5
+";
+        let t = Summary::parse(today).unwrap();
+        assert_eq!((t.epochs, t.pause_max, t.throttled), (103, 6439, 2));
+        assert_eq!((t.held_max, t.capped), (Some(45642), Some(5)));
+        assert_eq!(t.epoch_secs, Some(4.0));
+        assert_eq!(t.secs(3.0), 4.0);
         let full = format!(
             "{LOG}[primary 3.084s info] pause p50 (cumulative, us): parked=92 captured=172 \
              harvested=209 copied=938 resumed=950\n"
@@ -696,6 +947,39 @@ throttled=2
         // The guest's last report may share a line with what the VMM prints next.
         assert!(rate_of("dirty: ms=1000 pages=5\ndirty: ms=2000 pages=15final", 0).is_ok());
         assert!(rate_of("dirty: ms=1000 pages=5\n", 0).is_err());
+    }
+
+    #[test]
+    fn storm_figures_from_both_logs() {
+        let primary = Output {
+            status: std::process::ExitStatus::default(),
+            stdout: String::new(),
+            stderr: "\
+[primary    0.010s info] backup at 127.0.0.1:1 accepted the guest (1024 MiB, 2 vCPUs)
+[primary    0.510s info] initial sync round 0: 1024 of 1024 MiB (100%), 2000 MiB/s
+[primary    0.520s info] initial sync round 0 done: the guest dirtied 9999 pages meanwhile
+[primary    0.600s info] initial sync done in 0.59 s (1700 MiB/s of guest memory, guest held up to 97% of the time); 12 pages
+"
+            .into(),
+        };
+        let backup = Output {
+            status: std::process::ExitStatus::default(),
+            stdout: String::new(),
+            stderr: "\
+[backup    1.000s info] replicating from 127.0.0.1:2: 1024 MiB, 2 vCPUs
+[backup    1.512s info] initial sync: 1024 of 1024 MiB received
+[backup    1.700s info] epoch 1 committed: the backup holds a runnable copy
+"
+            .into(),
+        };
+        let r = StormRun::parse(&STORMS[1], &primary, &backup, Duration::from_secs(6));
+        assert_eq!(r.precopy, Some(0.59));
+        assert_eq!(r.rounds, 2);
+        assert_eq!(r.held_pct, Some(97));
+        assert_eq!(r.primary_mibs.map(f64::round), Some(2048.0));
+        assert_eq!(r.backup_mibs.map(f64::round), Some(2000.0));
+        assert_eq!(r.protected_at.map(|s| (s * 10.0).round()), Some(7.0));
+        assert!(r.summary.is_none());
     }
 
     #[test]

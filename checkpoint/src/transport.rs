@@ -14,9 +14,12 @@
 //!
 //! The API is blocking: each call submits and waits for its completion. Timeouts are
 //! io_uring linked timeouts (`IORING_OP_LINK_TIMEOUT`), so [`FrameReceiver::recv`] can
-//! give up after a heartbeat interval. A receive timeout loses nothing: bytes of a frame
-//! already read stay buffered and the next call continues. A send timeout or any protocol
-//! error leaves the stream unusable ([`TransportError::Broken`] afterwards).
+//! give up after a heartbeat interval. The receive timeout measures silence, not the
+//! frame: every read that brings bytes starts it again, so a large frame arriving slowly
+//! over a busy link never counts as a dead peer ([`FrameReceiver::last_activity`] says
+//! when bytes last came). A receive timeout loses nothing: bytes of a frame already read
+//! stay buffered and the next call continues. A send timeout or any protocol error leaves
+//! the stream unusable ([`TransportError::Broken`] afterwards).
 //!
 //! The halves can be split ([`Connection::split`]) and used from two threads: the primary
 //! sends epochs on one and reads acks on the other.
@@ -327,6 +330,8 @@ pub struct FrameReceiver {
     /// Header of the frame being received, once its bytes are in.
     pending: Option<FrameHeader>,
     broken: bool,
+    /// When bytes last arrived (or the connection was made).
+    last_activity: Instant,
 }
 
 impl std::fmt::Debug for FrameReceiver {
@@ -339,7 +344,14 @@ impl std::fmt::Debug for FrameReceiver {
 }
 
 impl FrameReceiver {
-    /// Receives the next message; `timeout` bounds the wait for it (None: wait forever).
+    /// When bytes last arrived from the peer (or the connection was made): a frame still
+    /// arriving is a sign of life although no whole message came yet.
+    pub fn last_activity(&self) -> Instant {
+        self.last_activity
+    }
+
+    /// Receives the next message; `timeout` bounds the silence while waiting for it (None:
+    /// wait forever): any bytes arriving start it again.
     pub fn recv(&mut self, timeout: Option<Duration>) -> Result<Message, TransportError> {
         if self.broken {
             return Err(TransportError::Broken);
@@ -355,7 +367,7 @@ impl FrameReceiver {
     }
 
     fn recv_inner(&mut self, timeout: Option<Duration>) -> Result<Message, TransportError> {
-        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut deadline = timeout.map(|t| Instant::now() + t);
         loop {
             if let Some(msg) = self.take_frame()? {
                 return Ok(msg);
@@ -386,6 +398,8 @@ impl FrameReceiver {
                     let n = n as usize;
                     // SAFETY: the kernel initialized `n <= len` bytes of the spare capacity.
                     unsafe { self.buf.set_len(self.buf.len() + n) };
+                    self.last_activity = Instant::now();
+                    deadline = timeout.map(|t| self.last_activity + t);
                 }
                 0 => {
                     return Err(if self.buf.is_empty() {
@@ -472,6 +486,7 @@ impl Connection {
                 buf: BytesMut::with_capacity(RECV_CHUNK),
                 pending: None,
                 broken: false,
+                last_activity: Instant::now(),
             },
             peer,
         })
@@ -527,6 +542,11 @@ impl Connection {
     /// Receives the next message within `timeout`.
     pub fn recv(&mut self, timeout: Option<Duration>) -> Result<Message, TransportError> {
         self.receiver.recv(timeout)
+    }
+
+    /// When bytes last arrived from the peer.
+    pub fn last_activity(&self) -> Instant {
+        self.receiver.last_activity()
     }
 
     /// The two halves, for use from two threads.
@@ -642,6 +662,31 @@ mod tests {
                 digest: 77
             }
         );
+    }
+
+    #[test]
+    fn a_frame_that_keeps_arriving_does_not_time_out() {
+        let (mut raw, mut conn) = raw_pair();
+        let frame = pages_frame(9, 4);
+        let t = std::thread::spawn(move || {
+            // The whole frame takes ~0.5 s, far longer than the receive timeout, but
+            // bytes never stop for more than ~20 ms.
+            let n = frame.len().div_ceil(25);
+            for chunk in frame.chunks(n) {
+                raw.write_all(chunk).unwrap();
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            (raw, frame)
+        });
+        let before = conn.last_activity();
+        let msg = conn.recv(Some(Duration::from_millis(150))).unwrap();
+        let (raw, frame) = t.join().unwrap();
+        assert_eq!(msg.to_frame().unwrap(), frame);
+        assert!(conn.last_activity() > before);
+        // Silence still times out.
+        let err = conn.recv(Some(Duration::from_millis(50))).unwrap_err();
+        assert!(matches!(err, TransportError::Timeout(_)), "{err}");
+        drop(raw);
     }
 
     #[test]

@@ -31,7 +31,8 @@ usage:
                [--min-interval-ms MS] [--no-early-checkpoint] [--name NAME]
                [--heartbeat-timeout-ms MS] [--on-backup-loss fence|pause|continue]
                [--fence-cmd CMD [--peer-node NODE] [--fence-arg K=V]... [--fence-timeout-s S]]
-               [--pid-file PATH] [--dirty-ring ENTRIES] <the run options>
+               [--pid-file PATH] [--dirty-ring ENTRIES] [--max-epoch-pages N]
+               <the run options>
   lockstep backup --listen ADDR:PORT [--mem SIZE] [--vcpus N] [--name NAME]
                [--run-after-end] [--console stdout|none|PATH] [--net tap=NAME[,mac=MAC]]
                [--heartbeat-timeout-ms MS] [--pid-file PATH]
@@ -98,6 +99,8 @@ fn command_help(cmd: &str) -> Option<String> {
              \x20                            once without fencing (unsafe)\n\
              \x20 --pid-file PATH            write this process's pid (for a single-host fence agent)\n\
              \x20 --dirty-ring ENTRIES       harvest dirty pages from a KVM dirty ring, not the bitmap\n\
+             \x20 --max-epoch-pages N        end an epoch once the guest dirtied N pages (default 4096):\n\
+             \x20                            bounds each pause\n\
              {FENCE_OPTIONS_HELP}\n{RUN_OPTIONS_HELP}"
         ),
         "backup" => format!(
@@ -456,6 +459,7 @@ fn cmd_primary(args: &[String]) -> Result<ExitCode, CliError> {
         "on-backup-loss",
         "pid-file",
         "dirty-ring",
+        "max-epoch-pages",
     ]);
     valued.extend(FENCE_OPTIONS);
     let o = Options::parse("primary", args, &valued, &["no-early-checkpoint"])?;
@@ -508,6 +512,11 @@ fn cmd_primary(args: &[String]) -> Result<ExitCode, CliError> {
         pid_file: o.get("pid-file").map(PathBuf::from),
         early_checkpoint: !o.switch("no-early-checkpoint"),
         min_interval: Duration::from_millis(o.number("min-interval-ms")?.unwrap_or(2)),
+        max_epoch_pages: match o.number("max-epoch-pages")? {
+            None => primary::DEFAULT_MAX_EPOCH_PAGES,
+            Some(0) => return Err(usage("--max-epoch-pages must be at least 1")),
+            Some(n) => n,
+        },
     };
     let status = primary::run(g, opts)?;
     Ok(ExitCode::from(status))

@@ -15,7 +15,9 @@ use crate::devices::{lock, Bus, Devices, NetConfig, NetDevice};
 use crate::persist::state::MachineState;
 use crate::vstate::dirty_ring::DirtyRing;
 use crate::vstate::memory::{self, GuestMemory, MemoryError};
-use crate::vstate::vcpu::{self, VcpuCommand, VcpuError, VcpuEvent, VcpuHandle, Waker};
+use crate::vstate::vcpu::{
+    self, Throttle, Throttler, VcpuCommand, VcpuError, VcpuEvent, VcpuHandle, Waker,
+};
 use crate::vstate::vm::{Vm, VmError};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
@@ -60,8 +62,12 @@ pub struct PauseTiming {
 }
 
 pub struct Machine {
-    // Declared first: dropping the handles stops and joins the vCPU threads (which own the
-    // vCPU fds and use the memory) before the VM and memory go away.
+    // Declared before the vCPUs: the throttler signals their threads, so it must stop
+    // before they are joined.
+    throttler: Option<Throttler>,
+    throttle: Arc<Throttle>,
+    // Dropping the handles stops and joins the vCPU threads (which own the vCPU fds and
+    // use the memory) before the VM and memory go away.
     vcpus: Vec<VcpuHandle>,
     events: Receiver<VcpuEvent>,
     devices: Arc<Devices>,
@@ -77,7 +83,9 @@ impl Machine {
     /// Creates the VM, loads `image` and sets every vCPU at the guest's entry, paused.
     pub fn boot(cfg: &MachineConfig, image: &[u8], cmdline: &str) -> Result<Machine, MachineError> {
         let vm = Vm::with_dirty_ring(memory::create(cfg.mem_size)?, cfg.dirty_ring)?;
-        let fds = vcpu::create_all(vm.fd(), &vm.supported_cpuid()?, cfg.vcpus)?;
+        let cpuid = vm.supported_cpuid()?;
+        let kvmclock = has_kvmclock(&cpuid);
+        let fds = vcpu::create_all(vm.fd(), &cpuid, cfg.vcpus)?;
         let rings = match cfg.dirty_ring {
             Some(entries) => fds
                 .iter()
@@ -102,11 +110,15 @@ impl Machine {
             cmdline,
             vcpu_count: cfg.vcpus,
             tsc_khz: u64::from(tsc_khz),
+            kvmclock,
             virtio: &virtio,
         };
         let loaded = boot::load(vm.memory(), image, &params)?;
         for (index, fd) in fds.iter().enumerate() {
             set_boot_registers(fd, index as u32, loaded.entry)?;
+            if kvmclock {
+                enable_kvmclock(fd, index as u32)?;
+            }
         }
         let devices = Arc::new(Devices {
             serial: std::sync::Mutex::new(SerialDevice::new(&cfg.console)?),
@@ -155,11 +167,15 @@ impl Machine {
     fn assemble(vm: Vm, fds: Vec<VcpuFd>, devices: Arc<Devices>) -> Result<Machine, MachineError> {
         let (events_tx, events) = unbounded();
         let bus: Arc<dyn Bus> = devices.clone();
-        let (vcpus, waker) = vcpu::spawn_all(fds, vm.msr_list(), bus, events_tx)?;
+        let throttle = Arc::new(Throttle::default());
+        let (vcpus, waker) =
+            vcpu::spawn_all(fds, vm.msr_list(), bus, events_tx, Arc::clone(&throttle))?;
         if let Some(n) = &devices.net {
             n.start(waker.clone());
         }
         Ok(Machine {
+            throttler: None,
+            throttle,
             vcpus,
             events,
             devices,
@@ -209,6 +225,37 @@ impl Machine {
         pfns.sort_unstable();
         pfns.dedup();
         Ok(())
+    }
+
+    /// How many pages the guest dirtied since the last harvest, counted without harvesting
+    /// them; `None` where that cannot be done without a harvest (the dirty ring, or a
+    /// kernel without manual dirty-log protect). There the ring's size bounds what one
+    /// epoch can hold instead: a full ring stops its vCPU until the next harvest.
+    pub fn dirty_count(&self) -> Result<Option<u64>, MachineError> {
+        if !lock(&self.rings).is_empty() {
+            return Ok(None);
+        }
+        self.vm
+            .dirty_log()
+            .count(self.vm.fd(), self.memory())
+            .map_err(|e| MachineError::Dirty(e.to_string()))
+    }
+
+    /// Holds the running vCPUs for `pct`% of the time (0 = never, at most 99), in slices
+    /// of [`vcpu::THROTTLE_SLICE`] of run: pre-copy's auto-converge.
+    pub fn set_throttle(&mut self, pct: u32) {
+        if pct > 0 && self.throttler.is_none() {
+            let threads = self.vcpus.iter().filter_map(VcpuHandle::pthread).collect();
+            self.throttler = Some(Throttler::start(Arc::clone(&self.throttle), threads));
+        }
+        if let Some(t) = &self.throttler {
+            t.set(pct);
+        }
+    }
+
+    /// The share of time the vCPUs are held (see [`Machine::set_throttle`]).
+    pub fn throttle(&self) -> u32 {
+        self.throttle.percent()
     }
 
     pub fn vm(&self) -> &Vm {
@@ -342,6 +389,48 @@ impl Machine {
 impl Drop for Machine {
     fn drop(&mut self) {
         self.flush_console();
+    }
+}
+
+/// KVM's paravirtual clock (`KVM_FEATURE_CLOCKSOURCE2` in CPUID leaf 0x4000_0001).
+fn has_kvmclock(cpuid: &kvm_bindings::CpuId) -> bool {
+    const KVM_FEATURE_CLOCKSOURCE2: u32 = 1 << 3;
+    cpuid
+        .as_slice()
+        .iter()
+        .any(|e| e.function == 0x4000_0001 && e.eax & KVM_FEATURE_CLOCKSOURCE2 != 0)
+}
+
+/// Turns kvmclock on for a vCPU: KVM keeps its time record at the address the boot info
+/// gives the guest. The MSR is part of the vCPU state, so a restored or promoted vCPU
+/// keeps it, and `KVM_SET_CLOCK` makes the clock go on from where it was captured (see
+/// `Vm::restore_state` for why the guest does not simply read the TSC).
+fn enable_kvmclock(fd: &VcpuFd, index: u32) -> Result<(), VcpuError> {
+    const MSR_KVM_SYSTEM_TIME_NEW: u32 = 0x4b56_4d01;
+    let entry = kvm_bindings::kvm_msr_entry {
+        index: MSR_KVM_SYSTEM_TIME_NEW,
+        data: boot::pvclock_addr(index) | 1,
+        ..Default::default()
+    };
+    let msrs = kvm_bindings::Msrs::from_entries(&[entry]).map_err(|_| VcpuError::Msrs {
+        index,
+        set: 0,
+        total: 1,
+        msr: MSR_KVM_SYSTEM_TIME_NEW,
+    })?;
+    match fd.set_msrs(&msrs) {
+        Ok(1) => Ok(()),
+        Ok(n) => Err(VcpuError::Msrs {
+            index,
+            set: n,
+            total: 1,
+            msr: MSR_KVM_SYSTEM_TIME_NEW,
+        }),
+        Err(source) => Err(VcpuError::Kvm {
+            index,
+            what: "KVM_SET_MSRS (kvmclock)",
+            source,
+        }),
     }
 }
 

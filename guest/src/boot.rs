@@ -3,8 +3,8 @@
 use core::fmt;
 
 use crate::abi::{
-    BootInfo, VirtioDeviceInfo, ABI_VERSION, BOOT_INFO_MAGIC, CMDLINE_MAX, MAX_VCPUS, MAX_VIRTIO,
-    PAGE_SIZE,
+    BootInfo, PvClockTimeInfo, VirtioDeviceInfo, ABI_VERSION, BOOT_INFO_MAGIC, CMDLINE_MAX,
+    MAX_VCPUS, MAX_VIRTIO, PAGE_SIZE,
 };
 
 /// What the VMM handed this vCPU, checked.
@@ -16,6 +16,8 @@ pub struct Boot {
     /// First byte of free RAM (page aligned); free RAM ends at `ram_size`.
     pub heap_start: u64,
     pub tsc_khz: u64,
+    /// This vCPU's kvmclock record (0: no kvmclock; time comes from the TSC).
+    pub kvmclock: u64,
     pub cmdline: &'static str,
     /// The virtio-mmio devices the VMM gave the guest.
     pub virtio: &'static [VirtioDeviceInfo],
@@ -31,6 +33,7 @@ pub enum BootError {
     Count(u32),
     Heap { heap_start: u64, ram_size: u64 },
     TscKhz,
+    KvmClock(u64),
     CmdlineLen(u32),
     CmdlineUtf8,
     VirtioCount(u32),
@@ -63,6 +66,10 @@ impl fmt::Display for BootError {
                 "boot info: heap_start={heap_start:#x} is not a page-aligned address below ram_size={ram_size:#x}"
             ),
             BootError::TscKhz => write!(f, "boot info: tsc_khz=0"),
+            BootError::KvmClock(addr) => write!(
+                f,
+                "boot info: kvmclock={addr:#x} is not a 32-byte aligned record inside RAM"
+            ),
             BootError::CmdlineLen(len) => {
                 write!(f, "boot info: cmdline_len={len} exceeds {CMDLINE_MAX}")
             }
@@ -113,6 +120,12 @@ impl Boot {
         if info.tsc_khz == 0 {
             return Err(BootError::TscKhz);
         }
+        let record = core::mem::size_of::<PvClockTimeInfo>() as u64;
+        if info.kvmclock != 0
+            && (info.kvmclock % record != 0 || info.kvmclock.saturating_add(record) > info.ram_size)
+        {
+            return Err(BootError::KvmClock(info.kvmclock));
+        }
         let len = info.cmdline_len as usize;
         if len > CMDLINE_MAX {
             return Err(BootError::CmdlineLen(info.cmdline_len));
@@ -129,6 +142,7 @@ impl Boot {
             ram_size: info.ram_size,
             heap_start: info.heap_start,
             tsc_khz: info.tsc_khz,
+            kvmclock: info.kvmclock,
             cmdline,
             virtio,
         })

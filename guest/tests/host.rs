@@ -2,11 +2,25 @@
 //! arithmetic), which are included here from `src/` by path: the guest binary itself
 //! is `no_std` and only runs under the VMM (end-to-end tests live in `/tests`).
 
+#[path = "../../engine/src/boot/abi.rs"]
+#[allow(dead_code)]
+mod abi;
 #[path = "../src/args.rs"]
 #[allow(dead_code)]
 mod args;
 #[path = "../src/workloads/hash/compute.rs"]
 mod compute;
+#[path = "../src/time.rs"]
+#[allow(dead_code)]
+mod time;
+
+/// What `time.rs` takes from the guest's boot info.
+mod boot {
+    pub struct Boot {
+        pub kvmclock: u64,
+        pub tsc_khz: u64,
+    }
+}
 
 /// What `args.rs` takes from the guest's `workloads` module.
 mod workloads {
@@ -187,4 +201,41 @@ fn parses_ipv4_addresses() {
         .to_string(),
         "workload=kv needs a virtio-net device (--net)"
     );
+}
+
+#[test]
+fn kvmclock_records_scale_tsc_ticks_to_nanoseconds() {
+    let mut info = abi::PvClockTimeInfo {
+        tsc_timestamp: 1_000,
+        system_time: 5_000_000,
+        tsc_to_system_mul: 1 << 31, // x 0.5
+        tsc_shift: 1,               // x 2
+        ..Default::default()
+    };
+    assert_eq!(time::pvclock_ns(&info, 1_000), 5_000_000);
+    assert_eq!(time::pvclock_ns(&info, 3_000), 5_002_000);
+    // A 2.5 GHz TSC as KVM describes it: shift -1, mul 0.8 * 2^32.
+    info.tsc_shift = -1;
+    info.tsc_to_system_mul = 3_435_973_837;
+    assert_eq!(
+        time::pvclock_ns(&info, 1_000 + 2_500_000_000),
+        5_000_000 + 1_000_000_000
+    );
+}
+
+#[test]
+fn a_clock_without_kvmclock_counts_from_its_start_on_the_tsc() {
+    let boot = boot::Boot {
+        kvmclock: 0,
+        tsc_khz: 1_000_000,
+    };
+    let clock = time::Clock::starting_now(time::TimeSource::new(&boot));
+    let a = clock.ns();
+    let b = clock.ns();
+    assert!(b >= a, "{a} then {b}");
+    assert!(
+        clock.now_ms() < 60_000,
+        "a clock that just started reads seconds, not ages"
+    );
+    assert!(clock.us_until_ms(1_000_000) > 0);
 }

@@ -15,7 +15,9 @@
 //!     |-- EpochCommit {E, pages, frames, digest} -------------->|  verify all, apply
 //!     |<-- Ack {E}  | Nack {E, reason} -------------------------|  whole or not at all
 //!     |   output commit: packets of E leave the primary         |
-//!     |<-- Heartbeat {last epoch} ----------------------------->|  both ways when idle
+//!     |<-- Heartbeat {last epoch} ----------------------------->|  both ways after 100 ms
+//!     |                                                         |  without sending, even
+//!     |                                                         |  between an epoch's frames
 //!     |-- End {E, digest of RAM + state} ---------------------->|  backup compares
 //! ```
 //!

@@ -9,7 +9,8 @@
 //! ```text
 //! 0x0000_0500  GDT (null, 64-bit code DPL3, data DPL3, TSS)
 //! 0x0000_0600  TSS with an I/O permission bitmap allowing ports 0..4096
-//! 0x0001_0000  boot-info pages, one per vCPU (BOOT_INFO_BASE + index * 4096)
+//! 0x0001_0000  boot-info pages, one per vCPU (BOOT_INFO_BASE + index * 4096); the
+//!              vCPU's kvmclock record at PVCLOCK_OFFSET in the same page
 //! 0x0002_0000  page tables: PML4, PDPT, then one PD per GiB (2 MiB pages)
 //! 0x0004_0000  vCPU stacks, STACK_SIZE each, vCPU i's top at STACK_BASE + (i+1)*STACK_SIZE
 //! 0x0020_0000  the guest ELF image (linked with --image-base 0x200000)
@@ -26,11 +27,20 @@
 //! Ports: 16550 serial at `SERIAL_PORT`; `out EXIT_PORT, eax` stops the VM with status
 //! `eax`; `out IDLE_PORT, eax` parks the vCPU in the VMM for at most `eax` microseconds or
 //! until a device has something for the guest (the guest's `hlt`).
+//!
+//! Time: when `BootInfo::kvmclock` is not zero, the VMM has turned on KVM's clock for the
+//! vCPU (`MSR_KVM_SYSTEM_TIME_NEW`) with its [`PvClockTimeInfo`] at that address, and guest
+//! time is `system_time + ((rdtsc - tsc_timestamp) scaled by tsc_to_system_mul and
+//! tsc_shift)` nanoseconds, read under the `version` protocol (odd: being updated). KVM
+//! keeps it right across pauses, snapshots and promotions (`KVM_SET_CLOCK` makes it go on
+//! from where it was captured), where the raw TSC may not: see `engine::vstate::vm`. With
+//! zero, time is the raw TSC at `tsc_khz`.
 
 /// "LKST" in little endian.
 pub const BOOT_INFO_MAGIC: u32 = 0x5453_4b4c;
 /// Bumped whenever anything in this file changes meaning.
-pub const ABI_VERSION: u32 = 1;
+/// 2: `BootInfo::kvmclock` and the kvmclock record.
+pub const ABI_VERSION: u32 = 2;
 
 pub const PAGE_SIZE: u64 = 4096;
 pub const GDT_ADDR: u64 = 0x500;
@@ -87,13 +97,34 @@ pub struct BootInfo {
     pub ram_size: u64,
     pub heap_start: u64,
     pub tsc_khz: u64,
+    /// Guest-physical address of this vCPU's [`PvClockTimeInfo`]; 0 without kvmclock.
+    pub kvmclock: u64,
     pub virtio_count: u32,
     pub cmdline_len: u32,
     pub virtio: [VirtioDeviceInfo; MAX_VIRTIO],
     pub cmdline: [u8; CMDLINE_MAX],
 }
 
-const _: () = assert!(core::mem::size_of::<BootInfo>() <= PAGE_SIZE as usize);
+/// Offset of the vCPU's kvmclock record in its boot-info page.
+pub const PVCLOCK_OFFSET: u64 = 0xf00;
+
+/// KVM's per-vCPU time record (`struct pvclock_vcpu_time_info`), written by KVM.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PvClockTimeInfo {
+    pub version: u32,
+    pub pad0: u32,
+    pub tsc_timestamp: u64,
+    pub system_time: u64,
+    pub tsc_to_system_mul: u32,
+    pub tsc_shift: i8,
+    pub flags: u8,
+    pub pad: [u8; 2],
+}
+
+const _: () = assert!(core::mem::size_of::<BootInfo>() <= PVCLOCK_OFFSET as usize);
+const _: () = assert!(core::mem::size_of::<PvClockTimeInfo>() == 32);
+const _: () = assert!(PVCLOCK_OFFSET as usize + 32 <= PAGE_SIZE as usize);
 const _: () = assert!(TSS_ADDR + 0x68 + 4096 / 8 < BOOT_INFO_BASE);
 const _: () = assert!(STACK_BASE + MAX_VCPUS as u64 * STACK_SIZE <= IMAGE_BASE);
 const _: () = assert!(BOOT_INFO_BASE + MAX_VCPUS as u64 * PAGE_SIZE <= PAGE_TABLE_BASE);

@@ -46,6 +46,8 @@ pub struct BootParams<'a> {
     pub cmdline: &'a str,
     pub vcpu_count: u32,
     pub tsc_khz: u64,
+    /// Whether the VMM turns kvmclock on for every vCPU (the boot info then says where).
+    pub kvmclock: bool,
     pub virtio: &'a [VirtioDeviceInfo],
 }
 
@@ -99,6 +101,11 @@ pub fn load(
             ram_size: ram,
             heap_start,
             tsc_khz: params.tsc_khz,
+            kvmclock: if params.kvmclock {
+                pvclock_addr(index)
+            } else {
+                0
+            },
             virtio_count: params.virtio.len() as u32,
             cmdline_len: params.cmdline.len() as u32,
             virtio: [VirtioDeviceInfo::default(); MAX_VIRTIO],
@@ -144,6 +151,11 @@ fn load_segments(image: &[u8]) -> Vec<(u64, u64, u64)> {
 
 pub fn boot_info_addr(vcpu_index: u32) -> u64 {
     BOOT_INFO_BASE + u64::from(vcpu_index) * PAGE_SIZE
+}
+
+/// Where vCPU `vcpu_index`'s kvmclock record lives (in its boot-info page).
+pub fn pvclock_addr(vcpu_index: u32) -> u64 {
+    boot_info_addr(vcpu_index) + PVCLOCK_OFFSET
 }
 
 const PTE_PRESENT: u64 = 1;
@@ -324,6 +336,7 @@ mod tests {
             cmdline: "",
             vcpu_count: 0,
             tsc_khz: 1,
+            kvmclock: false,
             virtio: &[],
         };
         assert!(matches!(
@@ -335,6 +348,7 @@ mod tests {
             cmdline: &long,
             vcpu_count: 1,
             tsc_khz: 1,
+            kvmclock: false,
             virtio: &[],
         };
         assert!(matches!(
@@ -345,6 +359,7 @@ mod tests {
             cmdline: "",
             vcpu_count: 1,
             tsc_khz: 1,
+            kvmclock: false,
             virtio: &[],
         };
         assert!(matches!(
@@ -360,6 +375,7 @@ mod tests {
             cmdline: "workload=counter limit=1",
             vcpu_count: 2,
             tsc_khz: 1000,
+            kvmclock: true,
             virtio: &[],
         };
         let g = load(&mem, crate::BUILTIN_GUEST, &p).unwrap();
@@ -371,6 +387,7 @@ mod tests {
         let info: BootInfo = mem.read_obj(GuestAddress(boot_info_addr(1))).unwrap();
         assert_eq!(info.magic, BOOT_INFO_MAGIC);
         assert_eq!(info.vcpu_index, 1);
+        assert_eq!(info.kvmclock, boot_info_addr(1) + PVCLOCK_OFFSET);
         assert_eq!(
             &info.cmdline[..info.cmdline_len as usize],
             p.cmdline.as_bytes()

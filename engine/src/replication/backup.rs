@@ -101,8 +101,11 @@ pub enum Outcome {
     },
 }
 
-/// Heartbeats to the primary while the initial sync gives it nothing to acknowledge.
-const SYNC_HEARTBEAT: Duration = Duration::from_millis(100);
+/// A heartbeat goes to the primary whenever nothing was sent to it for this long (or a
+/// quarter of the heartbeat timeout, if shorter): during the initial sync, while a large
+/// epoch arrives, between epochs. They come from the receive loop, so they also say that
+/// the backup is making progress.
+const HEARTBEAT_EVERY: Duration = Duration::from_millis(100);
 
 /// What a finished replication left: the committed machine.
 pub struct Committed {
@@ -162,7 +165,8 @@ pub fn run(mut opts: BackupOptions) -> Result<Outcome, BackupError> {
         hello.vcpu_count
     );
 
-    let mut staging = Staging::new(&memory, MAX_STATE_LEN);
+    // Fresh anonymous memory is all zeros: zero pages for it need not be written.
+    let mut staging = Staging::new(&memory, MAX_STATE_LEN).with_zeroed_memory(&memory);
     let result = replicate(&mut conn, &memory, &mut staging, &mut opts);
     let committed = |staging: &Staging, memory: GuestMemory| -> Result<Committed, BackupError> {
         Ok(Committed {
@@ -201,12 +205,31 @@ fn replicate(
     let mut last_report = Instant::now();
     let mut rejected = 0u64;
     let mut withheld_since: Option<Instant> = None;
-    let mut last_heartbeat = Instant::now();
+    let every = HEARTBEAT_EVERY.min(opts.heartbeat_timeout / 4);
+    let mut last_sent = Instant::now();
     loop {
         if stop_requested() {
             return Err(BackupError::Stopped(staging.committed_epoch()));
         }
-        let mut timeout = opts.heartbeat_timeout;
+        if last_sent.elapsed() >= every {
+            let beat = Message::Heartbeat {
+                epoch: staging.committed_epoch(),
+            };
+            send(conn, &beat, staging)?;
+            last_sent = Instant::now();
+        }
+        // The primary is lost after `heartbeat_timeout` without a byte from it; meanwhile
+        // wake up in time for our own heartbeats.
+        let quiet = conn.last_activity().elapsed();
+        let Some(left) = opts.heartbeat_timeout.checked_sub(quiet) else {
+            staging.abort();
+            return Err(BackupError::PrimaryLost {
+                why: format!("no data for {:?}", opts.heartbeat_timeout),
+                committed: staging.committed_epoch(),
+                silent: true,
+            });
+        };
+        let mut timeout = left.min(every.saturating_sub(last_sent.elapsed()).max(every / 4));
         if let (Some(d), Some(since)) = (opts.withhold_acks, withheld_since) {
             if since.elapsed() >= d {
                 // The withholding is over: one cumulative ack for everything committed.
@@ -217,6 +240,7 @@ fn replicate(
                     },
                     staging,
                 )?;
+                last_sent = Instant::now();
                 info!(
                     "acks withheld for {d:?}; acknowledged epoch {}",
                     staging.committed_epoch()
@@ -229,17 +253,14 @@ fn replicate(
         }
         let msg = match conn.recv(Some(timeout)) {
             Ok(m) => m,
-            Err(TransportError::Timeout(_)) if timeout < opts.heartbeat_timeout => continue,
+            // Silence so far: the loop checks how long it has lasted.
+            Err(TransportError::Timeout(_)) => continue,
             Err(e) => {
                 staging.abort();
-                let (why, silent) = match e {
-                    TransportError::Timeout(t) => (format!("no data for {t:?}"), true),
-                    e => (e.to_string(), false),
-                };
                 return Err(BackupError::PrimaryLost {
-                    why,
+                    why: e.to_string(),
                     committed: staging.committed_epoch(),
-                    silent,
+                    silent: false,
                 });
             }
         };
@@ -250,11 +271,6 @@ fn replicate(
                 bytes_done,
                 bytes_total,
             }) => {
-                // The primary hears nothing else from us until epoch 1 commits.
-                if last_heartbeat.elapsed() >= SYNC_HEARTBEAT {
-                    last_heartbeat = Instant::now();
-                    send(conn, &Message::Heartbeat { epoch: 0 }, staging)?;
-                }
                 if last_report.elapsed() >= Duration::from_millis(500) || bytes_done >= bytes_total
                 {
                     last_report = Instant::now();
@@ -273,8 +289,13 @@ fn replicate(
                     }
                 }
                 send(conn, &Message::Ack { epoch }, staging)?;
+                last_sent = Instant::now();
                 if epoch == 1 {
-                    info!("epoch 1 committed: the backup holds a runnable copy");
+                    info!(
+                        "epoch 1 committed: the backup holds a runnable copy ({} zero pages \
+                         needed no write)",
+                        staging.skipped_zero_pages()
+                    );
                 }
             }
             Ok(Step::End {
@@ -305,6 +326,7 @@ fn replicate(
                     reason: e.to_string(),
                 };
                 send(conn, &nack, staging)?;
+                last_sent = Instant::now();
             }
         }
     }

@@ -70,6 +70,10 @@ pub struct PrimaryStats {
     pub throttled: u64,
     /// Time the guest spent paused because the backup was behind.
     pub throttle_time: Duration,
+    /// Each stretch the guest was held for the backup (µs).
+    pub held_us: Samples,
+    /// Epochs ended early because the dirty set reached the cap.
+    pub capped: u64,
 }
 
 impl PrimaryStats {
@@ -101,7 +105,8 @@ impl PrimaryStats {
         };
         format!(
             "epochs={} pause_us p50={} p99={} max={} commit_us p50={} p99={} dirty_pages={} \
-             wire_bytes={} bytes_per_dirty_page={:.0} compression={:.2}x throttled={}",
+             wire_bytes={} bytes_per_dirty_page={:.0} compression={:.2}x throttled={} \
+             held_us max={} capped={}",
             self.pause_us.len(),
             self.pause_us.percentile(50.0),
             self.pause_us.percentile(99.0),
@@ -113,6 +118,8 @@ impl PrimaryStats {
             per_page,
             ratio,
             self.throttled,
+            self.held_us.max(),
+            self.capped,
         )
     }
 }

@@ -165,6 +165,24 @@ impl Vm {
             .map_err(kvm_err("KVM_SET_PIT2"))?;
         // The flags KVM_GET_CLOCK reports (TSC_STABLE, REALTIME, HOST_TSC) describe that
         // host's clock; restoring takes the guest clock value alone.
+        //
+        // Guest time across a restore or a promotion. The vCPUs' MSR_IA32_TSC is restored
+        // with their MSRs; on a host with hardware virtualization KVM then offsets the
+        // guest's TSC so it goes on from the captured value. The KVM on our machines (PVM,
+        // a shadow-paging hypervisor that runs guest CPL3 code natively) does not: found
+        // by experiment, restoring after a 3 s delay, reading MSR_IA32_TSC back and
+        // watching the guest's own `rdtsc`:
+        //   - KVM_SET_MSRS of MSR_IA32_TSC: accepted (returns 1), ignored: reads back as
+        //     the host TSC, and the guest's rdtsc jumps by the delay;
+        //   - MSR_IA32_TSC_ADJUST: stored (reads back), no effect on rdtsc;
+        //   - KVM_SET_DEVICE_ATTR KVM_VCPU_TSC_CTRL / KVM_VCPU_TSC_OFFSET: HAS and SET
+        //     succeed, GET reads 0 afterwards, no effect on rdtsc;
+        //   - KVM_SET_CLOCK: honoured. KVM_GET_CLOCK right after returns the captured value
+        //     plus microseconds, and kvmclock (MSR_KVM_SYSTEM_TIME_NEW, the pvclock record
+        //     KVM keeps in guest memory) goes on from there.
+        // So the reference guest reads its time from kvmclock (the boot ABI gives it the
+        // record's address), and this clock restore is what keeps its time continuous:
+        // it resumes where it was captured, however long the snapshot sat on disk.
         let clock = kvm_clock_data {
             flags: 0,
             ..state.clock

@@ -2,7 +2,8 @@
 //! load that checkpointing must keep up with.
 //!
 //! The working set (SIZE bytes from `heap_start`) is split into one shard of pages per
-//! vCPU, and R pages per millisecond across the vCPUs. Each guest millisecond (TSC), a
+//! vCPU, and R pages per millisecond across the vCPUs. Each guest millisecond (kvmclock,
+//! or the TSC without it; see `time.rs`), a
 //! vCPU writes one word into each of its next pages, cycling through its shard; a vCPU
 //! that falls behind (a checkpoint pause, a descheduled vCPU) catches up by at most one
 //! millisecond. `pages_per_ms=0` writes as fast as it can, to measure guest progress.
@@ -18,7 +19,7 @@ use crate::boot::Boot;
 use crate::ports::{exit, idle, idle_forever};
 use crate::println;
 use crate::sync::Barrier;
-use crate::time::{rdtsc, Clock};
+use crate::time::{Clock, TimeSource};
 
 pub const NAME: &str = "dirty";
 
@@ -29,8 +30,8 @@ const UNTHROTTLED_BATCH: u64 = 64;
 const MAX_IDLE_US: u64 = 1000;
 
 static BARRIER: Barrier = Barrier::new();
-/// The TSC value at guest millisecond 0, set by vCPU 0 before the start barrier.
-static START_TSC: AtomicU64 = AtomicU64::new(0);
+/// Guest time (ns) at guest millisecond 0, set by vCPU 0 before the start barrier.
+static START_NS: AtomicU64 = AtomicU64::new(0);
 /// Pages written so far by all vCPUs (each adds its own count in batches).
 static PAGES_WRITTEN: AtomicU64 = AtomicU64::new(0);
 
@@ -145,11 +146,12 @@ pub fn run(boot: &Boot, config: &Config) -> ! {
     let (rate_first, rate_end) = boot.shard(config.pages_per_ms);
     let quota = (rate_end - rate_first).min(writer.pages);
 
+    let time = TimeSource::new(boot);
     if boot.is_leader() {
-        START_TSC.store(rdtsc(), Ordering::Relaxed);
+        START_NS.store(time.now_ns(), Ordering::Relaxed);
     }
     BARRIER.wait(boot.vcpu_count);
-    let clock = Clock::new(START_TSC.load(Ordering::Relaxed), boot.tsc_khz);
+    let clock = Clock::new(time, START_NS.load(Ordering::Relaxed));
     let mut reporter = boot.is_leader().then_some(Reporter { next_ms: 1000 });
 
     if config.pages_per_ms == 0 {

@@ -33,7 +33,7 @@ use crate::boot::Boot;
 use crate::heap;
 use crate::ports::{exit, idle, idle_forever};
 use crate::println;
-use crate::time::{rdtsc, Clock};
+use crate::time::{rdtsc, Clock, TimeSource};
 use crate::virtio::net::VirtioNet;
 
 use session::Session;
@@ -147,11 +147,8 @@ pub fn run(boot: &Boot, config: &Config) -> ! {
     let data_limit = heap_size - reserve;
     heap::set_data_limit(data_limit);
     let max_request = reserve / 2;
-    let clock = Clock::new(rdtsc(), boot.tsc_khz);
-    let now = || {
-        let us = u128::from(clock.ticks()) * 1000 / u128::from(boot.tsc_khz);
-        Instant::from_micros(us as i64)
-    };
+    let clock = Clock::starting_now(TimeSource::new(boot));
+    let now = || Instant::from_micros(clock.now_us() as i64);
 
     // SAFETY: the boot info lists this device; nothing else in the guest drives it.
     let mut device = match unsafe { VirtioNet::new(config.net_base) } {
