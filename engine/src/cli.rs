@@ -12,7 +12,7 @@ use thiserror::Error;
 
 use crate::devices::serial::Console;
 use crate::devices::NetConfig;
-use crate::machine::{Machine, MachineConfig, MachineError};
+use crate::machine::{BootConfig, Machine, MachineConfig, MachineError};
 use crate::replication::backup::{self, BackupError, BackupOptions, Outcome};
 use crate::replication::fence::{parse_fence_arg, FenceAgent, FenceConfig};
 use crate::replication::primary::{self, OnBackupLoss, PrimaryError, PrimaryOptions};
@@ -319,59 +319,51 @@ impl Options {
     }
 }
 
-/// The guest and machine options shared by `run` and the replication roles.
-pub struct GuestOptions {
-    pub image: Vec<u8>,
-    pub guest_args: String,
-    pub machine: MachineConfig,
-}
-
 pub const GUEST_OPTIONS: &[&str] = &["guest", "guest-args", "mem", "vcpus", "console", "net"];
 pub const DEFAULT_MEM: u64 = 256 << 20;
 
-impl GuestOptions {
-    pub fn from(o: &Options) -> Result<GuestOptions, CliError> {
-        let guest = o
-            .get("guest")
-            .ok_or_else(|| usage("--guest builtin|PATH is required"))?;
-        let guest_args = o
-            .get("guest-args")
-            .unwrap_or("workload=counter limit=10")
-            .to_string();
-        let image = if guest == "builtin" {
-            check_builtin_args(&guest_args)?;
-            crate::BUILTIN_GUEST.to_vec()
-        } else {
-            std::fs::read(guest).map_err(|source| CliError::Image {
-                path: guest.into(),
-                source,
-            })?
-        };
-        let mem = match o.get("mem") {
-            Some(m) => parse_size(m)?,
-            None => DEFAULT_MEM,
-        };
-        crate::vstate::memory::validate_size(mem).map_err(|e| usage(e.to_string()))?;
-        let vcpus: u32 = o.number("vcpus")?.unwrap_or(1);
-        let max = crate::boot::abi::MAX_VCPUS;
-        if vcpus == 0 || vcpus > max {
-            return Err(usage(format!(
-                "--vcpus {vcpus}: must be between 1 and {max}"
-            )));
-        }
-        let console = Console::parse(o.get("console").unwrap_or("stdout"));
-        Ok(GuestOptions {
-            image,
-            guest_args,
-            machine: MachineConfig {
-                mem_size: mem,
-                vcpus,
-                console,
-                net: net_option(o)?,
-                dirty_ring: dirty_ring_option(o)?,
-            },
-        })
+/// The guest and machine options shared by `run` and the replication roles.
+fn guest_options(o: &Options) -> Result<BootConfig, CliError> {
+    let guest = o
+        .get("guest")
+        .ok_or_else(|| usage("--guest builtin|PATH is required"))?;
+    let guest_args = o
+        .get("guest-args")
+        .unwrap_or("workload=counter limit=10")
+        .to_string();
+    let image = if guest == "builtin" {
+        check_builtin_args(&guest_args)?;
+        crate::BUILTIN_GUEST.to_vec()
+    } else {
+        std::fs::read(guest).map_err(|source| CliError::Image {
+            path: guest.into(),
+            source,
+        })?
+    };
+    let mem = match o.get("mem") {
+        Some(m) => parse_size(m)?,
+        None => DEFAULT_MEM,
+    };
+    crate::vstate::memory::validate_size(mem).map_err(|e| usage(e.to_string()))?;
+    let vcpus: u32 = o.number("vcpus")?.unwrap_or(1);
+    let max = crate::boot::abi::MAX_VCPUS;
+    if vcpus == 0 || vcpus > max {
+        return Err(usage(format!(
+            "--vcpus {vcpus}: must be between 1 and {max}"
+        )));
     }
+    let console = Console::parse(o.get("console").unwrap_or("stdout"));
+    Ok(BootConfig {
+        image,
+        guest_args,
+        machine: MachineConfig {
+            mem_size: mem,
+            vcpus,
+            console,
+            net: net_option(o)?,
+            dirty_ring: dirty_ring_option(o)?,
+        },
+    })
 }
 
 fn dirty_ring_option(o: &Options) -> Result<Option<u32>, CliError> {
@@ -412,7 +404,7 @@ fn cmd_run(args: &[String]) -> Result<ExitCode, CliError> {
     valued.extend(["snapshot-after-ms", "snapshot-to"]);
     let o = Options::parse("run", args, &valued, &[])?;
     o.no_positional()?;
-    let g = GuestOptions::from(&o)?;
+    let g = guest_options(&o)?;
     let snapshot = match (o.number::<u64>("snapshot-after-ms")?, o.get("snapshot-to")) {
         (Some(ms), Some(dir)) => Some((Duration::from_millis(ms), PathBuf::from(dir))),
         (None, None) => None,
@@ -464,7 +456,7 @@ fn cmd_primary(args: &[String]) -> Result<ExitCode, CliError> {
     valued.extend(FENCE_OPTIONS);
     let o = Options::parse("primary", args, &valued, &["no-early-checkpoint"])?;
     o.no_positional()?;
-    let g = GuestOptions::from(&o)?;
+    let g = guest_options(&o)?;
     let peer = o
         .get("peer")
         .ok_or_else(|| usage("--peer ADDR:PORT is required"))?;

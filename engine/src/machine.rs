@@ -52,6 +52,16 @@ pub struct MachineConfig {
     pub dirty_ring: Option<u32>,
 }
 
+/// A machine to boot: its shape, the guest image and the guest's command line.
+#[derive(Clone, Debug)]
+pub struct BootConfig {
+    /// The guest, an ELF image (the built-in guest is [`crate::BUILTIN_GUEST`]).
+    pub image: Vec<u8>,
+    /// The guest's command line, handed to it in the boot info.
+    pub guest_args: String,
+    pub machine: MachineConfig,
+}
+
 /// How long the last pause took, from the request until every vCPU acknowledged.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct PauseTiming {

@@ -52,10 +52,9 @@ use thiserror::Error;
 use super::fence::{fence_until_done, FenceAgent, FenceConfig};
 use super::stats::PrimaryStats;
 use super::{guest_id, install_stop_handler, stop_requested};
-use crate::cli::GuestOptions;
 use crate::devices::egress::Egress;
 use crate::devices::virtio::net::NetTransport;
-use crate::machine::{Machine, MachineError};
+use crate::machine::{BootConfig, Machine, MachineError};
 use crate::vstate::memory::{self, ram_size};
 use crate::vstate::vcpu::VcpuEvent;
 use crate::{info, warn};
@@ -387,7 +386,7 @@ struct Primary {
 }
 
 /// Runs `lockstep primary` to the end; returns the guest's exit status.
-pub fn run(guest: GuestOptions, opts: PrimaryOptions) -> Result<u8, PrimaryError> {
+pub fn run(guest: BootConfig, opts: PrimaryOptions) -> Result<u8, PrimaryError> {
     install_stop_handler();
     if let Some(path) = &opts.pid_file {
         std::fs::write(path, format!("{}\n", std::process::id()))
