@@ -13,6 +13,7 @@ use thiserror::Error;
 use crate::devices::serial::Console;
 use crate::devices::NetConfig;
 use crate::machine::{BootConfig, Machine, MachineConfig, MachineError};
+use crate::pidfile::{PidFile, PidFileError};
 use crate::replication::backup::{self, BackupError, BackupOptions, Outcome};
 use crate::replication::fence::{parse_fence_arg, FenceAgent, FenceConfig};
 use crate::replication::primary::{self, OnBackupLoss, PrimaryError, PrimaryOptions};
@@ -42,8 +43,8 @@ usage:
 
 Fencing (docs/fencing.md): CMD runs as `sh -c CMD` with key=value lines on stdin, the
 fence-agents convention: each --fence-arg, then action=off, nodename=NODE, port=NODE and
-plug=NODE. Those keys (and option, missing_as_off, port_as_ip) are lockstep's: a
---fence-arg cannot set them. Only exit 0 within --fence-timeout-s (10) counts as fenced.
+plug=NODE. Those keys (and option, missing_as_off, port_as_ip, plug_separator,
+separator, help, version) are lockstep's: a --fence-arg cannot set them. Only exit 0 within --fence-timeout-s (10) counts as fenced.
 The backup fences the primary before it promotes, after --fence-delay-ms (1000) when the
 primary went silent (the primary's head start); the primary fences the backup before it
 releases output the backup has not acknowledged (--on-backup-loss fence, the default).
@@ -64,7 +65,8 @@ const FENCE_OPTIONS_HELP: &str = "\
   --peer-node NODE           the peer's node as the fence device knows it, sent as
                              nodename=, port= and plug= (default: the pair's --name)
   --fence-arg KEY=VALUE      an option for the agent (repeatable); action, option, nodename,
-                             port, plug, missing_as_off and port_as_ip are lockstep's
+                             port, plug, missing_as_off, port_as_ip, (plug_)separator,
+                             help and version are lockstep's
   --fence-timeout-s S        one attempt longer than this fails (default 10)";
 
 /// `lockstep COMMAND --help`.
@@ -152,6 +154,8 @@ pub enum CliError {
     Primary(#[from] PrimaryError),
     #[error(transparent)]
     Backup(#[from] BackupError),
+    #[error(transparent)]
+    PidFile(#[from] PidFileError),
 }
 
 impl CliError {
@@ -306,6 +310,27 @@ impl Options {
                     .map_err(|_| usage(format!("--{name} {v}: not a valid number")))
             })
             .transpose()
+    }
+
+    /// A number option within `range`, or `default` when it is not given.
+    pub fn number_in<T>(
+        &self,
+        name: &str,
+        default: T,
+        range: std::ops::RangeInclusive<T>,
+    ) -> Result<T, CliError>
+    where
+        T: std::str::FromStr + PartialOrd + std::fmt::Display,
+    {
+        let v = self.number(name)?.unwrap_or(default);
+        if !range.contains(&v) {
+            return Err(usage(format!(
+                "--{name} {v}: must be between {} and {}",
+                range.start(),
+                range.end()
+            )));
+        }
+        Ok(v)
     }
 
     pub fn no_positional(&self) -> Result<(), CliError> {
@@ -470,6 +495,21 @@ fn cmd_primary(args: &[String]) -> Result<ExitCode, CliError> {
     if window == 0 {
         return Err(usage("--window must be at least 1"));
     }
+    let on_backup_loss = match o.get("on-backup-loss").unwrap_or("fence") {
+        "fence" => OnBackupLoss::Fence,
+        "pause" => OnBackupLoss::Pause,
+        "continue" => OnBackupLoss::Continue,
+        other => {
+            return Err(usage(format!(
+                "--on-backup-loss {other}: expected fence, pause or continue"
+            )))
+        }
+    };
+    if on_backup_loss != OnBackupLoss::Fence && o.get("fence-cmd").is_some() {
+        return Err(usage(
+            "--fence-cmd is used only with --on-backup-loss fence (the default)",
+        ));
+    }
     let opts = PrimaryOptions {
         peer: peer.to_string(),
         interval: Duration::from_millis(interval_ms),
@@ -477,20 +517,12 @@ fn cmd_primary(args: &[String]) -> Result<ExitCode, CliError> {
         connect_timeout: Duration::from_secs(o.number("connect-timeout-s")?.unwrap_or(10)),
         name: o.get("name").unwrap_or(DEFAULT_NAME).to_string(),
         window,
-        backup_timeout: Duration::from_millis(
-            o.number("heartbeat-timeout-ms")?
-                .unwrap_or(DEFAULT_HEARTBEAT_TIMEOUT_MS),
-        ),
-        on_backup_loss: match o.get("on-backup-loss").unwrap_or("fence") {
-            "fence" => OnBackupLoss::Fence,
-            "pause" => OnBackupLoss::Pause,
-            "continue" => OnBackupLoss::Continue,
-            other => {
-                return Err(usage(format!(
-                    "--on-backup-loss {other}: expected fence, pause or continue"
-                )))
-            }
-        },
+        backup_timeout: Duration::from_millis(o.number_in(
+            "heartbeat-timeout-ms",
+            DEFAULT_HEARTBEAT_TIMEOUT_MS,
+            1..=MAX_MS,
+        )?),
+        on_backup_loss,
         fence: match fence_option(&o)? {
             None => None,
             Some(FenceConfig::Agent(a)) => Some(a),
@@ -501,7 +533,6 @@ fn cmd_primary(args: &[String]) -> Result<ExitCode, CliError> {
                 ))
             }
         },
-        pid_file: o.get("pid-file").map(PathBuf::from),
         early_checkpoint: !o.switch("no-early-checkpoint"),
         min_interval: Duration::from_millis(o.number("min-interval-ms")?.unwrap_or(2)),
         max_epoch_pages: match o.number("max-epoch-pages")? {
@@ -510,6 +541,7 @@ fn cmd_primary(args: &[String]) -> Result<ExitCode, CliError> {
             Some(n) => n,
         },
     };
+    let _pid_file = pid_file_option(&o)?;
     let status = primary::run(g, opts)?;
     Ok(ExitCode::from(status))
 }
@@ -555,19 +587,17 @@ fn cmd_backup(args: &[String]) -> Result<ExitCode, CliError> {
         run_after_end: o.switch("run-after-end"),
         net: net_option(&o)?,
         console: console.clone(),
-        heartbeat_timeout: Duration::from_millis(
-            o.number("heartbeat-timeout-ms")?
-                .unwrap_or(DEFAULT_HEARTBEAT_TIMEOUT_MS),
-        ),
-        pid_file: o.get("pid-file").map(PathBuf::from),
+        heartbeat_timeout: Duration::from_millis(o.number_in(
+            "heartbeat-timeout-ms",
+            DEFAULT_HEARTBEAT_TIMEOUT_MS,
+            1..=MAX_MS,
+        )?),
         withhold_acks: o
             .number("test-withhold-acks-ms")?
             .map(Duration::from_millis),
     };
-    let fence_delay = Duration::from_millis(
-        o.number("fence-delay-ms")?
-            .unwrap_or(DEFAULT_FENCE_DELAY_MS),
-    );
+    let fence_delay =
+        Duration::from_millis(o.number_in("fence-delay-ms", DEFAULT_FENCE_DELAY_MS, 0..=MAX_MS)?);
     let fence = fence_option(&o)?;
     if fence.is_some() && opts.net.is_none() {
         // Promotion without the network would cut every client off: refuse up front.
@@ -575,6 +605,8 @@ fn cmd_backup(args: &[String]) -> Result<ExitCode, CliError> {
             "--fence/--fence-cmd need --net tap=NAME (the tap the promoted guest takes over)",
         ));
     }
+    // Held until the process ends: a promoted backup runs the guest and is fenced by it.
+    let _pid_file = pid_file_option(&o)?;
     match backup::run(opts.clone())? {
         Outcome::Ended(c) if opts.run_after_end => {
             let mut machine = backup::resume(c, &console, opts.net.as_ref())?;
@@ -607,6 +639,14 @@ fn cmd_backup(args: &[String]) -> Result<ExitCode, CliError> {
     }
 }
 
+/// `--pid-file PATH`: written now, removed when the process ends in order.
+fn pid_file_option(o: &Options) -> Result<Option<PidFile>, CliError> {
+    o.get("pid-file")
+        .map(|p| PidFile::create(p.as_ref()))
+        .transpose()
+        .map_err(CliError::from)
+}
+
 /// The fencing options of both roles.
 const FENCE_OPTIONS: [&str; 5] = [
     "fence",
@@ -619,6 +659,9 @@ const FENCE_OPTIONS: [&str; 5] = [
 /// The pair's name when `--name` is not given.
 pub const DEFAULT_NAME: &str = "lockstep";
 
+/// The longest timeout or delay in milliseconds an option takes (an hour).
+const MAX_MS: u64 = 3_600_000;
+
 /// The backup's head start for a primary that may be alive behind a cut link.
 pub const DEFAULT_FENCE_DELAY_MS: u64 = 1000;
 
@@ -628,10 +671,7 @@ fn fence_option(o: &Options) -> Result<Option<FenceConfig>, CliError> {
         .into_iter()
         .map(|kv| parse_fence_arg(kv).map_err(|e| usage(e.to_string())))
         .collect::<Result<Vec<_>, _>>()?;
-    let timeout = Duration::from_secs(o.number("fence-timeout-s")?.unwrap_or(10));
-    if timeout.is_zero() {
-        return Err(usage("--fence-timeout-s must be at least 1"));
-    }
+    let timeout = Duration::from_secs(o.number_in("fence-timeout-s", 10, 1..=3600)?);
     // Options of an agent, given without one: a mistake, never silently ignored.
     let agent_only = || -> Result<(), CliError> {
         for name in [
@@ -657,6 +697,9 @@ fn fence_option(o: &Options) -> Result<Option<FenceConfig>, CliError> {
             "--fence {other}: the only value is 'none' (or use --fence-cmd)"
         ))),
         (Some(_), Some(_)) => Err(usage("--fence none and --fence-cmd exclude each other")),
+        (None, Some(cmd)) if cmd.trim().is_empty() => Err(usage(
+            "--fence-cmd is empty: `sh -c ''` exits 0 and would count as fenced",
+        )),
         (None, Some(cmd)) => {
             // Without --peer-node the victim is the pair's --name, as nodename= was before;
             // an agent that does not know that name fails, and nothing is promoted.

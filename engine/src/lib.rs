@@ -12,6 +12,7 @@ pub mod devices;
 pub mod log;
 pub mod machine;
 pub mod persist;
+pub mod pidfile;
 pub mod replication;
 pub mod size;
 pub mod snapshot;

@@ -94,6 +94,59 @@ fn invariant3_an_agent_that_cannot_identify_its_victim_fails() {
 }
 
 #[test]
+fn invariant3_a_pid_given_to_another_process_is_never_killed() {
+    let dir = TempDir::new("fence-reuse");
+    let mut other = Victim::start();
+    let path = dir.join("v.pid");
+    std::fs::write(&path, format!("{}\n", other.pid())).unwrap();
+    // The file is older than the process now holding the pid: it named one that died.
+    let hour_ago = std::time::SystemTime::now() - Duration::from_secs(3600);
+    std::fs::File::options()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_modified(hour_ago)
+        .unwrap();
+    let p = path.to_str().unwrap();
+    let (code, out, _) = agent(&format!("action=status\npidfile={p}\n"));
+    assert_eq!((code, out.trim()), (2, "Status: OFF"));
+    assert_eq!(agent(&format!("action=off\npidfile={p}\n")).0, 0);
+    assert!(
+        other.alive(),
+        "an unrelated process holding the pid was killed"
+    );
+}
+
+#[test]
+fn invariant3_an_orderly_end_removes_the_pid_file() {
+    // A stale file from a clean run must not vouch for a victim: lockstep removes its own
+    // on an orderly end (here a backup stopped by SIGTERM while it waits for a primary).
+    let dir = TempDir::new("fence-pidfile-end");
+    let path = dir.join("b.pid");
+    let mut b = Command::new(tests::lockstep_bin())
+        .args(["backup", "--listen", "127.0.0.1:0", "--pid-file"])
+        .arg(&path)
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start a backup");
+    let t = std::time::Instant::now();
+    while !path.exists() && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(
+        std::fs::read_to_string(&path).unwrap().trim(),
+        b.id().to_string()
+    );
+    // SAFETY: kill(2) takes no pointers; the child is not reaped yet.
+    unsafe { libc::kill(b.id() as libc::pid_t, libc::SIGTERM) };
+    let status = b.wait().unwrap();
+    assert!(
+        !path.exists(),
+        "the pid file outlived an orderly end ({status})"
+    );
+}
+
+#[test]
 fn invariant3_the_agent_reads_options_as_fence_agents_do() {
     let dir = TempDir::new("fence-parse");
     for (i, input) in [
@@ -184,6 +237,10 @@ fn invariant3_no_fence_arg_changes_what_is_asked_or_of_whom() {
         "missing_as_off=1",
         "missing-as-off=1",
         "port_as_ip=1",
+        "plug_separator=,",
+        // fencing.py prints and exits 0 before any action for these.
+        "help=1",
+        "version=1",
         "ip=1.2.3.4\naction=on",
     ] {
         for role in [
@@ -217,6 +274,18 @@ fn invariant3_no_fence_arg_changes_what_is_asked_or_of_whom() {
             assert_eq!(run.code(), Some(2), "{arg:?}: {line}");
         }
     }
+    let run = lockstep(&[
+        "primary",
+        "--peer",
+        "127.0.0.1:1",
+        "--guest",
+        "builtin",
+        "--on-backup-loss",
+        "continue",
+        "--fence-cmd",
+        "true",
+    ]);
+    run.assert_one_line_error(&["--fence-cmd", "--on-backup-loss fence"]);
     // Whom to fence cannot be blank, and agent options without an agent are a mistake,
     // not something to ignore.
     for args in [

@@ -50,8 +50,6 @@ pub enum BackupError {
         /// Lost by silence (a stalled peer or a cut link), not by a closed connection.
         silent: bool,
     },
-    #[error("cannot write the pid file {0}")]
-    PidFile(String),
     #[error("stopped before the primary ended replication; the backup holds committed epoch {0}")]
     Stopped(u64),
     #[error("committed state: {0}")]
@@ -76,8 +74,6 @@ pub struct BackupOptions {
     pub net: Option<NetConfig>,
     /// How long the primary may stay silent before it counts as lost.
     pub heartbeat_timeout: Duration,
-    /// Written with this process's pid (so that the primary's fence agent can find it).
-    pub pid_file: Option<std::path::PathBuf>,
     /// Test-only: after epoch 1 commits, send no ack for this long (then one cumulative
     /// ack). Shows output commit: the primary's clients see nothing meanwhile.
     pub withhold_acks: Option<Duration>,
@@ -117,10 +113,6 @@ pub struct Committed {
 /// Runs `lockstep backup`. With `--run-after-end`, returns the resumed guest's exit status.
 pub fn run(mut opts: BackupOptions) -> Result<Outcome, BackupError> {
     install_stop_handler();
-    if let Some(path) = &opts.pid_file {
-        std::fs::write(path, format!("{}\n", std::process::id()))
-            .map_err(|e| BackupError::PidFile(format!("{}: {e}", path.display())))?;
-    }
     let listener = TcpListener::bind(&opts.listen).map_err(|source| BackupError::Listen {
         addr: opts.listen.clone(),
         source,

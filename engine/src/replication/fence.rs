@@ -32,8 +32,11 @@ use crate::{info, warn};
 /// the case and turning `-` into `_` (fence-agents accept both spellings):
 /// - `action` (and its old name `option`): what to do; always `off` when lockstep fences;
 /// - `nodename`, `port`, `plug`: whom; `--peer-node` sets them;
-/// - `missing_as_off`, `port_as_ip`: would let an agent report success for a victim it
-///   cannot find, or address another machine than the one named.
+/// - `missing_as_off`, `port_as_ip`, `plug_separator`, `separator`: would let an agent
+///   report success for a victim it cannot find, address another machine than the one
+///   named, or split the name into others;
+/// - `help`, `version`: fencing.py prints and exits 0 before any action, which would read
+///   as "fenced".
 pub const RESERVED_KEYS: &[&str] = &[
     "action",
     "option",
@@ -42,6 +45,10 @@ pub const RESERVED_KEYS: &[&str] = &[
     "plug",
     "missing_as_off",
     "port_as_ip",
+    "plug_separator",
+    "separator",
+    "help",
+    "version",
 ];
 
 /// Bytes of an agent's stdout and stderr kept for the log (each); the rest is counted and
@@ -224,14 +231,28 @@ impl AgentRun {
 /// Runs `sh -c CMD` once with `input` on stdin, in a process group of its own, draining
 /// stdout and stderr as it goes; on timeout, SIGKILLs the whole group.
 pub fn run_agent(cmd: &str, input: &str, timeout: Duration) -> std::io::Result<AgentRun> {
-    let mut child = Command::new("sh")
+    let mut command = Command::new("sh");
+    command
         .arg("-c")
         .arg(cmd)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .process_group(0)
-        .spawn()?;
+        .process_group(0);
+    // SAFETY: the closure runs in the child between fork and exec and only calls prctl(2),
+    // which is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        command.pre_exec(|| {
+            // A side that is itself fenced (killed) while its agent runs must not go on
+            // fencing the other: the agent dies with it, so that a race in which both
+            // sides fence leaves, where it can, one of them.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    };
+    let mut child = command.spawn()?;
     let (tx, rx) = mpsc::channel();
     if let Some(out) = child.stdout.take() {
         drain(out, tx.clone(), 0);
@@ -248,20 +269,28 @@ pub fn run_agent(cmd: &str, input: &str, timeout: Duration) -> std::io::Result<A
         });
     }
     let pgid = child.id() as libc::pid_t;
-    let deadline = Instant::now() + timeout;
+    let deadline = Instant::now().checked_add(timeout);
+    let kill_group = || {
+        // SAFETY: kill(2) with a negative pid signals the process group the child leads
+        // (process_group(0) above); no memory is involved. An empty group is ESRCH.
+        unsafe { libc::kill(-pgid, libc::SIGKILL) };
+    };
     let status = loop {
         match child.try_wait() {
             Ok(Some(status)) => break Some(status),
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(2)),
+            Ok(None) if deadline.is_none_or(|d| Instant::now() < d) => {
+                std::thread::sleep(Duration::from_millis(2))
+            }
             _ => {
-                // SAFETY: kill(2) with a negative pid signals the process group the child
-                // leads (process_group(0) above); no memory is involved.
-                unsafe { libc::kill(-pgid, libc::SIGKILL) };
+                kill_group();
                 let _ = child.wait();
                 break None;
             }
         }
     };
+    // What the agent left running in its group has no say any more: end it, so that
+    // retries do not pile up helpers.
+    kill_group();
     // Children the agent left behind may still hold its pipes: take what arrived soon
     // after it ended, never wait for them.
     let mut outs = [Output::default(), Output::default()];

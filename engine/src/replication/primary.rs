@@ -81,8 +81,6 @@ pub enum PrimaryError {
     Rejected { epoch: u64, reason: String },
     #[error("lost the backup: {0}")]
     BackupLost(String),
-    #[error("cannot write the pid file {0}")]
-    PidFile(String),
     #[error(transparent)]
     Copy(#[from] memory::PageOutOfRange),
     #[error("digest: {0}")]
@@ -106,8 +104,6 @@ pub struct PrimaryOptions {
     pub on_backup_loss: OnBackupLoss,
     /// How to fence the backup before releasing output it has not acknowledged.
     pub fence: Option<FenceAgent>,
-    /// Written with this process's pid (for fence agents on a single host).
-    pub pid_file: Option<std::path::PathBuf>,
     /// End an epoch early when the guest's output waits for it and the epoch has run at
     /// least `min_interval` (so a reply waits about one pause plus one round trip).
     pub early_checkpoint: bool,
@@ -388,10 +384,6 @@ struct Primary {
 /// Runs `lockstep primary` to the end; returns the guest's exit status.
 pub fn run(guest: BootConfig, opts: PrimaryOptions) -> Result<u8, PrimaryError> {
     install_stop_handler();
-    if let Some(path) = &opts.pid_file {
-        std::fs::write(path, format!("{}\n", std::process::id()))
-            .map_err(|e| PrimaryError::PidFile(format!("{}: {e}", path.display())))?;
-    }
     let machine = Machine::boot(&guest.machine, &guest.image, &guest.guest_args)?;
     let mut conn = connect(&opts.peer, opts.connect_timeout)?;
     let mem_size = ram_size(machine.memory());
