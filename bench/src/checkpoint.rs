@@ -25,17 +25,17 @@
 //!    catches up): time to protection, the throttle, pauses and holds, and whether the run
 //!    ended when `--seconds` said.
 //!
-//! The `lockstep` binary is `LOCKSTEP_BIN`, or built (`cargo build -p engine --bin
+//! The `lockstep` binary is `LOCKSTEP_BIN`, or built (`cargo build -p lockstep --bin
 //! lockstep`, a no-op when up to date) into the target directory and profile of this
 //! benchmark. A failed run is a row saying why; the benchmark then exits non-zero.
 
-use std::io::Read;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::thread::JoinHandle;
+use std::process::{Command, ExitStatus};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use harness::Proc;
 use thiserror::Error;
 
 use crate::args::Args;
@@ -109,8 +109,16 @@ fn list(args: &Args, name: &str, default: &[u64]) -> Result<Vec<u64>, BenchError
 }
 
 pub fn run(args: &Args) -> Result<(), BenchError> {
+    let result = run_all(args);
+    if let Ok(dir) = work_dir() {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    result
+}
+
+fn run_all(args: &Args) -> Result<(), BenchError> {
     let cfg = Config::from(args)?;
-    let bin = lockstep_bin()?;
+    let bin = harness::try_lockstep_bin().map_err(CheckpointError::Build)?;
     let mut failed = 0;
     let mut total = 0;
 
@@ -130,7 +138,7 @@ pub fn run(args: &Args) -> Result<(), BenchError> {
                 cfg.seconds.ceil() as u64 + GRACE.as_secs()
             );
             let result =
-                protected(&bin, &cfg.mem, "1", interval, &guest, cfg.seconds).and_then(|(p, _)| {
+                protected(bin, &cfg.mem, "1", interval, &guest, cfg.seconds).and_then(|(p, _)| {
                     Summary::parse(&p.stderr)
                         .ok_or_else(|| format!("no summary line from the primary:\n{}", p.stderr))
                 });
@@ -154,12 +162,12 @@ pub fn run(args: &Args) -> Result<(), BenchError> {
         };
         let short = guest(cfg.seconds.ceil() as u64);
         eprintln!("bench checkpoint: guest progress, unprotected ({short})...");
-        let unprotected = unprotected(&bin, &cfg, &short).and_then(|out| rate_of(&out, 0));
+        let unprotected = unprotected(bin, &cfg, &short).and_then(|out| rate_of(&out, 0));
         eprintln!("bench checkpoint: guest progress, protected at {interval} ms...");
         let long = guest(cfg.seconds.ceil() as u64 + GRACE.as_secs());
         let seconds = cfg.seconds + PRECOPY_ALLOWANCE;
         let protected =
-            protected(&bin, &cfg.mem, "1", interval, &long, seconds).and_then(|(p, _)| {
+            protected(bin, &cfg.mem, "1", interval, &long, seconds).and_then(|(p, _)| {
                 let synced = sync_end_ms(&p.stderr).ok_or_else(|| {
                     format!(
                         "no 'initial sync done' line from the primary:\n{}",
@@ -186,7 +194,7 @@ pub fn run(args: &Args) -> Result<(), BenchError> {
                 storm.mem, storm.vcpus, storm.guest, storm.seconds
             );
             let started = Instant::now();
-            let result = protected(&bin, storm.mem, storm.vcpus, 25, storm.guest, storm.seconds)
+            let result = protected(bin, storm.mem, storm.vcpus, 25, storm.guest, storm.seconds)
                 .map(|(p, b)| StormRun::parse(storm, &p, &b, started.elapsed()));
             total += 1;
             failed += usize::from(result.is_err());
@@ -670,76 +678,56 @@ impl Output {
     }
 }
 
-/// A child process, killed if dropped before it was waited for.
-struct Proc {
+/// A `lockstep` process of this benchmark: a harness [`Proc`] with its output in files of
+/// the work directory.
+struct Running {
     what: String,
-    child: Option<Child>,
-    stdout: Option<JoinHandle<String>>,
-    stderr: Option<JoinHandle<String>>,
+    proc: Proc,
 }
 
-impl Proc {
-    fn start(bin: &Path, args: &[&str]) -> Result<Proc, String> {
-        let what = format!("lockstep {}", args.join(" "));
-        let mut child = Command::new(bin)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| format!("cannot start {what}: {e}"))?;
-        let stdout = child.stdout.take().map(drain);
-        let stderr = child.stderr.take().map(drain);
-        Ok(Proc {
-            what,
-            child: Some(child),
-            stdout,
-            stderr,
-        })
-    }
+/// The benchmark's work directory for process output, created on first use.
+fn work_dir() -> Result<PathBuf, String> {
+    let dir =
+        std::env::temp_dir().join(format!("lockstep-bench-checkpoint-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    Ok(dir)
+}
 
+/// Starts `lockstep ARGS...`.
+fn start(bin: &Path, args: &[&str]) -> Result<Running, String> {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let what = format!("lockstep {}", args.join(" "));
+    let dir = work_dir()?;
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let mut cmd = Command::new(bin);
+    cmd.args(args);
+    let proc = Proc::spawn(
+        cmd,
+        dir.join(format!("{n}.out")),
+        dir.join(format!("{n}.err")),
+    )?;
+    Ok(Running { what, proc })
+}
+
+impl Running {
     /// Waits until `deadline`, then kills it.
     fn wait(mut self, deadline: Instant) -> Result<Output, String> {
-        let mut child = self.child.take().expect("waited for once");
-        let status = loop {
-            match child.try_wait() {
-                Ok(Some(status)) => break status,
-                Ok(None) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(20))
-                }
-                Ok(None) => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    return Err(format!("{} hung; killed it", self.what));
-                }
-                Err(e) => return Err(format!("waiting for {}: {e}", self.what)),
-            }
+        let Some(status) = self
+            .proc
+            .wait_for(deadline.saturating_duration_since(Instant::now()))
+        else {
+            self.proc.kill9();
+            return Err(format!("{} hung; killed it", self.what));
         };
-        let join =
-            |h: Option<JoinHandle<String>>| h.and_then(|h| h.join().ok()).unwrap_or_default();
-        Ok(Output {
+        let out = Output {
             status,
-            stdout: join(self.stdout.take()),
-            stderr: join(self.stderr.take()),
-        })
+            stdout: self.proc.out(),
+            stderr: self.proc.log(),
+        };
+        let _ = std::fs::remove_file(&self.proc.stdout);
+        let _ = std::fs::remove_file(&self.proc.stderr);
+        Ok(out)
     }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Some(child) = self.child.as_mut() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-fn drain(mut pipe: impl Read + Send + 'static) -> JoinHandle<String> {
-    std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = pipe.read_to_end(&mut buf);
-        String::from_utf8_lossy(&buf).into_owned()
-    })
 }
 
 fn free_port() -> Result<u16, String> {
@@ -752,7 +740,7 @@ fn free_port() -> Result<u16, String> {
 /// `lockstep run` of `guest`; returns its console (stdout).
 fn unprotected(bin: &Path, cfg: &Config, guest: &str) -> Result<String, String> {
     let deadline = Instant::now() + Duration::from_secs_f64(cfg.seconds) + GRACE;
-    let out = Proc::start(
+    let out = start(
         bin,
         &[
             "run",
@@ -784,7 +772,7 @@ fn protected(
     let port = free_port()?;
     let addr = format!("127.0.0.1:{port}");
     let deadline = Instant::now() + Duration::from_secs_f64(seconds) + GRACE;
-    let backup = Proc::start(bin, &["backup", "--listen", &addr, "--console", "none"])?;
+    let backup = start(bin, &["backup", "--listen", &addr, "--console", "none"])?;
     let interval = interval_ms.to_string();
     let seconds = seconds.to_string();
     let args = [
@@ -804,7 +792,7 @@ fn protected(
         "--seconds",
         &seconds,
     ];
-    let primary = Proc::start(bin, &args)?.wait(deadline)?;
+    let primary = start(bin, &args)?.wait(deadline)?;
     let backup = backup.wait(deadline)?;
     if !primary.status.success() || !backup.status.success() {
         return Err(format!(
@@ -824,55 +812,6 @@ fn protected(
             "primary and backup disagree: primary {p:?}, backup {b:?}"
         )),
     }
-}
-
-/// The `lockstep` binary: `LOCKSTEP_BIN`, or built into this benchmark's target directory
-/// and profile (`<target>/<profile>/bench` is the running executable).
-pub(crate) fn lockstep_bin() -> Result<PathBuf, CheckpointError> {
-    if let Some(path) = std::env::var_os("LOCKSTEP_BIN") {
-        return Ok(PathBuf::from(path));
-    }
-    let build = |m: String| CheckpointError::Build(m);
-    let exe = std::env::current_exe().map_err(|e| build(format!("own path: {e}")))?;
-    let profile_dir = exe
-        .parent()
-        .ok_or_else(|| build(format!("unexpected executable path {}", exe.display())))?;
-    let target_dir = profile_dir
-        .parent()
-        .ok_or_else(|| build(format!("unexpected executable path {}", exe.display())))?;
-    let profile = profile_dir
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or("debug");
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .ok_or_else(|| build("no workspace directory".into()))?;
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    cmd.current_dir(workspace)
-        .args(["build", "--quiet", "-p", "engine", "--bin", "lockstep"])
-        .arg("--target-dir")
-        .arg(target_dir);
-    match profile {
-        "debug" => {}
-        "release" => {
-            cmd.arg("--release");
-        }
-        other => {
-            cmd.args(["--profile", other]);
-        }
-    }
-    let out = cmd
-        .output()
-        .map_err(|e| build(format!("cannot run cargo: {e}")))?;
-    if !out.status.success() {
-        return Err(build(String::from_utf8_lossy(&out.stderr).into_owned()));
-    }
-    let bin = profile_dir.join("lockstep");
-    if !bin.is_file() {
-        return Err(build(format!("{} does not exist", bin.display())));
-    }
-    Ok(bin)
 }
 
 #[cfg(test)]

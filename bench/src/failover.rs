@@ -1,5 +1,5 @@
 //! `bench failover`: how long the clients of a protected kv guest wait when the primary
-//! dies. Each trial is the `lockstep demo` scenario ([`engine::demo::trial`]): a backup and
+//! dies. Each trial is the `lockstep demo` scenario ([`harness::trial`]): a backup and
 //! a primary in a network namespace of their own, one client writing over one TCP
 //! connection, the primary SIGKILLed during continuous epochs, the backup fencing it with
 //! `scripts/fence-pidfile` and promoting on the same tap.
@@ -9,11 +9,10 @@
 //! log clock), and the backup's own "declared lost until the guest runs" (fencing plus
 //! promotion). Every trial also reads back all acknowledged writes; a loss is reported.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::time::Duration;
 
-use engine::demo::{self, Netns, TrialConfig};
+use harness::{Netns, TrialConfig};
 
 use crate::args::Args;
 use crate::stats::Summary;
@@ -24,9 +23,9 @@ pub const OPTIONS: &[&str] = &["trials", "mem"];
 pub fn run(args: &Args) -> Result<(), BenchError> {
     let trials: usize = args.number("trials", 10, 1)?;
     let mem = args.get("mem").map(str::to_string);
-    let bin = lockstep_bin().map_err(BenchError::Usage)?;
+    let bin = harness::try_lockstep_bin().map_err(BenchError::Usage)?;
     let work = std::env::temp_dir().join(format!("lockstep-bench-failover-{}", std::process::id()));
-    let result = measure(&bin, &work, trials, mem);
+    let result = measure(bin, &work, trials, mem);
     let _ = std::fs::remove_dir_all(&work);
     match result {
         Ok(()) => Ok(()),
@@ -58,7 +57,7 @@ fn measure(bin: &Path, work: &Path, trials: usize, mem: Option<String>) -> Resul
             port: 7600 + t as u16,
             verbose: false,
         };
-        let o = demo::trial(&ns, &cfg)?;
+        let o = harness::trial(&ns, &cfg)?;
         let f = |d: Option<Duration>| {
             d.map(|d| format!("{:.1} ms", d.as_secs_f64() * 1000.0))
                 .unwrap_or("-".into())
@@ -130,48 +129,4 @@ fn measure(bin: &Path, work: &Path, trials: usize, mem: Option<String>) -> Resul
          200 ms on Linux)."
     );
     Ok(())
-}
-
-/// The `lockstep` binary: `LOCKSTEP_BIN`, or `lockstep` built next to this executable
-/// (`<target>/<profile>/bench`) with cargo.
-fn lockstep_bin() -> Result<PathBuf, String> {
-    if let Some(path) = std::env::var_os("LOCKSTEP_BIN") {
-        return Ok(PathBuf::from(path));
-    }
-    let exe = std::env::current_exe().map_err(|e| format!("own path: {e}"))?;
-    let profile_dir = exe
-        .parent()
-        .ok_or_else(|| format!("unexpected executable path {}", exe.display()))?;
-    let target_dir = profile_dir
-        .parent()
-        .ok_or_else(|| format!("unexpected executable path {}", exe.display()))?;
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .ok_or("no workspace directory")?;
-    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-    cmd.current_dir(workspace)
-        .args(["build", "--quiet", "-p", "engine", "--bin", "lockstep"])
-        .arg("--target-dir")
-        .arg(target_dir);
-    match profile_dir.file_name().and_then(|n| n.to_str()) {
-        Some("release") => {
-            cmd.arg("--release");
-        }
-        Some("debug") | None => {}
-        Some(other) => {
-            cmd.args(["--profile", other]);
-        }
-    }
-    let out = cmd.output().map_err(|e| format!("cannot run cargo: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "building lockstep failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    let bin = profile_dir.join("lockstep");
-    if !bin.is_file() {
-        return Err(format!("{} does not exist", bin.display()));
-    }
-    Ok(bin)
 }

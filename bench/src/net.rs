@@ -10,11 +10,10 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use engine::demo::{wait_for_line, Netns, Proc};
+use harness::{wait_for_line, Netns, Proc};
 use thiserror::Error;
 
 use crate::args::Args;
-use crate::checkpoint::lockstep_bin;
 use crate::BenchError;
 
 pub const OPTIONS: &[&str] = &["requests", "clients", "interval-ms"];
@@ -55,7 +54,7 @@ pub fn run_bench(args: &Args) -> Result<(), BenchError> {
     let requests: u64 = args.number("requests", 5000, 100)?;
     let clients: u64 = args.number("clients", 20, 1)?;
     let interval: u64 = args.number("interval-ms", 25, 1)?;
-    let bin = lockstep_bin().map_err(|e| BenchError::Usage(e.to_string()))?;
+    let bin = harness::try_lockstep_bin().map_err(BenchError::Usage)?;
     let work = std::env::temp_dir().join(format!("lockstep-bench-net-{}", std::process::id()));
     std::fs::create_dir_all(&work)
         .map_err(|e| NetError::Setup(format!("{}: {e}", work.display())))?;
@@ -63,7 +62,7 @@ pub fn run_bench(args: &Args) -> Result<(), BenchError> {
     let mut results = Vec::new();
     for mode in [Mode::Unprotected, Mode::Early, Mode::NoEarly] {
         eprintln!("bench net: {} ...", mode.name());
-        let r = measure(&ns, &bin, &work, mode, requests, clients, interval).map_err(|why| {
+        let r = measure(&ns, bin, &work, mode, requests, clients, interval).map_err(|why| {
             NetError::Run {
                 mode: mode.name(),
                 why,

@@ -6,8 +6,6 @@
 //! together into a VM that can be started, paused, captured and restored.
 
 pub mod boot;
-pub mod cli;
-pub mod demo;
 pub mod devices;
 pub mod log;
 pub mod machine;

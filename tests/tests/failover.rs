@@ -11,7 +11,8 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use engine::demo::{self, Netns, TrialConfig, TrialOutcome};
+use harness::Netns;
+use harness::{trial, TrialConfig, TrialOutcome};
 use tests::pair::{fence_args, ms, strings, tail, wait_log, Pair};
 use tests::{kvm_required, lockstep_bin, one_at_a_time, TempDir, Watchdog};
 
@@ -151,7 +152,7 @@ fn sigkill_of_the_primary_at_random_moments_loses_no_acknowledged_write() {
             port: 7600 + t as u16,
             verbose: false,
         };
-        let o = demo::trial(&ns, &cfg).expect("trial setup");
+        let o = trial(&ns, &cfg).expect("trial setup");
         let verdict = check_trial(&o);
         let f = |d: Option<Duration>| d.map(|d| format!("{:.1}", ms(d))).unwrap_or("-".into());
         eprintln!(

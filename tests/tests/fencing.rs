@@ -318,7 +318,7 @@ fn backup_fencing_a_killed_primary(prefix: &str, fence: &[&str], limit: Duration
     let _dog = Watchdog::start(prefix, Duration::from_secs(120));
     let mut p = Pair::start(prefix, false, |_| (strings(fence), vec![]));
     p.primary.kill9();
-    engine::demo::wait_for_line(&p.dir.join("backup.err"), "PROMOTED", limit, || {
+    harness::wait_for_line(&p.dir.join("backup.err"), "PROMOTED", limit, || {
         p.backup.try_wait().is_none()
     });
     p.backup.log()

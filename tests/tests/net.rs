@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use engine::demo::{wait_for_line, Kv, Netns, Proc, Reply};
+use harness::{wait_for_line, Kv, Netns, Proc, Reply};
 
 use tests::{kvm_required, lockstep_bin, read_console, TempDir};
 

@@ -10,7 +10,7 @@
 
 use std::time::{Duration, Instant};
 
-use engine::demo::{wait_for_line, Proc};
+use harness::{wait_for_line, Proc};
 use tests::pair::{fence_agent, fence_args, ms, tail, wait_log, Pair};
 use tests::{kvm_required, one_at_a_time, Watchdog};
 

@@ -9,14 +9,13 @@ use std::time::{Duration, Instant};
 use checkpoint::protocol::{Hello, MemoryRegion, Message};
 use checkpoint::staging::{Staging, Step};
 use checkpoint::transport::{Connection, TransportError};
-use checkpoint::PAGE_SIZE;
 use thiserror::Error;
 
-use super::fence::{fence_until_done, FenceConfig, FenceError};
+use super::fence::FenceError;
 use super::{guest_id, install_stop_handler, stop_requested};
 use crate::devices::serial::Console;
 use crate::devices::NetConfig;
-use crate::machine::{Machine, MachineError};
+use crate::machine::MachineError;
 use crate::persist::state::MachineState;
 use crate::persist::PersistError;
 use crate::vstate::memory::{self, GuestMemory, MemoryError};
@@ -351,74 +350,4 @@ fn accept(listener: &TcpListener) -> Result<Option<Connection>, BackupError> {
             return Ok(Some(Connection::accept(listener)?));
         }
     }
-}
-
-/// Turns a finished replication into a running machine.
-pub fn resume(
-    committed: Committed,
-    console: &Console,
-    net: Option<&NetConfig>,
-) -> Result<Machine, BackupError> {
-    info!(
-        "resuming the guest from committed epoch {} ({} pages of RAM)",
-        committed.epoch,
-        memory::ram_size(&committed.memory) / PAGE_SIZE as u64
-    );
-    Ok(Machine::restore(
-        &committed.state,
-        console,
-        net,
-        committed.memory,
-    )?)
-}
-
-/// Failover: fences the primary, then promotes (invariant 3: never the other way round).
-///
-/// When the primary was lost by silence it may be alive behind a cut link, where it
-/// fences the backup before it releases any output; the backup waits `delay` first (its
-/// head start, as Pacemaker's `priority-fencing-delay` gives the node running the
-/// resource), so that exactly one side wins the race. A closed connection means the
-/// primary's process is gone, and fencing starts at once. Returns the running machine.
-pub fn fail_over(
-    committed: Committed,
-    silent: bool,
-    fence: &FenceConfig,
-    delay: Duration,
-    console: &Console,
-    net: Option<&NetConfig>,
-) -> Result<Machine, BackupError> {
-    let lost = Instant::now();
-    if silent && !delay.is_zero() && *fence != FenceConfig::None {
-        info!("waiting {delay:?} before fencing (--fence-delay-ms): a primary alive behind a cut link fences this backup first");
-        while lost.elapsed() < delay {
-            if stop_requested() {
-                return Err(BackupError::Fence(FenceError::Stopped));
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-    fence_until_done(fence, "the old primary")?;
-    let epoch = committed.epoch;
-    let machine = promote(committed, console, net)?;
-    info!(
-        "PROMOTED: guest running from committed epoch {epoch}, {} ms after the primary was declared lost",
-        lost.elapsed().as_millis()
-    );
-    Ok(machine)
-}
-
-/// Promotion: the last committed epoch becomes the running VM — vCPUs and devices loaded,
-/// the tap attached, the guest's MAC announced (RARP, as after a live migration so
-/// switches learn where it is now), running.
-pub fn promote(
-    committed: Committed,
-    console: &Console,
-    net: Option<&NetConfig>,
-) -> Result<Machine, BackupError> {
-    let mut machine = resume(committed, console, net)?;
-    if let Some(n) = machine.net() {
-        n.announce();
-    }
-    machine.resume()?;
-    Ok(machine)
 }

@@ -5,6 +5,7 @@
 //! crate; this module drives them from a running [`Machine`](crate::machine::Machine).
 
 pub mod backup;
+pub mod failover;
 pub mod fence;
 pub mod primary;
 pub mod stats;

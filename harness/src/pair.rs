@@ -8,7 +8,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use engine::demo::{self, Kv, Netns, Proc, Reply, KV_ARGS};
+use crate::kv::{Kv, Reply};
+use crate::netns::Netns;
+use crate::process::Proc;
+use crate::trial::{GUEST_ADDR, KV_ARGS};
 
 use crate::{lockstep_bin, TempDir};
 
@@ -63,7 +66,7 @@ pub struct LoadState {
 impl Load {
     pub fn start(ns: &Netns) -> Load {
         let stream = ns
-            .connect(demo::GUEST_ADDR, Duration::from_secs(20))
+            .connect(GUEST_ADDR, Duration::from_secs(20))
             .expect("connect to the kv guest");
         let mut kv = Kv::new(stream, Duration::from_secs(20)).expect("socket options");
         let stop = Arc::new(AtomicBool::new(false));
@@ -223,7 +226,7 @@ pub fn backup_cmd(ns: &Netns, dir: &TempDir, listen: &str, extra: &[&str]) -> Pr
     )
     .expect("start the backup");
     assert!(
-        demo::wait_for_line(
+        crate::wait_for_line(
             &dir.join("backup.err"),
             "listening on",
             Duration::from_secs(10),
@@ -237,7 +240,7 @@ pub fn backup_cmd(ns: &Netns, dir: &TempDir, listen: &str, extra: &[&str]) -> Pr
 /// Fails the test unless `file` shows `needle` within `limit`.
 pub fn wait_log(file: &Path, needle: &str, limit: Duration) {
     assert!(
-        demo::wait_for_line(file, needle, limit, || true),
+        crate::wait_for_line(file, needle, limit, || true),
         "{} did not show '{needle}' within {limit:?}:\n{}",
         file.display(),
         std::fs::read_to_string(file).unwrap_or_default()

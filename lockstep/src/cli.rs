@@ -10,17 +10,18 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
-use crate::devices::serial::Console;
-use crate::devices::NetConfig;
-use crate::machine::{BootConfig, Machine, MachineConfig, MachineError};
-use crate::pidfile::{PidFile, PidFileError};
-use crate::replication::backup::{self, BackupError, BackupOptions, Outcome};
-use crate::replication::fence::{parse_fence_arg, FenceAgent, FenceConfig};
-use crate::replication::primary::{self, OnBackupLoss, PrimaryError, PrimaryOptions};
-use crate::size::{parse_size, SizeError};
-use crate::snapshot::{self, SnapshotError};
-use crate::vstate::vcpu::VcpuEvent;
-use crate::{info, log};
+use engine::devices::serial::Console;
+use engine::devices::NetConfig;
+use engine::machine::{BootConfig, Machine, MachineConfig, MachineError};
+use engine::pidfile::{PidFile, PidFileError};
+use engine::replication::backup::{self, BackupError, BackupOptions};
+use engine::replication::failover;
+use engine::replication::fence::{parse_fence_arg, FenceAgent, FenceConfig};
+use engine::replication::primary::{self, OnBackupLoss, PrimaryError, PrimaryOptions};
+use engine::size::{parse_size, SizeError};
+use engine::snapshot::{self, SnapshotError};
+use engine::vstate::vcpu::VcpuEvent;
+use engine::{info, log};
 
 pub const USAGE: &str = "\
 usage:
@@ -358,7 +359,7 @@ fn guest_options(o: &Options) -> Result<BootConfig, CliError> {
         .to_string();
     let image = if guest == "builtin" {
         check_builtin_args(&guest_args)?;
-        crate::BUILTIN_GUEST.to_vec()
+        engine::BUILTIN_GUEST.to_vec()
     } else {
         std::fs::read(guest).map_err(|source| CliError::Image {
             path: guest.into(),
@@ -369,9 +370,9 @@ fn guest_options(o: &Options) -> Result<BootConfig, CliError> {
         Some(m) => parse_size(m)?,
         None => DEFAULT_MEM,
     };
-    crate::vstate::memory::validate_size(mem).map_err(|e| usage(e.to_string()))?;
+    engine::vstate::memory::validate_size(mem).map_err(|e| usage(e.to_string()))?;
     let vcpus: u32 = o.number("vcpus")?.unwrap_or(1);
-    let max = crate::boot::abi::MAX_VCPUS;
+    let max = engine::boot::abi::MAX_VCPUS;
     if vcpus == 0 || vcpus > max {
         return Err(usage(format!(
             "--vcpus {vcpus}: must be between 1 and {max}"
@@ -449,7 +450,7 @@ fn cmd_restore(args: &[String]) -> Result<ExitCode, CliError> {
     };
     let console = Console::parse(o.get("console").unwrap_or("stdout"));
     let snap = snapshot::read(dir.as_ref())?;
-    let memory = crate::vstate::memory::create(snap.state.mem_size).map_err(MachineError::from)?;
+    let memory = engine::vstate::memory::create(snap.state.mem_size).map_err(MachineError::from)?;
     snap.load_memory(&memory)?;
     let net = net_option(&o)?;
     let mut machine = Machine::restore(&snap.state, &console, net.as_ref(), memory)?;
@@ -576,7 +577,7 @@ fn cmd_backup(args: &[String]) -> Result<ExitCode, CliError> {
         .ok_or_else(|| usage("--listen ADDR:PORT is required"))?;
     let mem = o.get("mem").map(parse_size).transpose()?;
     if let Some(m) = mem {
-        crate::vstate::memory::validate_size(m).map_err(|e| usage(e.to_string()))?;
+        engine::vstate::memory::validate_size(m).map_err(|e| usage(e.to_string()))?;
     }
     let console = Console::parse(o.get("console").unwrap_or("stdout"));
     let opts = BackupOptions {
@@ -607,35 +608,10 @@ fn cmd_backup(args: &[String]) -> Result<ExitCode, CliError> {
     }
     // Held until the process ends: a promoted backup runs the guest and is fenced by it.
     let _pid_file = pid_file_option(&o)?;
-    match backup::run(opts.clone())? {
-        Outcome::Ended(c) if opts.run_after_end => {
-            let mut machine = backup::resume(c, &console, opts.net.as_ref())?;
-            drive(&mut machine, None)
-        }
-        Outcome::Ended(_) => Ok(ExitCode::SUCCESS),
-        Outcome::PrimaryLost {
-            why,
-            committed,
-            silent,
-        } => {
-            let Some(fence) = fence else {
-                return Err(BackupError::PrimaryLost {
-                    why,
-                    committed: committed.epoch,
-                    silent,
-                }
-                .into());
-            };
-            let mut machine = backup::fail_over(
-                committed,
-                silent,
-                &fence,
-                fence_delay,
-                &console,
-                opts.net.as_ref(),
-            )?;
-            drive(&mut machine, None)
-        }
+    let outcome = backup::run(opts.clone())?;
+    match failover::take_over(outcome, &opts, fence.as_ref(), fence_delay)? {
+        Some(mut machine) => drive(&mut machine, None),
+        None => Ok(ExitCode::SUCCESS),
     }
 }
 
@@ -750,7 +726,7 @@ fn drive(
         };
         // Roles that install the stop handler (a resumed or promoted backup) end on
         // SIGTERM/SIGINT with the guest stopped; `run` and `restore` keep the default.
-        if crate::replication::stop_requested() {
+        if engine::replication::stop_requested() {
             machine.pause()?;
             machine.flush_console();
             info!("stopped by signal");

@@ -1,5 +1,0 @@
-//! The `lockstep` command.
-
-fn main() -> std::process::ExitCode {
-    engine::cli::main()
-}

@@ -1,0 +1,130 @@
+//! Failover, in one place: what the backup does once replication is over. A primary that
+//! ended cleanly leaves a machine to resume (`--run-after-end`) or nothing; a lost primary
+//! is fenced, then the last committed epoch is promoted (invariant 3: fence, then promote,
+//! never the other way round). Without fencing configured the backup does not promote.
+
+use std::time::{Duration, Instant};
+
+use checkpoint::PAGE_SIZE;
+
+use super::backup::{BackupError, BackupOptions, Committed, Outcome};
+use super::fence::{fence_until_done, FenceConfig, FenceError};
+use super::stop_requested;
+use crate::devices::serial::Console;
+use crate::devices::NetConfig;
+use crate::info;
+use crate::machine::Machine;
+use crate::vstate::memory;
+
+/// Decides what follows `outcome` (what [`super::backup::run`] returned): the running
+/// machine the backup now drives, or `None` when there is nothing to run.
+///
+/// - The primary ended replication cleanly: the guest is resumed when
+///   `opts.run_after_end` asks for it.
+/// - The primary was lost: with `fence` configured, [`fail_over`] fences it and promotes;
+///   without, the loss is the error [`BackupError::PrimaryLost`] and nothing runs.
+pub fn take_over(
+    outcome: Outcome,
+    opts: &BackupOptions,
+    fence: Option<&FenceConfig>,
+    fence_delay: Duration,
+) -> Result<Option<Machine>, BackupError> {
+    match outcome {
+        Outcome::Ended(c) if opts.run_after_end => {
+            resume(c, &opts.console, opts.net.as_ref()).map(Some)
+        }
+        Outcome::Ended(_) => Ok(None),
+        Outcome::PrimaryLost {
+            why,
+            committed,
+            silent,
+        } => {
+            let Some(fence) = fence else {
+                return Err(BackupError::PrimaryLost {
+                    why,
+                    committed: committed.epoch,
+                    silent,
+                });
+            };
+            fail_over(
+                committed,
+                silent,
+                fence,
+                fence_delay,
+                &opts.console,
+                opts.net.as_ref(),
+            )
+            .map(Some)
+        }
+    }
+}
+
+/// Turns a finished replication into a running machine.
+pub fn resume(
+    committed: Committed,
+    console: &Console,
+    net: Option<&NetConfig>,
+) -> Result<Machine, BackupError> {
+    info!(
+        "resuming the guest from committed epoch {} ({} pages of RAM)",
+        committed.epoch,
+        memory::ram_size(&committed.memory) / PAGE_SIZE as u64
+    );
+    Ok(Machine::restore(
+        &committed.state,
+        console,
+        net,
+        committed.memory,
+    )?)
+}
+
+/// Failover: fences the primary, then promotes (invariant 3: never the other way round).
+///
+/// When the primary was lost by silence it may be alive behind a cut link, where it
+/// fences the backup before it releases any output; the backup waits `delay` first (its
+/// head start, as Pacemaker's `priority-fencing-delay` gives the node running the
+/// resource), so that exactly one side wins the race. A closed connection means the
+/// primary's process is gone, and fencing starts at once. Returns the running machine.
+pub fn fail_over(
+    committed: Committed,
+    silent: bool,
+    fence: &FenceConfig,
+    delay: Duration,
+    console: &Console,
+    net: Option<&NetConfig>,
+) -> Result<Machine, BackupError> {
+    let lost = Instant::now();
+    if silent && !delay.is_zero() && *fence != FenceConfig::None {
+        info!("waiting {delay:?} before fencing (--fence-delay-ms): a primary alive behind a cut link fences this backup first");
+        while lost.elapsed() < delay {
+            if stop_requested() {
+                return Err(BackupError::Fence(FenceError::Stopped));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    fence_until_done(fence, "the old primary")?;
+    let epoch = committed.epoch;
+    let machine = promote(committed, console, net)?;
+    info!(
+        "PROMOTED: guest running from committed epoch {epoch}, {} ms after the primary was declared lost",
+        lost.elapsed().as_millis()
+    );
+    Ok(machine)
+}
+
+/// Promotion: the last committed epoch becomes the running VM — vCPUs and devices loaded,
+/// the tap attached, the guest's MAC announced (RARP, as after a live migration so
+/// switches learn where it is now), running.
+pub fn promote(
+    committed: Committed,
+    console: &Console,
+    net: Option<&NetConfig>,
+) -> Result<Machine, BackupError> {
+    let mut machine = resume(committed, console, net)?;
+    if let Some(n) = machine.net() {
+        n.announce();
+    }
+    machine.resume()?;
+    Ok(machine)
+}

@@ -1,0 +1,485 @@
+//! The failover trial `lockstep demo` and the failover benchmark run: a protected kv guest
+//! in a network namespace, a client on one TCP connection, the primary SIGKILLed, the
+//! backup's promotion, and the read-back of every acknowledged write.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::interrupted;
+use crate::kv::{Kv, Reply};
+use crate::netns::Netns;
+use crate::process::{wait_for_line, Proc};
+
+/// The fence agent, embedded so the demo works from any directory.
+pub const FENCE_AGENT: &str = include_str!("../../scripts/fence-pidfile");
+
+/// The kv guest on the namespace's tap.
+pub const KV_ARGS: &str = "workload=kv ip=10.0.0.2/24 port=6379";
+pub const GUEST_ADDR: &str = "10.0.0.2:6379";
+
+/// Replies that arrive this soon after the kill may have been released by the old primary
+/// before it died; the first later reply comes from the promoted guest.
+const OLD_PRIMARY_GRACE: Duration = Duration::from_millis(5);
+
+/// How one failover run goes.
+#[derive(Clone, Debug)]
+pub struct TrialConfig {
+    /// The `lockstep` binary.
+    pub bin: PathBuf,
+    /// Where logs, consoles, the pid file and the fence agent go.
+    pub dir: PathBuf,
+    /// From the primary's start (the client starts connecting at once) to the SIGKILL.
+    pub kill_after: Duration,
+    /// How long the client keeps writing after its first reply from the promoted guest.
+    pub run_after_failover: Duration,
+    /// Guest RAM (`--mem`), default when `None`.
+    pub mem: Option<String>,
+    /// Port the backup listens on (namespace loopback).
+    pub port: u16,
+    /// Print the failover as it happens.
+    pub verbose: bool,
+}
+
+/// What the backup's `PROMOTED` line says.
+#[derive(Clone, Copy, Debug)]
+pub struct Promotion {
+    pub epoch: u64,
+    /// Declared lost until the guest ran (the backup's own figure).
+    pub after_lost_ms: f64,
+}
+
+/// Everything a failover run observed; the checks are the caller's.
+#[derive(Debug, Default)]
+pub struct TrialOutcome {
+    pub connected: bool,
+    /// `i` of every acknowledged `SET k<i> <i>`, in order.
+    pub acked: Vec<u64>,
+    /// Every `INCR counter` reply, in order.
+    pub counters: Vec<i64>,
+    /// Acknowledged writes before the kill.
+    pub acked_before_kill: usize,
+    /// Why the client stopped early, if it did (a reset, a wrong reply, a timeout).
+    pub client_error: Option<String>,
+    /// Acknowledged keys that read back missing or wrong.
+    pub lost: Vec<u64>,
+    /// Whether the read-back ran to the end.
+    pub read_back: bool,
+    /// Kill until the first reply from the promoted guest.
+    pub failover: Option<Duration>,
+    /// The longest gap between two replies across the kill.
+    pub stall: Option<Duration>,
+    pub promotion: Option<Promotion>,
+    /// Kill until the backup logged `ROLE CHANGE` (approximate: its log clock starts at
+    /// its spawn).
+    pub detection: Option<Duration>,
+    pub primary_log: String,
+    pub backup_log: String,
+    pub backup_status: Option<ExitStatus>,
+}
+
+#[derive(Default)]
+struct Progress {
+    connected: bool,
+    replies: Vec<Instant>,
+    acked: Vec<u64>,
+    counters: Vec<i64>,
+    kill: Option<Instant>,
+    error: Option<String>,
+}
+
+/// Finds `PROMOTED: guest running from committed epoch E, <ms> ms after ...`.
+pub fn parse_promotion(log: &str) -> Option<Promotion> {
+    let line = log.lines().find(|l| l.contains("PROMOTED"))?;
+    let rest = line.split("committed epoch ").nth(1)?;
+    let epoch = rest
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()?;
+    let ms = rest
+        .split(", ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(f64::NAN);
+    Some(Promotion {
+        epoch,
+        after_lost_ms: ms,
+    })
+}
+
+/// The elapsed time at the start of a log line `[role   1.234s level] ...`.
+pub fn log_time(line: &str) -> Option<Duration> {
+    let inner = line.strip_prefix('[')?;
+    let t = inner.split_whitespace().nth(1)?.strip_suffix('s')?;
+    t.parse::<f64>().ok().map(Duration::from_secs_f64)
+}
+
+fn interesting(line: &str) -> bool {
+    ["ROLE CHANGE", "PROMOTED", "fenc", "FENC", "error", "WARN"]
+        .iter()
+        .any(|n| line.contains(n))
+}
+
+/// One run: backup and primary in `ns`, the client, the SIGKILL, the promotion, the
+/// read-back. Errors are setup failures (a process that would not start); what the run
+/// observed is in the outcome.
+pub fn trial(ns: &Netns, cfg: &TrialConfig) -> Result<TrialOutcome, String> {
+    std::fs::create_dir_all(&cfg.dir).map_err(|e| format!("{}: {e}", cfg.dir.display()))?;
+    let agent = cfg.dir.join("fence-pidfile");
+    write_agent(&agent)?;
+    let pid_file = cfg.dir.join("primary.pid");
+    let _ = std::fs::remove_file(&pid_file);
+    let backup_pid_file = cfg.dir.join("backup.pid");
+    let _ = std::fs::remove_file(&backup_pid_file);
+    let arg = |p: &Path| p.to_str().unwrap_or_default().to_string();
+    let listen = format!("127.0.0.1:{}", cfg.port);
+    let say = |s: String| {
+        if cfg.verbose {
+            println!("{s}");
+        }
+    };
+
+    let backup_spawned = Instant::now();
+    let mut backup = Proc::spawn(
+        ns.command(
+            &cfg.bin,
+            &[
+                "backup",
+                "--listen",
+                &listen,
+                "--net",
+                "tap=tap0",
+                "--name",
+                "demo",
+                "--pid-file",
+                &arg(&backup_pid_file),
+                "--fence-cmd",
+                &arg(&agent),
+                "--peer-node",
+                "demo-primary",
+                "--fence-arg",
+                &format!("pidfile={}", arg(&pid_file)),
+                "--console",
+                &arg(&cfg.dir.join("backup.console")),
+            ],
+        ),
+        cfg.dir.join("backup.out"),
+        cfg.dir.join("backup.err"),
+    )?;
+    let backup_err = backup.stderr.clone();
+    if !wait_for_line(&backup_err, "listening on", Duration::from_secs(10), || {
+        backup.try_wait().is_none()
+    }) {
+        return Err(format!("the backup did not start:\n{}", backup.log()));
+    }
+    let mut primary_args = vec![
+        "primary".to_string(),
+        "--peer".into(),
+        listen.clone(),
+        "--pid-file".into(),
+        arg(&pid_file),
+        "--name".into(),
+        "demo".into(),
+        // The backup, should it be the one lost, is fenced before any output it has not
+        // acknowledged leaves.
+        "--fence-cmd".into(),
+        arg(&agent),
+        "--peer-node".into(),
+        "demo-backup".into(),
+        "--fence-arg".into(),
+        format!("pidfile={}", arg(&backup_pid_file)),
+        "--guest".into(),
+        "builtin".into(),
+        "--guest-args".into(),
+        KV_ARGS.into(),
+        "--net".into(),
+        "tap=tap0".into(),
+        "--console".into(),
+        arg(&cfg.dir.join("primary.console")),
+    ];
+    if let Some(m) = &cfg.mem {
+        primary_args.extend(["--mem".to_string(), m.clone()]);
+    }
+    let primary_args: Vec<&str> = primary_args.iter().map(String::as_str).collect();
+    let started = Instant::now();
+    let mut primary = Proc::spawn(
+        ns.command(&cfg.bin, &primary_args),
+        cfg.dir.join("primary.out"),
+        cfg.dir.join("primary.err"),
+    )?;
+    say(format!(
+        "primary pid {} and backup pid {} started; the client connects to {GUEST_ADDR}",
+        primary.pid(),
+        backup.pid()
+    ));
+
+    let progress = Arc::new(Mutex::new(Progress::default()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let outcome = std::thread::scope(|s| {
+        let client = s.spawn(|| client(ns, &progress, &stop));
+        let mut o = TrialOutcome::default();
+
+        // Until the kill: the primary runs protected, the client writes.
+        let kill_at = started + cfg.kill_after;
+        let mut announced = false;
+        while Instant::now() < kill_at && !interrupted() {
+            if primary.try_wait().is_some() {
+                break;
+            }
+            let p = progress.lock().unwrap_or_else(|e| e.into_inner());
+            if p.connected && !announced && cfg.verbose {
+                announced = true;
+                println!(
+                    "client connected after {} ms (the SYN-ACK waited for epoch 1)",
+                    started.elapsed().as_millis()
+                );
+            }
+            drop(p);
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let early_exit = primary.try_wait();
+        primary.kill9();
+        let killed = Instant::now();
+        let acked_before = {
+            let mut p = progress.lock().unwrap_or_else(|e| e.into_inner());
+            p.kill = Some(killed);
+            p.acked.len()
+        };
+        o.acked_before_kill = acked_before;
+        match early_exit {
+            Some(st) => say(format!(
+                "the primary had already ended ({st}) before the kill:\n{}",
+                primary.log()
+            )),
+            None => say(format!(
+                "\n>>> SIGKILL primary (pid {}) at {:.2} s, after {acked_before} acknowledged writes",
+                primary.pid(),
+                killed.duration_since(started).as_secs_f64()
+            )),
+        }
+
+        // The failover, as the backup's log and the client see it.
+        let mut shown = 0usize;
+        let mut first_reply: Option<Instant> = None;
+        let deadline = killed + Duration::from_secs(20);
+        loop {
+            let log = backup.log();
+            let lines: Vec<&str> = log.lines().collect();
+            for l in &lines[shown.min(lines.len())..] {
+                if interesting(l) {
+                    say(format!("    backup | {l}"));
+                }
+            }
+            shown = lines.len();
+            if o.promotion.is_none() {
+                o.promotion = parse_promotion(&log);
+            }
+            let (client_done, reply_after) = {
+                let p = progress.lock().unwrap_or_else(|e| e.into_inner());
+                let after = p
+                    .replies
+                    .iter()
+                    .find(|t| **t > killed + OLD_PRIMARY_GRACE)
+                    .copied();
+                (p.error.is_some(), after)
+            };
+            if first_reply.is_none() {
+                if let Some(t) = reply_after {
+                    first_reply = Some(t);
+                    say(format!(
+                        "    client | first reply from the promoted guest {:.1} ms after the kill, same connection",
+                        t.duration_since(killed).as_secs_f64() * 1000.0
+                    ));
+                }
+            }
+            let backup_gone = backup.try_wait().is_some();
+            let done = match first_reply {
+                Some(t) => Instant::now() >= t + cfg.run_after_failover,
+                None => false,
+            };
+            if done || client_done || backup_gone || interrupted() || Instant::now() >= deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        stop.store(true, Ordering::SeqCst);
+        let (read_back, lost) = client.join().unwrap_or((false, Vec::new()));
+        o.read_back = read_back;
+        o.lost = lost;
+        let p = progress.lock().unwrap_or_else(|e| e.into_inner());
+        o.connected = p.connected;
+        o.acked = p.acked.clone();
+        o.counters = p.counters.clone();
+        o.client_error = p.error.clone();
+        o.failover = first_reply.map(|t| t.duration_since(killed));
+        let window: Vec<Instant> = p
+            .replies
+            .iter()
+            .copied()
+            .filter(|t| *t >= killed - Duration::from_secs(1))
+            .collect();
+        let before = p.replies.iter().rev().find(|t| **t <= killed).copied();
+        o.stall = match (before, first_reply) {
+            (Some(_), Some(_)) => window
+                .windows(2)
+                .map(|w| w[1].duration_since(w[0]))
+                .chain(std::iter::once(Duration::ZERO))
+                .max(),
+            _ => None,
+        };
+        o
+    });
+    let mut o = outcome;
+    // The promoted backup should end on SIGTERM; do not wait long if it does not.
+    o.backup_status = backup.terminate(Duration::from_secs(1));
+    o.backup_log = backup.log();
+    o.primary_log = primary.log();
+    if o.promotion.is_none() {
+        o.promotion = parse_promotion(&o.backup_log);
+    }
+    o.detection = o
+        .backup_log
+        .lines()
+        .find(|l| l.contains("ROLE CHANGE"))
+        .and_then(log_time)
+        .and_then(|t| (backup_spawned + t).checked_duration_since(started + cfg.kill_after));
+    let _ = std::fs::remove_file(&pid_file);
+    Ok(o)
+}
+
+fn write_agent(path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, FENCE_AGENT)
+        .and_then(|_| std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)))
+        .map_err(|e| format!("cannot write the fence agent {}: {e}", path.display()))
+}
+
+/// The client: connects (retrying until `stop`), writes until `stop`, then reads every
+/// acknowledged key back over the same connection. Returns (read back, lost keys).
+fn client(ns: &Netns, progress: &Mutex<Progress>, stop: &AtomicBool) -> (bool, Vec<u64>) {
+    let record_err = |e: String| {
+        let mut p = progress.lock().unwrap_or_else(|e| e.into_inner());
+        p.error.get_or_insert(e);
+    };
+    let stream = loop {
+        if stop.load(Ordering::SeqCst) {
+            return (false, Vec::new());
+        }
+        match ns.connect(GUEST_ADDR, Duration::from_millis(1000)) {
+            Ok(s) => break s,
+            Err(_) => continue,
+        }
+    };
+    let mut kv = match Kv::new(stream, Duration::from_secs(15)) {
+        Ok(k) => k,
+        Err(e) => {
+            record_err(format!("socket options: {e}"));
+            return (false, Vec::new());
+        }
+    };
+    progress.lock().unwrap_or_else(|e| e.into_inner()).connected = true;
+    let mut acked = Vec::new();
+    let mut i = 0u64;
+    let mut last: Option<i64> = None;
+    while !stop.load(Ordering::SeqCst) {
+        i += 1;
+        let key = format!("k{i}");
+        let val = i.to_string();
+        match kv.call(&["SET", &key, &val]) {
+            Ok(Reply::Simple(s)) if s == "OK" => {}
+            Ok(r) => {
+                record_err(format!("SET {key}: unexpected reply {r:?}"));
+                break;
+            }
+            Err(e) => {
+                record_err(format!("SET {key}: {e} ({:?})", e.kind()));
+                break;
+            }
+        }
+        let now = Instant::now();
+        acked.push(i);
+        {
+            let mut p = progress.lock().unwrap_or_else(|e| e.into_inner());
+            p.replies.push(now);
+            p.acked.push(i);
+        }
+        match kv.call(&["INCR", "counter"]) {
+            Ok(Reply::Int(n)) => {
+                let mut p = progress.lock().unwrap_or_else(|e| e.into_inner());
+                p.replies.push(Instant::now());
+                p.counters.push(n);
+                if let Some(prev) = last {
+                    if n != prev + 1 {
+                        p.error.get_or_insert(format!(
+                            "INCR counter went from {prev} to {n} (expected {})",
+                            prev + 1
+                        ));
+                    }
+                }
+                last = Some(n);
+            }
+            Ok(r) => {
+                record_err(format!("INCR: unexpected reply {r:?}"));
+                break;
+            }
+            Err(e) => {
+                record_err(format!("INCR: {e} ({:?})", e.kind()));
+                break;
+            }
+        }
+    }
+    if progress
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .error
+        .is_some()
+    {
+        return (false, Vec::new());
+    }
+    // Read back, 100 GETs pipelined at a time.
+    let mut lost = Vec::new();
+    for chunk in acked.chunks(100) {
+        let mut out = Vec::new();
+        for i in chunk {
+            Kv::encode(&mut out, &["GET", &format!("k{i}")]);
+        }
+        if let Err(e) = kv.send_raw(&out) {
+            record_err(format!("read-back: {e}"));
+            return (false, lost);
+        }
+        for i in chunk {
+            match kv.reply() {
+                Ok(Reply::Bulk(Some(v))) if v == i.to_string().as_bytes() => {}
+                Ok(_) => lost.push(*i),
+                Err(e) => {
+                    record_err(format!("read-back of k{i}: {e}"));
+                    return (false, lost);
+                }
+            }
+        }
+    }
+    (true, lost)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_promotion_and_log_times() {
+        let log = "[backup     2.345s info] ROLE CHANGE: primary lost\n\
+                   [backup     2.401s info] PROMOTED: guest running from committed epoch 87, 56.2 ms after the primary was declared lost\n";
+        let p = parse_promotion(log).unwrap();
+        assert_eq!(p.epoch, 87);
+        assert!((p.after_lost_ms - 56.2).abs() < 1e-9);
+        assert_eq!(
+            log_time(log.lines().next().unwrap()),
+            Some(Duration::from_secs_f64(2.345))
+        );
+        assert!(parse_promotion("nothing").is_none());
+    }
+}

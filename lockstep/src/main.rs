@@ -1,0 +1,10 @@
+//! The `lockstep` command: a thin command line over the engine's VMM and replication
+//! roles. [`cli`] parses the command line into the engine's options types and runs the
+//! role; [`demo`] is the failover demo, built on the shared harness.
+
+mod cli;
+mod demo;
+
+fn main() -> std::process::ExitCode {
+    cli::main()
+}
