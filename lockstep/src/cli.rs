@@ -1,13 +1,14 @@
-//! The `lockstep` command line.
-//!
-//! Hand-written rather than clap: the grammar is small, and every mistake must come out as
-//! one line naming the problem (clap prints usage blocks).
+//! The `lockstep` command line: clap parses it, [`main`] turns every mistake into one line
+//! `lockstep: error: ...` (exit status 2), and each subcommand builds the engine's options
+//! types (`BootConfig`, `PrimaryOptions`, `BackupOptions`, `FenceConfig`) and runs the role.
 
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+use clap::error::ErrorKind;
+use clap::{Args, Parser, Subcommand};
 use thiserror::Error;
 
 use engine::devices::serial::Console;
@@ -15,124 +16,262 @@ use engine::devices::NetConfig;
 use engine::machine::{BootConfig, Machine, MachineConfig, MachineError};
 use engine::pidfile::{PidFile, PidFileError};
 use engine::replication::backup::{self, BackupError, BackupOptions};
-use engine::replication::failover;
+use engine::replication::failover::{self, DEFAULT_FENCE_DELAY};
 use engine::replication::fence::{parse_fence_arg, FenceAgent, FenceConfig};
 use engine::replication::primary::{self, OnBackupLoss, PrimaryError, PrimaryOptions};
+use engine::replication::{DEFAULT_HEARTBEAT_TIMEOUT, DEFAULT_NAME};
 use engine::size::{parse_size, SizeError};
 use engine::snapshot::{self, SnapshotError};
 use engine::vstate::vcpu::VcpuEvent;
 use engine::{info, log};
 
-pub const USAGE: &str = "\
-usage:
-  lockstep run --guest builtin|PATH [--guest-args STR] [--mem SIZE] [--vcpus N]
-               [--console stdout|none|PATH] [--net tap=NAME[,mac=MAC]]
-               [--snapshot-after-ms MS --snapshot-to DIR]
-  lockstep restore DIR [--console stdout|none|PATH] [--net tap=NAME[,mac=MAC]]
-  lockstep primary --peer ADDR:PORT [--interval-ms MS] [--seconds S] [--window N]
-               [--min-interval-ms MS] [--no-early-checkpoint] [--name NAME]
-               [--heartbeat-timeout-ms MS] [--on-backup-loss fence|pause|continue]
-               [--fence-cmd CMD [--peer-node NODE] [--fence-arg K=V]... [--fence-timeout-s S]]
-               [--pid-file PATH] [--dirty-ring ENTRIES] [--max-epoch-pages N]
-               <the run options>
-  lockstep backup --listen ADDR:PORT [--mem SIZE] [--vcpus N] [--name NAME]
-               [--run-after-end] [--console stdout|none|PATH] [--net tap=NAME[,mac=MAC]]
-               [--heartbeat-timeout-ms MS] [--pid-file PATH]
-               [--fence-cmd CMD [--peer-node NODE] [--fence-arg K=V]... [--fence-timeout-s S]
-               [--fence-delay-ms MS] | --fence none]
-  lockstep demo [--seconds S]
-
+/// Fencing, as every role's help ends.
+const FENCING_NOTES: &str = "\
 Fencing (docs/fencing.md): CMD runs as `sh -c CMD` with key=value lines on stdin, the
 fence-agents convention: each --fence-arg, then action=off, nodename=NODE, port=NODE and
 plug=NODE. Those keys (and option, missing_as_off, port_as_ip, plug_separator,
-separator, help, version) are lockstep's: a --fence-arg cannot set them. Only exit 0 within --fence-timeout-s (10) counts as fenced.
-The backup fences the primary before it promotes, after --fence-delay-ms (1000) when the
-primary went silent (the primary's head start); the primary fences the backup before it
-releases output the backup has not acknowledged (--on-backup-loss fence, the default).
+separator, help, version) are lockstep's: a --fence-arg cannot set them. Only exit 0 within
+--fence-timeout-s (10) counts as fenced. The backup fences the primary before it promotes,
+after --fence-delay-ms (1000) when the primary went silent (the primary's head start); the
+primary fences the backup before it releases output the backup has not acknowledged
+(--on-backup-loss fence, the default).";
 
-The built-in guest runs workload=counter|dirty|hash|kv (see README.md).";
+/// A command's help: it starts `lockstep COMMAND: what it does`.
+macro_rules! command_help {
+    ($command:literal) => {
+        concat!(
+            "lockstep ",
+            $command,
+            ": {about}
 
-const RUN_OPTIONS_HELP: &str = "\
-\x20 --guest builtin|PATH       the guest: the built-in reference guest or an ELF file (required)
-  --guest-args STR           the guest's command line (built-in: workload=counter|dirty|hash|kv ...)
-  --mem SIZE                 guest RAM, e.g. 256M, 2G (default 256M)
-  --vcpus N                  vCPUs, 1 to 16 (default 1)
-  --console stdout|none|PATH where the guest's serial output goes (default stdout)
-  --net tap=NAME[,mac=MAC]   a virtio-net device on the tap NAME (created if missing, as root)";
+{usage-heading} {usage}
 
-const FENCE_OPTIONS_HELP: &str = "\
-\x20 --fence-cmd CMD            fence agent, run as `sh -c CMD` with key=value lines on stdin
-                             (fence-agents convention); only exit 0 counts as fenced
-  --peer-node NODE           the peer's node as the fence device knows it, sent as
-                             nodename=, port= and plug= (default: the pair's --name)
-  --fence-arg KEY=VALUE      an option for the agent (repeatable); action, option, nodename,
-                             port, plug, missing_as_off, port_as_ip, (plug_)separator,
-                             help and version are lockstep's
-  --fence-timeout-s S        one attempt longer than this fails (default 10)";
+{all-args}{after-help}"
+        )
+    };
+}
 
-/// `lockstep COMMAND --help`.
-fn command_help(cmd: &str) -> Option<String> {
-    Some(match cmd {
-        "run" => format!(
-            "lockstep run: boot a guest and run it until it exits (exit status: the guest's)\n\n\
-             options:\n{RUN_OPTIONS_HELP}\n\
-             \x20 --snapshot-after-ms MS     take a snapshot after MS ...\n\
-             \x20 --snapshot-to DIR          ... into DIR (restore it with `lockstep restore DIR`)"
-        ),
-        "restore" => "lockstep restore DIR: continue a snapshot in a new process\n\n\
-             options:\n\
-             \x20 --console stdout|none|PATH where the guest's serial output goes (default stdout)\n\
-             \x20 --net tap=NAME[,mac=MAC]   the tap the restored virtio-net device uses"
-            .to_string(),
-        "primary" => format!(
-            "lockstep primary: run a guest protected by a backup (epochs, output commit)\n\n\
-             options:\n\
-             \x20 --peer ADDR:PORT           the backup (required; retried until --connect-timeout-s)\n\
-             \x20 --interval-ms MS           epoch interval (default 25)\n\
-             \x20 --min-interval-ms MS       shortest epoch when output waits (default 2)\n\
-             \x20 --no-early-checkpoint      never end an epoch early for waiting output\n\
-             \x20 --window N                 unacknowledged epochs in flight (default 4)\n\
-             \x20 --seconds S                end cleanly (final epoch, digests) after S seconds\n\
-             \x20 --name NAME                the pair's name; the backup must have the same (default lockstep)\n\
-             \x20 --connect-timeout-s S      how long to retry connecting to the backup (default 10)\n\
-             \x20 --heartbeat-timeout-ms MS  silence after which the backup counts as lost (default 1000)\n\
-             \x20 --on-backup-loss fence|pause|continue\n\
-             \x20                            fence (default): hold output, fence the backup, then go on\n\
-             \x20                            unprotected; pause: stop the guest; continue: release at\n\
-             \x20                            once without fencing (unsafe)\n\
-             \x20 --pid-file PATH            write this process's pid (for a single-host fence agent)\n\
-             \x20 --dirty-ring ENTRIES       harvest dirty pages from a KVM dirty ring, not the bitmap\n\
-             \x20 --max-epoch-pages N        end an epoch once the guest dirtied N pages (default 4096):\n\
-             \x20                            bounds each pause\n\
-             {FENCE_OPTIONS_HELP}\n{RUN_OPTIONS_HELP}"
-        ),
-        "backup" => format!(
-            "lockstep backup: keep a runnable copy of a primary's guest; fence and promote when it is lost\n\n\
-             options:\n\
-             \x20 --listen ADDR:PORT         where the primary connects (required)\n\
-             \x20 --mem SIZE, --vcpus N      expected guest shape (default: the primary's)\n\
-             \x20 --name NAME                the pair's name; the primary must have the same (default lockstep)\n\
-             \x20 --net tap=NAME[,mac=MAC]   the tap the guest takes over on promotion (required to fence)\n\
-             \x20 --console stdout|none|PATH the resumed guest's serial output (default stdout)\n\
-             \x20 --run-after-end            resume the guest when the primary ends replication cleanly\n\
-             \x20 --heartbeat-timeout-ms MS  silence after which the primary counts as lost (default 1000)\n\
-             \x20 --pid-file PATH            write this process's pid (for the primary's fence agent)\n\
-             \x20 --fence none               promote without fencing (unsafe)\n\
-             {FENCE_OPTIONS_HELP}\n\
-             \x20 --fence-delay-ms MS        wait this long before fencing a primary that went silent:\n\
-             \x20                            its head start to fence this backup (default 1000)"
-        ),
-        "demo" => "lockstep demo: a protected kv guest in a namespace of its own, a client, the \
-             primary SIGKILLed, failover\n\n\
-             options:\n\
-             \x20 --seconds S                how long the client writes before the kill (default 3)"
-            .to_string(),
-        _ => return None,
-    })
+const AFTER_HELP: &str = "\
+The built-in guest runs workload=counter|dirty|hash|kv (see README.md).
+`lockstep COMMAND --help` lists a command's options.";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "lockstep",
+    version,
+    about = "lockstep: a VM kept running on a hot backup, epoch by epoch (Remus-style)",
+    after_help = AFTER_HELP
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    #[command(
+        help_template = command_help!("run"),
+        about = "boot a guest and run it until it exits (exit status: the guest's)"
+    )]
+    Run(RunArgs),
+    #[command(help_template = command_help!("restore"),
+        about = "continue a snapshot in a new process")]
+    Restore(RestoreArgs),
+    #[command(
+        help_template = command_help!("primary"),
+        about = "run a guest protected by a backup (epochs, output commit)",
+        after_help = FENCING_NOTES
+    )]
+    Primary(Box<PrimaryArgs>),
+    #[command(
+        help_template = command_help!("backup"),
+        about = "keep a runnable copy of a primary's guest; fence and promote when it is lost",
+        after_help = FENCING_NOTES
+    )]
+    Backup(Box<BackupArgs>),
+    #[command(
+        help_template = command_help!("demo"),
+        about = "a protected kv guest in a namespace of its own, a client, the primary SIGKILLed, failover"
+    )]
+    Demo(DemoArgs),
+}
+
+/// Where the guest's serial output goes, and its network device: every command that runs
+/// a guest has them.
+#[derive(Debug, Args)]
+struct DeviceArgs {
+    /// where the guest's serial output goes (default stdout)
+    #[arg(long, value_name = "stdout|none|PATH", allow_hyphen_values = true)]
+    console: Option<String>,
+    /// a virtio-net device on the tap NAME (created if missing, as root)
+    #[arg(long, value_name = "tap=NAME[,mac=MAC]", allow_hyphen_values = true)]
+    net: Option<String>,
+}
+
+/// The guest and machine options shared by `run` and `primary`.
+#[derive(Debug, Args)]
+struct GuestArgs {
+    /// the guest: the built-in reference guest or an ELF file (required)
+    #[arg(long, value_name = "builtin|PATH", allow_hyphen_values = true)]
+    guest: Option<String>,
+    /// the guest's command line (built-in: workload=counter|dirty|hash|kv ...)
+    #[arg(long, value_name = "STR", allow_hyphen_values = true)]
+    guest_args: Option<String>,
+    /// guest RAM, e.g. 256M, 2G (default 256M)
+    #[arg(long, value_name = "SIZE")]
+    mem: Option<String>,
+    /// vCPUs, 1 to 16 (default 1)
+    #[arg(long, value_name = "N")]
+    vcpus: Option<u32>,
+    #[command(flatten)]
+    devices: DeviceArgs,
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    #[command(flatten)]
+    guest: GuestArgs,
+    /// take a snapshot after MS ...
+    #[arg(long, value_name = "MS")]
+    snapshot_after_ms: Option<u64>,
+    /// ... into DIR (restore it with `lockstep restore DIR`)
+    #[arg(long, value_name = "DIR")]
+    snapshot_to: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct RestoreArgs {
+    /// the snapshot directory (`lockstep run --snapshot-to DIR` wrote it)
+    #[arg(value_name = "DIR")]
+    dir: Option<PathBuf>,
+    #[command(flatten)]
+    devices: DeviceArgs,
+}
+
+/// The fence agent's options, for both roles.
+#[derive(Debug, Args)]
+struct FenceArgs {
+    /// `--fence none`: promote without fencing (unsafe; backup only)
+    #[arg(long, value_name = "none")]
+    fence: Option<String>,
+    /// fence agent, run as `sh -c CMD` with key=value lines on stdin (fence-agents
+    /// convention); only exit 0 counts as fenced
+    #[arg(long, value_name = "CMD", allow_hyphen_values = true)]
+    fence_cmd: Option<String>,
+    /// the peer's node as the fence device knows it, sent as nodename=, port= and plug=
+    /// (default: the pair's --name)
+    #[arg(long, value_name = "NODE", allow_hyphen_values = true)]
+    peer_node: Option<String>,
+    /// an option for the agent (repeatable); action, option, nodename, port, plug,
+    /// missing_as_off, port_as_ip, (plug_)separator, help and version are lockstep's
+    #[arg(long, value_name = "KEY=VALUE", allow_hyphen_values = true)]
+    fence_arg: Vec<String>,
+    /// one attempt longer than this fails (default 10)
+    #[arg(long, value_name = "S")]
+    fence_timeout_s: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+struct PrimaryArgs {
+    /// the backup (required; retried until --connect-timeout-s)
+    #[arg(long, value_name = "ADDR:PORT")]
+    peer: Option<String>,
+    /// epoch interval (default 25)
+    #[arg(long, value_name = "MS")]
+    interval_ms: Option<u64>,
+    /// shortest epoch when output waits (default 2)
+    #[arg(long, value_name = "MS")]
+    min_interval_ms: Option<u64>,
+    /// never end an epoch early for waiting output
+    #[arg(long)]
+    no_early_checkpoint: bool,
+    /// unacknowledged epochs in flight (default 4)
+    #[arg(long, value_name = "N")]
+    window: Option<usize>,
+    /// end cleanly (final epoch, digests) after S seconds
+    #[arg(long, value_name = "S")]
+    seconds: Option<f64>,
+    /// the pair's name; the backup must have the same (default lockstep)
+    #[arg(long, value_name = "NAME", allow_hyphen_values = true)]
+    name: Option<String>,
+    /// how long to retry connecting to the backup (default 10)
+    #[arg(long, value_name = "S")]
+    connect_timeout_s: Option<u64>,
+    /// silence after which the backup counts as lost (default 1000)
+    #[arg(long, value_name = "MS")]
+    heartbeat_timeout_ms: Option<u64>,
+    /// fence (default): hold output, fence the backup, then go on unprotected; pause:
+    /// stop the guest; continue: release at once without fencing (unsafe)
+    #[arg(long, value_name = "fence|pause|continue")]
+    on_backup_loss: Option<String>,
+    /// write this process's pid (for a single-host fence agent)
+    #[arg(long, value_name = "PATH")]
+    pid_file: Option<PathBuf>,
+    /// harvest dirty pages from a KVM dirty ring, not the bitmap
+    #[arg(long, value_name = "ENTRIES")]
+    dirty_ring: Option<u32>,
+    /// end an epoch once the guest dirtied N pages (default 4096): bounds each pause
+    #[arg(long, value_name = "N")]
+    max_epoch_pages: Option<usize>,
+    #[command(flatten)]
+    fence: FenceArgs,
+    #[command(flatten)]
+    guest: GuestArgs,
+}
+
+#[derive(Debug, Args)]
+struct BackupArgs {
+    /// where the primary connects (required)
+    #[arg(long, value_name = "ADDR:PORT")]
+    listen: Option<String>,
+    /// expected guest RAM (default: the primary's)
+    #[arg(long, value_name = "SIZE")]
+    mem: Option<String>,
+    /// expected vCPUs (default: the primary's)
+    #[arg(long, value_name = "N")]
+    vcpus: Option<u32>,
+    /// the pair's name; the primary must have the same (default lockstep)
+    #[arg(long, value_name = "NAME", allow_hyphen_values = true)]
+    name: Option<String>,
+    /// resume the guest when the primary ends replication cleanly
+    #[arg(long)]
+    run_after_end: bool,
+    /// silence after which the primary counts as lost (default 1000)
+    #[arg(long, value_name = "MS")]
+    heartbeat_timeout_ms: Option<u64>,
+    /// write this process's pid (for the primary's fence agent)
+    #[arg(long, value_name = "PATH")]
+    pid_file: Option<PathBuf>,
+    /// wait this long before fencing a primary that went silent: its head start to fence
+    /// this backup (default 1000)
+    #[arg(long, value_name = "MS")]
+    fence_delay_ms: Option<u64>,
+    /// Tests only: after epoch 1 commits, send no ack for this long.
+    #[arg(long, value_name = "MS", hide = true)]
+    test_withhold_acks_ms: Option<u64>,
+    #[command(flatten)]
+    fence: FenceArgs,
+    /// The console of the resumed guest, and the tap it takes over on promotion
+    /// (required to fence).
+    #[command(flatten)]
+    devices: DeviceArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// how long the client writes before the kill (default 3)
+    #[arg(long, value_name = "S")]
+    pub seconds: Option<f64>,
 }
 
 /// Workloads of the built-in guest, checked before boot so a typo is a clear error.
 pub const BUILTIN_WORKLOADS: &[&str] = &["counter", "dirty", "hash", "kv", "crash"];
+
+/// Guest RAM when `--mem` is not given.
+pub const DEFAULT_MEM: u64 = 256 << 20;
+
+/// The longest timeout or delay in milliseconds an option takes (an hour).
+const MAX_MS: u64 = 3_600_000;
 
 #[derive(Debug, Error)]
 pub enum CliError {
@@ -168,13 +307,24 @@ impl CliError {
     }
 }
 
-fn usage(msg: impl Into<String>) -> CliError {
+pub fn usage(msg: impl Into<String>) -> CliError {
     CliError::Usage(msg.into())
 }
 
 pub fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    match dispatch(&args) {
+    let args: Vec<String> = std::env::args().collect();
+    let cli = match parse(&args) {
+        Ok(cli) => cli,
+        Err(code) => return code,
+    };
+    let result = match cli.command {
+        Command::Run(a) => cmd_run(a),
+        Command::Restore(a) => cmd_restore(a),
+        Command::Primary(a) => cmd_primary(*a),
+        Command::Backup(a) => cmd_backup(*a),
+        Command::Demo(a) => crate::demo::run(a),
+    };
+    match result {
         Ok(code) => code,
         Err(e) => {
             eprintln!("lockstep: error: {e}");
@@ -183,180 +333,95 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn dispatch(args: &[String]) -> Result<ExitCode, CliError> {
-    let Some((cmd, rest)) = args.split_first() else {
-        eprintln!("{USAGE}");
-        return Ok(ExitCode::from(2));
+/// Parses the command line; help and version are printed here (exit 0), every mistake as
+/// one line (exit 2).
+fn parse(args: &[String]) -> Result<Cli, ExitCode> {
+    // `--help` or `-h` anywhere after a command asks for that command's help, even among
+    // options it does not know.
+    let help = args.len() > 2 && args[2..].iter().any(|a| a == "--help" || a == "-h");
+    let parsed = if help {
+        Cli::try_parse_from([&args[0], &args[1], "--help"])
+    } else {
+        Cli::try_parse_from(args)
     };
-    if rest.iter().any(|a| a == "--help" || a == "-h") {
-        if let Some(help) = command_help(cmd) {
+    match parsed {
+        Ok(cli) => Ok(cli),
+        Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => {
             // A closed pipe (`| head`) is not an error worth a panic.
-            let _ = writeln!(std::io::stdout(), "{help}");
-            return Ok(ExitCode::SUCCESS);
+            let _ = write!(std::io::stdout(), "{e}");
+            Err(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprintln!("lockstep: error: {}", one_line(&e));
+            Err(ExitCode::from(2))
         }
     }
-    match cmd.as_str() {
-        "run" => cmd_run(rest),
-        "restore" => cmd_restore(rest),
-        "primary" => cmd_primary(rest),
-        "backup" => cmd_backup(rest),
-        "demo" => crate::demo::run(rest),
-        "-h" | "--help" | "help" => {
-            let _ = writeln!(std::io::stdout(), "{USAGE}");
-            Ok(ExitCode::SUCCESS)
-        }
-        "-V" | "--version" => {
-            println!("lockstep {}", env!("CARGO_PKG_VERSION"));
-            Ok(ExitCode::SUCCESS)
-        }
-        other => Err(usage(format!(
-            "unknown command '{other}' (try: run, restore, --help)"
+}
+
+/// clap's message in one line: its first line without the `error: ` prefix (and, when
+/// that line ends in a colon, the lines it introduces), no usage block.
+fn one_line(e: &clap::Error) -> String {
+    if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+        return "no command given (try: lockstep --help)".to_string();
+    }
+    let text = e.to_string();
+    let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+    let first = lines.next().unwrap_or("bad command line");
+    let mut line = first.strip_prefix("error: ").unwrap_or(first).to_string();
+    if line.ends_with(':') {
+        let listed: Vec<&str> = lines
+            .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more"))
+            .collect();
+        line = format!("{line} {}", listed.join(", "));
+    }
+    line
+}
+
+/// `value` if it lies in `range`, else the error naming the option.
+fn in_range<T>(name: &str, value: T, range: std::ops::RangeInclusive<T>) -> Result<T, CliError>
+where
+    T: PartialOrd + std::fmt::Display,
+{
+    if !range.contains(&value) {
+        return Err(usage(format!(
+            "--{name} {value}: must be between {} and {}",
+            range.start(),
+            range.end()
+        )));
+    }
+    Ok(value)
+}
+
+fn console_option(d: &DeviceArgs) -> Console {
+    Console::parse(d.console.as_deref().unwrap_or("stdout"))
+}
+
+fn net_option(d: &DeviceArgs) -> Result<Option<NetConfig>, CliError> {
+    d.net
+        .as_deref()
+        .map(|n| NetConfig::parse(n).map_err(CliError::Usage))
+        .transpose()
+}
+
+fn dirty_ring_option(ring: Option<u32>) -> Result<Option<u32>, CliError> {
+    match ring {
+        Some(n) if !n.is_power_of_two() || !(64..=(1 << 20)).contains(&n) => Err(usage(format!(
+            "--dirty-ring {n}: entries must be a power of two from 64 to 1048576"
         ))),
+        r => Ok(r),
     }
 }
 
-/// Silence (no epoch, heartbeat or ack) after which a peer counts as lost. Forty 25 ms
-/// epochs: on shared two-core machines single pauses of 100+ ms happen, and a false
-/// failover is far worse than a slower one. A primary that dies closes its connection,
-/// which the backup notices at once, whatever this is.
-pub const DEFAULT_HEARTBEAT_TIMEOUT_MS: u64 = 1000;
-
-/// Options that may be given more than once.
-const REPEATABLE: &[&str] = &["fence-arg"];
-
-/// `--name value` / `--name=value` options and positional arguments.
-pub struct Options {
-    command: &'static str,
-    pairs: Vec<(String, String)>,
-    switches: Vec<String>,
-    pub positional: Vec<String>,
-}
-
-impl Options {
-    /// Parses `args`; `valued` and `switches` list the accepted option names.
-    pub fn parse(
-        command: &'static str,
-        args: &[String],
-        valued: &[&str],
-        switches: &[&str],
-    ) -> Result<Options, CliError> {
-        let mut o = Options {
-            command,
-            pairs: Vec::new(),
-            switches: Vec::new(),
-            positional: Vec::new(),
-        };
-        let mut it = args.iter();
-        while let Some(a) = it.next() {
-            let Some(name) = a.strip_prefix("--") else {
-                o.positional.push(a.clone());
-                continue;
-            };
-            let (name, inline) = match name.split_once('=') {
-                Some((n, v)) => (n, Some(v.to_string())),
-                None => (name, None),
-            };
-            if switches.contains(&name) {
-                if inline.is_some() {
-                    return Err(usage(format!(
-                        "option --{name} of 'lockstep {command}' takes no value"
-                    )));
-                }
-                o.switches.push(name.to_string());
-            } else if valued.contains(&name) {
-                let value = match inline {
-                    Some(v) => v,
-                    None => it
-                        .next()
-                        .cloned()
-                        .ok_or_else(|| usage(format!("option --{name} needs a value")))?,
-                };
-                if !REPEATABLE.contains(&name) && o.pairs.iter().any(|(n, _)| n == name) {
-                    return Err(usage(format!("option --{name} given twice")));
-                }
-                o.pairs.push((name.to_string(), value));
-            } else {
-                return Err(usage(format!(
-                    "unknown option --{name} for 'lockstep {command}'"
-                )));
-            }
-        }
-        Ok(o)
-    }
-
-    pub fn get(&self, name: &str) -> Option<&str> {
-        self.pairs
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
-    }
-
-    /// Every value of a repeatable option, in order.
-    pub fn get_all(&self, name: &str) -> Vec<&str> {
-        self.pairs
-            .iter()
-            .filter(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
-            .collect()
-    }
-
-    pub fn switch(&self, name: &str) -> bool {
-        self.switches.iter().any(|n| n == name)
-    }
-
-    pub fn number<T: std::str::FromStr>(&self, name: &str) -> Result<Option<T>, CliError> {
-        self.get(name)
-            .map(|v| {
-                v.parse()
-                    .map_err(|_| usage(format!("--{name} {v}: not a valid number")))
-            })
-            .transpose()
-    }
-
-    /// A number option within `range`, or `default` when it is not given.
-    pub fn number_in<T>(
-        &self,
-        name: &str,
-        default: T,
-        range: std::ops::RangeInclusive<T>,
-    ) -> Result<T, CliError>
-    where
-        T: std::str::FromStr + PartialOrd + std::fmt::Display,
-    {
-        let v = self.number(name)?.unwrap_or(default);
-        if !range.contains(&v) {
-            return Err(usage(format!(
-                "--{name} {v}: must be between {} and {}",
-                range.start(),
-                range.end()
-            )));
-        }
-        Ok(v)
-    }
-
-    pub fn no_positional(&self) -> Result<(), CliError> {
-        match self.positional.first() {
-            Some(p) => Err(usage(format!(
-                "unexpected argument '{p}' for 'lockstep {}'",
-                self.command
-            ))),
-            None => Ok(()),
-        }
-    }
-}
-
-pub const GUEST_OPTIONS: &[&str] = &["guest", "guest-args", "mem", "vcpus", "console", "net"];
-pub const DEFAULT_MEM: u64 = 256 << 20;
-
-/// The guest and machine options shared by `run` and the replication roles.
-fn guest_options(o: &Options) -> Result<BootConfig, CliError> {
-    let guest = o
-        .get("guest")
+/// The guest and machine of `run` and `primary`.
+fn boot_config(g: &GuestArgs, dirty_ring: Option<u32>) -> Result<BootConfig, CliError> {
+    let guest = g
+        .guest
+        .as_deref()
         .ok_or_else(|| usage("--guest builtin|PATH is required"))?;
-    let guest_args = o
-        .get("guest-args")
-        .unwrap_or("workload=counter limit=10")
-        .to_string();
+    let guest_args = g
+        .guest_args
+        .clone()
+        .unwrap_or_else(|| "workload=counter limit=10".to_string());
     let image = if guest == "builtin" {
         check_builtin_args(&guest_args)?;
         engine::BUILTIN_GUEST.to_vec()
@@ -366,45 +431,29 @@ fn guest_options(o: &Options) -> Result<BootConfig, CliError> {
             source,
         })?
     };
-    let mem = match o.get("mem") {
+    let mem = match &g.mem {
         Some(m) => parse_size(m)?,
         None => DEFAULT_MEM,
     };
     engine::vstate::memory::validate_size(mem).map_err(|e| usage(e.to_string()))?;
-    let vcpus: u32 = o.number("vcpus")?.unwrap_or(1);
+    let vcpus = g.vcpus.unwrap_or(1);
     let max = engine::boot::abi::MAX_VCPUS;
     if vcpus == 0 || vcpus > max {
         return Err(usage(format!(
             "--vcpus {vcpus}: must be between 1 and {max}"
         )));
     }
-    let console = Console::parse(o.get("console").unwrap_or("stdout"));
     Ok(BootConfig {
         image,
         guest_args,
         machine: MachineConfig {
             mem_size: mem,
             vcpus,
-            console,
-            net: net_option(o)?,
-            dirty_ring: dirty_ring_option(o)?,
+            console: console_option(&g.devices),
+            net: net_option(&g.devices)?,
+            dirty_ring: dirty_ring_option(dirty_ring)?,
         },
     })
-}
-
-fn dirty_ring_option(o: &Options) -> Result<Option<u32>, CliError> {
-    match o.number::<u32>("dirty-ring")? {
-        Some(n) if !n.is_power_of_two() || !(64..=(1 << 20)).contains(&n) => Err(usage(format!(
-            "--dirty-ring {n}: entries must be a power of two from 64 to 1048576"
-        ))),
-        r => Ok(r),
-    }
-}
-
-fn net_option(o: &Options) -> Result<Option<NetConfig>, CliError> {
-    o.get("net")
-        .map(|n| NetConfig::parse(n).map_err(CliError::Usage))
-        .transpose()
 }
 
 fn check_builtin_args(args: &str) -> Result<(), CliError> {
@@ -424,15 +473,11 @@ fn check_builtin_args(args: &str) -> Result<(), CliError> {
     }
 }
 
-fn cmd_run(args: &[String]) -> Result<ExitCode, CliError> {
+fn cmd_run(a: RunArgs) -> Result<ExitCode, CliError> {
     log::init("run");
-    let mut valued = GUEST_OPTIONS.to_vec();
-    valued.extend(["snapshot-after-ms", "snapshot-to"]);
-    let o = Options::parse("run", args, &valued, &[])?;
-    o.no_positional()?;
-    let g = guest_options(&o)?;
-    let snapshot = match (o.number::<u64>("snapshot-after-ms")?, o.get("snapshot-to")) {
-        (Some(ms), Some(dir)) => Some((Duration::from_millis(ms), PathBuf::from(dir))),
+    let g = boot_config(&a.guest, None)?;
+    let snapshot = match (a.snapshot_after_ms, a.snapshot_to) {
+        (Some(ms), Some(dir)) => Some((Duration::from_millis(ms), dir)),
         (None, None) => None,
         _ => return Err(usage("--snapshot-after-ms and --snapshot-to go together")),
     };
@@ -440,63 +485,53 @@ fn cmd_run(args: &[String]) -> Result<ExitCode, CliError> {
     drive(&mut machine, snapshot)
 }
 
-fn cmd_restore(args: &[String]) -> Result<ExitCode, CliError> {
+fn cmd_restore(a: RestoreArgs) -> Result<ExitCode, CliError> {
     log::init("restore");
-    let o = Options::parse("restore", args, &["console", "net"], &[])?;
-    let [dir] = o.positional.as_slice() else {
+    let Some(dir) = a.dir else {
         return Err(usage(
             "usage: lockstep restore DIR [--console stdout|none|PATH]",
         ));
     };
-    let console = Console::parse(o.get("console").unwrap_or("stdout"));
-    let snap = snapshot::read(dir.as_ref())?;
+    let console = console_option(&a.devices);
+    let snap = snapshot::read(&dir)?;
     let memory = engine::vstate::memory::create(snap.state.mem_size).map_err(MachineError::from)?;
     snap.load_memory(&memory)?;
-    let net = net_option(&o)?;
+    let net = net_option(&a.devices)?;
     let mut machine = Machine::restore(&snap.state, &console, net.as_ref(), memory)?;
     info!(
-        "restored {} vCPUs and {} MiB from {dir}",
+        "restored {} vCPUs and {} MiB from {}",
         snap.state.vcpus.len(),
-        snap.state.mem_size >> 20
+        snap.state.mem_size >> 20,
+        dir.display()
     );
     drive(&mut machine, None)
 }
 
-fn cmd_primary(args: &[String]) -> Result<ExitCode, CliError> {
+fn cmd_primary(a: PrimaryArgs) -> Result<ExitCode, CliError> {
     log::init("primary");
-    let mut valued = GUEST_OPTIONS.to_vec();
-    valued.extend([
-        "min-interval-ms",
-        "peer",
-        "interval-ms",
-        "seconds",
-        "window",
-        "name",
-        "connect-timeout-s",
-        "heartbeat-timeout-ms",
-        "on-backup-loss",
-        "pid-file",
-        "dirty-ring",
-        "max-epoch-pages",
-    ]);
-    valued.extend(FENCE_OPTIONS);
-    let o = Options::parse("primary", args, &valued, &["no-early-checkpoint"])?;
-    o.no_positional()?;
-    let g = guest_options(&o)?;
-    let peer = o
-        .get("peer")
+    let g = boot_config(&a.guest, a.dirty_ring)?;
+    let peer = a
+        .peer
         .ok_or_else(|| usage("--peer ADDR:PORT is required"))?;
-    let interval_ms: u64 = o
-        .number("interval-ms")?
+    let interval_ms = a
+        .interval_ms
         .unwrap_or(primary::DEFAULT_INTERVAL.as_millis() as u64);
     if interval_ms == 0 {
         return Err(usage("--interval-ms must be at least 1"));
     }
-    let window: usize = o.number("window")?.unwrap_or(primary::DEFAULT_WINDOW);
+    let window = a.window.unwrap_or(primary::DEFAULT_WINDOW);
     if window == 0 {
         return Err(usage("--window must be at least 1"));
     }
-    let on_backup_loss = match o.get("on-backup-loss").unwrap_or("fence") {
+    let seconds = match a.seconds {
+        Some(s) if !(s.is_finite() && s >= 0.0) => {
+            return Err(usage(format!(
+                "--seconds {s}: must be a number of seconds, 0 or more"
+            )))
+        }
+        s => s.map(Duration::from_secs_f64),
+    };
+    let on_backup_loss = match a.on_backup_loss.as_deref().unwrap_or("fence") {
         "fence" => OnBackupLoss::Fence,
         "pause" => OnBackupLoss::Pause,
         "continue" => OnBackupLoss::Continue,
@@ -506,27 +541,23 @@ fn cmd_primary(args: &[String]) -> Result<ExitCode, CliError> {
             )))
         }
     };
-    if on_backup_loss != OnBackupLoss::Fence && o.get("fence-cmd").is_some() {
+    if on_backup_loss != OnBackupLoss::Fence && a.fence.fence_cmd.is_some() {
         return Err(usage(
             "--fence-cmd is used only with --on-backup-loss fence (the default)",
         ));
     }
+    let name = a.name.unwrap_or_else(|| DEFAULT_NAME.to_string());
     let opts = PrimaryOptions {
-        peer: peer.to_string(),
+        peer,
         interval: Duration::from_millis(interval_ms),
-        seconds: o.number::<f64>("seconds")?.map(Duration::from_secs_f64),
-        connect_timeout: Duration::from_secs(o.number("connect-timeout-s")?.unwrap_or(10)),
-        name: o.get("name").unwrap_or(DEFAULT_NAME).to_string(),
+        seconds,
+        connect_timeout: Duration::from_secs(a.connect_timeout_s.unwrap_or(10)),
         window,
-        backup_timeout: Duration::from_millis(o.number_in(
-            "heartbeat-timeout-ms",
-            DEFAULT_HEARTBEAT_TIMEOUT_MS,
-            1..=MAX_MS,
-        )?),
+        backup_timeout: heartbeat_timeout(a.heartbeat_timeout_ms)?,
         on_backup_loss,
-        fence: match fence_option(&o)? {
+        fence: match fence_option(&a.fence, &name, false)? {
             None => None,
-            Some(FenceConfig::Agent(a)) => Some(a),
+            Some(FenceConfig::Agent(agent)) => Some(agent),
             Some(FenceConfig::None) => {
                 return Err(usage(
                     "--fence none is for the backup; a primary that may go on without \
@@ -534,72 +565,46 @@ fn cmd_primary(args: &[String]) -> Result<ExitCode, CliError> {
                 ))
             }
         },
-        early_checkpoint: !o.switch("no-early-checkpoint"),
-        min_interval: Duration::from_millis(o.number("min-interval-ms")?.unwrap_or(2)),
-        max_epoch_pages: match o.number("max-epoch-pages")? {
+        name,
+        early_checkpoint: !a.no_early_checkpoint,
+        min_interval: Duration::from_millis(a.min_interval_ms.unwrap_or(2)),
+        max_epoch_pages: match a.max_epoch_pages {
             None => primary::DEFAULT_MAX_EPOCH_PAGES,
             Some(0) => return Err(usage("--max-epoch-pages must be at least 1")),
             Some(n) => n,
         },
     };
-    let _pid_file = pid_file_option(&o)?;
+    let _pid_file = pid_file_option(a.pid_file)?;
     let status = primary::run(g, opts)?;
     Ok(ExitCode::from(status))
 }
 
-fn cmd_backup(args: &[String]) -> Result<ExitCode, CliError> {
+fn cmd_backup(a: BackupArgs) -> Result<ExitCode, CliError> {
     log::init("backup");
-    let o = Options::parse(
-        "backup",
-        args,
-        &[
-            "listen",
-            "mem",
-            "vcpus",
-            "name",
-            "console",
-            "net",
-            "test-withhold-acks-ms",
-            "heartbeat-timeout-ms",
-            "fence",
-            "fence-cmd",
-            "fence-arg",
-            "fence-timeout-s",
-            "peer-node",
-            "fence-delay-ms",
-            "pid-file",
-        ],
-        &["run-after-end"],
-    )?;
-    o.no_positional()?;
-    let listen = o
-        .get("listen")
+    let listen = a
+        .listen
         .ok_or_else(|| usage("--listen ADDR:PORT is required"))?;
-    let mem = o.get("mem").map(parse_size).transpose()?;
+    let mem = a.mem.as_deref().map(parse_size).transpose()?;
     if let Some(m) = mem {
         engine::vstate::memory::validate_size(m).map_err(|e| usage(e.to_string()))?;
     }
-    let console = Console::parse(o.get("console").unwrap_or("stdout"));
+    let name = a.name.unwrap_or_else(|| DEFAULT_NAME.to_string());
     let opts = BackupOptions {
-        listen: listen.to_string(),
+        listen,
         mem,
-        vcpus: o.number("vcpus")?,
-        name: o.get("name").unwrap_or(DEFAULT_NAME).to_string(),
-        run_after_end: o.switch("run-after-end"),
-        net: net_option(&o)?,
-        console: console.clone(),
-        heartbeat_timeout: Duration::from_millis(o.number_in(
-            "heartbeat-timeout-ms",
-            DEFAULT_HEARTBEAT_TIMEOUT_MS,
-            1..=MAX_MS,
-        )?),
-        withhold_acks: o
-            .number("test-withhold-acks-ms")?
-            .map(Duration::from_millis),
+        vcpus: a.vcpus,
+        name: name.clone(),
+        run_after_end: a.run_after_end,
+        net: net_option(&a.devices)?,
+        console: console_option(&a.devices),
+        heartbeat_timeout: heartbeat_timeout(a.heartbeat_timeout_ms)?,
+        withhold_acks: a.test_withhold_acks_ms.map(Duration::from_millis),
     };
-    let fence_delay =
-        Duration::from_millis(o.number_in("fence-delay-ms", DEFAULT_FENCE_DELAY_MS, 0..=MAX_MS)?);
-    let fence = fence_option(&o)?;
+    let fence_delay = match a.fence_delay_ms {
+        None => DEFAULT_FENCE_DELAY,
+        Some(ms) => Duration::from_millis(in_range("fence-delay-ms", ms, 0..=MAX_MS)?),
+    };
+    let fence = fence_option(&a.fence, &name, a.fence_delay_ms.is_some())?;
     if fence.is_some() && opts.net.is_none() {
         // Promotion without the network would cut every client off: refuse up front.
         return Err(usage(
@@ -607,7 +612,7 @@ fn cmd_backup(args: &[String]) -> Result<ExitCode, CliError> {
         ));
     }
     // Held until the process ends: a promoted backup runs the guest and is fenced by it.
-    let _pid_file = pid_file_option(&o)?;
+    let _pid_file = pid_file_option(a.pid_file)?;
     let outcome = backup::run(opts.clone())?;
     match failover::take_over(outcome, &opts, fence.as_ref(), fence_delay)? {
         Some(mut machine) => drive(&mut machine, None),
@@ -615,56 +620,59 @@ fn cmd_backup(args: &[String]) -> Result<ExitCode, CliError> {
     }
 }
 
+/// `--heartbeat-timeout-ms MS` of both roles.
+fn heartbeat_timeout(ms: Option<u64>) -> Result<Duration, CliError> {
+    match ms {
+        None => Ok(DEFAULT_HEARTBEAT_TIMEOUT),
+        Some(ms) => Ok(Duration::from_millis(in_range(
+            "heartbeat-timeout-ms",
+            ms,
+            1..=MAX_MS,
+        )?)),
+    }
+}
+
 /// `--pid-file PATH`: written now, removed when the process ends in order.
-fn pid_file_option(o: &Options) -> Result<Option<PidFile>, CliError> {
-    o.get("pid-file")
-        .map(|p| PidFile::create(p.as_ref()))
+fn pid_file_option(path: Option<PathBuf>) -> Result<Option<PidFile>, CliError> {
+    path.map(|p| PidFile::create(&p))
         .transpose()
         .map_err(CliError::from)
 }
 
-/// The fencing options of both roles.
-const FENCE_OPTIONS: [&str; 5] = [
-    "fence",
-    "fence-cmd",
-    "fence-arg",
-    "fence-timeout-s",
-    "peer-node",
-];
-
-/// The pair's name when `--name` is not given.
-pub const DEFAULT_NAME: &str = "lockstep";
-
-/// The longest timeout or delay in milliseconds an option takes (an hour).
-const MAX_MS: u64 = 3_600_000;
-
-/// The backup's head start for a primary that may be alive behind a cut link.
-pub const DEFAULT_FENCE_DELAY_MS: u64 = 1000;
-
-fn fence_option(o: &Options) -> Result<Option<FenceConfig>, CliError> {
-    let args = o
-        .get_all("fence-arg")
-        .into_iter()
+/// The fencing options of both roles; `name` is the pair's, `delay_given` whether the
+/// backup's `--fence-delay-ms` was.
+fn fence_option(
+    f: &FenceArgs,
+    name: &str,
+    delay_given: bool,
+) -> Result<Option<FenceConfig>, CliError> {
+    let args = f
+        .fence_arg
+        .iter()
         .map(|kv| parse_fence_arg(kv).map_err(|e| usage(e.to_string())))
         .collect::<Result<Vec<_>, _>>()?;
-    let timeout = Duration::from_secs(o.number_in("fence-timeout-s", 10, 1..=3600)?);
+    let timeout = Duration::from_secs(in_range(
+        "fence-timeout-s",
+        f.fence_timeout_s.unwrap_or(10),
+        1..=3600,
+    )?);
     // Options of an agent, given without one: a mistake, never silently ignored.
     let agent_only = || -> Result<(), CliError> {
-        for name in [
-            "peer-node",
-            "fence-arg",
-            "fence-timeout-s",
-            "fence-delay-ms",
+        for (option, given) in [
+            ("peer-node", f.peer_node.is_some()),
+            ("fence-arg", !f.fence_arg.is_empty()),
+            ("fence-timeout-s", f.fence_timeout_s.is_some()),
+            ("fence-delay-ms", delay_given),
         ] {
-            if o.get(name).is_some() {
+            if given {
                 return Err(usage(format!(
-                    "--{name} needs --fence-cmd (it configures the fence agent)"
+                    "--{option} needs --fence-cmd (it configures the fence agent)"
                 )));
             }
         }
         Ok(())
     };
-    match (o.get("fence"), o.get("fence-cmd")) {
+    match (f.fence.as_deref(), f.fence_cmd.as_deref()) {
         (Some("none"), None) => {
             agent_only()?;
             Ok(Some(FenceConfig::None))
@@ -679,11 +687,7 @@ fn fence_option(o: &Options) -> Result<Option<FenceConfig>, CliError> {
         (None, Some(cmd)) => {
             // Without --peer-node the victim is the pair's --name, as nodename= was before;
             // an agent that does not know that name fails, and nothing is promoted.
-            let victim = o
-                .get("peer-node")
-                .or(o.get("name"))
-                .unwrap_or(DEFAULT_NAME)
-                .trim();
+            let victim = f.peer_node.as_deref().unwrap_or(name).trim();
             if victim.is_empty() || victim.contains(['\n', '\r']) {
                 return Err(usage(
                     "--peer-node: the peer's node as the fence device knows it (sent as \
@@ -692,7 +696,7 @@ fn fence_option(o: &Options) -> Result<Option<FenceConfig>, CliError> {
             }
             info!(
                 "fencing the peer with '{cmd}' as node '{victim}'{}",
-                if o.get("peer-node").is_none() {
+                if f.peer_node.is_none() {
                     " (the pair's --name: set --peer-node to the name the fence device knows)"
                 } else {
                     ""

@@ -19,17 +19,18 @@ use std::time::Duration;
 use harness::trial::GUEST_ADDR;
 use harness::{interrupted, trial, Netns, TrialConfig, TrialOutcome};
 
+use crate::cli::{usage, CliError, DemoArgs};
+
 /// `lockstep demo [--seconds S]`.
-pub fn run(args: &[String]) -> Result<ExitCode, crate::cli::CliError> {
+pub fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
     engine::log::init("demo");
-    let o = crate::cli::Options::parse("demo", args, &["seconds"], &[])?;
-    o.no_positional()?;
-    let seconds: f64 = o.number("seconds")?.unwrap_or(3.0);
+    let seconds = args.seconds.unwrap_or(3.0);
     if !(0.5..=3600.0).contains(&seconds) {
-        return Err(crate::cli::CliError::Usage(format!(
+        return Err(usage(format!(
             "--seconds {seconds}: must be between 0.5 and 3600"
         )));
     }
+    // Ctrl-C and SIGTERM set the flag every wait of the harness polls, so it cleans up.
     engine::replication::install_stop_handler();
     match demo(seconds) {
         Ok(true) => Ok(ExitCode::SUCCESS),

@@ -142,14 +142,14 @@ fn unknown_workload() {
 fn unknown_option() {
     let run = lockstep(&["run", "--guest", "builtin", "--frobnicate"]);
     assert_eq!(run.code(), Some(2), "{run:?}");
-    run.assert_one_line_error(&["unknown option --frobnicate"]);
+    run.assert_one_line_error(&["unexpected argument '--frobnicate'"]);
 }
 
 #[test]
 fn unknown_command() {
     let run = lockstep(&["frobnicate"]);
     assert_eq!(run.code(), Some(2), "{run:?}");
-    run.assert_one_line_error(&["unknown command 'frobnicate'"]);
+    run.assert_one_line_error(&["unrecognized subcommand 'frobnicate'"]);
 }
 
 #[test]

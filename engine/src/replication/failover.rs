@@ -16,6 +16,10 @@ use crate::info;
 use crate::machine::Machine;
 use crate::vstate::memory;
 
+/// The backup's head start for a primary that may be alive behind a cut link: how long it
+/// waits before fencing a primary that went silent (see [`fail_over`]).
+pub const DEFAULT_FENCE_DELAY: Duration = Duration::from_millis(1000);
+
 /// Decides what follows `outcome` (what [`super::backup::run`] returned): the running
 /// machine the backup now drives, or `None` when there is nothing to run.
 ///

@@ -11,6 +11,16 @@ pub mod primary;
 pub mod stats;
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+/// The pair's name when none is given; both sides must have the same (see [`guest_id`]).
+pub const DEFAULT_NAME: &str = "lockstep";
+
+/// Silence (no epoch, heartbeat or ack) after which a peer counts as lost. Forty 25 ms
+/// epochs: on shared two-core machines single pauses of 100+ ms happen, and a false
+/// failover is far worse than a slower one. A primary that dies closes its connection,
+/// which the backup notices at once, whatever this is.
+pub const DEFAULT_HEARTBEAT_TIMEOUT: Duration = Duration::from_millis(1000);
 
 static STOP: AtomicBool = AtomicBool::new(false);
 
