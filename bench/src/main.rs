@@ -13,6 +13,7 @@ mod failover;
 mod harvest;
 mod net;
 mod pause;
+mod runs;
 mod stats;
 
 use std::process::ExitCode;
