@@ -1,5 +1,5 @@
 //! `bench failover`: how long the clients of a protected kv guest wait when the primary
-//! dies. Each trial is the `lockstep demo` scenario ([`harness::trial`]): a backup and
+//! dies. Each trial is the `lockstep demo` scenario ([`harness::trial`](fn@harness::trial)): a backup and
 //! a primary in a network namespace of their own, one client writing over one TCP
 //! connection, the primary SIGKILLed during continuous epochs, the backup fencing it with
 //! `scripts/fence-pidfile` and promoting on the same tap.

@@ -29,7 +29,7 @@ impl Kv {
         })
     }
 
-    /// Queues one command (sent by [`Kv::flush`]).
+    /// Queues one command (send it with [`Kv::send_raw`]).
     pub fn encode(out: &mut Vec<u8>, args: &[&str]) {
         out.extend_from_slice(format!("*{}\r\n", args.len()).as_bytes());
         for a in args {

@@ -1,7 +1,7 @@
 //! What the end-to-end tests, the benchmarks and `lockstep demo` share to drive real
 //! `lockstep` processes: the KVM precondition, the binary ([`bin`]), commands with a
-//! deadline ([`run`]), child processes with logs ([`process`]), network namespaces
-//! ([`netns`]), a Redis-protocol client ([`kv`]), the failover trial ([`trial`]), a
+//! deadline ([`run`](mod@run)), child processes with logs ([`process`]), network namespaces
+//! ([`netns`]), a Redis-protocol client ([`kv`]), the failover trial ([`trial`](mod@trial)), a
 //! protected pair with a cuttable link ([`pair`]), temporary directories ([`tempdir`]) and
 //! a watchdog ([`watchdog`]).
 //!

@@ -11,7 +11,7 @@
 //! tap. The client carries on over the same connection, then reads back every acknowledged
 //! key. The demo exits 0 only if nothing acknowledged was lost and the connection survived.
 //!
-//! The scenario itself is [`harness::trial`], which the failover benchmark runs too.
+//! The scenario itself is [`harness::trial`](fn@harness::trial), which the failover benchmark runs too.
 
 use std::process::ExitCode;
 use std::time::Duration;
