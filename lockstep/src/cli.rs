@@ -368,11 +368,20 @@ fn one_line(e: &clap::Error) -> String {
     let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
     let first = lines.next().unwrap_or("bad command line");
     let mut line = first.strip_prefix("error: ").unwrap_or(first).to_string();
+    let rest: Vec<&str> = lines
+        .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more"))
+        .collect();
     if line.ends_with(':') {
-        let listed: Vec<&str> = lines
-            .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more"))
+        let listed: Vec<&str> = rest
+            .iter()
+            .copied()
+            .filter(|l| !l.starts_with("tip:"))
             .collect();
         line = format!("{line} {}", listed.join(", "));
+    }
+    // "a similar argument exists: '--interval-ms'" helps; clap's other tips do not apply.
+    if let Some(similar) = rest.iter().find_map(|l| l.strip_prefix("tip: a similar")) {
+        line = format!("{line} (a similar{similar})");
     }
     line
 }
