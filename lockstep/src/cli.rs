@@ -775,3 +775,6 @@ fn drive(
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
