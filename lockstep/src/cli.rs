@@ -322,7 +322,7 @@ pub fn main() -> ExitCode {
         Command::Restore(a) => cmd_restore(a),
         Command::Primary(a) => cmd_primary(*a),
         Command::Backup(a) => cmd_backup(*a),
-        Command::Demo(a) => crate::demo::run(a),
+        Command::Demo(a) => super::demo::run(a),
     };
     match result {
         Ok(code) => code,

@@ -19,7 +19,7 @@ use std::time::Duration;
 use harness::trial::GUEST_ADDR;
 use harness::{interrupted, trial, Netns, TrialConfig, TrialOutcome};
 
-use crate::cli::{usage, CliError, DemoArgs};
+use super::cli::{usage, CliError, DemoArgs};
 
 /// `lockstep demo [--seconds S]`.
 pub fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
