@@ -379,17 +379,19 @@ impl FrameReceiver {
             self.buf.reserve(need.max(RECV_CHUNK));
             let spare = self.buf.spare_capacity_mut();
             let len = spare.len().min(u32::MAX as usize) as u32;
+            // Past the deadline (or a zero timeout): one last look at what has already
+            // arrived, without waiting. A process that was stopped or starved past its
+            // deadline must not call a peer silent while its bytes wait in the socket.
+            let left = deadline_left(deadline);
+            let dont_wait = left == Some(Duration::ZERO);
             let op = opcode::Recv::new(
                 types::Fd(self.stream.as_raw_fd()),
                 spare.as_mut_ptr().cast::<u8>(),
                 len,
             )
+            .flags(if dont_wait { libc::MSG_DONTWAIT } else { 0 })
             .build();
-            let left = deadline_left(deadline);
-            if left == Some(Duration::ZERO) {
-                return Err(TransportError::Timeout(timeout.unwrap_or_default()));
-            }
-            let ts = left.map(types::Timespec::from);
+            let ts = left.filter(|_| !dont_wait).map(types::Timespec::from);
             // SAFETY: the receive targets the spare capacity of `self.buf`, which is not
             // touched (nor reallocated) until `run` returns after the completion.
             let res = unsafe { self.ring.run(op, ts.as_ref()) }?;
@@ -412,6 +414,9 @@ impl FrameReceiver {
                     })
                 }
                 e if e == -libc::ECANCELED && timeout.is_some() => {
+                    return Err(TransportError::Timeout(timeout.unwrap_or_default()))
+                }
+                e if (e == -libc::EAGAIN || e == -libc::EWOULDBLOCK) && dont_wait => {
                     return Err(TransportError::Timeout(timeout.unwrap_or_default()))
                 }
                 e if e == -libc::ECONNRESET => return Err(TransportError::Closed),
@@ -661,6 +666,22 @@ mod tests {
                 epoch: 4,
                 digest: 77
             }
+        );
+    }
+
+    #[test]
+    fn a_zero_timeout_takes_what_already_arrived() {
+        let (mut raw, mut conn) = raw_pair();
+        let err = conn.recv(Some(Duration::ZERO)).unwrap_err();
+        assert!(matches!(err, TransportError::Timeout(_)), "{err}");
+        let frame = Message::Heartbeat { epoch: 3 }.to_frame().unwrap();
+        raw.write_all(&frame).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        // A receiver that comes back after its deadline (stopped, starved) still sees the
+        // bytes that wait in the socket instead of calling the peer silent.
+        assert_eq!(
+            conn.recv(Some(Duration::ZERO)).unwrap(),
+            Message::Heartbeat { epoch: 3 }
         );
     }
 

@@ -211,15 +211,11 @@ fn replicate(
         }
         // The primary is lost after `heartbeat_timeout` without a byte from it; meanwhile
         // wake up in time for our own heartbeats.
+        // Past it, one last look without waiting (a zero timeout) at what already arrived:
+        // a backup that was itself stopped or starved must not call the primary silent
+        // while its bytes wait in the socket.
         let quiet = conn.last_activity().elapsed();
-        let Some(left) = opts.heartbeat_timeout.checked_sub(quiet) else {
-            staging.abort();
-            return Err(BackupError::PrimaryLost {
-                why: format!("no data for {:?}", opts.heartbeat_timeout),
-                committed: staging.committed_epoch(),
-                silent: true,
-            });
-        };
+        let left = opts.heartbeat_timeout.saturating_sub(quiet);
         let mut timeout = left.min(every.saturating_sub(last_sent.elapsed()).max(every / 4));
         if let (Some(d), Some(since)) = (opts.withhold_acks, withheld_since) {
             if since.elapsed() >= d {
@@ -244,6 +240,16 @@ fn replicate(
         }
         let msg = match conn.recv(Some(timeout)) {
             Ok(m) => m,
+            Err(TransportError::Timeout(_))
+                if conn.last_activity().elapsed() >= opts.heartbeat_timeout =>
+            {
+                staging.abort();
+                return Err(BackupError::PrimaryLost {
+                    why: format!("no data for {:?}", opts.heartbeat_timeout),
+                    committed: staging.committed_epoch(),
+                    silent: true,
+                });
+            }
             // Silence so far: the loop checks how long it has lasted.
             Err(TransportError::Timeout(_)) => continue,
             Err(e) => {
