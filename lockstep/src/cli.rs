@@ -189,7 +189,7 @@ struct PrimaryArgs {
     #[arg(long, value_name = "N")]
     window: Option<usize>,
     /// end cleanly (final epoch, digests) after S seconds
-    #[arg(long, value_name = "S")]
+    #[arg(long, value_name = "S", allow_negative_numbers = true)]
     seconds: Option<f64>,
     /// the pair's name; the backup must have the same (default lockstep)
     #[arg(long, value_name = "NAME", allow_hyphen_values = true)]
@@ -269,6 +269,9 @@ pub const BUILTIN_WORKLOADS: &[&str] = &["counter", "dirty", "hash", "kv", "cras
 
 /// Guest RAM when `--mem` is not given.
 pub const DEFAULT_MEM: u64 = 256 << 20;
+
+/// The longest run `--seconds` asks for (a year).
+const MAX_SECONDS: u64 = 365 * 24 * 3600;
 
 /// The longest timeout or delay in milliseconds an option takes (an hour).
 const MAX_MS: u64 = 3_600_000;
@@ -445,13 +448,7 @@ fn boot_config(g: &GuestArgs, dirty_ring: Option<u32>) -> Result<BootConfig, Cli
         None => DEFAULT_MEM,
     };
     engine::vstate::memory::validate_size(mem).map_err(|e| usage(e.to_string()))?;
-    let vcpus = g.vcpus.unwrap_or(1);
-    let max = engine::boot::abi::MAX_VCPUS;
-    if vcpus == 0 || vcpus > max {
-        return Err(usage(format!(
-            "--vcpus {vcpus}: must be between 1 and {max}"
-        )));
-    }
+    let vcpus = vcpus_option(g.vcpus)?.unwrap_or(1);
     Ok(BootConfig {
         image,
         guest_args,
@@ -532,14 +529,19 @@ fn cmd_primary(a: PrimaryArgs) -> Result<ExitCode, CliError> {
     if window == 0 {
         return Err(usage("--window must be at least 1"));
     }
-    let seconds = match a.seconds {
-        Some(s) if !(s.is_finite() && s >= 0.0) => {
-            return Err(usage(format!(
-                "--seconds {s}: must be a number of seconds, 0 or more"
-            )))
-        }
-        s => s.map(Duration::from_secs_f64),
-    };
+    let seconds = a
+        .seconds
+        .map(|s| {
+            Duration::try_from_secs_f64(s)
+                .ok()
+                .filter(|d| d.as_secs() <= MAX_SECONDS)
+                .ok_or_else(|| {
+                    usage(format!(
+                        "--seconds {s}: must be a number of seconds from 0 to {MAX_SECONDS}"
+                    ))
+                })
+        })
+        .transpose()?;
     let on_backup_loss = match a.on_backup_loss.as_deref().unwrap_or("fence") {
         "fence" => OnBackupLoss::Fence,
         "pause" => OnBackupLoss::Pause,
@@ -588,6 +590,17 @@ fn cmd_primary(a: PrimaryArgs) -> Result<ExitCode, CliError> {
     Ok(ExitCode::from(status))
 }
 
+/// `--vcpus N`, checked against what the boot contract supports.
+fn vcpus_option(vcpus: Option<u32>) -> Result<Option<u32>, CliError> {
+    let max = engine::boot::abi::MAX_VCPUS;
+    match vcpus {
+        Some(n) if n == 0 || n > max => {
+            Err(usage(format!("--vcpus {n}: must be between 1 and {max}")))
+        }
+        v => Ok(v),
+    }
+}
+
 fn cmd_backup(a: BackupArgs) -> Result<ExitCode, CliError> {
     log::init("backup");
     let listen = a
@@ -601,7 +614,7 @@ fn cmd_backup(a: BackupArgs) -> Result<ExitCode, CliError> {
     let opts = BackupOptions {
         listen,
         mem,
-        vcpus: a.vcpus,
+        vcpus: vcpus_option(a.vcpus)?,
         name: name.clone(),
         run_after_end: a.run_after_end,
         net: net_option(&a.devices)?,

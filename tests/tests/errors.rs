@@ -124,10 +124,43 @@ fn unparsable_memory_size() {
 }
 
 #[test]
-fn zero_vcpus() {
-    let run = lockstep(&["run", "--guest", "builtin", "--vcpus", "0"]);
-    assert_eq!(run.code(), Some(2), "a usage error exits 2: {run:?}");
-    run.assert_one_line_error(&["--vcpus 0"]);
+fn vcpu_counts_out_of_range_on_every_role() {
+    for n in ["0", "17"] {
+        for args in [
+            &["run", "--guest", "builtin", "--vcpus", n][..],
+            &[
+                "primary",
+                "--peer",
+                "127.0.0.1:1",
+                "--guest",
+                "builtin",
+                "--vcpus",
+                n,
+            ][..],
+            &["backup", "--listen", "127.0.0.1:0", "--vcpus", n][..],
+        ] {
+            let run = lockstep(args);
+            assert_eq!(run.code(), Some(2), "a usage error exits 2: {run:?}");
+            run.assert_one_line_error(&[&format!("--vcpus {n}")]);
+        }
+    }
+}
+
+#[test]
+fn seconds_that_are_not_a_duration() {
+    for s in ["-1", "nan", "inf", "1e20"] {
+        let run = lockstep(&[
+            "primary",
+            "--peer",
+            "127.0.0.1:1",
+            "--guest",
+            "builtin",
+            "--seconds",
+            s,
+        ]);
+        assert_eq!(run.code(), Some(2), "{run:?}");
+        run.assert_one_line_error(&["--seconds"]);
+    }
 }
 
 #[test]
