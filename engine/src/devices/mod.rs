@@ -50,8 +50,9 @@ impl NetConfig {
 
 /// The virtio-net device with its tap, egress path and receive thread.
 pub struct NetDevice {
-    pub transport: NetTransport,
-    pub egress: Arc<Egress>,
+    transport: NetTransport,
+    egress: Arc<Egress>,
+    /// Guest-physical address of the device's MMIO window.
     pub base: u64,
     rx_stop: Arc<AtomicBool>,
     rx_thread: Mutex<Option<JoinHandle<()>>>,
@@ -113,12 +114,80 @@ impl NetDevice {
         }
     }
 
-    /// Retries transmission that stopped on a full egress buffer.
-    pub fn retry_tx(&self) {
-        let mut t = lock(&self.transport);
-        if t.device.tx_blocked {
-            t.kick(1);
+    /// The handle the replication roles steer output commit with.
+    pub fn output(&self) -> OutputCommit {
+        OutputCommit {
+            egress: Arc::clone(&self.egress),
+            transport: Arc::clone(&self.transport),
         }
+    }
+}
+
+/// Output commit (Remus, section 3.2 of the paper; invariant 2 of the architecture
+/// notes): while protected, every frame the guest transmits is held, tagged with the epoch
+/// open when it was sent, until the backup has committed that epoch.
+///
+/// The whole API the primary uses: [`protect`](Self::protect) once, before the first
+/// epoch; [`begin_epoch`](Self::begin_epoch) at every checkpoint, with the guest paused;
+/// [`commit`](Self::commit) when the backup acknowledges an epoch (from any thread);
+/// [`unprotect`](Self::unprotect) when the backup is gone and the primary runs on alone.
+/// Nothing else touches the device's transport or TX queue.
+#[derive(Clone)]
+pub struct OutputCommit {
+    egress: Arc<Egress>,
+    transport: NetTransport,
+}
+
+impl OutputCommit {
+    /// Holds output from now on; frames sent from now on belong to `epoch` (the first
+    /// epoch the primary will take).
+    pub fn protect(&self, epoch: u64) {
+        self.egress.set_open_epoch(epoch);
+        self.egress.protect();
+    }
+
+    /// Frames sent from now on belong to `epoch` and leave once [`commit`](Self::commit)
+    /// reaches it. Called with the guest paused, as a checkpoint is taken.
+    pub fn begin_epoch(&self, epoch: u64) {
+        self.egress.set_open_epoch(epoch);
+    }
+
+    /// Whether the guest sent output since the last [`begin_epoch`](Self::begin_epoch)
+    /// that waits for a checkpoint not yet taken (an early checkpoint shortens its wait).
+    pub fn output_waits(&self) -> bool {
+        self.egress.open_output()
+    }
+
+    /// The backup committed every epoch up to `epoch`: their frames leave, in order, and
+    /// a TX queue that stopped on a full buffer is processed again.
+    pub fn commit(&self, epoch: u64) {
+        self.egress.release(epoch);
+        kick_blocked_tx(&self.transport);
+    }
+
+    /// Stops holding: everything held leaves, in order, and output goes straight out from
+    /// now on (the backup is gone, or fenced, and the primary continues unprotected).
+    pub fn unprotect(&self) {
+        self.egress.unprotect();
+        kick_blocked_tx(&self.transport);
+    }
+
+    /// Hold time p50 and p99 in µs, and the number of frames ever held.
+    pub fn hold_times(&self) -> (u64, u64, u64) {
+        self.egress.hold_times()
+    }
+
+    /// Frames sent to the tap, and those the tap refused.
+    pub fn counters(&self) -> egress::EgressCounters {
+        self.egress.counters()
+    }
+}
+
+/// Processes the TX queue again if it stopped on a full egress buffer.
+fn kick_blocked_tx(transport: &NetTransport) {
+    let mut t = lock(transport);
+    if t.device.tx_blocked() {
+        t.kick(1);
     }
 }
 
@@ -166,7 +235,7 @@ impl Devices {
             t.set_frozen(false);
             // Whatever waited during the freeze (a received frame, blocked output).
             t.kick(0);
-            if t.device.tx_blocked {
+            if t.device.tx_blocked() {
                 t.kick(1);
             }
         }

@@ -52,8 +52,7 @@ use thiserror::Error;
 use super::fence::{fence_until_done, FenceAgent, FenceConfig};
 use super::stats::PrimaryStats;
 use super::{guest_id, install_stop_handler, stop_requested};
-use crate::devices::egress::Egress;
-use crate::devices::virtio::net::NetTransport;
+use crate::devices::OutputCommit;
 use crate::machine::{BootConfig, Machine, MachineError};
 use crate::vstate::memory::{self, ram_size};
 use crate::vstate::vcpu::VcpuEvent;
@@ -354,6 +353,8 @@ fn spawn_sender(
 
 struct Primary {
     machine: Machine,
+    /// Output commit on the guest's network device, if it has one.
+    output: Option<OutputCommit>,
     link: Arc<Mutex<Link>>,
     heartbeats: Heartbeats,
     encoder: EpochEncoder,
@@ -409,17 +410,16 @@ pub fn run(guest: BootConfig, opts: PrimaryOptions) -> Result<u8, PrimaryError> 
         0,
     )));
     let (ack_tx, acks) = unbounded();
-    let output = machine.net().map(|n| {
-        n.egress.set_open_epoch(1);
-        n.egress.protect();
-        (Arc::clone(&n.egress), Arc::clone(&n.transport))
-    });
+    let output = machine.net().map(|n| n.output());
+    if let Some(o) = &output {
+        o.protect(1);
+    }
     spawn_ack_reader(
         rx,
         Arc::clone(&inflight),
         ack_tx,
         opts.backup_timeout,
-        output,
+        output.clone(),
     );
     let workers = std::thread::available_parallelism()
         .map_or(2, |n| n.get())
@@ -443,6 +443,7 @@ pub fn run(guest: BootConfig, opts: PrimaryOptions) -> Result<u8, PrimaryError> 
     let (jobs, sent) = spawn_sender(Arc::clone(&link), encoder.clone());
     let mut p = Primary {
         machine,
+        output,
         link,
         heartbeats,
         encoder,
@@ -508,7 +509,7 @@ fn spawn_ack_reader(
     inflight: Arc<SharedInFlight>,
     events: Sender<AckEvent>,
     timeout: Duration,
-    output: Option<(Arc<Egress>, NetTransport)>,
+    output: Option<OutputCommit>,
 ) {
     std::thread::Builder::new()
         .name("acks".into())
@@ -517,12 +518,8 @@ fn spawn_ack_reader(
                 Ok(Message::Ack { epoch }) => match inflight.acked(epoch) {
                     Ok(_) => {
                         // Output commit: what the guest sent up to this epoch may leave now.
-                        if let Some((egress, net)) = &output {
-                            egress.release(epoch);
-                            let mut t = crate::devices::lock(net);
-                            if t.device.tx_blocked {
-                                t.kick(1);
-                            }
+                        if let Some(o) = &output {
+                            o.commit(epoch);
                         }
                         AckEvent::Ack {
                             epoch,
@@ -760,7 +757,7 @@ impl Primary {
                 .exit_status
                 .map_or(0, |s| u8::try_from(s).unwrap_or(u8::MAX)));
         }
-        let early = self.opts.early_checkpoint && self.machine.net().is_some();
+        let early = self.opts.early_checkpoint && self.output.is_some();
         let _realtime = Realtime::enter();
         let mut last_stats = Instant::now();
         let mut last_start = Instant::now();
@@ -800,7 +797,7 @@ impl Primary {
             let now = Instant::now();
             let output_waits = early
                 && now >= last_start + self.opts.min_interval
-                && self.machine.net().is_some_and(|n| n.egress.open_output());
+                && self.output.as_ref().is_some_and(OutputCommit::output_waits);
             let full = self.dirty_set_full(last_start)?;
             if now < next && !output_waits && !full {
                 continue;
@@ -876,7 +873,7 @@ impl Primary {
     /// stopped. `pause` stops the guest; `continue` releases at once (unsafe: a backup that
     /// was only stalled may promote a state older than what clients saw).
     fn without_backup(&mut self, why: String) -> Result<u8, PrimaryError> {
-        let has_output = self.machine.net().is_some();
+        let has_output = self.output.is_some();
         let what = match (self.opts.on_backup_loss, &self.opts.fence) {
             (OnBackupLoss::Pause, _) => "PAUSING the guest (--on-backup-loss pause)".to_string(),
             (OnBackupLoss::Continue, _) => {
@@ -910,15 +907,14 @@ impl Primary {
         if !self.machine.is_running() {
             self.machine.resume()?;
         }
-        let release = |m: &Machine| {
-            if let Some(n) = m.net() {
-                n.egress.unprotect();
-                n.retry_tx();
+        let release = |o: &Option<OutputCommit>| {
+            if let Some(o) = o {
+                o.unprotect();
             }
         };
         let fencing = match (self.opts.on_backup_loss, &self.opts.fence) {
             (OnBackupLoss::Continue, _) => {
-                release(&self.machine);
+                release(&self.output);
                 None
             }
             (_, _) if !has_output => None,
@@ -950,7 +946,7 @@ impl Primary {
                 fencing = None;
                 match result {
                     Ok(_) => {
-                        release(&self.machine);
+                        release(&self.output);
                         warn!("the backup is fenced: output released, the guest continues UNPROTECTED");
                     }
                     Err(e) => warn!("{e}: output stays held"),
@@ -1049,8 +1045,9 @@ impl Primary {
         let t0 = Instant::now();
         let (state, timing) = self.machine.pause_and_capture()?;
         // Output from now on belongs to the next epoch.
-        if let Some(n) = self.machine.net() {
-            n.egress.set_open_epoch(self.epoch + 2);
+        // (The checkpoint being taken is epoch `self.epoch + 1`.)
+        if let Some(o) = &self.output {
+            o.begin_epoch(self.epoch + 2);
         }
         self.machine.harvest(&mut self.pfns)?;
         let mem = self.machine.memory();
@@ -1152,9 +1149,9 @@ impl Primary {
         println!("final epoch={epoch} digest={digest}");
         info!("{}", self.stats.summary());
         info!("{}", self.stats.pause_breakdown());
-        if let Some(n) = self.machine.net() {
-            let (p50, p99, held) = n.egress.hold_times();
-            let c = n.egress.counters();
+        if let Some(o) = &self.output {
+            let (p50, p99, held) = o.hold_times();
+            let c = o.counters();
             info!(
                 "output commit: {held} frames held, hold time p50={p50} us p99={p99} us, \
                  {} frames sent, {} tap errors, {} early checkpoints",

@@ -42,7 +42,7 @@ pub struct Net {
     pending_rx: Option<Vec<u8>>,
     waker: Option<Waker>,
     /// TX stopped because the egress buffer was full; retried after a release.
-    pub tx_blocked: bool,
+    tx_blocked: bool,
 }
 
 impl Net {
@@ -58,6 +58,11 @@ impl Net {
 
     pub fn mac(&self) -> [u8; 6] {
         self.mac
+    }
+
+    /// Whether TX stopped on a full egress buffer (and waits for a release to go on).
+    pub fn tx_blocked(&self) -> bool {
+        self.tx_blocked
     }
 
     pub fn set_waker(&mut self, waker: Waker) {
