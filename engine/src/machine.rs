@@ -13,13 +13,13 @@ use crate::devices::serial::{Console, SerialDevice, SerialError};
 use crate::devices::tap::TapError;
 use crate::devices::{lock, Bus, Devices, NetConfig, NetDevice};
 use crate::persist::state::MachineState;
+use crate::vstate::dirty::{DirtyError, DirtySet, DirtyTracker};
 use crate::vstate::dirty_ring::DirtyRing;
 use crate::vstate::memory::{self, GuestMemory, MemoryError};
 use crate::vstate::vcpu::{
     self, Throttle, Throttler, VcpuCommand, VcpuError, VcpuEvent, VcpuHandle, Waker,
 };
 use crate::vstate::vm::{Vm, VmError};
-use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 #[derive(Debug, Error)]
 pub enum MachineError {
@@ -36,7 +36,7 @@ pub enum MachineError {
     #[error("cannot restore: {0}")]
     Restore(String),
     #[error("dirty-page tracking: {0}")]
-    Dirty(String),
+    Dirty(#[from] DirtyError),
     #[error(transparent)]
     Tap(#[from] TapError),
 }
@@ -85,8 +85,8 @@ pub struct Machine {
     vm: Vm,
     running: bool,
     resume_acks_pending: bool,
-    /// The vCPUs' dirty rings, when the machine tracks dirty pages with them.
-    rings: std::sync::Mutex<Vec<DirtyRing>>,
+    /// Who tracks the dirty pages: the bitmap, or the vCPUs' dirty rings.
+    dirty: DirtyTracker,
 }
 
 impl Machine {
@@ -96,14 +96,15 @@ impl Machine {
         let cpuid = vm.supported_cpuid()?;
         let kvmclock = has_kvmclock(&cpuid);
         let fds = vcpu::create_all(vm.fd(), &cpuid, cfg.vcpus)?;
-        let rings = match cfg.dirty_ring {
-            Some(entries) => fds
-                .iter()
-                .enumerate()
-                .map(|(i, fd)| DirtyRing::map(fd, i as u32, entries))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| MachineError::Dirty(e.to_string()))?,
-            None => Vec::new(),
+        let dirty = match cfg.dirty_ring {
+            Some(entries) => DirtyTracker::Ring(std::sync::Mutex::new(
+                fds.iter()
+                    .enumerate()
+                    .map(|(i, fd)| DirtyRing::map(fd, i as u32, entries))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(DirtyError::from)?,
+            )),
+            None => DirtyTracker::Bitmap(vm.dirty_log()),
         };
         let tsc_khz = fds[0].get_tsc_khz().map_err(|source| VcpuError::Kvm {
             index: 0,
@@ -135,7 +136,7 @@ impl Machine {
             net,
         });
         let mut machine = Machine::assemble(vm, fds, devices)?;
-        machine.rings = std::sync::Mutex::new(rings);
+        machine.dirty = dirty;
         Ok(machine)
     }
 
@@ -190,10 +191,10 @@ impl Machine {
             events,
             devices,
             waker,
-            vm,
             running: false,
             resume_acks_pending: false,
-            rings: std::sync::Mutex::new(Vec::new()),
+            dirty: DirtyTracker::Bitmap(vm.dirty_log()),
+            vm,
         })
     }
 
@@ -201,40 +202,11 @@ impl Machine {
         self.vm.memory()
     }
 
-    /// Every page dirtied since the last harvest (sorted, no duplicates), by the dirty
-    /// ring or the bitmap, whichever the machine was created with, ORed with the pages
-    /// the VMM and devices wrote.
-    pub fn harvest(&self, pfns: &mut Vec<u64>) -> Result<(), MachineError> {
-        let mut rings = lock(&self.rings);
-        if rings.is_empty() {
-            return self
-                .vm
-                .dirty_log()
-                .harvest(self.vm.fd(), self.memory(), pfns)
-                .map_err(|e| MachineError::Dirty(e.to_string()));
-        }
-        pfns.clear();
-        let bases: Vec<u64> = memory::regions(self.memory())
-            .iter()
-            .map(|r| r.0 >> 12)
-            .collect();
-        for ring in rings.iter_mut() {
-            ring.harvest(&mut |slot, offset| {
-                if let Some(base) = bases.get(slot as usize) {
-                    pfns.push(base + offset);
-                }
-            });
-        }
-        crate::vstate::dirty_ring::reset(self.vm.fd())
-            .map_err(|e| MachineError::Dirty(e.to_string()))?;
-        for region in self.memory().iter() {
-            // Writes by the VMM and devices since the last harvest.
-            let words = std::ops::Deref::deref(region).bitmap().get_and_reset();
-            crate::vstate::dirty::push_set_bits(region.start_addr().0 >> 12, &words, pfns);
-        }
-        pfns.sort_unstable();
-        pfns.dedup();
-        Ok(())
+    /// Replaces `set` with every page dirtied since the last harvest, by the dirty ring
+    /// or the bitmap, whichever the machine was created with, ORed with the pages the VMM
+    /// and devices wrote.
+    pub fn harvest(&self, set: &mut DirtySet) -> Result<(), MachineError> {
+        Ok(self.dirty.harvest(self.vm.fd(), self.memory(), set)?)
     }
 
     /// How many pages the guest dirtied since the last harvest, counted without harvesting
@@ -242,13 +214,7 @@ impl Machine {
     /// kernel without manual dirty-log protect). There the ring's size bounds what one
     /// epoch can hold instead: a full ring stops its vCPU until the next harvest.
     pub fn dirty_count(&self) -> Result<Option<u64>, MachineError> {
-        if !lock(&self.rings).is_empty() {
-            return Ok(None);
-        }
-        self.vm
-            .dirty_log()
-            .count(self.vm.fd(), self.memory())
-            .map_err(|e| MachineError::Dirty(e.to_string()))
+        Ok(self.dirty.count(self.vm.fd(), self.memory())?)
     }
 
     /// Holds the running vCPUs for `pct`% of the time (0 = never, at most 99), in slices

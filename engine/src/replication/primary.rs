@@ -38,9 +38,7 @@ use std::time::{Duration, Instant};
 
 use checkpoint::delta_cache::DeltaCache;
 use checkpoint::digest::digest_guest_memory;
-use checkpoint::encode::{
-    copy_pages, send_epoch, send_sync, EncoderConfig, EpochEncoder, StagedPages,
-};
+use checkpoint::encode::{send_epoch, send_sync, EncoderConfig, EpochEncoder, StagedPages};
 use checkpoint::handshake::primary_handshake;
 use checkpoint::inflight::{InFlight, Pacing, SharedInFlight};
 use checkpoint::protocol::{Hello, MemoryRegion, Message};
@@ -54,6 +52,7 @@ use super::stats::PrimaryStats;
 use super::{guest_id, install_stop_handler, stop_requested};
 use crate::devices::OutputCommit;
 use crate::machine::{BootConfig, Machine, MachineError};
+use crate::vstate::dirty::DirtySet;
 use crate::vstate::memory::{self, ram_size};
 use crate::vstate::vcpu::VcpuEvent;
 use crate::{info, warn};
@@ -366,9 +365,9 @@ struct Primary {
     acks: Receiver<AckEvent>,
     opts: PrimaryOptions,
     stats: PrimaryStats,
-    pfns: Vec<u64>,
+    pfns: DirtySet,
     /// Pages dirtied during pre-copy but not sent yet: they go with epoch 1.
-    carry: Vec<u64>,
+    carry: DirtySet,
     buf: Vec<u8>,
     epoch: u64,
     pause_start: HashMap<u64, Instant>,
@@ -454,8 +453,8 @@ pub fn run(guest: BootConfig, opts: PrimaryOptions) -> Result<u8, PrimaryError> 
         acks,
         opts,
         stats: PrimaryStats::default(),
-        pfns: Vec::new(),
-        carry: Vec::new(),
+        pfns: DirtySet::default(),
+        carry: DirtySet::default(),
         buf: Vec::new(),
         epoch: 0,
         pause_start: HashMap::new(),
@@ -590,7 +589,7 @@ impl Primary {
         let cap = self.opts.max_epoch_pages;
         // Everything counts as dirty for round 0: forget what the boot dirtied.
         self.machine.harvest(&mut self.pfns)?;
-        let mut round_pfns: Vec<u64> = (0..mem_pages as u64).collect();
+        let mut round_pfns = DirtySet::all(mem_pages as u64);
         let start = Instant::now();
         let mut sent_bytes = 0u64;
         let mut synced = 0u64;
@@ -617,7 +616,7 @@ impl Primary {
                         self.machine.pause()?;
                     }
                 }
-                copy_pages(self.machine.memory(), chunk, &mut self.buf)?;
+                memory::copy_pages(self.machine.memory(), chunk, &mut self.buf)?;
                 let staged = StagedPages::new(chunk, &self.buf)?;
                 let s = {
                     let mut link = self.link();
@@ -993,10 +992,7 @@ impl Primary {
             job.data.clear();
             self.buf = job.data;
         }
-        if job.pfns.capacity() > self.pfns.capacity() {
-            job.pfns.clear();
-            self.pfns = job.pfns;
-        }
+        self.pfns.reuse(job.pfns);
         let summary = result?;
         self.stats.wire_bytes.push(summary.bytes);
         for (i, n) in summary.by_encoding.iter().enumerate() {
@@ -1050,14 +1046,9 @@ impl Primary {
             o.begin_epoch(self.epoch + 2);
         }
         self.machine.harvest(&mut self.pfns)?;
-        let mem = self.machine.memory();
-        if !self.carry.is_empty() {
-            self.pfns.append(&mut self.carry);
-            self.pfns.sort_unstable();
-            self.pfns.dedup();
-        }
+        self.pfns.merge(&mut self.carry);
         let harvested = t0.elapsed();
-        memory::copy_pages(mem, &self.pfns, &mut self.buf)?;
+        self.pfns.copy_out(self.machine.memory(), &mut self.buf)?;
         let copied = t0.elapsed();
         // Where the dirty set cannot be counted while the guest runs, an epoch may not fit
         // next to those in flight: the guest stays paused until it does.
@@ -1105,7 +1096,7 @@ impl Primary {
         }
         let job = EpochJob {
             epoch,
-            pfns: std::mem::take(&mut self.pfns),
+            pfns: self.pfns.take_vec(),
             data: std::mem::take(&mut self.buf),
             blob,
         };

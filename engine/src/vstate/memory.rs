@@ -91,11 +91,14 @@ pub fn regions(mem: &GuestMemory) -> Vec<(u64, *mut u8, usize)> {
         .collect()
 }
 
-/// Copies the pages `pfns` into `out` (resized to fit), in order, with plain `memcpy`.
+/// Copies the pages `pfns` into `out` (resized to fit), in order, with plain `memcpy`:
+/// the one page copy of both pre-copy and epochs.
 ///
-/// This is the copy that happens while the guest is paused. vm-memory's `read_slice`
-/// copies with volatile word accesses, which measured ~3 µs per page here; `memcpy` is
-/// several times faster, and the guest cannot write while its vCPUs are paused.
+/// vm-memory's `read_slice` copies with volatile word accesses, which measured ~3 µs per
+/// page here; `memcpy` is several times faster. During an epoch's pause the vCPUs are
+/// paused and the copy is exact. During pre-copy the guest runs and a page may change
+/// while it is copied: the copy may then be torn, but the write also marks the page
+/// dirty, so the next round (or epoch 1) sends it again.
 pub fn copy_pages(
     mem: &GuestMemory,
     pfns: &[u64],
@@ -131,8 +134,10 @@ fn copy_into(mem: &GuestMemory, pfns: &[u64], out: &mut [u8]) -> Result<(), Page
         debug_assert!(offset + page <= len);
         // SAFETY: `host` maps `len` bytes of guest RAM owned by `mem`, and
         // `offset + page <= len` was checked above, so the source lies inside the mapping;
-        // `dst` is a distinct page-sized slice of `out`. The vCPUs are paused (the caller's
-        // contract), so nothing writes the source during the copy.
+        // `dst` is a distinct page-sized slice of `out`. Guest RAM is never borrowed as a
+        // Rust reference, only read through the raw mapping; a vCPU writing the page
+        // meanwhile (pre-copy) can only make the copied bytes stale, which the dirty log
+        // records.
         unsafe { std::ptr::copy_nonoverlapping(host.add(offset), dst.as_mut_ptr(), page) };
     }
     Ok(())
