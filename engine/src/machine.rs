@@ -33,8 +33,10 @@ pub enum MachineError {
     Boot(#[from] BootError),
     #[error(transparent)]
     Serial(#[from] SerialError),
+    #[error("cannot restore: state is for {state} bytes of RAM, memory has {memory}")]
+    RamSize { state: u64, memory: u64 },
     #[error("cannot restore: {0}")]
-    Restore(String),
+    Restore(#[from] crate::devices::DevicesRestoreError),
     #[error("dirty-page tracking: {0}")]
     Dirty(#[from] DirtyError),
     #[error(transparent)]
@@ -150,10 +152,10 @@ impl Machine {
     ) -> Result<Machine, MachineError> {
         let ram = memory::ram_size(&memory);
         if ram != state.mem_size {
-            return Err(MachineError::Restore(format!(
-                "state is for {} bytes of RAM, memory has {ram}",
-                state.mem_size
-            )));
+            return Err(MachineError::RamSize {
+                state: state.mem_size,
+                memory: ram,
+            });
         }
         let vm = Vm::new(memory)?;
         vm.restore_state(&state.vm)?;
@@ -165,9 +167,7 @@ impl Machine {
             serial: std::sync::Mutex::new(SerialDevice::restore(console, &state.serial)?),
             net,
         });
-        devices
-            .restore_virtio(&state.virtio)
-            .map_err(MachineError::Restore)?;
+        devices.restore_virtio(&state.virtio)?;
         let machine = Machine::assemble(vm, fds, devices)?;
         for (h, s) in machine.vcpus.iter().zip(&state.vcpus) {
             h.restore(Box::new(s.clone()))?;

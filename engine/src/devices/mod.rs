@@ -15,7 +15,7 @@ use serial::SerialDevice;
 use tap::{Tap, TapError};
 use virtio::mmio::MmioTransport;
 use virtio::net::{Net, NetTransport};
-use virtio::VirtioState;
+use virtio::{VirtioRestoreError, VirtioState};
 
 /// `--net tap=NAME,mac=MAC`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -245,16 +245,28 @@ impl Devices {
         self.net.iter().map(|n| lock(&n.transport).save()).collect()
     }
 
-    pub fn restore_virtio(&self, states: &[VirtioState]) -> Result<(), String> {
+    pub fn restore_virtio(&self, states: &[VirtioState]) -> Result<(), DevicesRestoreError> {
         match (&self.net, states) {
             (None, []) => Ok(()),
-            (Some(n), [s]) => lock(&n.transport).restore(s),
-            (None, _) => {
-                Err("the saved machine has a virtio-net device: give --net tap=NAME".into())
-            }
-            (Some(_), _) => Err("the saved machine has no virtio-net device: drop --net".into()),
+            (Some(n), [s]) => Ok(lock(&n.transport).restore(s)?),
+            (None, _) => Err(DevicesRestoreError::NetMissing),
+            (Some(_), _) => Err(DevicesRestoreError::NetUnexpected),
         }
     }
+}
+
+/// The saved devices do not fit the devices configured now.
+#[derive(Debug, thiserror::Error)]
+pub enum DevicesRestoreError {
+    /// The saved machine had a network device; none is configured.
+    #[error("the saved machine has a virtio-net device: give --net tap=NAME")]
+    NetMissing,
+    /// A network device is configured; the saved machine had none.
+    #[error("the saved machine has no virtio-net device: drop --net")]
+    NetUnexpected,
+    /// The saved virtio device's state does not load.
+    #[error(transparent)]
+    Virtio(#[from] VirtioRestoreError),
 }
 
 const SERIAL_PORTS: std::ops::Range<u16> = SERIAL_PORT..SERIAL_PORT + 8;

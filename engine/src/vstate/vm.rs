@@ -11,15 +11,21 @@ use thiserror::Error;
 
 use super::memory::{self, GuestMemory};
 
+/// Creating the VM, or saving or restoring its state, failed.
 #[derive(Debug, Error)]
 pub enum VmError {
+    /// `/dev/kvm` could not be opened.
     #[error("cannot open /dev/kvm: {0} (lockstep needs KVM and permission to use it)")]
     OpenKvm(kvm_ioctls::Error),
-    #[error("{0}")]
-    Ring(String),
+    /// The dirty ring could not be turned on.
+    #[error(transparent)]
+    Ring(#[from] super::dirty_ring::RingError),
+    /// A KVM ioctl failed.
     #[error("KVM ioctl {what} failed: {source}")]
     Kvm {
+        /// The ioctl.
         what: &'static str,
+        /// KVM's error.
         source: kvm_ioctls::Error,
     },
 }
@@ -64,8 +70,7 @@ impl Vm {
         // Before any slot has dirty logging on.
         let manual_protect = match ring {
             Some(entries) => {
-                super::dirty_ring::enable(&fd, entries)
-                    .map_err(|e| VmError::Ring(e.to_string()))?;
+                super::dirty_ring::enable(&fd, entries)?;
                 false
             }
             None => super::dirty::enable_manual_protect(&fd),

@@ -2,7 +2,7 @@
 
 use virtio_queue::{Queue, QueueT};
 
-use super::{VirtioDevice, VirtioState, VIRTIO_F_VERSION_1};
+use super::{VirtioDevice, VirtioRestoreError, VirtioState, VIRTIO_F_VERSION_1};
 use crate::vstate::memory::GuestMemory;
 
 const MAGIC: u32 = 0x7472_6976; // "virt"
@@ -214,22 +214,19 @@ impl<D: VirtioDevice> MmioTransport<D> {
         }
     }
 
-    pub fn restore(&mut self, s: &VirtioState) -> Result<(), String> {
+    pub fn restore(&mut self, s: &VirtioState) -> Result<(), VirtioRestoreError> {
         if s.device_id != self.device.device_id() || s.queues.len() != self.queues.len() {
-            return Err(format!(
-                "saved virtio device {} with {} queues does not match device {} with {}",
-                s.device_id,
-                s.queues.len(),
-                self.device.device_id(),
-                self.queues.len()
-            ));
+            return Err(VirtioRestoreError::Mismatch {
+                saved_id: s.device_id,
+                saved_queues: s.queues.len(),
+                device_id: self.device.device_id(),
+                queues: self.queues.len(),
+            });
         }
         let queues = s
             .queues
             .iter()
-            .map(|&qs| {
-                Queue::try_from(qs).map_err(|e| format!("saved virtqueue is invalid: {e:?}"))
-            })
+            .map(|&qs| Queue::try_from(qs).map_err(VirtioRestoreError::Queue))
             .collect::<Result<Vec<_>, _>>()?;
         self.device.restore(&s.device)?;
         self.queues = queues;

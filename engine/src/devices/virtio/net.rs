@@ -19,7 +19,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes as _, GuestAddress};
 
 use super::mmio::MmioTransport;
-use super::{VirtioDevice, VIRTIO_F_VERSION_1};
+use super::{DeviceStateError, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::boot::abi::VIRTIO_ID_NET;
 use crate::devices::egress::Egress;
 use crate::devices::lock;
@@ -173,19 +173,45 @@ impl VirtioDevice for Net {
     }
 
     fn save(&self) -> Vec<u8> {
-        self.mac.to_vec()
+        NetState { mac: self.mac }.to_bytes()
     }
 
-    fn restore(&mut self, bytes: &[u8]) -> Result<(), String> {
-        if bytes != self.mac {
-            return Err(format!(
-                "saved virtio-net MAC {} differs from --net mac={}",
-                format_mac(bytes),
-                format_mac(&self.mac)
-            ));
+    fn restore(&mut self, bytes: &[u8]) -> Result<(), DeviceStateError> {
+        let state = NetState::from_bytes(bytes);
+        if state.as_ref().map(|s| s.mac) != Ok(self.mac) {
+            return Err(DeviceStateError::MacMismatch {
+                saved: format_mac(bytes),
+                configured: format_mac(&self.mac),
+            });
         }
         self.pending_rx = None;
         Ok(())
+    }
+}
+
+/// What virtio-net saves beyond the transport (as Firecracker's
+/// `devices/virtio/net/persist.rs`): the MAC it was created with. Frames in flight are
+/// not state: a frame waiting for a receive buffer is dropped on restore, as a lossy wire
+/// would; the guest's TCP retransmits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NetState {
+    /// The device's MAC address.
+    pub mac: [u8; 6],
+}
+
+impl NetState {
+    /// The encoding in [`super::VirtioState::device`]: the six bytes of the MAC.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        self.mac.to_vec()
+    }
+
+    /// Reads what [`NetState::to_bytes`] wrote.
+    pub fn from_bytes(bytes: &[u8]) -> Result<NetState, DeviceStateError> {
+        let mac = bytes.try_into().map_err(|_| DeviceStateError::Malformed {
+            device: "virtio-net",
+            len: bytes.len(),
+        })?;
+        Ok(NetState { mac })
     }
 }
 
