@@ -20,7 +20,9 @@ use virtio::{VirtioRestoreError, VirtioState};
 /// `--net tap=NAME,mac=MAC`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NetConfig {
+    /// The tap device's name (at most 15 bytes).
     pub tap: String,
+    /// The guest's MAC address.
     pub mac: [u8; 6],
 }
 
@@ -60,6 +62,7 @@ pub struct NetDevice {
 }
 
 impl NetDevice {
+    /// Opens the tap `cfg.tap` and builds the device over guest memory `mem`; the receive thread starts with [`NetDevice::start`].
     pub fn new(
         cfg: &NetConfig,
         mem: crate::vstate::memory::GuestMemory,
@@ -77,6 +80,7 @@ impl NetDevice {
         })
     }
 
+    /// What the boot info tells the guest about the device.
     pub fn info(&self) -> VirtioDeviceInfo {
         VirtioDeviceInfo {
             base: self.base,
@@ -202,15 +206,21 @@ impl Drop for NetDevice {
 
 /// Where vCPU threads send the port and MMIO accesses that KVM hands to userspace.
 pub trait Bus: Send + Sync {
+    /// A port read of `data.len()` bytes at `port`.
     fn pio_read(&self, port: u16, data: &mut [u8]);
+    /// A port write of `data` at `port`.
     fn pio_write(&self, port: u16, data: &[u8]);
+    /// An MMIO read of `data.len()` bytes at guest-physical `addr`.
     fn mmio_read(&self, addr: u64, data: &mut [u8]);
+    /// An MMIO write of `data` at guest-physical `addr`.
     fn mmio_write(&self, addr: u64, data: &[u8]);
 }
 
 /// The VM's devices.
 pub struct Devices {
+    /// The 16550 UART on COM1.
     pub serial: Mutex<SerialDevice>,
+    /// The virtio-net device, if the machine has one.
     pub net: Option<NetDevice>,
 }
 
@@ -229,6 +239,7 @@ impl Devices {
         }
     }
 
+    /// Lets devices touch guest memory again, and lets through what waited during the freeze.
     pub fn thaw(&self) {
         if let Some(n) = &self.net {
             let mut t = lock(&n.transport);
@@ -241,10 +252,12 @@ impl Devices {
         }
     }
 
+    /// The state of every virtio device, in device order.
     pub fn save_virtio(&self) -> Vec<VirtioState> {
         self.net.iter().map(|n| lock(&n.transport).save()).collect()
     }
 
+    /// Loads the virtio devices' state saved by [`Devices::save_virtio`]; the devices configured now must match those saved.
     pub fn restore_virtio(&self, states: &[VirtioState]) -> Result<(), DevicesRestoreError> {
         match (&self.net, states) {
             (None, []) => Ok(()),

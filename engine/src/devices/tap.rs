@@ -12,12 +12,16 @@ use std::os::unix::fs::OpenOptionsExt;
 
 use thiserror::Error;
 
+/// The tap device could not be opened.
 #[derive(Debug, Error)]
 pub enum TapError {
+    /// The name is empty or too long for an interface name.
     #[error("tap name '{0}' is empty or longer than 15 bytes")]
     BadName(String),
+    /// `/dev/net/tun` could not be opened.
     #[error("cannot open /dev/net/tun: {0}")]
     Open(io::Error),
+    /// `TUNSETIFF` refused the name (no such tap, or no permission).
     #[error("cannot attach to tap device '{name}': {source}")]
     Attach { name: String, source: io::Error },
 }
@@ -41,6 +45,7 @@ pub struct Tap {
 }
 
 impl Tap {
+    /// Attaches to the existing tap device `name`, non-blocking, without packet information headers.
     pub fn open(name: &str) -> Result<Tap, TapError> {
         if name.is_empty() || name.len() >= libc::IFNAMSIZ {
             return Err(TapError::BadName(name.to_string()));
@@ -72,6 +77,7 @@ impl Tap {
         })
     }
 
+    /// The tap device's name.
     pub fn name(&self) -> &str {
         &self.name
     }

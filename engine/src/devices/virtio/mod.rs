@@ -16,11 +16,13 @@ pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 
 /// A device behind an [`mmio::MmioTransport`].
 pub trait VirtioDevice: Send {
+    /// The virtio device ID (virtio 1.2 section 5).
     fn device_id(&self) -> u32;
     /// Feature bits offered (VIRTIO_F_VERSION_1 included).
     fn features(&self) -> u64;
     /// Maximum size of each queue; the count is the number of queues.
     fn queue_max_sizes(&self) -> &[u16];
+    /// Reads `data.len()` bytes of the device configuration space at `offset`.
     fn read_config(&self, offset: u64, data: &mut [u8]);
     /// The driver wrote `queue`'s notify register (or the device wants to make progress).
     fn notify(&mut self, queue: usize, queues: &mut [Queue], mem: &GuestMemory);
@@ -81,14 +83,24 @@ pub enum VirtioRestoreError {
 /// The transport's state plus the device's, as saved in snapshots and checkpoints.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct VirtioState {
+    /// The device ID.
     pub device_id: u32,
+    /// The device status register (virtio 1.2 section 2.1).
     pub status: u32,
+    /// The features the driver accepted.
     pub driver_features: u64,
+    /// Which 32 bits of the device features the driver reads.
     pub device_features_sel: u32,
+    /// Which 32 bits of the driver features the driver writes.
     pub driver_features_sel: u32,
+    /// The queue the driver addresses.
     pub queue_sel: u32,
+    /// Interrupt status bits (never raised: the guest polls).
     pub interrupt_status: u32,
+    /// Configuration generation counter.
     pub config_generation: u32,
+    /// Each virtqueue's state, in queue order.
     pub queues: Vec<QueueState>,
+    /// The device's own state, as [`VirtioDevice::save`] encoded it.
     pub device: Vec<u8>,
 }

@@ -35,6 +35,7 @@ const QUEUE_SIZE: u16 = 256;
 const RX: usize = 0;
 const TX: usize = 1;
 
+/// The virtio-net device proper (its queues live in the transport).
 pub struct Net {
     mac: [u8; 6],
     egress: Arc<Egress>,
@@ -46,6 +47,7 @@ pub struct Net {
 }
 
 impl Net {
+    /// A device with MAC `mac` whose transmitted frames go to `egress`.
     pub fn new(mac: [u8; 6], egress: Arc<Egress>) -> Net {
         Net {
             mac,
@@ -56,6 +58,7 @@ impl Net {
         }
     }
 
+    /// The device's MAC address.
     pub fn mac(&self) -> [u8; 6] {
         self.mac
     }
@@ -65,6 +68,7 @@ impl Net {
         self.tx_blocked
     }
 
+    /// Received frames wake vCPUs parked on the idle port through `waker`.
     pub fn set_waker(&mut self, waker: Waker) {
         self.waker = Some(waker);
     }
@@ -215,6 +219,7 @@ impl NetState {
     }
 }
 
+/// Formats a MAC address as `aa:bb:cc:dd:ee:ff`.
 pub fn format_mac(m: &[u8]) -> String {
     m.iter()
         .map(|b| format!("{b:02x}"))
@@ -238,6 +243,7 @@ pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
     Some(mac)
 }
 
+/// The net device behind its transport, shared by the vCPUs (MMIO), the receive thread and output commit.
 pub type NetTransport = Arc<Mutex<MmioTransport<Net>>>;
 
 /// The receive thread: tap → guest. Stops when `stop` is set.
