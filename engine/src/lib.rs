@@ -5,8 +5,12 @@
 //! emulated devices, `persist` the versioned state format, and [`machine`] ties them
 //! together into a VM that can be started, paused, captured and restored.
 
+#![warn(missing_docs)]
+
 pub mod boot;
+#[allow(missing_docs)]
 pub mod cli;
+#[allow(missing_docs)]
 pub mod demo;
 pub mod devices;
 pub mod log;

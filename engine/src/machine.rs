@@ -21,24 +21,39 @@ use crate::vstate::vcpu::{
 };
 use crate::vstate::vm::{Vm, VmError};
 
+/// Building, running, capturing or restoring a machine failed.
 #[derive(Debug, Error)]
 pub enum MachineError {
+    /// Guest memory could not be set up.
     #[error(transparent)]
     Memory(#[from] MemoryError),
+    /// The VM could not be created, or its state saved or restored.
     #[error(transparent)]
     Vm(#[from] VmError),
+    /// A vCPU failed or did not answer.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
+    /// The guest could not be loaded.
     #[error(transparent)]
     Boot(#[from] BootError),
+    /// The serial console could not be set up.
     #[error(transparent)]
     Serial(#[from] SerialError),
+    /// A captured state is for another RAM size than the memory given (both in bytes).
     #[error("cannot restore: state is for {state} bytes of RAM, memory has {memory}")]
-    RamSize { state: u64, memory: u64 },
+    RamSize {
+        /// Bytes of RAM the state is for.
+        state: u64,
+        /// Bytes of RAM the memory has.
+        memory: u64,
+    },
+    /// The saved devices do not fit the devices configured now.
     #[error("cannot restore: {0}")]
     Restore(#[from] crate::devices::DevicesRestoreError),
+    /// Dirty-page tracking failed.
     #[error("dirty-page tracking: {0}")]
     Dirty(#[from] DirtyError),
+    /// The tap device could not be opened.
     #[error(transparent)]
     Tap(#[from] TapError),
 }
@@ -46,9 +61,13 @@ pub enum MachineError {
 /// What a machine is made of.
 #[derive(Clone, Debug)]
 pub struct MachineConfig {
+    /// Bytes of guest RAM (a multiple of 4 KiB).
     pub mem_size: u64,
+    /// How many vCPUs.
     pub vcpus: u32,
+    /// Where the serial console writes.
     pub console: Console,
+    /// The virtio-net device, if any.
     pub net: Option<NetConfig>,
     /// Track dirty pages with a dirty ring of this many entries per vCPU (else the bitmap).
     pub dirty_ring: Option<u32>,
@@ -61,6 +80,7 @@ pub struct BootConfig {
     pub image: Vec<u8>,
     /// The guest's command line, handed to it in the boot info.
     pub guest_args: String,
+    /// The machine's shape.
     pub machine: MachineConfig,
 }
 
@@ -73,6 +93,7 @@ pub struct PauseTiming {
     pub captured: Duration,
 }
 
+/// A VM: KVM, guest memory, devices, vCPU threads, and how its dirty pages are tracked.
 pub struct Machine {
     // Declared before the vCPUs: the throttler signals their threads, so it must stop
     // before they are joined.
@@ -198,6 +219,7 @@ impl Machine {
         })
     }
 
+    /// Guest RAM.
     pub fn memory(&self) -> &GuestMemory {
         self.vm.memory()
     }
@@ -234,18 +256,22 @@ impl Machine {
         self.throttle.percent()
     }
 
+    /// The KVM VM.
     pub fn vm(&self) -> &Vm {
         &self.vm
     }
 
+    /// How many vCPUs the machine has.
     pub fn vcpu_count(&self) -> usize {
         self.vcpus.len()
     }
 
+    /// Wakes vCPUs waiting on the idle port.
     pub fn waker(&self) -> &Waker {
         &self.waker
     }
 
+    /// Whether the vCPUs were last told to run (not paused).
     pub fn is_running(&self) -> bool {
         self.running
     }
@@ -357,6 +383,7 @@ impl Machine {
         self.devices.net.as_ref()
     }
 
+    /// Writes out the serial console's buffered output.
     pub fn flush_console(&self) {
         lock(&self.devices.serial).flush();
     }

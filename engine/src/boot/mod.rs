@@ -21,10 +21,20 @@ pub enum BootError {
     Elf(linux_loader::loader::Error),
     /// The image does not fit in guest RAM (`end` and `ram` in bytes).
     #[error("guest image ends at {end:#x}, beyond the {ram:#x} bytes of guest RAM")]
-    ImageTooLarge { end: u64, ram: u64 },
+    ImageTooLarge {
+        /// Where the image ends (guest-physical, bytes).
+        end: u64,
+        /// Bytes of guest RAM.
+        ram: u64,
+    },
     /// The command line does not fit in the boot info.
     #[error("guest command line is {len} bytes; at most {max} fit")]
-    CmdlineTooLong { len: usize, max: usize },
+    CmdlineTooLong {
+        /// The command line's length in bytes.
+        len: usize,
+        /// The most that fit.
+        max: usize,
+    },
     /// The vCPU count is outside 1..=[`MAX_VCPUS`].
     #[error("{0} vCPUs requested; the guest layout supports 1 to {MAX_VCPUS}")]
     VcpuCount(u32),

@@ -17,7 +17,12 @@ use vm_superio::{Serial, Trigger};
 pub enum SerialError {
     /// The console file could not be opened.
     #[error("cannot open console file {path}: {source}")]
-    Open { path: PathBuf, source: io::Error },
+    Open {
+        /// The file.
+        path: PathBuf,
+        /// The error from the file system.
+        source: io::Error,
+    },
     /// A saved UART state does not fit a 16550.
     #[error("serial state has {0} bytes of input, more than the 16550 FIFO holds")]
     BadState(usize),

@@ -23,7 +23,12 @@ pub enum TapError {
     Open(io::Error),
     /// `TUNSETIFF` refused the name (no such tap, or no permission).
     #[error("cannot attach to tap device '{name}': {source}")]
-    Attach { name: String, source: io::Error },
+    Attach {
+        /// The tap's name.
+        name: String,
+        /// The error from `TUNSETIFF`.
+        source: io::Error,
+    },
 }
 
 const IFF_TAP: libc::c_short = 0x0002;

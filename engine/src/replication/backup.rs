@@ -22,53 +22,80 @@ use crate::persist::PersistError;
 use crate::vstate::memory::{self, GuestMemory, MemoryError};
 use crate::{info, warn};
 
+/// The backup could not replicate, or replication ended without a clean end.
 #[derive(Debug, Error)]
 pub enum BackupError {
+    /// The listening socket could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Listen {
+        /// The address asked for.
         addr: String,
+        /// The error from the socket.
         source: std::io::Error,
     },
+    /// The connection from the primary failed.
     #[error("connection from the primary failed: {0}")]
     Transport(#[from] TransportError),
+    /// The primary's first message was not `Hello` (its kind).
     #[error("expected the primary's Hello, got {0}")]
     NoHello(String),
+    /// The primary's guest does not fit this backup (the reason).
     #[error("refused the primary: {0}")]
     Refused(String),
+    /// Guest memory could not be set up.
     #[error(transparent)]
     Memory(#[from] MemoryError),
+    /// The final digests differ: replication diverged.
     #[error("digest mismatch at final epoch {epoch}: primary {primary}, backup {local}")]
     DigestMismatch {
+        /// The final epoch.
         epoch: u64,
+        /// The primary's digest.
         primary: String,
+        /// The backup's digest.
         local: String,
     },
+    /// The primary went away before the clean end.
     #[error("lost the primary ({why}); the backup holds committed epoch {committed}")]
     PrimaryLost {
+        /// Why it counts as lost.
         why: String,
+        /// The last committed epoch.
         committed: u64,
         /// Lost by silence (a stalled peer or a cut link), not by a closed connection.
         silent: bool,
     },
+    /// SIGTERM or SIGINT before the clean end; the last committed epoch.
     #[error("stopped before the primary ended replication; the backup holds committed epoch {0}")]
     Stopped(u64),
+    /// The committed state blob is unreadable.
     #[error("committed state: {0}")]
     State(#[from] PersistError),
+    /// The machine could not be restored or run.
     #[error(transparent)]
     Machine(#[from] MachineError),
+    /// Fencing the primary failed.
     #[error(transparent)]
     Fence(#[from] FenceError),
+    /// The staging area (pages received but not committed) failed.
     #[error("digest: {0}")]
     Staging(#[from] checkpoint::staging::StagingError),
 }
 
+/// Options of `lockstep backup`.
 #[derive(Clone, Debug)]
 pub struct BackupOptions {
+    /// Address to listen on for the primary (`host:port`).
     pub listen: String,
+    /// Bytes of guest RAM to expect; by default what the primary's `Hello` says.
     pub mem: Option<u64>,
+    /// vCPUs to expect; by default what the primary's `Hello` says.
     pub vcpus: Option<u32>,
+    /// The guest's name; both sides must agree on it.
     pub name: String,
+    /// After the primary's clean end, resume the committed guest here and run it to its exit.
     pub run_after_end: bool,
+    /// Where the resumed guest's serial console writes.
     pub console: Console,
     /// The network device the resumed guest gets (its state comes from the primary).
     pub net: Option<NetConfig>,
@@ -89,7 +116,9 @@ pub enum Outcome {
     Ended(Committed),
     /// The primary went silent or away after at least one committed epoch.
     PrimaryLost {
+        /// Why the primary counts as lost.
         why: String,
+        /// The last committed epoch.
         committed: Committed,
         /// By silence rather than a closed connection: the primary may be alive behind a
         /// cut link, so it gets a head start before the backup fences it.
@@ -105,8 +134,11 @@ const HEARTBEAT_EVERY: Duration = Duration::from_millis(100);
 
 /// What a finished replication left: the committed machine.
 pub struct Committed {
+    /// The last committed epoch.
     pub epoch: u64,
+    /// Guest RAM as of that epoch.
     pub memory: GuestMemory,
+    /// The machine state as of that epoch.
     pub state: MachineState,
 }
 

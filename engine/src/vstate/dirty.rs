@@ -35,7 +35,13 @@ use super::dirty_ring::{self, DirtyRing, RingError};
 use super::memory::{self, GuestMemory};
 
 const KVMIO: u32 = 0xAE;
-ioctl_iowr_nr!(KVM_CLEAR_DIRTY_LOG, KVMIO, 0xc0, kvm_clear_dirty_log);
+/// The ioctl number of `KVM_CLEAR_DIRTY_LOG`, which vmm-sys-util's macro defines and
+/// kvm-ioctls does not wrap.
+mod ioctls {
+    use super::*;
+    ioctl_iowr_nr!(KVM_CLEAR_DIRTY_LOG, KVMIO, 0xc0, kvm_clear_dirty_log);
+}
+use ioctls::KVM_CLEAR_DIRTY_LOG;
 
 const PAGE_SHIFT: u64 = 12;
 

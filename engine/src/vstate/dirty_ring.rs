@@ -17,20 +17,36 @@ use vmm_sys_util::ioctl::ioctl;
 use vmm_sys_util::ioctl_io_nr;
 
 const KVMIO: u32 = 0xAE;
-ioctl_io_nr!(KVM_RESET_DIRTY_RINGS, KVMIO, 0xc7);
+/// The ioctl number of `KVM_RESET_DIRTY_RINGS`, which kvm-ioctls does not wrap.
+mod ioctls {
+    use super::*;
+    ioctl_io_nr!(KVM_RESET_DIRTY_RINGS, KVMIO, 0xc7);
+}
+use ioctls::KVM_RESET_DIRTY_RINGS;
 
 const F_DIRTY: u32 = 1;
 const F_RESET: u32 = 2;
 
+/// The dirty ring could not be set up or reset.
 #[derive(Debug, Error)]
 pub enum RingError {
+    /// KVM refused the ring size.
     #[error("KVM has no dirty ring of {entries} entries: {source}")]
     Enable {
+        /// Entries asked for per vCPU.
         entries: u32,
+        /// KVM's error.
         source: kvm_ioctls::Error,
     },
+    /// A vCPU's ring could not be mapped (its index, and the error).
     #[error("cannot map vCPU {index}'s dirty ring: {source}")]
-    Map { index: u32, source: std::io::Error },
+    Map {
+        /// The vCPU.
+        index: u32,
+        /// The error from `mmap`.
+        source: std::io::Error,
+    },
+    /// `KVM_RESET_DIRTY_RINGS` failed.
     #[error("KVM_RESET_DIRTY_RINGS failed: {0}")]
     Reset(std::io::Error),
 }
@@ -63,6 +79,7 @@ pub struct DirtyRing {
 unsafe impl Send for DirtyRing {}
 
 impl DirtyRing {
+    /// Maps vCPU `index`'s ring of `entries` entries from its fd.
     pub fn map(vcpu: &VcpuFd, index: u32, entries: u32) -> Result<DirtyRing, RingError> {
         use std::os::fd::AsRawFd;
         let len = entries as usize * std::mem::size_of::<kvm_dirty_gfn>();

@@ -10,24 +10,38 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use crate::boot::abi::{IMAGE_BASE, MAX_RAM, PAGE_SIZE};
 use crate::size::format_size;
 
+/// Guest RAM with vm-memory's dirty bitmap for the VMM's own writes.
 pub type GuestMemory = vm_memory::GuestMemoryMmap<AtomicBitmap>;
 
 /// The smallest RAM that holds the fixed layout, the image and some heap.
 pub const MIN_RAM: u64 = IMAGE_BASE + (2 << 20);
 
+/// Guest RAM of the size asked for cannot be had.
 #[derive(Debug, Error)]
 pub enum MemoryError {
+    /// Below [`MIN_RAM`] (the size asked for).
     #[error("--mem {0}: guest memory must be at least {min}", min = format_size(MIN_RAM))]
     TooSmall(String),
+    /// Not a multiple of 4 KiB.
     #[error("--mem {0}: guest memory must be a multiple of 4K")]
     Unaligned(String),
+    /// Above [`MAX_RAM`].
     #[error("--mem {0}: larger than the {max} the guest layout maps", max = format_size(MAX_RAM))]
     TooLarge(String),
+    /// More than the host has.
     #[error("--mem {requested}: larger than this machine's {total} of RAM")]
-    MoreThanHost { requested: String, total: String },
+    MoreThanHost {
+        /// The size asked for.
+        requested: String,
+        /// The host's RAM.
+        total: String,
+    },
+    /// The mapping failed.
     #[error("cannot map {size} of guest memory: {source}")]
     Map {
+        /// The size asked for.
         size: String,
+        /// vm-memory's error.
         source: vm_memory::mmap::FromRangesError,
     },
 }
@@ -75,6 +89,7 @@ pub fn create(size: u64) -> Result<GuestMemory, MemoryError> {
     Ok(mem)
 }
 
+/// Bytes of guest RAM.
 pub fn ram_size(mem: &GuestMemory) -> u64 {
     mem.iter().map(|r| r.len()).sum()
 }
@@ -143,6 +158,7 @@ fn copy_into(mem: &GuestMemory, pfns: &[u64], out: &mut [u8]) -> Result<(), Page
     Ok(())
 }
 
+/// A page frame number outside guest memory.
 #[derive(Debug, Error, PartialEq, Eq)]
 #[error("page {0:#x} is outside guest memory")]
 pub struct PageOutOfRange(pub u64);

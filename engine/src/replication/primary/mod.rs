@@ -64,54 +64,86 @@ mod precopy;
 
 use link::{spawn_ack_reader, spawn_sender, AckEvent, EpochJob, EpochSent, Heartbeats, Link};
 
+/// The primary could not replicate, or the run ended in a failure.
 #[derive(Debug, Error)]
 pub enum PrimaryError {
+    /// The machine failed.
     #[error(transparent)]
     Machine(#[from] MachineError),
+    /// The backup could not be reached in time.
     #[error("cannot reach the backup at {peer} within {timeout:?}: {source}")]
     Connect {
+        /// The backup's address.
         peer: String,
+        /// How long the primary tried.
         timeout: Duration,
+        /// The last error.
         source: TransportError,
     },
+    /// The backup refused the handshake.
     #[error(transparent)]
     Handshake(#[from] checkpoint::handshake::HandshakeError),
+    /// Encoding or sending an epoch failed.
     #[error("sending to the backup failed: {0}")]
     Send(#[from] checkpoint::encode::EncodeError),
+    /// The link to the backup failed.
     #[error("sending to the backup failed: {0}")]
     Transport(#[from] TransportError),
+    /// The primary's bookkeeping of epochs in flight found an inconsistency.
     #[error("epoch bookkeeping: {0}")]
     InFlight(#[from] checkpoint::inflight::InFlightError),
+    /// The backup refused an epoch.
     #[error("the backup rejected epoch {epoch}: {reason}")]
-    Rejected { epoch: u64, reason: String },
+    Rejected {
+        /// The epoch.
+        epoch: u64,
+        /// The backup's reason.
+        reason: String,
+    },
+    /// The backup went silent or away (why).
     #[error("lost the backup: {0}")]
     BackupLost(String),
+    /// A dirty page lies outside guest memory.
     #[error(transparent)]
     Copy(#[from] memory::PageOutOfRange),
+    /// The final digest could not be computed.
     #[error("digest: {0}")]
     Digest(#[from] checkpoint::digest::DigestError),
+    /// A vCPU crashed (the guest cannot go on).
     #[error("vCPU {vcpu}: {message}")]
-    Crashed { vcpu: u32, message: String },
+    Crashed {
+        /// The vCPU.
+        vcpu: u32,
+        /// Why it stopped.
+        message: String,
+    },
 }
 
 /// Options of `lockstep primary` besides the guest's.
 #[derive(Clone, Debug)]
 pub struct PrimaryOptions {
+    /// The backup's address (`host:port`).
     pub peer: String,
+    /// Time between two checkpoints (the epoch interval).
     pub interval: Duration,
+    /// End the run after this long (pre-copy included); `None`: until the guest exits or a signal.
     pub seconds: Option<Duration>,
+    /// How long to keep trying to reach the backup.
     pub connect_timeout: Duration,
+    /// The guest's name; both sides must agree on it.
     pub name: String,
     /// Unacknowledged epochs allowed in flight.
     pub window: usize,
     /// How long the backup may stay silent before it counts as lost.
     pub backup_timeout: Duration,
+    /// What to do when the backup is lost.
     pub on_backup_loss: OnBackupLoss,
     /// How to fence the backup before releasing output it has not acknowledged.
     pub fence: Option<FenceAgent>,
     /// End an epoch early when the guest's output waits for it and the epoch has run at
     /// least `min_interval` (so a reply waits about one pause plus one round trip).
     pub early_checkpoint: bool,
+    /// The shortest epoch an early checkpoint may end.
     pub min_interval: Duration,
     /// An epoch ends early when the guest has dirtied this many pages, which bounds the
     /// checkpoint pause (the pages are copied while the guest is paused).
@@ -131,6 +163,7 @@ pub enum OnBackupLoss {
 
 /// Default epoch interval; see README ("Choosing the interval").
 pub const DEFAULT_INTERVAL: Duration = Duration::from_millis(25);
+/// Default number of unacknowledged epochs in flight.
 pub const DEFAULT_WINDOW: usize = 4;
 /// Bytes of unacknowledged epochs allowed in flight.
 const MAX_INFLIGHT_BYTES: u64 = 512 << 20;

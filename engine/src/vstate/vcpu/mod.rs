@@ -38,54 +38,103 @@ pub use throttle::{Throttle, Throttler, THROTTLE_SLICE};
 use crate::boot::abi::{EXIT_PORT, IDLE_PORT};
 use crate::devices::Bus;
 
+/// A vCPU failed, or did not answer as the run-state machine expects.
 #[derive(Debug, Error)]
 pub enum VcpuError {
+    /// A KVM ioctl on the vCPU failed.
     #[error("vCPU {index}: KVM ioctl {what} failed: {source}")]
     Kvm {
+        /// The vCPU.
         index: u32,
+        /// The ioctl.
         what: &'static str,
+        /// KVM's error.
         source: kvm_ioctls::Error,
     },
+    /// KVM set or got fewer MSRs than asked.
     #[error("vCPU {index}: KVM accepted only {set} of {total} MSRs (stopped at MSR {msr:#x})")]
     Msrs {
+        /// The vCPU.
         index: u32,
+        /// How many it took.
         set: usize,
+        /// How many were asked.
         total: usize,
+        /// The first MSR it did not take.
         msr: u32,
     },
+    /// The vCPU's thread could not be started.
     #[error("vCPU {index}: cannot start its thread: {source}")]
-    Spawn { index: u32, source: std::io::Error },
+    Spawn {
+        /// The vCPU.
+        index: u32,
+        /// The error from spawning the thread.
+        source: std::io::Error,
+    },
+    /// The kick signal's handler could not be installed.
     #[error("cannot install the vCPU kick signal handler: {0}")]
     Signal(vmm_sys_util::errno::Error),
+    /// The vCPU did not answer a command in time.
     #[error("vCPU {index}: no answer to {command} within {timeout:?}")]
     Timeout {
+        /// The vCPU.
         index: u32,
+        /// The command.
         command: &'static str,
+        /// How long the controller waited.
         timeout: Duration,
     },
+    /// The vCPU's thread has ended.
     #[error("vCPU {index}: thread is gone")]
-    Gone { index: u32 },
+    Gone {
+        /// The vCPU.
+        index: u32,
+    },
+    /// The command needs a paused vCPU.
     #[error("vCPU {index}: {command} is not allowed while the vCPU is running")]
-    Running { index: u32, command: &'static str },
+    Running {
+        /// The vCPU.
+        index: u32,
+        /// The command.
+        command: &'static str,
+    },
+    /// The vCPU answered with something else than the command calls for.
     #[error("vCPU {index}: unexpected answer to {command}")]
-    Protocol { index: u32, command: &'static str },
+    Protocol {
+        /// The vCPU.
+        index: u32,
+        /// The command.
+        command: &'static str,
+    },
 }
 
 /// Commands to a vCPU thread. Each gets exactly one [`VcpuResponse`].
 pub enum VcpuCommand {
+    /// Stop at an instruction boundary (answer: `Paused`).
     Pause,
+    /// Run the guest (answer: `Resumed`).
     Resume,
+    /// Save the registers of a paused vCPU (answer: `State`).
     Save,
+    /// Load registers into a paused vCPU (answer: `Restored`).
     Restore(Box<VcpuState>),
+    /// End the thread (answer: `Stopped`).
     Stop,
 }
 
+/// A vCPU thread's answer to a [`VcpuCommand`].
 pub enum VcpuResponse {
+    /// The vCPU is paused.
     Paused,
+    /// The vCPU runs.
     Resumed,
+    /// The vCPU's state.
     State(Box<VcpuState>),
+    /// The state was loaded.
     Restored,
+    /// The thread ends.
     Stopped,
+    /// The command failed.
     Error(VcpuError),
 }
 
@@ -93,9 +142,19 @@ pub enum VcpuResponse {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VcpuEvent {
     /// The guest wrote `status` to the exit port.
-    GuestExit { vcpu: u32, status: u32 },
+    GuestExit {
+        /// The vCPU that wrote it.
+        vcpu: u32,
+        /// The exit status.
+        status: u32,
+    },
     /// The guest cannot go on (triple fault, KVM internal error, failed entry).
-    Crashed { vcpu: u32, message: String },
+    Crashed {
+        /// The vCPU that stopped.
+        vcpu: u32,
+        /// Why.
+        message: String,
+    },
 }
 
 thread_local! {
@@ -126,6 +185,7 @@ fn install_kick_handler() -> Result<(), VcpuError> {
 
 /// The controller's side of a vCPU thread.
 pub struct VcpuHandle {
+    /// The vCPU's index, from 0.
     pub index: u32,
     commands: Sender<VcpuCommand>,
     responses: Receiver<VcpuResponse>,
@@ -161,6 +221,7 @@ impl VcpuHandle {
         }
     }
 
+    /// Waits for the answer to `command`, at most [`ANSWER_TIMEOUT`].
     pub fn recv(&self, command: &'static str) -> Result<VcpuResponse, VcpuError> {
         match self.responses.recv_timeout(ANSWER_TIMEOUT) {
             Ok(VcpuResponse::Error(e)) => Err(e),
@@ -180,6 +241,7 @@ impl VcpuHandle {
         self.expect_paused()
     }
 
+    /// Waits for the answer to a `Pause` sent earlier.
     pub fn expect_paused(&self) -> Result<(), VcpuError> {
         match self.recv("pause")? {
             VcpuResponse::Paused => Ok(()),
@@ -190,6 +252,7 @@ impl VcpuHandle {
         }
     }
 
+    /// Waits for the answer to a `Save` sent earlier.
     pub fn expect_state(&self) -> Result<Box<VcpuState>, VcpuError> {
         match self.recv("save")? {
             VcpuResponse::State(s) => Ok(s),
@@ -200,11 +263,13 @@ impl VcpuHandle {
         }
     }
 
+    /// Resumes and waits for the acknowledgement.
     pub fn resume(&self) -> Result<(), VcpuError> {
         self.send(VcpuCommand::Resume)?;
         self.expect_resumed()
     }
 
+    /// Waits for the answer to a `Resume` sent earlier.
     pub fn expect_resumed(&self) -> Result<(), VcpuError> {
         match self.recv("resume")? {
             VcpuResponse::Resumed => Ok(()),
@@ -215,6 +280,7 @@ impl VcpuHandle {
         }
     }
 
+    /// Loads `state` into the paused vCPU and waits for the acknowledgement.
     pub fn restore(&self, state: Box<VcpuState>) -> Result<(), VcpuError> {
         self.send(VcpuCommand::Restore(state))?;
         match self.recv("restore")? {
@@ -248,6 +314,7 @@ impl Drop for VcpuHandle {
 pub struct Waker(Vec<Sender<()>>);
 
 impl Waker {
+    /// Wakes every vCPU parked on the idle port.
     pub fn wake_all(&self) {
         for w in &self.0 {
             let _ = w.try_send(());

@@ -11,15 +11,25 @@ use super::{VcpuError, VcpuThread};
 
 /// Everything KVM holds for one vCPU.
 pub struct VcpuState {
+    /// General-purpose registers.
     pub regs: kvm_regs,
+    /// Segment and control registers.
     pub sregs: kvm_sregs,
+    /// The x87/SSE state (legacy FXSAVE area).
     pub fpu: kvm_fpu,
+    /// The XSAVE area (legacy 4 KiB layout).
     pub xsave: kvm_xsave,
+    /// Extended control registers.
     pub xcrs: kvm_xcrs,
+    /// The MSRs KVM lists that this vCPU can read.
     pub msrs: Vec<kvm_msr_entry>,
+    /// The local APIC's registers.
     pub lapic: kvm_lapic_state,
+    /// Pending exceptions, interrupts and NMIs.
     pub events: kvm_vcpu_events,
+    /// Run state (runnable, halted, ...).
     pub mp_state: kvm_mp_state,
+    /// Debug registers.
     pub debugregs: kvm_debugregs,
 }
 

@@ -52,7 +52,7 @@ pub struct Throttler {
 
 impl Throttler {
     /// Starts ticking `throttle` for the vCPU threads `threads` (from
-    /// [`VcpuHandle::pthread`]).
+    /// [`super::VcpuHandle::pthread`]).
     pub fn start(throttle: Arc<Throttle>, threads: Vec<libc::pthread_t>) -> Throttler {
         let stop = Arc::new(AtomicBool::new(false));
         let (t, s) = (Arc::clone(&throttle), Arc::clone(&stop));
