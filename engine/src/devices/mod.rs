@@ -27,27 +27,47 @@ pub struct NetConfig {
 }
 
 impl NetConfig {
-    /// Parses `tap=NAME,mac=aa:bb:cc:dd:ee:ff` (the MAC defaults to 52:54:00:12:34:56).
+    /// Parses `tap=NAME,mac=aa:bb:cc:dd:ee:ff` (the MAC defaults to 52:54:00:12:34:56);
+    /// the error is [`NetConfigError`]'s one-line message, for the command line.
     pub fn parse(s: &str) -> Result<NetConfig, String> {
+        s.parse().map_err(|e: NetConfigError| e.to_string())
+    }
+}
+
+impl std::str::FromStr for NetConfig {
+    type Err = NetConfigError;
+
+    /// Parses `tap=NAME,mac=aa:bb:cc:dd:ee:ff` (the MAC defaults to 52:54:00:12:34:56).
+    fn from_str(s: &str) -> Result<NetConfig, NetConfigError> {
         let mut tap = None;
         let mut mac = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
         for part in s.split(',') {
             match part.split_once('=') {
                 Some(("tap", v)) if !v.is_empty() => tap = Some(v.to_string()),
                 Some(("mac", v)) => {
-                    mac =
-                        virtio::net::parse_mac(v).ok_or_else(|| format!("--net: bad MAC '{v}'"))?
+                    mac = virtio::net::parse_mac(v)
+                        .ok_or_else(|| NetConfigError::BadMac(v.to_string()))?
                 }
-                _ => {
-                    return Err(format!(
-                        "--net {s}: expected tap=NAME[,mac=aa:bb:cc:dd:ee:ff]"
-                    ))
-                }
+                _ => return Err(NetConfigError::Shape(s.to_string())),
             }
         }
-        let tap = tap.ok_or_else(|| format!("--net {s}: tap=NAME is required"))?;
+        let tap = tap.ok_or_else(|| NetConfigError::NoTap(s.to_string()))?;
         Ok(NetConfig { tap, mac })
     }
+}
+
+/// A `--net` value that does not parse.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum NetConfigError {
+    /// The MAC is not six hex bytes separated by ':' (the MAC given).
+    #[error("--net: bad MAC '{0}'")]
+    BadMac(String),
+    /// A part is neither `tap=NAME` nor `mac=MAC` (the value given).
+    #[error("--net {0}: expected tap=NAME[,mac=aa:bb:cc:dd:ee:ff]")]
+    Shape(String),
+    /// `tap=NAME` is missing (the value given).
+    #[error("--net {0}: tap=NAME is required")]
+    NoTap(String),
 }
 
 /// The virtio-net device with its tap, egress path and receive thread.
