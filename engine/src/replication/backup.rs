@@ -3,13 +3,13 @@
 //! runnable machine (hot standby); `--run-after-end` runs it once replication ends cleanly.
 
 use std::net::TcpListener;
-use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use checkpoint::protocol::{Hello, MemoryRegion, Message};
 use checkpoint::staging::{Staging, Step};
 use checkpoint::transport::{Connection, TransportError};
 use checkpoint::PAGE_SIZE;
+use rustix::event::{poll, PollFd, PollFlags, Timespec};
 use thiserror::Error;
 
 use super::fence::{fence_until_done, FenceConfig, FenceError};
@@ -372,14 +372,12 @@ fn accept(listener: &TcpListener) -> Result<Option<Connection>, BackupError> {
         if stop_requested() {
             return Ok(None);
         }
-        let mut pfd = libc::pollfd {
-            fd: listener.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
+        let mut fds = [PollFd::new(listener, PollFlags::IN)];
+        let slice = Timespec {
+            tv_sec: 0,
+            tv_nsec: 200_000_000,
         };
-        // SAFETY: `pfd` is a valid pollfd for a listener that outlives the call.
-        let n = unsafe { libc::poll(&mut pfd, 1, 200) };
-        if n > 0 {
+        if poll(&mut fds, Some(&slice)).unwrap_or(0) > 0 {
             return Ok(Some(Connection::accept(listener)?));
         }
     }

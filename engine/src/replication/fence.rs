@@ -267,16 +267,15 @@ pub fn run_agent(cmd: &str, input: &str, timeout: Duration) -> std::io::Result<A
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
-    // SAFETY: the closure runs in the child between fork and exec and only calls prctl(2),
-    // which is async-signal-safe and touches no memory of the parent.
+    // SAFETY: the closure runs in the child between fork and exec and only calls prctl(2)
+    // (rustix issues the system call directly), which is async-signal-safe, allocates
+    // nothing and touches no memory of the parent.
     unsafe {
         command.pre_exec(|| {
             // A side that is itself fenced (killed) while its agent runs must not go on
             // fencing the other: the agent dies with it, so that a race in which both
             // sides fence leaves, where it can, one of them.
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
+            rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))?;
             Ok(())
         })
     };
@@ -296,12 +295,14 @@ pub fn run_agent(cmd: &str, input: &str, timeout: Duration) -> std::io::Result<A
             let _ = stdin.write_all(input.as_bytes());
         });
     }
-    let pgid = child.id() as libc::pid_t;
+    // The child leads its own process group (process_group(0) above).
+    let pgid = rustix::process::Pid::from_raw(child.id() as i32);
     let deadline = Instant::now().checked_add(timeout);
     let kill_group = || {
-        // SAFETY: kill(2) with a negative pid signals the process group the child leads
-        // (process_group(0) above); no memory is involved. An empty group is ESRCH.
-        unsafe { libc::kill(-pgid, libc::SIGKILL) };
+        // An empty group is ESRCH: nothing left to kill.
+        if let Some(pgid) = pgid {
+            let _ = rustix::process::kill_process_group(pgid, rustix::process::Signal::KILL);
+        }
     };
     let status = loop {
         match child.try_wait() {

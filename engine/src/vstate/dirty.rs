@@ -308,7 +308,7 @@ fn clear(vm: &VmFd, slot: u32, len: usize, bitmap: &[u64]) -> Result<(), DirtyEr
         num_pages: pages,
         first_page: 0,
         __bindgen_anon_1: kvm_clear_dirty_log__bindgen_ty_1 {
-            dirty_bitmap: bitmap.as_ptr() as *mut libc::c_void,
+            dirty_bitmap: bitmap.as_ptr() as *mut std::ffi::c_void,
         },
     };
     // SAFETY: the fd is a KVM VM fd; `arg` points at a bitmap of `pages` bits (the length

@@ -81,26 +81,28 @@ unsafe impl Send for DirtyRing {}
 impl DirtyRing {
     /// Maps vCPU `index`'s ring of `entries` entries from its fd.
     pub fn map(vcpu: &VcpuFd, index: u32, entries: u32) -> Result<DirtyRing, RingError> {
-        use std::os::fd::AsRawFd;
+        use rustix::mm::{mmap, MapFlags, ProtFlags};
+        use std::os::fd::{AsRawFd, BorrowedFd};
         let len = entries as usize * std::mem::size_of::<kvm_dirty_gfn>();
-        // SAFETY: mapping a fresh region of the vCPU fd at the offset KVM documents for the
-        // dirty ring; the result is checked, and the mapping is unmapped in Drop.
+        // SAFETY: the vCPU fd is open for as long as `vcpu` is borrowed, which covers the call.
+        let fd = unsafe { BorrowedFd::borrow_raw(vcpu.as_raw_fd()) };
+        // SAFETY: mapping a fresh region (no address hint, so nothing existing is replaced)
+        // of the vCPU fd at the offset KVM documents for the dirty ring; the mapping is
+        // unmapped in Drop.
         let p = unsafe {
-            libc::mmap(
+            mmap(
                 std::ptr::null_mut(),
                 len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                vcpu.as_raw_fd(),
-                i64::from(KVM_DIRTY_LOG_PAGE_OFFSET) * 4096,
+                ProtFlags::READ | ProtFlags::WRITE,
+                MapFlags::SHARED,
+                fd,
+                u64::from(KVM_DIRTY_LOG_PAGE_OFFSET) * 4096,
             )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(RingError::Map {
-                index,
-                source: std::io::Error::last_os_error(),
-            });
         }
+        .map_err(|e| RingError::Map {
+            index,
+            source: e.into(),
+        })?;
         Ok(DirtyRing {
             gfns: p.cast(),
             entries,
@@ -135,8 +137,9 @@ impl DirtyRing {
 impl Drop for DirtyRing {
     fn drop(&mut self) {
         let len = self.entries as usize * std::mem::size_of::<kvm_dirty_gfn>();
-        // SAFETY: unmapping exactly the region mapped in `map`.
-        unsafe { libc::munmap(self.gfns.cast(), len) };
+        // SAFETY: unmapping exactly the region mapped in `map`, which nothing uses after
+        // this.
+        let _ = unsafe { rustix::mm::munmap(self.gfns.cast(), len) };
     }
 }
 

@@ -10,6 +10,9 @@ use super::*;
 /// of the machine: at normal priority (even at nice -10) the loop woke 3-8 ms late and
 /// epochs overshot the cap by half; at `SCHED_FIFO` it woke on time and 9 epochs in 10
 /// stayed within 11% of the cap. The thread's previous policy returns on drop.
+///
+/// `sched_getscheduler`, `sched_getparam` and `sched_setscheduler` come from libc: rustix
+/// has no wrapper for scheduling policies.
 pub(super) struct Realtime {
     pub(super) previous: Option<(libc::c_int, libc::sched_param)>,
     /// Not Send: it restores the policy of the thread that created it.

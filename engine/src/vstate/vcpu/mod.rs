@@ -161,6 +161,16 @@ thread_local! {
     static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
 }
 
+/// `KVM_RUN` returned because a kick signal arrived (`EINTR`) or `immediate_exit` was set
+/// before entry (`EAGAIN`).
+fn interrupted(e: &kvm_ioctls::Error) -> bool {
+    use rustix::io::Errno;
+    e.errno() == Errno::INTR.raw_os_error() || e.errno() == Errno::AGAIN.raw_os_error()
+}
+
+// The kick is a real-time signal sent to one thread: the handler's types and
+// `pthread_kill` come from libc, as rustix wraps neither (its signal API lives in its
+// unstable `runtime` module).
 extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
     let run = KVM_RUN.with(Cell::get);
     if !run.is_null() {
@@ -546,7 +556,7 @@ impl VcpuThread {
     fn complete_pending_io(&mut self) {
         self.fd.set_kvm_immediate_exit(1);
         match self.fd.run() {
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+            Err(e) if interrupted(&e) => {}
             Ok(_) => crate::warn!(
                 "vCPU {}: unexpected exit while completing I/O before a pause",
                 self.index
@@ -601,7 +611,7 @@ impl VcpuThread {
                 VcpuExit::Unsupported(31) => std::thread::sleep(Duration::from_micros(500)),
                 other => crash = Some(format!("unhandled exit {other:?}")),
             },
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+            Err(e) if interrupted(&e) => {
                 self.fd.set_kvm_immediate_exit(0);
             }
             Err(e) => crash = Some(format!("KVM_RUN failed: {e}")),

@@ -67,6 +67,7 @@ impl Throttler {
                         continue;
                     }
                     t.tick.fetch_add(1, Ordering::Relaxed);
+                    // pthread_kill from libc: rustix does not wrap it.
                     for &th in &threads {
                         // SAFETY: `th` names a vCPU thread that has not been joined: the
                         // Machine drops (stops and joins) this throttler before its vCPU
