@@ -37,9 +37,10 @@ pub enum BackupError {
     #[error("connection from the primary failed: {0}")]
     Transport(#[from] TransportError),
     /// The primary's first message was not `Hello` (its kind).
-    #[error("expected the primary's Hello, got {0}")]
-    NoHello(String),
-    /// The primary's guest does not fit this backup (the reason).
+    #[error("expected the primary's Hello, got {0:?}")]
+    NoHello(checkpoint::protocol::MessageKind),
+    /// The primary's guest does not fit this backup (the differences, as sent to the
+    /// primary in `Refuse`).
     #[error("refused the primary: {0}")]
     Refused(String),
     /// Guest memory could not be set up.
@@ -160,7 +161,7 @@ pub fn run(mut opts: BackupOptions) -> Result<Outcome, BackupError> {
     let peer = conn.peer_addr().map(|a| a.to_string()).unwrap_or_default();
     let hello = match conn.recv(Some(HELLO_TIMEOUT))? {
         Message::Hello(h) => h,
-        other => return Err(BackupError::NoHello(format!("{:?}", other.kind()))),
+        other => return Err(BackupError::NoHello(other.kind())),
     };
     let mem_size = opts
         .mem

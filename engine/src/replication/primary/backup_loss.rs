@@ -11,7 +11,7 @@ impl Primary {
     /// unprotected. Without a fence command the output stays held until the primary is
     /// stopped. `pause` stops the guest; `continue` releases at once (unsafe: a backup that
     /// was only stalled may promote a state older than what clients saw).
-    pub(super) fn without_backup(&mut self, why: String) -> Result<u8, PrimaryError> {
+    pub(super) fn without_backup(&mut self, why: BackupLoss) -> Result<u8, PrimaryError> {
         let has_output = self.output.is_some();
         let what = match (self.opts.on_backup_loss, &self.opts.fence) {
             (OnBackupLoss::Pause, _) => "PAUSING the guest (--on-backup-loss pause)".to_string(),

@@ -265,7 +265,7 @@ impl Primary {
         // The sender is idle (callers wait for it), so this does not block.
         self.jobs
             .send(job)
-            .map_err(|_| PrimaryError::BackupLost("the epoch sender thread is gone".into()))?;
+            .map_err(|_| PrimaryError::BackupLost(BackupLoss::SenderGone))?;
         self.sending = Some(epoch);
         Ok(())
     }

@@ -7,7 +7,7 @@ use super::*;
 pub(super) enum AckEvent {
     Ack { epoch: u64, at: Instant },
     Nack { epoch: u64, reason: String },
-    Lost(String),
+    Lost(BackupLoss),
 }
 
 /// The sending half, shared by the epoch loop and the heartbeat thread.
@@ -171,17 +171,13 @@ pub(super) fn spawn_ack_reader(
                             at: Instant::now(),
                         }
                     }
-                    Err(e) => AckEvent::Lost(e.to_string()),
+                    Err(e) => AckEvent::Lost(BackupLoss::Ack(e)),
                 },
                 Ok(Message::Nack { epoch, reason }) => AckEvent::Nack { epoch, reason },
                 Ok(Message::Heartbeat { .. }) => continue,
-                Ok(other) => {
-                    AckEvent::Lost(format!("unexpected {:?} from the backup", other.kind()))
-                }
-                Err(TransportError::Timeout(t)) => {
-                    AckEvent::Lost(format!("no word from the backup for {t:?}"))
-                }
-                Err(e) => AckEvent::Lost(e.to_string()),
+                Ok(other) => AckEvent::Lost(BackupLoss::Unexpected(other.kind())),
+                Err(TransportError::Timeout(t)) => AckEvent::Lost(BackupLoss::Silent(t)),
+                Err(e) => AckEvent::Lost(BackupLoss::Receive(e)),
             };
             let last = !matches!(ev, AckEvent::Ack { .. });
             if events.send(ev).is_err() || last {

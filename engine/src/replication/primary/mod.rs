@@ -100,9 +100,9 @@ pub enum PrimaryError {
         /// The backup's reason.
         reason: String,
     },
-    /// The backup went silent or away (why).
+    /// The backup went silent or away.
     #[error("lost the backup: {0}")]
-    BackupLost(String),
+    BackupLost(BackupLoss),
     /// A dirty page lies outside guest memory.
     #[error(transparent)]
     Copy(#[from] memory::PageOutOfRange),
@@ -116,6 +116,40 @@ pub enum PrimaryError {
         vcpu: u32,
         /// Why it stopped.
         message: String,
+    },
+}
+
+/// Why the primary counts the backup as lost.
+#[derive(Debug, Error)]
+pub enum BackupLoss {
+    /// The backup sent nothing, not even a heartbeat, for this long.
+    #[error("no word from the backup for {0:?}")]
+    Silent(Duration),
+    /// Reading from the backup failed (a closed or broken connection).
+    #[error(transparent)]
+    Receive(TransportError),
+    /// Sending to the backup failed.
+    #[error("sending to the backup failed: {0}")]
+    Send(TransportError),
+    /// Encoding or sending an epoch failed.
+    #[error("sending to the backup failed: {0}")]
+    Epoch(checkpoint::encode::EncodeError),
+    /// The backup acknowledged an epoch that was not in flight.
+    #[error(transparent)]
+    Ack(checkpoint::inflight::InFlightError),
+    /// The backup sent a message that has no place on the ack stream.
+    #[error("unexpected {0:?} from the backup")]
+    Unexpected(checkpoint::protocol::MessageKind),
+    /// The thread that sends epochs ended.
+    #[error("the epoch sender thread is gone")]
+    SenderGone,
+    /// The backup was lost while the primary waited for the final epoch's ack.
+    #[error("final epoch {epoch} not acknowledged: {why}")]
+    FinalNotAcked {
+        /// The final epoch.
+        epoch: u64,
+        /// Why the backup counts as lost.
+        why: Box<BackupLoss>,
     },
 }
 
@@ -319,9 +353,13 @@ pub fn run(guest: BootConfig, opts: PrimaryOptions) -> Result<u8, PrimaryError> 
             p.without_backup(why)
         }
         // A send that fails is the backup going away mid-epoch.
-        Err(e @ (PrimaryError::Send(_) | PrimaryError::Transport(_))) => {
+        Err(PrimaryError::Send(e)) => {
             p.heartbeats.stop();
-            p.without_backup(e.to_string())
+            p.without_backup(BackupLoss::Epoch(e))
+        }
+        Err(PrimaryError::Transport(e)) => {
+            p.heartbeats.stop();
+            p.without_backup(BackupLoss::Send(e))
         }
         Err(e) => Err(e),
     }
@@ -380,9 +418,10 @@ impl Primary {
 /// The final epoch could not be acknowledged: the backup went silent at the end.
 fn final_not_acked(epoch: u64, e: PrimaryError) -> PrimaryError {
     match e {
-        PrimaryError::BackupLost(why) => {
-            PrimaryError::BackupLost(format!("final epoch {epoch} not acknowledged: {why}"))
-        }
+        PrimaryError::BackupLost(why) => PrimaryError::BackupLost(BackupLoss::FinalNotAcked {
+            epoch,
+            why: Box::new(why),
+        }),
         e => e,
     }
 }
