@@ -338,3 +338,29 @@ impl Bus for Devices {
 pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn net_config_parses_with_typed_errors_and_one_line_messages() {
+        let c: NetConfig = "tap=tap0,mac=02:00:00:00:00:01".parse().unwrap();
+        assert_eq!(c.tap, "tap0");
+        assert_eq!(c.mac, [2, 0, 0, 0, 0, 1]);
+        let d: NetConfig = "tap=tap1".parse().unwrap();
+        assert_eq!(d.mac, [0x52, 0x54, 0x00, 0x12, 0x34, 0x56]);
+        assert_eq!(
+            "mac=02:00:00:00:00:01".parse::<NetConfig>(),
+            Err(NetConfigError::NoTap("mac=02:00:00:00:00:01".into()))
+        );
+        assert_eq!(
+            "tap=t,mac=nope".parse::<NetConfig>(),
+            Err(NetConfigError::BadMac("nope".into()))
+        );
+        assert_eq!(
+            NetConfig::parse("tap=t,speed=10").unwrap_err(),
+            "--net tap=t,speed=10: expected tap=NAME[,mac=aa:bb:cc:dd:ee:ff]"
+        );
+    }
+}

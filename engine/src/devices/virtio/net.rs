@@ -280,3 +280,31 @@ pub fn spawn_rx(net: NetTransport, tap: Arc<Tap>, stop: Arc<AtomicBool>) -> Join
         })
         .expect("spawn the net-rx thread")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn net_state_round_trips_and_refuses_other_lengths() {
+        let s = NetState {
+            mac: [0x52, 0x54, 0, 0x12, 0x34, 0x56],
+        };
+        assert_eq!(NetState::from_bytes(&s.to_bytes()), Ok(s));
+        assert_eq!(
+            NetState::from_bytes(&[1, 2, 3]),
+            Err(DeviceStateError::Malformed {
+                device: "virtio-net",
+                len: 3
+            })
+        );
+    }
+
+    #[test]
+    fn macs_parse_and_format() {
+        let mac = parse_mac("52:54:00:12:34:5f").unwrap();
+        assert_eq!(format_mac(&mac), "52:54:00:12:34:5f");
+        assert_eq!(parse_mac("52:54:00:12:34"), None);
+        assert_eq!(parse_mac("52:54:00:12:34:zz"), None);
+    }
+}
