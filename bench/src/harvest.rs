@@ -71,7 +71,7 @@ fn measure(
     // Let the guest dirty its whole working set between samples (it tops out near 300k
     // first writes per second under write protection).
     let gap = Duration::from_millis((pages / 100).max(20));
-    let mut pfns = Vec::new();
+    let mut pfns = engine::vstate::dirty::DirtySet::default();
     std::thread::sleep(gap);
     m.pause()?;
     m.harvest(&mut pfns)?;

@@ -1,8 +1,8 @@
 //! Primary side: encode a staged epoch on worker threads and send it.
 //!
 //! The engine copies an epoch's dirty pages out of guest memory into one contiguous
-//! staging buffer while the guest is paused ([`StagedPages`]: the buffer plus the page
-//! frame numbers). After the guest resumes, [`EpochEncoder::encode`] splits the pages over
+//! staging buffer while the guest is paused (its `memory::copy_pages`, the one page copy
+//! of pre-copy and epochs; [`StagedPages`]: the buffer plus the page frame numbers). After the guest resumes, [`EpochEncoder::encode`] splits the pages over
 //! `workers` scoped threads. Each worker encodes its pages (against the
 //! [`DeltaCache`] when one is given) straight into `Pages` frames of at most
 //! `max_frame_len` bytes and hands finished frames over a bounded channel to the calling
@@ -24,7 +24,6 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 use crossbeam_channel::{bounded, Sender};
 use thiserror::Error;
-use vm_memory::{Bytes as _, GuestAddress, GuestMemoryBackend};
 
 use crate::codec::{as_page, encode_page, Encoding};
 use crate::delta_cache::DeltaCache;
@@ -61,36 +60,6 @@ pub enum EncodeError {
     /// A message could not be encoded.
     #[error(transparent)]
     Protocol(#[from] ProtocolError),
-    /// A dirty page could not be copied out of guest memory.
-    #[error("cannot copy dirty page {pfn:#x} out of guest memory: {source}")]
-    Memory {
-        /// The page frame number.
-        pfn: u64,
-        /// The error from vm-memory.
-        source: vm_memory::GuestMemoryError,
-    },
-}
-
-/// Copies the pages `pfns` out of guest memory into `out` (cleared first), in order: the
-/// "copy dirty pages to staging" step, done while the vCPUs are paused.
-pub fn copy_pages<M: GuestMemoryBackend>(
-    mem: &M,
-    pfns: &[u64],
-    out: &mut Vec<u8>,
-) -> Result<(), EncodeError> {
-    out.clear();
-    out.resize(pfns.len() * PAGE_SIZE, 0);
-    for (&pfn, page) in pfns.iter().zip(out.chunks_exact_mut(PAGE_SIZE)) {
-        let gpa = pfn
-            .checked_mul(PAGE_SIZE as u64)
-            .ok_or(EncodeError::Memory {
-                pfn,
-                source: vm_memory::GuestMemoryError::InvalidGuestAddress(GuestAddress(u64::MAX)),
-            })?;
-        mem.read_slice(page, GuestAddress(gpa))
-            .map_err(|source| EncodeError::Memory { pfn, source })?;
-    }
-    Ok(())
 }
 
 /// An epoch's dirty pages copied out of guest memory: `pfns[i]`'s content is
@@ -417,7 +386,7 @@ mod tests {
     use crate::digest::digest_regions;
     use crate::staging::{Staging, Step};
     use std::collections::HashMap;
-    use vm_memory::GuestMemoryMmap;
+    use vm_memory::{Bytes as _, GuestAddress, GuestMemoryMmap};
 
     const PAGES: usize = 96;
 
@@ -658,24 +627,6 @@ mod tests {
             StagedPages::new(&pfns, &ram[1..]),
             Err(EncodeError::BadStaging { .. })
         ));
-    }
-
-    #[test]
-    fn copy_pages_gathers_dirty_pages_in_order() {
-        let ram = ram();
-        let mem =
-            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), PAGES * PAGE_SIZE)]).unwrap();
-        mem.write_slice(&ram, GuestAddress(0)).unwrap();
-        let mut out = vec![1u8; 3];
-        copy_pages(&mem, &[7, 2], &mut out).unwrap();
-        assert!(out[..PAGE_SIZE] == ram[7 * PAGE_SIZE..8 * PAGE_SIZE]);
-        assert!(out[PAGE_SIZE..] == ram[2 * PAGE_SIZE..3 * PAGE_SIZE]);
-        let err = copy_pages(&mem, &[PAGES as u64], &mut out).unwrap_err();
-        assert!(
-            err.to_string().starts_with("cannot copy dirty page 0x60"),
-            "{err}"
-        );
-        assert!(copy_pages(&mem, &[u64::MAX], &mut out).is_err());
     }
 
     #[test]

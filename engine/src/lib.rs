@@ -5,6 +5,8 @@
 //! emulated devices, `persist` the versioned state format, and [`machine`] ties them
 //! together into a VM that can be started, paused, captured and restored.
 
+#![warn(missing_docs)]
+
 pub mod boot;
 pub mod devices;
 pub mod log;

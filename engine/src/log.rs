@@ -31,11 +31,13 @@ pub fn write(level: &str, args: std::fmt::Arguments<'_>) {
     eprintln!("[{role} {:>8.3}s {level}] {args}", t.as_secs_f64());
 }
 
+/// Logs a line at level `info` to stderr (`format!` arguments).
 #[macro_export]
 macro_rules! info {
     ($($arg:tt)*) => { $crate::log::write("info", format_args!($($arg)*)) };
 }
 
+/// Logs a line at level `WARN` to stderr (`format!` arguments).
 #[macro_export]
 macro_rules! warn {
     ($($arg:tt)*) => { $crate::log::write("WARN", format_args!($($arg)*)) };

@@ -13,30 +13,47 @@ use crate::devices::serial::{Console, SerialDevice, SerialError};
 use crate::devices::tap::TapError;
 use crate::devices::{lock, Bus, Devices, NetConfig, NetDevice};
 use crate::persist::state::MachineState;
+use crate::vstate::dirty::{DirtyError, DirtySet, DirtyTracker};
 use crate::vstate::dirty_ring::DirtyRing;
 use crate::vstate::memory::{self, GuestMemory, MemoryError};
 use crate::vstate::vcpu::{
     self, Throttle, Throttler, VcpuCommand, VcpuError, VcpuEvent, VcpuHandle, Waker,
 };
 use crate::vstate::vm::{Vm, VmError};
-use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
+/// Building, running, capturing or restoring a machine failed.
 #[derive(Debug, Error)]
 pub enum MachineError {
+    /// Guest memory could not be set up.
     #[error(transparent)]
     Memory(#[from] MemoryError),
+    /// The VM could not be created, or its state saved or restored.
     #[error(transparent)]
     Vm(#[from] VmError),
+    /// A vCPU failed or did not answer.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
+    /// The guest could not be loaded.
     #[error(transparent)]
     Boot(#[from] BootError),
+    /// The serial console could not be set up.
     #[error(transparent)]
     Serial(#[from] SerialError),
+    /// A captured state is for another RAM size than the memory given (both in bytes).
+    #[error("cannot restore: state is for {state} bytes of RAM, memory has {memory}")]
+    RamSize {
+        /// Bytes of RAM the state is for.
+        state: u64,
+        /// Bytes of RAM the memory has.
+        memory: u64,
+    },
+    /// The saved devices do not fit the devices configured now.
     #[error("cannot restore: {0}")]
-    Restore(String),
+    Restore(#[from] crate::devices::DevicesRestoreError),
+    /// Dirty-page tracking failed.
     #[error("dirty-page tracking: {0}")]
-    Dirty(String),
+    Dirty(#[from] DirtyError),
+    /// The tap device could not be opened.
     #[error(transparent)]
     Tap(#[from] TapError),
 }
@@ -44,9 +61,13 @@ pub enum MachineError {
 /// What a machine is made of.
 #[derive(Clone, Debug)]
 pub struct MachineConfig {
+    /// Bytes of guest RAM (a multiple of 4 KiB).
     pub mem_size: u64,
+    /// How many vCPUs.
     pub vcpus: u32,
+    /// Where the serial console writes.
     pub console: Console,
+    /// The virtio-net device, if any.
     pub net: Option<NetConfig>,
     /// Track dirty pages with a dirty ring of this many entries per vCPU (else the bitmap).
     pub dirty_ring: Option<u32>,
@@ -59,6 +80,7 @@ pub struct BootConfig {
     pub image: Vec<u8>,
     /// The guest's command line, handed to it in the boot info.
     pub guest_args: String,
+    /// The machine's shape.
     pub machine: MachineConfig,
 }
 
@@ -71,6 +93,7 @@ pub struct PauseTiming {
     pub captured: Duration,
 }
 
+/// A VM: KVM, guest memory, devices, vCPU threads, and how its dirty pages are tracked.
 pub struct Machine {
     // Declared before the vCPUs: the throttler signals their threads, so it must stop
     // before they are joined.
@@ -85,8 +108,8 @@ pub struct Machine {
     vm: Vm,
     running: bool,
     resume_acks_pending: bool,
-    /// The vCPUs' dirty rings, when the machine tracks dirty pages with them.
-    rings: std::sync::Mutex<Vec<DirtyRing>>,
+    /// Who tracks the dirty pages: the bitmap, or the vCPUs' dirty rings.
+    dirty: DirtyTracker,
 }
 
 impl Machine {
@@ -96,14 +119,15 @@ impl Machine {
         let cpuid = vm.supported_cpuid()?;
         let kvmclock = has_kvmclock(&cpuid);
         let fds = vcpu::create_all(vm.fd(), &cpuid, cfg.vcpus)?;
-        let rings = match cfg.dirty_ring {
-            Some(entries) => fds
-                .iter()
-                .enumerate()
-                .map(|(i, fd)| DirtyRing::map(fd, i as u32, entries))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| MachineError::Dirty(e.to_string()))?,
-            None => Vec::new(),
+        let dirty = match cfg.dirty_ring {
+            Some(entries) => DirtyTracker::Ring(std::sync::Mutex::new(
+                fds.iter()
+                    .enumerate()
+                    .map(|(i, fd)| DirtyRing::map(fd, i as u32, entries))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(DirtyError::from)?,
+            )),
+            None => DirtyTracker::Bitmap(vm.dirty_log()),
         };
         let tsc_khz = fds[0].get_tsc_khz().map_err(|source| VcpuError::Kvm {
             index: 0,
@@ -135,7 +159,7 @@ impl Machine {
             net,
         });
         let mut machine = Machine::assemble(vm, fds, devices)?;
-        machine.rings = std::sync::Mutex::new(rings);
+        machine.dirty = dirty;
         Ok(machine)
     }
 
@@ -149,10 +173,10 @@ impl Machine {
     ) -> Result<Machine, MachineError> {
         let ram = memory::ram_size(&memory);
         if ram != state.mem_size {
-            return Err(MachineError::Restore(format!(
-                "state is for {} bytes of RAM, memory has {ram}",
-                state.mem_size
-            )));
+            return Err(MachineError::RamSize {
+                state: state.mem_size,
+                memory: ram,
+            });
         }
         let vm = Vm::new(memory)?;
         vm.restore_state(&state.vm)?;
@@ -164,9 +188,7 @@ impl Machine {
             serial: std::sync::Mutex::new(SerialDevice::restore(console, &state.serial)?),
             net,
         });
-        devices
-            .restore_virtio(&state.virtio)
-            .map_err(MachineError::Restore)?;
+        devices.restore_virtio(&state.virtio)?;
         let machine = Machine::assemble(vm, fds, devices)?;
         for (h, s) in machine.vcpus.iter().zip(&state.vcpus) {
             h.restore(Box::new(s.clone()))?;
@@ -190,51 +212,23 @@ impl Machine {
             events,
             devices,
             waker,
-            vm,
             running: false,
             resume_acks_pending: false,
-            rings: std::sync::Mutex::new(Vec::new()),
+            dirty: DirtyTracker::Bitmap(vm.dirty_log()),
+            vm,
         })
     }
 
+    /// Guest RAM.
     pub fn memory(&self) -> &GuestMemory {
         self.vm.memory()
     }
 
-    /// Every page dirtied since the last harvest (sorted, no duplicates), by the dirty
-    /// ring or the bitmap, whichever the machine was created with, ORed with the pages
-    /// the VMM and devices wrote.
-    pub fn harvest(&self, pfns: &mut Vec<u64>) -> Result<(), MachineError> {
-        let mut rings = lock(&self.rings);
-        if rings.is_empty() {
-            return self
-                .vm
-                .dirty_log()
-                .harvest(self.vm.fd(), self.memory(), pfns)
-                .map_err(|e| MachineError::Dirty(e.to_string()));
-        }
-        pfns.clear();
-        let bases: Vec<u64> = memory::regions(self.memory())
-            .iter()
-            .map(|r| r.0 >> 12)
-            .collect();
-        for ring in rings.iter_mut() {
-            ring.harvest(&mut |slot, offset| {
-                if let Some(base) = bases.get(slot as usize) {
-                    pfns.push(base + offset);
-                }
-            });
-        }
-        crate::vstate::dirty_ring::reset(self.vm.fd())
-            .map_err(|e| MachineError::Dirty(e.to_string()))?;
-        for region in self.memory().iter() {
-            // Writes by the VMM and devices since the last harvest.
-            let words = std::ops::Deref::deref(region).bitmap().get_and_reset();
-            crate::vstate::dirty::push_set_bits(region.start_addr().0 >> 12, &words, pfns);
-        }
-        pfns.sort_unstable();
-        pfns.dedup();
-        Ok(())
+    /// Replaces `set` with every page dirtied since the last harvest, by the dirty ring
+    /// or the bitmap, whichever the machine was created with, ORed with the pages the VMM
+    /// and devices wrote.
+    pub fn harvest(&self, set: &mut DirtySet) -> Result<(), MachineError> {
+        Ok(self.dirty.harvest(self.vm.fd(), self.memory(), set)?)
     }
 
     /// How many pages the guest dirtied since the last harvest, counted without harvesting
@@ -242,13 +236,7 @@ impl Machine {
     /// kernel without manual dirty-log protect). There the ring's size bounds what one
     /// epoch can hold instead: a full ring stops its vCPU until the next harvest.
     pub fn dirty_count(&self) -> Result<Option<u64>, MachineError> {
-        if !lock(&self.rings).is_empty() {
-            return Ok(None);
-        }
-        self.vm
-            .dirty_log()
-            .count(self.vm.fd(), self.memory())
-            .map_err(|e| MachineError::Dirty(e.to_string()))
+        Ok(self.dirty.count(self.vm.fd(), self.memory())?)
     }
 
     /// Holds the running vCPUs for `pct`% of the time (0 = never, at most 99), in slices
@@ -268,18 +256,22 @@ impl Machine {
         self.throttle.percent()
     }
 
+    /// The KVM VM.
     pub fn vm(&self) -> &Vm {
         &self.vm
     }
 
+    /// How many vCPUs the machine has.
     pub fn vcpu_count(&self) -> usize {
         self.vcpus.len()
     }
 
+    /// Wakes vCPUs waiting on the idle port.
     pub fn waker(&self) -> &Waker {
         &self.waker
     }
 
+    /// Whether the vCPUs were last told to run (not paused).
     pub fn is_running(&self) -> bool {
         self.running
     }
@@ -391,6 +383,7 @@ impl Machine {
         self.devices.net.as_ref()
     }
 
+    /// Writes out the serial console's buffered output.
     pub fn flush_console(&self) {
         lock(&self.devices.serial).flush();
     }

@@ -9,7 +9,9 @@ use thiserror::Error;
 #[derive(Debug, Error)]
 #[error("cannot write the pid file {path}: {source}")]
 pub struct PidFileError {
+    /// The pid file.
     pub path: PathBuf,
+    /// The error from the file system.
     pub source: std::io::Error,
 }
 

@@ -2,6 +2,7 @@
 
 use thiserror::Error;
 
+/// A size that does not parse (the text given).
 #[derive(Debug, Error, PartialEq, Eq)]
 #[error("invalid size '{0}': expected a number with an optional K, M or G suffix")]
 pub struct SizeError(pub String);

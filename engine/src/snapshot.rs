@@ -16,32 +16,60 @@ use crate::persist::state::MachineState;
 use crate::persist::{self, PersistError, Reader, Writer};
 use crate::vstate::memory::{ram_size, GuestMemory};
 
+/// The state file in a snapshot directory.
 pub const STATE_FILE: &str = "state.bin";
+/// The memory file in a snapshot directory.
 pub const MEMORY_FILE: &str = "memory.bin";
 
 const CHUNK: usize = 1 << 20;
 const PAGE: usize = 4096;
 
+/// A snapshot that cannot be written or read.
 #[derive(Debug, Error)]
 pub enum SnapshotError {
+    /// A file could not be read or written.
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: io::Error },
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The error from the file system.
+        source: io::Error,
+    },
+    /// The state file is unreadable.
     #[error("{path}: {source}")]
-    Format { path: PathBuf, source: PersistError },
+    Format {
+        /// The state file.
+        path: PathBuf,
+        /// Why it cannot be read.
+        source: PersistError,
+    },
+    /// The memory file has another size than the state says (bytes).
     #[error("{path}: memory file is {found} bytes, the state says {expected}")]
     MemorySize {
+        /// The memory file.
         path: PathBuf,
+        /// Bytes the state says.
         expected: u64,
+        /// Bytes the file has.
         found: u64,
     },
+    /// The memory file's checksum is not the one recorded.
     #[error("{path}: memory checksum mismatch (expected {expected:#010x}, found {found:#010x})")]
     MemoryChecksum {
+        /// The memory file.
         path: PathBuf,
+        /// The CRC32 recorded with the state.
         expected: u32,
+        /// The file's CRC32.
         found: u32,
     },
+    /// The target exists and is not a snapshot directory.
     #[error("{path} already exists and is not a lockstep snapshot; refusing to replace it")]
-    NotASnapshot { path: PathBuf },
+    NotASnapshot {
+        /// The directory.
+        path: PathBuf,
+    },
+    /// Guest memory could not be read or written.
     #[error("guest memory access failed: {0}")]
     Guest(#[from] vm_memory::GuestMemoryError),
 }
@@ -110,6 +138,7 @@ pub fn write(dir: &Path, state: &MachineState, mem: &GuestMemory) -> Result<u64,
 
 /// A snapshot read back: the state, and where its memory is.
 pub struct Snapshot {
+    /// The machine state.
     pub state: MachineState,
     mem_path: PathBuf,
     mem_size: u64,

@@ -13,18 +13,35 @@ use vm_memory::{ByteValued, Bytes, GuestAddress};
 use crate::vstate::memory::GuestMemory;
 use abi::*;
 
+/// The guest could not be loaded or its boot structures not written.
 #[derive(Debug, Error)]
 pub enum BootError {
+    /// The image is not an ELF linux-loader can load.
     #[error("guest image is not a loadable x86-64 ELF: {0}")]
     Elf(linux_loader::loader::Error),
+    /// The image does not fit in guest RAM (`end` and `ram` in bytes).
     #[error("guest image ends at {end:#x}, beyond the {ram:#x} bytes of guest RAM")]
-    ImageTooLarge { end: u64, ram: u64 },
+    ImageTooLarge {
+        /// Where the image ends (guest-physical, bytes).
+        end: u64,
+        /// Bytes of guest RAM.
+        ram: u64,
+    },
+    /// The command line does not fit in the boot info.
     #[error("guest command line is {len} bytes; at most {max} fit")]
-    CmdlineTooLong { len: usize, max: usize },
+    CmdlineTooLong {
+        /// The command line's length in bytes.
+        len: usize,
+        /// The most that fit.
+        max: usize,
+    },
+    /// The vCPU count is outside 1..=[`MAX_VCPUS`].
     #[error("{0} vCPUs requested; the guest layout supports 1 to {MAX_VCPUS}")]
     VcpuCount(u32),
+    /// More virtio devices than the boot info lists.
     #[error("{0} virtio devices; at most {MAX_VIRTIO} fit in the boot info")]
     TooManyDevices(usize),
+    /// Writing guest memory failed.
     #[error("cannot write boot structures into guest memory: {0}")]
     Memory(#[from] vm_memory::GuestMemoryError),
 }
@@ -37,17 +54,23 @@ unsafe impl ByteValued for BootInfo {}
 /// What the loader placed in guest memory.
 #[derive(Clone, Copy, Debug)]
 pub struct LoadedGuest {
+    /// The guest's entry point (virtual = physical).
     pub entry: u64,
+    /// The first free guest-physical address after the image.
     pub heap_start: u64,
 }
 
 /// Everything the boot code needs to know about the VM.
 pub struct BootParams<'a> {
+    /// The guest's command line.
     pub cmdline: &'a str,
+    /// How many vCPUs the guest has.
     pub vcpu_count: u32,
+    /// The TSC frequency in kHz, for the guest's clock.
     pub tsc_khz: u64,
     /// Whether the VMM turns kvmclock on for every vCPU (the boot info then says where).
     pub kvmclock: bool,
+    /// The virtio-mmio devices the guest may drive.
     pub virtio: &'a [VirtioDeviceInfo],
 }
 
@@ -149,6 +172,7 @@ fn load_segments(image: &[u8]) -> Vec<(u64, u64, u64)> {
         .collect()
 }
 
+/// Guest-physical address of vCPU `vcpu_index`'s boot-info page.
 pub fn boot_info_addr(vcpu_index: u32) -> u64 {
     BOOT_INFO_BASE + u64::from(vcpu_index) * PAGE_SIZE
 }

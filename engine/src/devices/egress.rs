@@ -14,14 +14,19 @@ use super::tap::Tap;
 
 /// Held output is bounded by these (then the device stops taking from the TX queue).
 pub const HELD_PACKETS: usize = 4096;
+/// Bytes of held output beyond which the device stops taking from the TX queue (16 MiB).
 pub const HELD_BYTES: usize = 16 << 20;
 
+/// What the egress path did with the frames it let out.
 #[derive(Default, Clone, Copy, Debug)]
 pub struct EgressCounters {
+    /// Frames written to the tap.
     pub sent: u64,
+    /// Frames the tap refused (counted as lost on the wire).
     pub tap_errors: u64,
 }
 
+/// The guest's output path: to the tap at once, or held per epoch (see the module).
 pub struct Egress {
     tap: Arc<Tap>,
     buffer: Mutex<(EgressBuffer, EgressCounters)>,
@@ -76,6 +81,7 @@ impl Egress {
         self.open_frames.load(Ordering::SeqCst) > 0
     }
 
+    /// Whether a frame of `len` bytes fits among the held frames.
     pub fn has_room(&self, len: usize) -> bool {
         lock(&self.buffer).0.has_room(len)
     }
@@ -112,6 +118,7 @@ impl Egress {
         self.transmit(&mut g.1, released);
     }
 
+    /// What was sent and refused so far.
     pub fn counters(&self) -> EgressCounters {
         lock(&self.buffer).1
     }

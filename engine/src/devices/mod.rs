@@ -15,43 +15,66 @@ use serial::SerialDevice;
 use tap::{Tap, TapError};
 use virtio::mmio::MmioTransport;
 use virtio::net::{Net, NetTransport};
-use virtio::VirtioState;
+use virtio::{VirtioRestoreError, VirtioState};
 
 /// `--net tap=NAME,mac=MAC`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NetConfig {
+    /// The tap device's name (at most 15 bytes).
     pub tap: String,
+    /// The guest's MAC address.
     pub mac: [u8; 6],
 }
 
 impl NetConfig {
-    /// Parses `tap=NAME,mac=aa:bb:cc:dd:ee:ff` (the MAC defaults to 52:54:00:12:34:56).
+    /// Parses `tap=NAME,mac=aa:bb:cc:dd:ee:ff` (the MAC defaults to 52:54:00:12:34:56);
+    /// the error is [`NetConfigError`]'s one-line message, for the command line.
     pub fn parse(s: &str) -> Result<NetConfig, String> {
+        s.parse().map_err(|e: NetConfigError| e.to_string())
+    }
+}
+
+impl std::str::FromStr for NetConfig {
+    type Err = NetConfigError;
+
+    /// Parses `tap=NAME,mac=aa:bb:cc:dd:ee:ff` (the MAC defaults to 52:54:00:12:34:56).
+    fn from_str(s: &str) -> Result<NetConfig, NetConfigError> {
         let mut tap = None;
         let mut mac = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
         for part in s.split(',') {
             match part.split_once('=') {
                 Some(("tap", v)) if !v.is_empty() => tap = Some(v.to_string()),
                 Some(("mac", v)) => {
-                    mac =
-                        virtio::net::parse_mac(v).ok_or_else(|| format!("--net: bad MAC '{v}'"))?
+                    mac = virtio::net::parse_mac(v)
+                        .ok_or_else(|| NetConfigError::BadMac(v.to_string()))?
                 }
-                _ => {
-                    return Err(format!(
-                        "--net {s}: expected tap=NAME[,mac=aa:bb:cc:dd:ee:ff]"
-                    ))
-                }
+                _ => return Err(NetConfigError::Shape(s.to_string())),
             }
         }
-        let tap = tap.ok_or_else(|| format!("--net {s}: tap=NAME is required"))?;
+        let tap = tap.ok_or_else(|| NetConfigError::NoTap(s.to_string()))?;
         Ok(NetConfig { tap, mac })
     }
 }
 
+/// A `--net` value that does not parse.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum NetConfigError {
+    /// The MAC is not six hex bytes separated by ':' (the MAC given).
+    #[error("--net: bad MAC '{0}'")]
+    BadMac(String),
+    /// A part is neither `tap=NAME` nor `mac=MAC` (the value given).
+    #[error("--net {0}: expected tap=NAME[,mac=aa:bb:cc:dd:ee:ff]")]
+    Shape(String),
+    /// `tap=NAME` is missing (the value given).
+    #[error("--net {0}: tap=NAME is required")]
+    NoTap(String),
+}
+
 /// The virtio-net device with its tap, egress path and receive thread.
 pub struct NetDevice {
-    pub transport: NetTransport,
-    pub egress: Arc<Egress>,
+    transport: NetTransport,
+    egress: Arc<Egress>,
+    /// Guest-physical address of the device's MMIO window.
     pub base: u64,
     rx_stop: Arc<AtomicBool>,
     rx_thread: Mutex<Option<JoinHandle<()>>>,
@@ -59,6 +82,7 @@ pub struct NetDevice {
 }
 
 impl NetDevice {
+    /// Opens the tap `cfg.tap` and builds the device over guest memory `mem`; the receive thread starts with [`NetDevice::start`].
     pub fn new(
         cfg: &NetConfig,
         mem: crate::vstate::memory::GuestMemory,
@@ -76,6 +100,7 @@ impl NetDevice {
         })
     }
 
+    /// What the boot info tells the guest about the device.
     pub fn info(&self) -> VirtioDeviceInfo {
         VirtioDeviceInfo {
             base: self.base,
@@ -113,12 +138,80 @@ impl NetDevice {
         }
     }
 
-    /// Retries transmission that stopped on a full egress buffer.
-    pub fn retry_tx(&self) {
-        let mut t = lock(&self.transport);
-        if t.device.tx_blocked {
-            t.kick(1);
+    /// The handle the replication roles steer output commit with.
+    pub fn output(&self) -> OutputCommit {
+        OutputCommit {
+            egress: Arc::clone(&self.egress),
+            transport: Arc::clone(&self.transport),
         }
+    }
+}
+
+/// Output commit (Remus, section 3.2 of the paper; invariant 2 of the architecture
+/// notes): while protected, every frame the guest transmits is held, tagged with the epoch
+/// open when it was sent, until the backup has committed that epoch.
+///
+/// The whole API the primary uses: [`protect`](Self::protect) once, before the first
+/// epoch; [`begin_epoch`](Self::begin_epoch) at every checkpoint, with the guest paused;
+/// [`commit`](Self::commit) when the backup acknowledges an epoch (from any thread);
+/// [`unprotect`](Self::unprotect) when the backup is gone and the primary runs on alone.
+/// Nothing else touches the device's transport or TX queue.
+#[derive(Clone)]
+pub struct OutputCommit {
+    egress: Arc<Egress>,
+    transport: NetTransport,
+}
+
+impl OutputCommit {
+    /// Holds output from now on; frames sent from now on belong to `epoch` (the first
+    /// epoch the primary will take).
+    pub fn protect(&self, epoch: u64) {
+        self.egress.set_open_epoch(epoch);
+        self.egress.protect();
+    }
+
+    /// Frames sent from now on belong to `epoch` and leave once [`commit`](Self::commit)
+    /// reaches it. Called with the guest paused, as a checkpoint is taken.
+    pub fn begin_epoch(&self, epoch: u64) {
+        self.egress.set_open_epoch(epoch);
+    }
+
+    /// Whether the guest sent output since the last [`begin_epoch`](Self::begin_epoch)
+    /// that waits for a checkpoint not yet taken (an early checkpoint shortens its wait).
+    pub fn output_waits(&self) -> bool {
+        self.egress.open_output()
+    }
+
+    /// The backup committed every epoch up to `epoch`: their frames leave, in order, and
+    /// a TX queue that stopped on a full buffer is processed again.
+    pub fn commit(&self, epoch: u64) {
+        self.egress.release(epoch);
+        kick_blocked_tx(&self.transport);
+    }
+
+    /// Stops holding: everything held leaves, in order, and output goes straight out from
+    /// now on (the backup is gone, or fenced, and the primary continues unprotected).
+    pub fn unprotect(&self) {
+        self.egress.unprotect();
+        kick_blocked_tx(&self.transport);
+    }
+
+    /// Hold time p50 and p99 in µs, and the number of frames ever held.
+    pub fn hold_times(&self) -> (u64, u64, u64) {
+        self.egress.hold_times()
+    }
+
+    /// Frames sent to the tap, and those the tap refused.
+    pub fn counters(&self) -> egress::EgressCounters {
+        self.egress.counters()
+    }
+}
+
+/// Processes the TX queue again if it stopped on a full egress buffer.
+fn kick_blocked_tx(transport: &NetTransport) {
+    let mut t = lock(transport);
+    if t.device.tx_blocked() {
+        t.kick(1);
     }
 }
 
@@ -133,15 +226,21 @@ impl Drop for NetDevice {
 
 /// Where vCPU threads send the port and MMIO accesses that KVM hands to userspace.
 pub trait Bus: Send + Sync {
+    /// A port read of `data.len()` bytes at `port`.
     fn pio_read(&self, port: u16, data: &mut [u8]);
+    /// A port write of `data` at `port`.
     fn pio_write(&self, port: u16, data: &[u8]);
+    /// An MMIO read of `data.len()` bytes at guest-physical `addr`.
     fn mmio_read(&self, addr: u64, data: &mut [u8]);
+    /// An MMIO write of `data` at guest-physical `addr`.
     fn mmio_write(&self, addr: u64, data: &[u8]);
 }
 
 /// The VM's devices.
 pub struct Devices {
+    /// The 16550 UART on COM1.
     pub serial: Mutex<SerialDevice>,
+    /// The virtio-net device, if the machine has one.
     pub net: Option<NetDevice>,
 }
 
@@ -160,32 +259,47 @@ impl Devices {
         }
     }
 
+    /// Lets devices touch guest memory again, and lets through what waited during the freeze.
     pub fn thaw(&self) {
         if let Some(n) = &self.net {
             let mut t = lock(&n.transport);
             t.set_frozen(false);
             // Whatever waited during the freeze (a received frame, blocked output).
             t.kick(0);
-            if t.device.tx_blocked {
+            if t.device.tx_blocked() {
                 t.kick(1);
             }
         }
     }
 
+    /// The state of every virtio device, in device order.
     pub fn save_virtio(&self) -> Vec<VirtioState> {
         self.net.iter().map(|n| lock(&n.transport).save()).collect()
     }
 
-    pub fn restore_virtio(&self, states: &[VirtioState]) -> Result<(), String> {
+    /// Loads the virtio devices' state saved by [`Devices::save_virtio`]; the devices configured now must match those saved.
+    pub fn restore_virtio(&self, states: &[VirtioState]) -> Result<(), DevicesRestoreError> {
         match (&self.net, states) {
             (None, []) => Ok(()),
-            (Some(n), [s]) => lock(&n.transport).restore(s),
-            (None, _) => {
-                Err("the saved machine has a virtio-net device: give --net tap=NAME".into())
-            }
-            (Some(_), _) => Err("the saved machine has no virtio-net device: drop --net".into()),
+            (Some(n), [s]) => Ok(lock(&n.transport).restore(s)?),
+            (None, _) => Err(DevicesRestoreError::NetMissing),
+            (Some(_), _) => Err(DevicesRestoreError::NetUnexpected),
         }
     }
+}
+
+/// The saved devices do not fit the devices configured now.
+#[derive(Debug, thiserror::Error)]
+pub enum DevicesRestoreError {
+    /// The saved machine had a network device; none is configured.
+    #[error("the saved machine has a virtio-net device: give --net tap=NAME")]
+    NetMissing,
+    /// A network device is configured; the saved machine had none.
+    #[error("the saved machine has no virtio-net device: drop --net")]
+    NetUnexpected,
+    /// The saved virtio device's state does not load.
+    #[error(transparent)]
+    Virtio(#[from] VirtioRestoreError),
 }
 
 const SERIAL_PORTS: std::ops::Range<u16> = SERIAL_PORT..SERIAL_PORT + 8;
@@ -223,4 +337,30 @@ impl Bus for Devices {
 /// Locks a device mutex; a device is plain data, so a panic elsewhere leaves it usable.
 pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn net_config_parses_with_typed_errors_and_one_line_messages() {
+        let c: NetConfig = "tap=tap0,mac=02:00:00:00:00:01".parse().unwrap();
+        assert_eq!(c.tap, "tap0");
+        assert_eq!(c.mac, [2, 0, 0, 0, 0, 1]);
+        let d: NetConfig = "tap=tap1".parse().unwrap();
+        assert_eq!(d.mac, [0x52, 0x54, 0x00, 0x12, 0x34, 0x56]);
+        assert_eq!(
+            "mac=02:00:00:00:00:01".parse::<NetConfig>(),
+            Err(NetConfigError::NoTap("mac=02:00:00:00:00:01".into()))
+        );
+        assert_eq!(
+            "tap=t,mac=nope".parse::<NetConfig>(),
+            Err(NetConfigError::BadMac("nope".into()))
+        );
+        assert_eq!(
+            NetConfig::parse("tap=t,speed=10").unwrap_err(),
+            "--net tap=t,speed=10: expected tap=NAME[,mac=aa:bb:cc:dd:ee:ff]"
+        );
+    }
 }

@@ -12,10 +12,18 @@ use thiserror::Error;
 use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 
+/// The console or the UART state could not be set up.
 #[derive(Debug, Error)]
 pub enum SerialError {
+    /// The console file could not be opened.
     #[error("cannot open console file {path}: {source}")]
-    Open { path: PathBuf, source: io::Error },
+    Open {
+        /// The file.
+        path: PathBuf,
+        /// The error from the file system.
+        source: io::Error,
+    },
+    /// A saved UART state does not fit a 16550.
     #[error("serial state has {0} bytes of input, more than the 16550 FIFO holds")]
     BadState(usize),
 }
@@ -23,12 +31,16 @@ pub enum SerialError {
 /// Where the guest's serial output goes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Console {
+    /// The host's standard output.
     Stdout,
+    /// A file, appended to.
     File(PathBuf),
+    /// Nowhere.
     Null,
 }
 
 impl Console {
+    /// Parses `--console`: `stdout`, `none` (or `null`), or a file path.
     pub fn parse(s: &str) -> Console {
         match s {
             "stdout" => Console::Stdout,
@@ -73,6 +85,7 @@ pub struct ConsoleWriter {
 }
 
 impl ConsoleWriter {
+    /// Writes out what is buffered, even without a full line.
     pub fn flush_now(&mut self) {
         if !self.line.is_empty() {
             // The console is best effort: a closed stdout must not stop the guest.
@@ -113,11 +126,13 @@ impl Trigger for NoIrq {
     }
 }
 
+/// The 16550 UART on COM1 (vm-superio), without an interrupt line: the guest polls it.
 pub struct SerialDevice {
     uart: Serial<NoIrq, NoEvents, ConsoleWriter>,
 }
 
 impl SerialDevice {
+    /// A reset UART writing to `console`.
     pub fn new(console: &Console) -> Result<SerialDevice, SerialError> {
         Ok(SerialDevice {
             uart: Serial::new(NoIrq, console.open(false)?),
@@ -131,19 +146,23 @@ impl SerialDevice {
         Ok(SerialDevice { uart })
     }
 
+    /// A guest read of the register at `offset` from the base port.
     pub fn read(&mut self, offset: u8) -> u8 {
         self.uart.read(offset)
     }
 
+    /// A guest write of `value` to the register at `offset` from the base port.
     pub fn write(&mut self, offset: u8, value: u8) {
         // A write error means the console is gone; the guest keeps running.
         let _ = self.uart.write(offset, value);
     }
 
+    /// The UART's registers and buffered input, for a checkpoint.
     pub fn state(&self) -> SerialState {
         self.uart.state()
     }
 
+    /// Writes out the console's buffered output.
     pub fn flush(&mut self) {
         self.uart.writer_mut().flush_now();
     }

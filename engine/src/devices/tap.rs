@@ -7,30 +7,41 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 
 use thiserror::Error;
 
+/// The tap device could not be opened.
 #[derive(Debug, Error)]
 pub enum TapError {
+    /// The name is empty or too long for an interface name.
     #[error("tap name '{0}' is empty or longer than 15 bytes")]
     BadName(String),
+    /// `/dev/net/tun` could not be opened.
     #[error("cannot open /dev/net/tun: {0}")]
     Open(io::Error),
+    /// `TUNSETIFF` refused the name (no such tap, or no permission).
     #[error("cannot attach to tap device '{name}': {source}")]
-    Attach { name: String, source: io::Error },
+    Attach {
+        /// The tap's name.
+        name: String,
+        /// The error from `TUNSETIFF`.
+        source: io::Error,
+    },
 }
 
-const IFF_TAP: libc::c_short = 0x0002;
-const IFF_NO_PI: libc::c_short = 0x1000;
-/// `_IOW('T', 202, int)`.
-const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+// From <linux/if_tun.h>, which neither rustix nor libc carries.
+const IFF_TAP: i16 = 0x0002;
+const IFF_NO_PI: i16 = 0x1000;
+/// `_IOW('T', 202, int)` (the kernel declares it with `int` but reads an `ifreq`).
+const TUNSETIFF: rustix::ioctl::Opcode = 0x4004_54ca;
+/// Bytes of an interface name, its terminating NUL included (`IFNAMSIZ`).
+const IFNAMSIZ: usize = 16;
 
 #[repr(C)]
 struct IfReq {
-    name: [u8; libc::IFNAMSIZ],
-    flags: libc::c_short,
+    name: [u8; IFNAMSIZ],
+    flags: i16,
     _pad: [u8; 22],
 }
 
@@ -41,29 +52,37 @@ pub struct Tap {
 }
 
 impl Tap {
+    /// Attaches to the existing tap device `name`, non-blocking, without packet information headers.
     pub fn open(name: &str) -> Result<Tap, TapError> {
-        if name.is_empty() || name.len() >= libc::IFNAMSIZ {
+        if name.is_empty() || name.len() >= IFNAMSIZ {
             return Err(TapError::BadName(name.to_string()));
         }
         let file = OpenOptions::new()
             .read(true)
             .write(true)
-            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .custom_flags(
+                (rustix::fs::OFlags::NONBLOCK | rustix::fs::OFlags::CLOEXEC).bits() as i32,
+            )
             .open("/dev/net/tun")
             .map_err(TapError::Open)?;
         let mut req = IfReq {
-            name: [0; libc::IFNAMSIZ],
+            name: [0; IFNAMSIZ],
             flags: IFF_TAP | IFF_NO_PI,
             _pad: [0; 22],
         };
         req.name[..name.len()].copy_from_slice(name.as_bytes());
         // SAFETY: TUNSETIFF reads and writes an `ifreq`; `req` is a correctly sized,
         // initialized `#[repr(C)]` ifreq that lives across the call.
-        let ret = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut req) };
-        if ret < 0 {
+        let attach = unsafe {
+            rustix::ioctl::ioctl(
+                &file,
+                rustix::ioctl::Updater::<TUNSETIFF, IfReq>::new(&mut req),
+            )
+        };
+        if let Err(e) = attach {
             return Err(TapError::Attach {
                 name: name.to_string(),
-                source: io::Error::last_os_error(),
+                source: e.into(),
             });
         }
         Ok(Tap {
@@ -72,6 +91,7 @@ impl Tap {
         })
     }
 
+    /// The tap device's name.
     pub fn name(&self) -> &str {
         &self.name
     }
@@ -92,14 +112,15 @@ impl Tap {
         }
     }
 
-    /// Waits until a frame can be read, for at most `timeout_ms`.
+    /// Waits until a frame can be read, for at most `timeout_ms` milliseconds.
     pub fn wait_readable(&self, timeout_ms: i32) -> bool {
-        let mut pfd = libc::pollfd {
-            fd: self.file.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
+        use rustix::event::{poll, PollFd, PollFlags, Timespec};
+        let ms = i64::from(timeout_ms.max(0));
+        let timeout = Timespec {
+            tv_sec: ms / 1000,
+            tv_nsec: (ms % 1000) * 1_000_000,
         };
-        // SAFETY: `pfd` is a valid pollfd for an fd that outlives the call.
-        unsafe { libc::poll(&mut pfd, 1, timeout_ms) > 0 }
+        let mut fds = [PollFd::new(&self.file, PollFlags::IN)];
+        poll(&mut fds, Some(&timeout)).unwrap_or(0) > 0
     }
 }

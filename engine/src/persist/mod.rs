@@ -22,21 +22,42 @@ pub mod state;
 use thiserror::Error;
 use zerocopy::{FromBytes, Immutable, IntoBytes};
 
+/// The blob's first 8 bytes.
 pub const MAGIC: [u8; 8] = *b"LKSTATE\0";
 /// 2: virtio devices (transport, queues, device) joined the machine state.
 pub const FORMAT_VERSION: u32 = 2;
+/// Bytes of header before the payload.
 pub const HEADER_LEN: usize = 32;
 
+/// A state blob that cannot be read.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum PersistError {
+    /// The blob does not start with [`MAGIC`].
     #[error("not a lockstep state blob (bad magic)")]
     BadMagic,
+    /// The blob is of another format version.
     #[error("state format version {found}; this lockstep reads version {FORMAT_VERSION}")]
-    Version { found: u32 },
+    Version {
+        /// The blob's version.
+        found: u32,
+    },
+    /// The blob is shorter than its header says.
     #[error("state blob truncated: header says {expected} payload bytes, {found} present")]
-    Truncated { expected: u64, found: u64 },
+    Truncated {
+        /// Payload bytes the header announces.
+        expected: u64,
+        /// Payload bytes present.
+        found: u64,
+    },
+    /// The payload's CRC32 is not the header's.
     #[error("state checksum mismatch: header says {expected:#010x}, payload has {found:#010x}")]
-    Checksum { expected: u32, found: u32 },
+    Checksum {
+        /// The header's CRC32.
+        expected: u32,
+        /// The payload's CRC32.
+        found: u32,
+    },
+    /// A field is out of range or the payload ends early (the text says which).
     #[error("state payload is malformed: {0}")]
     Malformed(String),
 }
@@ -83,16 +104,20 @@ pub fn unseal(blob: &[u8]) -> Result<&[u8], PersistError> {
 /// Appends little-endian fields to a payload.
 #[derive(Default)]
 pub struct Writer {
+    /// The payload written so far.
     pub buf: Vec<u8>,
 }
 
 impl Writer {
+    /// Appends one byte.
     pub fn u8(&mut self, v: u8) {
         self.buf.push(v);
     }
+    /// Appends a `u32`, little endian.
     pub fn u32(&mut self, v: u32) {
         self.buf.extend_from_slice(&v.to_le_bytes());
     }
+    /// Appends a `u64`, little endian.
     pub fn u64(&mut self, v: u64) {
         self.buf.extend_from_slice(&v.to_le_bytes());
     }
@@ -114,6 +139,7 @@ pub struct Reader<'a> {
 }
 
 impl<'a> Reader<'a> {
+    /// A reader at the start of `buf` (a payload, without header).
     pub fn new(buf: &'a [u8]) -> Reader<'a> {
         Reader { buf, pos: 0 }
     }
@@ -131,25 +157,30 @@ impl<'a> Reader<'a> {
         Ok(s)
     }
 
+    /// Reads one byte; `what` names the field in errors.
     pub fn u8(&mut self, what: &str) -> Result<u8, PersistError> {
         Ok(self.take(1, what)?[0])
     }
+    /// Reads a little-endian `u32`.
     pub fn u32(&mut self, what: &str) -> Result<u32, PersistError> {
         Ok(u32::from_le_bytes(
             self.take(4, what)?.try_into().expect("4 bytes"),
         ))
     }
+    /// Reads a little-endian `u64`.
     pub fn u64(&mut self, what: &str) -> Result<u64, PersistError> {
         Ok(u64::from_le_bytes(
             self.take(8, what)?.try_into().expect("8 bytes"),
         ))
     }
+    /// Reads a length-prefixed (`u32`) byte string.
     pub fn bytes(&mut self, what: &str) -> Result<&'a [u8], PersistError> {
         let n = self.u64(what)?;
         let n = usize::try_from(n)
             .map_err(|_| PersistError::Malformed(format!("{what}: length {n}")))?;
         self.take(n, what)
     }
+    /// Reads a KVM structure stored as its exact bytes.
     pub fn pod<T: FromBytes>(&mut self, what: &str) -> Result<T, PersistError> {
         let b = self.take(std::mem::size_of::<T>(), what)?;
         T::read_from_bytes(b).map_err(|_| PersistError::Malformed(format!("{what}: bad size")))

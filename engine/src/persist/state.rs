@@ -15,16 +15,23 @@ use crate::vstate::vm::VmState;
 const MAX_VCPUS_IN_BLOB: u32 = 256;
 const MAX_MSRS: u64 = 4096;
 
+/// Everything a checkpoint or snapshot holds besides guest RAM.
 #[derive(Clone)]
 pub struct MachineState {
+    /// Bytes of guest RAM the state belongs to.
     pub mem_size: u64,
+    /// Each vCPU's state, in vCPU order.
     pub vcpus: Vec<VcpuState>,
+    /// The in-kernel irqchip, PIT and clock.
     pub vm: VmState,
+    /// The UART.
     pub serial: SerialState,
+    /// The virtio devices, in device order.
     pub virtio: Vec<VirtioState>,
 }
 
 impl MachineState {
+    /// Appends the state to a payload.
     pub fn encode(&self, w: &mut Writer) {
         w.u64(self.mem_size);
         w.u32(self.vcpus.len() as u32);
@@ -43,6 +50,7 @@ impl MachineState {
         }
     }
 
+    /// Reads what [`MachineState::encode`] wrote.
     pub fn decode(r: &mut Reader<'_>) -> Result<MachineState, PersistError> {
         let mem_size = r.u64("memory size")?;
         let n = r.u32("vCPU count")?;
@@ -83,6 +91,7 @@ impl MachineState {
         super::seal(&w.buf)
     }
 
+    /// Reads a blob [`MachineState::to_blob`] sealed.
     pub fn from_blob(blob: &[u8]) -> Result<MachineState, PersistError> {
         let mut r = Reader::new(super::unseal(blob)?);
         let s = MachineState::decode(&mut r)?;

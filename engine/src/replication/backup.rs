@@ -3,12 +3,12 @@
 //! runnable machine (hot standby); `--run-after-end` runs it once replication ends cleanly.
 
 use std::net::TcpListener;
-use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use checkpoint::protocol::{Hello, MemoryRegion, Message};
 use checkpoint::staging::{Staging, Step};
 use checkpoint::transport::{Connection, TransportError};
+use rustix::event::{poll, PollFd, PollFlags, Timespec};
 use thiserror::Error;
 
 use super::fence::FenceError;
@@ -21,53 +21,81 @@ use crate::persist::PersistError;
 use crate::vstate::memory::{self, GuestMemory, MemoryError};
 use crate::{info, warn};
 
+/// The backup could not replicate, or replication ended without a clean end.
 #[derive(Debug, Error)]
 pub enum BackupError {
+    /// The listening socket could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Listen {
+        /// The address asked for.
         addr: String,
+        /// The error from the socket.
         source: std::io::Error,
     },
+    /// The connection from the primary failed.
     #[error("connection from the primary failed: {0}")]
     Transport(#[from] TransportError),
-    #[error("expected the primary's Hello, got {0}")]
-    NoHello(String),
+    /// The primary's first message was not `Hello` (its kind).
+    #[error("expected the primary's Hello, got {0:?}")]
+    NoHello(checkpoint::protocol::MessageKind),
+    /// The primary's guest does not fit this backup (the differences, as sent to the
+    /// primary in `Refuse`).
     #[error("refused the primary: {0}")]
     Refused(String),
+    /// Guest memory could not be set up.
     #[error(transparent)]
     Memory(#[from] MemoryError),
+    /// The final digests differ: replication diverged.
     #[error("digest mismatch at final epoch {epoch}: primary {primary}, backup {local}")]
     DigestMismatch {
+        /// The final epoch.
         epoch: u64,
+        /// The primary's digest.
         primary: String,
+        /// The backup's digest.
         local: String,
     },
+    /// The primary went away before the clean end.
     #[error("lost the primary ({why}); the backup holds committed epoch {committed}")]
     PrimaryLost {
+        /// Why it counts as lost.
         why: String,
+        /// The last committed epoch.
         committed: u64,
         /// Lost by silence (a stalled peer or a cut link), not by a closed connection.
         silent: bool,
     },
+    /// SIGTERM or SIGINT before the clean end; the last committed epoch.
     #[error("stopped before the primary ended replication; the backup holds committed epoch {0}")]
     Stopped(u64),
+    /// The committed state blob is unreadable.
     #[error("committed state: {0}")]
     State(#[from] PersistError),
+    /// The machine could not be restored or run.
     #[error(transparent)]
     Machine(#[from] MachineError),
+    /// Fencing the primary failed.
     #[error(transparent)]
     Fence(#[from] FenceError),
+    /// The staging area (pages received but not committed) failed.
     #[error("digest: {0}")]
     Staging(#[from] checkpoint::staging::StagingError),
 }
 
+/// Options of `lockstep backup`.
 #[derive(Clone, Debug)]
 pub struct BackupOptions {
+    /// Address to listen on for the primary (`host:port`).
     pub listen: String,
+    /// Bytes of guest RAM to expect; by default what the primary's `Hello` says.
     pub mem: Option<u64>,
+    /// vCPUs to expect; by default what the primary's `Hello` says.
     pub vcpus: Option<u32>,
+    /// The guest's name; both sides must agree on it.
     pub name: String,
+    /// After the primary's clean end, resume the committed guest here and run it to its exit.
     pub run_after_end: bool,
+    /// Where the resumed guest's serial console writes.
     pub console: Console,
     /// The network device the resumed guest gets (its state comes from the primary).
     pub net: Option<NetConfig>,
@@ -88,7 +116,9 @@ pub enum Outcome {
     Ended(Committed),
     /// The primary went silent or away after at least one committed epoch.
     PrimaryLost {
+        /// Why the primary counts as lost.
         why: String,
+        /// The last committed epoch.
         committed: Committed,
         /// By silence rather than a closed connection: the primary may be alive behind a
         /// cut link, so it gets a head start before the backup fences it.
@@ -104,8 +134,11 @@ const HEARTBEAT_EVERY: Duration = Duration::from_millis(100);
 
 /// What a finished replication left: the committed machine.
 pub struct Committed {
+    /// The last committed epoch.
     pub epoch: u64,
+    /// Guest RAM as of that epoch.
     pub memory: GuestMemory,
+    /// The machine state as of that epoch.
     pub state: MachineState,
 }
 
@@ -127,7 +160,7 @@ pub fn run(mut opts: BackupOptions) -> Result<Outcome, BackupError> {
     let peer = conn.peer_addr().map(|a| a.to_string()).unwrap_or_default();
     let hello = match conn.recv(Some(HELLO_TIMEOUT))? {
         Message::Hello(h) => h,
-        other => return Err(BackupError::NoHello(format!("{:?}", other.kind()))),
+        other => return Err(BackupError::NoHello(other.kind())),
     };
     let mem_size = opts
         .mem
@@ -345,14 +378,12 @@ fn accept(listener: &TcpListener) -> Result<Option<Connection>, BackupError> {
         if stop_requested() {
             return Ok(None);
         }
-        let mut pfd = libc::pollfd {
-            fd: listener.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
+        let mut fds = [PollFd::new(listener, PollFlags::IN)];
+        let slice = Timespec {
+            tv_sec: 0,
+            tv_nsec: 200_000_000,
         };
-        // SAFETY: `pfd` is a valid pollfd for a listener that outlives the call.
-        let n = unsafe { libc::poll(&mut pfd, 1, 200) };
-        if n > 0 {
+        if poll(&mut fds, Some(&slice)).unwrap_or(0) > 0 {
             return Ok(Some(Connection::accept(listener)?));
         }
     }

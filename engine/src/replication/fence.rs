@@ -81,10 +81,13 @@ pub struct FenceAgent {
 /// Why a `--fence-arg` was refused.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum FenceArgError {
+    /// Not `key=value`.
     #[error("--fence-arg {0:?}: expected key=value")]
     Shape(String),
+    /// The key is not letters, digits, '-' and '_'.
     #[error("--fence-arg {0:?}: a key is letters, digits, '-' and '_'")]
     Key(String),
+    /// The value holds a line break.
     #[error("--fence-arg {0:?}: a value cannot hold a line break")]
     Value(String),
     #[error(
@@ -92,7 +95,13 @@ pub enum FenceArgError {
          --peer-node); reserved: {}",
         RESERVED_KEYS.join(", ")
     )]
-    Reserved { arg: String, key: String },
+    /// The key is one lockstep sets itself.
+    Reserved {
+        /// The argument given.
+        arg: String,
+        /// The reserved key.
+        key: String,
+    },
 }
 
 /// Parses one `--fence-arg key=value`, refusing reserved keys and anything that would
@@ -125,20 +134,35 @@ pub fn parse_fence_arg(arg: &str) -> Result<(String, String), FenceArgError> {
 /// Why one fencing attempt did not confirm the victim is off.
 #[derive(Debug, Error)]
 pub enum FenceError {
+    /// The agent could not be started.
     #[error("cannot start fence command '{cmd}': {source}")]
-    Spawn { cmd: String, source: std::io::Error },
+    Spawn {
+        /// The command.
+        cmd: String,
+        /// The error from spawning it.
+        source: std::io::Error,
+    },
+    /// The agent exited with a failure.
     #[error("fence command '{cmd}' failed with {status}{detail}")]
     Failed {
+        /// The command.
         cmd: String,
+        /// Its exit status.
         status: ExitStatus,
+        /// What it wrote, for the log.
         detail: String,
     },
+    /// The agent did not finish in time and was killed.
     #[error("fence command '{cmd}' did not finish within {timeout:?}; killed it{detail}")]
     Timeout {
+        /// The command.
         cmd: String,
+        /// How long it had.
         timeout: Duration,
+        /// What it wrote, for the log.
         detail: String,
     },
+    /// SIGTERM or SIGINT arrived while fencing.
     #[error("stopped while fencing; not acting alone")]
     Stopped,
 }
@@ -158,7 +182,9 @@ pub fn agent_input(victim: &str, action: &str, args: &[(String, String)]) -> Str
 /// What an agent wrote on one stream: the first [`OUTPUT_KEPT`] bytes and the total.
 #[derive(Debug, Default)]
 pub struct Output {
+    /// The first bytes written.
     pub kept: Vec<u8>,
+    /// How many bytes were written in all.
     pub total: u64,
 }
 
@@ -206,7 +232,9 @@ fn drain(mut from: impl Read + Send + 'static, done: mpsc::Sender<(usize, Output
 pub struct AgentRun {
     /// `None` when it did not finish within the timeout (its process group was killed).
     pub status: Option<ExitStatus>,
+    /// What the agent wrote on stdout.
     pub stdout: Output,
+    /// What the agent wrote on stderr.
     pub stderr: Output,
 }
 
@@ -239,16 +267,15 @@ pub fn run_agent(cmd: &str, input: &str, timeout: Duration) -> std::io::Result<A
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
-    // SAFETY: the closure runs in the child between fork and exec and only calls prctl(2),
-    // which is async-signal-safe and touches no memory of the parent.
+    // SAFETY: the closure runs in the child between fork and exec and only calls prctl(2)
+    // (rustix issues the system call directly), which is async-signal-safe, allocates
+    // nothing and touches no memory of the parent.
     unsafe {
         command.pre_exec(|| {
             // A side that is itself fenced (killed) while its agent runs must not go on
             // fencing the other: the agent dies with it, so that a race in which both
             // sides fence leaves, where it can, one of them.
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
+            rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))?;
             Ok(())
         })
     };
@@ -268,12 +295,14 @@ pub fn run_agent(cmd: &str, input: &str, timeout: Duration) -> std::io::Result<A
             let _ = stdin.write_all(input.as_bytes());
         });
     }
-    let pgid = child.id() as libc::pid_t;
+    // The child leads its own process group (process_group(0) above).
+    let pgid = rustix::process::Pid::from_raw(child.id() as i32);
     let deadline = Instant::now().checked_add(timeout);
     let kill_group = || {
-        // SAFETY: kill(2) with a negative pid signals the process group the child leads
-        // (process_group(0) above); no memory is involved. An empty group is ESRCH.
-        unsafe { libc::kill(-pgid, libc::SIGKILL) };
+        // An empty group is ESRCH: nothing left to kill.
+        if let Some(pgid) = pgid {
+            let _ = rustix::process::kill_process_group(pgid, rustix::process::Signal::KILL);
+        }
     };
     let status = loop {
         match child.try_wait() {

@@ -30,6 +30,9 @@ extern "C" fn on_stop_signal(_: libc::c_int) {
 
 /// Makes SIGTERM and SIGINT request a clean end (final epoch, digest) instead of killing
 /// the process.
+///
+/// With libc's `signal` (BSD semantics: system calls interrupted by the signal restart),
+/// as rustix has no stable wrapper for installing signal handlers.
 pub fn install_stop_handler() {
     for sig in [libc::SIGTERM, libc::SIGINT] {
         // SAFETY: the handler only stores to an atomic, which is async-signal-safe, and

@@ -9,22 +9,27 @@ pub struct Samples {
 }
 
 impl Samples {
+    /// Records one sample.
     pub fn push(&mut self, v: u64) {
         self.values.push(v);
     }
 
+    /// Records a duration in µs.
     pub fn push_duration(&mut self, d: Duration) {
         self.values.push(d.as_micros() as u64);
     }
 
+    /// How many samples.
     pub fn len(&self) -> usize {
         self.values.len()
     }
 
+    /// Whether there is no sample.
     pub fn is_empty(&self) -> bool {
         self.values.is_empty()
     }
 
+    /// The sum of the samples.
     pub fn sum(&self) -> u64 {
         self.values.iter().sum()
     }
@@ -40,6 +45,7 @@ impl Samples {
         v[rank.clamp(1, v.len()) - 1]
     }
 
+    /// The largest sample, 0 when empty.
     pub fn max(&self) -> u64 {
         self.values.iter().copied().max().unwrap_or(0)
     }
@@ -57,8 +63,11 @@ pub struct PrimaryStats {
     /// Parts of the pause (µs): until every vCPU parked, until the state was captured,
     /// until the dirty set was harvested, until the pages were copied.
     pub parked_us: Samples,
+    /// Until the state was captured (µs).
     pub captured_us: Samples,
+    /// Until the dirty set was harvested (µs).
     pub harvested_us: Samples,
+    /// Until the pages were copied (µs).
     pub copied_us: Samples,
     /// Pause start until the backup's ack (µs).
     pub commit_us: Samples,

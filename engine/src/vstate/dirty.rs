@@ -1,4 +1,10 @@
-//! Dirty-page harvest: which guest pages changed since the last harvest.
+//! The dirty set: which guest pages changed since the last harvest, who harvests it
+//! ([`DirtyTracker`]: the bitmap or the dirty ring) and what is done with it
+//! ([`DirtySet`]: merged, chunked, copied out with [`super::memory::copy_pages`]).
+//!
+//! The shape follows cloud-hypervisor's `MemoryRangeTable` (`vm-migration`'s
+//! `from_dirty_bitmap` and `partition`), kept as page frame numbers rather than ranges:
+//! the wire format carries pages one by one.
 //!
 //! KVM's dirty bitmap with manual protect (`KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`):
 //! `KVM_GET_DIRTY_LOG` only copies the bitmap out, and `KVM_CLEAR_DIRTY_LOG`
@@ -19,27 +25,185 @@ use kvm_bindings::{
     KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE,
 };
 use kvm_ioctls::VmFd;
+use std::sync::Mutex;
 use thiserror::Error;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::ioctl::ioctl_with_ref;
 use vmm_sys_util::ioctl_iowr_nr;
 
-use super::memory::GuestMemory;
+use super::dirty_ring::{self, DirtyRing, RingError};
+use super::memory::{self, GuestMemory};
 
 const KVMIO: u32 = 0xAE;
-ioctl_iowr_nr!(KVM_CLEAR_DIRTY_LOG, KVMIO, 0xc0, kvm_clear_dirty_log);
+/// The ioctl number of `KVM_CLEAR_DIRTY_LOG`, which vmm-sys-util's macro defines and
+/// kvm-ioctls does not wrap.
+mod ioctls {
+    use super::*;
+    ioctl_iowr_nr!(KVM_CLEAR_DIRTY_LOG, KVMIO, 0xc0, kvm_clear_dirty_log);
+}
+use ioctls::KVM_CLEAR_DIRTY_LOG;
 
 const PAGE_SHIFT: u64 = 12;
 
+/// A harvest or count that failed.
 #[derive(Debug, Error)]
 pub enum DirtyError {
+    /// `KVM_GET_DIRTY_LOG` refused a slot.
     #[error("KVM_GET_DIRTY_LOG on slot {slot} failed: {source}")]
     Get {
+        /// The memory slot.
         slot: u32,
+        /// KVM's error.
         source: kvm_ioctls::Error,
     },
+    /// `KVM_CLEAR_DIRTY_LOG` refused a slot.
     #[error("KVM_CLEAR_DIRTY_LOG on slot {slot} failed: {source}")]
-    Clear { slot: u32, source: std::io::Error },
+    Clear {
+        /// The memory slot.
+        slot: u32,
+        /// The system call's error.
+        source: std::io::Error,
+    },
+    /// The dirty ring could not be mapped or reset.
+    #[error(transparent)]
+    Ring(#[from] RingError),
+}
+
+/// Guest page frame numbers (GPA / 4 KiB), sorted and without duplicates.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DirtySet {
+    pfns: Vec<u64>,
+}
+
+impl DirtySet {
+    /// Every page of `pages` pages of RAM from GPA 0 (pre-copy's first round).
+    pub fn all(pages: u64) -> DirtySet {
+        DirtySet {
+            pfns: (0..pages).collect(),
+        }
+    }
+
+    /// A set of the pages `pfns`, in any order, with or without duplicates.
+    pub fn from_pfns(mut pfns: Vec<u64>) -> DirtySet {
+        pfns.sort_unstable();
+        pfns.dedup();
+        DirtySet { pfns }
+    }
+
+    /// The pages, in order.
+    pub fn as_slice(&self) -> &[u64] {
+        &self.pfns
+    }
+
+    /// The number of pages.
+    pub fn len(&self) -> usize {
+        self.pfns.len()
+    }
+
+    /// Whether the set holds no page.
+    pub fn is_empty(&self) -> bool {
+        self.pfns.is_empty()
+    }
+
+    /// Adds every page of `other` (pre-copy's last round carried into epoch 1), leaving
+    /// `other` empty.
+    pub fn merge(&mut self, other: &mut DirtySet) {
+        if other.is_empty() {
+            return;
+        }
+        self.pfns.append(&mut other.pfns);
+        self.pfns.sort_unstable();
+        self.pfns.dedup();
+    }
+
+    /// The pages in runs of at most `pages` (the last may be shorter), in order: the
+    /// steps of a pre-copy round.
+    pub fn chunks(&self, pages: usize) -> std::slice::Chunks<'_, u64> {
+        self.pfns.chunks(pages)
+    }
+
+    /// Copies the pages out of `mem` into `out` (resized to `len() * 4 KiB`), page `i` at
+    /// `out[i * 4096..]`; see [`memory::copy_pages`] for when the copy is consistent.
+    pub fn copy_out(
+        &self,
+        mem: &GuestMemory,
+        out: &mut Vec<u8>,
+    ) -> Result<(), memory::PageOutOfRange> {
+        memory::copy_pages(mem, &self.pfns, out)
+    }
+
+    /// Hands the pages over as a vector (for the sender thread), leaving the set empty.
+    pub fn take_vec(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.pfns)
+    }
+
+    /// Takes back a vector given out by [`DirtySet::take_vec`] to reuse its allocation,
+    /// if the set is empty and the vector's allocation is the larger.
+    pub fn reuse(&mut self, mut pfns: Vec<u64>) {
+        if self.pfns.is_empty() && pfns.capacity() > self.pfns.capacity() {
+            pfns.clear();
+            self.pfns = pfns;
+        }
+    }
+}
+
+/// Where a VM's dirty pages are tracked, chosen when it is created: KVM's dirty bitmap
+/// ([`DirtyLog`], the default) or the per-vCPU dirty rings ([`super::dirty_ring`]). Either
+/// way, what the VMM and devices wrote through vm-memory is ORed in.
+pub enum DirtyTracker {
+    /// KVM's dirty bitmap, one per memory slot.
+    Bitmap(DirtyLog),
+    /// One dirty ring per vCPU, in vCPU order.
+    Ring(Mutex<Vec<DirtyRing>>),
+}
+
+impl DirtyTracker {
+    /// Replaces `set` with every page dirtied since the last harvest, and re-arms
+    /// tracking for them. The vCPUs should be paused for a consistent set; during
+    /// pre-copy it runs with the guest running.
+    pub fn harvest(
+        &self,
+        vm: &VmFd,
+        mem: &GuestMemory,
+        set: &mut DirtySet,
+    ) -> Result<(), DirtyError> {
+        let rings = match self {
+            DirtyTracker::Bitmap(log) => return log.harvest(vm, mem, &mut set.pfns),
+            DirtyTracker::Ring(rings) => rings,
+        };
+        let pfns = &mut set.pfns;
+        pfns.clear();
+        let bases: Vec<u64> = mem.iter().map(|r| r.start_addr().0 >> PAGE_SHIFT).collect();
+        let mut rings = rings.lock().unwrap_or_else(|e| e.into_inner());
+        for ring in rings.iter_mut() {
+            ring.harvest(&mut |slot, offset| {
+                if let Some(base) = bases.get(slot as usize) {
+                    pfns.push(base + offset);
+                }
+            });
+        }
+        dirty_ring::reset(vm)?;
+        for region in mem.iter() {
+            // Writes by the VMM and devices since the last harvest.
+            let words = std::ops::Deref::deref(region).bitmap().get_and_reset();
+            push_set_bits(region.start_addr().0 >> PAGE_SHIFT, &words, pfns);
+        }
+        pfns.sort_unstable();
+        pfns.dedup();
+        Ok(())
+    }
+
+    /// How many pages the guest dirtied since the last harvest, counted without
+    /// harvesting them (see [`DirtyLog::count`]); `None` where that cannot be done (the
+    /// dirty ring, or a kernel without manual dirty-log protect). There the ring's size
+    /// bounds what one epoch can hold instead: a full ring stops its vCPU until the next
+    /// harvest.
+    pub fn count(&self, vm: &VmFd, mem: &GuestMemory) -> Result<Option<u64>, DirtyError> {
+        match self {
+            DirtyTracker::Bitmap(log) => log.count(vm, mem),
+            DirtyTracker::Ring(_) => Ok(None),
+        }
+    }
 }
 
 /// Turns on manual protect for the VM; must be called before any slot has dirty logging.
@@ -59,10 +223,12 @@ pub struct DirtyLog {
 }
 
 impl DirtyLog {
+    /// A harvester; `manual_protect` as [`enable_manual_protect`] returned.
     pub fn new(manual_protect: bool) -> DirtyLog {
         DirtyLog { manual_protect }
     }
 
+    /// Whether the kernel protects again only the pages harvested.
     pub fn manual_protect(&self) -> bool {
         self.manual_protect
     }
@@ -142,7 +308,7 @@ fn clear(vm: &VmFd, slot: u32, len: usize, bitmap: &[u64]) -> Result<(), DirtyEr
         num_pages: pages,
         first_page: 0,
         __bindgen_anon_1: kvm_clear_dirty_log__bindgen_ty_1 {
-            dirty_bitmap: bitmap.as_ptr() as *mut libc::c_void,
+            dirty_bitmap: bitmap.as_ptr() as *mut std::ffi::c_void,
         },
     };
     // SAFETY: the fd is a KVM VM fd; `arg` points at a bitmap of `pages` bits (the length
@@ -160,6 +326,23 @@ fn clear(vm: &VmFd, slot: u32, len: usize, bitmap: &[u64]) -> Result<(), DirtyEr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sets_merge_sorted_and_chunk_in_order() {
+        let mut a = DirtySet::from_pfns(vec![9, 3, 3, 7]);
+        assert_eq!(a.as_slice(), &[3, 7, 9]);
+        let mut carry = DirtySet::from_pfns(vec![8, 3, 1]);
+        a.merge(&mut carry);
+        assert!(carry.is_empty());
+        assert_eq!(a.as_slice(), &[1, 3, 7, 8, 9]);
+        let chunks: Vec<&[u64]> = a.chunks(2).collect();
+        assert_eq!(chunks, vec![&[1, 3][..], &[7, 8], &[9]]);
+        assert_eq!(DirtySet::all(3).as_slice(), &[0, 1, 2]);
+        let v = a.take_vec();
+        assert!(a.is_empty());
+        a.reuse(v);
+        assert!(a.is_empty());
+    }
 
     #[test]
     fn set_bits_become_page_numbers_in_order() {

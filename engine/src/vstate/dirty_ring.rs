@@ -17,20 +17,36 @@ use vmm_sys_util::ioctl::ioctl;
 use vmm_sys_util::ioctl_io_nr;
 
 const KVMIO: u32 = 0xAE;
-ioctl_io_nr!(KVM_RESET_DIRTY_RINGS, KVMIO, 0xc7);
+/// The ioctl number of `KVM_RESET_DIRTY_RINGS`, which kvm-ioctls does not wrap.
+mod ioctls {
+    use super::*;
+    ioctl_io_nr!(KVM_RESET_DIRTY_RINGS, KVMIO, 0xc7);
+}
+use ioctls::KVM_RESET_DIRTY_RINGS;
 
 const F_DIRTY: u32 = 1;
 const F_RESET: u32 = 2;
 
+/// The dirty ring could not be set up or reset.
 #[derive(Debug, Error)]
 pub enum RingError {
+    /// KVM refused the ring size.
     #[error("KVM has no dirty ring of {entries} entries: {source}")]
     Enable {
+        /// Entries asked for per vCPU.
         entries: u32,
+        /// KVM's error.
         source: kvm_ioctls::Error,
     },
+    /// A vCPU's ring could not be mapped (its index, and the error).
     #[error("cannot map vCPU {index}'s dirty ring: {source}")]
-    Map { index: u32, source: std::io::Error },
+    Map {
+        /// The vCPU.
+        index: u32,
+        /// The error from `mmap`.
+        source: std::io::Error,
+    },
+    /// `KVM_RESET_DIRTY_RINGS` failed.
     #[error("KVM_RESET_DIRTY_RINGS failed: {0}")]
     Reset(std::io::Error),
 }
@@ -63,27 +79,30 @@ pub struct DirtyRing {
 unsafe impl Send for DirtyRing {}
 
 impl DirtyRing {
+    /// Maps vCPU `index`'s ring of `entries` entries from its fd.
     pub fn map(vcpu: &VcpuFd, index: u32, entries: u32) -> Result<DirtyRing, RingError> {
-        use std::os::fd::AsRawFd;
+        use rustix::mm::{mmap, MapFlags, ProtFlags};
+        use std::os::fd::{AsRawFd, BorrowedFd};
         let len = entries as usize * std::mem::size_of::<kvm_dirty_gfn>();
-        // SAFETY: mapping a fresh region of the vCPU fd at the offset KVM documents for the
-        // dirty ring; the result is checked, and the mapping is unmapped in Drop.
+        // SAFETY: the vCPU fd is open for as long as `vcpu` is borrowed, which covers the call.
+        let fd = unsafe { BorrowedFd::borrow_raw(vcpu.as_raw_fd()) };
+        // SAFETY: mapping a fresh region (no address hint, so nothing existing is replaced)
+        // of the vCPU fd at the offset KVM documents for the dirty ring; the mapping is
+        // unmapped in Drop.
         let p = unsafe {
-            libc::mmap(
+            mmap(
                 std::ptr::null_mut(),
                 len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                vcpu.as_raw_fd(),
-                i64::from(KVM_DIRTY_LOG_PAGE_OFFSET) * 4096,
+                ProtFlags::READ | ProtFlags::WRITE,
+                MapFlags::SHARED,
+                fd,
+                u64::from(KVM_DIRTY_LOG_PAGE_OFFSET) * 4096,
             )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(RingError::Map {
-                index,
-                source: std::io::Error::last_os_error(),
-            });
         }
+        .map_err(|e| RingError::Map {
+            index,
+            source: e.into(),
+        })?;
         Ok(DirtyRing {
             gfns: p.cast(),
             entries,
@@ -118,8 +137,9 @@ impl DirtyRing {
 impl Drop for DirtyRing {
     fn drop(&mut self) {
         let len = self.entries as usize * std::mem::size_of::<kvm_dirty_gfn>();
-        // SAFETY: unmapping exactly the region mapped in `map`.
-        unsafe { libc::munmap(self.gfns.cast(), len) };
+        // SAFETY: unmapping exactly the region mapped in `map`, which nothing uses after
+        // this.
+        let _ = unsafe { rustix::mm::munmap(self.gfns.cast(), len) };
     }
 }
 

@@ -10,24 +10,38 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use crate::boot::abi::{IMAGE_BASE, MAX_RAM, PAGE_SIZE};
 use crate::size::format_size;
 
+/// Guest RAM with vm-memory's dirty bitmap for the VMM's own writes.
 pub type GuestMemory = vm_memory::GuestMemoryMmap<AtomicBitmap>;
 
 /// The smallest RAM that holds the fixed layout, the image and some heap.
 pub const MIN_RAM: u64 = IMAGE_BASE + (2 << 20);
 
+/// Guest RAM of the size asked for cannot be had.
 #[derive(Debug, Error)]
 pub enum MemoryError {
+    /// Below [`MIN_RAM`] (the size asked for).
     #[error("--mem {0}: guest memory must be at least {min}", min = format_size(MIN_RAM))]
     TooSmall(String),
+    /// Not a multiple of 4 KiB.
     #[error("--mem {0}: guest memory must be a multiple of 4K")]
     Unaligned(String),
+    /// Above [`MAX_RAM`].
     #[error("--mem {0}: larger than the {max} the guest layout maps", max = format_size(MAX_RAM))]
     TooLarge(String),
+    /// More than the host has.
     #[error("--mem {requested}: larger than this machine's {total} of RAM")]
-    MoreThanHost { requested: String, total: String },
+    MoreThanHost {
+        /// The size asked for.
+        requested: String,
+        /// The host's RAM.
+        total: String,
+    },
+    /// The mapping failed.
     #[error("cannot map {size} of guest memory: {source}")]
     Map {
+        /// The size asked for.
         size: String,
+        /// vm-memory's error.
         source: vm_memory::mmap::FromRangesError,
     },
 }
@@ -75,6 +89,7 @@ pub fn create(size: u64) -> Result<GuestMemory, MemoryError> {
     Ok(mem)
 }
 
+/// Bytes of guest RAM.
 pub fn ram_size(mem: &GuestMemory) -> u64 {
     mem.iter().map(|r| r.len()).sum()
 }
@@ -91,11 +106,14 @@ pub fn regions(mem: &GuestMemory) -> Vec<(u64, *mut u8, usize)> {
         .collect()
 }
 
-/// Copies the pages `pfns` into `out` (resized to fit), in order, with plain `memcpy`.
+/// Copies the pages `pfns` into `out` (resized to fit), in order, with plain `memcpy`:
+/// the one page copy of both pre-copy and epochs.
 ///
-/// This is the copy that happens while the guest is paused. vm-memory's `read_slice`
-/// copies with volatile word accesses, which measured ~3 µs per page here; `memcpy` is
-/// several times faster, and the guest cannot write while its vCPUs are paused.
+/// vm-memory's `read_slice` copies with volatile word accesses, which measured ~3 µs per
+/// page here; `memcpy` is several times faster. During an epoch's pause the vCPUs are
+/// paused and the copy is exact. During pre-copy the guest runs and a page may change
+/// while it is copied: the copy may then be torn, but the write also marks the page
+/// dirty, so the next round (or epoch 1) sends it again.
 pub fn copy_pages(
     mem: &GuestMemory,
     pfns: &[u64],
@@ -131,13 +149,16 @@ fn copy_into(mem: &GuestMemory, pfns: &[u64], out: &mut [u8]) -> Result<(), Page
         debug_assert!(offset + page <= len);
         // SAFETY: `host` maps `len` bytes of guest RAM owned by `mem`, and
         // `offset + page <= len` was checked above, so the source lies inside the mapping;
-        // `dst` is a distinct page-sized slice of `out`. The vCPUs are paused (the caller's
-        // contract), so nothing writes the source during the copy.
+        // `dst` is a distinct page-sized slice of `out`. Guest RAM is never borrowed as a
+        // Rust reference, only read through the raw mapping; a vCPU writing the page
+        // meanwhile (pre-copy) can only make the copied bytes stale, which the dirty log
+        // records.
         unsafe { std::ptr::copy_nonoverlapping(host.add(offset), dst.as_mut_ptr(), page) };
     }
     Ok(())
 }
 
+/// A page frame number outside guest memory.
 #[derive(Debug, Error, PartialEq, Eq)]
 #[error("page {0:#x} is outside guest memory")]
 pub struct PageOutOfRange(pub u64);

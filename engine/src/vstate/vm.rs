@@ -11,15 +11,21 @@ use thiserror::Error;
 
 use super::memory::{self, GuestMemory};
 
+/// Creating the VM, or saving or restoring its state, failed.
 #[derive(Debug, Error)]
 pub enum VmError {
+    /// `/dev/kvm` could not be opened.
     #[error("cannot open /dev/kvm: {0} (lockstep needs KVM and permission to use it)")]
     OpenKvm(kvm_ioctls::Error),
-    #[error("{0}")]
-    Ring(String),
+    /// The dirty ring could not be turned on.
+    #[error(transparent)]
+    Ring(#[from] super::dirty_ring::RingError),
+    /// A KVM ioctl failed.
     #[error("KVM ioctl {what} failed: {source}")]
     Kvm {
+        /// The ioctl.
         what: &'static str,
+        /// KVM's error.
         source: kvm_ioctls::Error,
     },
 }
@@ -31,6 +37,7 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
 /// Where KVM keeps its real-mode TSS (three pages just below 4 GiB, never RAM here).
 const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
 
+/// The KVM VM: the system and VM fds, guest memory registered as slots with dirty logging, and the MSRs KVM saves.
 pub struct Vm {
     kvm: Kvm,
     fd: VmFd,
@@ -42,10 +49,15 @@ pub struct Vm {
 /// The VM-wide device state kept in the kernel.
 #[derive(Clone)]
 pub struct VmState {
+    /// The master PIC.
     pub pic_master: kvm_irqchip,
+    /// The slave PIC.
     pub pic_slave: kvm_irqchip,
+    /// The IOAPIC.
     pub ioapic: kvm_irqchip,
+    /// The PIT.
     pub pit: kvm_pit_state2,
+    /// The kvmclock (`KVM_GET_CLOCK`).
     pub clock: kvm_clock_data,
 }
 
@@ -64,8 +76,7 @@ impl Vm {
         // Before any slot has dirty logging on.
         let manual_protect = match ring {
             Some(entries) => {
-                super::dirty_ring::enable(&fd, entries)
-                    .map_err(|e| VmError::Ring(e.to_string()))?;
+                super::dirty_ring::enable(&fd, entries)?;
                 false
             }
             None => super::dirty::enable_manual_protect(&fd),
@@ -106,10 +117,12 @@ impl Vm {
         })
     }
 
+    /// The VM fd.
     pub fn fd(&self) -> &VmFd {
         &self.fd
     }
 
+    /// The KVM system fd.
     pub fn kvm(&self) -> &Kvm {
         &self.kvm
     }
@@ -119,6 +132,7 @@ impl Vm {
         super::dirty::DirtyLog::new(self.manual_protect)
     }
 
+    /// Guest RAM.
     pub fn memory(&self) -> &GuestMemory {
         &self.memory
     }
@@ -128,12 +142,14 @@ impl Vm {
         &self.msr_list
     }
 
+    /// The CPUID KVM supports, given to every vCPU.
     pub fn supported_cpuid(&self) -> Result<CpuId, VmError> {
         self.kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))
     }
 
+    /// Captures the in-kernel irqchip, PIT and clock.
     pub fn save_state(&self) -> Result<VmState, VmError> {
         let chip = |id| -> Result<kvm_irqchip, VmError> {
             let mut c = kvm_irqchip {
@@ -154,6 +170,7 @@ impl Vm {
         })
     }
 
+    /// Loads what [`Vm::save_state`] captured.
     pub fn restore_state(&self, state: &VmState) -> Result<(), VmError> {
         for chip in [&state.pic_master, &state.pic_slave, &state.ioapic] {
             self.fd

@@ -2,7 +2,7 @@
 
 use virtio_queue::{Queue, QueueT};
 
-use super::{VirtioDevice, VirtioState, VIRTIO_F_VERSION_1};
+use super::{VirtioDevice, VirtioRestoreError, VirtioState, VIRTIO_F_VERSION_1};
 use crate::vstate::memory::GuestMemory;
 
 const MAGIC: u32 = 0x7472_6976; // "virt"
@@ -14,7 +14,9 @@ const STATUS_FAILED: u32 = 128;
 
 /// One virtio device at one MMIO window.
 pub struct MmioTransport<D: VirtioDevice> {
+    /// The device behind the transport.
     pub device: D,
+    /// The device's virtqueues, as the driver set them up.
     pub queues: Vec<Queue>,
     mem: GuestMemory,
     status: u32,
@@ -29,6 +31,7 @@ pub struct MmioTransport<D: VirtioDevice> {
 }
 
 impl<D: VirtioDevice> MmioTransport<D> {
+    /// A reset transport for `device` over guest memory `mem`.
     pub fn new(device: D, mem: GuestMemory) -> MmioTransport<D> {
         let queues = device
             .queue_max_sizes()
@@ -50,6 +53,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
         }
     }
 
+    /// The guest memory the queues live in.
     pub fn memory(&self) -> &GuestMemory {
         &self.mem
     }
@@ -60,6 +64,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
         self.status & DRIVER_OK != 0 && self.status & STATUS_FAILED == 0 && !self.frozen
     }
 
+    /// While frozen the device leaves guest memory alone (a consistent point is being captured); notifications wait until thawed.
     pub fn set_frozen(&mut self, frozen: bool) {
         self.frozen = frozen;
     }
@@ -75,6 +80,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
         self.queues.get_mut(self.queue_sel as usize)
     }
 
+    /// A driver read of the register at `offset` in the MMIO window (virtio 1.2 section 4.2.2).
     pub fn read(&mut self, offset: u64, data: &mut [u8]) {
         if offset >= 0x100 {
             self.device.read_config(offset - 0x100, data);
@@ -103,6 +109,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
         write_le(data, v);
     }
 
+    /// A driver write of the register at `offset` in the MMIO window.
     pub fn write(&mut self, offset: u64, data: &[u8]) {
         if offset >= 0x100 {
             // No device here has writable configuration.
@@ -199,6 +206,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
         }
     }
 
+    /// The transport's registers, the queues' state and the device's own state.
     pub fn save(&self) -> VirtioState {
         VirtioState {
             device_id: self.device.device_id(),
@@ -214,22 +222,20 @@ impl<D: VirtioDevice> MmioTransport<D> {
         }
     }
 
-    pub fn restore(&mut self, s: &VirtioState) -> Result<(), String> {
+    /// Loads what [`MmioTransport::save`] produced into a device of the same type.
+    pub fn restore(&mut self, s: &VirtioState) -> Result<(), VirtioRestoreError> {
         if s.device_id != self.device.device_id() || s.queues.len() != self.queues.len() {
-            return Err(format!(
-                "saved virtio device {} with {} queues does not match device {} with {}",
-                s.device_id,
-                s.queues.len(),
-                self.device.device_id(),
-                self.queues.len()
-            ));
+            return Err(VirtioRestoreError::Mismatch {
+                saved_id: s.device_id,
+                saved_queues: s.queues.len(),
+                device_id: self.device.device_id(),
+                queues: self.queues.len(),
+            });
         }
         let queues = s
             .queues
             .iter()
-            .map(|&qs| {
-                Queue::try_from(qs).map_err(|e| format!("saved virtqueue is invalid: {e:?}"))
-            })
+            .map(|&qs| Queue::try_from(qs).map_err(VirtioRestoreError::Queue))
             .collect::<Result<Vec<_>, _>>()?;
         self.device.restore(&s.device)?;
         self.queues = queues;

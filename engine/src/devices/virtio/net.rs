@@ -19,7 +19,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes as _, GuestAddress};
 
 use super::mmio::MmioTransport;
-use super::{VirtioDevice, VIRTIO_F_VERSION_1};
+use super::{DeviceStateError, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::boot::abi::VIRTIO_ID_NET;
 use crate::devices::egress::Egress;
 use crate::devices::lock;
@@ -35,6 +35,7 @@ const QUEUE_SIZE: u16 = 256;
 const RX: usize = 0;
 const TX: usize = 1;
 
+/// The virtio-net device proper (its queues live in the transport).
 pub struct Net {
     mac: [u8; 6],
     egress: Arc<Egress>,
@@ -42,10 +43,11 @@ pub struct Net {
     pending_rx: Option<Vec<u8>>,
     waker: Option<Waker>,
     /// TX stopped because the egress buffer was full; retried after a release.
-    pub tx_blocked: bool,
+    tx_blocked: bool,
 }
 
 impl Net {
+    /// A device with MAC `mac` whose transmitted frames go to `egress`.
     pub fn new(mac: [u8; 6], egress: Arc<Egress>) -> Net {
         Net {
             mac,
@@ -56,10 +58,17 @@ impl Net {
         }
     }
 
+    /// The device's MAC address.
     pub fn mac(&self) -> [u8; 6] {
         self.mac
     }
 
+    /// Whether TX stopped on a full egress buffer (and waits for a release to go on).
+    pub fn tx_blocked(&self) -> bool {
+        self.tx_blocked
+    }
+
+    /// Received frames wake vCPUs parked on the idle port through `waker`.
     pub fn set_waker(&mut self, waker: Waker) {
         self.waker = Some(waker);
     }
@@ -168,22 +177,49 @@ impl VirtioDevice for Net {
     }
 
     fn save(&self) -> Vec<u8> {
-        self.mac.to_vec()
+        NetState { mac: self.mac }.to_bytes()
     }
 
-    fn restore(&mut self, bytes: &[u8]) -> Result<(), String> {
-        if bytes != self.mac {
-            return Err(format!(
-                "saved virtio-net MAC {} differs from --net mac={}",
-                format_mac(bytes),
-                format_mac(&self.mac)
-            ));
+    fn restore(&mut self, bytes: &[u8]) -> Result<(), DeviceStateError> {
+        let state = NetState::from_bytes(bytes);
+        if state.as_ref().map(|s| s.mac) != Ok(self.mac) {
+            return Err(DeviceStateError::MacMismatch {
+                saved: format_mac(bytes),
+                configured: format_mac(&self.mac),
+            });
         }
         self.pending_rx = None;
         Ok(())
     }
 }
 
+/// What virtio-net saves beyond the transport (as Firecracker's
+/// `devices/virtio/net/persist.rs`): the MAC it was created with. Frames in flight are
+/// not state: a frame waiting for a receive buffer is dropped on restore, as a lossy wire
+/// would; the guest's TCP retransmits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NetState {
+    /// The device's MAC address.
+    pub mac: [u8; 6],
+}
+
+impl NetState {
+    /// The encoding in [`super::VirtioState::device`]: the six bytes of the MAC.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        self.mac.to_vec()
+    }
+
+    /// Reads what [`NetState::to_bytes`] wrote.
+    pub fn from_bytes(bytes: &[u8]) -> Result<NetState, DeviceStateError> {
+        let mac = bytes.try_into().map_err(|_| DeviceStateError::Malformed {
+            device: "virtio-net",
+            len: bytes.len(),
+        })?;
+        Ok(NetState { mac })
+    }
+}
+
+/// Formats a MAC address as `aa:bb:cc:dd:ee:ff`.
 pub fn format_mac(m: &[u8]) -> String {
     m.iter()
         .map(|b| format!("{b:02x}"))
@@ -207,6 +243,7 @@ pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
     Some(mac)
 }
 
+/// The net device behind its transport, shared by the vCPUs (MMIO), the receive thread and output commit.
 pub type NetTransport = Arc<Mutex<MmioTransport<Net>>>;
 
 /// The receive thread: tap → guest. Stops when `stop` is set.
@@ -242,4 +279,32 @@ pub fn spawn_rx(net: NetTransport, tap: Arc<Tap>, stop: Arc<AtomicBool>) -> Join
             }
         })
         .expect("spawn the net-rx thread")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn net_state_round_trips_and_refuses_other_lengths() {
+        let s = NetState {
+            mac: [0x52, 0x54, 0, 0x12, 0x34, 0x56],
+        };
+        assert_eq!(NetState::from_bytes(&s.to_bytes()), Ok(s));
+        assert_eq!(
+            NetState::from_bytes(&[1, 2, 3]),
+            Err(DeviceStateError::Malformed {
+                device: "virtio-net",
+                len: 3
+            })
+        );
+    }
+
+    #[test]
+    fn macs_parse_and_format() {
+        let mac = parse_mac("52:54:00:12:34:5f").unwrap();
+        assert_eq!(format_mac(&mac), "52:54:00:12:34:5f");
+        assert_eq!(parse_mac("52:54:00:12:34"), None);
+        assert_eq!(parse_mac("52:54:00:12:34:zz"), None);
+    }
 }

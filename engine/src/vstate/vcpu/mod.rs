@@ -17,97 +17,124 @@
 //! running guest code, so the saved registers describe a point between two instructions.
 
 use std::cell::Cell;
-use std::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{fence, Ordering};
 use std::sync::{Arc, Once};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crossbeam_channel::{bounded, select, unbounded, Receiver, Sender, TryRecvError};
-use kvm_bindings::{
-    kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_run,
-    kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs,
-};
+use kvm_bindings::{kvm_run, CpuId};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use thiserror::Error;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
+mod state;
+mod throttle;
+
+use state::readable_msrs;
+pub use state::VcpuState;
+pub use throttle::{Throttle, Throttler, THROTTLE_SLICE};
+
 use crate::boot::abi::{EXIT_PORT, IDLE_PORT};
 use crate::devices::Bus;
 
+/// A vCPU failed, or did not answer as the run-state machine expects.
 #[derive(Debug, Error)]
 pub enum VcpuError {
+    /// A KVM ioctl on the vCPU failed.
     #[error("vCPU {index}: KVM ioctl {what} failed: {source}")]
     Kvm {
+        /// The vCPU.
         index: u32,
+        /// The ioctl.
         what: &'static str,
+        /// KVM's error.
         source: kvm_ioctls::Error,
     },
+    /// KVM set or got fewer MSRs than asked.
     #[error("vCPU {index}: KVM accepted only {set} of {total} MSRs (stopped at MSR {msr:#x})")]
     Msrs {
+        /// The vCPU.
         index: u32,
+        /// How many it took.
         set: usize,
+        /// How many were asked.
         total: usize,
+        /// The first MSR it did not take.
         msr: u32,
     },
+    /// The vCPU's thread could not be started.
     #[error("vCPU {index}: cannot start its thread: {source}")]
-    Spawn { index: u32, source: std::io::Error },
+    Spawn {
+        /// The vCPU.
+        index: u32,
+        /// The error from spawning the thread.
+        source: std::io::Error,
+    },
+    /// The kick signal's handler could not be installed.
     #[error("cannot install the vCPU kick signal handler: {0}")]
     Signal(vmm_sys_util::errno::Error),
+    /// The vCPU did not answer a command in time.
     #[error("vCPU {index}: no answer to {command} within {timeout:?}")]
     Timeout {
+        /// The vCPU.
         index: u32,
+        /// The command.
         command: &'static str,
+        /// How long the controller waited.
         timeout: Duration,
     },
+    /// The vCPU's thread has ended.
     #[error("vCPU {index}: thread is gone")]
-    Gone { index: u32 },
+    Gone {
+        /// The vCPU.
+        index: u32,
+    },
+    /// The command needs a paused vCPU.
     #[error("vCPU {index}: {command} is not allowed while the vCPU is running")]
-    Running { index: u32, command: &'static str },
+    Running {
+        /// The vCPU.
+        index: u32,
+        /// The command.
+        command: &'static str,
+    },
+    /// The vCPU answered with something else than the command calls for.
     #[error("vCPU {index}: unexpected answer to {command}")]
-    Protocol { index: u32, command: &'static str },
-}
-
-/// Everything KVM holds for one vCPU.
-pub struct VcpuState {
-    pub regs: kvm_regs,
-    pub sregs: kvm_sregs,
-    pub fpu: kvm_fpu,
-    pub xsave: kvm_xsave,
-    pub xcrs: kvm_xcrs,
-    pub msrs: Vec<kvm_msr_entry>,
-    pub lapic: kvm_lapic_state,
-    pub events: kvm_vcpu_events,
-    pub mp_state: kvm_mp_state,
-    pub debugregs: kvm_debugregs,
-}
-
-impl Clone for VcpuState {
-    fn clone(&self) -> Self {
-        VcpuState {
-            // kvm_xsave ends in a flexible array (always empty here), so it is not Clone.
-            xsave: zerocopy::FromBytes::read_from_bytes(zerocopy::IntoBytes::as_bytes(&self.xsave))
-                .expect("same type, same size"),
-            msrs: self.msrs.clone(),
-            ..*self
-        }
-    }
+    Protocol {
+        /// The vCPU.
+        index: u32,
+        /// The command.
+        command: &'static str,
+    },
 }
 
 /// Commands to a vCPU thread. Each gets exactly one [`VcpuResponse`].
 pub enum VcpuCommand {
+    /// Stop at an instruction boundary (answer: `Paused`).
     Pause,
+    /// Run the guest (answer: `Resumed`).
     Resume,
+    /// Save the registers of a paused vCPU (answer: `State`).
     Save,
+    /// Load registers into a paused vCPU (answer: `Restored`).
     Restore(Box<VcpuState>),
+    /// End the thread (answer: `Stopped`).
     Stop,
 }
 
+/// A vCPU thread's answer to a [`VcpuCommand`].
 pub enum VcpuResponse {
+    /// The vCPU is paused.
     Paused,
+    /// The vCPU runs.
     Resumed,
+    /// The vCPU's state.
     State(Box<VcpuState>),
+    /// The state was loaded.
     Restored,
+    /// The thread ends.
     Stopped,
+    /// The command failed.
     Error(VcpuError),
 }
 
@@ -115,15 +142,35 @@ pub enum VcpuResponse {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VcpuEvent {
     /// The guest wrote `status` to the exit port.
-    GuestExit { vcpu: u32, status: u32 },
+    GuestExit {
+        /// The vCPU that wrote it.
+        vcpu: u32,
+        /// The exit status.
+        status: u32,
+    },
     /// The guest cannot go on (triple fault, KVM internal error, failed entry).
-    Crashed { vcpu: u32, message: String },
+    Crashed {
+        /// The vCPU that stopped.
+        vcpu: u32,
+        /// Why.
+        message: String,
+    },
 }
 
 thread_local! {
     static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
 }
 
+/// `KVM_RUN` returned because a kick signal arrived (`EINTR`) or `immediate_exit` was set
+/// before entry (`EAGAIN`).
+fn interrupted(e: &kvm_ioctls::Error) -> bool {
+    use rustix::io::Errno;
+    e.errno() == Errno::INTR.raw_os_error() || e.errno() == Errno::AGAIN.raw_os_error()
+}
+
+// The kick is a real-time signal sent to one thread: the handler's types and
+// `pthread_kill` come from libc, as rustix wraps neither (its signal API lives in its
+// unstable `runtime` module).
 extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
     let run = KVM_RUN.with(Cell::get);
     if !run.is_null() {
@@ -146,107 +193,9 @@ fn install_kick_handler() -> Result<(), VcpuError> {
     result.map_err(VcpuError::Signal)
 }
 
-/// Holds running vCPUs for a share of the time, as QEMU's CPU throttle (used by
-/// pre-copy's auto-converge): a ticker thread kicks every vCPU out of `KVM_RUN` once per
-/// period; a vCPU that sees a new tick sleeps `pct / (100 - pct)` of a run slice before it
-/// enters the guest again (still answering commands at once). At 0 nothing happens.
-#[derive(Default)]
-pub struct Throttle {
-    pct: AtomicU32,
-    tick: AtomicU64,
-}
-
-/// The guest runs this long between two throttle sleeps. QEMU uses 10 ms; at 99% a
-/// guest dirtying ~600k pages/s still dirtied ~6k pages in one such slice, more than an
-/// epoch's cap, so pre-copy could not converge without pausing it: 2 ms slices let it.
-pub const THROTTLE_SLICE: Duration = Duration::from_millis(2);
-
-impl Throttle {
-    /// The share of time (0..=99 %) the vCPUs are held.
-    pub fn percent(&self) -> u32 {
-        self.pct.load(Ordering::Relaxed)
-    }
-
-    /// How long to sleep now, if a tick came since `seen`.
-    fn due(&self, seen: &mut u64) -> Option<Duration> {
-        let tick = self.tick.load(Ordering::Relaxed);
-        if tick == *seen {
-            return None;
-        }
-        *seen = tick;
-        match self.percent() {
-            0 => None,
-            p => Some(THROTTLE_SLICE * p / (100 - p)),
-        }
-    }
-}
-
-/// The thread that ticks a [`Throttle`] and kicks the vCPUs; stopped and joined on drop,
-/// which must happen before the vCPU threads are joined (it signals them).
-pub struct Throttler {
-    throttle: Arc<Throttle>,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Throttler {
-    /// Starts ticking `throttle` for the vCPU threads `threads` (from
-    /// [`VcpuHandle::pthread`]).
-    pub fn start(throttle: Arc<Throttle>, threads: Vec<libc::pthread_t>) -> Throttler {
-        let stop = Arc::new(AtomicBool::new(false));
-        let (t, s) = (Arc::clone(&throttle), Arc::clone(&stop));
-        let thread = std::thread::Builder::new()
-            .name("vcpu-throttle".into())
-            .spawn(move || {
-                while !s.load(Ordering::Relaxed) {
-                    let p = t.percent();
-                    if p == 0 {
-                        // `set` unparks us when the throttle is raised again.
-                        std::thread::park_timeout(Duration::from_millis(100));
-                        continue;
-                    }
-                    t.tick.fetch_add(1, Ordering::Relaxed);
-                    for &th in &threads {
-                        // SAFETY: `th` names a vCPU thread that has not been joined: the
-                        // Machine drops (stops and joins) this throttler before its vCPU
-                        // handles, and a vCPU thread that already returned only makes
-                        // pthread_kill fail with ESRCH. The kick handler is installed.
-                        unsafe { libc::pthread_kill(th, kick_signal()) };
-                    }
-                    // One run slice plus the sleep each vCPU takes.
-                    std::thread::sleep(THROTTLE_SLICE * 100 / (100 - p));
-                }
-            })
-            .expect("spawn the vCPU throttle thread");
-        Throttler {
-            throttle,
-            stop,
-            thread: Some(thread),
-        }
-    }
-
-    /// Holds the vCPUs `pct`% of the time (clamped to 0..=99).
-    pub fn set(&self, pct: u32) {
-        self.throttle.pct.store(pct.min(99), Ordering::Relaxed);
-        if let Some(t) = &self.thread {
-            t.thread().unpark();
-        }
-    }
-}
-
-impl Drop for Throttler {
-    fn drop(&mut self) {
-        self.throttle.pct.store(0, Ordering::Relaxed);
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            t.thread().unpark();
-            let _ = t.join();
-        }
-    }
-}
-
 /// The controller's side of a vCPU thread.
 pub struct VcpuHandle {
+    /// The vCPU's index, from 0.
     pub index: u32,
     commands: Sender<VcpuCommand>,
     responses: Receiver<VcpuResponse>,
@@ -282,6 +231,7 @@ impl VcpuHandle {
         }
     }
 
+    /// Waits for the answer to `command`, at most [`ANSWER_TIMEOUT`].
     pub fn recv(&self, command: &'static str) -> Result<VcpuResponse, VcpuError> {
         match self.responses.recv_timeout(ANSWER_TIMEOUT) {
             Ok(VcpuResponse::Error(e)) => Err(e),
@@ -301,6 +251,7 @@ impl VcpuHandle {
         self.expect_paused()
     }
 
+    /// Waits for the answer to a `Pause` sent earlier.
     pub fn expect_paused(&self) -> Result<(), VcpuError> {
         match self.recv("pause")? {
             VcpuResponse::Paused => Ok(()),
@@ -311,6 +262,7 @@ impl VcpuHandle {
         }
     }
 
+    /// Waits for the answer to a `Save` sent earlier.
     pub fn expect_state(&self) -> Result<Box<VcpuState>, VcpuError> {
         match self.recv("save")? {
             VcpuResponse::State(s) => Ok(s),
@@ -321,11 +273,13 @@ impl VcpuHandle {
         }
     }
 
+    /// Resumes and waits for the acknowledgement.
     pub fn resume(&self) -> Result<(), VcpuError> {
         self.send(VcpuCommand::Resume)?;
         self.expect_resumed()
     }
 
+    /// Waits for the answer to a `Resume` sent earlier.
     pub fn expect_resumed(&self) -> Result<(), VcpuError> {
         match self.recv("resume")? {
             VcpuResponse::Resumed => Ok(()),
@@ -336,6 +290,7 @@ impl VcpuHandle {
         }
     }
 
+    /// Loads `state` into the paused vCPU and waits for the acknowledgement.
     pub fn restore(&self, state: Box<VcpuState>) -> Result<(), VcpuError> {
         self.send(VcpuCommand::Restore(state))?;
         match self.recv("restore")? {
@@ -369,6 +324,7 @@ impl Drop for VcpuHandle {
 pub struct Waker(Vec<Sender<()>>);
 
 impl Waker {
+    /// Wakes every vCPU parked on the idle port.
     pub fn wake_all(&self) {
         for w in &self.0 {
             let _ = w.try_send(());
@@ -478,34 +434,6 @@ fn set_apic_id(cpuid: &mut CpuId, index: u32) {
             _ => {}
         }
     }
-}
-
-/// The MSRs of the index list that this vCPU can actually read (KVM lists some that are
-/// only valid with features the guest's CPUID lacks).
-fn readable_msrs(fd: &VcpuFd, index: u32, list: &[u32]) -> Result<Vec<u32>, VcpuError> {
-    let mut ok = Vec::with_capacity(list.len());
-    for &msr in list {
-        let mut one = msrs_of(
-            &[kvm_msr_entry {
-                index: msr,
-                ..Default::default()
-            }],
-            index,
-        )?;
-        if fd.get_msrs(&mut one).unwrap_or(0) == 1 {
-            ok.push(msr);
-        }
-    }
-    Ok(ok)
-}
-
-fn msrs_of(entries: &[kvm_msr_entry], index: u32) -> Result<Msrs, VcpuError> {
-    Msrs::from_entries(entries).map_err(|_| VcpuError::Msrs {
-        index,
-        set: 0,
-        total: entries.len(),
-        msr: 0,
-    })
 }
 
 impl VcpuThread {
@@ -628,7 +556,7 @@ impl VcpuThread {
     fn complete_pending_io(&mut self) {
         self.fd.set_kvm_immediate_exit(1);
         match self.fd.run() {
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+            Err(e) if interrupted(&e) => {}
             Ok(_) => crate::warn!(
                 "vCPU {}: unexpected exit while completing I/O before a pause",
                 self.index
@@ -683,7 +611,7 @@ impl VcpuThread {
                 VcpuExit::Unsupported(31) => std::thread::sleep(Duration::from_micros(500)),
                 other => crash = Some(format!("unhandled exit {other:?}")),
             },
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+            Err(e) if interrupted(&e) => {
                 self.fd.set_kvm_immediate_exit(0);
             }
             Err(e) => crash = Some(format!("KVM_RUN failed: {e}")),
@@ -732,74 +660,6 @@ impl VcpuThread {
             recv(self.wake) -> _ => Flow::Continue,
             default(timeout) => Flow::Continue,
         }
-    }
-
-    fn save(&self) -> Result<VcpuState, VcpuError> {
-        let fd = &self.fd;
-        let mut entries: Vec<kvm_msr_entry> = self
-            .msrs
-            .iter()
-            .map(|&index| kvm_msr_entry {
-                index,
-                ..Default::default()
-            })
-            .collect();
-        let mut msrs = msrs_of(&entries, self.index)?;
-        let n = fd.get_msrs(&mut msrs).map_err(self.err("KVM_GET_MSRS"))?;
-        if n != entries.len() {
-            return Err(VcpuError::Msrs {
-                index: self.index,
-                set: n,
-                total: entries.len(),
-                msr: entries[n].index,
-            });
-        }
-        entries.copy_from_slice(msrs.as_slice());
-        Ok(VcpuState {
-            regs: fd.get_regs().map_err(self.err("KVM_GET_REGS"))?,
-            sregs: fd.get_sregs().map_err(self.err("KVM_GET_SREGS"))?,
-            fpu: fd.get_fpu().map_err(self.err("KVM_GET_FPU"))?,
-            xsave: fd.get_xsave().map_err(self.err("KVM_GET_XSAVE"))?,
-            xcrs: fd.get_xcrs().map_err(self.err("KVM_GET_XCRS"))?,
-            msrs: entries,
-            lapic: fd.get_lapic().map_err(self.err("KVM_GET_LAPIC"))?,
-            events: fd
-                .get_vcpu_events()
-                .map_err(self.err("KVM_GET_VCPU_EVENTS"))?,
-            mp_state: fd.get_mp_state().map_err(self.err("KVM_GET_MP_STATE"))?,
-            debugregs: fd.get_debug_regs().map_err(self.err("KVM_GET_DEBUGREGS"))?,
-        })
-    }
-
-    /// Loads a saved state, in the order Firecracker uses (sregs before the MSRs that
-    /// depend on EFER, LAPIC before events).
-    fn restore(&self, s: &VcpuState) -> Result<(), VcpuError> {
-        let fd = &self.fd;
-        fd.set_mp_state(s.mp_state)
-            .map_err(self.err("KVM_SET_MP_STATE"))?;
-        fd.set_regs(&s.regs).map_err(self.err("KVM_SET_REGS"))?;
-        fd.set_sregs(&s.sregs).map_err(self.err("KVM_SET_SREGS"))?;
-        fd.set_fpu(&s.fpu).map_err(self.err("KVM_SET_FPU"))?;
-        // SAFETY: `s.xsave` is a full `kvm_xsave` as returned by KVM_GET_XSAVE (the legacy
-        // 4 KiB layout); this VM never enabled KVM_CAP_XSAVE2, so KVM reads exactly that size.
-        unsafe { fd.set_xsave(&s.xsave) }.map_err(self.err("KVM_SET_XSAVE"))?;
-        fd.set_xcrs(&s.xcrs).map_err(self.err("KVM_SET_XCRS"))?;
-        fd.set_debug_regs(&s.debugregs)
-            .map_err(self.err("KVM_SET_DEBUGREGS"))?;
-        fd.set_lapic(&s.lapic).map_err(self.err("KVM_SET_LAPIC"))?;
-        let msrs = msrs_of(&s.msrs, self.index)?;
-        let n = fd.set_msrs(&msrs).map_err(self.err("KVM_SET_MSRS"))?;
-        if n != s.msrs.len() {
-            return Err(VcpuError::Msrs {
-                index: self.index,
-                set: n,
-                total: s.msrs.len(),
-                msr: s.msrs[n].index,
-            });
-        }
-        fd.set_vcpu_events(&s.events)
-            .map_err(self.err("KVM_SET_VCPU_EVENTS"))?;
-        Ok(())
     }
 }
 

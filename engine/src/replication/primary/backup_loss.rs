@@ -1,0 +1,104 @@
+//! Losing the backup: hold, fence, then release (or pause, or continue unsafely), per
+//! `--on-backup-loss` (invariant 3).
+
+use super::*;
+
+impl Primary {
+    /// The backup is gone. Output the backup has not acknowledged may leave only once the
+    /// backup can no longer promote (invariant 3): by default (`--on-backup-loss fence`)
+    /// the guest runs on while its output stays held, the backup is fenced with
+    /// `--fence-cmd`, and only on success is the output released and the guest left to run
+    /// unprotected. Without a fence command the output stays held until the primary is
+    /// stopped. `pause` stops the guest; `continue` releases at once (unsafe: a backup that
+    /// was only stalled may promote a state older than what clients saw).
+    pub(super) fn without_backup(&mut self, why: BackupLoss) -> Result<u8, PrimaryError> {
+        let has_output = self.output.is_some();
+        let what = match (self.opts.on_backup_loss, &self.opts.fence) {
+            (OnBackupLoss::Pause, _) => "PAUSING the guest (--on-backup-loss pause)".to_string(),
+            (OnBackupLoss::Continue, _) => {
+                "UNSAFE: the guest continues UNPROTECTED without fencing the backup \
+                 (--on-backup-loss continue); a stalled backup may still promote"
+                    .to_string()
+            }
+            (OnBackupLoss::Fence, _) if !has_output => {
+                "the guest continues UNPROTECTED (no network device: no output to hold)".to_string()
+            }
+            (OnBackupLoss::Fence, Some(agent)) => format!(
+                "output HELD until the backup '{}' is fenced; the guest runs on",
+                agent.victim
+            ),
+            (OnBackupLoss::Fence, None) => "output stays HELD: no --fence-cmd to fence the \
+                 backup with, so it could still promote (stop the primary, or choose \
+                 --on-backup-loss continue, unsafe)"
+                .to_string(),
+        };
+        warn!(
+            "ROLE CHANGE: backup lost ({why}) after epoch {}; {what}",
+            self.epoch
+        );
+        if self.opts.on_backup_loss == OnBackupLoss::Pause {
+            self.machine.pause()?;
+            while !stop_requested() {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            return Err(PrimaryError::BackupLost(why));
+        }
+        if !self.machine.is_running() {
+            self.machine.resume()?;
+        }
+        let release = |o: &Option<OutputCommit>| {
+            if let Some(o) = o {
+                o.unprotect();
+            }
+        };
+        let fencing = match (self.opts.on_backup_loss, &self.opts.fence) {
+            (OnBackupLoss::Continue, _) => {
+                release(&self.output);
+                None
+            }
+            (_, _) if !has_output => None,
+            (_, Some(agent)) => {
+                let cfg = FenceConfig::Agent(agent.clone());
+                let (tx, rx) = crossbeam_channel::bounded(1);
+                std::thread::Builder::new()
+                    .name("fence".into())
+                    .spawn(move || {
+                        let _ = tx.send(fence_until_done(&cfg, "the backup"));
+                    })
+                    .expect("spawn the fencing thread");
+                Some(rx)
+            }
+            (_, None) => None,
+        };
+        let mut fencing = fencing;
+        loop {
+            match self.machine.wait_event(Duration::from_millis(20)) {
+                Some(VcpuEvent::GuestExit { status, .. }) => {
+                    return Ok(u8::try_from(status).unwrap_or(u8::MAX))
+                }
+                Some(VcpuEvent::Crashed { vcpu, message }) => {
+                    return Err(PrimaryError::Crashed { vcpu, message })
+                }
+                None => {}
+            }
+            if let Some(Ok(result)) = fencing.as_ref().map(|rx| rx.try_recv()) {
+                fencing = None;
+                match result {
+                    Ok(_) => {
+                        release(&self.output);
+                        warn!("the backup is fenced: output released, the guest continues UNPROTECTED");
+                    }
+                    Err(e) => warn!("{e}: output stays held"),
+                }
+            }
+            if stop_requested()
+                || self
+                    .opts
+                    .seconds
+                    .is_some_and(|s| self.started.elapsed() >= s)
+            {
+                return Ok(0);
+            }
+        }
+    }
+}

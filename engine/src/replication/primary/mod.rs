@@ -1,0 +1,433 @@
+//! The primary: runs the guest and, every interval, pauses it, harvests the dirty pages,
+//! copies them to staging, captures the vCPU and device state, resumes it, and ships the
+//! epoch to the backup (encoded on worker threads after the guest runs again).
+//!
+//! ```text
+//! boot (paused) -> connect + handshake -> resume -> initial sync (pre-copy rounds while the
+//! guest runs) -> epoch 1, 2, ... -> clean end: final epoch, End{digest}
+//! ```
+//!
+//! Memory and pauses stay bounded whatever the guest's dirty rate and however slow the
+//! backup (DESIGN.md invariant 4):
+//!
+//! - An epoch holds at most about `max_epoch_pages` pages: while an epoch runs, the dirty
+//!   set is counted (without harvesting it) every 1-5 ms, and the epoch ends early once it
+//!   reaches the cap. So one checkpoint pause copies at most the cap plus what the guest
+//!   dirtied since the last count.
+//! - At most `window` epochs are unacknowledged. When the window is full the guest runs on
+//!   until its dirty set reaches the cap, then stays paused until the backup acknowledges
+//!   an epoch (throttling): a backup slower than the guest's writes slows the guest to the
+//!   backup's pace, one held stretch at most as long as the backup takes to commit one
+//!   epoch. The primary never gives up on a backup that still answers.
+//! - Pre-copy rounds go on until what the guest dirtied during a round fits in one epoch.
+//!   A guest that dirties faster than the link carries is throttled as QEMU's
+//!   auto-converge does: its vCPUs are held for a share of the time (up to 99%, in 2 ms
+//!   run slices) set after every 8 MiB step so that each round leaves at most a quarter of
+//!   what it sent; if even 99% does not make a round shrink, the last round goes with the
+//!   guest paused.
+//!
+//! A peer is lost only after it has been silent for the heartbeat timeout: any bytes
+//! count as life (see the transport), the primary sends heartbeats from a thread of its
+//! own whenever the link has been idle for a while, and the backup from its receive loop.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use checkpoint::delta_cache::DeltaCache;
+use checkpoint::digest::digest_guest_memory;
+use checkpoint::encode::{send_epoch, send_sync, EncoderConfig, EpochEncoder, StagedPages};
+use checkpoint::handshake::primary_handshake;
+use checkpoint::inflight::{InFlight, Pacing, SharedInFlight};
+use checkpoint::protocol::{Hello, MemoryRegion, Message};
+use checkpoint::transport::{Connection, FrameReceiver, FrameSender, TransportError};
+use checkpoint::PAGE_SIZE;
+use crossbeam_channel::{unbounded, Receiver, Sender};
+use thiserror::Error;
+
+use super::fence::{fence_until_done, FenceAgent, FenceConfig};
+use super::stats::PrimaryStats;
+use super::{guest_id, install_stop_handler, stop_requested};
+use crate::devices::OutputCommit;
+use crate::machine::{BootConfig, Machine, MachineError};
+use crate::vstate::dirty::DirtySet;
+use crate::vstate::memory::{self, ram_size};
+use crate::vstate::vcpu::VcpuEvent;
+use crate::{info, warn};
+
+mod backup_loss;
+mod epochs;
+mod link;
+mod precopy;
+
+use link::{spawn_ack_reader, spawn_sender, AckEvent, EpochJob, EpochSent, Heartbeats, Link};
+
+/// The primary could not replicate, or the run ended in a failure.
+#[derive(Debug, Error)]
+pub enum PrimaryError {
+    /// The machine failed.
+    #[error(transparent)]
+    Machine(#[from] MachineError),
+    /// The backup could not be reached in time.
+    #[error("cannot reach the backup at {peer} within {timeout:?}: {source}")]
+    Connect {
+        /// The backup's address.
+        peer: String,
+        /// How long the primary tried.
+        timeout: Duration,
+        /// The last error.
+        source: TransportError,
+    },
+    /// The backup refused the handshake.
+    #[error(transparent)]
+    Handshake(#[from] checkpoint::handshake::HandshakeError),
+    /// Encoding or sending an epoch failed.
+    #[error("sending to the backup failed: {0}")]
+    Send(#[from] checkpoint::encode::EncodeError),
+    /// The link to the backup failed.
+    #[error("sending to the backup failed: {0}")]
+    Transport(#[from] TransportError),
+    /// The primary's bookkeeping of epochs in flight found an inconsistency.
+    #[error("epoch bookkeeping: {0}")]
+    InFlight(#[from] checkpoint::inflight::InFlightError),
+    /// The backup refused an epoch.
+    #[error("the backup rejected epoch {epoch}: {reason}")]
+    Rejected {
+        /// The epoch.
+        epoch: u64,
+        /// The backup's reason.
+        reason: String,
+    },
+    /// The backup went silent or away.
+    #[error("lost the backup: {0}")]
+    BackupLost(BackupLoss),
+    /// A dirty page lies outside guest memory.
+    #[error(transparent)]
+    Copy(#[from] memory::PageOutOfRange),
+    /// The final digest could not be computed.
+    #[error("digest: {0}")]
+    Digest(#[from] checkpoint::digest::DigestError),
+    /// A vCPU crashed (the guest cannot go on).
+    #[error("vCPU {vcpu}: {message}")]
+    Crashed {
+        /// The vCPU.
+        vcpu: u32,
+        /// Why it stopped.
+        message: String,
+    },
+}
+
+/// Why the primary counts the backup as lost.
+#[derive(Debug, Error)]
+pub enum BackupLoss {
+    /// The backup sent nothing, not even a heartbeat, for this long.
+    #[error("no word from the backup for {0:?}")]
+    Silent(Duration),
+    /// Reading from the backup failed (a closed or broken connection).
+    #[error(transparent)]
+    Receive(TransportError),
+    /// Sending to the backup failed.
+    #[error("sending to the backup failed: {0}")]
+    Send(TransportError),
+    /// Encoding or sending an epoch failed.
+    #[error("sending to the backup failed: {0}")]
+    Epoch(checkpoint::encode::EncodeError),
+    /// The backup acknowledged an epoch that was not in flight.
+    #[error(transparent)]
+    Ack(checkpoint::inflight::InFlightError),
+    /// The backup sent a message that has no place on the ack stream.
+    #[error("unexpected {0:?} from the backup")]
+    Unexpected(checkpoint::protocol::MessageKind),
+    /// The thread that sends epochs ended.
+    #[error("the epoch sender thread is gone")]
+    SenderGone,
+    /// The backup was lost while the primary waited for the final epoch's ack.
+    #[error("final epoch {epoch} not acknowledged: {why}")]
+    FinalNotAcked {
+        /// The final epoch.
+        epoch: u64,
+        /// Why the backup counts as lost.
+        why: Box<BackupLoss>,
+    },
+}
+
+/// Options of `lockstep primary` besides the guest's.
+#[derive(Clone, Debug)]
+pub struct PrimaryOptions {
+    /// The backup's address (`host:port`).
+    pub peer: String,
+    /// Time between two checkpoints (the epoch interval).
+    pub interval: Duration,
+    /// End the run after this long (pre-copy included); `None`: until the guest exits or a signal.
+    pub seconds: Option<Duration>,
+    /// How long to keep trying to reach the backup.
+    pub connect_timeout: Duration,
+    /// The guest's name; both sides must agree on it.
+    pub name: String,
+    /// Unacknowledged epochs allowed in flight.
+    pub window: usize,
+    /// How long the backup may stay silent before it counts as lost.
+    pub backup_timeout: Duration,
+    /// What to do when the backup is lost.
+    pub on_backup_loss: OnBackupLoss,
+    /// How to fence the backup before releasing output it has not acknowledged.
+    pub fence: Option<FenceAgent>,
+    /// End an epoch early when the guest's output waits for it and the epoch has run at
+    /// least `min_interval` (so a reply waits about one pause plus one round trip).
+    pub early_checkpoint: bool,
+    /// The shortest epoch an early checkpoint may end.
+    pub min_interval: Duration,
+    /// An epoch ends early when the guest has dirtied this many pages, which bounds the
+    /// checkpoint pause (the pages are copied while the guest is paused).
+    pub max_epoch_pages: usize,
+}
+
+/// What the primary does when the backup is lost (`--on-backup-loss`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnBackupLoss {
+    /// Hold the output, fence the backup, then release and run unprotected (the default).
+    Fence,
+    /// Stop the guest; nothing more leaves.
+    Pause,
+    /// Release at once and run unprotected, without fencing (unsafe).
+    Continue,
+}
+
+/// Default epoch interval; see README ("Choosing the interval").
+pub const DEFAULT_INTERVAL: Duration = Duration::from_millis(25);
+/// Default number of unacknowledged epochs in flight.
+pub const DEFAULT_WINDOW: usize = 4;
+/// Bytes of unacknowledged epochs allowed in flight.
+const MAX_INFLIGHT_BYTES: u64 = 512 << 20;
+/// XOR bases the primary keeps (64 MiB).
+const DELTA_CACHE_PAGES: usize = 16 << 10;
+/// Default cap on the pages of one epoch (16 MiB): see `PrimaryOptions::max_epoch_pages`.
+pub const DEFAULT_MAX_EPOCH_PAGES: usize = 4 << 10;
+/// Pages copied and sent per pre-copy step (8 MiB): auto-converge looks at the dirty set
+/// after each.
+const SYNC_CHUNK_PAGES: usize = 2 << 10;
+/// Pre-copy's auto-converge holds the guest for at most this share of the time (%).
+const THROTTLE_MAX: u32 = 99;
+/// How often the dirty set is counted while an epoch runs: halfway to when the cap would
+/// be reached at the epoch's rate so far, within these bounds.
+const DIRTY_POLL_MIN: Duration = Duration::from_millis(1);
+const DIRTY_POLL_MAX: Duration = Duration::from_millis(5);
+/// Room the state blob may take in the in-flight window next to an epoch's pages (the
+/// backup refuses larger blobs).
+const STATE_ALLOWANCE: u64 = 4 << 20;
+/// A checkpoint pause this long is logged with its parts.
+const LONG_PAUSE: Duration = Duration::from_millis(50);
+/// Waits for the backup look at its answers (and at the ack reader's verdict) this often.
+const WAIT_SLICE: Duration = Duration::from_millis(20);
+/// A heartbeat goes out when nothing was sent for this long (or a quarter of the
+/// heartbeat timeout, if that is shorter).
+const HEARTBEAT_EVERY: Duration = Duration::from_millis(100);
+/// The running figures go to the log this often (a SIGKILLed primary leaves them behind).
+const STATS_EVERY: Duration = Duration::from_secs(2);
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+struct Primary {
+    machine: Machine,
+    /// Output commit on the guest's network device, if it has one.
+    output: Option<OutputCommit>,
+    link: Arc<Mutex<Link>>,
+    heartbeats: Heartbeats,
+    encoder: EpochEncoder,
+    jobs: Sender<EpochJob>,
+    sent: Receiver<EpochSent>,
+    /// The epoch the sender thread is busy with.
+    sending: Option<u64>,
+    inflight: Arc<SharedInFlight>,
+    acks: Receiver<AckEvent>,
+    opts: PrimaryOptions,
+    stats: PrimaryStats,
+    pfns: DirtySet,
+    /// Pages dirtied during pre-copy but not sent yet: they go with epoch 1.
+    carry: DirtySet,
+    buf: Vec<u8>,
+    epoch: u64,
+    pause_start: HashMap<u64, Instant>,
+    /// The state blob of the final epoch, for the digest.
+    last_state: Option<Vec<u8>>,
+    /// The guest's exit status, once it exited.
+    exit_status: Option<u32>,
+    started: Instant,
+    /// When the dirty set is counted next, and whether it had reached the cap.
+    next_dirty_count: Instant,
+    dirty_full: bool,
+}
+
+/// Runs `lockstep primary` to the end; returns the guest's exit status.
+pub fn run(guest: BootConfig, opts: PrimaryOptions) -> Result<u8, PrimaryError> {
+    install_stop_handler();
+    let machine = Machine::boot(&guest.machine, &guest.image, &guest.guest_args)?;
+    let mut conn = connect(&opts.peer, opts.connect_timeout)?;
+    let mem_size = ram_size(machine.memory());
+    let hello = Hello::new(
+        machine.vcpu_count() as u32,
+        vec![MemoryRegion {
+            gpa: 0,
+            len: mem_size,
+        }],
+        guest_id(&opts.name),
+    );
+    primary_handshake(&mut conn, &hello, HANDSHAKE_TIMEOUT)?;
+    info!(
+        "backup at {} accepted the guest ({} MiB, {} vCPUs)",
+        opts.peer,
+        mem_size >> 20,
+        hello.vcpu_count
+    );
+    let (tx, rx) = conn.split();
+    let inflight = Arc::new(SharedInFlight::new(InFlight::new(
+        opts.window,
+        MAX_INFLIGHT_BYTES,
+        0,
+    )));
+    let (ack_tx, acks) = unbounded();
+    let output = machine.net().map(|n| n.output());
+    if let Some(o) = &output {
+        o.protect(1);
+    }
+    spawn_ack_reader(
+        rx,
+        Arc::clone(&inflight),
+        ack_tx,
+        opts.backup_timeout,
+        output.clone(),
+    );
+    let workers = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .min(4);
+    let encoder = EpochEncoder::new(
+        EncoderConfig {
+            workers,
+            ..EncoderConfig::default()
+        },
+        Some(Arc::new(DeltaCache::new(DELTA_CACHE_PAGES, workers))),
+    );
+    let link = Arc::new(Mutex::new(Link {
+        tx,
+        last_send: Instant::now(),
+    }));
+    let heartbeats = Heartbeats::start(
+        Arc::clone(&link),
+        HEARTBEAT_EVERY.min(opts.backup_timeout / 4),
+        (opts.backup_timeout * 10).max(Duration::from_secs(10)),
+    );
+    let (jobs, sent) = spawn_sender(Arc::clone(&link), encoder.clone());
+    let mut p = Primary {
+        machine,
+        output,
+        link,
+        heartbeats,
+        encoder,
+        jobs,
+        sent,
+        sending: None,
+        inflight,
+        acks,
+        opts,
+        stats: PrimaryStats::default(),
+        pfns: DirtySet::default(),
+        carry: DirtySet::default(),
+        buf: Vec::new(),
+        epoch: 0,
+        pause_start: HashMap::new(),
+        last_state: None,
+        exit_status: None,
+        started: Instant::now(),
+        next_dirty_count: Instant::now(),
+        dirty_full: false,
+    };
+    p.machine.resume()?;
+    match p.initial_sync().and_then(|()| p.epochs()) {
+        Ok(status) => {
+            p.finish()?;
+            Ok(status)
+        }
+        Err(PrimaryError::BackupLost(why)) => {
+            p.heartbeats.stop();
+            p.without_backup(why)
+        }
+        // A send that fails is the backup going away mid-epoch.
+        Err(PrimaryError::Send(e)) => {
+            p.heartbeats.stop();
+            p.without_backup(BackupLoss::Epoch(e))
+        }
+        Err(PrimaryError::Transport(e)) => {
+            p.heartbeats.stop();
+            p.without_backup(BackupLoss::Send(e))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn connect(peer: &str, timeout: Duration) -> Result<Connection, PrimaryError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match Connection::connect(peer, left.max(Duration::from_millis(100))) {
+            Ok(c) => return Ok(c),
+            // The backup may still be starting: try again until the deadline.
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+            Err(source) => {
+                return Err(PrimaryError::Connect {
+                    peer: peer.to_string(),
+                    timeout,
+                    source,
+                })
+            }
+        }
+    }
+}
+
+impl Primary {
+    fn check_guest(&self) -> Result<Option<u32>, PrimaryError> {
+        match self.machine.wait_event(Duration::ZERO) {
+            Some(VcpuEvent::GuestExit { status, .. }) => Ok(Some(status)),
+            Some(VcpuEvent::Crashed { vcpu, message }) => {
+                Err(PrimaryError::Crashed { vcpu, message })
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Whether the run should end: the guest exited, `--seconds` (counted from the
+    /// guest's start, pre-copy included) are over, or SIGTERM/SIGINT arrived.
+    fn end_requested(&mut self) -> Result<bool, PrimaryError> {
+        if self.exit_status.is_none() {
+            self.exit_status = self.check_guest()?;
+        }
+        Ok(self.exit_status.is_some()
+            || stop_requested()
+            || self
+                .opts
+                .seconds
+                .is_some_and(|s| self.started.elapsed() >= s))
+    }
+
+    /// The link to the backup (the heartbeat thread shares it).
+    fn link(&self) -> MutexGuard<'_, Link> {
+        self.link.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The final epoch could not be acknowledged: the backup went silent at the end.
+fn final_not_acked(epoch: u64, e: PrimaryError) -> PrimaryError {
+    match e {
+        PrimaryError::BackupLost(why) => PrimaryError::BackupLost(BackupLoss::FinalNotAcked {
+            epoch,
+            why: Box::new(why),
+        }),
+        e => e,
+    }
+}
+
+/// "Never", for a dirty set that cannot be counted.
+fn far_future() -> Instant {
+    static FAR: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *FAR.get_or_init(|| Instant::now() + Duration::from_secs(365 * 24 * 3600))
+}
