@@ -411,7 +411,7 @@ fn console_option(d: &DeviceArgs) -> Console {
 fn net_option(d: &DeviceArgs) -> Result<Option<NetConfig>, CliError> {
     d.net
         .as_deref()
-        .map(|n| NetConfig::parse(n).map_err(CliError::Usage))
+        .map(|n| n.parse::<NetConfig>().map_err(|e| usage(e.to_string())))
         .transpose()
 }
 

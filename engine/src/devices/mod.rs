@@ -26,14 +26,6 @@ pub struct NetConfig {
     pub mac: [u8; 6],
 }
 
-impl NetConfig {
-    /// Parses `tap=NAME,mac=aa:bb:cc:dd:ee:ff` (the MAC defaults to 52:54:00:12:34:56);
-    /// the error is [`NetConfigError`]'s one-line message, for the command line.
-    pub fn parse(s: &str) -> Result<NetConfig, String> {
-        s.parse().map_err(|e: NetConfigError| e.to_string())
-    }
-}
-
 impl std::str::FromStr for NetConfig {
     type Err = NetConfigError;
 
@@ -359,7 +351,10 @@ mod tests {
             Err(NetConfigError::BadMac("nope".into()))
         );
         assert_eq!(
-            NetConfig::parse("tap=t,speed=10").unwrap_err(),
+            "tap=t,speed=10"
+                .parse::<NetConfig>()
+                .unwrap_err()
+                .to_string(),
             "--net tap=t,speed=10: expected tap=NAME[,mac=aa:bb:cc:dd:ee:ff]"
         );
     }
