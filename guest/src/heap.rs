@@ -1,21 +1,25 @@
-//! The guest's global allocator, for the workloads that need `alloc` (`kv`): size classes
-//! of powers of two, each with a free list, carved from a bump region of free RAM.
+//! The guest's global allocator, for the workloads that need `alloc` (`kv`): the `talc`
+//! crate's allocator over the free RAM, wrapped with the guest's accounting.
 //!
-//! A freed block goes back to its class's free list and is reused for the next
-//! allocation of that class; memory never goes back to the bump region. When a class has
-//! no free block and the bump region is used up, a free block of a larger class is split
-//! in halves (buddy style, never merged again), so memory freed in one size serves
-//! allocations of smaller sizes. The bytes skipped to align a block go to the free
-//! lists too, and free blocks below a page serve small allocations before fresh memory
-//! does, so small blocks between page-sized ones waste nothing. Blocks of a class of up to a page are aligned to their
-//! size, larger ones to a page, so any alignment up to 4096 is served from the lists; a
-//! larger alignment always takes fresh memory (nothing here asks for one).
+//! `talc` keeps free memory as gaps binned by size and merges a freed block with the
+//! free gaps beside it, so memory freed in any sizes serves allocations of any size
+//! again (up to what is free in one piece). The earlier allocator of this file (size
+//! classes of powers of two carved from a bump region, never merged) could not: after
+//! many small values were stored and flushed, the memory they had taken only served
+//! small blocks, and large values or the table's segment array no longer fit.
 //!
-//! The heap counts the bytes of the blocks it has handed out. Allocations made inside
-//! [`for_data`] fail once that count would pass the *data limit* ([`set_data_limit`]),
-//! so that what clients store cannot take the last of the memory: the rest stays for
-//! the allocations that serve requests (buffers, replies), which can then still say that
-//! memory is full instead of failing themselves.
+//! The heap counts the bytes of the blocks it has handed out (each rounded up as `talc`
+//! takes it: the size plus a word, in units of 32 bytes), and apart from them the bytes
+//! of the blocks allocated inside [`for_data`]. Those fail once the data bytes would
+//! pass the *data limit* ([`set_data_limit`]), so that what clients store cannot take
+//! the last of the memory: the rest stays for the allocations that serve requests
+//! (buffers, replies), which can then still say that memory is full instead of failing
+//! themselves. Only data counts against the limit: a connection's buffers never keep a
+//! store that has some room from taking a small value.
+//!
+//! A block is known as data when it is freed (also outside `for_data`, by DEL or
+//! FLUSHALL) by a bitmap of one bit per 8 bytes of the region, set at the block's
+//! address: 1/64 of the region, taken from its start by [`init`].
 //!
 //! Until [`init`] hands it a region, every allocation fails (and `alloc` panics with
 //! `memory allocation of N bytes failed`).
@@ -25,13 +29,14 @@ use core::cell::UnsafeCell;
 use core::ptr::{self, null_mut};
 use core::sync::atomic::{AtomicBool, Ordering};
 
-/// The smallest block: room for the free-list link, and a useful minimum.
-const MIN_SHIFT: u32 = 4;
-/// Classes from 16 bytes to 2^47 bytes.
-const CLASSES: usize = 44;
-const PAGE: usize = 4096;
-/// The class of a page.
-const PAGE_CLASS: usize = (PAGE.trailing_zeros() - MIN_SHIFT) as usize;
+use talc::base::{Talc, CHUNK_UNIT};
+use talc::source::Manual;
+use talc::DefaultBinning;
+
+/// Bytes of the region for each bit of the data bitmap. Distinct blocks start at least
+/// this far apart (each takes its size plus a word).
+const GRANULE: usize = 8;
+const WORD: usize = core::mem::size_of::<usize>();
 
 /// The allocator of the guest binary. Host tests that include this file by path are
 /// compiled with `cfg(test)` and keep their own global allocator (they may wrap this one).
@@ -47,16 +52,21 @@ pub struct Heap {
 unsafe impl Sync for Heap {}
 
 struct State {
-    /// Next free byte of the bump region, and its end.
-    next: usize,
-    end: usize,
-    /// Head of each class's free list; a free block holds the address of the next one.
-    free: [*mut u8; CLASSES],
-    /// Bytes given to the heap by `init`.
+    talc: Talc<Manual, DefaultBinning>,
+    /// Whether `talc` has a region (a region too small for it leaves the heap empty).
+    ready: bool,
+    /// The bitmap of data blocks (one bit per `GRANULE` bytes from `base`), and its words.
+    marks: *mut u64,
+    words: usize,
+    /// The start of the region given to `init`.
+    base: usize,
+    /// Bytes given to the heap by `init`, less the bitmap.
     size: usize,
     /// Bytes of the blocks handed out and not given back.
     used: usize,
-    /// While `data` is set, an allocation fails rather than take `used` past `limit`.
+    /// Of those, the bytes of the blocks allocated inside `for_data`.
+    data_used: usize,
+    /// While `data` is set, an allocation fails rather than take `data_used` past `limit`.
     limit: usize,
     data: bool,
 }
@@ -64,10 +74,12 @@ struct State {
 /// What the heap holds, in bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Usage {
-    /// Given to the heap by `init`.
+    /// Given to the heap by `init` (less its bitmap of data blocks).
     pub size: usize,
-    /// In blocks handed out (a block is the request rounded up to a power of two).
+    /// In blocks handed out (a block is the request plus a word, rounded up to 32).
     pub used: usize,
+    /// Of `used`, in blocks allocated inside `for_data` and not given back.
+    pub data: usize,
     /// The data limit (`size` unless set lower).
     pub limit: usize,
 }
@@ -98,14 +110,10 @@ pub fn usage() -> Usage {
     HEAP.usage()
 }
 
-/// The class index and block size for `layout`.
-fn class(layout: Layout) -> (usize, usize) {
-    let size = layout.size().max(layout.align()).max(1 << MIN_SHIFT);
-    match size.checked_next_power_of_two() {
-        Some(block) => ((block.trailing_zeros() - MIN_SHIFT) as usize, block),
-        // Larger than any class: `alloc` refuses it.
-        None => (CLASSES, 0),
-    }
+/// The bytes a block of `size` takes in `talc` (its chunk: the size and a tail word,
+/// in whole units).
+fn charge(size: usize) -> usize {
+    size.max(1).saturating_add(WORD + CHUNK_UNIT - 1) & !(CHUNK_UNIT - 1)
 }
 
 impl Default for Heap {
@@ -119,18 +127,22 @@ impl Heap {
         Heap {
             lock: AtomicBool::new(false),
             state: UnsafeCell::new(State {
-                next: 0,
-                end: 0,
-                free: [null_mut(); CLASSES],
+                talc: Talc::new(Manual),
+                ready: false,
+                marks: null_mut(),
+                words: 0,
+                base: 0,
                 size: 0,
                 used: 0,
+                data_used: 0,
                 limit: 0,
                 data: false,
             }),
         }
     }
 
-    /// Hands this heap `[start, end)`; see [`init`].
+    /// Hands this heap `[start, end)`; see [`init`]. The first 1/64 of it becomes the
+    /// bitmap of data blocks, the rest the allocator's.
     ///
     /// # Safety
     ///
@@ -138,14 +150,34 @@ impl Heap {
     /// the heap hands out blocks from it.
     pub unsafe fn init(&self, start: usize, end: usize) {
         self.with(|state| {
-            state.next = start;
-            state.end = end;
-            state.size = end.saturating_sub(start);
+            let base = start.next_multiple_of(GRANULE);
+            let len = end.saturating_sub(base);
+            let words = len.div_ceil(GRANULE * 64);
+            let bitmap = words * 8;
+            if bitmap >= len {
+                return;
+            }
+            let marks = base as *mut u64;
+            // SAFETY: `[base, base + bitmap)` lies in the region the caller gives us,
+            // aligned to 8 bytes.
+            unsafe { ptr::write_bytes(marks, 0, words) };
+            let heap = base + bitmap;
+            // SAFETY: the rest of the region, which nothing else uses (the caller's
+            // promise); `Manual` lets us hand `talc` memory ourselves.
+            let claimed = unsafe { state.talc.claim(heap as *mut u8, end - heap) };
+            if claimed.is_none() {
+                return;
+            }
+            state.ready = true;
+            state.marks = marks;
+            state.words = words;
+            state.base = base;
+            state.size = end - heap;
             state.limit = state.size;
         });
     }
 
-    /// Allocations inside [`Heap::for_data`] fail once the blocks in use would take
+    /// Allocations inside [`Heap::for_data`] fail once the data blocks in use would take
     /// more than `bytes`.
     pub fn set_data_limit(&self, bytes: usize) {
         self.with(|state| state.limit = bytes);
@@ -173,6 +205,7 @@ impl Heap {
         self.with(|state| Usage {
             size: state.size,
             used: state.used,
+            data: state.data_used,
             limit: state.limit,
         })
     }
@@ -193,149 +226,148 @@ impl Heap {
 }
 
 impl State {
-    fn bump(&mut self, block: usize, align: usize) -> *mut u8 {
-        let align = align.max(block.min(PAGE));
-        let Some(start) = self.next.checked_add(align - 1).map(|n| n & !(align - 1)) else {
-            return null_mut();
-        };
-        match start.checked_add(block) {
-            Some(end) if end <= self.end => {
-                self.free_gap(start);
-                self.next = end;
-                start as *mut u8
-            }
-            _ => null_mut(),
+    /// The word and bit of the bitmap for the block at `ptr`.
+    fn mark_at(&self, ptr: *mut u8) -> (usize, u64) {
+        let granule = (ptr as usize - self.base) / GRANULE;
+        debug_assert!(granule / 64 < self.words);
+        (granule / 64, 1 << (granule % 64))
+    }
+
+    fn is_data(&self, ptr: *mut u8) -> bool {
+        let (word, bit) = self.mark_at(ptr);
+        // SAFETY: `ptr` is a block of this heap, so its word is inside the bitmap.
+        unsafe { self.marks.add(word).read() & bit != 0 }
+    }
+
+    fn set_data(&mut self, ptr: *mut u8, data: bool) {
+        let (word, bit) = self.mark_at(ptr);
+        // SAFETY: as in `is_data`; the bitmap is ours alone.
+        unsafe {
+            let at = self.marks.add(word);
+            at.write(if data {
+                at.read() | bit
+            } else {
+                at.read() & !bit
+            });
         }
     }
 
-    /// Puts the bytes from `next` to `start`, skipped to align a block, on the free
-    /// lists, as the largest aligned blocks that fit (else small blocks between large
-    /// ones would waste up to a page each).
-    fn free_gap(&mut self, start: usize) {
-        let mut at = self.next;
-        while at < start {
-            let mut size = 1usize << MIN_SHIFT;
-            while size * 2 <= start - at && at % (size * 2).min(PAGE) == 0 {
-                size *= 2;
-            }
-            let index = (size.trailing_zeros() - MIN_SHIFT) as usize;
-            // SAFETY: `[at, at + size)` lies in the unused bump region before `start`;
-            // `at` is aligned to min(size, PAGE) (the loop above) and at least to 16,
-            // since every block is a multiple of 16 bytes from a page-aligned start.
-            unsafe { self.push(index, at as *mut u8) };
-            at += size;
-        }
-    }
-
-    /// Pops the head of class `index`'s free list (null when empty).
-    fn pop(&mut self, index: usize) -> *mut u8 {
-        let head = self.free[index];
-        if !head.is_null() {
-            // SAFETY: a free block holds the next free block's address in its first word
-            // (written by `push`), and is aligned for it.
-            self.free[index] = unsafe { head.cast::<*mut u8>().read() };
-        }
-        head
-    }
-
-    /// Puts the unused block `block` of class `index` on its free list.
-    ///
-    /// # Safety
-    ///
-    /// `block` is a block of class `index` (at least 16 bytes, aligned to 16) from this
-    /// heap's region that nobody uses.
-    unsafe fn push(&mut self, index: usize, block: *mut u8) {
-        // SAFETY: the caller's promise: an unused block, big and aligned enough.
-        unsafe { block.cast::<*mut u8>().write(self.free[index]) };
-        self.free[index] = block;
-    }
-
-    /// A block of class `index` split off the smallest larger free block among
-    /// `classes`: the first half
-    /// of each split is split again until it has the size asked for, the second halves
-    /// go to the free lists of their classes.
-    fn split(&mut self, index: usize, classes: core::ops::Range<usize>) -> *mut u8 {
-        let from = classes.start.max(index + 1);
-        let Some(larger) = (from..classes.end).find(|&j| !self.free[j].is_null()) else {
-            return null_mut();
-        };
-        let block = self.pop(larger);
-        for k in (index..larger).rev() {
-            let half = 1usize << (k as u32 + MIN_SHIFT);
-            // SAFETY: `block` spans 2^(larger + MIN_SHIFT) bytes, so `block + half` for
-            // k < larger is inside it and starts an unused block of class k, aligned to
-            // min(half, PAGE) because `block` is aligned to min(its size, PAGE).
-            unsafe { self.push(k, block.add(half)) };
-        }
-        block
+    /// Whether taking `bytes` more for data stays within the limit (always true
+    /// outside `for_data`).
+    fn allows(&self, bytes: usize) -> bool {
+        !self.data || self.data_used.saturating_add(bytes) <= self.limit
     }
 
     fn alloc(&mut self, layout: Layout) -> *mut u8 {
-        let (index, block) = class(layout);
-        if index >= CLASSES {
+        let charge = charge(layout.size());
+        if !self.ready || !self.allows(charge) {
             return null_mut();
         }
-        if self.data && self.used.saturating_add(block) > self.limit {
+        let layout = Layout::from_size_align(layout.size().max(1), layout.align());
+        let Ok(layout) = layout else {
             return null_mut();
+        };
+        // SAFETY: a layout of non-zero size.
+        let Some(found) = (unsafe { self.talc.allocate(layout) }) else {
+            return null_mut();
+        };
+        let found = found.as_ptr();
+        self.used += charge;
+        if self.data {
+            self.data_used += charge;
         }
-        let mut found = null_mut();
-        let listed = layout.align() <= PAGE;
-        if listed {
-            found = self.pop(index);
-        }
-        // Free blocks below a page (the pieces of alignment gaps, freed small blocks)
-        // serve small requests before fresh memory does: else each small block taken
-        // from the bump region before a page-aligned one would leave a new gap.
-        if found.is_null() && listed && index < PAGE_CLASS {
-            found = self.split(index, 0..PAGE_CLASS);
-        }
-        if found.is_null() {
-            found = self.bump(block, layout.align());
-        }
-        if found.is_null() && listed {
-            found = self.split(index, 0..CLASSES);
-        }
-        if !found.is_null() {
-            self.used += block;
-        }
+        self.set_data(found, self.data);
         found
+    }
+
+    /// # Safety
+    ///
+    /// `ptr` is a block of this heap allocated with `layout`, given back once.
+    unsafe fn dealloc(&mut self, ptr: *mut u8, layout: Layout) {
+        let charge = charge(layout.size());
+        if self.is_data(ptr) {
+            self.data_used -= charge;
+            self.set_data(ptr, false);
+        }
+        self.used -= charge;
+        // SAFETY: the caller's promise; the size as it was allocated (non-zero).
+        unsafe {
+            let layout = Layout::from_size_align_unchecked(layout.size().max(1), layout.align());
+            self.talc.deallocate(ptr, layout);
+        }
+    }
+
+    /// Resizes the block at `ptr` in place when it can, else moves it. A block stays
+    /// data if it was; one grown inside `for_data` becomes data and is held to the limit.
+    ///
+    /// # Safety
+    ///
+    /// `ptr` is a block of this heap allocated with `layout`; `new_size` with
+    /// `layout.align()` is a valid layout of non-zero size.
+    unsafe fn realloc(&mut self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let old_size = layout.size().max(1);
+        // SAFETY: the caller's promise.
+        let old_layout = unsafe { Layout::from_size_align_unchecked(old_size, layout.align()) };
+        let (old, new) = (charge(old_size), charge(new_size));
+        let was_data = self.is_data(ptr);
+        let data = was_data || self.data;
+        let counted = if was_data { old } else { 0 };
+        if new > counted && !self.allows(new - counted) {
+            return null_mut();
+        }
+        let in_place = if new_size <= old_size {
+            // SAFETY: a block of this layout, shrunk to a non-zero size.
+            unsafe { self.talc.shrink(ptr, old_layout, new_size) };
+            true
+        } else {
+            // SAFETY: a block of this layout, grown.
+            unsafe { self.talc.try_grow_in_place(ptr, old_layout, new_size) }
+        };
+        if in_place {
+            self.used = self.used - old + new;
+            if data {
+                self.data_used = self.data_used - counted + new;
+            }
+            self.set_data(ptr, data);
+            return ptr;
+        }
+        // SAFETY: the caller's promise.
+        let new_layout = unsafe { Layout::from_size_align_unchecked(new_size, layout.align()) };
+        // SAFETY: a layout of non-zero size.
+        let Some(moved) = (unsafe { self.talc.allocate(new_layout) }) else {
+            return null_mut();
+        };
+        let moved = moved.as_ptr();
+        // SAFETY: both blocks are valid for the smaller size and distinct; the old one
+        // is given back after the copy.
+        unsafe {
+            ptr::copy_nonoverlapping(ptr, moved, old_size.min(new_size));
+            self.dealloc(ptr, layout);
+        }
+        self.used += new;
+        if data {
+            self.data_used += new;
+        }
+        self.set_data(moved, data);
+        moved
     }
 }
 
-// SAFETY: blocks come from the region given to `init` (which nothing else uses), each
-// handed out once until it is freed; a block of class `c` is at least `layout.size()`
-// bytes and aligned to `layout.align()` (see `class`, `bump` and `split`).
+// SAFETY: blocks come from `talc` over the region given to `init` (which nothing else
+// uses), each handed out once until it is freed, with the size and alignment asked for.
 unsafe impl GlobalAlloc for Heap {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         self.with(|state| state.alloc(layout))
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        let (index, block) = class(layout);
-        self.with(|state| {
-            // SAFETY: `ptr` is a block of this class that the caller gives back (the
-            // `GlobalAlloc` contract): at least 16 bytes, 16-byte aligned and unused now.
-            unsafe { state.push(index, ptr) };
-            state.used -= block;
-        });
+        // SAFETY: `ptr` is a block of this heap that the caller gives back with its
+        // layout (the `GlobalAlloc` contract).
+        self.with(|state| unsafe { state.dealloc(ptr, layout) });
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        // SAFETY: the caller promises `new_size` with this alignment is a valid layout.
-        let new_layout = unsafe { Layout::from_size_align_unchecked(new_size, layout.align()) };
-        if class(new_layout).1 == class(layout).1 {
-            return ptr;
-        }
-        // SAFETY: a valid non-zero-size layout (the caller's contract).
-        let new = unsafe { self.alloc(new_layout) };
-        if !new.is_null() {
-            // SAFETY: both blocks are valid for the smaller of the two sizes and are
-            // distinct blocks; the old one is given back after the copy.
-            unsafe {
-                ptr::copy_nonoverlapping(ptr, new, layout.size().min(new_size));
-                self.dealloc(ptr, layout);
-            }
-        }
-        new
+        // SAFETY: the `GlobalAlloc` contract, passed on.
+        self.with(|state| unsafe { state.realloc(ptr, layout, new_size) })
     }
 }

@@ -84,7 +84,11 @@ static GLOBAL: TestHeap = TestHeap;
 const OOM: &[u8] = resp::OOM;
 
 fn command(args: &[&[u8]]) -> Vec<u8> {
-    let mut out = format!("*{}\r\n", args.len()).into_bytes();
+    // One block of the size needed: a test's own growing buffers would leave holes
+    // between the values it stores.
+    let bytes = 16 + args.iter().map(|a| a.len() + 32).sum::<usize>();
+    let mut out = Vec::with_capacity(bytes);
+    out.extend(format!("*{}\r\n", args.len()).as_bytes());
     for arg in args {
         out.extend_from_slice(format!("${}\r\n", arg.len()).as_bytes());
         out.extend_from_slice(arg);
@@ -168,77 +172,93 @@ fn key(i: usize) -> Vec<u8> {
     format!("key:{i:012}").into_bytes()
 }
 
-/// The heap on its own arena: size classes, splitting, the byte count, the data limit.
-fn heap_splits_counts_and_limits() {
+/// The heap on its own arena: freed blocks merge, the byte counts, the data limit.
+fn heap_merges_counts_and_limits() {
     static SMALL: Arena = Arena(UnsafeCell::new([0; ARENA_BYTES]));
     let h = heap::Heap::new();
     let start = SMALL.0.get() as usize;
     // SAFETY: the second arena is only used by `h`, in this function.
     unsafe { h.init(start, start + (1 << 20)) };
+    let size = h.usage().size;
+    assert!(size > (1 << 20) - (32 << 10), "{:?}", h.usage());
     let layout = |size| Layout::from_size_align(size, 8).unwrap();
     // SAFETY: layouts of non-zero size; every block is given back with its layout.
     unsafe {
-        // A page-sized block after a small one: the gap between them is not lost.
-        let small = h.alloc(layout(16));
-        let page = h.alloc(layout(4096));
-        assert_eq!((small as usize, page as usize), (start, start + 4096));
-        assert_eq!(h.alloc(layout(16)) as usize, start + 16);
-        assert_eq!(h.alloc(layout(2048)) as usize, start + 2048);
-        // Small blocks come from the gap's pieces (split) before fresh memory.
-        assert_eq!(h.alloc(layout(16)) as usize, start + 32);
-        assert_eq!(h.alloc(layout(16)) as usize, start + 48);
-        assert_eq!(h.alloc(layout(4096)) as usize, start + 8192);
-        assert_eq!(h.usage().used, 16 + 4096 + 16 + 2048 + 16 + 16 + 4096);
-        // A block larger than what is left fails.
-        assert!(h.alloc(layout((1 << 20) - 4096)).is_null());
-        let h = heap::Heap::new();
-        // SAFETY: the same arena, no block of the first heap is used any more.
-        h.init(start, start + (1 << 20));
-        let big = h.alloc(layout(1 << 20));
-        assert_eq!(big as usize, start, "the whole region in one block");
-        assert_eq!(h.usage().used, 1 << 20);
-        assert!(h.alloc(layout(16)).is_null(), "nothing left");
-        h.dealloc(big, layout(1 << 20));
-        assert_eq!(h.usage().used, 0);
-        // The free megabyte serves small blocks: split in halves, the first one used.
-        let a = h.alloc(layout(3000));
-        assert_eq!(a as usize, start);
-        let b = h.alloc(layout(4096));
-        assert_eq!(
-            b as usize,
-            start + 4096,
-            "the other half of the first split"
-        );
-        let c = h.alloc(layout(100));
-        assert_eq!(c as usize % 128, 0);
-        assert_eq!(h.usage().used, 4096 + 4096 + 128);
-        // Freed blocks are reused by their class.
-        h.dealloc(b, layout(4096));
-        assert_eq!(h.alloc(layout(4000)), b);
-        // The data limit holds allocations made while it applies.
-        h.set_data_limit(h.usage().used + 4096);
-        let d = h.for_data(|| h.alloc(layout(4096)));
-        assert!(!d.is_null());
-        assert!(h.for_data(|| h.alloc(layout(16))).is_null());
-        let e = h.alloc(layout(16));
-        assert!(!e.is_null(), "outside for_data the limit does not apply");
-        for (p, size) in [(a, 3000), (b, 4000), (c, 100), (d, 4096), (e, 16)] {
-            h.dealloc(p, layout(size));
+        // Small blocks fill the region; once freed, they serve one large block.
+        let mut small = Vec::with_capacity(32 << 10);
+        loop {
+            let p = h.alloc(layout(24));
+            if p.is_null() {
+                break;
+            }
+            small.push(p);
         }
+        assert!(small.len() * 32 > size * 9 / 10, "{} blocks", small.len());
+        assert_eq!(h.usage().used, small.len() * 32);
+        // Freed in a scattered order: every other one first.
+        for p in small.iter().step_by(2) {
+            h.dealloc(*p, layout(24));
+        }
+        assert!(h.alloc(layout(64)).is_null(), "no two free neighbours yet");
+        for p in small.iter().skip(1).step_by(2) {
+            h.dealloc(*p, layout(24));
+        }
+        drop(small);
         assert_eq!(h.usage().used, 0);
+        let big = h.alloc(layout(size * 9 / 10));
+        assert!(!big.is_null(), "the freed small blocks merge into one");
+        h.dealloc(big, layout(size * 9 / 10));
+
+        // Alignments up to a page are served.
+        let page = h.alloc(Layout::from_size_align(4096, 4096).unwrap());
+        assert_eq!(page as usize % 4096, 0);
+        h.dealloc(page, Layout::from_size_align(4096, 4096).unwrap());
+
+        // Only blocks allocated inside for_data count against the data limit.
+        h.set_data_limit(4032 + 32);
+        let d = h.for_data(|| h.alloc(layout(4000)));
+        assert!(!d.is_null());
+        assert_eq!(h.usage().data, 4032);
+        let e = h.alloc(layout(64 << 10));
+        assert!(!e.is_null(), "outside for_data the limit does not apply");
+        assert_eq!(h.usage().data, 4032, "nor does the block count as data");
+        let f = h.for_data(|| h.alloc(layout(16)));
+        assert!(
+            !f.is_null(),
+            "the buffer outside for_data leaves the data room"
+        );
+        assert!(h.for_data(|| h.alloc(layout(16))).is_null(), "the limit");
+        // A data block freed outside for_data gives its bytes back to the data count.
+        h.dealloc(f, layout(16));
+        assert_eq!(h.usage().data, 4032);
+        // A data block stays data when it is resized outside for_data...
+        let d = h.realloc(d, layout(4000), 100);
+        assert!(!d.is_null());
+        assert_eq!(h.usage().data, 128);
+        // ... and a block grown inside for_data becomes data, held to the limit.
+        assert!(h
+            .for_data(|| h.realloc(e, layout(64 << 10), 128 << 10))
+            .is_null());
+        let e2 = h.for_data(|| h.realloc(e, layout(64 << 10), 100));
+        assert!(!e2.is_null());
+        assert_eq!(h.usage().data, 256);
+        h.dealloc(d, layout(100));
+        h.dealloc(e2, layout(100));
+        assert_eq!(h.usage().used, 0);
+        assert_eq!(h.usage().data, 0);
     }
-    println!("ok: heap splits, counts and limits");
+    println!("ok: heap merges, counts and limits");
 }
 
 /// Fills the store through a session until writes get the OOM error; what was stored
 /// stays, reads go on, and freeing memory makes writes work again. The test's own
-/// buffers come from the same heap and count against the limit, as a connection's
-/// buffers do in the guest: each step keeps them small and drops them.
+/// buffers come from the same heap, as a connection's buffers do in the guest, but only
+/// the store's data counts against the limit.
 fn filling_memory_gives_oom_errors_and_loses_nothing() {
     let mut store = Table::new();
     let mut session = Session::new(1 << 20);
     let base = heap::usage().used;
-    heap::set_data_limit(base + (4 << 20));
+    heap::set_data_limit(heap::usage().data + (4 << 20));
 
     // 100 SETs of 3000 bytes at a time, pipelined.
     let attempts = 2000;
@@ -267,7 +287,7 @@ fn filling_memory_gives_oom_errors_and_loses_nothing() {
     }
     drop(replies);
     let usage = heap::usage();
-    assert!(usage.used <= usage.limit, "{usage:?}");
+    assert!(usage.data <= usage.limit, "{usage:?}");
     println!("ok: {stored} values stored, then the OOM error");
 
     // Everything stored reads back, and reads, pings and small replies go on.
@@ -342,20 +362,21 @@ fn filling_memory_gives_oom_errors_and_loses_nothing() {
     println!("ok: deleting and flushing give the memory back");
 }
 
-/// SETs `count` keys from `first` with values of `size` bytes, 200 to a pipeline, until
-/// one is refused; how many were stored.
+/// SETs keys from `first` with values of `size` bytes, up to 200 to a pipeline (fewer
+/// for large values), until one is refused; how many were stored.
 fn fill(session: &mut Session, store: &mut Table, first: usize, size: usize) -> usize {
     let value = vec![b'f'; size];
+    let batch = ((1 << 20) / (size + 64)).clamp(1, 200);
     let mut stored = 0;
     loop {
-        let mut input = Vec::new();
-        for i in 0..200 {
+        let mut input = Vec::with_capacity(batch * (size + 64));
+        for i in 0..batch {
             input.extend(command(&[b"SET", &key(first + stored + i), &value]));
         }
         let out = drive(session, store, &input, 16 << 10);
         let ok = out.windows(5).filter(|w| w == b"+OK\r\n").count();
         stored += ok;
-        if ok < 200 {
+        if ok < batch {
             assert!(out.ends_with(OOM));
             return stored;
         }
@@ -388,6 +409,51 @@ fn memory_freed_in_pages_serves_many_small_values() {
     );
     heap::set_data_limit(heap::usage().size);
     println!("ok: {big} values of 3000 bytes, flushed, then {small} of 100 bytes");
+}
+
+fn flush(session: &mut Session, store: &mut Table) {
+    assert_eq!(drive(session, store, b"FLUSHALL\r\n", 64), b"+OK\r\n");
+}
+
+/// Memory freed by FLUSHALL serves values of any size again: the store is filled to the
+/// OOM error with values of 512 KiB, 3000 bytes and 1 byte, flushed after each, in
+/// both orders, and each size fits about as often as the first time. Once full, freeing
+/// one value is enough for a small SET, whatever the connection's buffers hold.
+fn capacity_comes_back_after_flushing() {
+    let mut store = Table::new();
+    let mut session = Session::new(4 << 20);
+    heap::set_data_limit(heap::usage().size - (8 << 20));
+    let mut phases = Vec::new();
+    for size in [256 << 10, 3000, 1, 3000, 256 << 10, 1] {
+        let stored = fill(&mut session, &mut store, 0, size);
+        if size == 3000 {
+            // Full, also for 1-byte values: one value deleted makes room for a tiny
+            // one (the connection's buffers do not count).
+            fill(&mut session, &mut store, 1 << 30, 1);
+            let mut input = command(&[b"SET", b"tiny", b"x"]);
+            input.extend(command(&[b"DEL", &key(0)]));
+            input.extend(command(&[b"SET", b"tiny", b"x"]));
+            let out = drive(&mut session, &mut store, &input, 4096);
+            assert_eq!(out, [OOM, b":1\r\n+OK\r\n"].concat());
+        }
+        flush(&mut session, &mut store);
+        assert_eq!(heap::usage().data, 0, "{:?}", heap::usage());
+        phases.push((size, stored));
+    }
+    println!("ok: values stored in turn (size, count): {phases:?}");
+    for (i, &(size, stored)) in phases.iter().enumerate() {
+        let first = phases.iter().find(|p| p.0 == size).unwrap().1;
+        assert!(
+            stored * 10 >= first * 9,
+            "phase {i}: {stored} values of {size} bytes, {first} the first time ({phases:?})"
+        );
+    }
+    let (huge, large, small) = (phases[0].1, phases[1].1, phases[2].1);
+    assert!(huge >= 80, "{huge} values of 512 KiB in 56 MiB");
+    assert!(large >= 15_000, "{large} values of 3000 bytes in 56 MiB");
+    assert!(small >= 300_000, "{small} values of 1 byte in 56 MiB");
+    heap::set_data_limit(heap::usage().size);
+    println!("ok: capacity comes back after flushing");
 }
 
 /// Takes every block the heap can still give, largest first.
@@ -446,10 +512,11 @@ fn main() {
     // A failure prints its message only: a backtrace would need more memory than the
     // arena may have left.
     std::panic::set_hook(Box::new(|info| eprintln!("test failed: {info}")));
-    heap_splits_counts_and_limits();
+    heap_merges_counts_and_limits();
     filling_memory_gives_oom_errors_and_loses_nothing();
     an_exhausted_heap_refuses_requests_but_keeps_serving();
+    capacity_comes_back_after_flushing();
     // Last: it leaves the heap in small blocks.
     memory_freed_in_pages_serves_many_small_values();
-    println!("test result: ok. 4 checks passed");
+    println!("test result: ok. 5 checks passed");
 }

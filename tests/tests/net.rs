@@ -918,6 +918,102 @@ fn kv_replies_match_redis_server_byte_for_byte() {
 
 /// Mass insertion as the Redis documentation describes it: `redis-cli --pipe` sends the
 /// commands, then an ECHO with a random marker, and waits for its reply.
+/// SETs `<prefix>:<i>` to values of `size` bytes, pipelined in batches of up to 1 MiB,
+/// until the guest answers with the OOM error; how many values it stored.
+fn fill_to_oom(stream: &mut TcpStream, prefix: &str, size: usize) -> usize {
+    let value = vec![b'v'; size];
+    let batch = ((1 << 20) / (size + 64)).clamp(1, 256);
+    let mut stored = 0;
+    loop {
+        let mut input = Vec::with_capacity(batch * (size + 64));
+        for i in stored..stored + batch {
+            input.extend(resp(&[b"SET", format!("{prefix}:{i}").as_bytes(), &value]));
+        }
+        stream.write_all(&input).expect("send");
+        let mut refused = 0;
+        for _ in 0..batch {
+            let mut reply = [0u8; 5];
+            stream.read_exact(&mut reply).expect("reply");
+            if &reply == b"+OK\r\n" {
+                stored += 1;
+                continue;
+            }
+            let mut rest = vec![0u8; REDIS_OOM.len() - 5];
+            stream.read_exact(&mut rest).expect("reply");
+            assert_eq!([&reply[..], &rest].concat(), REDIS_OOM);
+            refused += 1;
+        }
+        if refused > 0 {
+            return stored;
+        }
+    }
+}
+
+/// Memory freed by FLUSHALL serves values of any size again: the guest's store is
+/// filled to the OOM error with large, small and tiny values in turn, flushed after
+/// each, and the large ones fit about as often after the small ones as before.
+#[test]
+fn a_flushed_kv_guest_gets_its_capacity_back() {
+    if !kvm_required() {
+        return;
+    }
+    need_redis_tools();
+    let _one = serialize();
+    let dir = TempDir::new("net-flush");
+    let ns = Netns::create("lsnet").expect("network namespace");
+    let mut vm = start_kv_guest(&ns, &dir, &["--mem", "32M"]);
+    let addr = "10.0.0.2:6379";
+    let mut stream = ns
+        .connect(addr, Duration::from_secs(10))
+        .expect("connect to the kv guest");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+
+    let mut phases = Vec::new();
+    for size in [256 << 10, 3000, 1, 3000, 256 << 10, 10, 3000] {
+        let stored = fill_to_oom(&mut stream, &format!("fill{}", phases.len()), size);
+        let mut kv = kv_client(&ns, addr);
+        assert_eq!(
+            kv.call(&["DBSIZE"]).expect("DBSIZE"),
+            Reply::Int(stored as i64)
+        );
+        if size == 3000 {
+            // Full, also for 1-byte values: deleting one value makes room for one
+            // (whatever the connections' buffers hold).
+            fill_to_oom(&mut stream, "tiny", 1);
+            assert_eq!(
+                kv.call(&["DEL", &format!("fill{}:0", phases.len())])
+                    .expect("DEL"),
+                Reply::Int(1)
+            );
+            assert_eq!(
+                kv.call(&["SET", "tiny", "x"]).expect("SET"),
+                Reply::Simple("OK".into())
+            );
+        }
+        assert_eq!(
+            kv.call(&["FLUSHALL"]).expect("FLUSHALL"),
+            Reply::Simple("OK".into())
+        );
+        phases.push((size, stored));
+    }
+    eprintln!("values stored in turn (size, count): {phases:?}");
+    for (i, &(size, stored)) in phases.iter().enumerate() {
+        let first = phases.iter().find(|p| p.0 == size).unwrap().1;
+        assert!(
+            stored * 10 >= first * 9,
+            "phase {i}: {stored} values of {size} bytes, {first} the first time ({phases:?})"
+        );
+    }
+    assert!(phases[0].1 >= 40, "{phases:?}");
+    assert!(phases[1].1 >= 3000, "{phases:?}");
+    assert!(vm.try_wait().is_none(), "the guest stopped");
+    let console = read_console(&dir.join("console"));
+    assert!(!console.contains("panic"), "{console}");
+    drop(vm);
+}
+
 #[test]
 fn redis_cli_pipe_mass_insertion_into_the_kv_guest() {
     if !kvm_required() {

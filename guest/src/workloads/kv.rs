@@ -142,10 +142,10 @@ pub fn run(boot: &Boot, config: &Config) -> ! {
     unsafe { heap::init(boot.heap_start, boot.ram_size) };
     // What clients store may fill memory up to the data limit; the rest is for serving
     // requests, so that a full store still reads them and answers with the OOM error.
+    // Only stored data counts against the limit (not the sockets and buffers), so it is
+    // set once they are allocated, to what they leave less the reserve.
     let heap_size = heap::usage().size;
     let reserve = (heap_size / RESERVE_DIVISOR).max(MIN_RESERVE);
-    let data_limit = heap_size - reserve;
-    heap::set_data_limit(data_limit);
     let max_request = reserve / 2;
     let clock = Clock::starting_now(TimeSource::new(boot));
     let now = || Instant::from_micros(clock.now_us() as i64);
@@ -189,6 +189,8 @@ pub fn run(boot: &Boot, config: &Config) -> ! {
         socket.listen(config.port).expect("a new socket can listen");
     }
     let mut store = table::Table::new();
+    let data_limit = heap_size.saturating_sub(heap::usage().used + reserve);
+    heap::set_data_limit(data_limit);
 
     println!("kv: listening on {ip}:{} mac={}", config.port, Mac(mac));
     println!(

@@ -29,8 +29,8 @@ struct Entry {
 const SEGMENT: usize = 4096 / core::mem::size_of::<Option<Entry>>();
 
 /// The slot array, in segments of one 4 KiB block each rather than one block: growing
-/// the table then needs no large contiguous block, which a heap that never merges
-/// freed blocks may no longer have (after FLUSHALL of page-sized values, say).
+/// the table then needs no large contiguous block, which a heap fragmented by the
+/// values stored may not have even though it merges freed blocks.
 struct Slots {
     segments: Vec<Vec<Option<Entry>>>,
     /// Slots: 0 or a power of two.
