@@ -9,6 +9,8 @@
 
 extern crate alloc;
 
+#[path = "../src/workloads/kv/commands.rs"]
+mod commands;
 #[path = "../src/workloads/kv/resp.rs"]
 mod resp;
 #[path = "../src/workloads/kv/session.rs"]
@@ -25,7 +27,8 @@ mod heap {
 
 use std::collections::HashMap;
 
-use resp::{format_i64, parse, parse_i64, string_match, Kind, Parse, Partial, ProtocolError};
+use commands::string_match;
+use resp::{format_i64, parse, parse_i64, Kind, Parse, Partial, ProtocolError};
 use session::{Session, OUTPUT_HIGH};
 use table::Table;
 

@@ -8,6 +8,8 @@
 
 extern crate alloc;
 
+#[path = "../src/workloads/kv/commands.rs"]
+mod commands;
 #[path = "../src/heap.rs"]
 #[allow(dead_code)]
 mod heap;

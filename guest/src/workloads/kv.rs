@@ -13,6 +13,7 @@
 //! serves requests. A write that would pass the limit gets redis-server's `-OOM` error
 //! and changes nothing, so a client cannot stop the service by filling memory.
 
+mod commands;
 mod resp;
 mod session;
 mod table;
