@@ -91,12 +91,7 @@ impl Primary {
                     Err(e) => warn!("{e}: output stays held"),
                 }
             }
-            if stop_requested()
-                || self
-                    .opts
-                    .seconds
-                    .is_some_and(|s| self.started.elapsed() >= s)
-            {
+            if self.run_is_over() {
                 return Ok(0);
             }
         }

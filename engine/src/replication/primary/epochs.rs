@@ -100,12 +100,7 @@ impl Primary {
             }
             self.drain_acks()?;
             self.collect_sent(Duration::ZERO)?;
-            if stop_requested()
-                || self
-                    .opts
-                    .seconds
-                    .is_some_and(|s| self.started.elapsed() >= s)
-            {
+            if self.run_is_over() {
                 return Ok(0);
             }
             if last_stats.elapsed() >= STATS_EVERY {

@@ -401,12 +401,16 @@ impl Primary {
         if self.exit_status.is_none() {
             self.exit_status = self.check_guest()?;
         }
-        Ok(self.exit_status.is_some()
-            || stop_requested()
+        Ok(self.exit_status.is_some() || self.run_is_over())
+    }
+
+    /// SIGTERM/SIGINT arrived, or `--seconds` have passed since the guest started.
+    fn run_is_over(&self) -> bool {
+        stop_requested()
             || self
                 .opts
                 .seconds
-                .is_some_and(|s| self.started.elapsed() >= s))
+                .is_some_and(|s| self.started.elapsed() >= s)
     }
 
     /// The link to the backup (the heartbeat thread shares it).
