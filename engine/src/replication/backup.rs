@@ -59,11 +59,9 @@ pub enum BackupError {
     #[error("lost the primary ({why}); the backup holds committed epoch {committed}")]
     PrimaryLost {
         /// Why it counts as lost.
-        why: String,
+        why: PrimaryLoss,
         /// The last committed epoch.
         committed: u64,
-        /// Lost by silence (a stalled peer or a cut link), not by a closed connection.
-        silent: bool,
     },
     /// SIGTERM or SIGINT before the clean end; the last committed epoch.
     #[error("stopped before the primary ended replication; the backup holds committed epoch {0}")]
@@ -117,13 +115,29 @@ pub enum Outcome {
     /// The primary went silent or away after at least one committed epoch.
     PrimaryLost {
         /// Why the primary counts as lost.
-        why: String,
+        why: PrimaryLoss,
         /// The last committed epoch.
         committed: Committed,
-        /// By silence rather than a closed connection: the primary may be alive behind a
-        /// cut link, so it gets a head start before the backup fences it.
-        silent: bool,
     },
+}
+
+/// Why the backup counts its primary as lost.
+#[derive(Debug, Error)]
+pub enum PrimaryLoss {
+    /// Not a byte from the primary for this long: a stalled primary, a lost host or a cut
+    /// link; the primary may be alive, so it gets a head start before it is fenced.
+    #[error("no data for {0:?}")]
+    Silent(Duration),
+    /// The connection failed or closed: the primary's process is gone, or the link broke.
+    #[error("{0}")]
+    Link(TransportError),
+}
+
+impl PrimaryLoss {
+    /// Lost by silence rather than a failed connection.
+    pub fn is_silent(&self) -> bool {
+        matches!(self, PrimaryLoss::Silent(_))
+    }
 }
 
 /// A heartbeat goes to the primary whenever nothing was sent to it for this long (or a
@@ -204,14 +218,12 @@ pub fn run(mut opts: BackupOptions) -> Result<Outcome, BackupError> {
         Err(BackupError::PrimaryLost {
             why,
             committed: epoch,
-            silent,
         }) if epoch >= 1 => {
             staging.abort();
             warn!("ROLE CHANGE: primary lost ({why}); the backup holds committed epoch {epoch}");
             Ok(Outcome::PrimaryLost {
                 why,
                 committed: committed(&staging, memory)?,
-                silent,
             })
         }
         Err(e) => Err(e),
@@ -278,9 +290,8 @@ fn replicate(
             {
                 staging.abort();
                 return Err(BackupError::PrimaryLost {
-                    why: format!("no data for {:?}", opts.heartbeat_timeout),
+                    why: PrimaryLoss::Silent(opts.heartbeat_timeout),
                     committed: staging.committed_epoch(),
-                    silent: true,
                 });
             }
             // Silence so far: the loop checks how long it has lasted.
@@ -288,9 +299,8 @@ fn replicate(
             Err(e) => {
                 staging.abort();
                 return Err(BackupError::PrimaryLost {
-                    why: e.to_string(),
+                    why: PrimaryLoss::Link(e),
                     committed: staging.committed_epoch(),
-                    silent: false,
                 });
             }
         };
@@ -366,9 +376,8 @@ fn replicate(
 /// epoch the backup holds.
 fn send(conn: &mut Connection, msg: &Message, staging: &Staging) -> Result<(), BackupError> {
     conn.send(msg).map_err(|e| BackupError::PrimaryLost {
-        why: e.to_string(),
+        why: PrimaryLoss::Link(e),
         committed: staging.committed_epoch(),
-        silent: false,
     })
 }
 

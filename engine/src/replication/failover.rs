@@ -38,21 +38,16 @@ pub fn take_over(
             resume(c, &opts.console, opts.net.as_ref()).map(Some)
         }
         Outcome::Ended(_) => Ok(None),
-        Outcome::PrimaryLost {
-            why,
-            committed,
-            silent,
-        } => {
+        Outcome::PrimaryLost { why, committed } => {
             let Some(fence) = fence else {
                 return Err(BackupError::PrimaryLost {
                     why,
                     committed: committed.epoch,
-                    silent,
                 });
             };
             fail_over(
                 committed,
-                silent,
+                why.is_silent(),
                 fence,
                 fence_delay,
                 &opts.console,
