@@ -31,6 +31,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
+// libc rather than rustix here: the io-uring crate's API takes libc's `iovec` and `msghdr`,
+// and io_uring completions carry raw negative errno values, named with libc's constants.
 use io_uring::{opcode, squeue, types, IoUring};
 use thiserror::Error;
 

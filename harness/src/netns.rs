@@ -68,13 +68,14 @@ impl Netns {
         let path = format!("/var/run/netns/{}", self.name);
         std::thread::scope(|s| {
             s.spawn(|| {
-                use std::os::fd::AsRawFd;
+                use std::os::fd::AsFd;
                 let ns = std::fs::File::open(&path)?;
-                // SAFETY: setns(2) on a namespace fd we hold open; it changes only this
-                // thread's network namespace, and the thread ends with the scope.
-                if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                    return Err(io::Error::last_os_error());
-                }
+                // setns(2) changes only this thread's network namespace, and the thread
+                // ends with the scope.
+                rustix::thread::move_into_link_name_space(
+                    ns.as_fd(),
+                    Some(rustix::thread::LinkNameSpaceType::Network),
+                )?;
                 f()
             })
             .join()

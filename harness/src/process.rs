@@ -1,5 +1,6 @@
 //! Child processes with their output in files, and waiting for a line in a log.
 
+use rustix::process::{kill_process, Pid, Signal};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -41,13 +42,14 @@ impl Proc {
         self.child.id()
     }
 
-    /// Sends `sig` (SIGSTOP, SIGCONT, ...) unless the process was reaped already.
+    /// Sends `sig` (`libc::SIGSTOP`, `SIGCONT`, ...) unless the process was reaped already
+    /// (not reaped, its pid is still ours).
     pub fn signal(&self, sig: libc::c_int) {
         if self.status.is_none() {
-            let pid = self.child.id() as libc::pid_t;
-            // SAFETY: kill(2) takes no pointers; the child is not reaped yet (no status),
-            // so the pid is still ours.
-            unsafe { libc::kill(pid, sig) };
+            let pid = Pid::from_raw(self.child.id() as i32);
+            if let (Some(pid), Some(sig)) = (pid, Signal::from_named_raw(sig)) {
+                let _ = kill_process(pid, sig);
+            }
         }
     }
 

@@ -109,10 +109,11 @@ pub fn run(mut cmd: Command) -> Run {
     let status = match rx.recv_timeout(COMMAND_TIMEOUT) {
         Ok(status) => status.unwrap_or_else(|e| panic!("waiting for {what}: {e}")),
         Err(_) => {
-            let pid = libc::pid_t::try_from(pid).expect("pid fits pid_t");
-            // SAFETY: kill(2) takes no pointers. `pid` is our own child, which the waiter
-            // thread has not reaped (it would have answered), so the pid is not reused.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
+            // `pid` is our own child, which the waiter thread has not reaped (it would have
+            // answered), so the pid is not reused.
+            if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+            }
             let _ = waiter.join();
             panic!("{what} did not finish within {COMMAND_TIMEOUT:?}; killed it");
         }

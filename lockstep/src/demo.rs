@@ -43,8 +43,7 @@ pub fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
 }
 
 fn demo(seconds: f64) -> Result<bool, String> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !rustix::process::geteuid().is_root() {
         return Err("needs root (it creates a network namespace and a tap)".into());
     }
     std::fs::OpenOptions::new()
