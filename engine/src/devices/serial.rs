@@ -59,6 +59,7 @@ impl Console {
         Ok(ConsoleWriter {
             out,
             line: Vec::with_capacity(256),
+            shared: matches!(self, Console::Stdout),
         })
     }
 }
@@ -82,9 +83,20 @@ fn open_file(path: &Path, append: bool) -> Result<File, SerialError> {
 pub struct ConsoleWriter {
     out: Box<dyn Write + Send>,
     line: Vec<u8>,
+    /// Stdout, which lockstep's own lines (`final epoch=...`) share.
+    shared: bool,
 }
 
 impl ConsoleWriter {
+    /// Writes out what is buffered; on stdout, a line the guest left unfinished is ended,
+    /// so that what lockstep prints next starts a line of its own.
+    pub fn finish_line(&mut self) {
+        if self.shared && !self.line.is_empty() && !self.line.ends_with(b"\n") {
+            self.line.push(b'\n');
+        }
+        self.flush_now();
+    }
+
     /// Writes out what is buffered, even without a full line.
     pub fn flush_now(&mut self) {
         if !self.line.is_empty() {
@@ -162,8 +174,51 @@ impl SerialDevice {
         self.uart.state()
     }
 
-    /// Writes out the console's buffered output.
+    /// Writes out the console's buffered output (ending an unfinished line on stdout).
     pub fn flush(&mut self) {
-        self.uart.writer_mut().flush_now();
+        self.uart.writer_mut().finish_line();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Shared(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Shared {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn writer(shared: bool) -> (ConsoleWriter, Shared) {
+        let out = Shared::default();
+        let w = ConsoleWriter {
+            out: Box::new(out.clone()),
+            line: Vec::new(),
+            shared,
+        };
+        (w, out)
+    }
+
+    #[test]
+    fn an_unfinished_line_on_stdout_is_ended_before_lockstep_prints() {
+        let (mut w, out) = writer(true);
+        w.write_all(b"done\ndirty: ms=3000 pages").unwrap();
+        assert_eq!(*out.0.lock().unwrap(), b"done\n");
+        w.finish_line();
+        assert_eq!(*out.0.lock().unwrap(), b"done\ndirty: ms=3000 pages\n");
+        // A file gets the guest's bytes as they are.
+        let (mut f, out) = writer(false);
+        f.write_all(b"partial").unwrap();
+        f.finish_line();
+        assert_eq!(*out.0.lock().unwrap(), b"partial");
     }
 }
