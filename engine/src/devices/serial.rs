@@ -60,6 +60,7 @@ impl Console {
             out,
             line: Vec::with_capacity(256),
             shared: matches!(self, Console::Stdout),
+            mid_line: false,
         })
     }
 }
@@ -85,23 +86,28 @@ pub struct ConsoleWriter {
     line: Vec<u8>,
     /// Stdout, which lockstep's own lines (`final epoch=...`) share.
     shared: bool,
+    /// What was written out last did not end a line.
+    mid_line: bool,
 }
 
 impl ConsoleWriter {
     /// Writes out what is buffered; on stdout, a line the guest left unfinished is ended,
     /// so that what lockstep prints next starts a line of its own.
     pub fn finish_line(&mut self) {
-        if self.shared && !self.line.is_empty() && !self.line.ends_with(b"\n") {
-            self.line.push(b'\n');
-        }
         self.flush_now();
+        if self.shared && self.mid_line {
+            let _ = self.out.write_all(b"\n");
+            let _ = self.out.flush();
+            self.mid_line = false;
+        }
     }
 
     /// Writes out what is buffered, even without a full line.
     pub fn flush_now(&mut self) {
-        if !self.line.is_empty() {
+        if let Some(&last) = self.line.last() {
             // The console is best effort: a closed stdout must not stop the guest.
             let _ = self.out.write_all(&self.line);
+            self.mid_line = last != b'\n';
             self.line.clear();
         }
         let _ = self.out.flush();
@@ -204,17 +210,32 @@ mod tests {
             out: Box::new(out.clone()),
             line: Vec::new(),
             shared,
+            mid_line: false,
         };
         (w, out)
     }
 
     #[test]
     fn an_unfinished_line_on_stdout_is_ended_before_lockstep_prints() {
-        let (mut w, out) = writer(true);
-        w.write_all(b"done\ndirty: ms=3000 pages").unwrap();
-        assert_eq!(*out.0.lock().unwrap(), b"done\n");
-        w.finish_line();
-        assert_eq!(*out.0.lock().unwrap(), b"done\ndirty: ms=3000 pages\n");
+        // Byte by byte, as the UART writes, and all at once.
+        for chunks in [
+            &[&b"done\ndirty: ms=3000 pages"[..]][..],
+            &[&b"d"[..], &b"\n"[..], &b"x"[..]][..],
+        ] {
+            let (mut w, out) = writer(true);
+            for c in chunks {
+                w.write_all(c).unwrap();
+            }
+            w.finish_line();
+            let text = out.0.lock().unwrap().clone();
+            assert!(text.ends_with(b"pages\n") || text == b"d\nx\n", "{text:?}");
+            w.finish_line();
+            assert_eq!(
+                *out.0.lock().unwrap(),
+                text,
+                "a finished line is not ended twice"
+            );
+        }
         // A file gets the guest's bytes as they are.
         let (mut f, out) = writer(false);
         f.write_all(b"partial").unwrap();
