@@ -9,6 +9,7 @@ use checkpoint::PAGE_SIZE;
 
 use super::backup::{BackupError, BackupOptions, Committed, Outcome};
 use super::fence::{fence_until_done, FenceConfig, FenceError};
+use super::status::{self, GuestState, Protection, Role};
 use super::stop_requested;
 use crate::devices::serial::Console;
 use crate::devices::NetConfig;
@@ -35,7 +36,15 @@ pub fn take_over(
 ) -> Result<Option<Machine>, BackupError> {
     match outcome {
         Outcome::Ended(c) if opts.run_after_end => {
-            resume(c, &opts.console, opts.net.as_ref()).map(Some)
+            let epoch = c.epoch;
+            let machine = resume(c, &opts.console, opts.net.as_ref())?;
+            status::role_change(
+                Role::Standalone,
+                Protection::Unprotected,
+                GuestState::Running,
+                format!("the primary ended replication at epoch {epoch}; resumed here"),
+            );
+            Ok(Some(machine))
         }
         Outcome::Ended(_) => Ok(None),
         Outcome::PrimaryLost { why, committed } => {
@@ -105,6 +114,12 @@ pub fn fail_over(
     fence_until_done(fence, "the old primary")?;
     let epoch = committed.epoch;
     let machine = promote(committed, console, net)?;
+    status::role_change(
+        Role::Promoted,
+        Protection::Unprotected,
+        GuestState::Running,
+        format!("primary lost; promoted from committed epoch {epoch}"),
+    );
     info!(
         "PROMOTED: guest running from committed epoch {epoch}, {} ms after the primary was declared lost",
         lost.elapsed().as_millis()
