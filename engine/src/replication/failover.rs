@@ -54,15 +54,22 @@ pub fn take_over(
                     committed: committed.epoch,
                 });
             };
-            fail_over(
+            let epoch = committed.epoch;
+            let machine = fail_over(
                 committed,
                 why.is_silent(),
                 fence,
                 fence_delay,
                 &opts.console,
                 opts.net.as_ref(),
-            )
-            .map(Some)
+            )?;
+            status::role_change(
+                Role::Promoted,
+                Protection::Unprotected,
+                GuestState::Running,
+                format!("primary lost ({why}); promoted from committed epoch {epoch}"),
+            );
+            Ok(Some(machine))
         }
     }
 }
@@ -114,12 +121,6 @@ pub fn fail_over(
     fence_until_done(fence, "the old primary")?;
     let epoch = committed.epoch;
     let machine = promote(committed, console, net)?;
-    status::role_change(
-        Role::Promoted,
-        Protection::Unprotected,
-        GuestState::Running,
-        format!("primary lost; promoted from committed epoch {epoch}"),
-    );
     info!(
         "PROMOTED: guest running from committed epoch {epoch}, {} ms after the primary was declared lost",
         lost.elapsed().as_millis()
