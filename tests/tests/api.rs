@@ -208,12 +208,16 @@ fn a_stale_socket_is_replaced_and_stop_ends_a_run() {
             path(&sock),
         ],
     );
+    // The stale file is there before the run replaces it: ask until the run answers.
     let deadline = Instant::now() + Duration::from_secs(20);
     let s = loop {
-        let s = status(&sock);
-        if s["guest"] == "running" || Instant::now() >= deadline {
-            break s;
+        let run = lockstep(&["ctl", "--api-sock", path(&sock), "status", "--json"]);
+        if let Ok(s) = serde_json::from_str::<Value>(run.stdout.trim()) {
+            if s["guest"] == "running" {
+                break s;
+            }
         }
+        assert!(Instant::now() < deadline, "no running guest: {run:?}");
         std::thread::sleep(Duration::from_millis(100));
     };
     assert_eq!(s["role"], "standalone", "{s}");
@@ -224,4 +228,62 @@ fn a_stale_socket_is_replaced_and_stop_ends_a_run() {
     let end = run.wait_for(Duration::from_secs(20)).expect("the run ends");
     assert!(end.success(), "{}", run.log());
     assert!(!sock.exists(), "socket removed at the end");
+}
+
+#[test]
+fn a_promoted_backup_and_a_primary_holding_output_say_so() {
+    if !kvm_required() {
+        return;
+    }
+    let _one = one_at_a_time();
+    use tests::pair::{fence_args, wait_log, Pair};
+    // The primary without a fence agent: when its backup is lost, its output stays held.
+    let mut p = Pair::start("lsapi", false, |dir| {
+        let mut backup = fence_args(dir, "primary");
+        backup.extend(["--api-sock".into(), dir.arg("backup.sock")]);
+        (backup, vec!["--api-sock".into(), dir.arg("primary.sock")])
+    });
+    let (psock, bsock) = (p.dir.join("primary.sock"), p.dir.join("backup.sock"));
+    assert_eq!(status(&psock)["protection"], "protected");
+
+    // The backup stalls: the primary holds its output and says why.
+    p.backup.signal(libc::SIGSTOP);
+    wait_log(
+        &p.dir.join("primary.err"),
+        "output stays HELD",
+        Duration::from_secs(15),
+    );
+    let s = status(&psock);
+    assert_eq!(s["protection"], "unprotected-held", "{s}");
+    assert!(
+        s["last_role_change"]
+            .as_str()
+            .unwrap()
+            .contains("backup lost"),
+        "{s}"
+    );
+    p.backup.signal(libc::SIGCONT);
+
+    // The primary dies: the backup fences it (its pid file is gone) and promotes.
+    p.primary.kill9();
+    wait_log(
+        &p.dir.join("backup.err"),
+        "PROMOTED",
+        Duration::from_secs(20),
+    );
+    let s = status(&bsock);
+    assert_eq!(s["role"], "promoted", "{s}");
+    assert_eq!(s["guest"], "running", "{s}");
+    assert_eq!(s["protection"], "unprotected", "{s}");
+    assert!(
+        s["last_role_change"].as_str().unwrap().contains("promoted"),
+        "{s}"
+    );
+    lockstep(&["ctl", "--api-sock", path(&bsock), "stop"]).assert_success();
+    let end = p
+        .backup
+        .wait_for(Duration::from_secs(20))
+        .expect("the promoted backup ends");
+    assert!(end.success(), "{}", p.backup.log());
+    assert!(!bsock.exists(), "socket removed at the end");
 }
