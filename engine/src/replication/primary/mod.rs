@@ -266,6 +266,11 @@ struct Primary {
 /// Runs `lockstep primary` to the end; returns the guest's exit status.
 pub fn run(guest: BootConfig, opts: PrimaryOptions) -> Result<u8, PrimaryError> {
     install_stop_handler();
+    status::update(|s| {
+        s.role = Role::Primary;
+        s.name = opts.name.clone();
+        s.protection = Protection::Unprotected;
+    });
     let machine = Machine::boot(&guest.machine, &guest.image, &guest.guest_args)?;
     let mut conn = connect(&opts.peer, opts.connect_timeout)?;
     let mem_size = ram_size(machine.memory());
@@ -297,8 +302,6 @@ pub fn run(guest: BootConfig, opts: PrimaryOptions) -> Result<u8, PrimaryError> 
     }
     status::watch_output(output.clone());
     status::update(|s| {
-        s.role = Role::Primary;
-        s.name = opts.name.clone();
         s.guest = GuestState::Running;
         s.protection = Protection::Syncing;
     });
