@@ -19,11 +19,14 @@ use engine::replication::backup::{self, BackupError, BackupOptions};
 use engine::replication::failover::{self, DEFAULT_FENCE_DELAY};
 use engine::replication::fence::{parse_fence_arg, FenceAgent, FenceConfig};
 use engine::replication::primary::{self, OnBackupLoss, PrimaryError, PrimaryOptions};
+use engine::replication::status::{self, GuestState, Protection, Role};
 use engine::replication::{DEFAULT_HEARTBEAT_TIMEOUT, DEFAULT_NAME};
 use engine::size::{parse_size, SizeError};
 use engine::snapshot::{self, SnapshotError};
 use engine::vstate::vcpu::VcpuEvent;
 use engine::{info, log};
+
+use crate::api::{self, ApiError, ApiServer};
 
 /// Fencing, as every role's help ends.
 const FENCING_NOTES: &str = "\
@@ -94,6 +97,30 @@ enum Command {
         about = "a protected kv guest in a namespace of its own, a client, the primary SIGKILLed, failover"
     )]
     Demo(DemoArgs),
+    #[command(
+        help_template = command_help!("ctl"),
+        about = "ask a running lockstep on its control socket: status, or stop it",
+        after_help = CTL_NOTES
+    )]
+    Ctl(CtlArgs),
+}
+
+const CTL_NOTES: &str = "\
+status: GET /status (role, guest, protection, epochs, pause and commit p50/p99 in us, held
+output frames, the last role change); stop: POST /stop, the same clean end as SIGTERM.
+The endpoints and JSON fields are described in README.md, \"Control socket\".";
+
+#[derive(Debug, Args)]
+struct CtlArgs {
+    /// the control socket of the process (its --api-sock; required)
+    #[arg(long, value_name = "PATH")]
+    api_sock: Option<PathBuf>,
+    /// print the answer's JSON as it came
+    #[arg(long)]
+    json: bool,
+    /// status or stop
+    #[arg(value_name = "status|stop")]
+    action: Option<String>,
 }
 
 /// Where the guest's serial output goes, and its network device: every command that runs
@@ -137,6 +164,9 @@ struct RunArgs {
     /// ... into DIR (restore it with `lockstep restore DIR`)
     #[arg(long, value_name = "DIR")]
     snapshot_to: Option<PathBuf>,
+    /// serve the control socket here: HTTP/1.1 + JSON, GET /status, POST /stop
+    #[arg(long, value_name = "PATH")]
+    api_sock: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -207,6 +237,9 @@ struct PrimaryArgs {
     /// write this process's pid (for a single-host fence agent)
     #[arg(long, value_name = "PATH")]
     pid_file: Option<PathBuf>,
+    /// serve the control socket here: HTTP/1.1 + JSON, GET /status, POST /stop
+    #[arg(long, value_name = "PATH")]
+    api_sock: Option<PathBuf>,
     /// harvest dirty pages from a KVM dirty ring, not the bitmap
     #[arg(long, value_name = "ENTRIES")]
     dirty_ring: Option<u32>,
@@ -242,6 +275,9 @@ struct BackupArgs {
     /// write this process's pid (for the primary's fence agent)
     #[arg(long, value_name = "PATH")]
     pid_file: Option<PathBuf>,
+    /// serve the control socket here: HTTP/1.1 + JSON, GET /status, POST /stop
+    #[arg(long, value_name = "PATH")]
+    api_sock: Option<PathBuf>,
     /// wait this long before fencing a primary that went silent: its head start to fence
     /// this backup (default 1000)
     #[arg(long, value_name = "MS")]
@@ -299,6 +335,10 @@ pub enum CliError {
     Backup(#[from] BackupError),
     #[error(transparent)]
     PidFile(#[from] PidFileError),
+    #[error(transparent)]
+    Api(#[from] ApiError),
+    #[error("{0}")]
+    Ctl(String),
 }
 
 impl CliError {
@@ -326,6 +366,7 @@ pub fn main() -> ExitCode {
         Command::Primary(a) => cmd_primary(*a),
         Command::Backup(a) => cmd_backup(*a),
         Command::Demo(a) => super::demo::run(a),
+        Command::Ctl(a) => cmd_ctl(a),
     };
     match result {
         Ok(code) => code,
@@ -487,8 +528,51 @@ fn cmd_run(a: RunArgs) -> Result<ExitCode, CliError> {
         (None, None) => None,
         _ => return Err(usage("--snapshot-after-ms and --snapshot-to go together")),
     };
+    let _api = api_option(a.api_sock.as_deref())?;
     let mut machine = Machine::boot(&g.machine, &g.image, &g.guest_args)?;
+    status::update(|s| {
+        s.role = Role::Standalone;
+        s.guest = GuestState::Running;
+        s.protection = Protection::Unprotected;
+    });
     drive(&mut machine, snapshot)
+}
+
+/// `--api-sock PATH`: served from now on, the socket file removed at an orderly end.
+fn api_option(path: Option<&std::path::Path>) -> Result<Option<ApiServer>, CliError> {
+    Ok(path.map(ApiServer::start).transpose()?)
+}
+
+/// `lockstep ctl --api-sock PATH status|stop [--json]`.
+fn cmd_ctl(a: CtlArgs) -> Result<ExitCode, CliError> {
+    let sock = a
+        .api_sock
+        .ok_or_else(|| usage("--api-sock PATH is required"))?;
+    let (method, path) = match a.action.as_deref() {
+        Some("status") => ("GET", "/status"),
+        Some("stop") => ("POST", "/stop"),
+        Some(other) => return Err(usage(format!("ctl {other}: expected status or stop"))),
+        None => {
+            return Err(usage(
+                "usage: lockstep ctl --api-sock PATH status|stop [--json]",
+            ))
+        }
+    };
+    let (code, body) = api::request(&sock, method, path).map_err(CliError::Ctl)?;
+    if !(200..300).contains(&code) {
+        let msg = body["error"].as_str().unwrap_or("no error message");
+        return Err(CliError::Ctl(format!(
+            "{method} {path}: HTTP {code}: {msg}"
+        )));
+    }
+    if a.json {
+        println!("{body}");
+    } else if path == "/status" {
+        println!("{}", api::human_status(&body));
+    } else {
+        println!("stopping: the process ends as on SIGTERM");
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn cmd_restore(a: RestoreArgs) -> Result<ExitCode, CliError> {
@@ -586,6 +670,7 @@ fn cmd_primary(a: PrimaryArgs) -> Result<ExitCode, CliError> {
         },
     };
     let _pid_file = pid_file_option(a.pid_file)?;
+    let _api = api_option(a.api_sock.as_deref())?;
     let status = primary::run(g, opts)?;
     Ok(ExitCode::from(status))
 }
@@ -635,6 +720,8 @@ fn cmd_backup(a: BackupArgs) -> Result<ExitCode, CliError> {
     }
     // Held until the process ends: a promoted backup runs the guest and is fenced by it.
     let _pid_file = pid_file_option(a.pid_file)?;
+    // Held as long as the pid file: the promoted backup serves it too.
+    let _api = api_option(a.api_sock.as_deref())?;
     let outcome = backup::run(opts.clone())?;
     match failover::take_over(outcome, &opts, fence.as_ref(), fence_delay)? {
         Some(mut machine) => drive(&mut machine, None),
@@ -754,6 +841,7 @@ fn drive(
         // SIGTERM/SIGINT with the guest stopped; `run` and `restore` keep the default.
         if engine::replication::stop_requested() {
             machine.pause()?;
+            status::update(|s| s.guest = GuestState::Paused);
             machine.flush_console();
             info!("stopped by signal");
             return Ok(ExitCode::SUCCESS);
@@ -761,6 +849,7 @@ fn drive(
         match machine.wait_event(timeout.min(Duration::from_millis(100))) {
             Some(VcpuEvent::GuestExit { status, .. }) => {
                 machine.pause()?;
+                status::update(|s| s.guest = GuestState::Exited);
                 machine.flush_console();
                 return Ok(ExitCode::from(u8::try_from(status).unwrap_or(u8::MAX)));
             }

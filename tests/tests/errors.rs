@@ -289,7 +289,10 @@ fn restore_without_a_dir() {
 #[test]
 fn every_subcommand_answers_help_with_its_options() {
     for (cmd, options) in [
-        ("run", &["--guest", "--mem", "--snapshot-to"][..]),
+        (
+            "run",
+            &["--guest", "--mem", "--snapshot-to", "--api-sock"][..],
+        ),
         ("restore", &["--console", "--net"][..]),
         (
             "primary",
@@ -300,13 +303,21 @@ fn every_subcommand_answers_help_with_its_options() {
                 "--fence-cmd",
                 "--peer-node",
                 "--guest",
+                "--api-sock",
             ][..],
         ),
         (
             "backup",
-            &["--listen", "--fence-delay-ms", "--fence-arg", "--pid-file"][..],
+            &[
+                "--listen",
+                "--fence-delay-ms",
+                "--fence-arg",
+                "--pid-file",
+                "--api-sock",
+            ][..],
         ),
         ("demo", &["--seconds"][..]),
+        ("ctl", &["--api-sock", "--json", "status|stop"][..]),
     ] {
         for args in [vec![cmd, "--help"], vec![cmd, "--peer", "x", "-h"]] {
             let run = tests::lockstep(&args);

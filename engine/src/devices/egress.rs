@@ -123,6 +123,11 @@ impl Egress {
         lock(&self.buffer).1
     }
 
+    /// Frames held now.
+    pub fn held_frames(&self) -> u64 {
+        lock(&self.buffer).0.len() as u64
+    }
+
     /// Hold time p50/p99 in µs and the number of frames ever held.
     pub fn hold_times(&self) -> (u64, u64, u64) {
         let g = lock(&self.buffer);

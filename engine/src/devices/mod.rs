@@ -193,6 +193,11 @@ impl OutputCommit {
         self.egress.hold_times()
     }
 
+    /// Frames held now (waiting for an ack, or for the backup to be fenced).
+    pub fn held_frames(&self) -> u64 {
+        self.egress.held_frames()
+    }
+
     /// Frames sent to the tap, and those the tap refused.
     pub fn counters(&self) -> egress::EgressCounters {
         self.egress.counters()

@@ -12,6 +12,7 @@ use rustix::event::{poll, PollFd, PollFlags, Timespec};
 use thiserror::Error;
 
 use super::fence::FenceError;
+use super::status::{self, GuestState, Protection, Role};
 use super::{guest_id, install_stop_handler, stop_requested};
 use crate::devices::serial::Console;
 use crate::devices::NetConfig;
@@ -159,6 +160,12 @@ pub struct Committed {
 /// Runs `lockstep backup`. With `--run-after-end`, returns the resumed guest's exit status.
 pub fn run(mut opts: BackupOptions) -> Result<Outcome, BackupError> {
     install_stop_handler();
+    status::update(|s| {
+        s.role = Role::Backup;
+        s.name = opts.name.clone();
+        s.guest = GuestState::Paused;
+        s.protection = Protection::Unprotected;
+    });
     let listener = TcpListener::bind(&opts.listen).map_err(|source| BackupError::Listen {
         addr: opts.listen.clone(),
         source,
@@ -197,6 +204,7 @@ pub fn run(mut opts: BackupOptions) -> Result<Outcome, BackupError> {
     }
     let memory = memory::create(mem_size)?;
     conn.send(&Message::HelloOk)?;
+    status::update(|s| s.protection = Protection::Syncing);
     info!(
         "replicating from {peer}: {} MiB, {} vCPUs",
         mem_size >> 20,
@@ -221,6 +229,12 @@ pub fn run(mut opts: BackupOptions) -> Result<Outcome, BackupError> {
         }) if epoch >= 1 => {
             staging.abort();
             warn!("ROLE CHANGE: primary lost ({why}); the backup holds committed epoch {epoch}");
+            status::role_change(
+                Role::Backup,
+                Protection::Unprotected,
+                GuestState::Paused,
+                format!("primary lost ({why}) at committed epoch {epoch}"),
+            );
             Ok(Outcome::PrimaryLost {
                 why,
                 committed: committed(&staging, memory)?,
@@ -330,6 +344,10 @@ fn replicate(
                 }
                 send(conn, &Message::Ack { epoch }, staging)?;
                 last_sent = Instant::now();
+                status::update(|s| {
+                    s.committed_epoch = Some(epoch);
+                    s.protection = Protection::Protected;
+                });
                 if epoch == 1 {
                     info!(
                         "epoch 1 committed: the backup holds a runnable copy ({} zero pages \

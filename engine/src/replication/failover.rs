@@ -9,6 +9,7 @@ use checkpoint::PAGE_SIZE;
 
 use super::backup::{BackupError, BackupOptions, Committed, Outcome};
 use super::fence::{fence_until_done, FenceConfig, FenceError};
+use super::status::{self, GuestState, Protection, Role};
 use super::stop_requested;
 use crate::devices::serial::Console;
 use crate::devices::NetConfig;
@@ -35,7 +36,15 @@ pub fn take_over(
 ) -> Result<Option<Machine>, BackupError> {
     match outcome {
         Outcome::Ended(c) if opts.run_after_end => {
-            resume(c, &opts.console, opts.net.as_ref()).map(Some)
+            let epoch = c.epoch;
+            let machine = resume(c, &opts.console, opts.net.as_ref())?;
+            status::role_change(
+                Role::Standalone,
+                Protection::Unprotected,
+                GuestState::Running,
+                format!("the primary ended replication at epoch {epoch}; resumed here"),
+            );
+            Ok(Some(machine))
         }
         Outcome::Ended(_) => Ok(None),
         Outcome::PrimaryLost { why, committed } => {
@@ -45,15 +54,22 @@ pub fn take_over(
                     committed: committed.epoch,
                 });
             };
-            fail_over(
+            let epoch = committed.epoch;
+            let machine = fail_over(
                 committed,
                 why.is_silent(),
                 fence,
                 fence_delay,
                 &opts.console,
                 opts.net.as_ref(),
-            )
-            .map(Some)
+            )?;
+            status::role_change(
+                Role::Promoted,
+                Protection::Unprotected,
+                GuestState::Running,
+                format!("primary lost ({why}); promoted from committed epoch {epoch}"),
+            );
+            Ok(Some(machine))
         }
     }
 }

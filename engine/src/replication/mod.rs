@@ -9,6 +9,7 @@ pub mod failover;
 pub mod fence;
 pub mod primary;
 pub mod stats;
+pub mod status;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -41,7 +42,12 @@ pub fn install_stop_handler() {
     }
 }
 
-/// Whether SIGTERM or SIGINT arrived.
+/// Asks for the same clean end as SIGTERM (the control socket's `POST /stop`).
+pub fn request_stop() {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+/// Whether SIGTERM or SIGINT arrived, or [`request_stop`] was called.
 pub fn stop_requested() -> bool {
     STOP.load(Ordering::SeqCst)
 }

@@ -36,8 +36,20 @@ impl Primary {
             "ROLE CHANGE: backup lost ({why}) after epoch {}; {what}",
             self.epoch
         );
+        let held = has_output && self.opts.on_backup_loss != OnBackupLoss::Continue;
+        status::role_change(
+            Role::Primary,
+            if held {
+                Protection::UnprotectedHeld
+            } else {
+                Protection::Unprotected
+            },
+            GuestState::Running,
+            format!("backup lost ({why}) after epoch {}", self.epoch),
+        );
         if self.opts.on_backup_loss == OnBackupLoss::Pause {
             self.machine.pause()?;
+            status::update(|s| s.guest = GuestState::Paused);
             while !stop_requested() {
                 std::thread::sleep(Duration::from_millis(50));
             }
@@ -74,7 +86,8 @@ impl Primary {
         loop {
             match self.machine.wait_event(Duration::from_millis(20)) {
                 Some(VcpuEvent::GuestExit { status, .. }) => {
-                    return Ok(u8::try_from(status).unwrap_or(u8::MAX))
+                    status::update(|s| s.guest = GuestState::Exited);
+                    return Ok(u8::try_from(status).unwrap_or(u8::MAX));
                 }
                 Some(VcpuEvent::Crashed { vcpu, message }) => {
                     return Err(PrimaryError::Crashed { vcpu, message })
@@ -86,6 +99,7 @@ impl Primary {
                 match result {
                     Ok(_) => {
                         release(&self.output);
+                        status::update(|s| s.protection = Protection::Unprotected);
                         warn!("the backup is fenced: output released, the guest continues UNPROTECTED");
                     }
                     Err(e) => warn!("{e}: output stays held"),

@@ -78,6 +78,7 @@ impl Primary {
         let early = self.opts.early_checkpoint && self.output.is_some();
         let _realtime = Realtime::enter();
         let mut last_stats = Instant::now();
+        let mut last_published = Instant::now();
         let mut last_start = Instant::now();
         self.next_dirty_count = Instant::now();
         loop {
@@ -106,6 +107,10 @@ impl Primary {
             if last_stats.elapsed() >= STATS_EVERY {
                 last_stats = Instant::now();
                 info!("{}", self.stats.summary());
+            }
+            if last_published.elapsed() >= STATUS_EVERY {
+                last_published = Instant::now();
+                self.publish_figures();
             }
             let now = Instant::now();
             let output_waits = early

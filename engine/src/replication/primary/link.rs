@@ -193,6 +193,7 @@ impl Primary {
             match ev {
                 AckEvent::Ack { epoch, at } => {
                     // Acks are cumulative: every epoch up to `epoch` is committed.
+                    status::update(|s| s.acked_epoch = Some(epoch));
                     let done: Vec<u64> = self
                         .pause_start
                         .keys()

@@ -49,6 +49,7 @@ use thiserror::Error;
 
 use super::fence::{fence_until_done, FenceAgent, FenceConfig};
 use super::stats::PrimaryStats;
+use super::status::{self, GuestState, Protection, Role};
 use super::{guest_id, install_stop_handler, stop_requested};
 use crate::devices::OutputCommit;
 use crate::machine::{BootConfig, Machine, MachineError};
@@ -226,6 +227,9 @@ const WAIT_SLICE: Duration = Duration::from_millis(20);
 const HEARTBEAT_EVERY: Duration = Duration::from_millis(100);
 /// The running figures go to the log this often (a SIGKILLed primary leaves them behind).
 const STATS_EVERY: Duration = Duration::from_secs(2);
+
+/// How often the pause and commit figures go to the control socket's status.
+const STATUS_EVERY: Duration = Duration::from_secs(1);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 struct Primary {
@@ -262,6 +266,11 @@ struct Primary {
 /// Runs `lockstep primary` to the end; returns the guest's exit status.
 pub fn run(guest: BootConfig, opts: PrimaryOptions) -> Result<u8, PrimaryError> {
     install_stop_handler();
+    status::update(|s| {
+        s.role = Role::Primary;
+        s.name = opts.name.clone();
+        s.protection = Protection::Unprotected;
+    });
     let machine = Machine::boot(&guest.machine, &guest.image, &guest.guest_args)?;
     let mut conn = connect(&opts.peer, opts.connect_timeout)?;
     let mem_size = ram_size(machine.memory());
@@ -291,6 +300,11 @@ pub fn run(guest: BootConfig, opts: PrimaryOptions) -> Result<u8, PrimaryError> 
     if let Some(o) = &output {
         o.protect(1);
     }
+    status::watch_output(output.clone());
+    status::update(|s| {
+        s.guest = GuestState::Running;
+        s.protection = Protection::Syncing;
+    });
     spawn_ack_reader(
         rx,
         Arc::clone(&inflight),
@@ -343,10 +357,17 @@ pub fn run(guest: BootConfig, opts: PrimaryOptions) -> Result<u8, PrimaryError> 
         dirty_full: false,
     };
     p.machine.resume()?;
-    match p.initial_sync().and_then(|()| p.epochs()) {
-        Ok(status) => {
-            p.finish()?;
-            Ok(status)
+    let ran = p.initial_sync().and_then(|()| {
+        status::update(|s| s.protection = Protection::Protected);
+        p.epochs()
+    });
+    match ran {
+        Ok(exit) => {
+            let finished = p.finish();
+            p.publish_figures();
+            status::update(|s| s.guest = GuestState::Exited);
+            finished?;
+            Ok(exit)
         }
         Err(PrimaryError::BackupLost(why)) => {
             p.heartbeats.stop();
@@ -411,6 +432,23 @@ impl Primary {
                 .opts
                 .seconds
                 .is_some_and(|s| self.started.elapsed() >= s)
+    }
+
+    /// The pause and commit percentiles to the control socket's status (outside the
+    /// pause: sorting the samples takes a while on a long run).
+    fn publish_figures(&self) {
+        let pause = (
+            self.stats.pause_us.percentile(50.0),
+            self.stats.pause_us.percentile(99.0),
+        );
+        let commit = (
+            self.stats.commit_us.percentile(50.0),
+            self.stats.commit_us.percentile(99.0),
+        );
+        status::update(|s| {
+            s.pause_us = pause;
+            s.commit_us = commit;
+        });
     }
 
     /// The link to the backup (the heartbeat thread shares it).

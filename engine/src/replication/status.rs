@@ -1,0 +1,184 @@
+//! What a lockstep process is doing, for its control socket (`GET /status`): the roles
+//! update one small shared [`StatusReport`] at their role changes, at each ack or commit,
+//! and (the primary) about once a second with its pause and commit figures. Nothing is
+//! updated inside an epoch's pause.
+
+use std::sync::Mutex;
+
+use crate::devices::OutputCommit;
+
+/// What the process is in the pair.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// `lockstep run` or `restore`: a guest without a pair.
+    Standalone,
+    /// Runs the guest and replicates it.
+    Primary,
+    /// Keeps the last committed epoch of the primary's guest.
+    Backup,
+    /// A backup that took over: it runs the guest.
+    Promoted,
+}
+
+/// Whether this process's guest runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GuestState {
+    /// vCPUs running.
+    Running,
+    /// Not running: a backup's copy, a primary that paused its guest, or the end.
+    Paused,
+    /// The guest exited.
+    Exited,
+}
+
+/// Whether the guest is protected by a backup.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protection {
+    /// Epochs are replicated and acknowledged.
+    Protected,
+    /// The initial copy is under way (no committed epoch yet).
+    Syncing,
+    /// The backup is lost and the guest's output held until it is fenced.
+    UnprotectedHeld,
+    /// No backup.
+    Unprotected,
+}
+
+impl Role {
+    /// The name in the JSON status.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Standalone => "standalone",
+            Role::Primary => "primary",
+            Role::Backup => "backup",
+            Role::Promoted => "promoted",
+        }
+    }
+}
+
+impl GuestState {
+    /// The name in the JSON status.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GuestState::Running => "running",
+            GuestState::Paused => "paused",
+            GuestState::Exited => "exited",
+        }
+    }
+}
+
+impl Protection {
+    /// The name in the JSON status.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protection::Protected => "protected",
+            Protection::Syncing => "syncing",
+            Protection::UnprotectedHeld => "unprotected-held",
+            Protection::Unprotected => "unprotected",
+        }
+    }
+}
+
+/// The process's status, as `GET /status` reports it.
+#[derive(Clone, Debug)]
+pub struct StatusReport {
+    /// The role.
+    pub role: Role,
+    /// The guest's state.
+    pub guest: GuestState,
+    /// The pair's name (empty for a standalone guest).
+    pub name: String,
+    /// The backup's last committed epoch.
+    pub committed_epoch: Option<u64>,
+    /// The last epoch the backup acknowledged to the primary.
+    pub acked_epoch: Option<u64>,
+    /// Whether the guest is protected.
+    pub protection: Protection,
+    /// Why the role or protection last changed (the ROLE CHANGE line), if it did.
+    pub last_role_change: Option<String>,
+    /// Pause per epoch p50 and p99 in µs (primary; since the start).
+    pub pause_us: (u64, u64),
+    /// Pause start to the backup's ack, p50 and p99 in µs (primary; since the start).
+    pub commit_us: (u64, u64),
+    /// Output frames held now, waiting for an ack or for fencing.
+    pub held_frames: u64,
+}
+
+struct Shared {
+    report: StatusReport,
+    output: Option<OutputCommit>,
+}
+
+static STATUS: Mutex<Shared> = Mutex::new(Shared {
+    report: StatusReport {
+        role: Role::Standalone,
+        guest: GuestState::Paused,
+        name: String::new(),
+        committed_epoch: None,
+        acked_epoch: None,
+        protection: Protection::Unprotected,
+        last_role_change: None,
+        pause_us: (0, 0),
+        commit_us: (0, 0),
+        held_frames: 0,
+    },
+    output: None,
+});
+
+fn shared() -> std::sync::MutexGuard<'static, Shared> {
+    STATUS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Changes the shared status.
+pub fn update(f: impl FnOnce(&mut StatusReport)) {
+    f(&mut shared().report);
+}
+
+/// The output whose held frames the status counts (the primary's network device).
+pub fn watch_output(output: Option<OutputCommit>) {
+    shared().output = output;
+}
+
+/// A role change: the new role, protection and guest state, and why.
+pub fn role_change(role: Role, protection: Protection, guest: GuestState, why: String) {
+    update(|s| {
+        s.role = role;
+        s.protection = protection;
+        s.guest = guest;
+        s.last_role_change = Some(why);
+    });
+}
+
+/// The status now.
+pub fn report() -> StatusReport {
+    let g = shared();
+    let mut r = g.report.clone();
+    if let Some(o) = &g.output {
+        r.held_frames = o.held_frames();
+    }
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn updates_are_seen_by_report() {
+        update(|s| {
+            s.role = Role::Primary;
+            s.acked_epoch = Some(7);
+        });
+        role_change(
+            Role::Primary,
+            Protection::UnprotectedHeld,
+            GuestState::Running,
+            "backup lost".into(),
+        );
+        let r = report();
+        assert_eq!(r.role.as_str(), "primary");
+        assert_eq!(r.acked_epoch, Some(7));
+        assert_eq!(r.protection.as_str(), "unprotected-held");
+        assert_eq!(r.last_role_change.as_deref(), Some("backup lost"));
+    }
+}

@@ -1,0 +1,289 @@
+//! The control socket (`--api-sock`) and `lockstep ctl`, on real processes: a protected
+//! pair answers `status` on both sides with epochs that advance, `POST /stop` on the
+//! primary ends the pair cleanly (equal final digests), and bad input gets an HTTP status
+//! with a JSON error.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tests::{kvm_required, lockstep, lockstep_bin, one_at_a_time, Proc, TempDir};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+fn spawn(dir: &TempDir, name: &str, args: &[&str]) -> Proc {
+    let mut cmd = Command::new(lockstep_bin());
+    cmd.args(args);
+    Proc::spawn(
+        cmd,
+        dir.join(&format!("{name}.out")),
+        dir.join(&format!("{name}.err")),
+    )
+    .expect("start lockstep")
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().expect("UTF-8 path")
+}
+
+/// `lockstep ctl --api-sock SOCK status --json`, parsed.
+fn status(sock: &Path) -> Value {
+    let run = lockstep(&["ctl", "--api-sock", path(sock), "status", "--json"]);
+    run.assert_success();
+    serde_json::from_str(run.stdout.trim()).unwrap_or_else(|e| panic!("{e}: {run:?}"))
+}
+
+/// Waits until the socket answers a status whose `key` is a number; returns it.
+fn wait_number(sock: &Path, key: &str, limit: Duration) -> u64 {
+    let deadline = Instant::now() + limit;
+    loop {
+        if sock.exists() {
+            if let Some(n) = status(sock)[key].as_u64() {
+                return n;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {key} on {sock:?} in {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// One raw HTTP request on the socket: the status code and the JSON body.
+fn raw(sock: &Path, request: &str) -> (u16, Value) {
+    let mut s = UnixStream::connect(sock).expect("connect to the control socket");
+    s.write_all(request.as_bytes()).expect("send");
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).expect("read");
+    let code = answer
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status line: {answer}"));
+    let (head, body) = answer.split_once("\r\n\r\n").expect("head and body");
+    assert!(head.contains("application/json"), "{head}");
+    (
+        code,
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}")),
+    )
+}
+
+fn final_line(out: &str) -> &str {
+    out.lines()
+        .find(|l| l.starts_with("final epoch="))
+        .unwrap_or_else(|| panic!("no final epoch line in:\n{out}"))
+}
+
+#[test]
+fn a_pair_reports_its_status_and_stops_on_request() {
+    if !kvm_required() {
+        return;
+    }
+    let _one = one_at_a_time();
+    let dir = TempDir::new("api-pair");
+    let (psock, bsock) = (dir.join("primary.sock"), dir.join("backup.sock"));
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut backup = spawn(
+        &dir,
+        "backup",
+        &["backup", "--listen", &listen, "--api-sock", path(&bsock)],
+    );
+    let mut primary = spawn(
+        &dir,
+        "primary",
+        &[
+            "primary",
+            "--peer",
+            &listen,
+            "--api-sock",
+            path(&psock),
+            "--guest",
+            "builtin",
+            "--guest-args",
+            "workload=dirty pages_per_ms=20 wss=8M seconds=600",
+            "--mem",
+            "64M",
+            "--console",
+            "none",
+        ],
+    );
+    let limit = Duration::from_secs(30);
+    let acked = wait_number(&psock, "acked_epoch", limit);
+    let committed = wait_number(&bsock, "committed_epoch", limit);
+    std::thread::sleep(Duration::from_millis(500));
+    let (p, b) = (status(&psock), status(&bsock));
+    assert_eq!(p["role"], "primary", "{p}");
+    assert_eq!(p["guest"], "running", "{p}");
+    assert_eq!(p["protection"], "protected", "{p}");
+    assert_eq!(p["name"], "lockstep", "{p}");
+    assert!(p["acked_epoch"].as_u64().unwrap() > acked, "{p}");
+    assert!(p["pause_p99_us"].as_u64().is_some(), "{p}");
+    assert_eq!(b["role"], "backup", "{b}");
+    assert_eq!(b["protection"], "protected", "{b}");
+    assert!(b["committed_epoch"].as_u64().unwrap() > committed, "{b}");
+
+    // The human summary names the role.
+    let human = lockstep(&["ctl", "--api-sock", path(&psock), "status"]);
+    human.assert_success();
+    assert!(human.stdout.contains("role:        primary"), "{human:?}");
+
+    // Bad input: an HTTP status and a JSON error; nothing changes.
+    for (request, code) in [
+        ("GET /nope HTTP/1.1\r\nHost: x\r\n\r\n", 404),
+        ("DELETE /status HTTP/1.1\r\nHost: x\r\n\r\n", 405),
+        ("GET /stop HTTP/1.1\r\nHost: x\r\n\r\n", 405),
+        (
+            "POST /stop HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n{bad!",
+            400,
+        ),
+        ("NOT HTTP AT ALL\r\n\r\n", 400),
+    ] {
+        let (got, body) = raw(&psock, request);
+        assert_eq!(got, code, "{request:?}: {body}");
+        assert!(body["error"].is_string(), "{request:?}: {body}");
+    }
+    assert_eq!(status(&psock)["guest"], "running");
+
+    // A second server on the same socket is refused with one line.
+    lockstep(&["run", "--guest", "builtin", "--api-sock", path(&psock)])
+        .assert_one_line_error(&["--api-sock", "in use"]);
+
+    // POST /stop: the same clean end as SIGTERM.
+    let (code, body) = raw(&psock, "POST /stop HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(code, 200, "{body}");
+    let p_end = primary.wait_for(limit).expect("the primary ends");
+    let b_end = backup.wait_for(limit).expect("the backup ends");
+    assert!(p_end.success(), "{}", primary.log());
+    assert!(b_end.success(), "{}", backup.log());
+    assert_eq!(final_line(&primary.out()), final_line(&backup.out()));
+    assert!(
+        !psock.exists() && !bsock.exists(),
+        "sockets removed at the end"
+    );
+}
+
+#[test]
+fn ctl_without_a_server_is_a_one_line_error() {
+    let dir = TempDir::new("api-none");
+    let sock = dir.join("nothing.sock");
+    lockstep(&["ctl", "--api-sock", path(&sock), "status"])
+        .assert_one_line_error(&["cannot connect", "nothing.sock"]);
+    lockstep(&["ctl", "--api-sock", path(&sock), "reboot"]).assert_one_line_error(&["reboot"]);
+}
+
+#[test]
+fn a_stale_socket_is_replaced_and_stop_ends_a_run() {
+    if !kvm_required() {
+        return;
+    }
+    let _one = one_at_a_time();
+    let dir = TempDir::new("api-run");
+    let sock = dir.join("run.sock");
+    // A socket file nobody listens on, as a killed process leaves it.
+    drop(std::os::unix::net::UnixListener::bind(&sock).expect("bind"));
+    assert!(sock.exists());
+    let mut run = spawn(
+        &dir,
+        "run",
+        &[
+            "run",
+            "--guest",
+            "builtin",
+            "--guest-args",
+            "workload=dirty pages_per_ms=1 wss=1M seconds=600",
+            "--mem",
+            "16M",
+            "--console",
+            "none",
+            "--api-sock",
+            path(&sock),
+        ],
+    );
+    // The stale file is there before the run replaces it: ask until the run answers.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let s = loop {
+        let run = lockstep(&["ctl", "--api-sock", path(&sock), "status", "--json"]);
+        if let Ok(s) = serde_json::from_str::<Value>(run.stdout.trim()) {
+            if s["guest"] == "running" {
+                break s;
+            }
+        }
+        assert!(Instant::now() < deadline, "no running guest: {run:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(s["role"], "standalone", "{s}");
+    assert_eq!(s["guest"], "running", "{s}");
+    assert_eq!(s["protection"], "unprotected", "{s}");
+    let stop = lockstep(&["ctl", "--api-sock", path(&sock), "stop"]);
+    stop.assert_success();
+    let end = run.wait_for(Duration::from_secs(20)).expect("the run ends");
+    assert!(end.success(), "{}", run.log());
+    assert!(!sock.exists(), "socket removed at the end");
+}
+
+#[test]
+fn a_promoted_backup_and_a_primary_holding_output_say_so() {
+    if !kvm_required() {
+        return;
+    }
+    let _one = one_at_a_time();
+    use tests::pair::{fence_args, wait_log, Pair};
+    // The primary without a fence agent: when its backup is lost, its output stays held.
+    let mut p = Pair::start("lsapi", false, |dir| {
+        let mut backup = fence_args(dir, "primary");
+        backup.extend(["--api-sock".into(), dir.arg("backup.sock")]);
+        (backup, vec!["--api-sock".into(), dir.arg("primary.sock")])
+    });
+    let (psock, bsock) = (p.dir.join("primary.sock"), p.dir.join("backup.sock"));
+    assert_eq!(status(&psock)["protection"], "protected");
+
+    // The backup stalls: the primary holds its output and says why.
+    p.backup.signal(libc::SIGSTOP);
+    wait_log(
+        &p.dir.join("primary.err"),
+        "output stays HELD",
+        Duration::from_secs(15),
+    );
+    let s = status(&psock);
+    assert_eq!(s["protection"], "unprotected-held", "{s}");
+    assert!(
+        s["last_role_change"]
+            .as_str()
+            .unwrap()
+            .contains("backup lost"),
+        "{s}"
+    );
+    p.backup.signal(libc::SIGCONT);
+
+    // The primary dies: the backup fences it (its pid file is gone) and promotes.
+    p.primary.kill9();
+    wait_log(
+        &p.dir.join("backup.err"),
+        "PROMOTED",
+        Duration::from_secs(20),
+    );
+    let s = status(&bsock);
+    assert_eq!(s["role"], "promoted", "{s}");
+    assert_eq!(s["guest"], "running", "{s}");
+    assert_eq!(s["protection"], "unprotected", "{s}");
+    assert!(
+        s["last_role_change"].as_str().unwrap().contains("promoted"),
+        "{s}"
+    );
+    lockstep(&["ctl", "--api-sock", path(&bsock), "stop"]).assert_success();
+    let end = p
+        .backup
+        .wait_for(Duration::from_secs(20))
+        .expect("the promoted backup ends");
+    assert!(end.success(), "{}", p.backup.log());
+    assert!(!bsock.exists(), "socket removed at the end");
+}
