@@ -599,11 +599,22 @@ struct Backup {
     after2: Vec<u8>,
 }
 
+/// Staging as the backup makes it (`zeroed`: fresh memory known to be zero) or without
+/// that knowledge.
+fn staging(mem: &Mem, zeroed: bool) -> Staging {
+    let s = Staging::new(mem, 1 << 16);
+    if zeroed {
+        s.with_zeroed_memory(mem)
+    } else {
+        s
+    }
+}
+
 /// A backup after pre-copy and epoch 1, and the frames of a good epoch 2 (plus a pre-copy
 /// batch, which must now be refused).
-fn committed_once() -> (Backup, Vec<Vec<u8>>) {
+fn committed_once(zeroed: bool) -> (Backup, Vec<Vec<u8>>) {
     let mem = memory();
-    let mut staging = Staging::new(&mem, 1 << 16);
+    let mut staging = staging(&mem, zeroed);
     let mut sync = PagesFrameBuilder::sync(1 << 20);
     for pfn in 0..PAGES {
         let p = test_page(pfn as u8);
@@ -638,8 +649,7 @@ fn committed_once() -> (Backup, Vec<Vec<u8>>) {
     );
     // What epoch 2 leaves in memory, found by applying it to a copy.
     let copy = memory();
-    copy.write_slice(&after1, GuestAddress(0)).unwrap();
-    let mut s2 = Staging::new(&copy, 1 << 16);
+    let mut s2 = self::staging(&copy, zeroed);
     // The copy's staging must be at epoch 1 as well: replay the same history.
     s2.handle(&copy, Message::decode(&sync).unwrap().0).unwrap();
     for f in &e1 {
@@ -760,9 +770,10 @@ proptest! {
     /// genuine epoch 2.
     #[test]
     fn staging_message_sequences(
-        seq in prop::collection::vec(input(committed_once().1), 1..16)
+        seq in prop::collection::vec(input(committed_once(true).1), 1..16),
+        zeroed in any::<bool>(),
     ) {
-        let (mut b, seeds) = committed_once();
+        let (mut b, seeds) = committed_once(zeroed);
         for i in &seq {
             let Some(msg) = message_of(i, &seeds) else { continue };
             let before = (b.staging.committed_epoch(), b.staging.committed_state().clone());
@@ -792,10 +803,67 @@ proptest! {
     }
 }
 
+/// The frames a fresh backup sees first: a pre-copy batch, then a good epoch 1.
+fn first_frames() -> Vec<Vec<u8>> {
+    let mut sync = PagesFrameBuilder::sync(1 << 20);
+    for pfn in 0..PAGES {
+        let p = if pfn % 3 == 0 {
+            [0; PAGE_SIZE]
+        } else {
+            test_page(pfn as u8)
+        };
+        sync.push(pfn, |out| encode_page(&p, None, out));
+    }
+    let mut seeds = vec![sync.finish_sync(1, 2).to_vec()];
+    let mut p3 = test_page(3);
+    p3[7] ^= 0x40;
+    // Deltas against the pre-copied contents (as the primary's cache would make them).
+    let pre = memory();
+    for pfn in 0..PAGES {
+        let p = if pfn % 3 == 0 {
+            [0; PAGE_SIZE]
+        } else {
+            test_page(pfn as u8)
+        };
+        pre.write_slice(&p, GuestAddress(pfn * PAGE_SIZE as u64))
+            .unwrap();
+    }
+    let e1 = epoch_frames(1, &[(3, p3), (6, test_page(1))], b"state-1", &pre);
+    seeds.extend(e1.iter().map(|b| b.to_vec()));
+    seeds
+}
+
+proptest! {
+    #![proptest_config(config(512))]
+
+    /// A fresh backup (pre-copy allowed) fed damaged pre-copy batches and epochs: never a
+    /// panic, errors that say something, and nothing but epoch 1 ever commits.
+    #[test]
+    fn staging_from_scratch(
+        seq in prop::collection::vec(input(first_frames()), 1..16),
+        zeroed in any::<bool>(),
+    ) {
+        let seeds = first_frames();
+        let mem = memory();
+        let mut s = staging(&mem, zeroed);
+        for i in &seq {
+            let Some(msg) = message_of(i, &seeds) else { continue };
+            let (r, largest) = measured(|| s.handle(&mem, msg));
+            prop_assert!(largest <= 512 * 1024, "staging allocated {largest} bytes at once");
+            match r {
+                Ok(Step::Committed { epoch }) => prop_assert_eq!(epoch, 1),
+                Ok(_) => {}
+                Err(e) => prop_assert!(!e.to_string().is_empty()),
+            }
+            prop_assert!(s.committed_epoch() <= 1);
+        }
+    }
+}
+
 /// The seeds alone, in order, commit epoch 2 (the corpus is valid).
 #[test]
 fn staging_seed_epoch_commits() {
-    let (mut b, seeds) = committed_once();
+    let (mut b, seeds) = committed_once(true);
     let mut last = Step::Continue;
     for f in &seeds[..seeds.len() - 3] {
         last = b
@@ -830,4 +898,20 @@ fn corpus_files_are_refused() {
         n += 1;
     }
     assert!(n >= 3);
+}
+
+/// The fresh backup's seeds, in order, commit epoch 1 (that corpus is valid too).
+#[test]
+fn staging_first_frames_commit() {
+    for zeroed in [false, true] {
+        let mem = memory();
+        let mut s = staging(&mem, zeroed);
+        let mut last = Step::Continue;
+        for f in first_frames() {
+            last = s
+                .handle(&mem, Message::decode(&Bytes::from(f)).unwrap().0)
+                .unwrap();
+        }
+        assert_eq!(last, Step::Committed { epoch: 1 });
+    }
 }
