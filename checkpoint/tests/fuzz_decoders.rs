@@ -915,3 +915,55 @@ fn staging_first_frames_commit() {
         assert_eq!(last, Step::Committed { epoch: 1 });
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// The transport: a byte stream from a peer, read frame by frame off a real socket.
+
+proptest! {
+    #![proptest_config(config(48))]
+
+    /// Frames (good and damaged) back to back on a TCP connection, cut anywhere: the
+    /// receiver yields exactly what decoding the same bytes in one piece yields, then an
+    /// error; its buffers stay within the largest legal frame.
+    #[test]
+    fn transport_recv_stream(
+        frames in prop::collection::vec(damaged(frame_corpus(), 64), 1..8),
+    ) {
+        use std::io::Write as _;
+        use std::net::{TcpListener, TcpStream};
+        use std::time::Duration;
+        use checkpoint::transport::Connection;
+
+        let stream: Vec<u8> = frames.concat();
+        // What one-shot decoding makes of the stream.
+        let mut expected = Vec::new();
+        let mut rest = Bytes::from(stream.clone());
+        while let Ok((m, used)) = Message::decode(&rest) {
+            expected.push(m);
+            let _ = rest.split_to(used);
+        }
+
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let writer = std::thread::spawn(move || {
+            let mut s = TcpStream::connect(addr).unwrap();
+            let _ = s.write_all(&stream);
+        });
+        let (sock, _) = listener.accept().unwrap();
+        let mut conn = Connection::from_stream(sock).unwrap();
+        let mut got = Vec::new();
+        let (err, largest) = measured(|| loop {
+            match conn.recv(Some(Duration::from_secs(10))) {
+                Ok(m) => got.push(m),
+                Err(e) => break e,
+            }
+        });
+        writer.join().unwrap();
+        prop_assert_eq!(&got, &expected);
+        prop_assert!(!err.to_string().is_empty());
+        prop_assert!(
+            largest <= 2 * (MAX_PAYLOAD_LEN + HEADER_LEN),
+            "the receiver allocated {largest} bytes at once"
+        );
+    }
+}
