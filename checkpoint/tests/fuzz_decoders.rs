@@ -375,6 +375,8 @@ fn check_frame(input: &[u8]) -> Result<(), TestCaseError> {
                 Message::decode(&frame).map_err(|e| TestCaseError::fail(e.to_string()))?;
             prop_assert_eq!(&again, &msg);
             prop_assert_eq!(n, frame.len());
+            // Frames are canonical: one message, one encoding.
+            prop_assert_eq!(&frame[..], &input[..used]);
             if let Message::Pages { pages, .. } | Message::SyncPages { pages, .. } = &msg {
                 // The iterator sees exactly the entries the parser counted, and every
                 // payload goes through the page codec without panicking.
@@ -965,5 +967,55 @@ proptest! {
             largest <= 2 * (MAX_PAYLOAD_LEN + HEADER_LEN),
             "the receiver allocated {largest} bytes at once"
         );
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Regressions: inputs the targets above found, exactly as found.
+
+/// `message_decode` found a `Refuse` frame whose header epoch was 1 accepted as the same
+/// message as with epoch 0 (the kinds without an epoch ignored the field): two encodings
+/// of one message. Now refused as malformed.
+#[test]
+fn regression_refuse_with_an_epoch() {
+    let input: [u8; 63] = [
+        76, 75, 83, 80, 1, 0, 3, 0, 1, 0, 0, 0, 0, 0, 0, 0, 39, 0, 0, 0, 65, 32, 141, 226, 118, 67,
+        80, 85, 32, 99, 111, 117, 110, 116, 32, 100, 105, 102, 102, 101, 114, 115, 58, 32, 98, 97,
+        99, 107, 117, 112, 32, 50, 44, 32, 112, 114, 105, 109, 97, 114, 121, 32, 52,
+    ];
+    let err = Message::decode(&Bytes::copy_from_slice(&input)).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "malformed Refuse frame at epoch 1: header epoch is 1, this kind carries none (expected 0)"
+    );
+    check_frame(&input).unwrap();
+}
+
+/// The same for every kind without an epoch, and for the reserved fields of `Hello` and
+/// `EpochCommit` (ignored before, so a frame with them set decoded to the same message).
+#[test]
+fn regression_non_canonical_fields_are_refused() {
+    let hello = sample_messages()[0].to_frame().unwrap().to_vec();
+    let commit = sample_messages()[5].to_frame().unwrap().to_vec();
+    let mut cases = Vec::new();
+    for seed in [
+        hello.clone(),
+        sample_messages()[1].to_frame().unwrap().to_vec(),
+        batch_frames()[1].to_vec(),
+    ] {
+        let mut f = seed;
+        f[8] = 1; // header epoch
+        cases.push((f, "header epoch is 1, this kind carries none"));
+    }
+    let mut h = hello;
+    h[HEADER_LEN + 2] = 1; // Hello's reserved u16
+    cases.push((h, "reserved field is 0x1"));
+    let mut c = commit;
+    c[HEADER_LEN + 12] = 0x80; // EpochCommit's reserved u32
+    cases.push((c, "reserved field is 0x80"));
+    for (mut f, why) in cases {
+        reseal(&mut f);
+        let err = Message::decode(&Bytes::from(f)).unwrap_err().to_string();
+        assert!(err.starts_with("malformed ") && err.contains(why), "{err}");
     }
 }
