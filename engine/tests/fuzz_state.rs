@@ -311,6 +311,8 @@ fn check_blob(blob: &[u8]) -> Result<(), TestCaseError> {
     );
     match r {
         Ok(s) => {
+            // Blobs are canonical: one state, one encoding.
+            prop_assert_eq!(&s.to_blob()[..], blob);
             let again = s.to_blob();
             let back = MachineState::from_blob(&again)
                 .map_err(|e| TestCaseError::fail(format!("re-encoded blob refused: {e}")))?;
@@ -375,12 +377,7 @@ proptest! {
         ],
     ) {
         match unseal(&input) {
-            Ok(p) => {
-                let canonical = seal(p);
-                prop_assert_eq!(&input[HEADER_LEN..], p);
-                prop_assert_eq!(&input[..12], &canonical[..12]);
-                prop_assert_eq!(&input[16..28], &canonical[16..28]);
-            }
+            Ok(p) => prop_assert_eq!(seal(p), input),
             Err(e) => prop_assert!(!e.to_string().is_empty()),
         }
     }
@@ -476,4 +473,73 @@ proptest! {
             }
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// Regressions: inputs the targets above found, exactly as found.
+
+/// `sealed_header` found a blob with its second reserved header word set accepted as if it
+/// were 0 (two encodings of one blob). Now refused.
+#[test]
+fn regression_sealed_header_reserved_word() {
+    let mut input = [0u8; HEADER_LEN];
+    input[..8].copy_from_slice(b"LKSTATE\0");
+    input[8] = 2;
+    input[28] = 1;
+    assert_eq!(
+        unseal(&input).unwrap_err().to_string(),
+        "state payload is malformed: header reserved field at offset 28 is 0x1, expected 0"
+    );
+    let mut first = input;
+    (first[12], first[28]) = (0x80, 0);
+    assert!(unseal(&first)
+        .unwrap_err()
+        .to_string()
+        .contains("offset 12"));
+}
+
+/// `state_blob_decode` found a one-bit flip (re-sealed) that decoded to the same state as
+/// the original: the FPU's padding byte was dropped on decode. Now refused.
+#[test]
+fn regression_fpu_padding_bit() {
+    let s = Shape {
+        seed: 1,
+        mem_size: 0,
+        msrs: vec![0, 4, 2],
+        serial_in: vec![0; 14],
+        virtio: vec![(0, 2, vec![0; 16]), (0, 1, vec![0; 5])],
+    };
+    let blob = damage(
+        &machine(&s).to_blob(),
+        &[Mutation::Flip {
+            at: 14862370485685853206,
+            bit: 0,
+        }],
+        false,
+    );
+    let err = MachineState::from_blob(&blob).err().expect("refused");
+    assert_eq!(
+        err.to_string(),
+        "state payload is malformed: fpu: padding byte is 0x1, expected 0"
+    );
+}
+
+/// The same kind of dropped bits in a virtqueue's flags byte (bits 2 to 7).
+#[test]
+fn regression_virtqueue_flag_bits() {
+    let s = Shape {
+        seed: 1,
+        mem_size: 0,
+        msrs: vec![0],
+        serial_in: vec![],
+        virtio: vec![(0, 1, vec![])],
+    };
+    let blob = machine(&s).to_blob();
+    let payload = unseal(&blob).unwrap();
+    // The last virtqueue's flags byte: 3 u64 rings and the device bytes' u64 length after it.
+    let at = payload.len() - 8 - 3 * 8 - 1;
+    let mut p = payload.to_vec();
+    p[at] |= 0x04;
+    let err = MachineState::from_blob(&seal(&p)).err().expect("refused");
+    assert!(err.to_string().contains("virtqueue flags"), "{err}");
 }
