@@ -377,6 +377,28 @@ pub fn decode_frame(header: &FrameHeader, payload: Bytes) -> Result<Message, Pro
             )))
         }
     };
+    // Frames are canonical (one message, one encoding): the kinds that carry no epoch
+    // must say 0 there, and reserved fields must be 0.
+    if epoch != 0
+        && matches!(
+            kind,
+            MessageKind::Hello
+                | MessageKind::HelloOk
+                | MessageKind::Refuse
+                | MessageKind::SyncPages
+        )
+    {
+        return Err(malformed(format!(
+            "header epoch is {epoch}, this kind carries none (expected 0)"
+        )));
+    }
+    let reserved = |v: u64| {
+        if v == 0 {
+            Ok(())
+        } else {
+            Err(malformed(format!("reserved field is {v:#x}, expected 0")))
+        }
+    };
     let mut r = Reader::new(&payload);
     let text = |p: &[u8]| -> Result<String, ProtocolError> {
         if p.len() > MAX_REASON_LEN {
@@ -397,7 +419,7 @@ pub fn decode_frame(header: &FrameHeader, payload: Bytes) -> Result<Message, Pro
                 )));
             }
             let version = r.u16_or_zero();
-            let _reserved = r.u16_or_zero();
+            reserved(r.u16_or_zero().into())?;
             let page_size = r.u32_or_zero();
             let vcpu_count = r.u32_or_zero();
             let n = r.u32_or_zero() as usize;
@@ -463,7 +485,7 @@ pub fn decode_frame(header: &FrameHeader, payload: Bytes) -> Result<Message, Pro
             fixed(32)?;
             let page_count = r.u64_or_zero();
             let frame_count = r.u32_or_zero();
-            let _reserved = r.u32_or_zero();
+            reserved(r.u32_or_zero().into())?;
             Message::EpochCommit {
                 epoch,
                 page_count,

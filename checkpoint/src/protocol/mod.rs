@@ -48,6 +48,9 @@
 //! | Heartbeat | last epoch | none |
 //! | End | E | digest u64 |
 //!
+//! Every 0 in this table is checked: a frame with anything else there is malformed, so a
+//! message has exactly one encoding.
+//!
 //! A page batch is `count u32` then `count` entries of `pfn u64, encoding u8, length u16`
 //! followed by `length` payload bytes (see [`codec`](crate::codec)).
 

@@ -15,7 +15,9 @@
 //! The payload is a sequence of little-endian fields written by [`Writer`] and read back by
 //! [`Reader`]; KVM structures are stored as their exact bytes (kvm-bindings' zerocopy
 //! impls). There is no per-field versioning: any change to what is stored bumps
-//! [`FORMAT_VERSION`], and a blob of another version is refused.
+//! [`FORMAT_VERSION`], and a blob of another version is refused. Reserved words, padding
+//! and unused flag bits must be zero: a blob with anything else there is malformed, so a
+//! state has exactly one encoding.
 
 pub mod state;
 
@@ -84,6 +86,14 @@ pub fn unseal(blob: &[u8]) -> Result<&[u8], PersistError> {
     let version = u32_at(8);
     if version != FORMAT_VERSION {
         return Err(PersistError::Version { found: version });
+    }
+    for at in [12, 28] {
+        let v = u32_at(at);
+        if v != 0 {
+            return Err(PersistError::Malformed(format!(
+                "header reserved field at offset {at} is {v:#x}, expected 0"
+            )));
+        }
     }
     let len = u64::from_le_bytes(blob[16..24].try_into().expect("8 bytes"));
     let payload = &blob[HEADER_LEN..];

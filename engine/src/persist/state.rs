@@ -165,6 +165,12 @@ fn decode_fpu(r: &mut Reader<'_>) -> Result<kvm_fpu, PersistError> {
     }
     let a = r.u32("fpu")?;
     let b = r.u32("fpu")?;
+    if b & 0xff00 != 0 {
+        return Err(PersistError::Malformed(format!(
+            "fpu: padding byte is {:#x}, expected 0",
+            (b >> 8) & 0xff
+        )));
+    }
     f.fcw = a as u16;
     f.fsw = (a >> 16) as u16;
     f.ftwx = b as u8;
@@ -255,6 +261,11 @@ fn decode_virtio(r: &mut Reader<'_>) -> Result<VirtioState, PersistError> {
         let sizes = r.u32("virtqueue")?;
         let idx = r.u32("virtqueue")?;
         let flags = r.u8("virtqueue")?;
+        if flags & !3 != 0 {
+            return Err(PersistError::Malformed(format!(
+                "virtqueue flags {flags:#x}: unknown bits"
+            )));
+        }
         v.queues.push(QueueState {
             max_size: sizes as u16,
             size: (sizes >> 16) as u16,
