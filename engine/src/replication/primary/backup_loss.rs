@@ -63,13 +63,12 @@ impl Primary {
                 o.unprotect();
             }
         };
-        let fencing = match (self.opts.on_backup_loss, &self.opts.fence) {
+        let mut fencing = match (self.opts.on_backup_loss, &self.opts.fence) {
             (OnBackupLoss::Continue, _) => {
                 release(&self.output);
                 None
             }
-            (_, _) if !has_output => None,
-            (_, Some(agent)) => {
+            (_, Some(agent)) if has_output => {
                 let cfg = FenceConfig::Agent(agent.clone());
                 let (tx, rx) = crossbeam_channel::bounded(1);
                 std::thread::Builder::new()
@@ -80,9 +79,9 @@ impl Primary {
                     .expect("spawn the fencing thread");
                 Some(rx)
             }
-            (_, None) => None,
+            // Nothing to hold (no network device), or nothing to fence with: no fencing.
+            _ => None,
         };
-        let mut fencing = fencing;
         loop {
             match self.machine.wait_event(Duration::from_millis(20)) {
                 Some(VcpuEvent::GuestExit { status, .. }) => {
