@@ -207,6 +207,14 @@ fn sample_messages() -> Vec<Message> {
             epoch: 7,
             digest: 1,
         },
+        Message::Handover {
+            epoch: 7,
+            new_backup: "10.0.0.9:7600".into(),
+        },
+        Message::Handover {
+            epoch: 7,
+            new_backup: String::new(),
+        },
     ]
 }
 

@@ -270,7 +270,14 @@ impl EgressBuffer {
 
     /// Switches the mode at time `now`. Switching to pass-through releases everything held
     /// (as [`release_all`](Self::release_all)); switching to protected releases nothing.
+    ///
+    /// Protecting a buffer that holds nothing starts a new protection: its epochs are
+    /// counted afresh (a guest protected again by a new backup starts at epoch 1).
     pub fn set_mode(&mut self, mode: Mode, now: Instant) -> Released<'_> {
+        if mode == Mode::Protected && self.mode == Mode::PassThrough && self.queue.is_empty() {
+            self.newest = None;
+            self.acked = None;
+        }
         self.mode = mode;
         match mode {
             Mode::PassThrough => self.release_all(now),
@@ -401,6 +408,26 @@ mod tests {
             .unwrap_err();
             assert!(matches!(err, Error::InvalidLimits { .. }), "{err}");
         }
+    }
+
+    #[test]
+    fn protecting_again_counts_epochs_afresh() {
+        let t = Instant::now();
+        let mut buf = EgressBuffer::new(LIMITS, Mode::Protected).unwrap();
+        held(&mut buf, 500, 1, 10, t);
+        assert_eq!(tags(buf.release(500, t)), vec![1]);
+        // Given up (backup lost), then protected again by a new backup from epoch 1.
+        assert_eq!(tags(buf.set_mode(Mode::PassThrough, t)), Vec::<u8>::new());
+        assert!(buf.set_mode(Mode::Protected, t).next().is_none());
+        held(&mut buf, 1, 2, 10, t);
+        assert_eq!(tags(buf.release(0, t)), Vec::<u8>::new());
+        assert_eq!(tags(buf.release(1, t)), vec![2]);
+        // Staying protected keeps the count: an epoch that went back is still refused.
+        assert!(buf.set_mode(Mode::Protected, t).next().is_none());
+        assert!(matches!(
+            buf.push(1, pkt(3, 10), t),
+            Err(Error::EpochAlreadyAcked { .. })
+        ));
     }
 
     #[test]

@@ -178,6 +178,15 @@ pub enum Message {
         /// Digest of the primary's RAM and state at that epoch.
         digest: u64,
     },
+    /// Planned switchover after `End` at `epoch`: the backup promotes that epoch. The old
+    /// primary has stopped its guest for good; `new_backup` is where it now listens as
+    /// the new backup (`host:port`), empty when it stops instead.
+    Handover {
+        /// The final epoch (the one `End` named).
+        epoch: u64,
+        /// The old primary's backup listener, or empty.
+        new_backup: String,
+    },
 }
 
 impl Message {
@@ -196,6 +205,7 @@ impl Message {
             Message::Nack { .. } => MessageKind::Nack,
             Message::Heartbeat { .. } => MessageKind::Heartbeat,
             Message::End { .. } => MessageKind::End,
+            Message::Handover { .. } => MessageKind::Handover,
         }
     }
 
@@ -213,7 +223,8 @@ impl Message {
             | Message::Ack { epoch }
             | Message::Nack { epoch, .. }
             | Message::Heartbeat { epoch }
-            | Message::End { epoch, .. } => *epoch,
+            | Message::End { epoch, .. }
+            | Message::Handover { epoch, .. } => *epoch,
         }
     }
 
@@ -254,7 +265,11 @@ impl Message {
                 }
             }
             Message::HelloOk | Message::Ack { .. } | Message::Heartbeat { .. } => {}
-            Message::Refuse { reason } | Message::Nack { reason, .. } => {
+            Message::Refuse { reason }
+            | Message::Nack { reason, .. }
+            | Message::Handover {
+                new_backup: reason, ..
+            } => {
                 // Over-long reasons are cut at a character boundary, not refused.
                 let mut end = reason.len().min(MAX_REASON_LEN);
                 while !reason.is_char_boundary(end) {
@@ -513,6 +528,10 @@ pub fn decode_frame(header: &FrameHeader, payload: Bytes) -> Result<Message, Pro
                 digest: r.u64_or_zero(),
             }
         }
+        MessageKind::Handover => Message::Handover {
+            epoch,
+            new_backup: text(&payload)?,
+        },
     };
     Ok(msg)
 }

@@ -19,7 +19,14 @@
 //!     |                                                         |  without sending, even
 //!     |                                                         |  between an epoch's frames
 //!     |-- End {E, digest of RAM + state} ---------------------->|  backup compares
+//!     |-- Handover {E, listener} (planned switchover only) ---->|  backup promotes E;
+//!     |   the old primary drops its guest and, with a listener, |  with a listener it
+//!     |   waits there as the new backup                         |  protects to it
 //! ```
+//!
+//! `Handover` was added without a version bump: it only ever follows `End`, and a backup
+//! that does not know it has closed the connection after `End` already, so the primary's
+//! switchover fails cleanly (nothing is promoted; the old primary keeps the guest).
 //!
 //! The primary may send epoch E+1 before `Ack {E}` arrives, up to a small window (see
 //! [`InFlight`](crate::inflight::InFlight)); the backup applies epochs strictly in order.
@@ -47,6 +54,7 @@
 //! | Nack | E | reason, UTF-8 |
 //! | Heartbeat | last epoch | none |
 //! | End | E | digest u64 |
+//! | Handover | E | the old primary's backup listener, UTF-8 `host:port`, or empty |
 //!
 //! Every 0 in this table is checked: a frame with anything else there is malformed, so a
 //! message has exactly one encoding.
@@ -208,10 +216,12 @@ pub enum MessageKind {
     Heartbeat = 11,
     /// Clean end of replication.
     End = 12,
+    /// Planned switchover: the backup promotes after `End`.
+    Handover = 13,
 }
 
 impl MessageKind {
-    const ALL: [MessageKind; 12] = [
+    const ALL: [MessageKind; 13] = [
         MessageKind::Hello,
         MessageKind::HelloOk,
         MessageKind::Refuse,
@@ -224,6 +234,7 @@ impl MessageKind {
         MessageKind::Nack,
         MessageKind::Heartbeat,
         MessageKind::End,
+        MessageKind::Handover,
     ];
 
     /// Parses the kind byte.
@@ -473,6 +484,10 @@ mod tests {
             Message::End {
                 epoch: 7,
                 digest: 1,
+            },
+            Message::Handover {
+                epoch: 7,
+                new_backup: "127.0.0.1:7602".into(),
             },
         ]
     }
