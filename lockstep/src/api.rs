@@ -2,7 +2,9 @@
 //! Firecracker and cloud-hypervisor serve theirs, and its client (`lockstep ctl`).
 //!
 //! One request per connection (`Connection: close`), served one at a time on a thread of
-//! its own: the endpoints only read the engine's shared status or set its stop flag, so
+//! its own: the endpoints read the engine's shared status, set its stop flag, or leave a
+//! request for the role (`protect`, `switchover`, `failover`: checked at once, answered
+//! `202 Accepted`, carried out by the role, followed in `GET /status`'s `request`), so
 //! nothing here ever waits for the guest or the replication roles.
 //!
 //! Requests are parsed with `httparse` (the parser under hyper: a request line, headers and
@@ -17,6 +19,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
+use engine::replication::control::{self, AfterSwitchover, Request, RequestReport};
 use engine::replication::status::{self, StatusReport};
 use engine::warn;
 
@@ -134,6 +137,8 @@ fn serve(mut stream: UnixStream) {
 fn reason(code: u16) -> &'static str {
     match code {
         200 => "OK",
+        202 => "Accepted",
+        409 => "Conflict",
         400 => "Bad Request",
         404 => "Not Found",
         405 => "Method Not Allowed",
@@ -189,41 +194,123 @@ fn read_request(stream: &mut UnixStream) -> Result<(String, String, Vec<u8>), Re
     }
 }
 
+/// The endpoints: path, method, and whether a JSON body is taken.
+const ENDPOINTS: &[(&str, &str)] = &[
+    ("/status", "GET"),
+    ("/stop", "POST"),
+    ("/protect", "POST"),
+    ("/switchover", "POST"),
+    ("/failover", "POST"),
+];
+
 /// Answers one request.
 pub fn route(method: &str, path: &str, body: &[u8]) -> Reply {
     let path = path.split('?').next().unwrap_or_default();
-    let allowed = match path {
-        "/status" => "GET",
-        "/stop" => "POST",
-        _ => return error(404, format!("no such endpoint: {path}")),
+    let Some(&(_, allowed)) = ENDPOINTS.iter().find(|(p, _)| *p == path) else {
+        return error(404, format!("no such endpoint: {path}"));
     };
     if method != allowed {
         return error(405, format!("{path} takes {allowed}, not {method}"));
     }
-    // A body, when there is one, must be JSON (none of these endpoints needs one).
-    if !body.iter().all(u8::is_ascii_whitespace) {
-        if let Err(e) = serde_json::from_slice::<Value>(body) {
-            return error(400, format!("bad JSON body: {e}"));
+    // A body, when there is one, must be a JSON object.
+    let body: serde_json::Map<String, Value> = if body.iter().all(u8::is_ascii_whitespace) {
+        serde_json::Map::new()
+    } else {
+        match serde_json::from_slice::<Value>(body) {
+            Ok(Value::Object(m)) => m,
+            Ok(other) => return error(400, format!("the body must be a JSON object, not {other}")),
+            Err(e) => return error(400, format!("bad JSON body: {e}")),
         }
-    }
-    match path {
-        "/status" => Reply {
-            code: 200,
-            body: status_json(&status::report()),
-        },
-        _ => {
-            engine::info!("stop requested on the control socket");
-            engine::replication::request_stop();
-            Reply {
+    };
+    let request = match path {
+        "/status" => {
+            return Reply {
                 code: 200,
-                body: json!({ "stopping": true }),
+                body: status_json(&status::report(), control::last().as_ref()),
             }
         }
+        "/stop" => {
+            if let Err(r) = fields(&body, &[]) {
+                return r;
+            }
+            engine::info!("stop requested on the control socket");
+            engine::replication::request_stop();
+            return Reply {
+                code: 200,
+                body: json!({ "stopping": true }),
+            };
+        }
+        "/protect" => match fields(&body, &["peer"]).and_then(|()| string(&body, "peer", true)) {
+            Ok(peer) => Request::Protect {
+                peer: peer.unwrap_or_default(),
+            },
+            Err(r) => return r,
+        },
+        "/switchover" => {
+            match fields(&body, &["listen"]).and_then(|()| string(&body, "listen", false)) {
+                Ok(Some(listen)) => Request::Switchover {
+                    then: AfterSwitchover::Backup { listen },
+                },
+                Ok(None) => Request::Switchover {
+                    then: AfterSwitchover::Stop,
+                },
+                Err(r) => return r,
+            }
+        }
+        _ => {
+            if let Err(r) = fields(&body, &[]) {
+                return r;
+            }
+            Request::Failover
+        }
+    };
+    let kind = request.kind();
+    match control::submit(request) {
+        Ok(id) => {
+            engine::info!("{kind} requested on the control socket (request {id})");
+            Reply {
+                code: 202,
+                body: json!({ "accepted": kind, "id": id }),
+            }
+        }
+        Err(refusal) => error(refusal.code, refusal.message),
+    }
+}
+
+/// Refuses fields other than `known` (a misspelt one would otherwise be ignored).
+fn fields(body: &serde_json::Map<String, Value>, known: &[&str]) -> Result<(), Reply> {
+    match body.keys().find(|k| !known.contains(&k.as_str())) {
+        Some(k) if known.is_empty() => Err(error(
+            400,
+            format!("unknown field \"{k}\": this endpoint takes no body"),
+        )),
+        Some(k) => Err(error(
+            400,
+            format!("unknown field \"{k}\" (expected {})", known.join(", ")),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// The string field `key`: an error when it is missing and `required`, or not a string.
+fn string(
+    body: &serde_json::Map<String, Value>,
+    key: &str,
+    required: bool,
+) -> Result<Option<String>, Reply> {
+    match body.get(key) {
+        None if required => Err(error(400, format!("missing field \"{key}\""))),
+        None => Ok(None),
+        Some(Value::String(v)) => Ok(Some(v.clone())),
+        Some(other) => Err(error(
+            400,
+            format!("\"{key}\" must be a string, not {other}"),
+        )),
     }
 }
 
 /// `GET /status`'s body (README, "Control socket").
-pub fn status_json(r: &StatusReport) -> Value {
+pub fn status_json(r: &StatusReport, request: Option<&RequestReport>) -> Value {
     json!({
         "role": r.role.as_str(),
         "guest": r.guest.as_str(),
@@ -237,16 +324,35 @@ pub fn status_json(r: &StatusReport) -> Value {
         "commit_p50_us": r.commit_us.0,
         "commit_p99_us": r.commit_us.1,
         "held_frames": r.held_frames,
+        "request": request.map(|q| json!({
+            "id": q.id,
+            "kind": q.kind,
+            "state": q.state.as_str(),
+            "detail": q.detail,
+        })),
     })
 }
 
 /// One request to a control socket: the status code and the JSON body.
-pub fn request(sock: &Path, method: &str, path: &str) -> Result<(u16, Value), String> {
+pub fn request(
+    sock: &Path,
+    method: &str,
+    path: &str,
+    body: &Value,
+) -> Result<(u16, Value), String> {
     let mut s = UnixStream::connect(sock)
         .map_err(|e| format!("--api-sock {}: cannot connect: {e}", sock.display()))?;
     let _ = s.set_read_timeout(Some(IO_TIMEOUT));
     let _ = s.set_write_timeout(Some(IO_TIMEOUT));
-    let req = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\n\r\n");
+    let body = if body.is_null() {
+        String::new()
+    } else {
+        body.to_string()
+    };
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
     s.write_all(req.as_bytes())
         .map_err(|e| format!("--api-sock {}: sending: {e}", sock.display()))?;
     let mut buf = Vec::new();
@@ -262,6 +368,73 @@ pub fn request(sock: &Path, method: &str, path: &str) -> Result<(u16, Value), St
     let body = serde_json::from_slice(&buf[head_len..])
         .map_err(|e| format!("--api-sock {}: bad JSON in the answer: {e}", sock.display()))?;
     Ok((code, body))
+}
+
+/// Follows request `id` in `GET /status` until it is done (`Ok`), failed or `limit` passed
+/// (`Err`), printing where it is as it changes (or the final status as JSON with `json`).
+pub fn wait_request(
+    sock: &Path,
+    action: &str,
+    id: u64,
+    limit: Duration,
+    json: bool,
+) -> Result<std::process::ExitCode, String> {
+    let deadline = std::time::Instant::now() + limit;
+    let mut shown = String::new();
+    let mut last_seen: Option<Value> = None;
+    loop {
+        let v = match request(sock, "GET", "/status", &Value::Null) {
+            Ok((_, v)) => v,
+            // A switchover that ends with the process: it ended after the hand-over.
+            Err(_) if action == "switchover" && last_seen.is_some() => {
+                println!("switchover: this process has ended; its guest now runs on the backup (see the backup's status)");
+                return Ok(std::process::ExitCode::SUCCESS);
+            }
+            Err(e) => return Err(e),
+        };
+        let q = &v["request"];
+        if q["id"].as_u64() != Some(id) {
+            return Err(format!(
+                "{action}: request {id} is no longer the process's last request"
+            ));
+        }
+        let state = q["state"].as_str().unwrap_or("-");
+        let line = format!(
+            "{action}: {state}: {} (role {}, protection {})",
+            q["detail"].as_str().unwrap_or("-"),
+            v["role"].as_str().unwrap_or("-"),
+            v["protection"].as_str().unwrap_or("-")
+        );
+        if line != shown && !json {
+            println!("{line}");
+            shown = line;
+        }
+        match state {
+            "done" => {
+                if json {
+                    println!("{v}");
+                }
+                return Ok(std::process::ExitCode::SUCCESS);
+            }
+            "failed" => {
+                if json {
+                    println!("{v}");
+                }
+                return Err(format!(
+                    "{action} failed: {}",
+                    q["detail"].as_str().unwrap_or("-")
+                ));
+            }
+            _ => {}
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(format!(
+                "{action}: not done within {limit:?} (it goes on; see ctl status)"
+            ));
+        }
+        last_seen = Some(v);
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// `lockstep ctl status`'s human output.
@@ -297,6 +470,14 @@ pub fn human_status(v: &Value) -> String {
         "last change: {}",
         v["last_role_change"].as_str().unwrap_or("none")
     );
+    if let Some(q) = v["request"].as_object() {
+        out += &format!(
+            "\nrequest:     {} {}: {}",
+            q["kind"].as_str().unwrap_or("-"),
+            q["state"].as_str().unwrap_or("-"),
+            q["detail"].as_str().unwrap_or("-")
+        );
+    }
     out
 }
 
@@ -317,8 +498,39 @@ mod tests {
     }
 
     #[test]
+    fn requests_are_checked_before_anything_changes() {
+        let code = |path: &str, body: &str| route("POST", path, body.as_bytes()).code;
+        // Malformed: 400, whatever the state.
+        assert_eq!(code("/protect", ""), 400);
+        assert_eq!(code("/protect", r#"{"peer": 7600}"#), 400);
+        assert_eq!(code("/protect", r#"{"peer": "nohost"}"#), 400);
+        assert_eq!(code("/protect", r#"{"peer": "h:1", "per": "h:2"}"#), 400);
+        assert_eq!(code("/protect", r#"["h:1"]"#), 400);
+        assert_eq!(code("/switchover", r#"{"listen": "x"}"#), 400);
+        assert_eq!(code("/failover", r#"{"force": true}"#), 400);
+        assert_eq!(code("/stop", r#"{"now": true}"#), 400);
+        // Well formed but out of place here (a paused standalone guest): 409.
+        let r = route("POST", "/protect", br#"{"peer": "127.0.0.1:7600"}"#);
+        assert_eq!(r.code, 409, "{}", r.body);
+        assert!(
+            r.body["error"].as_str().unwrap().contains("paused"),
+            "{}",
+            r.body
+        );
+        let r = route("POST", "/failover", b"");
+        assert_eq!(r.code, 409);
+        assert!(
+            r.body["error"].as_str().unwrap().contains("backup"),
+            "{}",
+            r.body
+        );
+        assert_eq!(code("/switchover", ""), 409);
+        assert!(control::last().is_none(), "nothing was accepted");
+    }
+
+    #[test]
     fn human_status_names_the_role_and_epochs() {
-        let v = status_json(&status::report());
+        let v = status_json(&status::report(), None);
         let h = human_status(&v);
         assert!(h.contains("role:"), "{h}");
         assert!(h.contains("acknowledged"), "{h}");

@@ -5,7 +5,7 @@
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use clap::error::ErrorKind;
 use clap::{Args, Parser, Subcommand};
@@ -15,15 +15,15 @@ use engine::devices::serial::Console;
 use engine::devices::NetConfig;
 use engine::machine::{BootConfig, Machine, MachineConfig, MachineError};
 use engine::pidfile::{PidFile, PidFileError};
-use engine::replication::backup::{self, BackupError, BackupOptions};
-use engine::replication::failover::{self, DEFAULT_FENCE_DELAY};
+use engine::replication::backup::{BackupError, BackupOptions};
+use engine::replication::failover::DEFAULT_FENCE_DELAY;
 use engine::replication::fence::{parse_fence_arg, FenceAgent, FenceConfig};
+use engine::replication::node::{Node, NodeError, Start};
 use engine::replication::primary::{self, OnBackupLoss, PrimaryError, PrimaryOptions};
 use engine::replication::status::{self, GuestState, Protection, Role};
 use engine::replication::{DEFAULT_HEARTBEAT_TIMEOUT, DEFAULT_NAME};
 use engine::size::{parse_size, SizeError};
 use engine::snapshot::{self, SnapshotError};
-use engine::vstate::vcpu::VcpuEvent;
 use engine::{info, log};
 
 use crate::api::{self, ApiError, ApiServer};
@@ -76,7 +76,7 @@ enum Command {
         help_template = command_help!("run"),
         about = "boot a guest and run it until it exits (exit status: the guest's)"
     )]
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     #[command(help_template = command_help!("restore"),
         about = "continue a snapshot in a new process")]
     Restore(RestoreArgs),
@@ -99,16 +99,23 @@ enum Command {
     Demo(DemoArgs),
     #[command(
         help_template = command_help!("ctl"),
-        about = "ask a running lockstep on its control socket: status, or stop it",
+        about = "ask a running lockstep on its control socket: status, stop, protect, switchover, failover",
         after_help = CTL_NOTES
     )]
     Ctl(CtlArgs),
 }
 
 const CTL_NOTES: &str = "\
-status: GET /status (role, guest, protection, epochs, pause and commit p50/p99 in us, held
-output frames, the last role change); stop: POST /stop, the same clean end as SIGTERM.
-The endpoints and JSON fields are described in README.md, \"Control socket\".";
+status      GET /status: role, guest, protection, epochs, pause and commit p50/p99 (us, last
+            minute), held output, the last role change and the last request
+stop        POST /stop: the same clean end as SIGTERM
+protect     POST /protect {\"peer\": ADDR:PORT}: a running, unprotected guest (a promoted
+            backup, a `run`) is synced to the backup at ADDR:PORT while it runs
+switchover  POST /switchover [{\"listen\": ADDR:PORT}]: final epoch, the backup promotes; this
+            process then stops, or with --listen becomes the new backup there
+failover    POST /failover: a backup fences its primary and promotes
+protect, switchover and failover wait until the request is done (--no-wait: return once
+accepted). The endpoints and JSON fields: README.md, \"Control socket\".";
 
 #[derive(Debug, Args)]
 struct CtlArgs {
@@ -118,8 +125,20 @@ struct CtlArgs {
     /// print the answer's JSON as it came
     #[arg(long)]
     json: bool,
-    /// status or stop
-    #[arg(value_name = "status|stop")]
+    /// protect: the new backup's address
+    #[arg(long, value_name = "ADDR:PORT")]
+    peer: Option<String>,
+    /// switchover: become the new backup, listening here (default: stop)
+    #[arg(long, value_name = "ADDR:PORT")]
+    listen: Option<String>,
+    /// return once the request is accepted, without waiting for it to be done
+    #[arg(long)]
+    no_wait: bool,
+    /// how long to wait for a request to be done (default 600)
+    #[arg(long, value_name = "S")]
+    timeout_s: Option<u64>,
+    /// status, stop, protect, switchover or failover
+    #[arg(value_name = "ACTION")]
     action: Option<String>,
 }
 
@@ -164,9 +183,15 @@ struct RunArgs {
     /// ... into DIR (restore it with `lockstep restore DIR`)
     #[arg(long, value_name = "DIR")]
     snapshot_to: Option<PathBuf>,
-    /// serve the control socket here: HTTP/1.1 + JSON, GET /status, POST /stop
+    /// serve the control socket here: HTTP/1.1 + JSON (README, "Control socket")
     #[arg(long, value_name = "PATH")]
     api_sock: Option<PathBuf>,
+    /// the pair's name, should the guest be protected later (POST /protect; default
+    /// lockstep)
+    #[arg(long, value_name = "NAME", allow_hyphen_values = true)]
+    name: Option<String>,
+    #[command(flatten)]
+    fence: FenceArgs,
 }
 
 #[derive(Debug, Args)]
@@ -237,7 +262,7 @@ struct PrimaryArgs {
     /// write this process's pid (for a single-host fence agent)
     #[arg(long, value_name = "PATH")]
     pid_file: Option<PathBuf>,
-    /// serve the control socket here: HTTP/1.1 + JSON, GET /status, POST /stop
+    /// serve the control socket here: HTTP/1.1 + JSON (README, "Control socket")
     #[arg(long, value_name = "PATH")]
     api_sock: Option<PathBuf>,
     /// harvest dirty pages from a KVM dirty ring, not the bitmap
@@ -275,7 +300,7 @@ struct BackupArgs {
     /// write this process's pid (for the primary's fence agent)
     #[arg(long, value_name = "PATH")]
     pid_file: Option<PathBuf>,
-    /// serve the control socket here: HTTP/1.1 + JSON, GET /status, POST /stop
+    /// serve the control socket here: HTTP/1.1 + JSON (README, "Control socket")
     #[arg(long, value_name = "PATH")]
     api_sock: Option<PathBuf>,
     /// wait this long before fencing a primary that went silent: its head start to fence
@@ -327,12 +352,12 @@ pub enum CliError {
     Machine(#[from] MachineError),
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
-    #[error("vCPU {vcpu}: {message}")]
-    Crashed { vcpu: u32, message: String },
     #[error(transparent)]
     Primary(#[from] PrimaryError),
     #[error(transparent)]
     Backup(#[from] BackupError),
+    #[error(transparent)]
+    Node(#[from] NodeError),
     #[error(transparent)]
     PidFile(#[from] PidFileError),
     #[error(transparent)]
@@ -361,7 +386,7 @@ pub fn main() -> ExitCode {
         Err(code) => return code,
     };
     let result = match cli.command {
-        Command::Run(a) => cmd_run(a),
+        Command::Run(a) => cmd_run(*a),
         Command::Restore(a) => cmd_restore(a),
         Command::Primary(a) => cmd_primary(*a),
         Command::Backup(a) => cmd_backup(*a),
@@ -528,14 +553,33 @@ fn cmd_run(a: RunArgs) -> Result<ExitCode, CliError> {
         (None, None) => None,
         _ => return Err(usage("--snapshot-after-ms and --snapshot-to go together")),
     };
+    let name = a.name.unwrap_or_else(|| DEFAULT_NAME.to_string());
+    let agent = primary_fence_agent(&a.fence, &name)?;
     let _api = api_option(a.api_sock.as_deref())?;
-    let mut machine = Machine::boot(&g.machine, &g.image, &g.guest_args)?;
+    let machine = Machine::boot(&g.machine, &g.image, &g.guest_args)?;
     status::update(|s| {
         s.role = Role::Standalone;
         s.guest = GuestState::Running;
         s.protection = Protection::Unprotected;
+        s.name = name.clone();
     });
-    drive(&mut machine, snapshot)
+    let node = Node {
+        console: g.machine.console.clone(),
+        net: g.machine.net.clone(),
+        fence: agent.clone().map(FenceConfig::Agent),
+        fence_delay: DEFAULT_FENCE_DELAY,
+        primary: PrimaryOptions {
+            fence: agent,
+            ..PrimaryOptions::new(String::new(), name)
+        },
+        snapshot,
+    };
+    exit(node.run(Start::Run(machine))?)
+}
+
+/// The guest's exit status as the process's.
+fn exit(status: u8) -> Result<ExitCode, CliError> {
+    Ok(ExitCode::from(status))
 }
 
 /// `--api-sock PATH`: served from now on, the socket file removed at an orderly end.
@@ -543,34 +587,72 @@ fn api_option(path: Option<&std::path::Path>) -> Result<Option<ApiServer>, CliEr
     Ok(path.map(ApiServer::start).transpose()?)
 }
 
-/// `lockstep ctl --api-sock PATH status|stop [--json]`.
+/// `lockstep ctl --api-sock PATH ACTION [--json]`.
 fn cmd_ctl(a: CtlArgs) -> Result<ExitCode, CliError> {
     let sock = a
         .api_sock
+        .clone()
         .ok_or_else(|| usage("--api-sock PATH is required"))?;
-    let (method, path) = match a.action.as_deref() {
-        Some("status") => ("GET", "/status"),
-        Some("stop") => ("POST", "/stop"),
-        Some(other) => return Err(usage(format!("ctl {other}: expected status or stop"))),
-        None => {
-            return Err(usage(
-                "usage: lockstep ctl --api-sock PATH status|stop [--json]",
-            ))
+    let action = a.action.as_deref().ok_or_else(|| {
+        usage("usage: lockstep ctl --api-sock PATH status|stop|protect|switchover|failover")
+    })?;
+    let only = |option: &str, given: bool, actions: &str| -> Result<(), CliError> {
+        if given {
+            return Err(usage(format!("--{option} is for ctl {actions}")));
+        }
+        Ok(())
+    };
+    only("peer", a.peer.is_some() && action != "protect", "protect")?;
+    only(
+        "listen",
+        a.listen.is_some() && action != "switchover",
+        "switchover",
+    )?;
+    let body = match action {
+        "status" | "stop" | "failover" => serde_json::Value::Null,
+        "protect" => {
+            let peer = a
+                .peer
+                .as_deref()
+                .ok_or_else(|| usage("ctl protect needs --peer ADDR:PORT (the new backup)"))?;
+            serde_json::json!({ "peer": peer })
+        }
+        "switchover" => match &a.listen {
+            Some(listen) => serde_json::json!({ "listen": listen }),
+            None => serde_json::Value::Null,
+        },
+        other => {
+            return Err(usage(format!(
+                "ctl {other}: expected status, stop, protect, switchover or failover"
+            )))
         }
     };
-    let (code, body) = api::request(&sock, method, path).map_err(CliError::Ctl)?;
+    let (method, path) = match action {
+        "status" => ("GET", "/status".to_string()),
+        other => ("POST", format!("/{other}")),
+    };
+    let (code, answer) = api::request(&sock, method, &path, &body).map_err(CliError::Ctl)?;
     if !(200..300).contains(&code) {
-        let msg = body["error"].as_str().unwrap_or("no error message");
-        return Err(CliError::Ctl(format!(
-            "{method} {path}: HTTP {code}: {msg}"
-        )));
+        let msg = answer["error"].as_str().unwrap_or("no error message");
+        return Err(CliError::Ctl(format!("{action}: HTTP {code}: {msg}")));
     }
-    if a.json {
-        println!("{body}");
-    } else if path == "/status" {
-        println!("{}", api::human_status(&body));
-    } else {
-        println!("stopping: the process ends as on SIGTERM");
+    match action {
+        "status" if a.json => println!("{answer}"),
+        "status" => println!("{}", api::human_status(&answer)),
+        "stop" if a.json => println!("{answer}"),
+        "stop" => println!("stopping: the process ends as on SIGTERM"),
+        _ if a.no_wait => {
+            if a.json {
+                println!("{answer}");
+            } else {
+                println!("{action}: accepted (request {})", answer["id"]);
+            }
+        }
+        _ => {
+            let id = answer["id"].as_u64().unwrap_or(0);
+            let limit = Duration::from_secs(a.timeout_s.unwrap_or(600));
+            return api::wait_request(&sock, action, id, limit, a.json).map_err(CliError::Ctl);
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -587,14 +669,22 @@ fn cmd_restore(a: RestoreArgs) -> Result<ExitCode, CliError> {
     let memory = engine::vstate::memory::create(snap.state.mem_size).map_err(MachineError::from)?;
     snap.load_memory(&memory)?;
     let net = net_option(&a.devices)?;
-    let mut machine = Machine::restore(&snap.state, &console, net.as_ref(), memory)?;
+    let machine = Machine::restore(&snap.state, &console, net.as_ref(), memory)?;
     info!(
         "restored {} vCPUs and {} MiB from {}",
         snap.state.vcpus.len(),
         snap.state.mem_size >> 20,
         dir.display()
     );
-    drive(&mut machine, None)
+    let node = Node {
+        console,
+        net,
+        fence: None,
+        fence_delay: DEFAULT_FENCE_DELAY,
+        primary: PrimaryOptions::new(String::new(), DEFAULT_NAME.to_string()),
+        snapshot: None,
+    };
+    exit(node.run(Start::Run(machine))?)
 }
 
 fn cmd_primary(a: PrimaryArgs) -> Result<ExitCode, CliError> {
@@ -650,16 +740,7 @@ fn cmd_primary(a: PrimaryArgs) -> Result<ExitCode, CliError> {
         window,
         backup_timeout: heartbeat_timeout(a.heartbeat_timeout_ms)?,
         on_backup_loss,
-        fence: match fence_option(&a.fence, &name, false)? {
-            None => None,
-            Some(FenceConfig::Agent(agent)) => Some(agent),
-            Some(FenceConfig::None) => {
-                return Err(usage(
-                    "--fence none is for the backup; a primary that may go on without \
-                     fencing its backup says --on-backup-loss continue",
-                ))
-            }
-        },
+        fence: primary_fence_agent(&a.fence, &name)?,
         name,
         early_checkpoint: !a.no_early_checkpoint,
         min_interval: Duration::from_millis(a.min_interval_ms.unwrap_or(2)),
@@ -671,8 +752,29 @@ fn cmd_primary(a: PrimaryArgs) -> Result<ExitCode, CliError> {
     };
     let _pid_file = pid_file_option(a.pid_file)?;
     let _api = api_option(a.api_sock.as_deref())?;
-    let status = primary::run(g, opts)?;
-    Ok(ExitCode::from(status))
+    let machine = Machine::boot(&g.machine, &g.image, &g.guest_args)?;
+    let node = Node {
+        console: g.machine.console.clone(),
+        net: g.machine.net.clone(),
+        fence: opts.fence.clone().map(FenceConfig::Agent),
+        fence_delay: DEFAULT_FENCE_DELAY,
+        primary: opts,
+        snapshot: None,
+    };
+    exit(node.run(Start::Protect(machine))?)
+}
+
+/// The fence agent of a process that runs the guest (`run`, `primary`): `--fence none` is
+/// the backup's.
+fn primary_fence_agent(f: &FenceArgs, name: &str) -> Result<Option<FenceAgent>, CliError> {
+    match fence_option(f, name, false)? {
+        None => Ok(None),
+        Some(FenceConfig::Agent(agent)) => Ok(Some(agent)),
+        Some(FenceConfig::None) => Err(usage(
+            "--fence none is for the backup; a primary that may go on without \
+             fencing its backup says --on-backup-loss continue",
+        )),
+    }
 }
 
 /// `--vcpus N`, checked against what the boot contract supports.
@@ -722,11 +824,22 @@ fn cmd_backup(a: BackupArgs) -> Result<ExitCode, CliError> {
     let _pid_file = pid_file_option(a.pid_file)?;
     // Held as long as the pid file: the promoted backup serves it too.
     let _api = api_option(a.api_sock.as_deref())?;
-    let outcome = backup::run(opts.clone())?;
-    match failover::take_over(outcome, &opts, fence.as_ref(), fence_delay)? {
-        Some(mut machine) => drive(&mut machine, None),
-        None => Ok(ExitCode::SUCCESS),
-    }
+    let node = Node {
+        console: opts.console.clone(),
+        net: opts.net.clone(),
+        primary: PrimaryOptions {
+            fence: match &fence {
+                Some(FenceConfig::Agent(agent)) => Some(agent.clone()),
+                _ => None,
+            },
+            backup_timeout: opts.heartbeat_timeout,
+            ..PrimaryOptions::new(String::new(), name)
+        },
+        fence,
+        fence_delay,
+        snapshot: None,
+    };
+    exit(node.run(Start::Backup(opts))?)
 }
 
 /// `--heartbeat-timeout-ms MS` of both roles.
@@ -821,59 +934,6 @@ fn fence_option(
         (None, None) => {
             agent_only()?;
             Ok(None)
-        }
-    }
-}
-
-/// Runs the machine until the guest exits, taking the snapshot on the way if asked.
-fn drive(
-    machine: &mut Machine,
-    mut snapshot: Option<(Duration, PathBuf)>,
-) -> Result<ExitCode, CliError> {
-    let start = Instant::now();
-    machine.resume()?;
-    loop {
-        let timeout = match &snapshot {
-            Some((at, _)) => at.saturating_sub(start.elapsed()),
-            None => Duration::from_secs(3600),
-        };
-        // Roles that install the stop handler (a resumed or promoted backup) end on
-        // SIGTERM/SIGINT with the guest stopped; `run` and `restore` keep the default.
-        if engine::replication::stop_requested() {
-            machine.pause()?;
-            status::update(|s| s.guest = GuestState::Paused);
-            machine.flush_console();
-            info!("stopped by signal");
-            return Ok(ExitCode::SUCCESS);
-        }
-        match machine.wait_event(timeout.min(Duration::from_millis(100))) {
-            Some(VcpuEvent::GuestExit { status, .. }) => {
-                machine.pause()?;
-                status::update(|s| s.guest = GuestState::Exited);
-                machine.flush_console();
-                return Ok(ExitCode::from(u8::try_from(status).unwrap_or(u8::MAX)));
-            }
-            Some(VcpuEvent::Crashed { vcpu, message }) => {
-                let _ = machine.pause();
-                machine.flush_console();
-                return Err(CliError::Crashed { vcpu, message });
-            }
-            None => {
-                let due = snapshot
-                    .as_ref()
-                    .is_some_and(|(at, _)| start.elapsed() >= *at);
-                if let Some((_, dir)) = snapshot.take_if(|_| due) {
-                    let (state, timing) = machine.pause_and_capture()?;
-                    let written = snapshot::write(&dir, &state, machine.memory())?;
-                    machine.resume()?;
-                    info!(
-                        "snapshot written to {} ({} KiB of non-zero memory; pause {} us)",
-                        dir.display(),
-                        written >> 10,
-                        timing.captured.as_micros()
-                    );
-                }
-            }
         }
     }
 }

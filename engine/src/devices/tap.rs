@@ -8,6 +8,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
+use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
@@ -35,6 +36,8 @@ const IFF_TAP: i16 = 0x0002;
 const IFF_NO_PI: i16 = 0x1000;
 /// `_IOW('T', 202, int)` (the kernel declares it with `int` but reads an `ifreq`).
 const TUNSETIFF: rustix::ioctl::Opcode = 0x4004_54ca;
+/// How long a busy tap (attached by another process) is waited for.
+const BUSY_WAIT: Duration = Duration::from_secs(3);
 /// Bytes of an interface name, its terminating NUL included (`IFNAMSIZ`).
 const IFNAMSIZ: usize = 16;
 
@@ -65,25 +68,37 @@ impl Tap {
             )
             .open("/dev/net/tun")
             .map_err(TapError::Open)?;
-        let mut req = IfReq {
-            name: [0; IFNAMSIZ],
-            flags: IFF_TAP | IFF_NO_PI,
-            _pad: [0; 22],
-        };
-        req.name[..name.len()].copy_from_slice(name.as_bytes());
-        // SAFETY: TUNSETIFF reads and writes an `ifreq`; `req` is a correctly sized,
-        // initialized `#[repr(C)]` ifreq that lives across the call.
-        let attach = unsafe {
-            rustix::ioctl::ioctl(
-                &file,
-                rustix::ioctl::Updater::<TUNSETIFF, IfReq>::new(&mut req),
-            )
-        };
-        if let Err(e) = attach {
-            return Err(TapError::Attach {
-                name: name.to_string(),
-                source: e.into(),
-            });
+        // A tap is attached to one file at a time: one still held by a process that is
+        // ending (a primary handing the guest over, or one just killed) is busy for a
+        // moment, and is waited for.
+        let deadline = Instant::now() + BUSY_WAIT;
+        loop {
+            let mut req = IfReq {
+                name: [0; IFNAMSIZ],
+                flags: IFF_TAP | IFF_NO_PI,
+                _pad: [0; 22],
+            };
+            req.name[..name.len()].copy_from_slice(name.as_bytes());
+            // SAFETY: TUNSETIFF reads and writes an `ifreq`; `req` is a correctly sized,
+            // initialized `#[repr(C)]` ifreq that lives across the call.
+            let attach = unsafe {
+                rustix::ioctl::ioctl(
+                    &file,
+                    rustix::ioctl::Updater::<TUNSETIFF, IfReq>::new(&mut req),
+                )
+            };
+            match attach {
+                Ok(()) => break,
+                Err(rustix::io::Errno::BUSY) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => {
+                    return Err(TapError::Attach {
+                        name: name.to_string(),
+                        source: e.into(),
+                    })
+                }
+            }
         }
         Ok(Tap {
             file,

@@ -11,6 +11,7 @@ use checkpoint::transport::{Connection, TransportError};
 use rustix::event::{poll, PollFd, PollFlags, Timespec};
 use thiserror::Error;
 
+use super::control::{self, Request};
 use super::fence::FenceError;
 use super::status::{self, GuestState, Protection, Role};
 use super::{guest_id, install_stop_handler, stop_requested};
@@ -113,6 +114,14 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
 pub enum Outcome {
     /// The primary ended it cleanly (final epoch, equal digests).
     Ended(Committed),
+    /// The primary handed the guest over (planned switchover): promote the final epoch,
+    /// no fencing needed (the primary stopped its guest for good before it said so).
+    HandedOver {
+        /// The final epoch.
+        committed: Committed,
+        /// Where the old primary now listens as the new backup, if it does.
+        new_backup: Option<String>,
+    },
     /// The primary went silent or away after at least one committed epoch.
     PrimaryLost {
         /// Why the primary counts as lost.
@@ -132,6 +141,9 @@ pub enum PrimaryLoss {
     /// The connection failed or closed: the primary's process is gone, or the link broke.
     #[error("{0}")]
     Link(TransportError),
+    /// An operator asked for failover (`POST /failover`); the primary may be alive.
+    #[error("failover requested by the operator")]
+    Operator,
 }
 
 impl PrimaryLoss {
@@ -222,7 +234,11 @@ pub fn run(mut opts: BackupOptions) -> Result<Outcome, BackupError> {
         })
     };
     match result {
-        Ok(()) => Ok(Outcome::Ended(committed(&staging, memory)?)),
+        Ok(None) => Ok(Outcome::Ended(committed(&staging, memory)?)),
+        Ok(Some(new_backup)) => Ok(Outcome::HandedOver {
+            committed: committed(&staging, memory)?,
+            new_backup: Some(new_backup).filter(|a| !a.is_empty()),
+        }),
         Err(BackupError::PrimaryLost {
             why,
             committed: epoch,
@@ -245,13 +261,14 @@ pub fn run(mut opts: BackupOptions) -> Result<Outcome, BackupError> {
 }
 
 /// Receives, verifies, applies and acknowledges epochs until the primary ends cleanly
-/// (`Ok`) or is lost (`PrimaryLost`).
+/// (`Ok(None)`), hands the guest over (`Ok(Some(new backup's address or ""))`) or is lost
+/// (`PrimaryLost`, also on an operator's failover request).
 fn replicate(
     conn: &mut Connection,
     memory: &GuestMemory,
     staging: &mut Staging,
     opts: &mut BackupOptions,
-) -> Result<(), BackupError> {
+) -> Result<Option<String>, BackupError> {
     let mut last_report = Instant::now();
     let mut rejected = 0u64;
     let mut withheld_since: Option<Instant> = None;
@@ -260,6 +277,14 @@ fn replicate(
     loop {
         if stop_requested() {
             return Err(BackupError::Stopped(staging.committed_epoch()));
+        }
+        if control::take(|r| *r == Request::Failover).is_some() {
+            info!("failover requested on the control socket");
+            staging.abort();
+            return Err(BackupError::PrimaryLost {
+                why: PrimaryLoss::Operator,
+                committed: staging.committed_epoch(),
+            });
         }
         if last_sent.elapsed() >= every {
             let beat = Message::Heartbeat {
@@ -370,7 +395,7 @@ fn replicate(
                     });
                 }
                 info!("replication ended cleanly at epoch {epoch} ({rejected} epochs rejected)");
-                return Ok(());
+                return Ok(handover(conn, epoch, opts.heartbeat_timeout));
             }
             Err(e) => {
                 rejected += 1;
@@ -386,6 +411,34 @@ fn replicate(
                 send(conn, &nack, staging)?;
                 last_sent = Instant::now();
             }
+        }
+    }
+}
+
+/// After `End`: a `Handover` for that epoch (planned switchover) gives the address the old
+/// primary now listens on as the new backup ("" when it stops); a closed connection or
+/// silence for `timeout` is a plain end (`None`).
+fn handover(conn: &mut Connection, epoch: u64, timeout: Duration) -> Option<String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match conn.recv(Some(left)) {
+            Ok(Message::Handover {
+                epoch: e,
+                new_backup,
+            }) if e == epoch => {
+                info!("the primary HANDED OVER the guest at epoch {epoch} (planned switchover)");
+                return Some(new_backup);
+            }
+            Ok(Message::Heartbeat { .. }) if !left.is_zero() => {}
+            Ok(other) => {
+                warn!(
+                    "after End: unexpected {:?}; replication is over",
+                    other.kind()
+                );
+                return None;
+            }
+            Err(_) => return None,
         }
     }
 }

@@ -21,19 +21,37 @@ use crate::vstate::memory;
 /// waits before fencing a primary that went silent (see [`fail_over`]).
 pub const DEFAULT_FENCE_DELAY: Duration = Duration::from_millis(1000);
 
+/// The machine a backup runs after replication, and whom to protect it with next.
+pub struct TakenOver {
+    /// The running guest.
+    pub machine: Machine,
+    /// After a switchover whose old primary became the new backup: its address; the
+    /// guest should be protected to it at once.
+    pub protect_to: Option<String>,
+}
+
 /// Decides what follows `outcome` (what [`super::backup::run`] returned): the running
 /// machine the backup now drives, or `None` when there is nothing to run.
 ///
 /// - The primary ended replication cleanly: the guest is resumed when
 ///   `opts.run_after_end` asks for it.
-/// - The primary was lost: with `fence` configured, [`fail_over`] fences it and promotes;
-///   without, the loss is the error [`BackupError::PrimaryLost`] and nothing runs.
+/// - The primary handed the guest over (switchover): it is promoted without fencing (the
+///   primary stopped it for good before it said so).
+/// - The primary was lost (or the operator asked for failover): with `fence` configured,
+///   [`fail_over`] fences it and promotes; without, the loss is the error
+///   [`BackupError::PrimaryLost`] and nothing runs.
 pub fn take_over(
     outcome: Outcome,
     opts: &BackupOptions,
     fence: Option<&FenceConfig>,
     fence_delay: Duration,
-) -> Result<Option<Machine>, BackupError> {
+) -> Result<Option<TakenOver>, BackupError> {
+    let running = |machine| {
+        Some(TakenOver {
+            machine,
+            protect_to: None,
+        })
+    };
     match outcome {
         Outcome::Ended(c) if opts.run_after_end => {
             let epoch = c.epoch;
@@ -44,9 +62,31 @@ pub fn take_over(
                 GuestState::Running,
                 format!("the primary ended replication at epoch {epoch}; resumed here"),
             );
-            Ok(Some(machine))
+            Ok(running(machine))
         }
         Outcome::Ended(_) => Ok(None),
+        Outcome::HandedOver {
+            committed,
+            new_backup,
+        } => {
+            let epoch = committed.epoch;
+            let handed = Instant::now();
+            let machine = promote(committed, &opts.console, opts.net.as_ref())?;
+            info!(
+                "PROMOTED: guest running from epoch {epoch}, handed over by the primary ({} ms)",
+                handed.elapsed().as_millis()
+            );
+            status::role_change(
+                Role::Promoted,
+                Protection::Unprotected,
+                GuestState::Running,
+                format!("switchover: the primary handed over epoch {epoch}"),
+            );
+            Ok(Some(TakenOver {
+                machine,
+                protect_to: new_backup,
+            }))
+        }
         Outcome::PrimaryLost { why, committed } => {
             let Some(fence) = fence else {
                 return Err(BackupError::PrimaryLost {
@@ -69,7 +109,7 @@ pub fn take_over(
                 GuestState::Running,
                 format!("primary lost ({why}); promoted from committed epoch {epoch}"),
             );
-            Ok(Some(machine))
+            Ok(running(machine))
         }
     }
 }

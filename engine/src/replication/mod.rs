@@ -5,8 +5,10 @@
 //! crate; this module drives them from a running [`Machine`](crate::machine::Machine).
 
 pub mod backup;
+pub mod control;
 pub mod failover;
 pub mod fence;
+pub mod node;
 pub mod primary;
 pub mod stats;
 pub mod status;

@@ -3,7 +3,7 @@
 
 use super::*;
 
-impl Primary {
+impl Primary<'_> {
     /// The backup is gone. Output the backup has not acknowledged may leave only once the
     /// backup can no longer promote (invariant 3): by default (`--on-backup-loss fence`)
     /// the guest runs on while its output stays held, the backup is fenced with
@@ -11,7 +11,7 @@ impl Primary {
     /// unprotected. Without a fence command the output stays held until the primary is
     /// stopped. `pause` stops the guest; `continue` releases at once (unsafe: a backup that
     /// was only stalled may promote a state older than what clients saw).
-    pub(super) fn without_backup(&mut self, why: BackupLoss) -> Result<u8, PrimaryError> {
+    pub(super) fn without_backup(&mut self, why: BackupLoss) -> Result<ProtectEnd, PrimaryError> {
         let has_output = self.output.is_some();
         let what = match (self.opts.on_backup_loss, &self.opts.fence) {
             (OnBackupLoss::Pause, _) => "PAUSING the guest (--on-backup-loss pause)".to_string(),
@@ -58,14 +58,11 @@ impl Primary {
         if !self.machine.is_running() {
             self.machine.resume()?;
         }
-        let release = |o: &Option<OutputCommit>| {
-            if let Some(o) = o {
-                o.unprotect();
-            }
-        };
-        let mut fencing = match (self.opts.on_backup_loss, &self.opts.fence) {
+        let fencing = match (self.opts.on_backup_loss, &self.opts.fence) {
             (OnBackupLoss::Continue, _) => {
-                release(&self.output);
+                if let Some(o) = &self.output {
+                    o.unprotect();
+                }
                 None
             }
             (_, Some(agent)) if has_output => {
@@ -74,7 +71,7 @@ impl Primary {
                 std::thread::Builder::new()
                     .name("fence".into())
                     .spawn(move || {
-                        let _ = tx.send(fence_until_done(&cfg, "the backup"));
+                        let _ = tx.send(fence_until_done(&cfg, "the backup").map(|_| ()));
                     })
                     .expect("spawn the fencing thread");
                 Some(rx)
@@ -82,8 +79,44 @@ impl Primary {
             // Nothing to hold (no network device), or nothing to fence with: no fencing.
             _ => None,
         };
+        Ok(ProtectEnd::BackupLost(Unprotected {
+            output: self.output.clone(),
+            fencing,
+            deadline: self.opts.seconds.map(|s| self.started + s),
+        }))
+    }
+}
+
+impl Unprotected {
+    /// Looks at the fencing of the lost backup: once it succeeded, the held output is
+    /// released and the guest's output flows unprotected. Call it often (every few tens
+    /// of ms) while the guest runs.
+    pub fn poll(&mut self) {
+        let Some(Ok(result)) = self.fencing.as_ref().map(|rx| rx.try_recv()) else {
+            return;
+        };
+        self.fencing = None;
+        match result {
+            Ok(()) => {
+                if let Some(o) = &self.output {
+                    o.unprotect();
+                }
+                status::update(|s| s.protection = Protection::Unprotected);
+                warn!("the backup is fenced: output released, the guest continues UNPROTECTED");
+            }
+            Err(e) => warn!("{e}: output stays held"),
+        }
+    }
+
+    /// SIGTERM/SIGINT or `POST /stop` arrived, or the primary's `--seconds` are over.
+    pub fn is_over(&self) -> bool {
+        stop_requested() || self.deadline.is_some_and(|d| Instant::now() >= d)
+    }
+
+    /// Runs the guest unprotected until it exits (its status) or the run is ended (0).
+    pub fn run(mut self, machine: &mut Machine) -> Result<u8, PrimaryError> {
         loop {
-            match self.machine.wait_event(Duration::from_millis(20)) {
+            match machine.wait_event(Duration::from_millis(20)) {
                 Some(VcpuEvent::GuestExit { status, .. }) => {
                     status::update(|s| s.guest = GuestState::Exited);
                     return Ok(u8::try_from(status).unwrap_or(u8::MAX));
@@ -93,18 +126,8 @@ impl Primary {
                 }
                 None => {}
             }
-            if let Some(Ok(result)) = fencing.as_ref().map(|rx| rx.try_recv()) {
-                fencing = None;
-                match result {
-                    Ok(_) => {
-                        release(&self.output);
-                        status::update(|s| s.protection = Protection::Unprotected);
-                        warn!("the backup is fenced: output released, the guest continues UNPROTECTED");
-                    }
-                    Err(e) => warn!("{e}: output stays held"),
-                }
-            }
-            if self.run_is_over() {
+            self.poll();
+            if self.is_over() {
                 return Ok(0);
             }
         }

@@ -62,7 +62,7 @@ impl Drop for Realtime {
     }
 }
 
-impl Primary {
+impl Primary<'_> {
     /// Continuous epochs until the guest exits, `--seconds` pass, or SIGTERM/SIGINT.
     /// Returns the guest's exit status (0 when the run was ended from outside).
     pub(super) fn epochs(&mut self) -> Result<u8, PrimaryError> {
@@ -102,6 +102,13 @@ impl Primary {
             self.drain_acks()?;
             self.collect_sent(Duration::ZERO)?;
             if self.run_is_over() {
+                return Ok(0);
+            }
+            if let Some(Request::Switchover { then }) =
+                control::take(|r| matches!(r, Request::Switchover { .. }))
+            {
+                info!("switchover requested: final epoch, then the backup takes the guest");
+                self.handover = Some(then);
                 return Ok(0);
             }
             if last_stats.elapsed() >= STATS_EVERY {
@@ -297,6 +304,9 @@ impl Primary {
             })?;
             link.sent();
         }
+        if let Some(then) = self.handover.clone() {
+            self.hand_over(epoch, &then)?;
+        }
         self.heartbeats.stop();
         self.machine.flush_console();
         println!("final epoch={epoch} digest={digest}");
@@ -319,6 +329,27 @@ impl Primary {
                 self.stats.held_us.max() as f64 / 1000.0
             );
         }
+        Ok(())
+    }
+
+    /// The switchover's last step, after `End`: every frame of the final epoch has left,
+    /// then `Handover` tells the backup to promote (and where this side will listen as
+    /// its new backup). The guest stays paused for good.
+    fn hand_over(&mut self, epoch: u64, then: &AfterSwitchover) -> Result<(), PrimaryError> {
+        let drained = Instant::now() + Duration::from_secs(1);
+        while self.output.as_ref().is_some_and(|o| o.held_frames() > 0) && Instant::now() < drained
+        {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let new_backup = match then {
+            AfterSwitchover::Stop => String::new(),
+            AfterSwitchover::Backup { listen } => listen.clone(),
+        };
+        let mut link = self.link();
+        link.tx.send(&Message::Handover { epoch, new_backup })?;
+        link.sent();
+        drop(link);
+        info!("HANDED OVER: the backup promotes epoch {epoch}; the guest no longer runs here");
         Ok(())
     }
 }

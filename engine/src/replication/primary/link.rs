@@ -187,13 +187,36 @@ pub(super) fn spawn_ack_reader(
         .expect("spawn the ack reader thread");
 }
 
-impl Primary {
+impl Primary<'_> {
+    /// The backup committed its first epoch: the guest is protected from now on.
+    fn first_ack(&mut self, epoch: u64) {
+        let took = self.began.elapsed();
+        self.protected_at = Some(Instant::now());
+        status::update(|s| s.protection = Protection::Protected);
+        info!(
+            "PROTECTED: the backup at {} committed epoch {epoch}, {} ms after protection began",
+            self.opts.peer,
+            took.as_millis()
+        );
+        if control::last().is_some_and(|r| r.kind == "protect" && r.state == RequestState::Running)
+        {
+            control::finish(Ok(format!(
+                "protected by the backup at {} in {} ms (first committed epoch)",
+                self.opts.peer,
+                took.as_millis()
+            )));
+        }
+    }
+
     pub(super) fn drain_acks(&mut self) -> Result<(), PrimaryError> {
         while let Ok(ev) = self.acks.try_recv() {
             match ev {
                 AckEvent::Ack { epoch, at } => {
                     // Acks are cumulative: every epoch up to `epoch` is committed.
                     status::update(|s| s.acked_epoch = Some(epoch));
+                    if self.protected_at.is_none() {
+                        self.first_ack(epoch);
+                    }
                     let done: Vec<u64> = self
                         .pause_start
                         .keys()

@@ -47,7 +47,8 @@ use checkpoint::PAGE_SIZE;
 use crossbeam_channel::{unbounded, Receiver, Sender};
 use thiserror::Error;
 
-use super::fence::{fence_until_done, FenceAgent, FenceConfig};
+use super::control::{self, AfterSwitchover, Request, RequestState};
+use super::fence::{fence_until_done, FenceAgent, FenceConfig, FenceError};
 use super::stats::PrimaryStats;
 use super::status::{self, GuestState, Protection, Role};
 use super::{guest_id, install_stop_handler, stop_requested};
@@ -185,6 +186,27 @@ pub struct PrimaryOptions {
     pub max_epoch_pages: usize,
 }
 
+impl PrimaryOptions {
+    /// The defaults of `lockstep primary` for the pair `name` and the backup at `peer`
+    /// (no fence agent: a lost backup's output stays held).
+    pub fn new(peer: String, name: String) -> PrimaryOptions {
+        PrimaryOptions {
+            peer,
+            interval: DEFAULT_INTERVAL,
+            seconds: None,
+            connect_timeout: Duration::from_secs(10),
+            name,
+            window: DEFAULT_WINDOW,
+            backup_timeout: super::DEFAULT_HEARTBEAT_TIMEOUT,
+            on_backup_loss: OnBackupLoss::Fence,
+            fence: None,
+            early_checkpoint: true,
+            min_interval: Duration::from_millis(2),
+            max_epoch_pages: DEFAULT_MAX_EPOCH_PAGES,
+        }
+    }
+}
+
 /// What the primary does when the backup is lost (`--on-backup-loss`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OnBackupLoss {
@@ -232,8 +254,8 @@ const STATS_EVERY: Duration = Duration::from_secs(2);
 const STATUS_EVERY: Duration = Duration::from_secs(1);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-struct Primary {
-    machine: Machine,
+struct Primary<'m> {
+    machine: &'m mut Machine,
     /// Output commit on the guest's network device, if it has one.
     output: Option<OutputCommit>,
     link: Arc<Mutex<Link>>,
@@ -261,17 +283,70 @@ struct Primary {
     /// When the dirty set is counted next, and whether it had reached the cap.
     next_dirty_count: Instant,
     dirty_full: bool,
+    /// A switchover under way: what this side does once the backup has the guest.
+    handover: Option<AfterSwitchover>,
+    /// When protection began (before connecting), and when the first epoch was committed.
+    began: Instant,
+    protected_at: Option<Instant>,
 }
 
-/// Runs `lockstep primary` to the end; returns the guest's exit status.
+/// How a protected run ended (see [`protect`]).
+pub enum ProtectEnd {
+    /// The guest exited, with this status; replication ended cleanly (final epoch, `End`).
+    Exited(u8),
+    /// The run was ended from outside (SIGTERM, `--seconds`, `POST /stop`): final epoch
+    /// and `End` sent, the guest paused.
+    Stopped,
+    /// A planned switchover is done: the backup holds the final epoch and promotes it.
+    /// This side's guest is paused for good and must be dropped (its tap is the
+    /// backup's now); then it does what `then` says.
+    HandedOver(AfterSwitchover),
+    /// The backup was lost; the guest runs on unprotected (`--on-backup-loss fence` or
+    /// `continue`).
+    BackupLost(Unprotected),
+}
+
+/// A guest left running without its backup: whether its output is still held, and the
+/// fencing that releases it.
+pub struct Unprotected {
+    /// The guest's output commit, if it has a network device.
+    pub output: Option<OutputCommit>,
+    /// The fencing under way; its success releases the held output. `None`: nothing is
+    /// held, or nothing fences the backup (the output then stays held).
+    pub fencing: Option<Receiver<Result<(), FenceError>>>,
+    /// When the run ends (`--seconds`), if it does.
+    pub deadline: Option<Instant>,
+}
+
+/// Runs `lockstep primary` to the end: boots the guest, protects it with the backup at
+/// `opts.peer` and, should the backup be lost, runs it on unprotected. Returns the guest's
+/// exit status.
 pub fn run(guest: BootConfig, opts: PrimaryOptions) -> Result<u8, PrimaryError> {
+    let mut machine = Machine::boot(&guest.machine, &guest.image, &guest.guest_args)?;
+    match protect(&mut machine, opts)? {
+        ProtectEnd::Exited(status) => Ok(status),
+        ProtectEnd::Stopped | ProtectEnd::HandedOver(_) => Ok(0),
+        ProtectEnd::BackupLost(u) => u.run(&mut machine),
+    }
+}
+
+/// Protects `machine` (paused after boot, or running: a promoted or standalone guest) with
+/// the backup at `opts.peer`: handshake, pre-copy while the guest runs, then epochs with
+/// output commit until the guest exits, the run is ended, a switchover hands the guest
+/// over, or the backup is lost (see [`ProtectEnd`]). The guest runs when this returns,
+/// except after `Exited`, `Stopped` and `HandedOver`.
+///
+/// Errors before the first epoch is acknowledged (no backup, a refused handshake) leave
+/// the guest as it was: running when it ran, unprotected, its output flowing.
+pub fn protect(machine: &mut Machine, opts: PrimaryOptions) -> Result<ProtectEnd, PrimaryError> {
+    let began = Instant::now();
     install_stop_handler();
     status::update(|s| {
         s.role = Role::Primary;
         s.name = opts.name.clone();
         s.protection = Protection::Unprotected;
+        s.acked_epoch = None;
     });
-    let machine = Machine::boot(&guest.machine, &guest.image, &guest.guest_args)?;
     let mut conn = connect(&opts.peer, opts.connect_timeout)?;
     let mem_size = ram_size(machine.memory());
     let hello = Hello::new(
@@ -355,19 +430,30 @@ pub fn run(guest: BootConfig, opts: PrimaryOptions) -> Result<u8, PrimaryError> 
         started: Instant::now(),
         next_dirty_count: Instant::now(),
         dirty_full: false,
+        handover: None,
+        began,
+        protected_at: None,
     };
-    p.machine.resume()?;
-    let ran = p.initial_sync().and_then(|()| {
-        status::update(|s| s.protection = Protection::Protected);
-        p.epochs()
-    });
+    if !p.machine.is_running() {
+        p.machine.resume()?;
+    }
+    let ran = p.initial_sync().and_then(|()| p.epochs());
     match ran {
         Ok(exit) => {
             let finished = p.finish();
             p.publish_figures();
-            status::update(|s| s.guest = GuestState::Exited);
             finished?;
-            Ok(exit)
+            if let Some(then) = p.handover.take() {
+                status::update(|s| s.guest = GuestState::Paused);
+                return Ok(ProtectEnd::HandedOver(then));
+            }
+            if p.exit_status.is_some() {
+                status::update(|s| s.guest = GuestState::Exited);
+                Ok(ProtectEnd::Exited(exit))
+            } else {
+                status::update(|s| s.guest = GuestState::Paused);
+                Ok(ProtectEnd::Stopped)
+            }
         }
         Err(PrimaryError::BackupLost(why)) => {
             p.heartbeats.stop();
@@ -405,7 +491,7 @@ fn connect(peer: &str, timeout: Duration) -> Result<Connection, PrimaryError> {
     }
 }
 
-impl Primary {
+impl Primary<'_> {
     fn check_guest(&self) -> Result<Option<u32>, PrimaryError> {
         match self.machine.wait_event(Duration::ZERO) {
             Some(VcpuEvent::GuestExit { status, .. }) => Ok(Some(status)),

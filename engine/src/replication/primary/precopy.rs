@@ -4,7 +4,7 @@
 
 use super::*;
 
-impl Primary {
+impl Primary<'_> {
     /// Pre-copy: the whole memory while the guest runs, then rounds of what it dirtied
     /// meanwhile, until that fits in one epoch; it goes with epoch 1.
     ///

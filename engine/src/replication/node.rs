@@ -1,0 +1,336 @@
+//! A lockstep process over its whole life: the roles it goes through one after the other,
+//! as failovers, re-protects and switchovers move the guest between hosts.
+//!
+//! ```text
+//!            protect (POST /protect)                 backup lost
+//!  Running ---------------------------> Protecting -------------> Running (unprotected)
+//!  (run, promoted)  <-- guest exits / stop --|  |
+//!                                            |  | switchover (POST /switchover)
+//!  Backup --- primary lost: fence, promote --+  v
+//!     |   --- handover: promote (and protect     Backup (then=backup) or the end
+//!     |       to the old primary, now backup)
+//! ```
+//!
+//! `lockstep run` starts as Running, `primary` as Protecting, `backup` as Backup; every
+//! state can lead to another, so a promoted backup can be protected again (re-protect,
+//! COLO's procedure after a failover) and an old primary can come back as the new backup
+//! (failback).
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+
+use super::backup::{self, BackupError, BackupOptions};
+use super::control::{self, AfterSwitchover, Request, RequestState};
+use super::failover::{self, TakenOver};
+use super::fence::FenceConfig;
+use super::primary::{self, PrimaryError, PrimaryOptions, ProtectEnd, Unprotected};
+use super::status::{self, GuestState, Protection, Role};
+use super::stop_requested;
+use crate::devices::serial::Console;
+use crate::devices::NetConfig;
+use crate::machine::{Machine, MachineError};
+use crate::snapshot::{self, SnapshotError};
+use crate::vstate::vcpu::VcpuEvent;
+use crate::{info, warn};
+
+/// A role failed.
+#[derive(Debug, Error)]
+pub enum NodeError {
+    /// The primary failed.
+    #[error(transparent)]
+    Primary(#[from] PrimaryError),
+    /// The backup failed.
+    #[error(transparent)]
+    Backup(#[from] BackupError),
+    /// The machine failed.
+    #[error(transparent)]
+    Machine(#[from] MachineError),
+    /// The snapshot could not be written.
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    /// A vCPU crashed (the guest cannot go on).
+    #[error("vCPU {vcpu}: {message}")]
+    Crashed {
+        /// The vCPU.
+        vcpu: u32,
+        /// Why it stopped.
+        message: String,
+    },
+}
+
+/// What stays the same across the roles of one process: the guest's devices on this
+/// host, the pair, how to fence the peer, and the replication settings a re-protect uses.
+#[derive(Clone, Debug)]
+pub struct Node {
+    /// The console of any guest this process runs.
+    pub console: Console,
+    /// The tap of any guest this process runs.
+    pub net: Option<NetConfig>,
+    /// How to fence the peer, whichever role this process has: the backup fences the
+    /// primary before it promotes, the primary fences the backup before it releases
+    /// output (`None`: not configured).
+    pub fence: Option<FenceConfig>,
+    /// The backup's head start (see [`failover::fail_over`]).
+    pub fence_delay: Duration,
+    /// The settings of the primary role; `peer` is replaced by each protect's.
+    pub primary: PrimaryOptions,
+    /// `lockstep run --snapshot-after-ms/--snapshot-to`: when, and where.
+    pub snapshot: Option<(Duration, PathBuf)>,
+}
+
+/// Where a process starts.
+pub enum Start {
+    /// A running guest, unprotected (`lockstep run`, `restore`).
+    Run(Machine),
+    /// A booted guest to protect with `opts.peer` (`lockstep primary`).
+    Protect(Machine),
+    /// A backup (`lockstep backup`).
+    Backup(BackupOptions),
+}
+
+enum State {
+    Run(Machine, Option<Unprotected>),
+    Protect {
+        machine: Machine,
+        peer: String,
+        /// A failed first protect is the process's error; a failed re-protect leaves the
+        /// guest running unprotected.
+        first: bool,
+    },
+    Backup(BackupOptions),
+}
+
+/// What [`Node::drive`] ended with.
+enum Driven {
+    /// The guest exited (its status) or the run was ended (0).
+    Ended(u8),
+    /// `POST /protect`: protect the guest with the backup at this address.
+    Protect(String),
+}
+
+impl Node {
+    /// Runs the process from `start` to its end; returns the guest's exit status (0 when
+    /// the run was ended from outside, or there was no guest to run).
+    pub fn run(&self, start: Start) -> Result<u8, NodeError> {
+        let started = Instant::now();
+        let mut state = match start {
+            Start::Run(m) => State::Run(m, None),
+            Start::Protect(m) => State::Protect {
+                machine: m,
+                peer: self.primary.peer.clone(),
+                first: true,
+            },
+            Start::Backup(opts) => State::Backup(opts),
+        };
+        loop {
+            state = match state {
+                State::Backup(opts) => match self.back_up(opts)? {
+                    None => return Ok(0),
+                    Some(TakenOver {
+                        machine,
+                        protect_to: Some(peer),
+                    }) => State::Protect {
+                        machine,
+                        peer,
+                        first: false,
+                    },
+                    Some(TakenOver { machine, .. }) => State::Run(machine, None),
+                },
+                State::Run(mut machine, unprotected) => {
+                    match self.drive(&mut machine, unprotected, started)? {
+                        Driven::Ended(status) => return Ok(status),
+                        Driven::Protect(peer) => State::Protect {
+                            machine,
+                            peer,
+                            first: false,
+                        },
+                    }
+                }
+                State::Protect {
+                    mut machine,
+                    peer,
+                    first,
+                } => {
+                    let was = status::report().role;
+                    if !first {
+                        info!("protecting the running guest with the backup at {peer}");
+                        status::role_change(
+                            Role::Primary,
+                            Protection::Unprotected,
+                            GuestState::Running,
+                            format!("protect: syncing the running guest to the backup at {peer}"),
+                        );
+                    }
+                    let opts = PrimaryOptions {
+                        peer: peer.clone(),
+                        seconds: if first { self.primary.seconds } else { None },
+                        ..self.primary.clone()
+                    };
+                    let ended = primary::protect(&mut machine, opts);
+                    if control::last()
+                        .is_some_and(|r| r.kind == "protect" && r.state == RequestState::Running)
+                    {
+                        control::finish(Err(match &ended {
+                            Err(e) => format!("protect to {peer} failed: {e}"),
+                            Ok(_) => format!(
+                                "the backup at {peer} was lost before it committed an epoch"
+                            ),
+                        }));
+                    }
+                    match ended {
+                        Ok(ProtectEnd::Exited(status)) => return Ok(status),
+                        Ok(ProtectEnd::Stopped) => return Ok(0),
+                        Ok(ProtectEnd::HandedOver(then)) => {
+                            control::finish(Ok(format!("handed over to {peer}")));
+                            // Closes the tap: the promoted backup attaches to it.
+                            drop(machine);
+                            match then {
+                                AfterSwitchover::Stop => {
+                                    // A moment for a `ctl switchover` that polls the
+                                    // status to see the request done before the socket goes.
+                                    std::thread::sleep(Duration::from_millis(300));
+                                    return Ok(0);
+                                }
+                                AfterSwitchover::Backup { listen } => {
+                                    status::role_change(
+                                        Role::Backup,
+                                        Protection::Unprotected,
+                                        GuestState::Paused,
+                                        format!("switchover: handed the guest to {peer}; now its backup on {listen}"),
+                                    );
+                                    State::Backup(self.backup_options(listen))
+                                }
+                            }
+                        }
+                        Ok(ProtectEnd::BackupLost(u)) => State::Run(machine, Some(u)),
+                        Err(e) if !first && before_first_epoch(&e) => {
+                            warn!("protect to {peer} failed: {e}; the guest runs on unprotected");
+                            status::role_change(
+                                was,
+                                Protection::Unprotected,
+                                GuestState::Running,
+                                format!("protect to {peer} failed: {e}"),
+                            );
+                            State::Run(machine, None)
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            };
+        }
+    }
+
+    /// The backup role, then what the backup's end leaves to run.
+    fn back_up(&self, opts: BackupOptions) -> Result<Option<TakenOver>, NodeError> {
+        control::set_failover_refusal(match &self.fence {
+            Some(_) => None,
+            None => Some(
+                "this backup has no fencing configured (--fence-cmd, or --fence none): it \
+                 cannot promote"
+                    .into(),
+            ),
+        });
+        let outcome = backup::run(opts.clone());
+        control::set_failover_refusal(Some("this process is no longer a backup".into()));
+        let taken = outcome
+            .and_then(|o| failover::take_over(o, &opts, self.fence.as_ref(), self.fence_delay));
+        if control::last().is_some_and(|r| r.kind == "failover" && r.state == RequestState::Running)
+        {
+            control::finish(match &taken {
+                Ok(_) => Ok("promoted after fencing the primary".into()),
+                Err(e) => Err(e.to_string()),
+            });
+        }
+        Ok(taken?)
+    }
+
+    /// The options of the backup an old primary becomes after a switchover.
+    fn backup_options(&self, listen: String) -> BackupOptions {
+        BackupOptions {
+            listen,
+            mem: None,
+            vcpus: None,
+            name: self.primary.name.clone(),
+            run_after_end: false,
+            console: self.console.clone(),
+            net: self.net.clone(),
+            heartbeat_timeout: self.primary.backup_timeout,
+            withhold_acks: None,
+        }
+    }
+
+    /// Runs the guest unprotected until it exits, the run is ended, or a protect request
+    /// comes; takes the snapshot on the way if asked. `unprotected`: what a lost backup
+    /// left (output held until it is fenced).
+    fn drive(
+        &self,
+        machine: &mut Machine,
+        mut unprotected: Option<Unprotected>,
+        started: Instant,
+    ) -> Result<Driven, NodeError> {
+        let mut snapshot = self.snapshot.clone();
+        if !machine.is_running() {
+            machine.resume()?;
+        }
+        status::update(|s| s.guest = GuestState::Running);
+        loop {
+            let timeout = match &snapshot {
+                Some((at, _)) => at.saturating_sub(started.elapsed()),
+                None => Duration::from_secs(3600),
+            };
+            let over = unprotected.as_ref().is_some_and(Unprotected::is_over);
+            // Roles that install the stop handler end on SIGTERM/SIGINT with the guest
+            // stopped; `run` and `restore` keep the default (they end at once).
+            if stop_requested() || over {
+                machine.pause()?;
+                status::update(|s| s.guest = GuestState::Paused);
+                machine.flush_console();
+                info!("stopped by {}", if over { "--seconds" } else { "request" });
+                return Ok(Driven::Ended(0));
+            }
+            match machine.wait_event(timeout.min(Duration::from_millis(20))) {
+                Some(VcpuEvent::GuestExit { status, .. }) => {
+                    machine.pause()?;
+                    status::update(|s| s.guest = GuestState::Exited);
+                    machine.flush_console();
+                    return Ok(Driven::Ended(u8::try_from(status).unwrap_or(u8::MAX)));
+                }
+                Some(VcpuEvent::Crashed { vcpu, message }) => {
+                    let _ = machine.pause();
+                    machine.flush_console();
+                    return Err(NodeError::Crashed { vcpu, message });
+                }
+                None => {}
+            }
+            if let Some(u) = &mut unprotected {
+                u.poll();
+            }
+            if let Some(Request::Protect { peer }) =
+                control::take(|r| matches!(r, Request::Protect { .. }))
+            {
+                return Ok(Driven::Protect(peer));
+            }
+            let due = snapshot
+                .as_ref()
+                .is_some_and(|(at, _)| started.elapsed() >= *at);
+            if let Some((_, dir)) = snapshot.take_if(|_| due) {
+                let (state, timing) = machine.pause_and_capture()?;
+                let written = snapshot::write(&dir, &state, machine.memory())?;
+                machine.resume()?;
+                info!(
+                    "snapshot written to {} ({} KiB of non-zero memory; pause {} us)",
+                    dir.display(),
+                    written >> 10,
+                    timing.captured.as_micros()
+                );
+            }
+        }
+    }
+}
+
+/// Whether a protect failed before the backup committed anything: the guest is as it was.
+fn before_first_epoch(e: &PrimaryError) -> bool {
+    matches!(e, PrimaryError::Connect { .. } | PrimaryError::Handshake(_))
+}
