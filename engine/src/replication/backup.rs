@@ -172,8 +172,9 @@ pub struct Committed {
 /// Runs `lockstep backup`. With `--run-after-end`, returns the resumed guest's exit status.
 pub fn run(mut opts: BackupOptions) -> Result<Outcome, BackupError> {
     install_stop_handler();
+    status::start_role(Role::Backup);
+    status::watch_output(None);
     status::update(|s| {
-        s.role = Role::Backup;
         s.name = opts.name.clone();
         s.guest = GuestState::Paused;
         s.protection = Protection::Unprotected;

@@ -173,7 +173,7 @@ impl Node {
                         .is_some_and(|r| r.kind == "protect" && r.state == RequestState::Running)
                     {
                         control::finish(Err(match &ended {
-                            Err(e) => format!("protect to {peer} failed: {e}"),
+                            Err(e) => e.to_string(),
                             Ok(_) => format!(
                                 "the backup at {peer} was lost before it committed an epoch"
                             ),
@@ -188,6 +188,12 @@ impl Node {
                             drop(machine);
                             match then {
                                 AfterSwitchover::Stop => {
+                                    status::role_change(
+                                        Role::Primary,
+                                        Protection::Unprotected,
+                                        GuestState::Paused,
+                                        format!("switchover: handed the guest to {peer}; stopping"),
+                                    );
                                     // A moment for a `ctl switchover` that polls the
                                     // status to see the request done before the socket goes.
                                     std::thread::sleep(Duration::from_millis(300));

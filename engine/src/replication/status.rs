@@ -134,6 +134,17 @@ pub fn update(f: impl FnOnce(&mut StatusReport)) {
     f(&mut shared().report);
 }
 
+/// A new role starts: its epochs and figures start afresh (the pair name stays).
+pub fn start_role(role: Role) {
+    update(|s| {
+        s.role = role;
+        s.committed_epoch = None;
+        s.acked_epoch = None;
+        s.pause_us = (0, 0);
+        s.commit_us = (0, 0);
+    });
+}
+
 /// The output whose held frames the status counts (the primary's network device).
 pub fn watch_output(output: Option<OutputCommit>) {
     shared().output = output;

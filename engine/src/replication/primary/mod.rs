@@ -341,11 +341,10 @@ pub fn run(guest: BootConfig, opts: PrimaryOptions) -> Result<u8, PrimaryError> 
 pub fn protect(machine: &mut Machine, opts: PrimaryOptions) -> Result<ProtectEnd, PrimaryError> {
     let began = Instant::now();
     install_stop_handler();
+    status::start_role(Role::Primary);
     status::update(|s| {
-        s.role = Role::Primary;
         s.name = opts.name.clone();
         s.protection = Protection::Unprotected;
-        s.acked_epoch = None;
     });
     let mut conn = connect(&opts.peer, opts.connect_timeout)?;
     let mem_size = ram_size(machine.memory());
