@@ -56,6 +56,7 @@ fn measure(bin: &Path, work: &Path, trials: usize, mem: Option<String>) -> Resul
             mem: mem.clone(),
             port: 7600 + t as u16,
             verbose: false,
+            reprotect: false,
         };
         let o = harness::trial(&ns, &cfg)?;
         let f = |d: Option<Duration>| {

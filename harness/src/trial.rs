@@ -41,6 +41,24 @@ pub struct TrialConfig {
     pub port: u16,
     /// Print the failover as it happens.
     pub verbose: bool,
+    /// After the failover, start a new backup (standing for the old primary's host come
+    /// back: it takes the old primary's pid file) and protect the promoted guest with it
+    /// (`lockstep ctl protect`), while the client keeps writing.
+    pub reprotect: bool,
+}
+
+/// What the re-protect after the failover observed.
+#[derive(Debug)]
+pub struct Reprotect {
+    /// `ctl protect` until it reported the pair protected (the new backup committed an
+    /// epoch), or why it failed.
+    pub took: Result<Duration, String>,
+    /// What `ctl protect` printed.
+    pub ctl: String,
+    /// Epochs the new backup had committed when the client stopped.
+    pub committed: Option<u64>,
+    /// The new backup's log.
+    pub log: String,
 }
 
 /// What the backup's `PROMOTED` line says.
@@ -78,6 +96,8 @@ pub struct TrialOutcome {
     pub primary_log: String,
     pub backup_log: String,
     pub backup_status: Option<ExitStatus>,
+    /// The re-protect, when asked for.
+    pub reprotect: Option<Reprotect>,
 }
 
 #[derive(Default)]
@@ -165,6 +185,8 @@ pub fn trial(ns: &Netns, cfg: &TrialConfig) -> Result<TrialOutcome, String> {
                 &format!("pidfile={}", arg(&pid_file)),
                 "--console",
                 &arg(&cfg.dir.join("backup.console")),
+                "--api-sock",
+                &arg(&cfg.dir.join("backup.sock")),
             ],
         ),
         cfg.dir.join("backup.out"),
@@ -219,6 +241,7 @@ pub fn trial(ns: &Netns, cfg: &TrialConfig) -> Result<TrialOutcome, String> {
 
     let progress = Arc::new(Mutex::new(Progress::default()));
     let stop = Arc::new(AtomicBool::new(false));
+    let mut new_backup: Option<Proc> = None;
     let outcome = std::thread::scope(|s| {
         let client = s.spawn(|| client(ns, &progress, &stop));
         let mut o = TrialOutcome::default();
@@ -301,6 +324,15 @@ pub fn trial(ns: &Netns, cfg: &TrialConfig) -> Result<TrialOutcome, String> {
                 Some(t) => Instant::now() >= t + cfg.run_after_failover,
                 None => false,
             };
+            if done && cfg.reprotect && o.reprotect.is_none() && !interrupted() {
+                let r = reprotect(ns, cfg, &say, &mut new_backup);
+                let stop_at = Instant::now() + cfg.run_after_failover;
+                while Instant::now() < stop_at && !interrupted() {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                o.reprotect = Some(r);
+                break;
+            }
             if done || client_done || backup_gone || interrupted() || Instant::now() >= deadline {
                 break;
             }
@@ -334,6 +366,16 @@ pub fn trial(ns: &Netns, cfg: &TrialConfig) -> Result<TrialOutcome, String> {
         o
     });
     let mut o = outcome;
+    if let Some(r) = &mut o.reprotect {
+        r.committed = status_field(&cfg.bin, &cfg.dir.join("backup2.sock"), "committed_epoch")
+            .and_then(|v| v.parse().ok());
+    }
+    if let Some(mut p) = new_backup.take() {
+        p.terminate(Duration::from_secs(1));
+        if let Some(r) = &mut o.reprotect {
+            r.log = p.log();
+        }
+    }
     // The promoted backup should end on SIGTERM; do not wait long if it does not.
     o.backup_status = backup.terminate(Duration::from_secs(1));
     o.backup_log = backup.log();
@@ -349,6 +391,124 @@ pub fn trial(ns: &Netns, cfg: &TrialConfig) -> Result<TrialOutcome, String> {
         .and_then(|t| (backup_spawned + t).checked_duration_since(started + cfg.kill_after));
     let _ = std::fs::remove_file(&pid_file);
     Ok(o)
+}
+
+/// The new backup for the promoted guest: it listens on `port + 2`, takes the old
+/// primary's pid file (it stands for that host come back, so the promoted side's fence
+/// agent reaches it) and fences the promoted side by its pid file. Then `lockstep ctl
+/// protect` on the promoted backup's control socket, timed. The new backup's process goes
+/// to `keep`.
+fn reprotect(
+    ns: &Netns,
+    cfg: &TrialConfig,
+    say: &dyn Fn(String),
+    keep: &mut Option<Proc>,
+) -> Reprotect {
+    let arg = |p: &Path| p.to_str().unwrap_or_default().to_string();
+    let agent = cfg.dir.join("fence-pidfile");
+    let listen = format!("127.0.0.1:{}", cfg.port + 2);
+    let sock = cfg.dir.join("backup2.sock");
+    let spawned = Proc::spawn(
+        ns.command(
+            &cfg.bin,
+            &[
+                "backup",
+                "--listen",
+                &listen,
+                "--net",
+                "tap=tap0",
+                "--name",
+                "demo",
+                "--pid-file",
+                &arg(&cfg.dir.join("primary.pid")),
+                "--fence-cmd",
+                &arg(&agent),
+                "--peer-node",
+                "demo-promoted",
+                "--fence-arg",
+                &format!("pidfile={}", arg(&cfg.dir.join("backup.pid"))),
+                "--console",
+                &arg(&cfg.dir.join("backup2.console")),
+                "--api-sock",
+                &arg(&sock),
+            ],
+        ),
+        cfg.dir.join("backup2.out"),
+        cfg.dir.join("backup2.err"),
+    );
+    let mut new_backup = match spawned {
+        Ok(p) => p,
+        Err(e) => {
+            return Reprotect {
+                took: Err(format!("the new backup did not start: {e}")),
+                ctl: String::new(),
+                committed: None,
+                log: String::new(),
+            }
+        }
+    };
+    if !wait_for_line(
+        &new_backup.stderr.clone(),
+        "listening on",
+        Duration::from_secs(10),
+        || new_backup.try_wait().is_none(),
+    ) {
+        return Reprotect {
+            took: Err("the new backup did not start".into()),
+            ctl: String::new(),
+            committed: None,
+            log: new_backup.log(),
+        };
+    }
+    say(format!(
+        "\n>>> re-protect: new backup (pid {}) on {listen}; lockstep ctl protect on the promoted guest",
+        new_backup.pid()
+    ));
+    let asked = Instant::now();
+    let out = std::process::Command::new(&cfg.bin)
+        .args(["ctl", "--api-sock", &arg(&cfg.dir.join("backup.sock"))])
+        .args(["protect", "--peer", &listen])
+        .output();
+    let took = asked.elapsed();
+    let (ok, ctl) = match out {
+        Ok(o) => (
+            o.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ),
+        ),
+        Err(e) => (false, format!("cannot run lockstep ctl: {e}")),
+    };
+    for l in ctl.lines() {
+        say(format!("    ctl    | {l}"));
+    }
+    *keep = Some(new_backup);
+    Reprotect {
+        took: if ok {
+            Ok(took)
+        } else {
+            Err(ctl.trim().to_string())
+        },
+        ctl,
+        committed: None,
+        log: std::fs::read_to_string(cfg.dir.join("backup2.err")).unwrap_or_default(),
+    }
+}
+
+/// One field of `lockstep ctl status --json` on `sock`, as text.
+fn status_field(bin: &Path, sock: &Path, key: &str) -> Option<String> {
+    let out = std::process::Command::new(bin)
+        .args(["ctl", "--api-sock", sock.to_str()?, "status", "--json"])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v: serde_json::Value = serde_json::from_str(text.trim()).ok()?;
+    Some(match &v[key] {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    })
 }
 
 fn write_agent(path: &Path) -> Result<(), String> {

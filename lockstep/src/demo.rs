@@ -9,7 +9,10 @@
 //! `scripts/fence-pidfile` (embedded in the harness and written to the demo's temporary
 //! directory), and promotes: it resumes the guest from the last committed epoch on the same
 //! tap. The client carries on over the same connection, then reads back every acknowledged
-//! key. The demo exits 0 only if nothing acknowledged was lost and the connection survived.
+//! key. Once the promoted guest runs, a new backup is started (it stands for the old
+//! primary's host come back) and `lockstep ctl protect` makes the pair protected again
+//! while the client keeps writing. The demo exits 0 only if nothing acknowledged was
+//! lost, the connection survived, and the pair was protected again.
 //!
 //! The scenario itself is [`harness::trial`](fn@harness::trial), which the failover benchmark runs too.
 
@@ -60,7 +63,7 @@ fn demo(seconds: f64) -> Result<bool, String> {
     );
     println!(
         "== the client writes SET k<i> <i> and INCR counter over ONE TCP connection; \
-         the primary is SIGKILLed after {seconds} s"
+         the primary is SIGKILLed after {seconds} s; then a new backup protects the promoted guest"
     );
     let cfg = TrialConfig {
         bin,
@@ -70,6 +73,7 @@ fn demo(seconds: f64) -> Result<bool, String> {
         mem: None,
         port: 7600,
         verbose: true,
+        reprotect: true,
     };
     let result = trial(&ns, &cfg);
     drop(ns);
@@ -185,7 +189,29 @@ fn summary(o: &TrialOutcome) -> bool {
             " (the read-back did not complete)"
         }
     );
-    let ok = survived && o.lost.is_empty() && o.failover.is_some();
+    let reprotected = match &o.reprotect {
+        Some(r) => match &r.took {
+            Ok(d) => {
+                println!(
+                    "re-protect (ctl protect on the promoted guest -> new backup committed its \
+                     first epoch): {:.0} ms; the new backup had committed {} epochs at the end",
+                    d.as_secs_f64() * 1000.0,
+                    r.committed.map_or("?".to_string(), |e| e.to_string())
+                );
+                r.committed.is_some_and(|e| e >= 1)
+            }
+            Err(e) => {
+                println!("re-protect: FAILED: {e}");
+                println!("== new backup log\n{}", r.log);
+                false
+            }
+        },
+        None => {
+            println!("re-protect: did not run");
+            false
+        }
+    };
+    let ok = survived && o.lost.is_empty() && o.failover.is_some() && reprotected;
     if !ok {
         println!("\n== backup log\n{}", o.backup_log);
         println!("== primary log (last lines)");
