@@ -186,6 +186,9 @@ struct RunArgs {
     /// serve the control socket here: HTTP/1.1 + JSON (README, "Control socket")
     #[arg(long, value_name = "PATH")]
     api_sock: Option<PathBuf>,
+    /// write this process's pid (for a single-host fence agent, once it is protected)
+    #[arg(long, value_name = "PATH")]
+    pid_file: Option<PathBuf>,
     /// the pair's name, should the guest be protected later (POST /protect; default
     /// lockstep)
     #[arg(long, value_name = "NAME", allow_hyphen_values = true)]
@@ -555,6 +558,7 @@ fn cmd_run(a: RunArgs) -> Result<ExitCode, CliError> {
     };
     let name = a.name.unwrap_or_else(|| DEFAULT_NAME.to_string());
     let agent = primary_fence_agent(&a.fence, &name)?;
+    let _pid_file = pid_file_option(a.pid_file)?;
     let _api = api_option(a.api_sock.as_deref())?;
     let machine = Machine::boot(&g.machine, &g.image, &g.guest_args)?;
     status::update(|s| {

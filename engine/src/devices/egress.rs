@@ -33,6 +33,9 @@ pub struct Egress {
     open_epoch: AtomicU64,
     /// Frames held that belong to the open epoch (no checkpoint covers them yet).
     open_frames: AtomicU64,
+    /// Which protection the held frames belong to: each [`protect`](Self::protect) starts a
+    /// new one (a new backup, epochs from 1 again); changed and read under `buffer`'s lock.
+    session: AtomicU64,
 }
 
 impl Egress {
@@ -48,16 +51,20 @@ impl Egress {
             buffer: Mutex::new((buffer, EgressCounters::default())),
             open_epoch: AtomicU64::new(1),
             open_frames: AtomicU64::new(0),
+            session: AtomicU64::new(0),
         }
     }
 
-    /// Holds output from now on; frames are tagged with the open epoch.
-    pub fn protect(&self) {
+    /// Holds output from now on; frames are tagged with the open epoch. Returns the new
+    /// protection's session: only releases for it count (see [`release`](Self::release)).
+    pub fn protect(&self) -> u64 {
         let mut g = lock(&self.buffer);
+        let session = self.session.fetch_add(1, Ordering::SeqCst) + 1;
         let released =
             g.0.set_mode(Mode::Protected, Instant::now())
                 .collect::<Vec<_>>();
         self.transmit(&mut g.1, released);
+        session
     }
 
     /// Stops holding: everything held goes out, in order (the backup is gone and the
@@ -112,8 +119,13 @@ impl Egress {
     }
 
     /// The backup committed `epoch`: its frames (and earlier ones) go out, in order.
-    pub fn release(&self, epoch: u64) {
+    pub fn release(&self, session: u64, epoch: u64) {
         let mut g = lock(&self.buffer);
+        // An ack of an earlier protection (a backup given up on, answering late) says
+        // nothing about this one's epochs.
+        if self.session.load(Ordering::SeqCst) != session {
+            return;
+        }
         let released = g.0.release(epoch, Instant::now()).collect::<Vec<_>>();
         self.transmit(&mut g.1, released);
     }

@@ -157,9 +157,12 @@ pub struct OutputCommit {
 impl OutputCommit {
     /// Holds output from now on; frames sent from now on belong to `epoch` (the first
     /// epoch the primary will take).
-    pub fn protect(&self, epoch: u64) {
+    ///
+    /// Returns the protection's session, which [`commit`](Self::commit) takes: acks from
+    /// an earlier protection's backup never release this one's frames.
+    pub fn protect(&self, epoch: u64) -> u64 {
         self.egress.set_open_epoch(epoch);
-        self.egress.protect();
+        self.egress.protect()
     }
 
     /// Frames sent from now on belong to `epoch` and leave once [`commit`](Self::commit)
@@ -174,10 +177,11 @@ impl OutputCommit {
         self.egress.open_output()
     }
 
-    /// The backup committed every epoch up to `epoch`: their frames leave, in order, and
-    /// a TX queue that stopped on a full buffer is processed again.
-    pub fn commit(&self, epoch: u64) {
-        self.egress.release(epoch);
+    /// The backup of protection `session` committed every epoch up to `epoch`: their
+    /// frames leave, in order, and a TX queue that stopped on a full buffer is processed
+    /// again. An ack of another session releases nothing.
+    pub fn commit(&self, session: u64, epoch: u64) {
+        self.egress.release(session, epoch);
         kick_blocked_tx(&self.transport);
     }
 

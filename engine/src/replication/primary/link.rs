@@ -148,13 +148,15 @@ pub(super) fn spawn_sender(
     (jobs, sent)
 }
 
-/// Reads acks on its own thread so that sending never waits for them.
+/// Reads acks on its own thread so that sending never waits for them; each releases the
+/// output of its epochs, for `output`'s protection session only (this thread may outlive
+/// the protection when the backup is given up on for another reason than its acks).
 pub(super) fn spawn_ack_reader(
     mut rx: FrameReceiver,
     inflight: Arc<SharedInFlight>,
     events: Sender<AckEvent>,
     timeout: Duration,
-    output: Option<OutputCommit>,
+    output: Option<(OutputCommit, u64)>,
 ) {
     std::thread::Builder::new()
         .name("acks".into())
@@ -163,8 +165,8 @@ pub(super) fn spawn_ack_reader(
                 Ok(Message::Ack { epoch }) => match inflight.acked(epoch) {
                     Ok(_) => {
                         // Output commit: what the guest sent up to this epoch may leave now.
-                        if let Some(o) = &output {
-                            o.commit(epoch);
+                        if let Some((o, session)) = &output {
+                            o.commit(*session, epoch);
                         }
                         AckEvent::Ack {
                             epoch,

@@ -371,9 +371,7 @@ pub fn protect(machine: &mut Machine, opts: PrimaryOptions) -> Result<ProtectEnd
     )));
     let (ack_tx, acks) = unbounded();
     let output = machine.net().map(|n| n.output());
-    if let Some(o) = &output {
-        o.protect(1);
-    }
+    let session = output.as_ref().map_or(0, |o| o.protect(1));
     status::watch_output(output.clone());
     status::update(|s| {
         s.guest = GuestState::Running;
@@ -384,7 +382,7 @@ pub fn protect(machine: &mut Machine, opts: PrimaryOptions) -> Result<ProtectEnd
         Arc::clone(&inflight),
         ack_tx,
         opts.backup_timeout,
-        output.clone(),
+        output.clone().map(|o| (o, session)),
     );
     let workers = std::thread::available_parallelism()
         .map_or(2, |n| n.get())
