@@ -125,6 +125,9 @@ impl Node {
             Start::Backup(opts) => State::Backup(opts),
         };
         loop {
+            // A request accepted for the role that just ended (a switchover the lost
+            // backup never saw through, a failover the primary's clean end overtook).
+            control::drop_pending("the process changed role before it was carried out");
             state = match state {
                 State::Backup(opts) => match self.back_up(opts)? {
                     None => return Ok(0),
@@ -169,15 +172,21 @@ impl Node {
                         ..self.primary.clone()
                     };
                     let ended = primary::protect(&mut machine, opts);
-                    if control::last()
-                        .is_some_and(|r| r.kind == "protect" && r.state == RequestState::Running)
-                    {
-                        control::finish(Err(match &ended {
-                            Err(e) => e.to_string(),
-                            Ok(_) => format!(
-                                "the backup at {peer} was lost before it committed an epoch"
-                            ),
-                        }));
+                    // A request still under way did not happen: a protect whose backup
+                    // never committed an epoch, a switchover overtaken by the guest's exit,
+                    // a stop or the backup's loss.
+                    let running = control::last().filter(|r| r.state == RequestState::Running);
+                    if let Some(r) = running {
+                        let handed = matches!(ended, Ok(ProtectEnd::HandedOver(_)));
+                        if !(r.kind == "switchover" && handed) {
+                            control::finish(Err(match &ended {
+                                Err(e) => e.to_string(),
+                                Ok(ProtectEnd::BackupLost(_)) => {
+                                    format!("the backup at {peer} was lost")
+                                }
+                                Ok(_) => "the run ended first".into(),
+                            }));
+                        }
                     }
                     match ended {
                         Ok(ProtectEnd::Exited(status)) => return Ok(status),
