@@ -112,24 +112,4 @@ impl Unprotected {
     pub fn is_over(&self) -> bool {
         stop_requested() || self.deadline.is_some_and(|d| Instant::now() >= d)
     }
-
-    /// Runs the guest unprotected until it exits (its status) or the run is ended (0).
-    pub fn run(mut self, machine: &mut Machine) -> Result<u8, PrimaryError> {
-        loop {
-            match machine.wait_event(Duration::from_millis(20)) {
-                Some(VcpuEvent::GuestExit { status, .. }) => {
-                    status::update(|s| s.guest = GuestState::Exited);
-                    return Ok(u8::try_from(status).unwrap_or(u8::MAX));
-                }
-                Some(VcpuEvent::Crashed { vcpu, message }) => {
-                    return Err(PrimaryError::Crashed { vcpu, message })
-                }
-                None => {}
-            }
-            self.poll();
-            if self.is_over() {
-                return Ok(0);
-            }
-        }
-    }
 }

@@ -53,7 +53,7 @@ use super::stats::PrimaryStats;
 use super::status::{self, GuestState, Protection, Role};
 use super::{guest_id, install_stop_handler, stop_requested};
 use crate::devices::OutputCommit;
-use crate::machine::{BootConfig, Machine, MachineError};
+use crate::machine::{Machine, MachineError};
 use crate::vstate::dirty::DirtySet;
 use crate::vstate::memory::{self, ram_size};
 use crate::vstate::vcpu::VcpuEvent;
@@ -316,18 +316,6 @@ pub struct Unprotected {
     pub fencing: Option<Receiver<Result<(), FenceError>>>,
     /// When the run ends (`--seconds`), if it does.
     pub deadline: Option<Instant>,
-}
-
-/// Runs `lockstep primary` to the end: boots the guest, protects it with the backup at
-/// `opts.peer` and, should the backup be lost, runs it on unprotected. Returns the guest's
-/// exit status.
-pub fn run(guest: BootConfig, opts: PrimaryOptions) -> Result<u8, PrimaryError> {
-    let mut machine = Machine::boot(&guest.machine, &guest.image, &guest.guest_args)?;
-    match protect(&mut machine, opts)? {
-        ProtectEnd::Exited(status) => Ok(status),
-        ProtectEnd::Stopped | ProtectEnd::HandedOver(_) => Ok(0),
-        ProtectEnd::BackupLost(u) => u.run(&mut machine),
-    }
 }
 
 /// Protects `machine` (paused after boot, or running: a promoted or standalone guest) with
