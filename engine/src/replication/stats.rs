@@ -1,6 +1,7 @@
 //! Figures a replication run reports: pause times, epoch sizes, commit latency.
 
-use std::time::Duration;
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
 
 /// Percentiles over recorded samples (kept whole: runs are minutes, epochs are ms).
 #[derive(Default, Clone, Debug)]
@@ -36,18 +37,100 @@ impl Samples {
 
     /// The `p`-th percentile (nearest rank), 0 when empty.
     pub fn percentile(&self, p: f64) -> u64 {
-        if self.values.is_empty() {
-            return 0;
-        }
-        let mut v = self.values.clone();
-        v.sort_unstable();
-        let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
-        v[rank.clamp(1, v.len()) - 1]
+        nearest_rank(self.values.clone(), p)
     }
 
     /// The largest sample, 0 when empty.
     pub fn max(&self) -> u64 {
         self.values.iter().copied().max().unwrap_or(0)
+    }
+}
+
+/// The `p`-th percentile of `v` by nearest rank, 0 when empty.
+fn nearest_rank(mut v: Vec<u64>, p: f64) -> u64 {
+    if v.is_empty() {
+        return 0;
+    }
+    v.sort_unstable();
+    let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
+    v[rank.clamp(1, v.len()) - 1]
+}
+
+/// How far back [`RecentSamples`] look by default: the control socket's figures are
+/// those of the last minute.
+pub const RECENT_WINDOW: Duration = Duration::from_secs(60);
+
+/// The most samples [`RecentSamples`] keep by default: a minute of 7 ms epochs (at the
+/// default 25 ms interval a minute is 2400); when epochs come faster, the oldest go first.
+pub const RECENT_CAP: usize = 8192;
+
+/// Percentiles over the samples of a recent window (by default the last minute, at most
+/// [`RECENT_CAP`] samples): what the pair does now, not since the start. Samples are
+/// pushed in time order; older ones fall out as new ones come.
+#[derive(Clone, Debug)]
+pub struct RecentSamples {
+    window: Duration,
+    cap: usize,
+    samples: VecDeque<(Instant, u64)>,
+}
+
+impl Default for RecentSamples {
+    fn default() -> Self {
+        RecentSamples::new(RECENT_WINDOW, RECENT_CAP)
+    }
+}
+
+impl RecentSamples {
+    /// Samples of the last `window`, at most `cap` (at least 1) of them.
+    pub fn new(window: Duration, cap: usize) -> Self {
+        RecentSamples {
+            window,
+            cap: cap.max(1),
+            samples: VecDeque::new(),
+        }
+    }
+
+    /// Records `v`, taken at `at` (not earlier than the samples before it).
+    pub fn push_at(&mut self, at: Instant, v: u64) {
+        if let Some(oldest) = at.checked_sub(self.window) {
+            while self.samples.front().is_some_and(|&(t, _)| t < oldest) {
+                self.samples.pop_front();
+            }
+        }
+        if self.samples.len() >= self.cap {
+            self.samples.pop_front();
+        }
+        self.samples.push_back((at, v));
+    }
+
+    /// Records a duration in µs, taken now.
+    pub fn push_duration(&mut self, d: Duration) {
+        self.push_at(Instant::now(), d.as_micros() as u64);
+    }
+
+    /// The values of the window that ends at `now`.
+    fn values_at(&self, now: Instant) -> Vec<u64> {
+        let oldest = now.checked_sub(self.window);
+        self.samples
+            .iter()
+            .filter(|&&(t, _)| oldest.is_none_or(|o| t >= o))
+            .map(|&(_, v)| v)
+            .collect()
+    }
+
+    /// How many samples the window ending at `now` holds.
+    pub fn len_at(&self, now: Instant) -> usize {
+        self.values_at(now).len()
+    }
+
+    /// The `p`-th percentile (nearest rank) of the window that ends at `now`, 0 when empty.
+    pub fn percentile_at(&self, now: Instant, p: f64) -> u64 {
+        nearest_rank(self.values_at(now), p)
+    }
+
+    /// The `p`-th percentile (nearest rank) of the window that ends now, 0 when empty.
+    pub fn percentile(&self, p: f64) -> u64 {
+        self.percentile_at(Instant::now(), p)
     }
 }
 
@@ -71,6 +154,10 @@ pub struct PrimaryStats {
     pub copied_us: Samples,
     /// Pause start until the backup's ack (µs).
     pub commit_us: Samples,
+    /// The pauses of the last minute (µs), for the control socket.
+    pub recent_pause_us: RecentSamples,
+    /// Pause start until the backup's ack, for the last minute (µs), for the control socket.
+    pub recent_commit_us: RecentSamples,
     /// Encoded pages by encoding (zero, delta, lz4, raw).
     pub encodings: [u64; 8],
     /// Epochs ended early because output waited for them.
@@ -150,5 +237,46 @@ mod tests {
         assert_eq!(s.percentile(0.0), 1);
         assert_eq!(s.max(), 100);
         assert_eq!(s.sum(), 5050);
+    }
+
+    #[test]
+    fn recent_samples_forget_what_is_older_than_the_window() {
+        let mut r = RecentSamples::new(Duration::from_secs(60), 1000);
+        let t0 = Instant::now();
+        assert_eq!(r.percentile_at(t0, 50.0), 0);
+        // A slow first minute, then a fast one.
+        for i in 0..60 {
+            r.push_at(t0 + Duration::from_secs(i), 10_000);
+        }
+        for i in 60..120 {
+            r.push_at(t0 + Duration::from_secs(i), 100 + i);
+        }
+        let now = t0 + Duration::from_millis(119_500);
+        assert_eq!(r.len_at(now), 60, "the samples of 60..=119 s");
+        assert_eq!(r.percentile_at(now, 50.0), 189);
+        assert_eq!(r.percentile_at(now, 99.0), 219);
+        // Nothing new for a while: the window empties without a push.
+        assert_eq!(r.len_at(now + Duration::from_secs(30)), 30);
+        assert_eq!(r.percentile_at(now + Duration::from_secs(61), 50.0), 0);
+        // What fell out is dropped on the next push.
+        r.push_at(now + Duration::from_secs(200), 7);
+        assert_eq!(r.samples.len(), 1);
+        assert_eq!(r.percentile_at(now + Duration::from_secs(200), 99.0), 7);
+    }
+
+    #[test]
+    fn recent_samples_are_bounded() {
+        let mut r = RecentSamples::new(Duration::from_secs(60), 100);
+        let t0 = Instant::now();
+        for i in 0..10_000u64 {
+            r.push_at(t0 + Duration::from_micros(i), i);
+        }
+        assert_eq!(r.samples.len(), 100);
+        let now = t0 + Duration::from_millis(10);
+        // The newest 100: 9900..=9999.
+        assert_eq!(r.percentile_at(now, 0.0), 9900);
+        assert_eq!(r.percentile_at(now, 100.0), 9999);
+        let d = RecentSamples::default();
+        assert_eq!((d.window, d.cap), (RECENT_WINDOW, RECENT_CAP));
     }
 }

@@ -255,6 +255,7 @@ impl Primary<'_> {
         }
         let st = &mut self.stats;
         st.pause_us.push_duration(pause);
+        st.recent_pause_us.push_duration(pause);
         st.parked_us.push_duration(timing.parked);
         st.captured_us.push_duration(timing.captured);
         st.harvested_us.push_duration(harvested);

@@ -227,9 +227,9 @@ impl Primary<'_> {
                         .collect();
                     for e in done {
                         if let Some(t) = self.pause_start.remove(&e) {
-                            self.stats
-                                .commit_us
-                                .push_duration(at.saturating_duration_since(t));
+                            let commit = at.saturating_duration_since(t);
+                            self.stats.commit_us.push_duration(commit);
+                            self.stats.recent_commit_us.push_duration(commit);
                         }
                     }
                 }

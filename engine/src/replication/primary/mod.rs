@@ -509,12 +509,12 @@ impl Primary<'_> {
     /// pause: sorting the samples takes a while on a long run).
     fn publish_figures(&self) {
         let pause = (
-            self.stats.pause_us.percentile(50.0),
-            self.stats.pause_us.percentile(99.0),
+            self.stats.recent_pause_us.percentile(50.0),
+            self.stats.recent_pause_us.percentile(99.0),
         );
         let commit = (
-            self.stats.commit_us.percentile(50.0),
-            self.stats.commit_us.percentile(99.0),
+            self.stats.recent_commit_us.percentile(50.0),
+            self.stats.recent_commit_us.percentile(99.0),
         );
         status::update(|s| {
             s.pause_us = pause;
