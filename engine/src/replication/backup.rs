@@ -217,7 +217,7 @@ pub fn run(mut opts: BackupOptions) -> Result<Outcome, BackupError> {
     }
     let memory = memory::create(mem_size)?;
     conn.send(&Message::HelloOk)?;
-    status::update(|s| s.protection = Protection::Syncing);
+    status::set_protection(Protection::Syncing, "the primary connected: initial sync");
     info!(
         "replicating from {peer}: {} MiB, {} vCPUs",
         mem_size >> 20,
@@ -372,8 +372,8 @@ fn replicate(
                 last_sent = Instant::now();
                 status::update(|s| {
                     s.committed_epoch = Some(epoch);
-                    s.protection = Protection::Protected;
                 });
+                status::set_protection(Protection::Protected, "an epoch committed");
                 if epoch == 1 {
                     info!(
                         "epoch 1 committed: the backup holds a runnable copy ({} zero pages \

@@ -1,10 +1,14 @@
 //! What a lockstep process is doing, for its control socket (`GET /status`): the roles
 //! update one small shared [`StatusReport`] at their role changes, at each ack or commit,
 //! and (the primary) about once a second with its pause and commit figures. Nothing is
-//! updated inside an epoch's pause.
+//! updated inside an epoch's pause. Role and protection changes also go out as events
+//! ([`super::events`]).
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
+use checkpoint::inflight::{InFlight, SharedInFlight};
+
+use super::events;
 use crate::devices::OutputCommit;
 
 /// What the process is in the pair.
@@ -96,17 +100,22 @@ pub struct StatusReport {
     pub protection: Protection,
     /// Why the role or protection last changed (the ROLE CHANGE line), if it did.
     pub last_role_change: Option<String>,
-    /// Pause per epoch p50 and p99 in µs (primary; since the start).
+    /// Pause per epoch p50 and p99 in µs (primary; over the last minute).
     pub pause_us: (u64, u64),
-    /// Pause start to the backup's ack, p50 and p99 in µs (primary; since the start).
+    /// Pause start to the backup's ack, p50 and p99 in µs (primary; over the last minute).
     pub commit_us: (u64, u64),
     /// Output frames held now, waiting for an ack or for fencing.
     pub held_frames: u64,
+    /// Epochs the primary sent and the backup has not acknowledged yet (primary only).
+    pub lag_epochs: Option<u64>,
+    /// How long the oldest of those has waited, in ms; 0 when none (primary only).
+    pub lag_ms: Option<u64>,
 }
 
 struct Shared {
     report: StatusReport,
     output: Option<OutputCommit>,
+    inflight: Option<Arc<SharedInFlight>>,
 }
 
 static STATUS: Mutex<Shared> = Mutex::new(Shared {
@@ -121,8 +130,11 @@ static STATUS: Mutex<Shared> = Mutex::new(Shared {
         pause_us: (0, 0),
         commit_us: (0, 0),
         held_frames: 0,
+        lag_epochs: None,
+        lag_ms: None,
     },
     output: None,
+    inflight: None,
 });
 
 fn shared() -> std::sync::MutexGuard<'static, Shared> {
@@ -143,6 +155,7 @@ pub fn start_role(role: Role) {
         s.pause_us = (0, 0);
         s.commit_us = (0, 0);
     });
+    watch_inflight(None);
 }
 
 /// The output whose held frames the status counts (the primary's network device).
@@ -150,28 +163,64 @@ pub fn watch_output(output: Option<OutputCommit>) {
     shared().output = output;
 }
 
-/// A role change: the new role, protection and guest state, and why.
+/// The primary's window of unacknowledged epochs, which the replication lag is read from.
+pub fn watch_inflight(inflight: Option<Arc<SharedInFlight>>) {
+    shared().inflight = inflight;
+}
+
+/// A role change: the new role, protection and guest state, and why. Writes a
+/// `role_change` event, and a `protection` event when the protection changed.
 pub fn role_change(role: Role, protection: Protection, guest: GuestState, why: String) {
+    let mut was = protection;
     update(|s| {
         s.role = role;
-        s.protection = protection;
+        was = std::mem::replace(&mut s.protection, protection);
         s.guest = guest;
-        s.last_role_change = Some(why);
+        s.last_role_change = Some(why.clone());
     });
+    events::role_change(role.as_str(), protection.as_str(), guest.as_str(), &why);
+    if was != protection {
+        events::protection(protection.as_str(), &why);
+    }
+}
+
+/// Sets the protection state; a change writes a `protection` event saying `why`.
+pub fn set_protection(protection: Protection, why: &str) {
+    let was = std::mem::replace(&mut shared().report.protection, protection);
+    if was != protection {
+        events::protection(protection.as_str(), why);
+    }
+}
+
+/// The replication lag of a window: epochs unacknowledged, and the oldest one's wait in ms.
+pub fn lag(window: &InFlight) -> (u64, u64) {
+    let waited = window.oldest_wait().unwrap_or_default();
+    (window.len() as u64, waited.as_millis() as u64)
 }
 
 /// The status now.
 pub fn report() -> StatusReport {
-    let g = shared();
-    let mut r = g.report.clone();
-    if let Some(o) = &g.output {
-        r.held_frames = o.held_frames();
+    let (mut r, inflight) = {
+        let g = shared();
+        let mut r = g.report.clone();
+        if let Some(o) = &g.output {
+            r.held_frames = o.held_frames();
+        }
+        (r, g.inflight.clone())
+    };
+    // Not under the status lock: the primary's threads take the window's lock often.
+    if let Some(w) = inflight {
+        let (epochs, ms) = lag(&w.lock());
+        r.lag_epochs = Some(epochs);
+        r.lag_ms = Some(ms);
     }
     r
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::{Duration, Instant};
+
     use super::*;
 
     #[test]
@@ -191,5 +240,35 @@ mod tests {
         assert_eq!(r.acked_epoch, Some(7));
         assert_eq!(r.protection.as_str(), "unprotected-held");
         assert_eq!(r.last_role_change.as_deref(), Some("backup lost"));
+    }
+
+    #[test]
+    fn lag_counts_unacknowledged_epochs_and_the_oldest_wait() {
+        let mut w = InFlight::new(4, 1 << 20, 0);
+        assert_eq!(lag(&w), (0, 0));
+        w.sent(1, 10).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        let second = Instant::now();
+        w.sent(2, 10).unwrap();
+        let (epochs, ms) = lag(&w);
+        assert_eq!(epochs, 2);
+        assert!(ms >= 20, "{ms}");
+        // The oldest left is epoch 2.
+        w.acked(1).unwrap();
+        let (epochs, ms) = lag(&w);
+        assert_eq!(epochs, 1);
+        assert!(u128::from(ms) <= second.elapsed().as_millis(), "{ms}");
+        w.acked(2).unwrap();
+        assert_eq!(lag(&w), (0, 0));
+
+        // The status reads it from the registered window, and only then.
+        assert_eq!(report().lag_epochs, None);
+        let shared = Arc::new(SharedInFlight::new(w));
+        shared.lock().sent(3, 10).unwrap();
+        watch_inflight(Some(Arc::clone(&shared)));
+        let r = report();
+        assert_eq!((r.lag_epochs, r.lag_ms.is_some()), (Some(1), true));
+        watch_inflight(None);
+        assert_eq!(report().lag_ms, None);
     }
 }

@@ -101,7 +101,7 @@ impl Unprotected {
                 if let Some(o) = &self.output {
                     o.unprotect();
                 }
-                status::update(|s| s.protection = Protection::Unprotected);
+                status::set_protection(Protection::Unprotected, "the backup is fenced");
                 warn!("the backup is fenced: output released, the guest continues UNPROTECTED");
             }
             Err(e) => warn!("{e}: output stays held"),

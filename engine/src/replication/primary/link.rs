@@ -194,7 +194,10 @@ impl Primary<'_> {
     fn first_ack(&mut self, epoch: u64) {
         let took = self.began.elapsed();
         self.protected_at = Some(Instant::now());
-        status::update(|s| s.protection = Protection::Protected);
+        status::set_protection(
+            Protection::Protected,
+            "the backup committed its first epoch",
+        );
         info!(
             "PROTECTED: the backup at {} committed epoch {epoch}, {} ms after protection began",
             self.opts.peer,

@@ -361,10 +361,11 @@ pub fn protect(machine: &mut Machine, opts: PrimaryOptions) -> Result<ProtectEnd
     let output = machine.net().map(|n| n.output());
     let session = output.as_ref().map_or(0, |o| o.protect(1));
     status::watch_output(output.clone());
+    status::watch_inflight(Some(Arc::clone(&inflight)));
     status::update(|s| {
         s.guest = GuestState::Running;
-        s.protection = Protection::Syncing;
     });
+    status::set_protection(Protection::Syncing, "initial sync started");
     spawn_ack_reader(
         rx,
         Arc::clone(&inflight),
