@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
-use super::stop_requested;
+use super::{events, stop_requested};
 use crate::{info, warn};
 
 /// Keys of the agent's stdin that only lockstep sets, compared after trimming, lowering
@@ -362,27 +362,32 @@ pub fn fence_once(agent: &FenceAgent) -> Result<AgentRun, FenceError> {
 
 /// Fences until it succeeds (backoff 0.5 s doubling to 8 s), or until SIGTERM/SIGINT.
 /// `peer` names the victim's role in the log ("the old primary", "the backup").
-/// Returns the number of attempts it took (0 for `--fence none`).
+/// Returns the number of attempts it took (0 for `--fence none`). Each attempt writes
+/// `fence` events: `started`, then `fenced` or `failed`.
 pub fn fence_until_done(cfg: &FenceConfig, peer: &str) -> Result<u32, FenceError> {
     let FenceConfig::Agent(agent) = cfg else {
         warn!("UNSAFE: acting WITHOUT fencing {peer} (--fence none): it may still be running");
+        events::fence(peer, "", 0, "skipped", "--fence none");
         return Ok(0);
     };
     let mut backoff = Duration::from_millis(500);
     let mut attempt = 0u32;
     loop {
         attempt += 1;
+        events::fence(peer, &agent.victim, attempt, "started", &agent.cmd);
         match fence_once(agent) {
             Ok(run) => {
+                let detail = run.detail();
                 info!(
-                    "fenced {peer} '{}' (attempt {attempt}){}",
-                    agent.victim,
-                    run.detail()
+                    "fenced {peer} '{}' (attempt {attempt}){detail}",
+                    agent.victim
                 );
+                events::fence(peer, &agent.victim, attempt, "fenced", detail.trim());
                 return Ok(attempt);
             }
             Err(e) => {
                 warn!("FENCING FAILED (attempt {attempt}) for {peer} '{}': {e}; NOT acting alone, retrying in {backoff:?}", agent.victim);
+                events::fence(peer, &agent.victim, attempt, "failed", &e.to_string());
             }
         }
         let until = Instant::now() + backoff;
