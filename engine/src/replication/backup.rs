@@ -271,6 +271,7 @@ fn replicate(
     opts: &mut BackupOptions,
 ) -> Result<Option<String>, BackupError> {
     let mut last_report = Instant::now();
+    let mut progress = super::events::SyncProgress::new("backup");
     let mut rejected = 0u64;
     let mut withheld_since: Option<Instant> = None;
     let every = HEARTBEAT_EVERY.min(opts.heartbeat_timeout / 4);
@@ -351,6 +352,7 @@ fn replicate(
                 bytes_done,
                 bytes_total,
             }) => {
+                progress.step(bytes_done, bytes_total);
                 if last_report.elapsed() >= Duration::from_millis(500) || bytes_done >= bytes_total
                 {
                     last_report = Instant::now();

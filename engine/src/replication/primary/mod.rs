@@ -517,6 +517,7 @@ impl Primary<'_> {
             self.stats.recent_commit_us.percentile(50.0),
             self.stats.recent_commit_us.percentile(99.0),
         );
+        super::events::throttle_totals(self.stats.throttled, self.stats.throttle_time);
         status::update(|s| {
             s.pause_us = pause;
             s.commit_us = commit;

@@ -89,6 +89,8 @@ impl Primary<'_> {
                         sent_bytes >> 20,
                         if ending || stop_and_copy { 100 } else { self.machine.throttle() }
                     );
+                    let rate = synced as f64 / secs / (1 << 20) as f64;
+                    crate::replication::events::sync_progress("primary", round, done, total, rate);
                 }
                 self.drain_acks()?;
             }
