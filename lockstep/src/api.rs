@@ -324,6 +324,8 @@ pub fn status_json(r: &StatusReport, request: Option<&RequestReport>) -> Value {
         "commit_p50_us": r.commit_us.0,
         "commit_p99_us": r.commit_us.1,
         "held_frames": r.held_frames,
+        "lag_epochs": r.lag_epochs,
+        "lag_ms": r.lag_ms,
         "request": request.map(|q| json!({
             "id": q.id,
             "kind": q.kind,
@@ -458,8 +460,15 @@ pub fn human_status(v: &Value) -> String {
         n("committed_epoch"),
         n("acked_epoch")
     );
+    if !v["lag_epochs"].is_null() {
+        out += &format!(
+            "lag:         {} epochs unacknowledged, the oldest {} ms\n",
+            n("lag_epochs"),
+            n("lag_ms")
+        );
+    }
     out += &format!(
-        "pause:       p50 {} us, p99 {} us\ncommit:      p50 {} us, p99 {} us\n",
+        "pause:       p50 {} us, p99 {} us (last minute)\ncommit:      p50 {} us, p99 {} us (last minute)\n",
         n("pause_p50_us"),
         n("pause_p99_us"),
         n("commit_p50_us"),
@@ -534,5 +543,19 @@ mod tests {
         let h = human_status(&v);
         assert!(h.contains("role:"), "{h}");
         assert!(h.contains("acknowledged"), "{h}");
+        assert!(v["lag_ms"].is_null() && !h.contains("lag:"), "{h}");
+    }
+
+    #[test]
+    fn a_primary_reports_its_lag() {
+        let mut r = status::report();
+        (r.lag_epochs, r.lag_ms) = (Some(3), Some(75));
+        let v = status_json(&r, None);
+        assert_eq!((&v["lag_epochs"], &v["lag_ms"]), (&3.into(), &75.into()));
+        let h = human_status(&v);
+        assert!(
+            h.contains("lag:         3 epochs unacknowledged, the oldest 75 ms"),
+            "{h}"
+        );
     }
 }
