@@ -16,6 +16,7 @@ use engine::devices::NetConfig;
 use engine::machine::{BootConfig, Machine, MachineConfig, MachineError};
 use engine::pidfile::{PidFile, PidFileError};
 use engine::replication::backup::{BackupError, BackupOptions};
+use engine::replication::events::{self, EventsError};
 use engine::replication::failover::DEFAULT_FENCE_DELAY;
 use engine::replication::fence::{parse_fence_arg, FenceAgent, FenceConfig};
 use engine::replication::node::{Node, NodeError, Start};
@@ -193,6 +194,9 @@ struct RunArgs {
     /// lockstep)
     #[arg(long, value_name = "NAME", allow_hyphen_values = true)]
     name: Option<String>,
+    /// append JSON-lines events here (docs/events.md)
+    #[arg(long, value_name = "PATH")]
+    events: Option<PathBuf>,
     #[command(flatten)]
     fence: FenceArgs,
 }
@@ -268,6 +272,9 @@ struct PrimaryArgs {
     /// serve the control socket here: HTTP/1.1 + JSON (README, "Control socket")
     #[arg(long, value_name = "PATH")]
     api_sock: Option<PathBuf>,
+    /// append JSON-lines events here (docs/events.md)
+    #[arg(long, value_name = "PATH")]
+    events: Option<PathBuf>,
     /// harvest dirty pages from a KVM dirty ring, not the bitmap
     #[arg(long, value_name = "ENTRIES")]
     dirty_ring: Option<u32>,
@@ -306,6 +313,9 @@ struct BackupArgs {
     /// serve the control socket here: HTTP/1.1 + JSON (README, "Control socket")
     #[arg(long, value_name = "PATH")]
     api_sock: Option<PathBuf>,
+    /// append JSON-lines events here (docs/events.md)
+    #[arg(long, value_name = "PATH")]
+    events: Option<PathBuf>,
     /// wait this long before fencing a primary that went silent: its head start to fence
     /// this backup (default 1000)
     #[arg(long, value_name = "MS")]
@@ -365,6 +375,8 @@ pub enum CliError {
     PidFile(#[from] PidFileError),
     #[error(transparent)]
     Api(#[from] ApiError),
+    #[error(transparent)]
+    Events(#[from] EventsError),
     #[error("{0}")]
     Ctl(String),
 }
@@ -550,6 +562,7 @@ fn check_builtin_args(args: &str) -> Result<(), CliError> {
 
 fn cmd_run(a: RunArgs) -> Result<ExitCode, CliError> {
     log::init("run");
+    a.events.as_deref().map(events::open).transpose()?;
     let g = boot_config(&a.guest, None)?;
     let snapshot = match (a.snapshot_after_ms, a.snapshot_to) {
         (Some(ms), Some(dir)) => Some((Duration::from_millis(ms), dir)),
@@ -693,6 +706,7 @@ fn cmd_restore(a: RestoreArgs) -> Result<ExitCode, CliError> {
 
 fn cmd_primary(a: PrimaryArgs) -> Result<ExitCode, CliError> {
     log::init("primary");
+    a.events.as_deref().map(events::open).transpose()?;
     let g = boot_config(&a.guest, a.dirty_ring)?;
     let peer = a
         .peer
@@ -794,6 +808,7 @@ fn vcpus_option(vcpus: Option<u32>) -> Result<Option<u32>, CliError> {
 
 fn cmd_backup(a: BackupArgs) -> Result<ExitCode, CliError> {
     log::init("backup");
+    a.events.as_deref().map(events::open).transpose()?;
     let listen = a
         .listen
         .ok_or_else(|| usage("--listen ADDR:PORT is required"))?;
