@@ -107,8 +107,8 @@ enum Command {
 }
 
 const CTL_NOTES: &str = "\
-status      GET /status: role, guest, protection, epochs, pause and commit p50/p99 (us, last
-            minute), held output, the last role change and the last request
+status      GET /status: role, guest, protection, epochs, replication lag, pause and commit
+            p50/p99 (us, last minute), held output, the last role change and the last request
 stop        POST /stop: the same clean end as SIGTERM
 protect     POST /protect {\"peer\": ADDR:PORT}: a running, unprotected guest (a promoted
             backup, a `run`) is synced to the backup at ADDR:PORT while it runs
