@@ -174,7 +174,12 @@ struct ThrottleSeen {
 impl ThrottleSeen {
     /// With the running totals now: the episodes and held ms to report since the last
     /// line, when there are new ones and the last line is at least [`THROTTLE_EVERY`] old.
+    /// Totals lower than the last ones come from a new primary role (the process
+    /// protects its guest again): they count from zero.
     fn due(&mut self, now: Instant, episodes: u64, held: Duration) -> Option<(u64, u64)> {
+        if episodes < self.episodes || held < self.held {
+            (self.episodes, self.held) = (0, Duration::ZERO);
+        }
         if episodes <= self.episodes
             || self
                 .at
@@ -202,8 +207,8 @@ static THROTTLE: Mutex<ThrottleSeen> = Mutex::new(ThrottleSeen {
 });
 
 /// The primary's running totals of times it held the guest because the backup fell
-/// behind, and of the time held: writes a `throttle` line with what is new since the last
-/// one, at most one a second. The epoch loop calls it with its status figures, while the
+/// behind, and of the time held (since its role began): writes a `throttle` line with what
+/// is new since the last one, at most one a second. The epoch loop calls it with its status figures, while the
 /// guest runs, so the write never lengthens a hold.
 pub fn throttle_totals(episodes: u64, held: Duration) {
     let due =
@@ -383,6 +388,9 @@ mod tests {
         assert_eq!(seen.due(later, 5, Duration::from_millis(75)), Some((3, 45)));
         let much_later = t0 + Duration::from_secs(5);
         assert_eq!(seen.due(much_later, 5, Duration::from_millis(75)), None);
+        // A new primary role counts from zero again.
+        let again = t0 + Duration::from_secs(7);
+        assert_eq!(seen.due(again, 1, Duration::from_millis(9)), Some((1, 9)));
     }
 
     #[test]
