@@ -375,7 +375,7 @@ fn replicate(
                 status::update(|s| {
                     s.committed_epoch = Some(epoch);
                 });
-                status::set_protection(Protection::Protected, "an epoch committed");
+                status::set_protection(Protection::Protected, "the first epoch committed");
                 if epoch == 1 {
                     info!(
                         "epoch 1 committed: the backup holds a runnable copy ({} zero pages \
