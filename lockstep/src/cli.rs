@@ -213,8 +213,9 @@ struct RestoreArgs {
 /// The fence agent's options, for both roles.
 #[derive(Debug, Args)]
 struct FenceArgs {
-    /// `--fence none`: promote without fencing (unsafe; backup only)
-    #[arg(long, value_name = "none")]
+    /// backup only: `none` promotes without fencing (unsafe); `cluster` never promotes
+    /// by itself: a cluster manager fences, then promotes it with POST /failover
+    #[arg(long, value_name = "none|cluster")]
     fence: Option<String>,
     /// fence agent, run as `sh -c CMD` with key=value lines on stdin (fence-agents
     /// convention); only exit 0 counts as fenced
@@ -792,6 +793,11 @@ fn primary_fence_agent(f: &FenceArgs, name: &str) -> Result<Option<FenceAgent>, 
             "--fence none is for the backup; a primary that may go on without \
              fencing its backup says --on-backup-loss continue",
         )),
+        Some(FenceConfig::Cluster) => Err(usage(
+            "--fence cluster is for the backup; under a cluster manager the primary \
+             fences its backup with --fence-cmd (e.g. scripts/fence-cluster, which asks \
+             the cluster's fencer)",
+        )),
     }
 }
 
@@ -918,10 +924,16 @@ fn fence_option(
             agent_only()?;
             Ok(Some(FenceConfig::None))
         }
+        (Some("cluster"), None) => {
+            agent_only()?;
+            Ok(Some(FenceConfig::Cluster))
+        }
         (Some(other), None) => Err(usage(format!(
-            "--fence {other}: the only value is 'none' (or use --fence-cmd)"
+            "--fence {other}: expected none or cluster (or use --fence-cmd)"
         ))),
-        (Some(_), Some(_)) => Err(usage("--fence none and --fence-cmd exclude each other")),
+        (Some(f), Some(_)) => Err(usage(format!(
+            "--fence {f} and --fence-cmd exclude each other"
+        ))),
         (None, Some(cmd)) if cmd.trim().is_empty() => Err(usage(
             "--fence-cmd is empty: `sh -c ''` exits 0 and would count as fenced",
         )),

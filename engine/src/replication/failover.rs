@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use checkpoint::PAGE_SIZE;
 
-use super::backup::{BackupError, BackupOptions, Committed, Outcome};
+use super::backup::{BackupError, BackupOptions, Committed, Outcome, PrimaryLoss};
+use super::control::{self, Request};
 use super::fence::{fence_until_done, FenceConfig, FenceError};
 use super::status::{self, GuestState, Protection, Role};
 use super::stop_requested;
@@ -94,6 +95,9 @@ pub fn take_over(
                     committed: committed.epoch,
                 });
             };
+            if *fence == FenceConfig::Cluster && !matches!(why, PrimaryLoss::Operator) {
+                wait_for_the_cluster(committed.epoch)?;
+            }
             let epoch = committed.epoch;
             let machine = fail_over(
                 committed,
@@ -111,6 +115,27 @@ pub fn take_over(
             );
             Ok(running(machine))
         }
+    }
+}
+
+/// `--fence cluster`: the primary is lost, and the cluster decides. The backup keeps its
+/// committed epoch, unpromoted, until `POST /failover` (the cluster fenced the old
+/// primary's node and promotes this one) or SIGTERM (the cluster stops it).
+fn wait_for_the_cluster(epoch: u64) -> Result<(), BackupError> {
+    info!(
+        "waiting for the cluster to promote this backup (--fence cluster: POST /failover) \
+         with committed epoch {epoch}"
+    );
+    control::set_failover_refusal(None);
+    loop {
+        if stop_requested() {
+            return Err(BackupError::Stopped(epoch));
+        }
+        if control::take(|r| *r == Request::Failover).is_some() {
+            info!("the cluster promotes this backup (POST /failover)");
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -149,7 +174,7 @@ pub fn fail_over(
     net: Option<&NetConfig>,
 ) -> Result<Machine, BackupError> {
     let lost = Instant::now();
-    if silent && !delay.is_zero() && *fence != FenceConfig::None {
+    if silent && !delay.is_zero() && matches!(fence, FenceConfig::Agent(_)) {
         info!("waiting {delay:?} before fencing (--fence-delay-ms): a primary alive behind a cut link fences this backup first");
         while lost.elapsed() < delay {
             if stop_requested() {

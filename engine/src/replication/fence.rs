@@ -62,6 +62,11 @@ pub enum FenceConfig {
     None,
     /// `--fence-cmd CMD --peer-node NAME [--fence-arg k=v]... [--fence-timeout-s S]`.
     Agent(FenceAgent),
+    /// `--fence cluster` (backup only): a cluster manager (Pacemaker) fences and decides
+    /// promotion. A lost primary is not promoted over; the backup waits with its
+    /// committed epoch until `POST /failover` (the resource agent's promote, which the
+    /// cluster runs only after fencing the old primary's node), then promotes at once.
+    Cluster,
 }
 
 /// A fence agent and whom it fences.
@@ -365,10 +370,24 @@ pub fn fence_once(agent: &FenceAgent) -> Result<AgentRun, FenceError> {
 /// Returns the number of attempts it took (0 for `--fence none`). Each attempt writes
 /// `fence` events: `started`, then `fenced` or `failed`.
 pub fn fence_until_done(cfg: &FenceConfig, peer: &str) -> Result<u32, FenceError> {
-    let FenceConfig::Agent(agent) = cfg else {
-        warn!("UNSAFE: acting WITHOUT fencing {peer} (--fence none): it may still be running");
-        events::fence(peer, "", 0, "skipped", "--fence none");
-        return Ok(0);
+    let agent = match cfg {
+        FenceConfig::Agent(agent) => agent,
+        FenceConfig::None => {
+            warn!("UNSAFE: acting WITHOUT fencing {peer} (--fence none): it may still be running");
+            events::fence(peer, "", 0, "skipped", "--fence none");
+            return Ok(0);
+        }
+        FenceConfig::Cluster => {
+            info!("{peer} was fenced by the cluster (--fence cluster): promoting on its word");
+            events::fence(
+                peer,
+                "",
+                0,
+                "skipped",
+                "--fence cluster: fenced by the cluster",
+            );
+            return Ok(0);
+        }
     };
     let mut backoff = Duration::from_millis(500);
     let mut attempt = 0u32;
