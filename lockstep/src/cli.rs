@@ -213,8 +213,9 @@ struct RestoreArgs {
 /// The fence agent's options, for both roles.
 #[derive(Debug, Args)]
 struct FenceArgs {
-    /// backup only: `none` promotes without fencing (unsafe); `cluster` never promotes
-    /// by itself: a cluster manager fences, then promotes it with POST /failover
+    /// `none` (backup only): promote without fencing (unsafe); `cluster`: a cluster
+    /// manager fences: the backup role waits for POST /failover, the primary role asks
+    /// the cluster's fencer (stonith_admin) to fence --peer-node
     #[arg(long, value_name = "none|cluster")]
     fence: Option<String>,
     /// fence agent, run as `sh -c CMD` with key=value lines on stdin (fence-agents
@@ -571,7 +572,7 @@ fn cmd_run(a: RunArgs) -> Result<ExitCode, CliError> {
         _ => return Err(usage("--snapshot-after-ms and --snapshot-to go together")),
     };
     let name = a.name.unwrap_or_else(|| DEFAULT_NAME.to_string());
-    let agent = primary_fence_agent(&a.fence, &name)?;
+    let (fence, agent) = fencing(&a.fence, &name, false, false)?;
     let _pid_file = pid_file_option(a.pid_file)?;
     let _api = api_option(a.api_sock.as_deref())?;
     let machine = Machine::boot(&g.machine, &g.image, &g.guest_args)?;
@@ -584,7 +585,7 @@ fn cmd_run(a: RunArgs) -> Result<ExitCode, CliError> {
     let node = Node {
         console: g.machine.console.clone(),
         net: g.machine.net.clone(),
-        fence: agent.clone().map(FenceConfig::Agent),
+        fence,
         fence_delay: DEFAULT_FENCE_DELAY,
         primary: PrimaryOptions {
             fence: agent,
@@ -751,6 +752,7 @@ fn cmd_primary(a: PrimaryArgs) -> Result<ExitCode, CliError> {
         ));
     }
     let name = a.name.unwrap_or_else(|| DEFAULT_NAME.to_string());
+    let (fence, agent) = fencing(&a.fence, &name, false, false)?;
     let opts = PrimaryOptions {
         peer,
         interval: Duration::from_millis(interval_ms),
@@ -759,7 +761,7 @@ fn cmd_primary(a: PrimaryArgs) -> Result<ExitCode, CliError> {
         window,
         backup_timeout: heartbeat_timeout(a.heartbeat_timeout_ms)?,
         on_backup_loss,
-        fence: primary_fence_agent(&a.fence, &name)?,
+        fence: agent,
         name,
         early_checkpoint: !a.no_early_checkpoint,
         min_interval: Duration::from_millis(a.min_interval_ms.unwrap_or(2)),
@@ -775,7 +777,7 @@ fn cmd_primary(a: PrimaryArgs) -> Result<ExitCode, CliError> {
     let node = Node {
         console: g.machine.console.clone(),
         net: g.machine.net.clone(),
-        fence: opts.fence.clone().map(FenceConfig::Agent),
+        fence,
         fence_delay: DEFAULT_FENCE_DELAY,
         primary: opts,
         snapshot: None,
@@ -783,21 +785,49 @@ fn cmd_primary(a: PrimaryArgs) -> Result<ExitCode, CliError> {
     exit(node.run(Start::Protect(machine))?)
 }
 
-/// The fence agent of a process that runs the guest (`run`, `primary`): `--fence none` is
-/// the backup's.
-fn primary_fence_agent(f: &FenceArgs, name: &str) -> Result<Option<FenceAgent>, CliError> {
-    match fence_option(f, name, false)? {
-        None => Ok(None),
-        Some(FenceConfig::Agent(agent)) => Ok(Some(agent)),
+/// How a process fences its peer in each role it may take: the backup role's
+/// [`FenceConfig`] (before it promotes) and the primary role's agent (before it releases
+/// output a lost backup did not acknowledge). `backup`: the command is `lockstep backup`
+/// (`--fence none` is its alone).
+fn fencing(
+    f: &FenceArgs,
+    name: &str,
+    delay_given: bool,
+    backup: bool,
+) -> Result<(Option<FenceConfig>, Option<FenceAgent>), CliError> {
+    match fence_option(f, name, delay_given)? {
+        None => Ok((None, None)),
+        Some(FenceConfig::None) if backup => Ok((Some(FenceConfig::None), None)),
         Some(FenceConfig::None) => Err(usage(
             "--fence none is for the backup; a primary that may go on without \
              fencing its backup says --on-backup-loss continue",
         )),
-        Some(FenceConfig::Cluster) => Err(usage(
-            "--fence cluster is for the backup; under a cluster manager the primary \
-             fences its backup with --fence-cmd (e.g. scripts/fence-cluster, which asks \
-             the cluster's fencer)",
-        )),
+        Some(FenceConfig::Agent(agent)) => {
+            Ok((Some(FenceConfig::Agent(agent.clone())), Some(agent)))
+        }
+        Some(FenceConfig::Cluster) => {
+            let victim = f.peer_node.as_deref().map(str::trim).unwrap_or_default();
+            if victim.is_empty() || victim.contains(['\n', '\r']) {
+                return Err(usage(
+                    "--fence cluster needs --peer-node NODE: the peer's node as the cluster \
+                     knows it (the primary asks the cluster's fencer to fence it)",
+                ));
+            }
+            let timeout = Duration::from_secs(f.fence_timeout_s.unwrap_or(60));
+            // The primary role asks the cluster's fencer (pacemaker-fenced) to fence the
+            // backup's node with the cluster's own devices; exit 0 only once it is fenced.
+            let agent = FenceAgent {
+                cmd: format!(
+                    "exec stonith_admin --fence '{}' --timeout {}",
+                    victim.replace('\'', "'\\''"),
+                    timeout.as_secs()
+                ),
+                args: Vec::new(),
+                victim: victim.to_string(),
+                timeout: timeout + Duration::from_secs(10),
+            };
+            Ok((Some(FenceConfig::Cluster), Some(agent)))
+        }
     }
 }
 
@@ -838,7 +868,7 @@ fn cmd_backup(a: BackupArgs) -> Result<ExitCode, CliError> {
         None => DEFAULT_FENCE_DELAY,
         Some(ms) => Duration::from_millis(in_range("fence-delay-ms", ms, 0..=MAX_MS)?),
     };
-    let fence = fence_option(&a.fence, &name, a.fence_delay_ms.is_some())?;
+    let (fence, agent) = fencing(&a.fence, &name, a.fence_delay_ms.is_some(), true)?;
     if fence.is_some() && opts.net.is_none() {
         // Promotion without the network would cut every client off: refuse up front.
         return Err(usage(
@@ -853,10 +883,7 @@ fn cmd_backup(a: BackupArgs) -> Result<ExitCode, CliError> {
         console: opts.console.clone(),
         net: opts.net.clone(),
         primary: PrimaryOptions {
-            fence: match &fence {
-                Some(FenceConfig::Agent(agent)) => Some(agent.clone()),
-                _ => None,
-            },
+            fence: agent,
             backup_timeout: opts.heartbeat_timeout,
             ..PrimaryOptions::new(String::new(), name)
         },
@@ -925,7 +952,17 @@ fn fence_option(
             Ok(Some(FenceConfig::None))
         }
         (Some("cluster"), None) => {
-            agent_only()?;
+            for (option, given) in [
+                ("fence-arg", !f.fence_arg.is_empty()),
+                ("fence-delay-ms", delay_given),
+            ] {
+                if given {
+                    return Err(usage(format!(
+                        "--{option} is for --fence-cmd; with --fence cluster the cluster's \
+                         fencer and its delays apply"
+                    )));
+                }
+            }
             Ok(Some(FenceConfig::Cluster))
         }
         (Some(other), None) => Err(usage(format!(
