@@ -1,0 +1,145 @@
+//! The Pacemaker resource agent, `ocf:lockstep:lockstep` (ocf/lockstep), outside a
+//! cluster: installed by scripts/install-ocf, then resource-agents' own `ocf-tester`
+//! drives it through every action (start, monitor, promote = a fresh boot of the guest,
+//! demote, notify, stop, again and again) against real lockstep processes, in a network
+//! namespace of its own (the guest's tap is there). Its meta-data is checked against
+//! OCF's DTD by ocf-tester (xmllint).
+
+use std::path::Path;
+use std::process::Command;
+
+use tests::{kvm_required, lockstep_bin, one_at_a_time, Netns, TempDir};
+
+const AGENT: &str = "/usr/lib/ocf/resource.d/lockstep/lockstep";
+
+/// Installs the agent once per test run (the tests share the one installed file).
+fn install() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(install_now);
+}
+
+fn install_now() {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/install-ocf");
+    let out = Command::new(&script)
+        .output()
+        .expect("run scripts/install-ocf");
+    assert!(
+        out.status.success(),
+        "install-ocf: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn ocf_tester_passes_on_the_resource_agent() {
+    if !kvm_required() {
+        return;
+    }
+    let _one = one_at_a_time();
+    install();
+    let dir = TempDir::new("ocf");
+    let ns = Netns::create("lsocf").expect("network namespace");
+    let host = String::from_utf8(Command::new("uname").arg("-n").output().unwrap().stdout)
+        .unwrap()
+        .trim()
+        .to_string();
+    let opts = [
+        format!("binary={}", lockstep_bin().display()),
+        format!("nodes={host}=127.0.0.1:7650 peer=127.0.0.1:7651"),
+        "net=tap=tap0".into(),
+        "guest_args=workload=dirty pages_per_ms=1 wss=1M seconds=100000".into(),
+        "mem=64M".into(),
+        format!("state_dir={}", dir.arg("state")),
+    ];
+    let mut args = vec!["-n".to_string(), "vm".to_string()];
+    for o in &opts {
+        args.extend(["-o".to_string(), o.clone()]);
+    }
+    args.push(AGENT.to_string());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = ns
+        .command(Path::new("/usr/sbin/ocf-tester"), &args)
+        .output()
+        .expect("run ocf-tester");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let log = std::fs::read_to_string(dir.join("state/lockstep.log")).unwrap_or_default();
+    assert!(
+        out.status.success() && text.contains("passed all tests"),
+        "ocf-tester failed:\n{text}\n== lockstep log\n{log}"
+    );
+    // The promotions booted real guests, and the demotions (no backup to hand over to)
+    // stopped them; every stop ended the process.
+    assert!(log.matches("stopped by request").count() >= 2, "{log}");
+    assert!(log.contains("listening on 127.0.0.1:7650"), "{log}");
+    assert!(
+        !dir.join("state/lockstep.pid").exists(),
+        "the last stop left a pid file"
+    );
+}
+
+#[test]
+fn the_agent_refuses_incomplete_parameters_with_the_ocf_codes() {
+    install();
+    let run = |env: &[(&str, &str)], action: &str| -> i32 {
+        let mut c = Command::new(AGENT);
+        c.arg(action)
+            .env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        c.status().expect("run the agent").code().unwrap_or(-1)
+    };
+    let bin = lockstep_bin().display().to_string();
+    let base = [
+        ("OCF_ROOT", "/usr/lib/ocf"),
+        ("OCF_RESOURCE_INSTANCE", "vm"),
+        ("OCF_RESKEY_binary", bin.as_str()),
+        ("OCF_RESKEY_CRM_meta_on_node", "node1"),
+        ("OCF_RESKEY_net", "tap=tap0"),
+    ];
+    // OCF_ERR_CONFIGURED (6): no nodes, this node not among them, no peer, no net.
+    for nodes in [
+        "",
+        "node2=10.0.0.2:7600 node3=10.0.0.3:7600",
+        "node1=10.0.0.1:7600",
+    ] {
+        let mut env = base.to_vec();
+        env.push(("OCF_RESKEY_nodes", nodes));
+        assert_eq!(run(&env, "validate-all"), 6, "nodes='{nodes}'");
+    }
+    let mut env: Vec<_> = base
+        .iter()
+        .filter(|(k, _)| *k != "OCF_RESKEY_net")
+        .copied()
+        .collect();
+    env.push(("OCF_RESKEY_nodes", "node1=a:1 node2=b:2"));
+    assert_eq!(run(&env, "validate-all"), 6, "no net");
+    // OCF_ERR_INSTALLED (5): no such binary.
+    let mut env: Vec<_> = base
+        .iter()
+        .filter(|(k, _)| *k != "OCF_RESKEY_binary")
+        .copied()
+        .collect();
+    env.extend([
+        ("OCF_RESKEY_binary", "/nonexistent/lockstep"),
+        ("OCF_RESKEY_nodes", "node1=a:1 node2=b:2"),
+    ]);
+    assert_eq!(run(&env, "validate-all"), 5);
+    // A complete set validates; a stopped instance monitors as not running (7).
+    let mut env = base.to_vec();
+    env.push(("OCF_RESKEY_nodes", "node1=a:1 node2=b:2"));
+    env.push(("OCF_RESKEY_state_dir", "/nonexistent-lockstep-state"));
+    assert_eq!(run(&env, "validate-all"), 0);
+    assert_eq!(run(&env, "monitor"), 7);
+    assert_eq!(run(&env, "stop"), 0, "stopping a stopped instance succeeds");
+    assert_eq!(
+        run(&env, "frobnicate"),
+        3,
+        "an unknown action is unimplemented"
+    );
+}
