@@ -212,7 +212,13 @@ impl Primary<'_> {
         // Output from now on belongs to the next epoch.
         // (The checkpoint being taken is epoch `self.epoch + 1`.)
         if let Some(o) = &self.output {
-            o.begin_epoch(self.epoch + 2);
+            if self.session.load(Ordering::SeqCst) == NO_SESSION {
+                // A re-protected guest: its output is held from this capture on.
+                self.session
+                    .store(o.protect(self.epoch + 2), Ordering::SeqCst);
+            } else {
+                o.begin_epoch(self.epoch + 2);
+            }
         }
         self.machine.harvest(&mut self.pfns)?;
         self.pfns.merge(&mut self.carry);

@@ -156,7 +156,7 @@ pub(super) fn spawn_ack_reader(
     inflight: Arc<SharedInFlight>,
     events: Sender<AckEvent>,
     timeout: Duration,
-    output: Option<(OutputCommit, u64)>,
+    output: Option<(OutputCommit, Arc<AtomicU64>)>,
 ) {
     std::thread::Builder::new()
         .name("acks".into())
@@ -166,7 +166,10 @@ pub(super) fn spawn_ack_reader(
                     Ok(_) => {
                         // Output commit: what the guest sent up to this epoch may leave now.
                         if let Some((o, session)) = &output {
-                            o.commit(*session, epoch);
+                            let session = session.load(Ordering::SeqCst);
+                            if session != NO_SESSION {
+                                o.commit(session, epoch);
+                            }
                         }
                         AckEvent::Ack {
                             epoch,

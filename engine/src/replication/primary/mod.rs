@@ -218,6 +218,9 @@ pub enum OnBackupLoss {
     Continue,
 }
 
+/// No output commit session yet (see `Primary::session`).
+pub(super) const NO_SESSION: u64 = u64::MAX;
+
 /// Default epoch interval; see README ("Choosing the interval").
 pub const DEFAULT_INTERVAL: Duration = Duration::from_millis(25);
 /// Default number of unacknowledged epochs in flight.
@@ -258,6 +261,9 @@ struct Primary<'m> {
     machine: &'m mut Machine,
     /// Output commit on the guest's network device, if it has one.
     output: Option<OutputCommit>,
+    /// The output commit session of this protection ([`NO_SESSION`] until the output is
+    /// held: a re-protected guest's output is held from epoch 1's capture on).
+    session: Arc<AtomicU64>,
     link: Arc<Mutex<Link>>,
     heartbeats: Heartbeats,
     encoder: EpochEncoder,
@@ -359,7 +365,18 @@ pub fn protect(machine: &mut Machine, opts: PrimaryOptions) -> Result<ProtectEnd
     )));
     let (ack_tx, acks) = unbounded();
     let output = machine.net().map(|n| n.output());
-    let session = output.as_ref().map_or(0, |o| o.protect(1));
+    // Output commit's session (see OutputCommit::protect), shared with the ack reader.
+    // A guest booted for protection holds its output from its first instruction: no
+    // client ever sees a reply of an unprotected guest. A running guest (re-protect) was
+    // unprotected until now and stays so until epoch 1 is captured: before the backup
+    // commits epoch 1 it cannot take over, so output released during the initial sync
+    // is never contradicted (the guest is as unprotected as before), and clients do not
+    // wait out a whole initial copy.
+    let session = Arc::new(AtomicU64::new(NO_SESSION));
+    let hold_now = !machine.is_running();
+    if let (Some(o), true) = (&output, hold_now) {
+        session.store(o.protect(1), Ordering::SeqCst);
+    }
     status::watch_output(output.clone());
     status::watch_inflight(Some(Arc::clone(&inflight)));
     status::update(|s| {
@@ -371,7 +388,7 @@ pub fn protect(machine: &mut Machine, opts: PrimaryOptions) -> Result<ProtectEnd
         Arc::clone(&inflight),
         ack_tx,
         opts.backup_timeout,
-        output.clone().map(|o| (o, session)),
+        output.clone().map(|o| (o, Arc::clone(&session))),
     );
     let workers = std::thread::available_parallelism()
         .map_or(2, |n| n.get())
@@ -396,6 +413,7 @@ pub fn protect(machine: &mut Machine, opts: PrimaryOptions) -> Result<ProtectEnd
     let mut p = Primary {
         machine,
         output,
+        session,
         link,
         heartbeats,
         encoder,
