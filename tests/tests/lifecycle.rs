@@ -324,8 +324,8 @@ fn switchover_there_and_back_keeps_the_connection_and_every_write() {
         ms(stall_there)
     );
     println!(
-        "switchover B->A: ctl switchover took {:.1} ms, A's status said promoted {:.1} ms after the \
-         request; the client waited at most {:.1} ms",
+        "switchover B->A: ctl switchover took {:.1} ms, A's status said promoted {:.1} ms \
+         after the request; the client waited at most {:.1} ms",
         ms(back_wall),
         ms(promoted_a),
         ms(stall_back)
