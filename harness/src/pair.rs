@@ -106,6 +106,24 @@ impl Load {
         }
     }
 
+    /// When the first reply after `t` arrived, if one did.
+    pub fn first_reply_since(&self, t: Instant) -> Option<Instant> {
+        let s = self.state.lock().unwrap();
+        s.replies.iter().find(|r| **r > t).copied()
+    }
+
+    /// The longest wait between two consecutive replies that overlaps `[from, to]` (a
+    /// wait that began before `from` counts: it is what the client saw of an event there).
+    pub fn longest_gap_within(&self, from: Instant, to: Instant) -> Duration {
+        let s = self.state.lock().unwrap();
+        s.replies
+            .windows(2)
+            .filter(|w| w[1] > from && w[0] < to)
+            .map(|w| w[1].duration_since(w[0]))
+            .max()
+            .unwrap_or_default()
+    }
+
     pub fn replies_since(&self, t: Instant) -> usize {
         let s = self.state.lock().unwrap();
         s.replies.iter().filter(|r| **r > t).count()
@@ -205,7 +223,19 @@ pub fn primary_cmd(ns: &Netns, dir: &TempDir, peer: &str, extra: &[&str]) -> Pro
 
 /// `lockstep backup` on tap0, pid file `<dir>/backup.pid`; returns once it listens.
 pub fn backup_cmd(ns: &Netns, dir: &TempDir, listen: &str, extra: &[&str]) -> Proc {
-    let console = dir.arg("backup.console");
+    backup_cmd_named(ns, dir, "backup", listen, extra)
+}
+
+/// `lockstep backup` on tap0 under the file names `<dir>/<name>.pid`, `.console`, `.out`
+/// and `.err` (a third process next to a pair: a new backup); returns once it listens.
+pub fn backup_cmd_named(
+    ns: &Netns,
+    dir: &TempDir,
+    name: &str,
+    listen: &str,
+    extra: &[&str],
+) -> Proc {
+    let console = dir.arg(&format!("{name}.console"));
     let mut args = vec![
         "backup",
         "--listen",
@@ -216,23 +246,20 @@ pub fn backup_cmd(ns: &Netns, dir: &TempDir, listen: &str, extra: &[&str]) -> Pr
         &console,
         "--pid-file",
     ];
-    let pid = dir.arg("backup.pid");
+    let pid = dir.arg(&format!("{name}.pid"));
     args.push(&pid);
     args.extend_from_slice(extra);
+    let err = dir.join(&format!("{name}.err"));
     let p = Proc::spawn(
         ns.command(lockstep_bin(), &args),
-        dir.join("backup.out"),
-        dir.join("backup.err"),
+        dir.join(&format!("{name}.out")),
+        err.clone(),
     )
-    .expect("start the backup");
+    .unwrap_or_else(|e| panic!("start the backup '{name}': {e}"));
     assert!(
-        crate::wait_for_line(
-            &dir.join("backup.err"),
-            "listening on",
-            Duration::from_secs(10),
-            || true
-        ),
-        "the backup did not start"
+        crate::wait_for_line(&err, "listening on", Duration::from_secs(10), || true),
+        "the backup '{name}' did not start:\n{}",
+        std::fs::read_to_string(&err).unwrap_or_default()
     );
     p
 }

@@ -1,5 +1,6 @@
 //! The end-to-end tests of lockstep live in `tests/tests/`; they drive the real `lockstep`
-//! binary and the engine's Machine API with the shared [`harness`], re-exported here.
+//! binary and the engine's Machine API with the shared [`harness`], re-exported here, and
+//! speak to the control socket with [`ctl`].
 //!
 //! `cargo test --release --workspace` from a fresh clone works: the first test that needs
 //! the binary runs `cargo build -p lockstep --bin lockstep` once per test executable (a
@@ -7,3 +8,5 @@
 //! tests that binary instead.
 
 pub use harness::*;
+
+pub mod ctl;

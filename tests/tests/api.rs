@@ -3,13 +3,12 @@
 //! primary ends the pair cleanly (equal final digests), and bad input gets an HTTP status
 //! with a JSON error.
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use tests::ctl::{path, raw, status};
 use tests::{kvm_required, lockstep, lockstep_bin, one_at_a_time, Proc, TempDir};
 
 fn free_port() -> u16 {
@@ -30,17 +29,6 @@ fn spawn(dir: &TempDir, name: &str, args: &[&str]) -> Proc {
     .expect("start lockstep")
 }
 
-fn path(p: &Path) -> &str {
-    p.to_str().expect("UTF-8 path")
-}
-
-/// `lockstep ctl --api-sock SOCK status --json`, parsed.
-fn status(sock: &Path) -> Value {
-    let run = lockstep(&["ctl", "--api-sock", path(sock), "status", "--json"]);
-    run.assert_success();
-    serde_json::from_str(run.stdout.trim()).unwrap_or_else(|e| panic!("{e}: {run:?}"))
-}
-
 /// Waits until the socket answers a status whose `key` is a number; returns it.
 fn wait_number(sock: &Path, key: &str, limit: Duration) -> u64 {
     let deadline = Instant::now() + limit;
@@ -56,25 +44,6 @@ fn wait_number(sock: &Path, key: &str, limit: Duration) -> u64 {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-}
-
-/// One raw HTTP request on the socket: the status code and the JSON body.
-fn raw(sock: &Path, request: &str) -> (u16, Value) {
-    let mut s = UnixStream::connect(sock).expect("connect to the control socket");
-    s.write_all(request.as_bytes()).expect("send");
-    let mut answer = String::new();
-    s.read_to_string(&mut answer).expect("read");
-    let code = answer
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("no status line: {answer}"));
-    let (head, body) = answer.split_once("\r\n\r\n").expect("head and body");
-    assert!(head.contains("application/json"), "{head}");
-    (
-        code,
-        serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}")),
-    )
 }
 
 fn final_line(out: &str) -> &str {

@@ -193,7 +193,10 @@ impl Node {
                         Ok(ProtectEnd::Stopped) => return Ok(0),
                         Ok(ProtectEnd::HandedOver(then)) => {
                             control::finish(Ok(format!("handed over to {peer}")));
-                            // Closes the tap: the promoted backup attaches to it.
+                            // Closes the tap: the promoted backup attaches to it. The
+                            // status counts held frames through the guest's output, which
+                            // holds the tap too: let go of it first.
+                            status::watch_output(None);
                             drop(machine);
                             match then {
                                 AfterSwitchover::Stop => {

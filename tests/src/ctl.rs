@@ -1,0 +1,53 @@
+//! The control socket as the tests speak to it: `lockstep ctl ... status --json` parsed,
+//! and raw HTTP requests with their status code and JSON body.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::lockstep;
+
+/// A path as a command-line argument.
+pub fn path(p: &Path) -> &str {
+    p.to_str().expect("UTF-8 path")
+}
+
+/// `lockstep ctl --api-sock SOCK status --json`, parsed.
+pub fn status(sock: &Path) -> Value {
+    let run = lockstep(&["ctl", "--api-sock", path(sock), "status", "--json"]);
+    run.assert_success();
+    serde_json::from_str(run.stdout.trim()).unwrap_or_else(|e| panic!("{e}: {run:?}"))
+}
+
+/// One raw HTTP request on the socket: the status code and the JSON body.
+pub fn raw(sock: &Path, request: &str) -> (u16, Value) {
+    let mut s = UnixStream::connect(sock).expect("connect to the control socket");
+    s.write_all(request.as_bytes()).expect("send");
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).expect("read");
+    let code = answer
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status line: {answer}"));
+    let (head, body) = answer.split_once("\r\n\r\n").expect("head and body");
+    assert!(head.contains("application/json"), "{head}");
+    (
+        code,
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}")),
+    )
+}
+
+/// `POST path` with `body` (JSON or anything else, sent as it is).
+pub fn post(sock: &Path, path: &str, body: &str) -> (u16, Value) {
+    raw(
+        sock,
+        &format!(
+            "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        ),
+    )
+}
