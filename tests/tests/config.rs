@@ -218,9 +218,11 @@ fn unusable_files_are_one_line_naming_the_file() {
         ),
     ] {
         let file = config(&dir, "bad.toml", text);
-        let run = lockstep(
-            &[command, "--config", &file, "snap"][..if command == "restore" { 4 } else { 3 }],
-        );
+        let mut args = vec![command, "--config", &file];
+        if command == "restore" {
+            args.push("snap");
+        }
+        let run = lockstep(&args);
         assert_eq!(run.code(), Some(2), "{text:?}: {run:?}");
         let mut needles = needles.to_vec();
         let named = format!("config file {file}");
