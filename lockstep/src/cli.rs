@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::error::ErrorKind;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use thiserror::Error;
 
 use engine::devices::serial::Console;
@@ -28,6 +28,8 @@ use engine::snapshot::{self, SnapshotError};
 use engine::{info, log};
 
 use crate::api::{self, ApiError, ApiServer};
+
+mod config;
 
 /// Fencing, as every role's help ends.
 const FENCING_NOTES: &str = "\
@@ -57,7 +59,8 @@ macro_rules! command_help {
 
 const AFTER_HELP: &str = "\
 The built-in guest runs workload=counter|dirty|hash|kv (see README.md).
-`lockstep COMMAND --help` lists a command's options.";
+`lockstep COMMAND --help` lists a command's options; run, restore, primary and backup
+also read them from --config FILE (TOML, README.md \"Configuration file\").";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -422,26 +425,55 @@ pub fn main() -> ExitCode {
 /// Parses the command line; help and version are printed here (exit 0), every mistake as
 /// one line (exit 2).
 fn parse(args: &[String]) -> Result<Cli, ExitCode> {
-    // `--help` or `-h` anywhere after a command asks for that command's help, even among
-    // options it does not know.
-    let help = args.len() > 2 && args[2..].iter().any(|a| a == "--help" || a == "-h");
-    let parsed = if help {
-        Cli::try_parse_from([&args[0], &args[1], "--help"])
-    } else {
-        Cli::try_parse_from(args)
-    };
-    match parsed {
+    match try_parse(args) {
         Ok(cli) => Ok(cli),
-        Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => {
+        Err(ParseError::Clap(e))
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) =>
+        {
             // A closed pipe (`| head`) is not an error worth a panic.
             let _ = write!(std::io::stdout(), "{e}");
             Err(ExitCode::SUCCESS)
         }
         Err(e) => {
-            eprintln!("lockstep: error: {}", one_line(&e));
+            eprintln!("lockstep: error: {}", e.one_line());
             Err(ExitCode::from(2))
         }
     }
+}
+
+/// Why the command line did not parse: clap's error (help and version among them), or
+/// the one line of a `--config FILE` that cannot be used.
+#[derive(Debug)]
+enum ParseError {
+    Clap(clap::Error),
+    Config(String),
+}
+
+impl ParseError {
+    fn one_line(&self) -> String {
+        match self {
+            ParseError::Clap(e) => one_line(e),
+            ParseError::Config(line) => line.clone(),
+        }
+    }
+}
+
+/// The command line, with the options of its `--config FILE` (see [`config`]) before the
+/// ones typed.
+fn try_parse(args: &[String]) -> Result<Cli, ParseError> {
+    let cmd = config::with_config(Cli::command());
+    // `--help` or `-h` anywhere after a command asks for that command's help, even among
+    // options it does not know.
+    let help = args.len() > 2 && args[2..].iter().any(|a| a == "--help" || a == "-h");
+    let matches = if help {
+        cmd.try_get_matches_from([&args[0], &args[1], "--help"])
+    } else {
+        let args = config::expand(&cmd, args).map_err(ParseError::Config)?;
+        cmd.try_get_matches_from(args)
+    };
+    matches
+        .and_then(|m| Cli::from_arg_matches(&m))
+        .map_err(ParseError::Clap)
 }
 
 /// clap's message in one line: its first line without the `error: ` prefix (and, when
