@@ -317,7 +317,19 @@ fn every_subcommand_answers_help_with_its_options() {
             ][..],
         ),
         ("demo", &["--seconds"][..]),
-        ("ctl", &["--api-sock", "--json", "status|stop"][..]),
+        (
+            "ctl",
+            &[
+                "--api-sock",
+                "--json",
+                "--peer",
+                "--listen",
+                "--no-wait",
+                "protect",
+                "switchover",
+                "failover",
+            ][..],
+        ),
     ] {
         for args in [vec![cmd, "--help"], vec![cmd, "--peer", "x", "-h"]] {
             let run = tests::lockstep(&args);
