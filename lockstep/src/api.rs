@@ -19,7 +19,8 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use engine::replication::control::{self, AfterSwitchover, Request, RequestReport};
+use engine::replication::control::{self, AfterSwitchover, FenceTarget, Request, RequestReport};
+use engine::replication::fence::parse_fence_arg;
 use engine::replication::status::{self, StatusReport};
 use engine::warn;
 
@@ -240,10 +241,8 @@ pub fn route(method: &str, path: &str, body: &[u8]) -> Reply {
                 body: json!({ "stopping": true }),
             };
         }
-        "/protect" => match fields(&body, &["peer"]).and_then(|()| string(&body, "peer", true)) {
-            Ok(peer) => Request::Protect {
-                peer: peer.unwrap_or_default(),
-            },
+        "/protect" => match protect_request(&body) {
+            Ok(r) => r,
             Err(r) => return r,
         },
         "/switchover" => {
@@ -275,6 +274,41 @@ pub fn route(method: &str, path: &str, body: &[u8]) -> Reply {
         }
         Err(refusal) => error(refusal.code, refusal.message),
     }
+}
+
+/// `POST /protect`'s body: `peer`, and optionally the fence agent's target for the new
+/// backup (`peer_node`, `fence_args`: a list of `key=value`, checked as `--fence-arg`).
+fn protect_request(body: &serde_json::Map<String, Value>) -> Result<Request, Reply> {
+    fields(body, &["peer", "peer_node", "fence_args"])?;
+    let peer = string(body, "peer", true)?.unwrap_or_default();
+    let peer_node = string(body, "peer_node", false)?;
+    let args = match body.get("fence_args") {
+        None => None,
+        Some(Value::Array(items)) => Some(
+            items
+                .iter()
+                .map(|v| match v {
+                    Value::String(kv) => {
+                        parse_fence_arg(kv).map_err(|e| error(400, format!("\"fence_args\": {e}")))
+                    }
+                    other => Err(error(
+                        400,
+                        format!("\"fence_args\" holds strings key=value, not {other}"),
+                    )),
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+        ),
+        Some(other) => {
+            return Err(error(
+                400,
+                format!("\"fence_args\" must be a list of \"key=value\", not {other}"),
+            ))
+        }
+    };
+    Ok(Request::Protect {
+        peer,
+        fence: FenceTarget { peer_node, args },
+    })
 }
 
 /// Refuses fields other than `known` (a misspelt one would otherwise be ignored).
@@ -515,6 +549,22 @@ mod tests {
         assert_eq!(code("/protect", r#"{"peer": "nohost"}"#), 400);
         assert_eq!(code("/protect", r#"{"peer": "h:1", "per": "h:2"}"#), 400);
         assert_eq!(code("/protect", r#"["h:1"]"#), 400);
+        assert_eq!(
+            code("/protect", r#"{"peer": "h:1", "fence_args": "a=b"}"#),
+            400
+        );
+        assert_eq!(
+            code("/protect", r#"{"peer": "h:1", "fence_args": [1]}"#),
+            400
+        );
+        assert_eq!(
+            code(
+                "/protect",
+                r#"{"peer": "h:1", "fence_args": ["action=on"]}"#
+            ),
+            400
+        );
+        assert_eq!(code("/protect", r#"{"peer": "h:1", "peer_node": 3}"#), 400);
         assert_eq!(code("/switchover", r#"{"listen": "x"}"#), 400);
         assert_eq!(code("/failover", r#"{"force": true}"#), 400);
         assert_eq!(code("/stop", r#"{"now": true}"#), 400);

@@ -114,7 +114,8 @@ status      GET /status: role, guest, protection, epochs, replication lag, pause
             p50/p99 (us, last minute), held output, the last role change and the last request
 stop        POST /stop: the same clean end as SIGTERM
 protect     POST /protect {\"peer\": ADDR:PORT}: a running, unprotected guest (a promoted
-            backup, a `run`) is synced to the backup at ADDR:PORT while it runs
+            backup, a `run`) is synced to the backup at ADDR:PORT while it runs;
+            --peer-node and --fence-arg aim the fence agent at that backup's node
 switchover  POST /switchover [{\"listen\": ADDR:PORT}]: final epoch, the backup promotes; this
             process then stops, or with --listen becomes the new backup there
 failover    POST /failover: a backup fences its primary and promotes
@@ -132,6 +133,14 @@ struct CtlArgs {
     /// protect: the new backup's address
     #[arg(long, value_name = "ADDR:PORT")]
     peer: Option<String>,
+    /// protect: the new backup's node as the fence device knows it (default: the
+    /// process's --peer-node)
+    #[arg(long, value_name = "NODE", allow_hyphen_values = true)]
+    peer_node: Option<String>,
+    /// protect: an option of the fence agent for the new backup's node (repeatable;
+    /// replaces the process's --fence-arg list)
+    #[arg(long, value_name = "KEY=VALUE", allow_hyphen_values = true)]
+    fence_arg: Vec<String>,
     /// switchover: become the new backup, listening here (default: stop)
     #[arg(long, value_name = "ADDR:PORT")]
     listen: Option<String>,
@@ -655,6 +664,16 @@ fn cmd_ctl(a: CtlArgs) -> Result<ExitCode, CliError> {
     };
     only("peer", a.peer.is_some() && action != "protect", "protect")?;
     only(
+        "peer-node",
+        a.peer_node.is_some() && action != "protect",
+        "protect",
+    )?;
+    only(
+        "fence-arg",
+        !a.fence_arg.is_empty() && action != "protect",
+        "protect",
+    )?;
+    only(
         "listen",
         a.listen.is_some() && action != "switchover",
         "switchover",
@@ -666,7 +685,14 @@ fn cmd_ctl(a: CtlArgs) -> Result<ExitCode, CliError> {
                 .peer
                 .as_deref()
                 .ok_or_else(|| usage("ctl protect needs --peer ADDR:PORT (the new backup)"))?;
-            serde_json::json!({ "peer": peer })
+            let mut body = serde_json::json!({ "peer": peer });
+            if let Some(node) = &a.peer_node {
+                body["peer_node"] = node.as_str().into();
+            }
+            if !a.fence_arg.is_empty() {
+                body["fence_args"] = a.fence_arg.clone().into();
+            }
+            body
         }
         "switchover" => match &a.listen {
             Some(listen) => serde_json::json!({ "listen": listen }),
@@ -848,10 +874,11 @@ fn fencing(
             let timeout = Duration::from_secs(f.fence_timeout_s.unwrap_or(60));
             // The primary role asks the cluster's fencer (pacemaker-fenced) to fence the
             // backup's node with the cluster's own devices; exit 0 only once it is fenced.
+            // The node comes from `nodename=` on stdin, so a protect can aim it elsewhere.
             let agent = FenceAgent {
                 cmd: format!(
-                    "exec stonith_admin --fence '{}' --timeout {}",
-                    victim.replace('\'', "'\\''"),
+                    "exec stonith_admin --fence \"$(sed -n 's/^nodename=//p' | tail -n 1)\" \
+                     --timeout {}",
                     timeout.as_secs()
                 ),
                 args: Vec::new(),

@@ -157,6 +157,8 @@ fn failover_then_reprotect_then_failover_again_keeps_the_connection_and_every_wr
     let c_args: Vec<&str> = c_args.iter().map(String::as_str).collect();
     let mut c = backup_cmd_named(&ns, &dir, "c", NEW_BACKUP, &c_args);
     let asked = Instant::now();
+    // B's fence agent was set up for A's node; C is another: aim it at C's pid file.
+    let c_pid = format!("pidfile={}", dir.arg("c.pid"));
     let protect = lockstep(&[
         "ctl",
         "--api-sock",
@@ -164,6 +166,10 @@ fn failover_then_reprotect_then_failover_again_keeps_the_connection_and_every_wr
         "protect",
         "--peer",
         NEW_BACKUP,
+        "--peer-node",
+        "c-node",
+        "--fence-arg",
+        &c_pid,
     ]);
     let protect_wall = asked.elapsed();
     protect.assert_success();
@@ -542,4 +548,92 @@ fn bad_requests_to_a_live_pair_are_refused_and_change_nothing() {
     assert!(lost.is_empty(), "{} acknowledged writes lost", lost.len());
     assert!(a.try_wait().is_none(), "A ended:\n{}", a.log());
     assert!(b.try_wait().is_none(), "B ended:\n{}", b.log());
+}
+
+#[test]
+fn a_reprotected_guest_fences_its_new_backup_not_the_old_one() {
+    if !kvm_required() {
+        return;
+    }
+    let _one = one_at_a_time();
+    let _dog = Watchdog::start(
+        "re-protect, then the new backup stalls",
+        Duration::from_secs(120),
+    );
+    // B fences A (primary.pid) and promotes; C, on another node (c.pid), protects B's
+    // guest; C then stalls (SIGSTOP): B must fence C -- not A's node again -- before its
+    // held output leaves, and C must never promote.
+    let Pair {
+        dir,
+        ns,
+        backup: mut b,
+        primary: mut a,
+        load,
+        proxy: _,
+    } = Pair::start("lsrf", false, |dir| {
+        let mut b = fence_args(dir, "primary");
+        b.extend([
+            "--api-sock".into(),
+            dir.arg("b.sock"),
+            "--heartbeat-timeout-ms".into(),
+            "500".into(),
+        ]);
+        (b, vec![])
+    });
+    let bsock = dir.join("b.sock");
+    a.kill9();
+    wait_log(&dir.join("backup.err"), "PROMOTED", Duration::from_secs(20));
+    let mut c_args = fence_args(&dir, "backup");
+    c_args.extend(["--api-sock".into(), dir.arg("c.sock")]);
+    let c_args: Vec<&str> = c_args.iter().map(String::as_str).collect();
+    let mut c = backup_cmd_named(&ns, &dir, "c", NEW_BACKUP, &c_args);
+    let c_pid = format!("pidfile={}", dir.arg("c.pid"));
+    lockstep(&[
+        "ctl",
+        "--api-sock",
+        path(&bsock),
+        "protect",
+        "--peer",
+        NEW_BACKUP,
+        "--peer-node",
+        "c-node",
+        "--fence-arg",
+        &c_pid,
+    ])
+    .assert_success();
+    more_replies(&load, Instant::now(), 50);
+
+    let stopped = Instant::now();
+    c.signal(libc::SIGSTOP);
+    wait_log(
+        &dir.join("backup.err"),
+        "the backup is fenced",
+        Duration::from_secs(20),
+    );
+    let released = stopped.elapsed();
+    let log = b.log();
+    assert!(log.contains("fenced the backup 'c-node'"), "{log}");
+    assert!(
+        c.wait_for(Duration::from_secs(5)).is_some(),
+        "C still runs after its fencing"
+    );
+    assert!(!c.log().contains("PROMOTED"), "{}", c.log());
+    let first = first_reply_after(&load, stopped, Duration::from_secs(10)) - stopped;
+    more_replies(&load, Instant::now(), 50);
+    let s = status(&bsock);
+    assert_eq!(
+        (s["role"].as_str(), s["protection"].as_str()),
+        (Some("primary"), Some("unprotected")),
+        "{s}"
+    );
+    let (acked, lost, _) = load.finish();
+    println!(
+        "new backup stalled: fenced and output released {:.1} ms later, first reply after {:.1} ms; \
+         {acked} writes acknowledged, {} lost",
+        ms(released),
+        ms(first),
+        lost.len()
+    );
+    assert!(lost.is_empty(), "{} acknowledged writes lost", lost.len());
+    drop(b);
 }

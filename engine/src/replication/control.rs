@@ -24,6 +24,9 @@ pub enum Request {
     Protect {
         /// The new backup's address.
         peer: String,
+        /// Whom the process's fence agent fences, should this backup be lost, when the
+        /// new backup is not on the node the agent was set up for.
+        fence: FenceTarget,
     },
     /// Planned switchover: final epoch, the backup promotes, this side then does `then`.
     Switchover {
@@ -32,6 +35,22 @@ pub enum Request {
     },
     /// Promote this backup now (after fencing the primary).
     Failover,
+}
+
+/// A protect's fence target: the process's fence agent, aimed at the new backup's node.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FenceTarget {
+    /// The new backup's node as the fence device knows it (replaces `--peer-node`).
+    pub peer_node: Option<String>,
+    /// The agent's options for that node (replace the `--fence-arg`s), checked as they are.
+    pub args: Option<Vec<(String, String)>>,
+}
+
+impl FenceTarget {
+    /// Whether it changes anything.
+    pub fn is_set(&self) -> bool {
+        self.peer_node.is_some() || self.args.is_some()
+    }
 }
 
 /// What the old primary does after a switchover.
@@ -118,6 +137,8 @@ struct Control {
     next_id: u64,
     /// Why this backup cannot promote on an operator's request, if it cannot.
     no_failover: Option<String>,
+    /// Whether the primary role has a fence agent (that a protect may aim elsewhere).
+    fence_agent: bool,
 }
 
 static CONTROL: Mutex<Control> = Mutex::new(Control {
@@ -125,6 +146,7 @@ static CONTROL: Mutex<Control> = Mutex::new(Control {
     last: None,
     next_id: 1,
     no_failover: Some(String::new()),
+    fence_agent: false,
 });
 
 fn control() -> std::sync::MutexGuard<'static, Control> {
@@ -135,6 +157,12 @@ fn control() -> std::sync::MutexGuard<'static, Control> {
 /// configured), or why not.
 pub fn set_failover_refusal(why: Option<String>) {
     control().no_failover = why;
+}
+
+/// Whether the process's primary role has a fence agent, which a protect's
+/// [`FenceTarget`] may aim at the new backup's node.
+pub fn set_fence_agent(present: bool) {
+    control().fence_agent = present;
 }
 
 /// Checks `req` against what the process does now and leaves it pending for the role, or
@@ -154,8 +182,24 @@ pub fn submit(req: Request) -> Result<u64, Refusal> {
         )));
     }
     match &req {
-        Request::Protect { peer } => {
+        Request::Protect { peer, fence } => {
             check_address("peer", peer)?;
+            if fence.is_set() && !c.fence_agent {
+                return Err(conflict(
+                    "this process has no fence agent (--fence-cmd or --fence cluster) to aim \
+                     at the new backup's node",
+                ));
+            }
+            if fence
+                .peer_node
+                .as_deref()
+                .is_some_and(|n| n.trim().is_empty() || n.contains(['\n', '\r']))
+            {
+                return Err(Refusal {
+                    code: 400,
+                    message: "\"peer_node\" cannot be empty or hold a line break".into(),
+                });
+            }
             if s.role == Role::Backup {
                 return Err(conflict(
                     "this process is a backup: protect is for the process that runs the guest",
@@ -231,7 +275,10 @@ pub fn submit(req: Request) -> Result<u64, Refusal> {
 
 fn describe(req: &Request) -> String {
     match req {
-        Request::Protect { peer } => format!("protect to the backup at {peer}"),
+        Request::Protect { peer, fence } => match &fence.peer_node {
+            Some(node) => format!("protect to the backup at {peer} (node {node})"),
+            None => format!("protect to the backup at {peer}"),
+        },
         Request::Switchover {
             then: AfterSwitchover::Stop,
         } => "switchover; then this process stops".into(),

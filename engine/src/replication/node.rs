@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 
 use super::backup::{self, BackupError, BackupOptions};
-use super::control::{self, AfterSwitchover, Request, RequestState};
+use super::control::{self, AfterSwitchover, FenceTarget, Request, RequestState};
 use super::failover::{self, TakenOver};
 use super::fence::FenceConfig;
 use super::primary::{self, PrimaryError, PrimaryOptions, ProtectEnd, Unprotected};
@@ -95,6 +95,8 @@ enum State {
     Protect {
         machine: Machine,
         peer: String,
+        /// The fence agent's target for this backup, when not the configured one.
+        fence: FenceTarget,
         /// A failed first protect is the process's error; a failed re-protect leaves the
         /// guest running unprotected.
         first: bool,
@@ -106,8 +108,9 @@ enum State {
 enum Driven {
     /// The guest exited (its status) or the run was ended (0).
     Ended(u8),
-    /// `POST /protect`: protect the guest with the backup at this address.
-    Protect(String),
+    /// `POST /protect`: protect the guest with the backup at this address, fencing it as
+    /// the target says.
+    Protect(String, FenceTarget),
 }
 
 impl Node {
@@ -115,11 +118,13 @@ impl Node {
     /// the run was ended from outside, or there was no guest to run).
     pub fn run(&self, start: Start) -> Result<u8, NodeError> {
         let started = Instant::now();
+        control::set_fence_agent(self.primary.fence.is_some());
         let mut state = match start {
             Start::Run(m) => State::Run(m, None),
             Start::Protect(m) => State::Protect {
                 machine: m,
                 peer: self.primary.peer.clone(),
+                fence: FenceTarget::default(),
                 first: true,
             },
             Start::Backup(opts) => State::Backup(opts),
@@ -137,6 +142,7 @@ impl Node {
                     }) => State::Protect {
                         machine,
                         peer,
+                        fence: FenceTarget::default(),
                         first: false,
                     },
                     Some(TakenOver { machine, .. }) => State::Run(machine, None),
@@ -144,9 +150,10 @@ impl Node {
                 State::Run(mut machine, unprotected) => {
                     match self.drive(&mut machine, unprotected, started)? {
                         Driven::Ended(status) => return Ok(status),
-                        Driven::Protect(peer) => State::Protect {
+                        Driven::Protect(peer, fence) => State::Protect {
                             machine,
                             peer,
+                            fence,
                             first: false,
                         },
                     }
@@ -154,6 +161,7 @@ impl Node {
                 State::Protect {
                     mut machine,
                     peer,
+                    fence,
                     first,
                 } => {
                     let was = status::report().role;
@@ -169,6 +177,15 @@ impl Node {
                     let opts = PrimaryOptions {
                         peer: peer.clone(),
                         seconds: if first { self.primary.seconds } else { None },
+                        fence: self.primary.fence.clone().map(|mut agent| {
+                            if let Some(node) = fence.peer_node {
+                                agent.victim = node;
+                            }
+                            if let Some(args) = fence.args {
+                                agent.args = args;
+                            }
+                            agent
+                        }),
                         ..self.primary.clone()
                     };
                     let ended = primary::protect(&mut machine, opts);
@@ -325,10 +342,10 @@ impl Node {
             if let Some(u) = &mut unprotected {
                 u.poll();
             }
-            if let Some(Request::Protect { peer }) =
+            if let Some(Request::Protect { peer, fence }) =
                 control::take(|r| matches!(r, Request::Protect { .. }))
             {
-                return Ok(Driven::Protect(peer));
+                return Ok(Driven::Protect(peer, fence));
             }
             let due = snapshot
                 .as_ref()
