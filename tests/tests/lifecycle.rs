@@ -566,7 +566,7 @@ fn a_reprotected_guest_fences_its_new_backup_not_the_old_one() {
     let Pair {
         dir,
         ns,
-        backup: mut b,
+        backup: b,
         primary: mut a,
         load,
         proxy: _,
