@@ -164,40 +164,7 @@ pub fn trial(ns: &Netns, cfg: &TrialConfig) -> Result<TrialOutcome, String> {
     };
 
     let backup_spawned = Instant::now();
-    let mut backup = Proc::spawn(
-        ns.command(
-            &cfg.bin,
-            &[
-                "backup",
-                "--listen",
-                &listen,
-                "--net",
-                "tap=tap0",
-                "--name",
-                "demo",
-                "--pid-file",
-                &arg(&backup_pid_file),
-                "--fence-cmd",
-                &arg(&agent),
-                "--peer-node",
-                "demo-primary",
-                "--fence-arg",
-                &format!("pidfile={}", arg(&pid_file)),
-                "--console",
-                &arg(&cfg.dir.join("backup.console")),
-                "--api-sock",
-                &arg(&cfg.dir.join("backup.sock")),
-            ],
-        ),
-        cfg.dir.join("backup.out"),
-        cfg.dir.join("backup.err"),
-    )?;
-    let backup_err = backup.stderr.clone();
-    if !wait_for_line(&backup_err, "listening on", Duration::from_secs(10), || {
-        backup.try_wait().is_none()
-    }) {
-        return Err(format!("the backup did not start:\n{}", backup.log()));
-    }
+    let mut backup = spawn_backup(ns, cfg, "backup", &listen, "demo-primary", "primary.pid")?;
     let mut primary_args = vec![
         "primary".to_string(),
         "--peer".into(),
@@ -405,61 +372,20 @@ fn reprotect(
     keep: &mut Option<Proc>,
 ) -> Reprotect {
     let arg = |p: &Path| p.to_str().unwrap_or_default().to_string();
-    let agent = cfg.dir.join("fence-pidfile");
     let listen = format!("127.0.0.1:{}", cfg.port + 2);
-    let sock = cfg.dir.join("backup2.sock");
-    let spawned = Proc::spawn(
-        ns.command(
-            &cfg.bin,
-            &[
-                "backup",
-                "--listen",
-                &listen,
-                "--net",
-                "tap=tap0",
-                "--name",
-                "demo",
-                "--pid-file",
-                &arg(&cfg.dir.join("primary.pid")),
-                "--fence-cmd",
-                &arg(&agent),
-                "--peer-node",
-                "demo-promoted",
-                "--fence-arg",
-                &format!("pidfile={}", arg(&cfg.dir.join("backup.pid"))),
-                "--console",
-                &arg(&cfg.dir.join("backup2.console")),
-                "--api-sock",
-                &arg(&sock),
-            ],
-        ),
-        cfg.dir.join("backup2.out"),
-        cfg.dir.join("backup2.err"),
-    );
-    let mut new_backup = match spawned {
+    // It stands for the old primary's host come back: it takes the old primary's pid file.
+    let new_backup = match spawn_backup(ns, cfg, "backup2", &listen, "demo-promoted", "backup.pid")
+    {
         Ok(p) => p,
         Err(e) => {
             return Reprotect {
-                took: Err(format!("the new backup did not start: {e}")),
+                took: Err(e),
                 ctl: String::new(),
                 committed: None,
                 log: String::new(),
             }
         }
     };
-    if !wait_for_line(
-        &new_backup.stderr.clone(),
-        "listening on",
-        Duration::from_secs(10),
-        || new_backup.try_wait().is_none(),
-    ) {
-        return Reprotect {
-            took: Err("the new backup did not start".into()),
-            ctl: String::new(),
-            committed: None,
-            log: new_backup.log(),
-        };
-    }
     say(format!(
         "\n>>> re-protect: new backup (pid {}) on {listen}; lockstep ctl protect on the promoted guest",
         new_backup.pid()
@@ -509,6 +435,61 @@ fn status_field(bin: &Path, sock: &Path, key: &str) -> Option<String> {
         serde_json::Value::String(s) => s.clone(),
         other => other.to_string(),
     })
+}
+
+/// `lockstep backup` as `name` (its console, logs and control socket `<name>.sock` in the
+/// trial's directory) listening on `listen`, fencing `peer_node` through the pid file
+/// `victim_pid`; its own pid file is the other of primary.pid and backup.pid (a node is
+/// its pid file). Returns once it listens.
+fn spawn_backup(
+    ns: &Netns,
+    cfg: &TrialConfig,
+    name: &str,
+    listen: &str,
+    peer_node: &str,
+    victim_pid: &str,
+) -> Result<Proc, String> {
+    let arg = |p: &Path| p.to_str().unwrap_or_default().to_string();
+    let own_pid = if victim_pid == "primary.pid" {
+        "backup.pid"
+    } else {
+        "primary.pid"
+    };
+    let mut backup = Proc::spawn(
+        ns.command(
+            &cfg.bin,
+            &[
+                "backup",
+                "--listen",
+                listen,
+                "--net",
+                "tap=tap0",
+                "--name",
+                "demo",
+                "--pid-file",
+                &arg(&cfg.dir.join(own_pid)),
+                "--fence-cmd",
+                &arg(&cfg.dir.join("fence-pidfile")),
+                "--peer-node",
+                peer_node,
+                "--fence-arg",
+                &format!("pidfile={}", arg(&cfg.dir.join(victim_pid))),
+                "--console",
+                &arg(&cfg.dir.join(&format!("{name}.console"))),
+                "--api-sock",
+                &arg(&cfg.dir.join(&format!("{name}.sock"))),
+            ],
+        ),
+        cfg.dir.join(format!("{name}.out")),
+        cfg.dir.join(format!("{name}.err")),
+    )?;
+    let err = backup.stderr.clone();
+    if !wait_for_line(&err, "listening on", Duration::from_secs(10), || {
+        backup.try_wait().is_none()
+    }) {
+        return Err(format!("{name} did not start:\n{}", backup.log()));
+    }
+    Ok(backup)
 }
 
 fn write_agent(path: &Path) -> Result<(), String> {

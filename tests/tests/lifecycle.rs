@@ -242,6 +242,16 @@ fn failover_then_reprotect_then_failover_again_keeps_the_connection_and_every_wr
     assert!(c.try_wait().is_none(), "C ended:\n{}", c.log());
 }
 
+/// A pair without fencing whose primary serves `a.sock` and backup `b.sock`.
+fn pair_with_sockets(prefix: &str) -> Pair {
+    Pair::start(prefix, false, |dir| {
+        (
+            vec!["--api-sock".into(), dir.arg("b.sock")],
+            vec!["--api-sock".into(), dir.arg("a.sock")],
+        )
+    })
+}
+
 #[test]
 fn switchover_there_and_back_keeps_the_connection_and_every_write() {
     if !kvm_required() {
@@ -256,12 +266,7 @@ fn switchover_there_and_back_keeps_the_connection_and_every_write() {
         primary: mut a,
         load,
         proxy: _,
-    } = Pair::start("lssw", false, |dir| {
-        (
-            vec!["--api-sock".into(), dir.arg("b.sock")],
-            vec!["--api-sock".into(), dir.arg("a.sock")],
-        )
-    });
+    } = pair_with_sockets("lssw");
     let (asock, bsock) = (dir.join("a.sock"), dir.join("b.sock"));
 
     // 1. A hands the guest to B and becomes its backup at NEW_BACKUP; B protects to it.
@@ -378,12 +383,7 @@ fn bad_requests_to_a_live_pair_are_refused_and_change_nothing() {
         primary: mut a,
         load,
         proxy: _,
-    } = Pair::start("lsbad", false, |dir| {
-        (
-            vec!["--api-sock".into(), dir.arg("b.sock")],
-            vec!["--api-sock".into(), dir.arg("a.sock")],
-        )
-    });
+    } = pair_with_sockets("lsbad");
     let (asock, bsock) = (dir.join("a.sock"), dir.join("b.sock"));
     let protect = r#"{"peer": "127.0.0.1:7609"}"#;
     for (sock, what, method_path, body, code, needle) in [
