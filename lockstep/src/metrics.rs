@@ -206,7 +206,10 @@ mod tests {
             ("NOT HTTP\r\n\r\n", "400"),
         ] {
             let a = raw(addr, request);
-            assert!(a.starts_with(&format!("HTTP/1.1 {code} ")), "{request:?}: {a}");
+            assert!(
+                a.starts_with(&format!("HTTP/1.1 {code} ")),
+                "{request:?}: {a}"
+            );
         }
         assert!(raw(addr, "PUT /metrics HTTP/1.1\r\n\r\n").contains("Allow: GET\r\n"));
     }
