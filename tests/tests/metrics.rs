@@ -12,7 +12,8 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use tests::{kvm_required, lockstep, lockstep_bin, one_at_a_time, Proc, TempDir};
+use tests::pair::{fence_args, Pair};
+use tests::{kvm_required, lockstep, lockstep_bin, one_at_a_time, Netns, Proc, TempDir};
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -57,7 +58,12 @@ fn metrics_addr(proc: &Proc, log: &Path) -> String {
 
 /// One raw HTTP request: the status code, the head and the body.
 fn raw(addr: &str, request: &str) -> (u16, String, String) {
-    let mut s = TcpStream::connect(addr).expect("connect to the metrics endpoint");
+    let s = TcpStream::connect(addr).expect("connect to the metrics endpoint");
+    raw_on(s, request)
+}
+
+/// One raw HTTP request on a connection.
+fn raw_on(mut s: TcpStream, request: &str) -> (u16, String, String) {
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     s.write_all(request.as_bytes()).expect("send");
     let mut answer = String::new();
@@ -88,7 +94,12 @@ impl Scrape {
 
 /// `GET /metrics`, checked with promtool and parsed.
 fn scrape(addr: &str) -> Scrape {
-    let (code, head, text) = raw(addr, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+    scrape_on(TcpStream::connect(addr).expect("connect to the metrics endpoint"))
+}
+
+/// `GET /metrics` on a connection, checked with promtool and parsed.
+fn scrape_on(s: TcpStream) -> Scrape {
+    let (code, head, text) = raw_on(s, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
     assert_eq!(code, 200, "{head}\n{text}");
     assert!(
         head.contains("Content-Type: text/plain; version=0.0.4; charset=utf-8"),
@@ -317,6 +328,91 @@ fn a_protected_pair_serves_live_metrics_on_both_sides() {
     let b_end = backup.wait_for(limit).expect("the backup ends");
     assert!(p_end.success(), "{}", primary.log());
     assert!(b_end.success(), "{}", backup.log());
+}
+
+/// `GET /metrics` inside a network namespace.
+fn scrape_in(ns: &Netns, addr: &str) -> Scrape {
+    scrape_on(
+        ns.connect(addr, Duration::from_secs(5))
+            .expect("connect to the metrics endpoint"),
+    )
+}
+
+#[test]
+fn held_output_fencing_and_a_promotion_show_in_the_metrics() {
+    if !kvm_required() {
+        return;
+    }
+    let _one = one_at_a_time();
+    // A kv guest on a tap in a namespace of its own, a client writing to it.
+    let mut p = Pair::start("lsmet", false, |dir| {
+        let mut backup = fence_args(dir, "primary");
+        backup.extend(["--metrics".into(), "127.0.0.1:0".into()]);
+        (backup, vec!["--metrics".into(), "127.0.0.1:0".into()])
+    });
+    let paddr = metrics_addr(&p.primary, &p.dir.join("primary.err"));
+    let baddr = metrics_addr(&p.backup, &p.dir.join("backup.err"));
+    let limit = Duration::from_secs(20);
+
+    // The client's requests and their replies: output held per epoch, then released.
+    let deadline = Instant::now() + limit;
+    let s = loop {
+        let s = scrape_in(&p.ns, &paddr);
+        if s.get("lockstep_output_hold_seconds_count") > 0.0 {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "no output released:\n{}", s.text);
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(current(&s, "lockstep_role"), "primary");
+    assert!(s.get("lockstep_output_packets_total") > 0.0, "{}", s.text);
+    assert!(
+        s.get("lockstep_output_hold_seconds_sum") > 0.0,
+        "{}",
+        s.text
+    );
+    assert!(s.get("lockstep_output_held_packets") >= 0.0);
+    assert!(s.get("lockstep_output_held_bytes") >= 0.0);
+    assert_eq!(s.get("lockstep_role_changes_total"), 0.0);
+    documented(&s);
+
+    // The primary dies: the backup fences it and promotes.
+    p.primary.kill9();
+    let deadline = Instant::now() + limit;
+    let b = loop {
+        let b = scrape_in(&p.ns, &baddr);
+        if b.get("lockstep_role{role=\"promoted\"}") == 1.0 {
+            break b;
+        }
+        assert!(Instant::now() < deadline, "no promotion:\n{}", b.text);
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(current(&b, "lockstep_role"), "promoted");
+    assert_eq!(current(&b, "lockstep_protection"), "unprotected");
+    assert_eq!(b.get("lockstep_guest_running"), 1.0);
+    assert_eq!(
+        b.get("lockstep_fence_attempts_total{result=\"fenced\"}"),
+        1.0
+    );
+    assert_eq!(
+        b.get("lockstep_fence_attempts_total{result=\"failed\"}"),
+        0.0
+    );
+    // The primary lost, then the promotion.
+    assert!(b.get("lockstep_role_changes_total") >= 2.0, "{}", b.text);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let changed = b.get("lockstep_last_role_change_timestamp_seconds");
+    assert!(
+        now - 60.0 < changed && changed <= now + 1.0,
+        "{changed} vs {now}"
+    );
+    assert!(b.get("lockstep_epochs_committed_total") > 0.0);
+
+    let end = p.backup.terminate(limit);
+    assert!(end.is_some_and(|s| s.success()), "{}", p.backup.log());
 }
 
 #[test]
