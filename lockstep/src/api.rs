@@ -36,7 +36,7 @@ pub struct ApiServer {
     path: PathBuf,
 }
 
-/// The control socket could not be set up.
+/// The control socket, or the metrics endpoint, could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     /// Another process answers on the socket.
@@ -52,6 +52,14 @@ pub enum ApiError {
         path: PathBuf,
         /// Why.
         source: std::io::Error,
+    },
+    /// `--metrics ADDR:PORT` cannot be served (see [`crate::metrics`]).
+    #[error("--metrics {addr}: {why}")]
+    Metrics {
+        /// The address given.
+        addr: String,
+        /// Why.
+        why: String,
     },
 }
 

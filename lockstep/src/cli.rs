@@ -209,6 +209,9 @@ struct RunArgs {
     /// append JSON-lines events here (docs/events.md)
     #[arg(long, value_name = "PATH")]
     events: Option<PathBuf>,
+    /// serve Prometheus metrics on GET /metrics here (docs/metrics.md)
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics: Option<String>,
     #[command(flatten)]
     fence: FenceArgs,
 }
@@ -289,6 +292,9 @@ struct PrimaryArgs {
     /// append JSON-lines events here (docs/events.md)
     #[arg(long, value_name = "PATH")]
     events: Option<PathBuf>,
+    /// serve Prometheus metrics on GET /metrics here (docs/metrics.md)
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics: Option<String>,
     /// harvest dirty pages from a KVM dirty ring, not the bitmap
     #[arg(long, value_name = "ENTRIES")]
     dirty_ring: Option<u32>,
@@ -330,6 +336,9 @@ struct BackupArgs {
     /// append JSON-lines events here (docs/events.md)
     #[arg(long, value_name = "PATH")]
     events: Option<PathBuf>,
+    /// serve Prometheus metrics on GET /metrics here (docs/metrics.md)
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics: Option<String>,
     /// wait this long before fencing a primary that went silent: its head start to fence
     /// this backup (default 1000)
     #[arg(long, value_name = "MS")]
@@ -616,6 +625,7 @@ fn cmd_run(a: RunArgs) -> Result<ExitCode, CliError> {
     let (fence, agent) = fencing(&a.fence, &name, false, false)?;
     let _pid_file = pid_file_option(a.pid_file)?;
     let _api = api_option(a.api_sock.as_deref())?;
+    let _metrics = crate::metrics::serve(a.metrics.as_deref())?;
     let machine = Machine::boot(&g.machine, &g.image, &g.guest_args)?;
     status::update(|s| {
         s.role = Role::Standalone;
@@ -831,6 +841,7 @@ fn cmd_primary(a: PrimaryArgs) -> Result<ExitCode, CliError> {
     };
     let _pid_file = pid_file_option(a.pid_file)?;
     let _api = api_option(a.api_sock.as_deref())?;
+    let _metrics = crate::metrics::serve(a.metrics.as_deref())?;
     let machine = Machine::boot(&g.machine, &g.image, &g.guest_args)?;
     let node = Node {
         console: g.machine.console.clone(),
@@ -938,6 +949,7 @@ fn cmd_backup(a: BackupArgs) -> Result<ExitCode, CliError> {
     let _pid_file = pid_file_option(a.pid_file)?;
     // Held as long as the pid file: the promoted backup serves it too.
     let _api = api_option(a.api_sock.as_deref())?;
+    let _metrics = crate::metrics::serve(a.metrics.as_deref())?;
     let node = Node {
         console: opts.console.clone(),
         net: opts.net.clone(),

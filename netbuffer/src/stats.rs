@@ -19,6 +19,7 @@ pub const HOLD_BUCKETS: usize = 32;
 pub struct HoldHistogram {
     buckets: [u64; HOLD_BUCKETS],
     count: u64,
+    sum: Duration,
     max: Duration,
 }
 
@@ -27,6 +28,7 @@ impl Default for HoldHistogram {
         Self {
             buckets: [0; HOLD_BUCKETS],
             count: 0,
+            sum: Duration::ZERO,
             max: Duration::ZERO,
         }
     }
@@ -53,7 +55,19 @@ impl HoldHistogram {
     pub fn record(&mut self, hold: Duration) {
         self.buckets[Self::bucket_of(hold)] += 1;
         self.count += 1;
+        self.sum = self.sum.saturating_add(hold);
         self.max = self.max.max(hold);
+    }
+
+    /// Adds the hold times counted by `other` (e.g. an earlier buffer's, to keep totals
+    /// over several).
+    pub fn merge(&mut self, other: &HoldHistogram) {
+        for (mine, theirs) in self.buckets.iter_mut().zip(other.buckets) {
+            *mine += theirs;
+        }
+        self.count += other.count;
+        self.sum = self.sum.saturating_add(other.sum);
+        self.max = self.max.max(other.max);
     }
 
     /// The per-bucket counts (see the type's docs for the bucket bounds).
@@ -64,6 +78,11 @@ impl HoldHistogram {
     /// Number of hold times recorded.
     pub fn count(&self) -> u64 {
         self.count
+    }
+
+    /// Total of the hold times recorded.
+    pub fn sum(&self) -> Duration {
+        self.sum
     }
 
     /// Longest hold time recorded (zero when nothing was recorded).
@@ -176,6 +195,7 @@ mod tests {
         h.record(us(5000));
         h.record(us(5000));
         assert_eq!(h.count(), 100);
+        assert_eq!(h.sum(), us(98 * 100 + 2 * 5000));
         assert_eq!(h.max(), us(5000));
         assert_eq!(h.buckets()[7], 98);
         assert_eq!(h.buckets()[13], 2);
@@ -185,6 +205,19 @@ mod tests {
         assert_eq!(h.p99(), Some(us(5000)));
         assert_eq!(h.percentile(0.0), Some(us(128)));
         assert_eq!(h.percentile(7.0), Some(us(5000)));
+    }
+
+    #[test]
+    fn merge_adds_up_two_histograms() {
+        let (mut a, mut b) = (HoldHistogram::default(), HoldHistogram::default());
+        a.record(us(100));
+        b.record(us(100));
+        b.record(us(5000));
+        a.merge(&b);
+        assert_eq!(a.count(), 3);
+        assert_eq!(a.sum(), us(5200));
+        assert_eq!(a.max(), us(5000));
+        assert_eq!((a.buckets()[7], a.buckets()[13]), (2, 1));
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use bytes::Bytes;
-use netbuffer::{EgressBuffer, Limits, Mode, Pushed};
+use netbuffer::{EgressBuffer, Limits, Mode, Pushed, Stats};
 
 use super::lock;
 use super::tap::Tap;
@@ -138,6 +138,13 @@ impl Egress {
     /// Frames held now.
     pub fn held_frames(&self) -> u64 {
         lock(&self.buffer).0.len() as u64
+    }
+
+    /// The buffer's figures (held now, hold times) and what was sent and refused, read
+    /// together.
+    pub fn stats(&self) -> (Stats, EgressCounters) {
+        let g = lock(&self.buffer);
+        (*g.0.stats(), g.1)
     }
 
     /// Hold time p50/p99 in µs and the number of frames ever held.

@@ -206,6 +206,17 @@ impl OutputCommit {
     pub fn counters(&self) -> egress::EgressCounters {
         self.egress.counters()
     }
+
+    /// The egress buffer's figures (held packets and bytes now, hold times) with the
+    /// frames sent and refused, read together (for the metrics).
+    pub fn stats(&self) -> (netbuffer::Stats, egress::EgressCounters) {
+        self.egress.stats()
+    }
+
+    /// Whether `other` steers the same network device.
+    pub fn same_device(&self, other: &OutputCommit) -> bool {
+        Arc::ptr_eq(&self.egress, &other.egress)
+    }
 }
 
 /// Processes the TX queue again if it stopped on a full egress buffer.

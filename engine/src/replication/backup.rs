@@ -13,6 +13,7 @@ use thiserror::Error;
 
 use super::control::{self, Request};
 use super::fence::FenceError;
+use super::metrics;
 use super::status::{self, GuestState, Protection, Role};
 use super::{guest_id, install_stop_handler, stop_requested};
 use crate::devices::serial::Console;
@@ -375,6 +376,7 @@ fn replicate(
                 status::update(|s| {
                     s.committed_epoch = Some(epoch);
                 });
+                metrics::committed(None);
                 status::set_protection(Protection::Protected, "the first epoch committed");
                 if epoch == 1 {
                     info!(

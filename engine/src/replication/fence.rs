@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
-use super::{events, stop_requested};
+use super::{events, metrics, stop_requested};
 use crate::{info, warn};
 
 /// Keys of the agent's stdin that only lockstep sets, compared after trimming, lowering
@@ -402,11 +402,13 @@ pub fn fence_until_done(cfg: &FenceConfig, peer: &str) -> Result<u32, FenceError
                     agent.victim
                 );
                 events::fence(peer, &agent.victim, attempt, "fenced", detail.trim());
+                metrics::fence_attempt(true);
                 return Ok(attempt);
             }
             Err(e) => {
                 warn!("FENCING FAILED (attempt {attempt}) for {peer} '{}': {e}; NOT acting alone, retrying in {backoff:?}", agent.victim);
                 events::fence(peer, &agent.victim, attempt, "failed", &e.to_string());
+                metrics::fence_attempt(false);
             }
         }
         let until = Instant::now() + backoff;

@@ -9,6 +9,7 @@ pub mod control;
 pub mod events;
 pub mod failover;
 pub mod fence;
+pub mod metrics;
 pub mod node;
 pub mod primary;
 pub mod stats;

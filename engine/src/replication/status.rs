@@ -7,8 +7,9 @@
 use std::sync::{Arc, Mutex};
 
 use checkpoint::inflight::{InFlight, SharedInFlight};
+use netbuffer::HoldHistogram;
 
-use super::events;
+use super::{events, metrics};
 use crate::devices::OutputCommit;
 
 /// What the process is in the pair.
@@ -112,9 +113,25 @@ pub struct StatusReport {
     pub lag_ms: Option<u64>,
 }
 
+/// What the guest's output did, for the metrics: held now, and totals over every network
+/// device this process's roles have watched (see [`watch_output`]).
+#[derive(Clone, Debug, Default)]
+pub struct OutputFigures {
+    /// Frames held now.
+    pub held_packets: u64,
+    /// Bytes of the frames held now.
+    pub held_bytes: u64,
+    /// Frames sent to the tap.
+    pub sent: u64,
+    /// How long the released frames were held.
+    pub hold: HoldHistogram,
+}
+
 struct Shared {
     report: StatusReport,
     output: Option<OutputCommit>,
+    /// Frames sent and hold times of the devices watched before `output`.
+    retired: Option<(u64, HoldHistogram)>,
     inflight: Option<Arc<SharedInFlight>>,
 }
 
@@ -134,6 +151,7 @@ static STATUS: Mutex<Shared> = Mutex::new(Shared {
         lag_ms: None,
     },
     output: None,
+    retired: None,
     inflight: None,
 });
 
@@ -158,9 +176,39 @@ pub fn start_role(role: Role) {
     watch_inflight(None);
 }
 
-/// The output whose held frames the status counts (the primary's network device).
+/// The output whose held frames the status counts (the primary's network device). The
+/// totals of a device no longer watched are kept, so that the metrics' counters never go
+/// back (see [`output_figures`]).
 pub fn watch_output(output: Option<OutputCommit>) {
-    shared().output = output;
+    let mut g = shared();
+    if let Some(old) = g.output.take() {
+        if !output.as_ref().is_some_and(|o| o.same_device(&old)) {
+            let (stats, counters) = old.stats();
+            let retired = g.retired.get_or_insert_with(Default::default);
+            retired.0 += counters.sent;
+            retired.1.merge(&stats.hold_time);
+        }
+    }
+    g.output = output;
+}
+
+/// The output's figures now: held frames of the watched device, totals of every device
+/// watched so far.
+pub fn output_figures() -> OutputFigures {
+    let g = shared();
+    let mut f = OutputFigures::default();
+    if let Some((sent, hold)) = &g.retired {
+        f.sent = *sent;
+        f.hold = *hold;
+    }
+    if let Some(o) = &g.output {
+        let (stats, counters) = o.stats();
+        f.held_packets = stats.held_packets;
+        f.held_bytes = stats.held_bytes;
+        f.sent += counters.sent;
+        f.hold.merge(&stats.hold_time);
+    }
+    f
 }
 
 /// The primary's window of unacknowledged epochs, which the replication lag is read from.
@@ -178,6 +226,7 @@ pub fn role_change(role: Role, protection: Protection, guest: GuestState, why: S
         s.guest = guest;
         s.last_role_change = Some(why.clone());
     });
+    metrics::role_changed();
     events::role_change(role.as_str(), protection.as_str(), guest.as_str(), &why);
     if was != protection {
         events::protection(protection.as_str(), &why);

@@ -267,6 +267,7 @@ impl Primary<'_> {
         st.harvested_us.push_duration(harvested);
         st.copied_us.push_duration(copied);
         st.pages.push(self.pfns.len() as u64);
+        metrics::checkpoint(pause, self.pfns.len() as u64);
         if last {
             self.last_state = Some(blob.clone());
         }

@@ -236,6 +236,7 @@ impl Primary<'_> {
                             let commit = at.saturating_duration_since(t);
                             self.stats.commit_us.push_duration(commit);
                             self.stats.recent_commit_us.push_duration(commit);
+                            metrics::committed(Some(commit));
                         }
                     }
                 }
@@ -264,9 +265,11 @@ impl Primary<'_> {
             job.data.clear();
             self.buf = job.data;
         }
+        let pages = job.pfns.len() as u64;
         self.pfns.reuse(job.pfns);
         let summary = result?;
         self.stats.wire_bytes.push(summary.bytes);
+        metrics::epoch_sent(pages, summary.bytes);
         for (i, n) in summary.by_encoding.iter().enumerate() {
             self.stats.encodings[i] += n;
         }

@@ -49,6 +49,7 @@ use thiserror::Error;
 
 use super::control::{self, AfterSwitchover, Request, RequestState};
 use super::fence::{fence_until_done, FenceAgent, FenceConfig, FenceError};
+use super::metrics;
 use super::stats::PrimaryStats;
 use super::status::{self, GuestState, Protection, Role};
 use super::{guest_id, install_stop_handler, stop_requested};
@@ -536,6 +537,7 @@ impl Primary<'_> {
             self.stats.recent_commit_us.percentile(99.0),
         );
         super::events::throttle_totals(self.stats.throttled, self.stats.throttle_time);
+        metrics::throttle_totals(self.stats.throttled, self.stats.throttle_time);
         status::update(|s| {
             s.pause_us = pause;
             s.commit_us = commit;

@@ -62,6 +62,7 @@ impl Primary<'_> {
                 done += (chunk.len() * PAGE_SIZE) as u64;
                 synced += (chunk.len() * PAGE_SIZE) as u64;
                 sent_bytes += s.bytes;
+                metrics::sync_sent(s.bytes);
                 if !ending && !stop_and_copy {
                     let held = f64::from(self.machine.throttle()) / 100.0;
                     ran += step_start.elapsed().as_secs_f64() * (1.0 - held);
