@@ -25,12 +25,14 @@ fn sh(args: &[&str]) -> Result<(), String> {
     Ok(())
 }
 
-/// A network namespace with `tap0` at 10.0.0.1/24 and loopback up, deleted on drop.
+/// A network namespace, deleted on drop.
 pub struct Netns {
     pub name: String,
 }
 
 impl Netns {
+    /// A namespace with `tap0` at 10.0.0.1/24 and loopback up, its name `prefix` made
+    /// unique.
     pub fn create(prefix: &str) -> Result<Netns, String> {
         static N: AtomicU32 = AtomicU32::new(0);
         let name = format!(
@@ -38,11 +40,9 @@ impl Netns {
             std::process::id(),
             N.fetch_add(1, Ordering::SeqCst)
         );
-        sh(&["ip", "netns", "add", &name])?;
-        let ns = Netns { name };
+        let ns = Netns::empty(&name)?;
         for cmd in [
-            &["ip", "link", "set", "lo", "up"][..],
-            &["ip", "tuntap", "add", "dev", "tap0", "mode", "tap"],
+            &["ip", "tuntap", "add", "dev", "tap0", "mode", "tap"][..],
             &["ip", "addr", "add", "10.0.0.1/24", "dev", "tap0"],
             &["ip", "link", "set", "tap0", "up"],
         ] {
@@ -50,6 +50,16 @@ impl Netns {
             full.extend_from_slice(cmd);
             sh(&full)?;
         }
+        Ok(ns)
+    }
+
+    /// A namespace named exactly `name` with only loopback, up (no tap, no address).
+    pub fn empty(name: &str) -> Result<Netns, String> {
+        sh(&["ip", "netns", "add", name])?;
+        let ns = Netns {
+            name: name.to_string(),
+        };
+        sh(&["ip", "-n", name, "link", "set", "lo", "up"])?;
         Ok(ns)
     }
 
