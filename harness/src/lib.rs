@@ -3,11 +3,12 @@
 //! deadline ([`run`](mod@run)), child processes with logs ([`process`]), network namespaces
 //! ([`netns`]), a Redis-protocol client ([`kv`]), the failover trial ([`trial`](mod@trial)), a
 //! protected pair with a cuttable link ([`pair`]), temporary directories ([`tempdir`]) and
-//! a watchdog ([`watchdog`]).
+//! a watchdog ([`watchdog`]), and a 2-node Pacemaker cluster in namespaces ([`cluster`]).
 //!
 //! The engine library knows nothing of this crate.
 
 pub mod bin;
+pub mod cluster;
 pub mod kv;
 pub mod netns;
 pub mod pair;
