@@ -312,6 +312,26 @@ fn tail_of(path: &Path, n: usize) -> String {
     }
 }
 
+/// The last `n` lines of a Pacemaker log at level notice or above (its info lines are
+/// mostly CIB diffs).
+fn notices_of(path: &Path, n: usize) -> String {
+    match std::fs::read(path) {
+        Ok(bytes) => {
+            let s = String::from_utf8_lossy(&bytes);
+            let lines: Vec<&str> = s
+                .lines()
+                .filter(|l| {
+                    !["\tinfo: ", "\tdebug: ", "\ttrace: "]
+                        .iter()
+                        .any(|lv| l.contains(lv))
+                })
+                .collect();
+            lines[lines.len().saturating_sub(n)..].join("\n")
+        }
+        Err(e) => format!("({}: {e})", path.display()),
+    }
+}
+
 /// Runs `cmd` to completion within `limit`, capturing its output; kills it at the limit.
 fn run_for(mut cmd: Command, limit: Duration) -> Result<Run, String> {
     let what = format!("{cmd:?}");
@@ -1237,8 +1257,9 @@ impl Cluster {
             .collect()
     }
 
-    /// Prints what explains a failure to stderr: per node the tails of pacemaker.log,
-    /// corosync.log and boot.log and `crm_mon -1` if it runs, and the fence log.
+    /// Prints what explains a failure to stderr: per node the tails of pacemaker.log (its
+    /// notices, warnings and errors), corosync.log and boot.log and `crm_mon -1` if it
+    /// runs, and the fence log.
     pub fn dump_logs(&self) {
         let mut out = String::new();
         for node in Node::BOTH {
@@ -1251,13 +1272,16 @@ impl Cluster {
                     "not running"
                 }
             );
-            for (name, path, n) in [
-                ("pacemaker.log", self.pacemaker_log(node), 80),
-                ("corosync.log", self.corosync_log(node), 30),
-                ("boot.log", s.dir.join("boot.log"), 10),
-            ] {
+            let log = self.pacemaker_log(node);
+            out += &format!(
+                "----- {node} {} (last 60 lines of level notice and above)\n{}\n",
+                log.display(),
+                notices_of(&log, 60)
+            );
+            for (path, n) in [(self.corosync_log(node), 30), (s.dir.join("boot.log"), 10)] {
                 out += &format!(
-                    "----- {node} {name} (last {n} lines)\n{}\n",
+                    "----- {node} {} (last {n} lines)\n{}\n",
+                    path.display(),
                     tail_of(&path, n)
                 );
             }
