@@ -33,16 +33,19 @@
 //!   priority-fencing-delay from [`Options`]; the only resource is the stonith device,
 //!   `fence`).
 //! - A fence agent, `/usr/sbin/fence_lockstep_<prefix>` (pacemaker-fenced finds agents
-//!   there; removed on drop). `off` and `reboot` "power off" the node: SIGSTOP, then
-//!   SIGKILL, every process in its network namespace (found by the namespace's inode). It
-//!   does not power nodes on: [`Cluster::start_node`] does. Each call is a line of
+//!   there; removed on drop). `off` and `reboot` "power off" the node as
+//!   [`Cluster::power_off`] does: its links down, then SIGSTOP and SIGKILL to every
+//!   process in its network namespace (found by the namespace's inode). It does not power
+//!   nodes on: [`Cluster::start_node`] does. Each call is a line of
 //!   `<dir>/fence.log` ([`Cluster::fence_calls`]).
 //!
 //! A node "boots" ([`Cluster::start_node`]) as `setsid ip netns exec NS unshare --mount
 //! --uts --propagation private -- sh boot.sh`, which mounts its tree, sets the hostname
 //! (`node1`, `node2`) and runs `corosync -f` and `pacemakerd -f`. [`Cluster::power_off`]
-//! stops then kills every process in its network namespace (the resources it ran
-//! included); [`Cluster::stop_node`] is a graceful shutdown. Commands run on a node
+//! takes its links down, then stops and kills every process in its network namespace
+//! (the resources it ran included): it goes silent, as a machine that lost power (left
+//! up, the namespace's kernel would close the dead processes' TCP connections at once).
+//! [`Cluster::stop_node`] is a graceful shutdown. Commands run on a node
 //! through `nsenter -t <boot pid> -n -m -u` ([`Cluster::command`], [`Cluster::exec`]):
 //! `crm_mon`, `cibadmin`, `crm_resource`, `crm_attribute`, `stonith_admin`...
 //!
@@ -124,6 +127,8 @@ pub const BRIDGE: &str = "br0";
 pub const TAP: &str = "tap0";
 /// The name of the cluster link's veth in each node namespace.
 pub const LINK: &str = "clink";
+/// The name of the veth in each node namespace that joins its `br0` to the client's.
+pub const UPLINK: &str = "seg";
 /// The id of the stonith device in the seeded CIB.
 pub const FENCE_DEVICE: &str = "fence";
 
@@ -548,9 +553,9 @@ echo "$(date +%s.%N) stopped"
 /// The fence agent, with `@DIR@`, `@INO1@`, `@INO2@` and `@NAME@` filled in.
 const FENCE_AGENT: &str = r#"#!/bin/sh
 # @NAME@: the fence agent of one lockstep test cluster (harness/src/cluster.rs), removed
-# when the test ends. It "powers off" a node: SIGSTOP, then SIGKILL, every process in the
-# node's network namespace (found by its inode: the fencer runs this inside another node,
-# whose /run hides /run/netns). Options arrive as key=value lines on stdin (or -o ACTION).
+# when the test ends. It "powers off" a node: its links down (@LINK@, @UPLINK@), then
+# SIGSTOP and SIGKILL to every process in the node's network namespace (found by its
+# inode: the fencer runs this inside another node, whose /run hides /run/netns). Options arrive as key=value lines on stdin (or -o ACTION).
 # Each call is a line of @DIR@/fence.log:
 #   <unix time> by=<host> action=<action> target=<node> rc=<exit status> pids=<killed>
 LOG='@DIR@/fence.log'
@@ -639,6 +644,13 @@ XML
     off | reboot)
         ino=$(inode "$target")
         [ -n "$ino" ] || { log 1 ""; exit 1; }
+        # Unplugged first, the node goes silent: the kernel of its namespace, which
+        # outlives the processes, sends no FIN or RST for their sockets.
+        first=$(pids_of "$ino")
+        first=${first%% *}
+        if [ -n "$first" ]; then
+            nsenter -t "$first" -n sh -c 'ip link set @LINK@ down; ip link set @UPLINK@ down' 2> /dev/null
+        fi
         killed=
         i=0
         while [ $i -lt 100 ]; do
@@ -735,7 +747,7 @@ impl Cluster {
                 "ip",
                 "link",
                 "add",
-                "seg",
+                UPLINK,
                 "netns",
                 &ns.name,
                 "type",
@@ -746,8 +758,8 @@ impl Cluster {
                 "netns",
                 &client.name,
             ])?;
-            ip(&ns.name, &["link", "set", "seg", "master", BRIDGE])?;
-            ip(&ns.name, &["link", "set", "seg", "up"])?;
+            ip(&ns.name, &["link", "set", UPLINK, "master", BRIDGE])?;
+            ip(&ns.name, &["link", "set", UPLINK, "up"])?;
             ip(&client.name, &["link", "set", seg, "master", BRIDGE])?;
             ip(&client.name, &["link", "set", seg, "up"])?;
         }
@@ -806,7 +818,9 @@ impl Cluster {
             .replace("@DIR@", &dir.path().to_string_lossy())
             .replace("@INO1@", &netns_inode(&ns1.name)?.to_string())
             .replace("@INO2@", &netns_inode(&ns2.name)?.to_string())
-            .replace("@NAME@", &agent_name);
+            .replace("@NAME@", &agent_name)
+            .replace("@LINK@", LINK)
+            .replace("@UPLINK@", UPLINK);
         write(&agent.0, &script, 0o755)?;
 
         let slot = |node: Node, ns: Netns| -> Result<NodeSlot, String> {
@@ -882,8 +896,8 @@ impl Cluster {
         &self.slot(node).ns
     }
 
-    /// Boots a node (fresh `/run` and `/dev/shm`; its `/var/lib/pacemaker`, with the CIB,
-    /// persists like a disk). Returns once its namespaces are set up, before corosync and
+    /// Boots a node (its links up; fresh `/run` and `/dev/shm`; its `/var/lib/pacemaker`,
+    /// with the CIB, persists like a disk). Returns once its namespaces are set up, before corosync and
     /// Pacemaker are; panics if it is running already or does not boot.
     pub fn start_node(&self, node: Node) {
         let s = self.slot(node);
@@ -895,6 +909,10 @@ impl Cluster {
         s.reap();
         for f in ["boot.pid", "corosync.pid", "pacemakerd.pid"] {
             let _ = std::fs::remove_file(s.dir.join(f));
+        }
+        // Plugged back in (a cut cluster link stays cut: its other end is down).
+        for link in [LINK, UPLINK] {
+            ip(&s.ns.name, &["link", "set", link, "up"]).unwrap_or_else(|e| panic!("{node}: {e}"));
         }
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -948,20 +966,34 @@ impl Cluster {
         self.slot(node).anchor().is_some()
     }
 
-    /// "Power off": SIGSTOP, then SIGKILL, every process in the node's network namespace
-    /// (Pacemaker, corosync, the resources they ran, anything a test started there);
-    /// returns when none is left. A node that is not running is left as it is.
+    /// "Power off": the node's links down ([`LINK`], [`UPLINK`]), then SIGSTOP and
+    /// SIGKILL to every process in its network namespace (Pacemaker, corosync, the
+    /// resources they ran, anything a test started there); returns when none is left.
+    /// Unplugged first, the node goes silent like a machine that lost power: the kernel of
+    /// its namespace, which outlives the processes, would otherwise close their TCP
+    /// connections (FIN, RST) and peers would learn of the loss at once. The links come
+    /// back with [`Cluster::start_node`]. The fence agent does the same.
     pub fn power_off(&self, node: Node) {
         let s = self.slot(node);
+        self.unplug(node);
         if let Err(left) = kill_all_in(s.ino, Duration::from_secs(10)) {
             panic!("{node}: processes {left:?} survive SIGKILL");
         }
         s.reap();
     }
 
+    /// Takes the node's links down (its end of the cluster link, its uplink to the guest
+    /// segment).
+    fn unplug(&self, node: Node) {
+        for link in [LINK, UPLINK] {
+            let _ = ip(&self.node_ns(node).name, &["link", "set", link, "down"]);
+        }
+    }
+
     /// A graceful shutdown: SIGTERM to pacemakerd (which stops the node's resources
-    /// first), then to corosync; powers the node off if that takes longer than `limit`.
-    /// Returns whether it was graceful.
+    /// first), then to corosync; powers the node off if that takes longer than `limit`,
+    /// and unplugs it in any case (as [`Cluster::power_off`] leaves it). Returns whether
+    /// it was graceful.
     pub fn stop_node(&self, node: Node, limit: Duration) -> bool {
         let s = self.slot(node);
         if s.anchor().is_none() {
