@@ -4,12 +4,16 @@
 //! rejoins as unpromoted; a cut cluster link leaves exactly one node, the promoted one
 //! (priority-fencing-delay lets it win the fence race, even when it is not the DC); the
 //! link restored, the fenced node rejoins; a graceful stop fences nobody. And the guest
-//! segment is wired: the client namespace reaches each node's bridge.
+//! segment is wired: the client namespace reaches each node's bridge, and a lockstep pair
+//! across the nodes (no Pacemaker) keeps one client connection through a power-off of
+//! the primary's node, found by the heartbeat (a powered-off node is silent) and fenced
+//! with the cluster's fence agent.
 
 use std::time::{Duration, Instant, SystemTime};
 
-use tests::cluster::{Cluster, Node, Status};
-use tests::{one_at_a_time, Watchdog};
+use tests::cluster::{Cluster, Node, Options, Status};
+use tests::pair::{backup_cmd, primary_cmd, wait_log, Load};
+use tests::{kvm_required, one_at_a_time, TempDir, Watchdog};
 
 const CLONE: &str = "st-clone";
 
@@ -228,5 +232,65 @@ fn cluster_fails_over_rejoins_and_survives_a_split() {
         secs(split_fenced),
         secs(healed),
         secs(stopped),
+    );
+}
+
+#[test]
+fn lockstep_pair_spans_the_nodes() {
+    if !kvm_required() {
+        return;
+    }
+    let _one = one_at_a_time();
+    let _watchdog = Watchdog::start("the cross-node pair test", Duration::from_secs(120));
+    // The namespaces only: no node booted, lockstep runs in them directly.
+    let cluster = Cluster::new("pair", Options::default());
+    let dir = TempDir::new("cluster-pair");
+    let listen = format!("{}:7600", Node::Two.cluster_addr());
+    let agent = format!("/usr/sbin/{}", cluster.fence_agent());
+    let _backup = backup_cmd(
+        cluster.node_ns(Node::Two),
+        &dir,
+        &listen,
+        &["--fence-cmd", &agent, "--peer-node", Node::One.name()],
+    );
+    let _primary = primary_cmd(cluster.node_ns(Node::One), &dir, &listen, &[]);
+    wait_log(
+        &dir.join("backup.err"),
+        "epoch 1 committed",
+        Duration::from_secs(30),
+    );
+    let t0 = Instant::now();
+    let load = Load::start(cluster.client_ns());
+    load.wait_for_replies(100, Duration::from_secs(15));
+
+    let (t, at) = (Instant::now(), SystemTime::now());
+    cluster.power_off(Node::One);
+    wait_log(&dir.join("backup.err"), "PROMOTED", Duration::from_secs(30));
+    let promoted = t.elapsed();
+    // 100 more replies on the same connection, from the guest on node2.
+    load.wait_for_replies(load.replies_since(t0) + 100, Duration::from_secs(15));
+    let after = load.replies_since(t);
+    let (acked, lost, gap) = load.finish();
+    assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
+    let log = std::fs::read_to_string(dir.join("backup.err")).unwrap_or_default();
+    assert!(
+        log.contains("no data for"),
+        "the backup did not find the loss by its heartbeat (a powered-off node must be \
+         silent):\n{log}"
+    );
+    assert!(
+        cluster
+            .fence_calls()
+            .iter()
+            .any(|c| c.at >= at && c.powered_off(Node::One)),
+        "no off of node1 in the fence log:\n{}",
+        std::fs::read_to_string(cluster.fence_log()).unwrap_or_default()
+    );
+    eprintln!(
+        "cross-node pair: node1 powered off -> backup on node2 promoted {}; {acked} writes \
+         acknowledged over one connection ({after} after the power-off), none lost; longest \
+         gap {}",
+        secs(promoted),
+        secs(gap)
     );
 }
