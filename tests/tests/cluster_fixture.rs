@@ -11,7 +11,7 @@
 
 use std::time::{Duration, Instant, SystemTime};
 
-use tests::cluster::{Cluster, Node, Options, Status};
+use tests::cluster::{self, Cluster, Node, Options, Status};
 use tests::pair::{backup_cmd, primary_cmd, wait_log, Load};
 use tests::{kvm_required, one_at_a_time, TempDir, Watchdog};
 
@@ -39,6 +39,17 @@ const STATEFUL_CLONE: &str = r#"<clone id="st-clone">
 
 fn secs(d: Duration) -> String {
     format!("{:.1} s", d.as_secs_f64())
+}
+
+/// Whether the link `dev` in namespace `ns` is administratively up.
+fn link_up(ns: &str, dev: &str) -> bool {
+    let out = std::process::Command::new("ip")
+        .args(["-n", ns, "-o", "link", "show", dev])
+        .output()
+        .expect("ip link show");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let flags = text.split(['<', '>']).nth(1).unwrap_or_default();
+    flags.split(',').any(|f| f == "UP")
 }
 
 /// Promoted on `p`, unpromoted on the other node, both online.
@@ -162,6 +173,12 @@ fn cluster_fails_over_rejoins_and_survives_a_split() {
         std::thread::sleep(Duration::from_millis(20));
     }
     let split_fenced = t.elapsed();
+    // The fence agent unplugged it before the kill.
+    let ns = &cluster.node_ns(unpromoted).name;
+    assert!(
+        !link_up(ns, cluster::LINK) && !link_up(ns, cluster::UPLINK),
+        "the fenced {unpromoted} still has a link up"
+    );
     cluster.wait_for(
         promoted,
         "the promoted node alone, still promoted",
