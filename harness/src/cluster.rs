@@ -55,8 +55,16 @@
 //! log and `crm_mon` of the running nodes ([`Cluster::dump_logs`]), and the fixture's
 //! directory is kept ([`TempDir`]).
 //!
+//! Resources run inside the nodes: pacemaker-execd runs their agents in the node's
+//! namespaces, so a lockstep started by one listens on the node's
+//! [`cluster_addr`](Node::cluster_addr) and attaches to its [`TAP`].
+//! [`Cluster::install_ocf_agent`] installs an agent under a provider of this cluster's
+//! own (so that concurrent clusters do not share it), [`Cluster::cib_create`] adds
+//! resources and constraints.
+//!
 //! Drop kills every process in the three namespaces, deletes them (and with them the
-//! veths, bridges and taps) and removes the fence agent. A test process that dies
+//! veths, bridges and taps) and removes the fence agent and what [`Cluster::install`]
+//! installed. A test process that dies
 //! without unwinding (SIGKILL, abort) leaves its cluster behind; the names never collide
 //! with a later one, and [`Cluster::new`] removes the leftovers of test processes that
 //! are gone ([`sweep_leftovers`]).
@@ -72,7 +80,7 @@
 //!
 //! let cluster = Cluster::start("example");
 //! cluster.wait_for(Node::One, "both nodes online", Duration::from_secs(30), |s| {
-//!     s.online(Node::One) && s.online(Node::Two)
+//!     s.both_online()
 //! });
 //! // A promotable clone; `priority` lets the node with the promoted instance win a fence
 //! // race (priority-fencing-delay).
@@ -417,6 +425,12 @@ pub fn sweep_leftovers() {
             }
         }
         let _ = std::fs::remove_file(agent_path(&prefix));
+        // What Cluster::install put outside the fixture's directory, a path a line.
+        let mut recorded = String::new();
+        let _ = (&file).read_to_string(&mut recorded);
+        for line in recorded.lines().filter(|l| !l.is_empty()) {
+            remove_installed(Path::new(line));
+        }
         let _ = std::fs::remove_file(&path);
         eprintln!("cluster: removed the leftovers of test cluster {prefix}");
     }
@@ -431,14 +445,33 @@ struct Installed(PathBuf);
 
 impl Drop for Installed {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+        remove_installed(&self.0);
     }
 }
+
+/// Removes an installed file, and its directory if that is an OCF provider directory of
+/// this fixture's (`/usr/lib/ocf/resource.d/lockstep_test_...`) and now empty.
+fn remove_installed(path: &Path) {
+    let _ = std::fs::remove_file(path);
+    if let Some(dir) = path.parent() {
+        if dir.parent() == Some(Path::new(OCF_ROOT))
+            && dir
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("lockstep_test_"))
+        {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+}
+
+/// Where Pacemaker finds OCF resource agents: `<OCF_ROOT>/<provider>/<type>`.
+pub const OCF_ROOT: &str = "/usr/lib/ocf/resource.d";
 
 /// The lock file that marks a cluster as owned by a live process; removed on drop.
 struct Registration {
     path: PathBuf,
-    _file: std::fs::File,
+    file: std::fs::File,
 }
 
 impl Registration {
@@ -449,7 +482,12 @@ impl Registration {
             .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
         rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive)
             .map_err(|e| format!("cannot lock {}: {e}", path.display()))?;
-        Ok(Registration { path, _file: file })
+        Ok(Registration { path, file })
+    }
+
+    /// Records a path installed outside the fixture's directory, for [`sweep_leftovers`].
+    fn record(&self, installed: &Path) {
+        let _ = writeln!(&self.file, "{}", installed.display());
     }
 }
 
@@ -508,7 +546,8 @@ pub struct Cluster {
     client: Netns,
     prefix: String,
     agent: Installed,
-    _registration: Registration,
+    installed: Mutex<Vec<Installed>>,
+    registration: Registration,
     options: Options,
     dir: TempDir,
 }
@@ -837,7 +876,8 @@ impl Cluster {
             client,
             prefix,
             agent,
-            _registration: registration,
+            installed: Mutex::new(Vec::new()),
+            registration,
             options,
             dir,
         })
@@ -1185,6 +1225,46 @@ impl Cluster {
             &path,
         ])
         .map(|_| ())
+    }
+
+    /// Installs a file outside the fixture's directory (an agent, a configuration a
+    /// resource reads), with `mode`; it is removed on drop, and by [`sweep_leftovers`]
+    /// should the test process die without unwinding. Missing directories are created.
+    /// Two clusters at a time (tests of different processes) must not install the same
+    /// path: make it unique, as [`Cluster::install_ocf_agent`] does.
+    pub fn install(&self, path: &Path, contents: &[u8], mode: u32) -> Result<(), String> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        }
+        self.registration.record(path);
+        let installed = Installed(path.to_path_buf());
+        std::fs::write(path, contents)
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        set_mode(path, mode)?;
+        self.installed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(installed);
+        Ok(())
+    }
+
+    /// Installs the OCF resource agent `agent` (a file) for this cluster, under a provider
+    /// of its own (`/usr/lib/ocf/resource.d/lockstep_test_<prefix>/<file name>`), removed
+    /// on drop; returns the provider, for the primitive's `provider` attribute
+    /// (`<primitive class="ocf" provider="..." type="<file name>">`). Pacemaker runs it
+    /// inside the node's namespaces, so what it starts sees the node's network (its
+    /// [`Node::cluster_addr`], [`TAP`]).
+    pub fn install_ocf_agent(&self, agent: &Path) -> Result<String, String> {
+        let name = agent
+            .file_name()
+            .ok_or_else(|| format!("{}: not a file", agent.display()))?;
+        let contents =
+            std::fs::read(agent).map_err(|e| format!("cannot read {}: {e}", agent.display()))?;
+        let provider = format!("lockstep_test_{}", self.prefix);
+        let path = Path::new(OCF_ROOT).join(&provider).join(name);
+        self.install(&path, &contents, 0o755)?;
+        Ok(provider)
     }
 
     /// The stonith device's primitive, as seeded.
@@ -1702,6 +1782,10 @@ impl Status {
     }
 
     /// The nodes that are online.
+    pub fn both_online(&self) -> bool {
+        self.online(Node::One) && self.online(Node::Two)
+    }
+
     pub fn online_nodes(&self) -> Vec<Node> {
         Node::BOTH.into_iter().filter(|n| self.online(*n)).collect()
     }

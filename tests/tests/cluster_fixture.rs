@@ -9,6 +9,7 @@
 //! the primary's node, found by the heartbeat (a powered-off node is silent) and fenced
 //! with the cluster's fence agent.
 
+use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
 use tests::cluster::{self, Cluster, Node, Options, Status};
@@ -18,7 +19,8 @@ use tests::{kvm_required, one_at_a_time, TempDir, Watchdog};
 const CLONE: &str = "st-clone";
 
 /// Pacemaker's Stateful agent as a promotable clone, one instance per node; the
-/// `priority` meta attribute is what priority-fencing-delay weighs.
+/// `priority` meta attribute is what priority-fencing-delay weighs. `{PROVIDER}`: where
+/// the agent is installed.
 const STATEFUL_CLONE: &str = r#"<clone id="st-clone">
   <meta_attributes id="st-clone-meta">
     <nvpair id="st-clone-promotable" name="promotable" value="true"/>
@@ -29,7 +31,7 @@ const STATEFUL_CLONE: &str = r#"<clone id="st-clone">
     <nvpair id="st-clone-notify" name="notify" value="true"/>
     <nvpair id="st-clone-priority" name="priority" value="10"/>
   </meta_attributes>
-  <primitive id="st" class="ocf" provider="pacemaker" type="Stateful">
+  <primitive id="st" class="ocf" provider="{PROVIDER}" type="Stateful">
     <operations>
       <op id="st-mon-p" name="monitor" interval="3s" role="Promoted"/>
       <op id="st-mon-u" name="monitor" interval="4s" role="Unpromoted"/>
@@ -54,10 +56,7 @@ fn link_up(ns: &str, dev: &str) -> bool {
 
 /// Promoted on `p`, unpromoted on the other node, both online.
 fn settled(s: &Status, p: Node) -> bool {
-    s.online(Node::One)
-        && s.online(Node::Two)
-        && s.promoted_on(CLONE) == Some(p)
-        && s.unpromoted_on(CLONE) == vec![p.other()]
+    s.both_online() && s.promoted_on(CLONE) == Some(p) && s.unpromoted_on(CLONE) == vec![p.other()]
 }
 
 #[test]
@@ -79,12 +78,19 @@ fn cluster_fails_over_rejoins_and_survives_a_split() {
         Node::One,
         "both nodes online",
         Duration::from_secs(30),
-        |s| s.online(Node::One) && s.online(Node::Two),
+        Status::both_online,
     );
     let online = t.elapsed();
 
+    // Installed as a test installs its own agent: under a provider of the cluster's own.
+    let provider = cluster
+        .install_ocf_agent(Path::new("/usr/lib/ocf/resource.d/pacemaker/Stateful"))
+        .unwrap_or_else(|e| panic!("{e}"));
     cluster
-        .cib_create("resources", STATEFUL_CLONE)
+        .cib_create(
+            "resources",
+            &STATEFUL_CLONE.replace("{PROVIDER}", &provider),
+        )
         .unwrap_or_else(|e| panic!("{e}"));
     let t = Instant::now();
     let s = cluster.wait_for(
