@@ -151,6 +151,19 @@ impl Load {
         }
     }
 
+    /// Waits until `n` replies arrived after `t`; fails the test if they do not within
+    /// `limit` of `t`, or the client failed.
+    pub fn wait_for_replies_since(&self, t: Instant, n: usize, limit: Duration) {
+        while self.replies_since(t) < n {
+            assert_eq!(self.error(), None, "the client failed");
+            assert!(
+                t.elapsed() < limit,
+                "fewer than {n} replies within {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     pub fn error(&self) -> Option<String> {
         self.state.lock().unwrap().error.clone()
     }

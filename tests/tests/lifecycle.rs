@@ -75,17 +75,8 @@ fn first_reply_after(load: &Load, t: Instant, limit: Duration) -> Instant {
     }
 }
 
-/// Waits until the client has had `n` more replies since `t`.
 fn more_replies(load: &Load, t: Instant, n: usize) {
-    let limit = Duration::from_secs(10);
-    while load.replies_since(t) < n {
-        assert_eq!(load.error(), None, "the client failed");
-        assert!(
-            t.elapsed() < limit,
-            "fewer than {n} replies within {limit:?}"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    load.wait_for_replies_since(t, n, Duration::from_secs(10));
 }
 
 /// The N of "... in N ms ..." in a request's detail.
