@@ -465,6 +465,7 @@ pub struct Connection {
     /// Receiving half.
     pub receiver: FrameReceiver,
     peer: Option<SocketAddr>,
+    local: Option<SocketAddr>,
 }
 
 impl Connection {
@@ -477,6 +478,7 @@ impl Connection {
                 source,
             })?;
         let peer = stream.peer_addr().ok();
+        let local = stream.local_addr().ok();
         let stream = Arc::new(stream);
         Ok(Self {
             sender: FrameSender {
@@ -496,6 +498,7 @@ impl Connection {
                 last_activity: Instant::now(),
             },
             peer,
+            local,
         })
     }
 
@@ -534,6 +537,11 @@ impl Connection {
     /// The peer's address, if known.
     pub fn peer_addr(&self) -> Option<SocketAddr> {
         self.peer
+    }
+
+    /// This side's address of the connection, if known.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.local
     }
 
     /// Sends one message.

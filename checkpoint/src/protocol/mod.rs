@@ -19,14 +19,17 @@
 //!     |                                                         |  without sending, even
 //!     |                                                         |  between an epoch's frames
 //!     |-- End {E, digest of RAM + state} ---------------------->|  backup compares
-//!     |-- Handover {E, listener} (planned switchover only) ---->|  backup promotes E;
-//!     |   the old primary drops its guest and, with a listener, |  with a listener it
-//!     |   waits there as the new backup                         |  protects to it
+//!
+//!   planned switchover, after the final epoch E is acknowledged:
+//!     |-- Handover {E, the old primary's backup listener} ----->|  can it run E?
+//!     |<-- Handover {E, ""} (taken) | Refuse {reason} ----------|
+//!     |-- End {E, digest} (taken) ----------------------------->|  promotes E, protects
+//!     |   refused: the guest resumes on the primary, epochs go on  it to the listener
 //! ```
 //!
-//! `Handover` was added without a version bump: it only ever follows `End`, and a backup
-//! that does not know it has closed the connection after `End` already, so the primary's
-//! switchover fails cleanly (nothing is promoted; the old primary keeps the guest).
+//! `Handover` was added without a version bump: an older backup rejects it as an unknown
+//! kind and the link breaks, which the primary handles as a lost backup (it keeps the
+//! guest).
 //!
 //! The primary may send epoch E+1 before `Ack {E}` arrives, up to a small window (see
 //! [`InFlight`](crate::inflight::InFlight)); the backup applies epochs strictly in order.
@@ -54,7 +57,7 @@
 //! | Nack | E | reason, UTF-8 |
 //! | Heartbeat | last epoch | none |
 //! | End | E | digest u64 |
-//! | Handover | E | the old primary's backup listener, UTF-8 `host:port`, or empty |
+//! | Handover | E | primary: the old primary's backup listener, UTF-8 `host:port`, or empty; backup: empty (taken) |
 //!
 //! Every 0 in this table is checked: a frame with anything else there is malformed, so a
 //! message has exactly one encoding.

@@ -170,8 +170,17 @@ pub struct Committed {
     pub state: MachineState,
 }
 
-/// Runs `lockstep backup`. With `--run-after-end`, returns the resumed guest's exit status.
-pub fn run(mut opts: BackupOptions) -> Result<Outcome, BackupError> {
+/// Runs `lockstep backup` until replication ends (see [`Outcome`]).
+pub fn run(opts: BackupOptions) -> Result<Outcome, BackupError> {
+    run_on(opts, None)
+}
+
+/// [`run`] on `listener` when it is given (bound already, for `opts.listen`), else on a
+/// listener bound to `opts.listen`.
+pub fn run_on(
+    mut opts: BackupOptions,
+    listener: Option<TcpListener>,
+) -> Result<Outcome, BackupError> {
     install_stop_handler();
     status::start_role(Role::Backup);
     status::watch_output(None);
@@ -180,10 +189,13 @@ pub fn run(mut opts: BackupOptions) -> Result<Outcome, BackupError> {
         s.guest = GuestState::Paused;
         s.protection = Protection::Unprotected;
     });
-    let listener = TcpListener::bind(&opts.listen).map_err(|source| BackupError::Listen {
-        addr: opts.listen.clone(),
-        source,
-    })?;
+    let listener = match listener {
+        Some(l) => l,
+        None => TcpListener::bind(&opts.listen).map_err(|source| BackupError::Listen {
+            addr: opts.listen.clone(),
+            source,
+        })?,
+    };
     let local = listener
         .local_addr()
         .map(|a| a.to_string())
@@ -277,6 +289,8 @@ fn replicate(
     let mut withheld_since: Option<Instant> = None;
     let every = HEARTBEAT_EVERY.min(opts.heartbeat_timeout / 4);
     let mut last_sent = Instant::now();
+    // A switchover this backup took: where the old primary will listen ("" if nowhere).
+    let mut handover: Option<String> = None;
     loop {
         if stop_requested() {
             return Err(BackupError::Stopped(staging.committed_epoch()));
@@ -346,6 +360,25 @@ fn replicate(
                 });
             }
         };
+        if let Message::Handover { epoch, new_backup } = &msg {
+            let answer = match can_take_over(staging, *epoch, opts) {
+                Ok(()) => {
+                    info!("the primary hands the guest over at epoch {epoch} (planned switchover): taken");
+                    handover = Some(new_backup.clone());
+                    Message::Handover {
+                        epoch: *epoch,
+                        new_backup: String::new(),
+                    }
+                }
+                Err(reason) => {
+                    warn!("the primary offers the guest at epoch {epoch}: refused: {reason}");
+                    Message::Refuse { reason }
+                }
+            };
+            send(conn, &answer, staging)?;
+            last_sent = Instant::now();
+            continue;
+        }
         let kind = msg.kind();
         match staging.handle(memory, msg) {
             Ok(Step::Continue) | Ok(Step::Heartbeat { .. }) => {}
@@ -400,7 +433,12 @@ fn replicate(
                     });
                 }
                 info!("replication ended cleanly at epoch {epoch} ({rejected} epochs rejected)");
-                return Ok(handover(conn, epoch, opts.heartbeat_timeout));
+                if handover.is_some() {
+                    info!(
+                        "the primary HANDED OVER the guest at epoch {epoch} (planned switchover)"
+                    );
+                }
+                return Ok(handover);
             }
             Err(e) => {
                 rejected += 1;
@@ -420,31 +458,24 @@ fn replicate(
     }
 }
 
-/// After `End`: a `Handover` for that epoch (planned switchover) gives the address the old
-/// primary now listens on as the new backup ("" when it stops); a closed connection or
-/// silence for `timeout` is a plain end (`None`).
-fn handover(conn: &mut Connection, epoch: u64, timeout: Duration) -> Option<String> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match conn.recv(Some(left)) {
-            Ok(Message::Handover {
-                epoch: e,
-                new_backup,
-            }) if e == epoch => {
-                info!("the primary HANDED OVER the guest at epoch {epoch} (planned switchover)");
-                return Some(new_backup);
-            }
-            Ok(Message::Heartbeat { .. }) if !left.is_zero() => {}
-            Ok(other) => {
-                warn!(
-                    "after End: unexpected {:?}; replication is over",
-                    other.kind()
-                );
-                return None;
-            }
-            Err(_) => return None,
-        }
+/// Whether this backup can run the guest at `epoch` (a switchover's `Handover`): the
+/// epoch is its committed one, none is open, and the machine's devices fit its own (a
+/// guest with a network device needs `--net`).
+fn can_take_over(staging: &Staging, epoch: u64, opts: &BackupOptions) -> Result<(), String> {
+    if epoch != staging.committed_epoch() {
+        return Err(format!(
+            "Handover of epoch {epoch}, but the committed epoch is {}",
+            staging.committed_epoch()
+        ));
+    }
+    let state = MachineState::from_blob(staging.committed_state()).map_err(|e| e.to_string())?;
+    match (state.virtio.is_empty(), opts.net.is_some()) {
+        (false, false) => Err(
+            "the guest has a network device and this backup has no --net tap=NAME to give it"
+                .into(),
+        ),
+        (true, true) => Err("the guest has no network device and this backup has --net".into()),
+        _ => Ok(()),
     }
 }
 

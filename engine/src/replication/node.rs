@@ -16,6 +16,7 @@
 //! COLO's procedure after a failover) and an old primary can come back as the new backup
 //! (failback).
 
+use std::net::TcpListener;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -101,7 +102,8 @@ enum State {
         /// guest running unprotected.
         first: bool,
     },
-    Backup(BackupOptions),
+    /// A backup, on a listener bound already (the old primary of a switchover) or not.
+    Backup(BackupOptions, Option<TcpListener>),
 }
 
 /// What [`Node::drive`] ended with.
@@ -127,14 +129,14 @@ impl Node {
                 fence: FenceTarget::default(),
                 first: true,
             },
-            Start::Backup(opts) => State::Backup(opts),
+            Start::Backup(opts) => State::Backup(opts, None),
         };
         loop {
             // A request accepted for the role that just ended (a switchover the lost
             // backup never saw through, a failover the primary's clean end overtook).
             control::drop_pending("the process changed role before it was carried out");
             state = match state {
-                State::Backup(opts) => match self.back_up(opts)? {
+                State::Backup(opts, listener) => match self.back_up(opts, listener)? {
                     None => return Ok(0),
                     Some(TakenOver {
                         machine,
@@ -194,7 +196,7 @@ impl Node {
                     // a stop or the backup's loss.
                     let running = control::last().filter(|r| r.state == RequestState::Running);
                     if let Some(r) = running {
-                        let handed = matches!(ended, Ok(ProtectEnd::HandedOver(_)));
+                        let handed = matches!(ended, Ok(ProtectEnd::HandedOver { .. }));
                         if !(r.kind == "switchover" && handed) {
                             control::finish(Err(match &ended {
                                 Err(e) => e.to_string(),
@@ -208,7 +210,7 @@ impl Node {
                     match ended {
                         Ok(ProtectEnd::Exited(status)) => return Ok(status),
                         Ok(ProtectEnd::Stopped) => return Ok(0),
-                        Ok(ProtectEnd::HandedOver(then)) => {
+                        Ok(ProtectEnd::HandedOver { then, listener }) => {
                             control::finish(Ok(format!("handed over to {peer}")));
                             // Closes the tap: the promoted backup attaches to it. The
                             // status counts held frames through the guest's output, which
@@ -235,7 +237,7 @@ impl Node {
                                         GuestState::Paused,
                                         format!("switchover: handed the guest to {peer}; now its backup on {listen}"),
                                     );
-                                    State::Backup(self.backup_options(listen))
+                                    State::Backup(self.backup_options(listen), listener)
                                 }
                             }
                         }
@@ -258,7 +260,11 @@ impl Node {
     }
 
     /// The backup role, then what the backup's end leaves to run.
-    fn back_up(&self, opts: BackupOptions) -> Result<Option<TakenOver>, NodeError> {
+    fn back_up(
+        &self,
+        opts: BackupOptions,
+        listener: Option<TcpListener>,
+    ) -> Result<Option<TakenOver>, NodeError> {
         control::set_failover_refusal(match &self.fence {
             Some(_) => None,
             None => Some(
@@ -267,7 +273,7 @@ impl Node {
                     .into(),
             ),
         });
-        let outcome = backup::run(opts.clone());
+        let outcome = backup::run_on(opts.clone(), listener);
         control::set_failover_refusal(Some("this process is no longer a backup".into()));
         let taken = outcome
             .and_then(|o| failover::take_over(o, &opts, self.fence.as_ref(), self.fence_delay));

@@ -107,9 +107,9 @@ impl Primary<'_> {
             if let Some(Request::Switchover { then }) =
                 control::take(|r| matches!(r, Request::Switchover { .. }))
             {
-                info!("switchover requested: final epoch, then the backup takes the guest");
-                self.handover = Some(then);
-                return Ok(0);
+                if self.prepare_switchover(then) {
+                    return Ok(0);
+                }
             }
             if last_stats.elapsed() >= STATS_EVERY {
                 last_stats = Instant::now();
@@ -290,6 +290,13 @@ impl Primary<'_> {
     /// print. The waits last as long as the backup answers (a backup still busy with a
     /// large pre-copy keeps sending heartbeats), not a fixed time.
     pub(super) fn finish(&mut self) -> Result<(), PrimaryError> {
+        let epoch = self.final_epoch()?;
+        self.end(epoch)
+    }
+
+    /// The guest paused for good, every epoch in flight acknowledged, a final epoch and
+    /// its ack; returns the final epoch.
+    pub(super) fn final_epoch(&mut self) -> Result<u64, PrimaryError> {
         if self.machine.is_running() {
             self.machine.pause()?;
         }
@@ -302,6 +309,11 @@ impl Primary<'_> {
         self.wait_sent()
             .and_then(|()| self.wait_acked(epoch))
             .map_err(|e| final_not_acked(epoch, e))?;
+        Ok(epoch)
+    }
+
+    /// `End` with the digest after the final `epoch`, and the run's figures.
+    pub(super) fn end(&mut self, epoch: u64) -> Result<(), PrimaryError> {
         let state = self.last_state.take().unwrap_or_default();
         let digest = digest_guest_memory(self.machine.memory(), &state)?;
         {
@@ -311,9 +323,6 @@ impl Primary<'_> {
                 digest: digest.0,
             })?;
             link.sent();
-        }
-        if let Some(then) = self.handover.clone() {
-            self.hand_over(epoch, &then)?;
         }
         self.heartbeats.stop();
         self.machine.flush_console();
@@ -337,27 +346,6 @@ impl Primary<'_> {
                 self.stats.held_us.max() as f64 / 1000.0
             );
         }
-        Ok(())
-    }
-
-    /// The switchover's last step, after `End`: every frame of the final epoch has left,
-    /// then `Handover` tells the backup to promote (and where this side will listen as
-    /// its new backup). The guest stays paused for good.
-    fn hand_over(&mut self, epoch: u64, then: &AfterSwitchover) -> Result<(), PrimaryError> {
-        let drained = Instant::now() + Duration::from_secs(1);
-        while self.output.as_ref().is_some_and(|o| o.held_frames() > 0) && Instant::now() < drained
-        {
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        let new_backup = match then {
-            AfterSwitchover::Stop => String::new(),
-            AfterSwitchover::Backup { listen } => listen.clone(),
-        };
-        let mut link = self.link();
-        link.tx.send(&Message::Handover { epoch, new_backup })?;
-        link.sent();
-        drop(link);
-        info!("HANDED OVER: the backup promotes epoch {epoch}; the guest no longer runs here");
         Ok(())
     }
 }

@@ -5,9 +5,17 @@
 use super::*;
 
 pub(super) enum AckEvent {
-    Ack { epoch: u64, at: Instant },
-    Nack { epoch: u64, reason: String },
+    Ack {
+        epoch: u64,
+        at: Instant,
+    },
+    Nack {
+        epoch: u64,
+        reason: String,
+    },
     Lost(BackupLoss),
+    /// The backup's answer to `Handover`: taken, or refused and why.
+    Handover(Result<(), String>),
 }
 
 /// The sending half, shared by the epoch loop and the heartbeat thread.
@@ -180,11 +188,14 @@ pub(super) fn spawn_ack_reader(
                 },
                 Ok(Message::Nack { epoch, reason }) => AckEvent::Nack { epoch, reason },
                 Ok(Message::Heartbeat { .. }) => continue,
+                // The backup's answer to a switchover's Handover.
+                Ok(Message::Handover { .. }) => AckEvent::Handover(Ok(())),
+                Ok(Message::Refuse { reason }) => AckEvent::Handover(Err(reason)),
                 Ok(other) => AckEvent::Lost(BackupLoss::Unexpected(other.kind())),
                 Err(TransportError::Timeout(t)) => AckEvent::Lost(BackupLoss::Silent(t)),
                 Err(e) => AckEvent::Lost(BackupLoss::Receive(e)),
             };
-            let last = !matches!(ev, AckEvent::Ack { .. });
+            let last = !matches!(ev, AckEvent::Ack { .. } | AckEvent::Handover(_));
             if events.send(ev).is_err() || last {
                 return;
             }
@@ -244,6 +255,7 @@ impl Primary<'_> {
                     return Err(PrimaryError::Rejected { epoch, reason })
                 }
                 AckEvent::Lost(why) => return Err(PrimaryError::BackupLost(why)),
+                AckEvent::Handover(r) => self.handover_reply = Some(r),
             }
         }
         Ok(())

@@ -64,6 +64,7 @@ mod backup_loss;
 mod epochs;
 mod link;
 mod precopy;
+mod switchover;
 
 use link::{spawn_ack_reader, spawn_sender, AckEvent, EpochJob, EpochSent, Heartbeats, Link};
 
@@ -290,8 +291,15 @@ struct Primary<'m> {
     /// When the dirty set is counted next, and whether it had reached the cap.
     next_dirty_count: Instant,
     dirty_full: bool,
-    /// A switchover under way: what this side does once the backup has the guest.
+    /// A switchover under way: what this side does once the backup has the guest, the
+    /// listener of the backup it becomes (bound when the request was taken), the
+    /// backup's answer to `Handover`, and whether it took the guest.
     handover: Option<AfterSwitchover>,
+    handover_listener: Option<std::net::TcpListener>,
+    handover_reply: Option<Result<(), String>>,
+    handed: bool,
+    /// This side's address of the replication link.
+    local_addr: Option<std::net::SocketAddr>,
     /// When protection began (before connecting), and when the first epoch was committed.
     began: Instant,
     protected_at: Option<Instant>,
@@ -304,10 +312,16 @@ pub enum ProtectEnd {
     /// The run was ended from outside (SIGTERM, `--seconds`, `POST /stop`): final epoch
     /// and `End` sent, the guest paused.
     Stopped,
-    /// A planned switchover is done: the backup holds the final epoch and promotes it.
+    /// A planned switchover is done: the backup took the final epoch and promotes it.
     /// This side's guest is paused for good and must be dropped (its tap is the
-    /// backup's now); then it does what `then` says.
-    HandedOver(AfterSwitchover),
+    /// backup's now); then it does what `then` says (as the backup, on `listener`, bound
+    /// before the hand-over).
+    HandedOver {
+        /// What this side does now.
+        then: AfterSwitchover,
+        /// The new backup's listener, with `then` = backup.
+        listener: Option<std::net::TcpListener>,
+    },
     /// The backup was lost; the guest runs on unprotected (`--on-backup-loss fence` or
     /// `continue`).
     BackupLost(Unprotected),
@@ -358,6 +372,7 @@ pub fn protect(machine: &mut Machine, opts: PrimaryOptions) -> Result<ProtectEnd
         mem_size >> 20,
         hello.vcpu_count
     );
+    let local_addr = conn.local_addr();
     let (tx, rx) = conn.split();
     let inflight = Arc::new(SharedInFlight::new(InFlight::new(
         opts.window,
@@ -436,22 +451,35 @@ pub fn protect(machine: &mut Machine, opts: PrimaryOptions) -> Result<ProtectEnd
         next_dirty_count: Instant::now(),
         dirty_full: false,
         handover: None,
+        handover_listener: None,
+        handover_reply: None,
+        handed: false,
+        local_addr,
         began,
         protected_at: None,
     };
     if !p.machine.is_running() {
         p.machine.resume()?;
     }
-    let ran = p.initial_sync().and_then(|()| p.epochs());
+    let ran = p.initial_sync().and_then(|()| loop {
+        let exit = p.epochs()?;
+        if p.handover.is_none() || p.switch_over()? {
+            break Ok(exit);
+        }
+    });
     match ran {
+        Ok(_) if p.handed => {
+            p.publish_figures();
+            status::update(|s| s.guest = GuestState::Paused);
+            Ok(ProtectEnd::HandedOver {
+                then: p.handover.take().unwrap_or(AfterSwitchover::Stop),
+                listener: p.handover_listener.take(),
+            })
+        }
         Ok(exit) => {
             let finished = p.finish();
             p.publish_figures();
             finished?;
-            if let Some(then) = p.handover.take() {
-                status::update(|s| s.guest = GuestState::Paused);
-                return Ok(ProtectEnd::HandedOver(then));
-            }
             if p.exit_status.is_some() {
                 status::update(|s| s.guest = GuestState::Exited);
                 Ok(ProtectEnd::Exited(exit))
