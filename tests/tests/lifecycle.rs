@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tests::ctl::{path, post, raw, status};
-use tests::pair::{backup_cmd_named, fence_args, ms, wait_log, Load, Pair};
-use tests::{kvm_required, lockstep, one_at_a_time, Watchdog};
+use tests::pair::{backup_cmd_named, fence_args, ms, primary_cmd, wait_log, Load, Pair};
+use tests::{kvm_required, lockstep, lockstep_bin, one_at_a_time, Netns, Proc, TempDir, Watchdog};
 
 /// Where the third process (a new backup) listens, inside the pair's namespace.
 const NEW_BACKUP: &str = "127.0.0.1:7602";
@@ -627,4 +627,119 @@ fn a_reprotected_guest_fences_its_new_backup_not_the_old_one() {
     );
     assert!(lost.is_empty(), "{} acknowledged writes lost", lost.len());
     drop(b);
+}
+
+#[test]
+fn a_switchover_that_cannot_complete_leaves_the_guest_running_where_it_was() {
+    if !kvm_required() {
+        return;
+    }
+    let _one = one_at_a_time();
+    let _dog = Watchdog::start("switchovers that cannot complete", Duration::from_secs(120));
+    let dir = TempDir::new("lsswfail");
+    let ns = Netns::create("lsswf").expect("network namespace");
+    // A backup without --net cannot run a guest with a network device: it refuses the
+    // hand-over, and the pair goes on protected.
+    let bsock = dir.join("b.sock");
+    let mut b = Proc::spawn(
+        ns.command(
+            lockstep_bin(),
+            &[
+                "backup",
+                "--listen",
+                "127.0.0.1:7600",
+                "--console",
+                "none",
+                "--api-sock",
+                path(&bsock),
+                "--pid-file",
+                &dir.arg("backup.pid"),
+            ],
+        ),
+        dir.join("backup.out"),
+        dir.join("backup.err"),
+    )
+    .expect("start the backup");
+    wait_log(
+        &dir.join("backup.err"),
+        "listening on",
+        Duration::from_secs(10),
+    );
+    let asock = dir.join("a.sock");
+    let fence = fence_args(&dir, "backup");
+    let mut a_args: Vec<&str> = fence.iter().map(String::as_str).collect();
+    a_args.extend(["--api-sock", path(&asock)]);
+    let mut a = primary_cmd(&ns, &dir, "127.0.0.1:7600", &a_args);
+    wait_log(
+        &dir.join("backup.err"),
+        "epoch 1 committed",
+        Duration::from_secs(30),
+    );
+    let load = Load::start(&ns);
+    load.wait_for_replies(50, Duration::from_secs(15));
+
+    let run = lockstep(&["ctl", "--api-sock", path(&asock), "switchover"]);
+    run.assert_one_line_error(&["refused", "network device", "--net"]);
+    let s = status(&asock);
+    assert_eq!(
+        (
+            s["role"].as_str(),
+            s["guest"].as_str(),
+            s["protection"].as_str()
+        ),
+        (Some("primary"), Some("running"), Some("protected")),
+        "{s}"
+    );
+    let (from, to) = advances(&bsock, "committed_epoch");
+    more_replies(&load, Instant::now(), 50);
+
+    // A --listen address in use fails the request before anything changes.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("a port");
+    let busy = taken.local_addr().expect("its address").to_string();
+    let busy_ns = ns
+        .listen(&busy)
+        .expect("hold the address inside the namespace");
+    let run = lockstep(&[
+        "ctl",
+        "--api-sock",
+        path(&asock),
+        "switchover",
+        "--listen",
+        &busy,
+    ]);
+    run.assert_one_line_error(&["cannot listen", "nothing changed"]);
+    assert_eq!(status(&asock)["protection"], "protected");
+    drop(busy_ns);
+    more_replies(&load, Instant::now(), 50);
+
+    // The backup stalls while the primary hands over: the switchover fails, the primary
+    // fences the stalled backup and its guest runs on here, no write lost.
+    b.signal(libc::SIGSTOP);
+    let run = lockstep(&["ctl", "--api-sock", path(&asock), "switchover"]);
+    run.assert_one_line_error(&["switchover failed", "lost"]);
+    wait_log(
+        &dir.join("primary.err"),
+        "the backup is fenced",
+        Duration::from_secs(20),
+    );
+    assert!(
+        b.wait_for(Duration::from_secs(5)).is_some(),
+        "the stalled backup still runs"
+    );
+    let s = status(&asock);
+    assert_eq!(
+        (s["role"].as_str(), s["guest"].as_str()),
+        (Some("primary"), Some("running")),
+        "{s}"
+    );
+    more_replies(&load, Instant::now(), 50);
+    let (acked, lost, gap) = load.finish();
+    println!(
+        "switchovers that could not complete: the pair stayed protected (committed {from}..{to} \
+         after a refusal); {acked} writes, {} lost, longest gap {:.0} ms",
+        lost.len(),
+        ms(gap)
+    );
+    assert!(lost.is_empty(), "{} acknowledged writes lost", lost.len());
+    assert!(a.try_wait().is_none(), "the primary ended:\n{}", a.log());
 }
