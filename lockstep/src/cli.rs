@@ -933,6 +933,7 @@ fn cmd_backup(a: BackupArgs) -> Result<ExitCode, CliError> {
         console: console_option(&a.devices),
         heartbeat_timeout: heartbeat_timeout(a.heartbeat_timeout_ms)?,
         withhold_acks: a.test_withhold_acks_ms.map(Duration::from_millis),
+        fence: None,
     };
     let fence_delay = match a.fence_delay_ms {
         None => DEFAULT_FENCE_DELAY,

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tests::ctl::{path, post, raw, status};
-use tests::pair::{backup_cmd_named, fence_args, ms, primary_cmd, wait_log, Load, Pair};
+use tests::pair::{backup_cmd_named, fence_args, ms, primary_cmd, strings, wait_log, Load, Pair};
 use tests::{kvm_required, lockstep, lockstep_bin, one_at_a_time, Netns, Proc, TempDir, Watchdog};
 
 /// Where the third process (a new backup) listens, inside the pair's namespace.
@@ -742,4 +742,79 @@ fn a_switchover_that_cannot_complete_leaves_the_guest_running_where_it_was() {
     );
     assert!(lost.is_empty(), "{} acknowledged writes lost", lost.len());
     assert!(a.try_wait().is_none(), "the primary ended:\n{}", a.log());
+}
+
+#[test]
+fn an_operator_failover_fences_first_and_a_failed_fencing_changes_nothing() {
+    if !kvm_required() {
+        return;
+    }
+    let _one = one_at_a_time();
+    let _dog = Watchdog::start("operator failover", Duration::from_secs(120));
+    // A fencing that fails: the pair stays as it was, the request says why.
+    let pair = Pair::start("lsopf", false, |dir| {
+        (
+            strings(&["--fence-cmd", "false", "--api-sock", &dir.arg("b.sock")]),
+            strings(&["--api-sock", &dir.arg("a.sock")]),
+        )
+    });
+    let (asock, bsock) = (pair.dir.join("a.sock"), pair.dir.join("b.sock"));
+    lockstep(&["ctl", "--api-sock", path(&bsock), "failover"])
+        .assert_one_line_error(&["fencing the primary failed", "still the backup"]);
+    assert_eq!(status(&bsock)["role"], "backup");
+    assert_eq!(status(&asock)["protection"], "protected");
+    advances(&bsock, "committed_epoch");
+    more_replies(&pair.load, Instant::now(), 50);
+    let Pair {
+        load,
+        backup,
+        primary,
+        ..
+    } = pair;
+    let (_, lost, _) = load.finish();
+    assert!(lost.is_empty(), "{} acknowledged writes lost", lost.len());
+    drop((backup, primary));
+
+    // Both sides can fence each other: the backup fences the primary while it still
+    // replicates, so the primary never sees a lost backup to fence in return.
+    let Pair {
+        dir,
+        ns: _ns,
+        backup: b,
+        primary: mut a,
+        load,
+        proxy: _,
+    } = Pair::start("lsop", false, |dir| {
+        let mut b = fence_args(dir, "primary");
+        b.extend(["--api-sock".into(), dir.arg("b.sock")]);
+        (b, fence_args(dir, "backup"))
+    });
+    let bsock = dir.join("b.sock");
+    let asked = Instant::now();
+    lockstep(&["ctl", "--api-sock", path(&bsock), "failover"]).assert_success();
+    assert!(
+        a.wait_for(Duration::from_secs(10)).is_some(),
+        "the primary still runs"
+    );
+    let s = status(&bsock);
+    assert_eq!(
+        (s["role"].as_str(), s["guest"].as_str()),
+        (Some("promoted"), Some("running")),
+        "{s}"
+    );
+    let alog = a.log();
+    assert!(
+        !alog.contains("fenced the backup"),
+        "the primary fenced back:\n{alog}"
+    );
+    more_replies(&load, asked, 50);
+    let gap = load.longest_gap_within(asked, Instant::now());
+    let (acked, lost, _) = load.finish();
+    println!(
+        "operator failover: the client waited {:.0} ms; {acked} writes, {} lost",
+        ms(gap),
+        lost.len()
+    );
+    assert!(lost.is_empty(), "{} acknowledged writes lost", lost.len());
+    drop(b);
 }

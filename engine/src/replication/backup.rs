@@ -12,7 +12,7 @@ use rustix::event::{poll, PollFd, PollFlags, Timespec};
 use thiserror::Error;
 
 use super::control::{self, Request};
-use super::fence::FenceError;
+use super::fence::{fence_attempts, FenceConfig, FenceError};
 use super::metrics;
 use super::status::{self, GuestState, Protection, Role};
 use super::{guest_id, install_stop_handler, stop_requested};
@@ -23,6 +23,7 @@ use crate::persist::state::MachineState;
 use crate::persist::PersistError;
 use crate::vstate::memory::{self, GuestMemory, MemoryError};
 use crate::{info, warn};
+use crossbeam_channel::Receiver;
 
 /// The backup could not replicate, or replication ended without a clean end.
 #[derive(Debug, Error)]
@@ -105,6 +106,9 @@ pub struct BackupOptions {
     /// Test-only: after epoch 1 commits, send no ack for this long (then one cumulative
     /// ack). Shows output commit: the primary's clients see nothing meanwhile.
     pub withhold_acks: Option<Duration>,
+    /// How an operator's failover (`POST /failover`) fences the primary: while
+    /// replication goes on, so that a fencing that fails leaves the pair as it was.
+    pub fence: Option<FenceConfig>,
 }
 
 /// The state blob may not exceed this (a few vCPUs' state is ~30 KiB).
@@ -291,17 +295,38 @@ fn replicate(
     let mut last_sent = Instant::now();
     // A switchover this backup took: where the old primary will listen ("" if nowhere).
     let mut handover: Option<String> = None;
+    // An operator's failover fencing the primary while replication goes on.
+    let mut fencing: Option<Receiver<Result<u32, FenceError>>> = None;
     loop {
         if stop_requested() {
             return Err(BackupError::Stopped(staging.committed_epoch()));
         }
-        if control::take(|r| *r == Request::Failover).is_some() {
-            info!("failover requested on the control socket");
-            staging.abort();
-            return Err(BackupError::PrimaryLost {
-                why: PrimaryLoss::Operator,
-                committed: staging.committed_epoch(),
-            });
+        if fencing.is_none() && control::take(|r| *r == Request::Failover).is_some() {
+            match &opts.fence {
+                Some(FenceConfig::Agent(_)) => {
+                    info!("failover requested: fencing the primary while replication goes on");
+                    fencing = Some(fence_in_background(
+                        opts.fence.clone().unwrap_or(FenceConfig::None),
+                    ));
+                }
+                // The cluster fenced it already; --fence none acts without.
+                _ => {
+                    info!("failover requested on the control socket");
+                    return Err(operator_failover(staging));
+                }
+            }
+        }
+        if let Some(Ok(result)) = fencing.as_ref().map(|rx| rx.try_recv()) {
+            fencing = None;
+            match result {
+                Ok(_) => return Err(operator_failover(staging)),
+                Err(e) => {
+                    warn!("failover: fencing the primary failed ({e}); staying the backup");
+                    control::finish(Err(format!(
+                        "fencing the primary failed: {e}; still the backup, nothing changed"
+                    )));
+                }
+            }
         }
         if last_sent.elapsed() >= every {
             let beat = Message::Heartbeat {
@@ -345,19 +370,17 @@ fn replicate(
                 if conn.last_activity().elapsed() >= opts.heartbeat_timeout =>
             {
                 staging.abort();
-                return Err(BackupError::PrimaryLost {
-                    why: PrimaryLoss::Silent(opts.heartbeat_timeout),
-                    committed: staging.committed_epoch(),
-                });
+                return Err(fenced_or_lost(
+                    fencing,
+                    PrimaryLoss::Silent(opts.heartbeat_timeout),
+                    staging,
+                ));
             }
             // Silence so far: the loop checks how long it has lasted.
             Err(TransportError::Timeout(_)) => continue,
             Err(e) => {
                 staging.abort();
-                return Err(BackupError::PrimaryLost {
-                    why: PrimaryLoss::Link(e),
-                    committed: staging.committed_epoch(),
-                });
+                return Err(fenced_or_lost(fencing, PrimaryLoss::Link(e), staging));
             }
         };
         if let Message::Handover { epoch, new_backup } = &msg {
@@ -457,6 +480,46 @@ fn replicate(
         }
     }
 }
+
+/// An operator's failover: the primary is fenced (or the cluster or `--fence none` says
+/// it need not be); the last committed epoch is promoted.
+fn operator_failover(staging: &mut Staging) -> BackupError {
+    staging.abort();
+    BackupError::PrimaryLost {
+        why: PrimaryLoss::Operator,
+        committed: staging.committed_epoch(),
+    }
+}
+
+/// The link to the primary failed while an operator's failover was fencing it (the
+/// fencing's doing, most likely): once the fencing succeeded it is that failover, else a
+/// primary lost as any other.
+fn fenced_or_lost(
+    fencing: Option<Receiver<Result<u32, FenceError>>>,
+    why: PrimaryLoss,
+    staging: &Staging,
+) -> BackupError {
+    let fenced = fencing.is_some_and(|rx| matches!(rx.recv(), Ok(Ok(_))));
+    BackupError::PrimaryLost {
+        why: if fenced { PrimaryLoss::Operator } else { why },
+        committed: staging.committed_epoch(),
+    }
+}
+
+/// Fences the primary on a thread (a few attempts); the result comes on the channel.
+fn fence_in_background(cfg: FenceConfig) -> Receiver<Result<u32, FenceError>> {
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    std::thread::Builder::new()
+        .name("fence".into())
+        .spawn(move || {
+            let _ = tx.send(fence_attempts(&cfg, "the primary", OPERATOR_FENCE_TRIES));
+        })
+        .expect("spawn the fencing thread");
+    rx
+}
+
+/// Fencing attempts of an operator's failover before it reports failure.
+const OPERATOR_FENCE_TRIES: u32 = 3;
 
 /// Whether this backup can run the guest at `epoch` (a switchover's `Handover`): the
 /// epoch is its committed one, none is open, and the machine's devices fit its own (a

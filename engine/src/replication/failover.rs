@@ -99,14 +99,22 @@ pub fn take_over(
                 wait_for_the_cluster(committed.epoch)?;
             }
             let epoch = committed.epoch;
-            let machine = fail_over(
-                committed,
-                why.is_silent(),
-                fence,
-                fence_delay,
-                &opts.console,
-                opts.net.as_ref(),
-            )?;
+            let machine = if matches!(why, PrimaryLoss::Operator) {
+                // The operator's failover fenced the primary while replicating (or the
+                // cluster did, or --fence none said not to).
+                let machine = promote(committed, &opts.console, opts.net.as_ref())?;
+                info!("PROMOTED: guest running from committed epoch {epoch} (operator's failover)");
+                machine
+            } else {
+                fail_over(
+                    committed,
+                    why.is_silent(),
+                    fence,
+                    fence_delay,
+                    &opts.console,
+                    opts.net.as_ref(),
+                )?
+            };
             status::role_change(
                 Role::Promoted,
                 Protection::Unprotected,

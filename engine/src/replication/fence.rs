@@ -370,6 +370,12 @@ pub fn fence_once(agent: &FenceAgent) -> Result<AgentRun, FenceError> {
 /// Returns the number of attempts it took (0 for `--fence none`). Each attempt writes
 /// `fence` events: `started`, then `fenced` or `failed`.
 pub fn fence_until_done(cfg: &FenceConfig, peer: &str) -> Result<u32, FenceError> {
+    fence_attempts(cfg, peer, u32::MAX)
+}
+
+/// [`fence_until_done`], giving up after `tries` failed attempts (the last failure is
+/// the error): an operator's failover tries a few times, then reports.
+pub fn fence_attempts(cfg: &FenceConfig, peer: &str, tries: u32) -> Result<u32, FenceError> {
     let agent = match cfg {
         FenceConfig::Agent(agent) => agent,
         FenceConfig::None => {
@@ -406,9 +412,17 @@ pub fn fence_until_done(cfg: &FenceConfig, peer: &str) -> Result<u32, FenceError
                 return Ok(attempt);
             }
             Err(e) => {
-                warn!("FENCING FAILED (attempt {attempt}) for {peer} '{}': {e}; NOT acting alone, retrying in {backoff:?}", agent.victim);
                 events::fence(peer, &agent.victim, attempt, "failed", &e.to_string());
                 metrics::fence_attempt(false);
+                if attempt >= tries {
+                    warn!(
+                        "FENCING FAILED (attempt {attempt} of {tries}) for {peer} '{}': {e}; \
+                         NOT acting alone",
+                        agent.victim
+                    );
+                    return Err(e);
+                }
+                warn!("FENCING FAILED (attempt {attempt}) for {peer} '{}': {e}; NOT acting alone, retrying in {backoff:?}", agent.victim);
             }
         }
         let until = Instant::now() + backoff;

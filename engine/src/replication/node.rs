@@ -273,6 +273,10 @@ impl Node {
                     .into(),
             ),
         });
+        let opts = BackupOptions {
+            fence: self.fence.clone(),
+            ..opts
+        };
         let outcome = backup::run_on(opts.clone(), listener);
         control::set_failover_refusal(Some("this process is no longer a backup".into()));
         let taken = outcome
@@ -280,7 +284,12 @@ impl Node {
         if control::last().is_some_and(|r| r.kind == "failover" && r.state == RequestState::Running)
         {
             control::finish(match &taken {
-                Ok(_) => Ok("promoted after fencing the primary".into()),
+                Ok(_) => Ok(match self.fence {
+                    Some(FenceConfig::Agent(_)) => "promoted after fencing the primary",
+                    Some(FenceConfig::Cluster) => "promoted (the cluster fenced the primary)",
+                    _ => "promoted WITHOUT fencing the primary (--fence none)",
+                }
+                .into()),
                 Err(e) => Err(e.to_string()),
             });
         }
@@ -299,6 +308,7 @@ impl Node {
             net: self.net.clone(),
             heartbeat_timeout: self.primary.backup_timeout,
             withhold_acks: None,
+            fence: self.fence.clone(),
         }
     }
 
