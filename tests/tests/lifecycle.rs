@@ -818,3 +818,69 @@ fn an_operator_failover_fences_first_and_a_failed_fencing_changes_nothing() {
     assert!(lost.is_empty(), "{} acknowledged writes lost", lost.len());
     drop(b);
 }
+
+#[test]
+fn a_guest_that_could_not_fence_a_lost_backup_is_not_protected() {
+    if !kvm_required() {
+        return;
+    }
+    let _one = one_at_a_time();
+    let dir = TempDir::new("lsnofence");
+    let ns = Netns::create("lsnf").expect("network namespace");
+    let sock = dir.join("run.sock");
+    let mut run = Proc::spawn(
+        ns.command(
+            lockstep_bin(),
+            &[
+                "run",
+                "--guest",
+                "builtin",
+                "--guest-args",
+                tests::trial::KV_ARGS,
+                "--net",
+                "tap=tap0",
+                "--console",
+                "none",
+                "--api-sock",
+                path(&sock),
+            ],
+        ),
+        dir.join("run.out"),
+        dir.join("run.err"),
+    )
+    .expect("start the guest");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !sock.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "no control socket:\n{}",
+            run.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let s = wait_status(&sock, "running", Duration::from_secs(20), |s| {
+        s["guest"] == "running"
+    });
+    assert_eq!(s["role"], "standalone", "{s}");
+    // Its output would stay held for good should the new backup be lost: refused.
+    lockstep(&[
+        "ctl",
+        "--api-sock",
+        path(&sock),
+        "protect",
+        "--peer",
+        "127.0.0.1:7600",
+    ])
+    .assert_one_line_error(&["409", "no fence agent"]);
+    let s = status(&sock);
+    assert_eq!(
+        (
+            s["role"].as_str(),
+            s["protection"].as_str(),
+            s["request"].is_null()
+        ),
+        (Some("standalone"), Some("unprotected"), true),
+        "{s}"
+    );
+    run.terminate(Duration::from_secs(5));
+}

@@ -139,6 +139,8 @@ struct Control {
     no_failover: Option<String>,
     /// Whether the primary role has a fence agent (that a protect may aim elsewhere).
     fence_agent: bool,
+    /// Why this process may not protect its guest, if it may not.
+    no_protect: Option<String>,
 }
 
 static CONTROL: Mutex<Control> = Mutex::new(Control {
@@ -147,6 +149,7 @@ static CONTROL: Mutex<Control> = Mutex::new(Control {
     next_id: 1,
     no_failover: Some(String::new()),
     fence_agent: false,
+    no_protect: None,
 });
 
 fn control() -> std::sync::MutexGuard<'static, Control> {
@@ -163,6 +166,12 @@ pub fn set_failover_refusal(why: Option<String>) {
 /// [`FenceTarget`] may aim at the new backup's node.
 pub fn set_fence_agent(present: bool) {
     control().fence_agent = present;
+}
+
+/// Why a protect would be unsafe here (`None`: it is not): a guest with a network device
+/// whose process cannot fence a lost backup would hold its output for good.
+pub fn set_protect_refusal(why: Option<String>) {
+    control().no_protect = why;
 }
 
 /// Checks `req` against what the process does now and leaves it pending for the role, or
@@ -229,6 +238,9 @@ pub fn submit(req: Request) -> Result<u64, Refusal> {
                         }
                     )))
                 }
+            }
+            if let Some(why) = &c.no_protect {
+                return Err(conflict(why.clone()));
             }
         }
         Request::Switchover { then } => {

@@ -26,7 +26,7 @@ use super::backup::{self, BackupError, BackupOptions};
 use super::control::{self, AfterSwitchover, FenceTarget, Request, RequestState};
 use super::failover::{self, TakenOver};
 use super::fence::FenceConfig;
-use super::primary::{self, PrimaryError, PrimaryOptions, ProtectEnd, Unprotected};
+use super::primary::{self, OnBackupLoss, PrimaryError, PrimaryOptions, ProtectEnd, Unprotected};
 use super::status::{self, GuestState, Protection, Role};
 use super::stop_requested;
 use crate::devices::serial::Console;
@@ -121,6 +121,17 @@ impl Node {
     pub fn run(&self, start: Start) -> Result<u8, NodeError> {
         let started = Instant::now();
         control::set_fence_agent(self.primary.fence.is_some());
+        control::set_protect_refusal(
+            (self.net.is_some()
+                && self.primary.fence.is_none()
+                && self.primary.on_backup_loss == OnBackupLoss::Fence)
+                .then(|| {
+                    "this process has no fence agent (--fence-cmd or --fence cluster): should \
+                     the new backup be lost, the guest's output would stay held until the \
+                     guest is stopped (or choose --on-backup-loss continue, unsafe)"
+                        .to_string()
+                }),
+        );
         let mut state = match start {
             Start::Run(m) => State::Run(m, None),
             Start::Protect(m) => State::Protect {
