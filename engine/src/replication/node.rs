@@ -349,7 +349,10 @@ impl Node {
                 machine.pause()?;
                 status::update(|s| s.guest = GuestState::Paused);
                 machine.flush_console();
-                info!("stopped by {}", if over { "--seconds" } else { "request" });
+                info!(
+                    "stopped by {}",
+                    if stop_requested() { "request" } else { "--seconds" }
+                );
                 return Ok(Driven::Ended(0));
             }
             match machine.wait_event(timeout.min(Duration::from_millis(20))) {

@@ -511,8 +511,10 @@ fn connect(peer: &str, timeout: Duration) -> Result<Connection, PrimaryError> {
         let left = deadline.saturating_duration_since(Instant::now());
         match Connection::connect(peer, left.max(Duration::from_millis(100))) {
             Ok(c) => return Ok(c),
-            // The backup may still be starting: try again until the deadline.
-            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+            // The backup may still be starting: try again until the deadline, or a stop.
+            Err(_) if Instant::now() < deadline && !stop_requested() => {
+                std::thread::sleep(Duration::from_millis(50))
+            }
             Err(source) => {
                 return Err(PrimaryError::Connect {
                     peer: peer.to_string(),

@@ -49,6 +49,7 @@ impl Primary<'_> {
                     self.machine.set_throttle(0);
                     if self.machine.is_running() {
                         self.machine.pause()?;
+                        status::update(|s| s.guest = GuestState::Paused);
                     }
                 }
                 memory::copy_pages(self.machine.memory(), chunk, &mut self.buf)?;
