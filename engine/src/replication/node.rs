@@ -180,12 +180,6 @@ impl Node {
                     let was = status::report().role;
                     if !first {
                         info!("protecting the running guest with the backup at {peer}");
-                        status::role_change(
-                            Role::Primary,
-                            Protection::Unprotected,
-                            GuestState::Running,
-                            format!("protect: syncing the running guest to the backup at {peer}"),
-                        );
                     }
                     let opts = PrimaryOptions {
                         peer: peer.clone(),
@@ -216,6 +210,18 @@ impl Node {
                                 }
                                 Ok(_) => "the run ended first".into(),
                             }));
+                            // A re-protect whose backup never committed an epoch: the
+                            // process is what it was before (its output as the loss left it).
+                            if r.kind == "protect" && matches!(ended, Ok(ProtectEnd::BackupLost(_)))
+                            {
+                                let p = status::report().protection;
+                                status::role_change(
+                                    was,
+                                    p,
+                                    GuestState::Running,
+                                    format!("protect to {peer} failed: the backup was lost before it committed an epoch"),
+                                );
+                            }
                         }
                     }
                     match ended {
@@ -351,7 +357,11 @@ impl Node {
                 machine.flush_console();
                 info!(
                     "stopped by {}",
-                    if stop_requested() { "request" } else { "--seconds" }
+                    if stop_requested() {
+                        "request"
+                    } else {
+                        "--seconds"
+                    }
                 );
                 return Ok(Driven::Ended(0));
             }

@@ -350,11 +350,16 @@ pub struct Unprotected {
 pub fn protect(machine: &mut Machine, opts: PrimaryOptions) -> Result<ProtectEnd, PrimaryError> {
     let began = Instant::now();
     install_stop_handler();
-    status::start_role(Role::Primary);
-    status::update(|s| {
-        s.name = opts.name.clone();
-        s.protection = Protection::Unprotected;
-    });
+    // A guest booted for protection is the primary's from the start; a running one (a
+    // re-protect) becomes it once the backup accepted it.
+    let running = machine.is_running();
+    if !running {
+        status::start_role(Role::Primary);
+        status::update(|s| {
+            s.name = opts.name.clone();
+            s.protection = Protection::Unprotected;
+        });
+    }
     let mut conn = connect(&opts.peer, opts.connect_timeout)?;
     let mem_size = ram_size(machine.memory());
     let hello = Hello::new(
@@ -366,6 +371,18 @@ pub fn protect(machine: &mut Machine, opts: PrimaryOptions) -> Result<ProtectEnd
         guest_id(&opts.name),
     );
     primary_handshake(&mut conn, &hello, HANDSHAKE_TIMEOUT)?;
+    if running {
+        status::start_role(Role::Primary);
+        status::role_change(
+            Role::Primary,
+            Protection::Unprotected,
+            GuestState::Running,
+            format!(
+                "protect: syncing the running guest to the backup at {}",
+                opts.peer
+            ),
+        );
+    }
     info!(
         "backup at {} accepted the guest ({} MiB, {} vCPUs)",
         opts.peer,
