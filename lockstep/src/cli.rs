@@ -214,6 +214,8 @@ struct RunArgs {
     metrics: Option<String>,
     #[command(flatten)]
     fence: FenceArgs,
+    #[command(flatten)]
+    replication: ReplicationArgs,
 }
 
 #[derive(Debug, Args)]
@@ -250,11 +252,15 @@ struct FenceArgs {
     fence_timeout_s: Option<u64>,
 }
 
+/// How the guest is replicated, in every role that may come to run it protected: `primary`
+/// from the start, `run` after `ctl protect`, `backup` once it has promoted and protects
+/// again (a re-protect, or the other side of a switchover).
 #[derive(Debug, Args)]
-struct PrimaryArgs {
-    /// the backup (required; retried until --connect-timeout-s)
-    #[arg(long, value_name = "ADDR:PORT")]
-    peer: Option<String>,
+#[command(
+    next_help_heading = "Replication (when this process runs the guest protected; \
+a backup: after it promotes and protects again)"
+)]
+struct ReplicationArgs {
     /// epoch interval (default 25)
     #[arg(long, value_name = "MS")]
     interval_ms: Option<u64>,
@@ -267,22 +273,33 @@ struct PrimaryArgs {
     /// unacknowledged epochs in flight (default 4)
     #[arg(long, value_name = "N")]
     window: Option<usize>,
-    /// end cleanly (final epoch, digests) after S seconds
-    #[arg(long, value_name = "S", allow_negative_numbers = true)]
-    seconds: Option<f64>,
-    /// the pair's name; the backup must have the same (default lockstep)
-    #[arg(long, value_name = "NAME", allow_hyphen_values = true)]
-    name: Option<String>,
+    /// end an epoch once the guest dirtied N pages (default 4096): bounds each pause
+    #[arg(long, value_name = "N")]
+    max_epoch_pages: Option<usize>,
     /// how long to retry connecting to the backup (default 10)
     #[arg(long, value_name = "S")]
     connect_timeout_s: Option<u64>,
-    /// silence after which the backup counts as lost (default 1000)
+    /// silence after which the peer counts as lost: the backup, in the primary role; the
+    /// primary, in the backup role (default 1000)
     #[arg(long, value_name = "MS")]
     heartbeat_timeout_ms: Option<u64>,
     /// fence (default): hold output, fence the backup, then go on unprotected; pause:
     /// stop the guest; continue: release at once without fencing (unsafe)
     #[arg(long, value_name = "fence|pause|continue")]
     on_backup_loss: Option<String>,
+}
+
+#[derive(Debug, Args)]
+struct PrimaryArgs {
+    /// the backup (required; retried until --connect-timeout-s)
+    #[arg(long, value_name = "ADDR:PORT")]
+    peer: Option<String>,
+    /// end cleanly (final epoch, digests) after S seconds
+    #[arg(long, value_name = "S", allow_negative_numbers = true)]
+    seconds: Option<f64>,
+    /// the pair's name; the backup must have the same (default lockstep)
+    #[arg(long, value_name = "NAME", allow_hyphen_values = true)]
+    name: Option<String>,
     /// write this process's pid (for a single-host fence agent)
     #[arg(long, value_name = "PATH")]
     pid_file: Option<PathBuf>,
@@ -298,13 +315,12 @@ struct PrimaryArgs {
     /// harvest dirty pages from a KVM dirty ring, not the bitmap
     #[arg(long, value_name = "ENTRIES")]
     dirty_ring: Option<u32>,
-    /// end an epoch once the guest dirtied N pages (default 4096): bounds each pause
-    #[arg(long, value_name = "N")]
-    max_epoch_pages: Option<usize>,
     #[command(flatten)]
     fence: FenceArgs,
     #[command(flatten)]
     guest: GuestArgs,
+    #[command(flatten)]
+    replication: ReplicationArgs,
 }
 
 #[derive(Debug, Args)]
@@ -324,9 +340,6 @@ struct BackupArgs {
     /// resume the guest when the primary ends replication cleanly
     #[arg(long)]
     run_after_end: bool,
-    /// silence after which the primary counts as lost (default 1000)
-    #[arg(long, value_name = "MS")]
-    heartbeat_timeout_ms: Option<u64>,
     /// write this process's pid (for the primary's fence agent)
     #[arg(long, value_name = "PATH")]
     pid_file: Option<PathBuf>,
@@ -352,6 +365,8 @@ struct BackupArgs {
     /// (required to fence).
     #[command(flatten)]
     devices: DeviceArgs,
+    #[command(flatten)]
+    replication: ReplicationArgs,
 }
 
 #[derive(Debug, Args)]
@@ -622,7 +637,7 @@ fn cmd_run(a: RunArgs) -> Result<ExitCode, CliError> {
         _ => return Err(usage("--snapshot-after-ms and --snapshot-to go together")),
     };
     let name = a.name.unwrap_or_else(|| DEFAULT_NAME.to_string());
-    let (fence, agent) = fencing(&a.fence, &name, false, false)?;
+    let (fence, template) = replication(&a.replication, &a.fence, &name, false, false)?;
     let _pid_file = pid_file_option(a.pid_file)?;
     let _api = api_option(a.api_sock.as_deref())?;
     let _metrics = crate::metrics::serve(a.metrics.as_deref())?;
@@ -638,10 +653,7 @@ fn cmd_run(a: RunArgs) -> Result<ExitCode, CliError> {
         net: g.machine.net.clone(),
         fence,
         fence_delay: DEFAULT_FENCE_DELAY,
-        primary: PrimaryOptions {
-            fence: agent,
-            ..PrimaryOptions::new(String::new(), name)
-        },
+        primary: template,
         snapshot,
     };
     exit(node.run(Start::Run(machine))?)
@@ -781,16 +793,6 @@ fn cmd_primary(a: PrimaryArgs) -> Result<ExitCode, CliError> {
     let peer = a
         .peer
         .ok_or_else(|| usage("--peer ADDR:PORT is required"))?;
-    let interval_ms = a
-        .interval_ms
-        .unwrap_or(primary::DEFAULT_INTERVAL.as_millis() as u64);
-    if interval_ms == 0 {
-        return Err(usage("--interval-ms must be at least 1"));
-    }
-    let window = a.window.unwrap_or(primary::DEFAULT_WINDOW);
-    if window == 0 {
-        return Err(usage("--window must be at least 1"));
-    }
     let seconds = a
         .seconds
         .map(|s| {
@@ -804,41 +806,8 @@ fn cmd_primary(a: PrimaryArgs) -> Result<ExitCode, CliError> {
                 })
         })
         .transpose()?;
-    let on_backup_loss = match a.on_backup_loss.as_deref().unwrap_or("fence") {
-        "fence" => OnBackupLoss::Fence,
-        "pause" => OnBackupLoss::Pause,
-        "continue" => OnBackupLoss::Continue,
-        other => {
-            return Err(usage(format!(
-                "--on-backup-loss {other}: expected fence, pause or continue"
-            )))
-        }
-    };
-    if on_backup_loss != OnBackupLoss::Fence && a.fence.fence_cmd.is_some() {
-        return Err(usage(
-            "--fence-cmd is used only with --on-backup-loss fence (the default)",
-        ));
-    }
     let name = a.name.unwrap_or_else(|| DEFAULT_NAME.to_string());
-    let (fence, agent) = fencing(&a.fence, &name, false, false)?;
-    let opts = PrimaryOptions {
-        peer,
-        interval: Duration::from_millis(interval_ms),
-        seconds,
-        connect_timeout: Duration::from_secs(a.connect_timeout_s.unwrap_or(10)),
-        window,
-        backup_timeout: heartbeat_timeout(a.heartbeat_timeout_ms)?,
-        on_backup_loss,
-        fence: agent,
-        name,
-        early_checkpoint: !a.no_early_checkpoint,
-        min_interval: Duration::from_millis(a.min_interval_ms.unwrap_or(2)),
-        max_epoch_pages: match a.max_epoch_pages {
-            None => primary::DEFAULT_MAX_EPOCH_PAGES,
-            Some(0) => return Err(usage("--max-epoch-pages must be at least 1")),
-            Some(n) => n,
-        },
-    };
+    let (fence, template) = replication(&a.replication, &a.fence, &name, false, false)?;
     let _pid_file = pid_file_option(a.pid_file)?;
     let _api = api_option(a.api_sock.as_deref())?;
     let _metrics = crate::metrics::serve(a.metrics.as_deref())?;
@@ -848,10 +817,86 @@ fn cmd_primary(a: PrimaryArgs) -> Result<ExitCode, CliError> {
         net: g.machine.net.clone(),
         fence,
         fence_delay: DEFAULT_FENCE_DELAY,
-        primary: opts,
+        primary: PrimaryOptions {
+            peer,
+            seconds,
+            ..template
+        },
         snapshot: None,
     };
     exit(node.run(Start::Protect(machine))?)
+}
+
+/// The settings of the primary role, from `--interval-ms` and the other replication
+/// options, with how the process fences its peer (see [`fencing`]). `primary`, `run` and
+/// `backup` build them here alike: whichever process comes to run the guest protected
+/// (from the start, after `ctl protect`, after a failover or a switchover) replicates as
+/// its command line says. `peer` is left empty (a protect names it) and `seconds` unset.
+fn replication(
+    r: &ReplicationArgs,
+    f: &FenceArgs,
+    name: &str,
+    delay_given: bool,
+    backup: bool,
+) -> Result<(Option<FenceConfig>, PrimaryOptions), CliError> {
+    let interval = match r.interval_ms {
+        None => primary::DEFAULT_INTERVAL,
+        Some(0) => return Err(usage("--interval-ms must be at least 1")),
+        Some(ms) => Duration::from_millis(in_range("interval-ms", ms, 1..=MAX_MS)?),
+    };
+    let window = match r.window {
+        None => primary::DEFAULT_WINDOW,
+        Some(0) => return Err(usage("--window must be at least 1")),
+        Some(n) => n,
+    };
+    let max_epoch_pages = match r.max_epoch_pages {
+        None => primary::DEFAULT_MAX_EPOCH_PAGES,
+        Some(0) => return Err(usage("--max-epoch-pages must be at least 1")),
+        Some(n) => n,
+    };
+    let on_backup_loss = match r.on_backup_loss.as_deref().unwrap_or("fence") {
+        "fence" => OnBackupLoss::Fence,
+        "pause" => OnBackupLoss::Pause,
+        "continue" => OnBackupLoss::Continue,
+        other => {
+            return Err(usage(format!(
+                "--on-backup-loss {other}: expected fence, pause or continue"
+            )))
+        }
+    };
+    // The backup's --fence-cmd fences the primary before it promotes, whatever its
+    // primary role does when it loses a backup; elsewhere the agent is for the backup.
+    if !backup && on_backup_loss != OnBackupLoss::Fence && f.fence_cmd.is_some() {
+        return Err(usage(
+            "--fence-cmd is used only with --on-backup-loss fence (the default)",
+        ));
+    }
+    let defaults = PrimaryOptions::new(String::new(), name.to_string());
+    let min_interval = match r.min_interval_ms {
+        None => defaults.min_interval,
+        Some(ms) => Duration::from_millis(in_range("min-interval-ms", ms, 0..=MAX_MS)?),
+    };
+    let connect_timeout = match r.connect_timeout_s {
+        None => defaults.connect_timeout,
+        Some(s) => Duration::from_secs(in_range("connect-timeout-s", s, 0..=MAX_SECONDS)?),
+    };
+    let backup_timeout = heartbeat_timeout(r.heartbeat_timeout_ms)?;
+    let (fence, agent) = fencing(f, name, delay_given, backup)?;
+    Ok((
+        fence,
+        PrimaryOptions {
+            interval,
+            connect_timeout,
+            window,
+            backup_timeout,
+            on_backup_loss,
+            fence: agent,
+            early_checkpoint: !r.no_early_checkpoint,
+            min_interval,
+            max_epoch_pages,
+            ..defaults
+        },
+    ))
 }
 
 /// How a process fences its peer in each role it may take: the backup role's
@@ -923,6 +968,17 @@ fn cmd_backup(a: BackupArgs) -> Result<ExitCode, CliError> {
         engine::vstate::memory::validate_size(m).map_err(|e| usage(e.to_string()))?;
     }
     let name = a.name.unwrap_or_else(|| DEFAULT_NAME.to_string());
+    let fence_delay = match a.fence_delay_ms {
+        None => DEFAULT_FENCE_DELAY,
+        Some(ms) => Duration::from_millis(in_range("fence-delay-ms", ms, 0..=MAX_MS)?),
+    };
+    let (fence, template) = replication(
+        &a.replication,
+        &a.fence,
+        &name,
+        a.fence_delay_ms.is_some(),
+        true,
+    )?;
     let opts = BackupOptions {
         listen,
         mem,
@@ -931,15 +987,10 @@ fn cmd_backup(a: BackupArgs) -> Result<ExitCode, CliError> {
         run_after_end: a.run_after_end,
         net: net_option(&a.devices)?,
         console: console_option(&a.devices),
-        heartbeat_timeout: heartbeat_timeout(a.heartbeat_timeout_ms)?,
+        heartbeat_timeout: template.backup_timeout,
         withhold_acks: a.test_withhold_acks_ms.map(Duration::from_millis),
         fence: None,
     };
-    let fence_delay = match a.fence_delay_ms {
-        None => DEFAULT_FENCE_DELAY,
-        Some(ms) => Duration::from_millis(in_range("fence-delay-ms", ms, 0..=MAX_MS)?),
-    };
-    let (fence, agent) = fencing(&a.fence, &name, a.fence_delay_ms.is_some(), true)?;
     if fence.is_some() && opts.net.is_none() {
         // Promotion without the network would cut every client off: refuse up front.
         return Err(usage(
@@ -954,11 +1005,7 @@ fn cmd_backup(a: BackupArgs) -> Result<ExitCode, CliError> {
     let node = Node {
         console: opts.console.clone(),
         net: opts.net.clone(),
-        primary: PrimaryOptions {
-            fence: agent,
-            backup_timeout: opts.heartbeat_timeout,
-            ..PrimaryOptions::new(String::new(), name)
-        },
+        primary: template,
         fence,
         fence_delay,
         snapshot: None,
@@ -966,7 +1013,7 @@ fn cmd_backup(a: BackupArgs) -> Result<ExitCode, CliError> {
     exit(node.run(Start::Backup(opts))?)
 }
 
-/// `--heartbeat-timeout-ms MS` of both roles.
+/// `--heartbeat-timeout-ms MS`: the silence after which either role counts its peer lost.
 fn heartbeat_timeout(ms: Option<u64>) -> Result<Duration, CliError> {
     match ms {
         None => Ok(DEFAULT_HEARTBEAT_TIMEOUT),

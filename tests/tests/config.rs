@@ -145,6 +145,26 @@ fn a_pair_from_two_files() {
 }
 
 #[test]
+fn a_backup_and_a_run_take_replication_options_from_the_file() {
+    // The same keys as a primary's, with the same checks: they apply once the process
+    // runs the guest protected.
+    let dir = TempDir::new("config-replication");
+    for (command, first) in [
+        ("backup", "listen = \"127.0.0.1:0\"\n"),
+        ("run", "guest = \"builtin\"\n"),
+    ] {
+        let file = config(
+            &dir,
+            "roles.toml",
+            &format!("{first}interval-ms = 10\non-backup-loss = \"later\"\n"),
+        );
+        let from_file = lockstep(&[command, "--config", &file]);
+        assert_eq!(from_file.code(), Some(2), "{command}: {from_file:?}");
+        from_file.assert_one_line_error(&["--on-backup-loss later", "expected fence, pause"]);
+    }
+}
+
+#[test]
 fn values_meet_the_command_lines_checks() {
     // The same error, word for word, as the option typed.
     let dir = TempDir::new("config-checks");

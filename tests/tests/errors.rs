@@ -147,6 +147,41 @@ fn vcpu_counts_out_of_range_on_every_role() {
 }
 
 #[test]
+fn bad_replication_options_on_every_role() {
+    // A backup replicates once it has promoted and protects again, a run once protected:
+    // both take the primary's replication options, checked before anything starts.
+    for command in [
+        &["primary", "--peer", "127.0.0.1:1", "--guest", "builtin"][..],
+        &["backup", "--listen", "127.0.0.1:0"][..],
+        &["run", "--guest", "builtin"][..],
+    ] {
+        for (bad, needle) in [
+            (
+                &["--interval-ms", "0"][..],
+                "--interval-ms must be at least 1",
+            ),
+            (&["--window", "0"][..], "--window must be at least 1"),
+            (&["--max-epoch-pages", "0"][..], "--max-epoch-pages"),
+            (
+                &["--on-backup-loss", "later"][..],
+                "--on-backup-loss later: expected fence, pause or continue",
+            ),
+            (
+                &["--heartbeat-timeout-ms", "0"][..],
+                "--heartbeat-timeout-ms 0",
+            ),
+            (&["--min-interval-ms", "x"][..], "--min-interval-ms"),
+        ] {
+            let args: Vec<&str> = command.iter().chain(bad).copied().collect();
+            let run = lockstep(&args);
+            assert_eq!(run.code(), Some(2), "{args:?}: {run:?}");
+            run.assert_one_line_error(&[needle]);
+            assert_eq!(run.stdout, "", "{args:?}: nothing may run");
+        }
+    }
+}
+
+#[test]
 fn seconds_that_are_not_a_duration() {
     for s in ["-1", "nan", "inf", "1e20"] {
         let run = lockstep(&[
@@ -291,7 +326,18 @@ fn every_subcommand_answers_help_with_its_options() {
     for (cmd, options) in [
         (
             "run",
-            &["--guest", "--mem", "--snapshot-to", "--api-sock"][..],
+            &[
+                "--guest",
+                "--mem",
+                "--snapshot-to",
+                "--api-sock",
+                "--name",
+                "--pid-file",
+                "--fence-cmd",
+                "--interval-ms",
+                "--on-backup-loss",
+                "--heartbeat-timeout-ms",
+            ][..],
         ),
         ("restore", &["--console", "--net"][..]),
         (
@@ -314,6 +360,9 @@ fn every_subcommand_answers_help_with_its_options() {
                 "--fence-arg",
                 "--pid-file",
                 "--api-sock",
+                "--interval-ms",
+                "--on-backup-loss",
+                "--heartbeat-timeout-ms",
             ][..],
         ),
         ("demo", &["--seconds"][..]),

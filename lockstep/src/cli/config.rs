@@ -29,6 +29,9 @@ pub fn with_config(cmd: Command) -> Command {
                     .long(CONFIG)
                     .value_name("FILE")
                     .value_parser(clap::value_parser!(PathBuf))
+                    // Among the command's own options, not under the heading of the last
+                    // group flattened into it.
+                    .help_heading(None::<&str>)
                     .help(
                         "options from a TOML file, keys named as the long options \
                          (`interval-ms = 50`); the command line wins (README.md)",

@@ -86,9 +86,9 @@ name = "-pair"
         .expect("parses"),
     );
     assert_eq!(a.peer.as_deref(), Some("10.0.0.2:7000"));
-    assert_eq!(a.interval_ms, Some(50));
+    assert_eq!(a.replication.interval_ms, Some(50));
     assert_eq!(a.seconds, Some(2.5));
-    assert!(a.no_early_checkpoint);
+    assert!(a.replication.no_early_checkpoint);
     assert_eq!(a.fence.fence_cmd.as_deref(), Some("-x fence_ipmilan"));
     assert_eq!(a.fence.fence_arg, ["ip=10.0.0.9", "username=admin"]);
     assert_eq!(a.guest.guest.as_deref(), Some("builtin"));
@@ -96,7 +96,10 @@ name = "-pair"
     assert_eq!(a.guest.devices.console.as_deref(), Some("none"));
     assert_eq!(a.guest.mem.as_deref(), Some("64M"));
     assert_eq!(a.name.as_deref(), Some("-pair"));
-    assert_eq!(a.window, None, "a key the file does not have stays unset");
+    assert_eq!(
+        a.replication.window, None,
+        "a key the file does not have stays unset"
+    );
 }
 
 #[test]
@@ -110,7 +113,7 @@ fn a_repeatable_option_takes_one_value_too_and_a_false_flag_is_no_flag() {
         .expect("parses"),
     );
     assert_eq!(a.fence.fence_arg, ["ip=10.0.0.9"]);
-    assert!(!a.no_early_checkpoint);
+    assert!(!a.replication.no_early_checkpoint);
 }
 
 #[test]
@@ -137,13 +140,13 @@ guest-args = "workload=counter limit=3"
         )
         .expect("parses"),
     );
-    assert_eq!(a.interval_ms, Some(10));
+    assert_eq!(a.replication.interval_ms, Some(10));
     assert_eq!(
         a.fence.fence_arg,
         ["c=3"],
         "the command line's list replaces"
     );
-    assert!(a.no_early_checkpoint);
+    assert!(a.replication.no_early_checkpoint);
     assert_eq!(a.guest.guest_args.as_deref(), Some("workload=hash"));
     assert_eq!(
         a.name.as_deref(),
@@ -165,7 +168,11 @@ guest-args = "workload=counter limit=3"
         .expect("parses"),
     );
     assert_eq!(
-        (a.interval_ms, a.window, a.name.as_deref()),
+        (
+            a.replication.interval_ms,
+            a.replication.window,
+            a.name.as_deref()
+        ),
         (Some(10), Some(2), Some("from-file"))
     );
 }
@@ -406,5 +413,5 @@ fn unreadable_files_and_broken_toml_are_one_line() {
 #[test]
 fn an_empty_file_changes_nothing() {
     let a = primary(with_file("primary", "# nothing here\n", &["--window", "3"]).expect("parses"));
-    assert_eq!((a.window, a.peer), (Some(3), None));
+    assert_eq!((a.replication.window, a.peer), (Some(3), None));
 }
