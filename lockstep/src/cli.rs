@@ -656,7 +656,7 @@ fn cmd_run(a: RunArgs) -> Result<ExitCode, CliError> {
         primary: template,
         snapshot,
     };
-    exit(node.run(Start::Run(machine))?)
+    finish(node.run(Start::Run(machine)))
 }
 
 /// The guest's exit status as the process's.
@@ -783,7 +783,7 @@ fn cmd_restore(a: RestoreArgs) -> Result<ExitCode, CliError> {
         primary: PrimaryOptions::new(String::new(), DEFAULT_NAME.to_string()),
         snapshot: None,
     };
-    exit(node.run(Start::Run(machine))?)
+    finish(node.run(Start::Run(machine)))
 }
 
 fn cmd_primary(a: PrimaryArgs) -> Result<ExitCode, CliError> {
@@ -824,7 +824,7 @@ fn cmd_primary(a: PrimaryArgs) -> Result<ExitCode, CliError> {
         },
         snapshot: None,
     };
-    exit(node.run(Start::Protect(machine))?)
+    finish(node.run(Start::Protect(machine)))
 }
 
 /// The settings of the primary role, from `--interval-ms` and the other replication
@@ -897,6 +897,24 @@ fn replication(
             ..defaults
         },
     ))
+}
+
+/// The process's exit status once its roles are over: the guest's, or 0 when an operator
+/// stopped a backup (SIGTERM, `ctl stop`) before the primary ended replication -- a
+/// stop asked for is no error. The backup's committed epoch is said on stderr.
+fn finish(ended: Result<u8, NodeError>) -> Result<ExitCode, CliError> {
+    match ended {
+        Ok(status) => exit(status),
+        Err(NodeError::Backup(BackupError::Stopped(epoch))) => {
+            if epoch == 0 {
+                info!("stopped by request; no epoch committed yet");
+            } else {
+                info!("stopped by request; holding committed epoch {epoch}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// How a process fences its peer in each role it may take: the backup role's
@@ -1010,7 +1028,7 @@ fn cmd_backup(a: BackupArgs) -> Result<ExitCode, CliError> {
         fence_delay,
         snapshot: None,
     };
-    exit(node.run(Start::Backup(opts))?)
+    finish(node.run(Start::Backup(opts)))
 }
 
 /// `--heartbeat-timeout-ms MS`: the silence after which either role counts its peer lost.

@@ -256,3 +256,45 @@ fn a_promoted_backup_and_a_primary_holding_output_say_so() {
     assert!(end.success(), "{}", p.backup.log());
     assert!(!bsock.exists(), "socket removed at the end");
 }
+
+#[test]
+fn an_operators_stop_of_a_backup_is_no_error() {
+    // A backup that waits for its primary, stopped by `ctl stop` or SIGTERM: exit 0, and
+    // the log says what it holds.
+    let dir = TempDir::new("api-backup-stop");
+    for (i, how) in ["ctl stop", "SIGTERM"].into_iter().enumerate() {
+        let sock = dir.join(&format!("backup{i}.sock"));
+        let mut backup = spawn(
+            &dir,
+            &format!("backup{i}"),
+            &[
+                "backup",
+                "--listen",
+                "127.0.0.1:0",
+                "--api-sock",
+                path(&sock),
+            ],
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !lockstep(&["ctl", "--api-sock", path(&sock), "status"])
+            .status
+            .success()
+        {
+            assert!(Instant::now() < deadline, "no answer on {sock:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if how == "SIGTERM" {
+            backup.signal(libc::SIGTERM);
+        } else {
+            lockstep(&["ctl", "--api-sock", path(&sock), "stop"]).assert_success();
+        }
+        let end = backup
+            .wait_for(Duration::from_secs(20))
+            .expect("the backup ends");
+        let log = backup.log();
+        assert!(end.success(), "{how}: {end}\n{log}");
+        assert!(!log.contains("lockstep: error"), "{how}: {log}");
+        assert!(log.contains("stopped by request"), "{how}: {log}");
+        assert!(!sock.exists(), "socket removed at the end");
+    }
+}
