@@ -16,6 +16,7 @@ use engine::devices::NetConfig;
 use engine::machine::{BootConfig, Machine, MachineConfig, MachineError};
 use engine::pidfile::{PidFile, PidFileError};
 use engine::replication::backup::{BackupError, BackupOptions};
+use engine::replication::control;
 use engine::replication::events::{self, EventsError};
 use engine::replication::failover::DEFAULT_FENCE_DELAY;
 use engine::replication::fence::{parse_fence_arg, FenceAgent, FenceConfig};
@@ -707,6 +708,13 @@ fn cmd_ctl(a: CtlArgs) -> Result<ExitCode, CliError> {
                 .peer
                 .as_deref()
                 .ok_or_else(|| usage("ctl protect needs --peer ADDR:PORT (the new backup)"))?;
+            // Checked as the process checks it, before anything is sent.
+            control::check_address("peer", peer).map_err(|r| {
+                usage(format!(
+                    "ctl protect --peer: {}",
+                    r.message.trim_start_matches("\"peer\": ")
+                ))
+            })?;
             let mut body = serde_json::json!({ "peer": peer });
             if let Some(node) = &a.peer_node {
                 body["peer_node"] = node.as_str().into();
@@ -717,7 +725,15 @@ fn cmd_ctl(a: CtlArgs) -> Result<ExitCode, CliError> {
             body
         }
         "switchover" => match &a.listen {
-            Some(listen) => serde_json::json!({ "listen": listen }),
+            Some(listen) => {
+                control::check_address("listen", listen).map_err(|r| {
+                    usage(format!(
+                        "ctl switchover --listen: {}",
+                        r.message.trim_start_matches("\"listen\": ")
+                    ))
+                })?;
+                serde_json::json!({ "listen": listen })
+            }
             None => serde_json::Value::Null,
         },
         other => {

@@ -147,6 +147,23 @@ fn ctl_without_a_server_is_a_one_line_error() {
     lockstep(&["ctl", "--api-sock", path(&sock), "status"])
         .assert_one_line_error(&["cannot connect", "nothing.sock"]);
     lockstep(&["ctl", "--api-sock", path(&sock), "reboot"]).assert_one_line_error(&["reboot"]);
+    // Addresses are checked before the socket is tried: the mistake is named, not the
+    // missing socket.
+    for (action, option, addr, needle) in [
+        ("protect", "--peer", "foo", "not host:port"),
+        (
+            "protect",
+            "--peer",
+            "0.0.0.0:7600",
+            "0.0.0.0 is where it listens",
+        ),
+        ("protect", "--peer", "[::]:7600", "[::] is where it listens"),
+        ("switchover", "--listen", "7600", "not host:port"),
+    ] {
+        let run = lockstep(&["ctl", "--api-sock", path(&sock), action, option, addr]);
+        run.assert_one_line_error(&[option, needle]);
+        assert_eq!(run.code(), Some(2), "{run:?}");
+    }
 }
 
 #[test]

@@ -301,12 +301,24 @@ fn describe(req: &Request) -> String {
     }
 }
 
-/// `host:port` with a port number: the shape of every address a request carries.
-fn check_address(field: &str, addr: &str) -> Result<(), Refusal> {
+/// `host:port` with a port number: the shape of every address a request carries. A
+/// protect's `peer` is one to connect to: not an unspecified host (where a backup listens).
+pub fn check_address(field: &str, addr: &str) -> Result<(), Refusal> {
     let ok = addr
         .rsplit_once(':')
         .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0))
         && !addr.chars().any(char::is_whitespace);
+    let host = addr.rsplit_once(':').map_or("", |(host, _)| host);
+    let ip = host.trim_start_matches('[').trim_end_matches(']').parse();
+    if ok && field == "peer" && ip.is_ok_and(|ip: std::net::IpAddr| ip.is_unspecified()) {
+        return Err(Refusal {
+            code: 400,
+            message: format!(
+                "\"{field}\": '{addr}': the backup's address to connect to; {host} is where it \
+                 listens, not where it is reached"
+            ),
+        });
+    }
     if ok {
         Ok(())
     } else {
@@ -369,6 +381,12 @@ mod tests {
         }
         for good in ["127.0.0.1:7600", "[::1]:7600", "backup.example:1"] {
             check_address("peer", good).unwrap();
+        }
+        // Where a backup listens, not where it is reached.
+        for unspecified in ["0.0.0.0:7600", "[::]:7600"] {
+            let why = check_address("peer", unspecified).unwrap_err().message;
+            assert!(why.contains("where it listens"), "{why}");
+            check_address("listen", unspecified).unwrap();
         }
     }
 }
