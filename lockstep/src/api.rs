@@ -1,9 +1,11 @@
 //! The control socket (`--api-sock PATH`): HTTP/1.1 with JSON bodies on a Unix socket, as
 //! Firecracker and cloud-hypervisor serve theirs, and its client (`lockstep ctl`).
 //!
-//! One request per connection (`Connection: close`), served one at a time on a thread of
-//! its own: the endpoints read the engine's shared status, set its stop flag, or leave a
-//! request for the role (`protect`, `switchover`, `failover`: checked at once, answered
+//! One request per connection (`Connection: close`), each connection served on a thread of
+//! its own (at most [`MAX_CLIENTS`] at once; beyond, `503` at once), with one deadline for
+//! the whole request, so a slow or stuck client never holds the socket for another. The
+//! endpoints read the engine's shared status, set its stop flag, or leave a request for
+//! the role (`protect`, `switchover`, `failover`: checked at once, answered
 //! `202 Accepted`, carried out by the role, followed in `GET /status`'s `request`), so
 //! nothing here ever waits for the guest or the replication roles.
 //!
@@ -15,7 +17,9 @@ use std::io::{ErrorKind, Read, Write};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
@@ -27,8 +31,12 @@ use engine::warn;
 /// Largest request accepted (headers and body).
 const MAX_REQUEST: usize = 64 << 10;
 
-/// How long a client may take to send its request, and the client to wait for an answer.
+/// How long a client may take to send its whole request (from the connection's accept),
+/// and the client to wait for the whole answer.
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Connections served at once; one more is answered `503` and closed.
+const MAX_CLIENTS: usize = 16;
 
 /// The control socket, served while the value lives; dropped on an orderly end, the
 /// socket file is removed.
@@ -82,14 +90,7 @@ impl ApiServer {
         })?;
         std::thread::Builder::new()
             .name("api".into())
-            .spawn(move || {
-                for stream in listener.incoming() {
-                    match stream {
-                        Ok(s) => serve(s),
-                        Err(e) => warn!("control socket: accept: {e}"),
-                    }
-                }
-            })
+            .spawn(move || accept(listener))
             .map_err(|source| ApiError::Bind {
                 path: path.to_path_buf(),
                 source,
@@ -106,31 +107,115 @@ impl Drop for ApiServer {
     }
 }
 
-/// An HTTP answer: status code and JSON body.
+/// An HTTP answer: status code and JSON body, and for a `405` the method the endpoint
+/// takes (its `Allow:` header).
 #[derive(Debug, PartialEq)]
 pub struct Reply {
     pub code: u16,
     pub body: Value,
+    pub allow: Option<&'static str>,
 }
 
 fn error(code: u16, msg: impl Into<String>) -> Reply {
     Reply {
         code,
         body: json!({ "error": msg.into() }),
+        allow: None,
     }
 }
 
-fn serve(mut stream: UnixStream) {
-    let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
-    let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
-    let reply = match read_request(&mut stream) {
+fn ok(code: u16, body: Value) -> Reply {
+    Reply {
+        code,
+        body,
+        allow: None,
+    }
+}
+
+/// The accept loop: each connection on a thread of its own, at most [`MAX_CLIENTS`] at
+/// once (the others are answered `503` at once, so a `ctl status` never waits behind
+/// clients that are slow to send).
+fn accept(listener: UnixListener) {
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    for stream in listener.incoming() {
+        let stream = match stream {
+            Ok(s) => s,
+            Err(e) => {
+                warn!("control socket: accept: {e}");
+                // Out of descriptors, say: do not spin.
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+        };
+        let accepted = Instant::now();
+        if in_flight.fetch_add(1, Ordering::AcqRel) >= MAX_CLIENTS {
+            in_flight.fetch_sub(1, Ordering::AcqRel);
+            busy(stream);
+            continue;
+        }
+        let guard = InFlight(in_flight.clone());
+        let spawned = std::thread::Builder::new()
+            .name("api-client".into())
+            .spawn(move || {
+                let _guard = guard;
+                serve(stream, accepted + IO_TIMEOUT);
+            });
+        if let Err(e) = spawned {
+            // The closure, its stream and its guard are dropped: the client sees the
+            // connection closed.
+            warn!("control socket: cannot start a thread for a client: {e}");
+        }
+    }
+}
+
+/// Answers `503` without waiting for anything: a small answer fits the socket's buffer,
+/// and what the client already sent is taken in before the socket closes (closed with
+/// bytes unread, it would reset the client's connection before it read the answer).
+fn busy(mut stream: UnixStream) {
+    let _ = stream.set_nonblocking(true);
+    send(
+        &mut stream,
+        &error(
+            503,
+            format!("{MAX_CLIENTS} requests are already being served; try again"),
+        ),
+    );
+    let mut chunk = [0u8; 4096];
+    let mut taken = 0;
+    while taken < MAX_REQUEST {
+        match stream.read(&mut chunk) {
+            Ok(n) if n > 0 => taken += n,
+            _ => break,
+        }
+    }
+    let _ = stream.shutdown(std::net::Shutdown::Both);
+}
+
+/// One connection counted in flight until dropped.
+struct InFlight(Arc<AtomicUsize>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Serves one connection: the request must be in by `deadline`.
+fn serve(mut stream: UnixStream, deadline: Instant) {
+    let reply = match read_request(&mut stream, deadline) {
         Ok((method, path, body)) => route(&method, &path, &body),
         Err(r) => r,
     };
+    let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
+    send(&mut stream, &reply);
+}
+
+/// Writes `reply` as an HTTP answer (errors ignored: the client went away).
+fn send(stream: &mut UnixStream, reply: &Reply) {
     let body = reply.body.to_string();
-    let allow = match reply.code {
-        405 => "Allow: GET, POST\r\n",
-        _ => "",
+    let allow = match reply.allow {
+        Some(method) => format!("Allow: {method}\r\n"),
+        None => String::new(),
     };
     let head = format!(
         "HTTP/1.1 {} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{allow}Connection: close\r\n\r\n",
@@ -147,19 +232,64 @@ fn reason(code: u16) -> &'static str {
     match code {
         200 => "OK",
         202 => "Accepted",
-        409 => "Conflict",
         400 => "Bad Request",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        409 => "Conflict",
+        411 => "Length Required",
         413 => "Payload Too Large",
+        503 => "Service Unavailable",
         _ => "Error",
     }
 }
 
-/// Reads one request: method, path and body; a malformed one is the error reply.
-fn read_request(stream: &mut UnixStream) -> Result<(String, String, Vec<u8>), Reply> {
-    let mut buf = Vec::with_capacity(1024);
+/// Reads into `buf` what the stream has, waiting no later than `deadline`: the bytes read
+/// (0 at the end of the stream), or the error reply (`408` once the deadline passed).
+fn read_some(
+    stream: &mut UnixStream,
+    buf: &mut Vec<u8>,
+    deadline: Instant,
+    what: &str,
+) -> Result<usize, Reply> {
     let mut chunk = [0u8; 4096];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(timed_out(what));
+        }
+        let _ = stream.set_read_timeout(Some(left));
+        match stream.read(&mut chunk) {
+            Ok(n) => {
+                buf.extend_from_slice(&chunk[..n]);
+                return Ok(n);
+            }
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                return Err(timed_out(what));
+            }
+            Err(e) => return Err(error(400, format!("{what}: {e}"))),
+        }
+    }
+}
+
+fn timed_out(what: &str) -> Reply {
+    error(
+        408,
+        format!(
+            "{what}: timed out (the whole request must arrive within {} s)",
+            IO_TIMEOUT.as_secs()
+        ),
+    )
+}
+
+/// Reads one request by `deadline`: method, path and body; a malformed one is the error
+/// reply.
+fn read_request(
+    stream: &mut UnixStream,
+    deadline: Instant,
+) -> Result<(String, String, Vec<u8>), Reply> {
+    let mut buf = Vec::with_capacity(1024);
     loop {
         let mut headers = [httparse::EMPTY_HEADER; 32];
         let mut req = httparse::Request::new(&mut headers);
@@ -169,6 +299,13 @@ fn read_request(stream: &mut UnixStream) -> Result<(String, String, Vec<u8>), Re
                 let path = req.path.unwrap_or_default().to_string();
                 let mut len = 0usize;
                 for h in req.headers.iter() {
+                    if h.name.eq_ignore_ascii_case("transfer-encoding") {
+                        // A chunked body read as none would be a request cut short.
+                        return Err(error(
+                            411,
+                            "Transfer-Encoding is not supported: send Content-Length",
+                        ));
+                    }
                     if h.name.eq_ignore_ascii_case("content-length") {
                         len = std::str::from_utf8(h.value)
                             .ok()
@@ -176,14 +313,12 @@ fn read_request(stream: &mut UnixStream) -> Result<(String, String, Vec<u8>), Re
                             .ok_or_else(|| error(400, "bad Content-Length"))?;
                     }
                 }
-                if head_len + len > MAX_REQUEST {
+                if head_len.saturating_add(len) > MAX_REQUEST {
                     return Err(error(413, "request too large"));
                 }
                 while buf.len() < head_len + len {
-                    match stream.read(&mut chunk) {
-                        Ok(0) => return Err(error(400, "body shorter than Content-Length")),
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        Err(e) => return Err(error(400, format!("reading the body: {e}"))),
+                    if read_some(stream, &mut buf, deadline, "reading the body")? == 0 {
+                        return Err(error(400, "body shorter than Content-Length"));
                     }
                 }
                 return Ok((method, path, buf[head_len..head_len + len].to_vec()));
@@ -194,11 +329,8 @@ fn read_request(stream: &mut UnixStream) -> Result<(String, String, Vec<u8>), Re
         if buf.len() >= MAX_REQUEST {
             return Err(error(413, "request too large"));
         }
-        match stream.read(&mut chunk) {
-            Ok(0) => return Err(error(400, "incomplete HTTP request")),
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(e) => return Err(error(400, format!("reading the request: {e}"))),
+        if read_some(stream, &mut buf, deadline, "reading the request")? == 0 {
+            return Err(error(400, "incomplete HTTP request"));
         }
     }
 }
@@ -219,7 +351,10 @@ pub fn route(method: &str, path: &str, body: &[u8]) -> Reply {
         return error(404, format!("no such endpoint: {path}"));
     };
     if method != allowed {
-        return error(405, format!("{path} takes {allowed}, not {method}"));
+        return Reply {
+            allow: Some(allowed),
+            ..error(405, format!("{path} takes {allowed}, not {method}"))
+        };
     }
     // A body, when there is one, must be a JSON object.
     let body: serde_json::Map<String, Value> = if body.iter().all(u8::is_ascii_whitespace) {
@@ -233,10 +368,10 @@ pub fn route(method: &str, path: &str, body: &[u8]) -> Reply {
     };
     let request = match path {
         "/status" => {
-            return Reply {
-                code: 200,
-                body: status_json(&status::report(), control::last().as_ref()),
-            }
+            return ok(
+                200,
+                status_json(&status::report(), control::last().as_ref()),
+            )
         }
         "/stop" => {
             if let Err(r) = fields(&body, &[]) {
@@ -244,10 +379,7 @@ pub fn route(method: &str, path: &str, body: &[u8]) -> Reply {
             }
             engine::info!("stop requested on the control socket");
             engine::replication::request_stop();
-            return Reply {
-                code: 200,
-                body: json!({ "stopping": true }),
-            };
+            return ok(200, json!({ "stopping": true }));
         }
         "/protect" => match protect_request(&body) {
             Ok(r) => r,
@@ -275,10 +407,7 @@ pub fn route(method: &str, path: &str, body: &[u8]) -> Reply {
     match control::submit(request) {
         Ok(id) => {
             engine::info!("{kind} requested on the control socket (request {id})");
-            Reply {
-                code: 202,
-                body: json!({ "accepted": kind, "id": id }),
-            }
+            ok(202, json!({ "accepted": kind, "id": id }))
         }
         Err(refusal) => error(refusal.code, refusal.message),
     }
@@ -384,10 +513,33 @@ pub fn request(
     path: &str,
     body: &Value,
 ) -> Result<(u16, Value), String> {
-    let mut s = UnixStream::connect(sock)
-        .map_err(|e| format!("--api-sock {}: cannot connect: {e}", sock.display()))?;
-    let _ = s.set_read_timeout(Some(IO_TIMEOUT));
-    let _ = s.set_write_timeout(Some(IO_TIMEOUT));
+    let at = sock.display();
+    // A file or a directory at the path refuses the connection as if nobody listened:
+    // say what it is instead.
+    if let Ok(meta) = std::fs::metadata(sock) {
+        let kind = meta.file_type();
+        if !kind.is_socket() {
+            let what = if kind.is_dir() {
+                "a directory"
+            } else if kind.is_file() {
+                "a regular file"
+            } else {
+                "a special file"
+            };
+            return Err(format!(
+                "--api-sock {at}: not a socket ({what}; the process's --api-sock PATH)"
+            ));
+        }
+    }
+    let mut s =
+        UnixStream::connect(sock).map_err(|e| format!("--api-sock {at}: cannot connect: {e}"))?;
+    let deadline = Instant::now() + IO_TIMEOUT;
+    let timed_out = |doing: &str| {
+        format!(
+            "--api-sock {at}: {doing}: timed out after {} s (the process does not answer)",
+            IO_TIMEOUT.as_secs()
+        )
+    };
     let body = if body.is_null() {
         String::new()
     } else {
@@ -397,21 +549,76 @@ pub fn request(
         "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
-    s.write_all(req.as_bytes())
-        .map_err(|e| format!("--api-sock {}: sending: {e}", sock.display()))?;
+    let _ = s.set_write_timeout(Some(IO_TIMEOUT));
+    // A server that answered without reading (503: too busy) may have closed already: its
+    // answer is still to be read.
+    let sent = match s.write_all(req.as_bytes()) {
+        Ok(()) => Ok(()),
+        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+            return Err(timed_out("sending"))
+        }
+        Err(e) => Err(format!("--api-sock {at}: sending: {e}")),
+    };
+    // The whole answer by one deadline.
     let mut buf = Vec::new();
-    s.read_to_end(&mut buf)
-        .map_err(|e| format!("--api-sock {}: reading the answer: {e}", sock.display()))?;
+    let mut chunk = [0u8; 4096];
+    let read = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(timed_out("reading the answer"));
+        }
+        let _ = s.set_read_timeout(Some(left));
+        match s.read(&mut chunk) {
+            Ok(0) => break Ok(()),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                return Err(timed_out("reading the answer"))
+            }
+            Err(e) => break Err(format!("--api-sock {at}: reading the answer: {e}")),
+        }
+    };
+    // A whole answer counts, however the connection ended after it.
+    match answer(&buf) {
+        Some(whole) => whole.map_err(|why| format!("--api-sock {at}: {why}")),
+        None => {
+            sent?;
+            read?;
+            Err(format!("--api-sock {at}: not an HTTP answer"))
+        }
+    }
+}
+
+/// The status code and JSON body of a whole HTTP answer in `buf`; `None` when the answer
+/// is not whole (the head cut short, the body shorter than its `Content-Length`).
+fn answer(buf: &[u8]) -> Option<Result<(u16, Value), String>> {
     let mut headers = [httparse::EMPTY_HEADER; 32];
     let mut resp = httparse::Response::new(&mut headers);
-    let head_len = match resp.parse(&buf) {
+    let head_len = match resp.parse(buf) {
         Ok(httparse::Status::Complete(n)) => n,
-        _ => return Err(format!("--api-sock {}: not an HTTP answer", sock.display())),
+        _ => return None,
     };
+    let length = resp
+        .headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+        .and_then(|h| {
+            std::str::from_utf8(h.value)
+                .ok()?
+                .trim()
+                .parse::<usize>()
+                .ok()
+        });
+    let body = &buf[head_len..];
+    if length.is_some_and(|n| body.len() < n) {
+        return None;
+    }
     let code = resp.code.unwrap_or(0);
-    let body = serde_json::from_slice(&buf[head_len..])
-        .map_err(|e| format!("--api-sock {}: bad JSON in the answer: {e}", sock.display()))?;
-    Ok((code, body))
+    Some(
+        serde_json::from_slice(&body[..length.unwrap_or(body.len())])
+            .map(|v| (code, v))
+            .map_err(|e| format!("bad JSON in the answer: {e}")),
+    )
 }
 
 /// Follows request `id` in `GET /status` until it is done (`Ok`), failed or `limit` passed
@@ -535,6 +742,149 @@ pub fn human_status(v: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A socket path of this test process's own.
+    fn sock_path(what: &str) -> PathBuf {
+        std::env::temp_dir().join(format!("lockstep-api-{what}-{}.sock", std::process::id()))
+    }
+
+    /// `request` on a raw connection to `path`: the answer's status line and headers.
+    fn raw(path: &Path, request: &[u8]) -> String {
+        let mut s = UnixStream::connect(path).expect("connect");
+        s.write_all(request).expect("send");
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).expect("read");
+        answer
+    }
+
+    #[test]
+    fn a_405_names_the_endpoints_own_method() {
+        assert_eq!(route("POST", "/status", b"").allow, Some("GET"));
+        assert_eq!(route("GET", "/stop", b"").allow, Some("POST"));
+        assert_eq!(route("DELETE", "/failover", b"").allow, Some("POST"));
+        assert_eq!(route("GET", "/status", b"").allow, None);
+        let path = sock_path("allow");
+        let _server = ApiServer::start(&path).expect("serve");
+        let answer = raw(&path, b"GET /protect HTTP/1.1\r\nHost: x\r\n\r\n");
+        assert!(answer.starts_with("HTTP/1.1 405 "), "{answer}");
+        assert!(answer.contains("\r\nAllow: POST\r\n"), "{answer}");
+        let answer = raw(&path, b"PUT /status HTTP/1.1\r\nHost: x\r\n\r\n");
+        assert!(answer.contains("\r\nAllow: GET\r\n"), "{answer}");
+    }
+
+    #[test]
+    fn a_chunked_body_is_refused_not_read_as_none() {
+        let (mut client, mut server) = UnixStream::pair().expect("pair");
+        client
+            .write_all(
+                b"POST /stop HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n\
+                  5\r\n{\"a\":\r\n0\r\n\r\n",
+            )
+            .expect("send");
+        let r = read_request(&mut server, Instant::now() + IO_TIMEOUT).expect_err("refused");
+        assert_eq!(r.code, 411, "{}", r.body);
+        assert!(
+            r.body["error"].as_str().unwrap().contains("Content-Length"),
+            "{}",
+            r.body
+        );
+    }
+
+    #[test]
+    fn one_deadline_for_the_whole_request() {
+        // A client that sends a byte every 50 ms never lets a per-read timeout expire.
+        let (mut client, mut server) = UnixStream::pair().expect("pair");
+        let trickle = std::thread::spawn(move || {
+            for b in b"GET /status HTTP/1.1\r\nHost: xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx" {
+                if client.write_all(&[*b]).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        let t = Instant::now();
+        let r = read_request(&mut server, t + Duration::from_millis(400)).expect_err("too slow");
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+        assert_eq!(r.code, 408, "{}", r.body);
+        let why = r.body["error"].as_str().unwrap();
+        assert!(
+            why.contains("timed out") && !why.contains("os error"),
+            "{why}"
+        );
+        drop(server);
+        trickle.join().unwrap();
+    }
+
+    #[test]
+    fn slow_clients_do_not_hold_the_socket_for_others() {
+        let path = sock_path("slow");
+        let _server = ApiServer::start(&path).expect("serve");
+        // Clients that sent part of a request and wait: each holds a thread, not the socket.
+        let mut stuck: Vec<UnixStream> = (0..3)
+            .map(|_| {
+                let mut s = UnixStream::connect(&path).expect("connect");
+                s.write_all(b"GET /sta").expect("send");
+                s
+            })
+            .collect();
+        let t = Instant::now();
+        let (code, body) = request(&path, "GET", "/status", &Value::Null).expect("status");
+        assert_eq!(code, 200, "{body}");
+        assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+        // Beyond MAX_CLIENTS in flight, the next is told so at once.
+        stuck.extend((3..MAX_CLIENTS).map(|_| {
+            let mut s = UnixStream::connect(&path).expect("connect");
+            s.write_all(b"GET /sta").expect("send");
+            s
+        }));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let (code, body) = request(&path, "GET", "/status", &Value::Null).expect("answer");
+            if code == 503 {
+                assert!(
+                    body["error"].as_str().unwrap().contains("try again"),
+                    "{body}"
+                );
+                break;
+            }
+            // The last stuck clients may not be counted yet.
+            assert!(
+                Instant::now() < deadline,
+                "no 503 with {MAX_CLIENTS} clients stuck"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // Gone, they free their places.
+        drop(stuck);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while request(&path, "GET", "/status", &Value::Null).map(|(c, _)| c) != Ok(200) {
+            assert!(Instant::now() < deadline, "the socket did not recover");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    #[test]
+    fn the_client_says_what_is_in_the_way() {
+        let dir = std::env::temp_dir().join(format!("lockstep-api-dir-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("file");
+        std::fs::write(&file, b"").unwrap();
+        for (path, what) in [(&dir, "a directory"), (&file, "a regular file")] {
+            let e = request(path, "GET", "/status", &Value::Null).expect_err("no socket");
+            assert!(e.contains("not a socket") && e.contains(what), "{e}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        // A server that never answers: "timed out", not EAGAIN's "os error 11".
+        let path = sock_path("mute");
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).unwrap();
+        let t = Instant::now();
+        let e = request(&path, "GET", "/status", &Value::Null).expect_err("no answer");
+        assert!(e.contains("timed out") && !e.contains("os error"), "{e}");
+        assert!(t.elapsed() < IO_TIMEOUT + Duration::from_secs(2));
+        drop(listener);
+        let _ = std::fs::remove_file(&path);
+    }
 
     #[test]
     fn routes_and_errors() {

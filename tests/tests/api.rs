@@ -147,6 +147,13 @@ fn ctl_without_a_server_is_a_one_line_error() {
     lockstep(&["ctl", "--api-sock", path(&sock), "status"])
         .assert_one_line_error(&["cannot connect", "nothing.sock"]);
     lockstep(&["ctl", "--api-sock", path(&sock), "reboot"]).assert_one_line_error(&["reboot"]);
+    // Something else at the path: said as it is, not as a refused connection.
+    let file = dir.join("file.sock");
+    std::fs::write(&file, b"").expect("write a file");
+    for (p, what) in [(&file, "a regular file"), (&dir.join(""), "a directory")] {
+        lockstep(&["ctl", "--api-sock", path(p), "status"])
+            .assert_one_line_error(&["not a socket", what]);
+    }
     // Addresses are checked before the socket is tried: the mistake is named, not the
     // missing socket.
     for (action, option, addr, needle) in [
@@ -314,4 +321,74 @@ fn an_operators_stop_of_a_backup_is_no_error() {
         assert!(log.contains("stopped by request"), "{how}: {log}");
         assert!(!sock.exists(), "socket removed at the end");
     }
+}
+
+#[test]
+fn a_slow_client_does_not_hold_the_socket() {
+    // A backup waiting for its primary serves the socket without KVM.
+    let dir = TempDir::new("api-slow");
+    let sock = dir.join("backup.sock");
+    let mut backup = spawn(
+        &dir,
+        "backup",
+        &[
+            "backup",
+            "--listen",
+            "127.0.0.1:0",
+            "--api-sock",
+            path(&sock),
+        ],
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !lockstep(&["ctl", "--api-sock", path(&sock), "status"])
+        .status
+        .success()
+    {
+        assert!(Instant::now() < deadline, "no answer on {sock:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // One client sent half a request and waits; another sends a byte every 2 s.
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    let mut half = UnixStream::connect(&sock).expect("connect");
+    half.write_all(b"GET /status HTTP/1.1\r\nHo").expect("send");
+    let mut trickle = UnixStream::connect(&sock).expect("connect");
+    let accepted = Instant::now();
+    let mut trickle_w = trickle.try_clone().expect("clone");
+    let trickler = std::thread::spawn(move || {
+        for b in b"GET /status HTTP/1.1\r\n" {
+            if trickle_w.write_all(&[*b]).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_secs(2));
+        }
+    });
+    for _ in 0..3 {
+        let t = Instant::now();
+        let run = lockstep(&["ctl", "--api-sock", path(&sock), "status", "--json"]);
+        run.assert_success();
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "ctl status waited {:?} behind slow clients",
+            t.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // The trickler is cut off 5 s after it connected, however often it sent a byte.
+    let mut answer = String::new();
+    trickle
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    trickle.read_to_string(&mut answer).expect("an answer");
+    let waited = accepted.elapsed();
+    assert!(answer.starts_with("HTTP/1.1 408 "), "{answer}");
+    assert!(answer.contains("timed out"), "{answer}");
+    assert!(
+        waited < Duration::from_secs(8),
+        "the trickling client was held {waited:?}"
+    );
+    drop((half, trickle));
+    trickler.join().expect("the trickler");
+    lockstep(&["ctl", "--api-sock", path(&sock), "stop"]).assert_success();
+    assert!(backup.wait_for(Duration::from_secs(20)).is_some());
 }
