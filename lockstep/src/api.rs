@@ -621,6 +621,12 @@ fn answer(buf: &[u8]) -> Option<Result<(u16, Value), String>> {
     )
 }
 
+/// Prints `line` on stdout. A closed stdout (`lockstep ctl status | head -1`) is not worth
+/// a panic: what cannot be written is dropped.
+pub fn say(line: impl std::fmt::Display) {
+    let _ = writeln!(std::io::stdout(), "{line}");
+}
+
 /// Follows request `id` in `GET /status` until it is done (`Ok`), failed or `limit` passed
 /// (`Err`), printing where it is as it changes (or the final status as JSON with `json`).
 pub fn wait_request(
@@ -638,7 +644,7 @@ pub fn wait_request(
             Ok((_, v)) => v,
             // A switchover that ends with the process: it ended after the hand-over.
             Err(_) if action == "switchover" && last_seen.is_some() => {
-                println!("switchover: this process has ended; its guest now runs on the backup (see the backup's status)");
+                say("switchover: this process has ended; its guest now runs on the backup (see the backup's status)");
                 return Ok(std::process::ExitCode::SUCCESS);
             }
             Err(e) => return Err(e),
@@ -656,24 +662,27 @@ pub fn wait_request(
             v["role"].as_str().unwrap_or("-"),
             v["protection"].as_str().unwrap_or("-")
         );
-        if line != shown && !json {
-            println!("{line}");
+        // A failure is said once, by the error line the caller prints.
+        if line != shown && !json && state != "failed" {
+            say(&line);
             shown = line;
         }
         match state {
             "done" => {
                 if json {
-                    println!("{v}");
+                    say(&v);
                 }
                 return Ok(std::process::ExitCode::SUCCESS);
             }
             "failed" => {
                 if json {
-                    println!("{v}");
+                    say(&v);
                 }
                 return Err(format!(
-                    "{action} failed: {}",
-                    q["detail"].as_str().unwrap_or("-")
+                    "{action} failed: {} (role {}, protection {})",
+                    q["detail"].as_str().unwrap_or("-"),
+                    v["role"].as_str().unwrap_or("-"),
+                    v["protection"].as_str().unwrap_or("-")
                 ));
             }
             _ => {}

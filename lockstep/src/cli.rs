@@ -450,7 +450,8 @@ pub fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("lockstep: error: {e}");
+            // As stdout's, a closed stderr is no reason for a panic.
+            let _ = writeln!(std::io::stderr(), "lockstep: error: {e}");
             ExitCode::from(e.exit_code())
         }
     }
@@ -469,7 +470,7 @@ fn parse(args: &[String]) -> Result<Cli, ExitCode> {
             Err(ExitCode::SUCCESS)
         }
         Err(e) => {
-            eprintln!("lockstep: error: {}", e.one_line());
+            let _ = writeln!(std::io::stderr(), "lockstep: error: {}", e.one_line());
             Err(ExitCode::from(2))
         }
     }
@@ -752,15 +753,15 @@ fn cmd_ctl(a: CtlArgs) -> Result<ExitCode, CliError> {
         return Err(CliError::Ctl(format!("{action}: HTTP {code}: {msg}")));
     }
     match action {
-        "status" if a.json => println!("{answer}"),
-        "status" => println!("{}", api::human_status(&answer)),
-        "stop" if a.json => println!("{answer}"),
-        "stop" => println!("stopping: the process ends as on SIGTERM"),
+        "status" if a.json => api::say(&answer),
+        "status" => api::say(api::human_status(&answer)),
+        "stop" if a.json => api::say(&answer),
+        "stop" => api::say("stopping: the process ends as on SIGTERM"),
         _ if a.no_wait => {
             if a.json {
-                println!("{answer}");
+                api::say(&answer);
             } else {
-                println!("{action}: accepted (request {})", answer["id"]);
+                api::say(format!("{action}: accepted (request {})", answer["id"]));
             }
         }
         _ => {

@@ -392,3 +392,63 @@ fn a_slow_client_does_not_hold_the_socket() {
     lockstep(&["ctl", "--api-sock", path(&sock), "stop"]).assert_success();
     assert!(backup.wait_for(Duration::from_secs(20)).is_some());
 }
+
+#[test]
+fn ctl_into_a_closed_pipe_is_no_panic() {
+    // `lockstep ctl status | head -1` once head has gone: the output is dropped, quietly.
+    let dir = TempDir::new("api-pipe");
+    let sock = dir.join("backup.sock");
+    let mut backup = spawn(
+        &dir,
+        "backup",
+        &[
+            "backup",
+            "--listen",
+            "127.0.0.1:0",
+            "--api-sock",
+            path(&sock),
+        ],
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !lockstep(&["ctl", "--api-sock", path(&sock), "status"])
+        .status
+        .success()
+    {
+        assert!(Instant::now() < deadline, "no answer on {sock:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for json in [false, true] {
+        let mut fds = [0; 2];
+        // SAFETY: pipe(2) fills the two descriptors of the array it is given.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0, "pipe");
+        // SAFETY: both descriptors were just created and are owned here alone.
+        let (read, write) = unsafe {
+            use std::os::fd::FromRawFd;
+            (
+                std::os::fd::OwnedFd::from_raw_fd(fds[0]),
+                std::os::fd::OwnedFd::from_raw_fd(fds[1]),
+            )
+        };
+        drop(read);
+        let mut cmd = Command::new(lockstep_bin());
+        cmd.args(["ctl", "--api-sock", path(&sock), "status"]);
+        if json {
+            cmd.arg("--json");
+        }
+        let out = cmd
+            .stdout(std::process::Stdio::from(write))
+            .stderr(std::process::Stdio::piped())
+            .env_remove("RUST_BACKTRACE")
+            .output()
+            .expect("run ctl");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success(),
+            "json {json}: {:?}: {stderr}",
+            out.status
+        );
+        assert!(!stderr.contains("panicked"), "json {json}: {stderr}");
+    }
+    lockstep(&["ctl", "--api-sock", path(&sock), "stop"]).assert_success();
+    assert!(backup.wait_for(Duration::from_secs(20)).is_some());
+}

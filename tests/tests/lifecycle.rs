@@ -884,3 +884,125 @@ fn a_guest_that_could_not_fence_a_lost_backup_is_not_protected() {
     );
     run.terminate(Duration::from_secs(5));
 }
+
+/// A free TCP port on 127.0.0.1 (nobody listens on it once this returns).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+fn spawn(dir: &TempDir, name: &str, args: &[&str]) -> Proc {
+    let mut cmd = std::process::Command::new(lockstep_bin());
+    cmd.args(args);
+    Proc::spawn(
+        cmd,
+        dir.join(&format!("{name}.out")),
+        dir.join(&format!("{name}.err")),
+    )
+    .expect("start lockstep")
+}
+
+#[test]
+fn a_protected_run_replicates_with_its_own_options() {
+    if !kvm_required() {
+        return;
+    }
+    let _one = one_at_a_time();
+    let _dog = Watchdog::start("a run's replication options", Duration::from_secs(120));
+    // No network device: with the default --on-backup-loss fence such a guest goes on
+    // unprotected when its backup is lost; this run says pause.
+    let dir = TempDir::new("lsrunopts");
+    let rsock = dir.join("run.sock");
+    let mut run = spawn(
+        &dir,
+        "run",
+        &[
+            "run",
+            "--guest",
+            "builtin",
+            "--guest-args",
+            "workload=dirty pages_per_ms=1 wss=1M seconds=600",
+            "--mem",
+            "16M",
+            "--console",
+            "none",
+            "--api-sock",
+            path(&rsock),
+            "--connect-timeout-s",
+            "1",
+            "--on-backup-loss",
+            "pause",
+        ],
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !rsock.exists() {
+        assert!(Instant::now() < deadline, "no socket:\n{}", run.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    wait_status(&rsock, "running", Duration::from_secs(20), |s| {
+        s["guest"] == "running"
+    });
+
+    // 1. A protect to nobody fails after --connect-timeout-s 1 (not the default 10), and
+    //    ctl says so once: its error line, no progress line saying it too.
+    let nobody = format!("127.0.0.1:{}", free_port());
+    let asked = Instant::now();
+    let failed = lockstep(&[
+        "ctl",
+        "--api-sock",
+        path(&rsock),
+        "protect",
+        "--peer",
+        &nobody,
+    ]);
+    let took = asked.elapsed();
+    failed.assert_one_line_error(&["protect failed", &nobody]);
+    assert_eq!(failed.code(), Some(1), "{failed:?}");
+    assert!(!failed.stdout.contains("failed"), "said twice: {failed:?}");
+    assert!(
+        took < Duration::from_secs(6),
+        "the protect took {took:?}: --connect-timeout-s 1 was not applied"
+    );
+    let s = status(&rsock);
+    assert_eq!(
+        (s["guest"].as_str(), s["protection"].as_str()),
+        (Some("running"), Some("unprotected")),
+        "{s}"
+    );
+
+    // 2. A backup protects it.
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut backup = spawn(
+        &dir,
+        "backup",
+        &["backup", "--listen", &listen, "--console", "none"],
+    );
+    lockstep(&[
+        "ctl",
+        "--api-sock",
+        path(&rsock),
+        "protect",
+        "--peer",
+        &listen,
+    ])
+    .assert_success();
+    wait_status(&rsock, "protected", Duration::from_secs(20), |s| {
+        s["role"] == "primary" && s["protection"] == "protected"
+    });
+
+    // 3. The backup dies: the run's --on-backup-loss pause applies.
+    backup.kill9();
+    let s = wait_status(&rsock, "paused", Duration::from_secs(20), |s| {
+        s["guest"] != "running"
+    });
+    assert_eq!(s["guest"], "paused", "{s}\n{}", run.log());
+    assert!(run.log().contains("PAUSING the guest"), "{}", run.log());
+    lockstep(&["ctl", "--api-sock", path(&rsock), "stop"]).assert_success();
+    assert!(
+        run.wait_for(Duration::from_secs(20)).is_some(),
+        "the run did not end:\n{}",
+        run.log()
+    );
+}
