@@ -725,13 +725,17 @@ pub fn human_status(v: &Value) -> String {
             n("lag_ms")
         );
     }
-    out += &format!(
-        "pause:       p50 {} us, p99 {} us (last minute)\ncommit:      p50 {} us, p99 {} us (last minute)\n",
-        n("pause_p50_us"),
-        n("pause_p99_us"),
-        n("commit_p50_us"),
-        n("commit_p99_us")
-    );
+    // Epoch pauses and commits are the replicating side's: elsewhere they would be zeros
+    // that mean nothing (the JSON keeps them, as documented).
+    if v["role"] == "primary" {
+        out += &format!(
+            "pause:       p50 {} us, p99 {} us (last minute)\ncommit:      p50 {} us, p99 {} us (last minute)\n",
+            n("pause_p50_us"),
+            n("pause_p99_us"),
+            n("commit_p50_us"),
+            n("commit_p99_us")
+        );
+    }
     out += &format!("held output: {} frames\n", n("held_frames"));
     out += &format!(
         "last change: {}",
@@ -750,6 +754,8 @@ pub fn human_status(v: &Value) -> String {
 
 #[cfg(test)]
 mod tests {
+    use engine::replication::status::Role;
+
     use super::*;
 
     /// A socket path of this test process's own.
@@ -961,6 +967,25 @@ mod tests {
         assert!(h.contains("role:"), "{h}");
         assert!(h.contains("acknowledged"), "{h}");
         assert!(v["lag_ms"].is_null() && !h.contains("lag:"), "{h}");
+    }
+
+    #[test]
+    fn pause_and_commit_figures_are_the_primarys_alone() {
+        let mut r = status::report();
+        r.pause_us = (120, 900);
+        for (role, shown) in [
+            (Role::Primary, true),
+            (Role::Backup, false),
+            (Role::Promoted, false),
+            (Role::Standalone, false),
+        ] {
+            r.role = role;
+            let v = status_json(&r, None);
+            assert_eq!(v["pause_p50_us"], 120, "the JSON keeps them");
+            let h = human_status(&v);
+            assert_eq!(h.contains("pause:"), shown, "{h}");
+            assert_eq!(h.contains("commit:"), shown, "{h}");
+        }
     }
 
     #[test]

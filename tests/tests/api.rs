@@ -104,6 +104,15 @@ fn a_pair_reports_its_status_and_stops_on_request() {
     let human = lockstep(&["ctl", "--api-sock", path(&psock), "status"]);
     human.assert_success();
     assert!(human.stdout.contains("role:        primary"), "{human:?}");
+    assert!(human.stdout.contains("pause:"), "{human:?}");
+    // A backup takes no epoch pauses: no pause or commit figures to show.
+    let human = lockstep(&["ctl", "--api-sock", path(&bsock), "status"]);
+    human.assert_success();
+    assert!(human.stdout.contains("role:        backup"), "{human:?}");
+    assert!(
+        !human.stdout.contains("pause:") && !human.stdout.contains("commit:"),
+        "{human:?}"
+    );
 
     // Bad input: an HTTP status and a JSON error; nothing changes.
     for (request, code) in [
