@@ -101,15 +101,19 @@ fn summary(o: &TrialOutcome) -> bool {
             .skip_while(|w| *w != name && !w.starts_with(&format!("{name}=")))
             .find_map(|w| w.split_once('=').map(|(_, v)| v.to_string()))
     };
+    // The primary logs its figures every 2 s and was SIGKILLed in between: its last line
+    // is older than the kill, and counts fewer epochs than the backup committed.
     match plog.lines().rev().find(|l| l.contains("pause_us")) {
         Some(l) => {
+            let at = harness::trial::log_time(l)
+                .map_or(String::new(), |t| format!(" (at {:.1} s)", t.as_secs_f64()));
             println!(
-                "epochs (primary): {}",
+                "epochs the primary had reported by its last stats line before the kill{at}: {}",
                 field(l, "epochs").unwrap_or_default()
             );
             let pause = l.split("pause_us").nth(1).unwrap_or_default();
             println!(
-                "pause (us):{}",
+                "pause (us), from that line:{}",
                 pause.split("commit_us").next().unwrap_or("")
             );
             let eps: f64 = field(l, "epochs")
@@ -119,10 +123,10 @@ fn summary(o: &TrialOutcome) -> bool {
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0.0);
             if eps > 0.0 {
-                println!("bytes per epoch: {:.0}", bytes / eps);
+                println!("bytes per epoch, from that line: {:.0}", bytes / eps);
             }
             println!(
-                "compression: {}",
+                "compression, from that line: {}",
                 field(l, "compression").unwrap_or("n/a".into())
             );
         }
@@ -134,7 +138,8 @@ fn summary(o: &TrialOutcome) -> bool {
     match o.promotion {
         Some(p) => {
             println!(
-                "epochs committed on the backup: {} (the promoted guest resumed from it)",
+                "last epoch the backup committed before the kill: {} (the promoted guest \
+                 resumed from it)",
                 p.epoch
             );
             println!(
