@@ -1006,3 +1006,69 @@ fn a_protected_run_replicates_with_its_own_options() {
         run.log()
     );
 }
+
+#[test]
+fn a_run_that_lets_output_go_on_a_backup_loss_may_be_protected_without_a_fence_agent() {
+    if !kvm_required() {
+        return;
+    }
+    let _one = one_at_a_time();
+    // As a_guest_that_could_not_fence_a_lost_backup_is_not_protected, but the run says
+    // what it does when the backup is lost: its output would not stay held, the protect is
+    // accepted (and fails here: nobody listens).
+    let dir = TempDir::new("lscontinue");
+    let ns = Netns::create("lsct").expect("network namespace");
+    let sock = dir.join("run.sock");
+    let mut run = Proc::spawn(
+        ns.command(
+            lockstep_bin(),
+            &[
+                "run",
+                "--guest",
+                "builtin",
+                "--guest-args",
+                tests::trial::KV_ARGS,
+                "--net",
+                "tap=tap0",
+                "--console",
+                "none",
+                "--api-sock",
+                path(&sock),
+                "--on-backup-loss",
+                "continue",
+                "--connect-timeout-s",
+                "1",
+            ],
+        ),
+        dir.join("run.out"),
+        dir.join("run.err"),
+    )
+    .expect("start the guest");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !sock.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "no control socket:\n{}",
+            run.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    wait_status(&sock, "running", Duration::from_secs(20), |s| {
+        s["guest"] == "running"
+    });
+    let nobody = format!("127.0.0.1:{}", free_port());
+    let (code, answer) = post(&sock, "/protect", &format!(r#"{{"peer": "{nobody}"}}"#));
+    assert_eq!(code, 202, "{answer}");
+    let s = wait_status(
+        &sock,
+        "done with the protect",
+        Duration::from_secs(15),
+        |s| s["request"]["state"] == "failed",
+    );
+    assert_eq!(
+        (s["role"].as_str(), s["guest"].as_str()),
+        (Some("standalone"), Some("running")),
+        "{s}"
+    );
+    run.terminate(Duration::from_secs(5));
+}
