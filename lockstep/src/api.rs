@@ -36,7 +36,7 @@ const MAX_REQUEST: usize = 64 << 10;
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Connections served at once; one more is answered `503` and closed.
-const MAX_CLIENTS: usize = 16;
+pub const MAX_CLIENTS: usize = 16;
 
 /// The control socket, served while the value lives; dropped on an orderly end, the
 /// socket file is removed.
@@ -136,12 +136,30 @@ fn ok(code: u16, body: Value) -> Reply {
 /// once (the others are answered `503` at once, so a `ctl status` never waits behind
 /// clients that are slow to send).
 fn accept(listener: UnixListener) {
+    each_on_its_thread(
+        listener.incoming(),
+        "control socket",
+        busy,
+        |stream, accepted| serve(stream, accepted + IO_TIMEOUT),
+    );
+}
+
+/// Serves each connection of `incoming` on a thread of its own with `serve(stream, the
+/// accept time)`, at most [`MAX_CLIENTS`] at once; beyond, `busy(stream)` answers at once.
+/// `what` names the server in the log. Shared by the control socket and the metrics
+/// endpoint.
+pub fn each_on_its_thread<S: Send + 'static>(
+    incoming: impl Iterator<Item = std::io::Result<S>>,
+    what: &'static str,
+    busy: fn(S),
+    serve: fn(S, Instant),
+) {
     let in_flight = Arc::new(AtomicUsize::new(0));
-    for stream in listener.incoming() {
+    for stream in incoming {
         let stream = match stream {
             Ok(s) => s,
             Err(e) => {
-                warn!("control socket: accept: {e}");
+                warn!("{what}: accept: {e}");
                 // Out of descriptors, say: do not spin.
                 std::thread::sleep(Duration::from_millis(10));
                 continue;
@@ -155,15 +173,15 @@ fn accept(listener: UnixListener) {
         }
         let guard = InFlight(in_flight.clone());
         let spawned = std::thread::Builder::new()
-            .name("api-client".into())
+            .name("client".into())
             .spawn(move || {
                 let _guard = guard;
-                serve(stream, accepted + IO_TIMEOUT);
+                serve(stream, accepted);
             });
         if let Err(e) = spawned {
             // The closure, its stream and its guard are dropped: the client sees the
             // connection closed.
-            warn!("control socket: cannot start a thread for a client: {e}");
+            warn!("{what}: cannot start a thread for a client: {e}");
         }
     }
 }

@@ -2,8 +2,8 @@
 //! metrics ([`engine::replication::metrics`], listed in docs/metrics.md) in the Prometheus
 //! text format, version 0.0.4. Any other path is 404, any other method on `/metrics` 405.
 //!
-//! The HTTP part is a std `TcpListener` served one connection at a time on a thread of its
-//! own, requests parsed with `httparse` as the control socket's ([`crate::api`]) are: a
+//! The HTTP part is a std `TcpListener`, each connection on a thread of its own (at most
+//! [`crate::api::MAX_CLIENTS`] at once), requests parsed with `httparse` as the control socket's ([`crate::api`]) are: a
 //! scrape is one small GET every few seconds, and an async runtime and web framework would
 //! bring a dependency tree, threads and allocations of their own into a VMM process for
 //! it. Nothing here waits for the guest or the replication roles: a scrape reads atomics
@@ -14,8 +14,8 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
+use engine::info;
 use engine::replication::metrics;
-use engine::{info, warn};
 
 use crate::api::ApiError;
 
@@ -66,12 +66,17 @@ pub fn start(addr: &str) -> Result<MetricsServer, ApiError> {
     std::thread::Builder::new()
         .name("metrics".into())
         .spawn(move || {
-            for stream in listener.incoming() {
-                match stream {
-                    Ok(s) => answer(s),
-                    Err(e) => warn!("metrics endpoint: accept: {e}"),
-                }
-            }
+            crate::api::each_on_its_thread(
+                listener.incoming(),
+                "metrics endpoint",
+                |s| {
+                    answer(
+                        s,
+                        Some(plain(503, "", "too many scrapes at once; try again")),
+                    )
+                },
+                |s, _| answer(s, None),
+            )
         })
         .map_err(|e| fail(format!("cannot start its thread: {e}")))?;
     Ok(MetricsServer { addr: local })
@@ -95,18 +100,23 @@ fn plain(code: u16, headers: &'static str, body: &str) -> Reply {
     }
 }
 
-fn answer(mut stream: TcpStream) {
+/// Answers one connection: `reply` when given (busy), else the request's.
+fn answer(mut stream: TcpStream, reply: Option<Reply>) {
     let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
     let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
-    let reply = match read_head(&mut stream) {
-        Ok((method, path)) => route(&method, &path),
-        Err(r) => r,
+    let reply = match reply {
+        Some(r) => r,
+        None => match read_head(&mut stream) {
+            Ok((method, path)) => route(&method, &path),
+            Err(r) => r,
+        },
     };
     let reason = match reply.code {
         200 => "OK",
         400 => "Bad Request",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        503 => "Service Unavailable",
         _ => "Request Header Fields Too Large",
     };
     let head = format!(
