@@ -215,6 +215,7 @@ fn sample_messages() -> Vec<Message> {
             epoch: 7,
             new_backup: String::new(),
         },
+        Message::Leave { epoch: 7 },
     ]
 }
 

@@ -187,6 +187,11 @@ pub enum Message {
         /// The old primary's backup listener, or empty.
         new_backup: String,
     },
+    /// The backup stops in order after committed `epoch` and drops its replica.
+    Leave {
+        /// The backup's last committed epoch.
+        epoch: u64,
+    },
 }
 
 impl Message {
@@ -206,6 +211,7 @@ impl Message {
             Message::Heartbeat { .. } => MessageKind::Heartbeat,
             Message::End { .. } => MessageKind::End,
             Message::Handover { .. } => MessageKind::Handover,
+            Message::Leave { .. } => MessageKind::Leave,
         }
     }
 
@@ -224,7 +230,8 @@ impl Message {
             | Message::Nack { epoch, .. }
             | Message::Heartbeat { epoch }
             | Message::End { epoch, .. }
-            | Message::Handover { epoch, .. } => *epoch,
+            | Message::Handover { epoch, .. }
+            | Message::Leave { epoch } => *epoch,
         }
     }
 
@@ -264,7 +271,10 @@ impl Message {
                     out.put_u64_le(r.len);
                 }
             }
-            Message::HelloOk | Message::Ack { .. } | Message::Heartbeat { .. } => {}
+            Message::HelloOk
+            | Message::Ack { .. }
+            | Message::Heartbeat { .. }
+            | Message::Leave { .. } => {}
             Message::Refuse { reason }
             | Message::Nack { reason, .. }
             | Message::Handover {
@@ -532,6 +542,10 @@ pub fn decode_frame(header: &FrameHeader, payload: Bytes) -> Result<Message, Pro
             epoch,
             new_backup: text(&payload)?,
         },
+        MessageKind::Leave => {
+            fixed(0)?;
+            Message::Leave { epoch }
+        }
     };
     Ok(msg)
 }

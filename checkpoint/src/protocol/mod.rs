@@ -27,9 +27,12 @@
 //!     |   refused: the guest resumes on the primary, epochs go on  it to the listener
 //! ```
 //!
-//! `Handover` was added without a version bump: an older backup rejects it as an unknown
-//! kind and the link breaks, which the primary handles as a lost backup (it keeps the
-//! guest).
+//! A backup that stops in order (SIGTERM, `POST /stop`) sends `Leave` first: it drops its
+//! replica and will never promote, so the primary goes on unprotected without fencing it.
+//!
+//! `Handover` and `Leave` were added without a version bump: an older backup rejects it as an unknown
+//! kind and the link breaks, which each side handles as the other lost (fencing as
+//! configured; the primary keeps the guest).
 //!
 //! The primary may send epoch E+1 before `Ack {E}` arrives, up to a small window (see
 //! [`InFlight`](crate::inflight::InFlight)); the backup applies epochs strictly in order.
@@ -58,6 +61,7 @@
 //! | Heartbeat | last epoch | none |
 //! | End | E | digest u64 |
 //! | Handover | E | primary: the old primary's backup listener, UTF-8 `host:port`, or empty; backup: empty (taken) |
+//! | Leave | committed epoch | none (backup to primary: it stops in order and drops its replica) |
 //!
 //! Every 0 in this table is checked: a frame with anything else there is malformed, so a
 //! message has exactly one encoding.
@@ -221,10 +225,12 @@ pub enum MessageKind {
     End = 12,
     /// Planned switchover: the backup promotes after `End`.
     Handover = 13,
+    /// The backup stops in order and drops its replica: it will never promote.
+    Leave = 14,
 }
 
 impl MessageKind {
-    const ALL: [MessageKind; 13] = [
+    const ALL: [MessageKind; 14] = [
         MessageKind::Hello,
         MessageKind::HelloOk,
         MessageKind::Refuse,
@@ -238,6 +244,7 @@ impl MessageKind {
         MessageKind::Heartbeat,
         MessageKind::End,
         MessageKind::Handover,
+        MessageKind::Leave,
     ];
 
     /// Parses the kind byte.
@@ -492,6 +499,7 @@ mod tests {
                 epoch: 7,
                 new_backup: "127.0.0.1:7602".into(),
             },
+            Message::Leave { epoch: 7 },
         ]
     }
 

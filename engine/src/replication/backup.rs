@@ -299,6 +299,13 @@ fn replicate(
     let mut fencing: Option<Receiver<Result<u32, FenceError>>> = None;
     loop {
         if stop_requested() {
+            // An orderly end: the primary learns that this replica is dropped and can
+            // never promote, so it goes on without fencing (best effort: a primary that
+            // does not hear it fences, as for any lost backup).
+            staging.abort();
+            let _ = conn.send(&Message::Leave {
+                epoch: staging.committed_epoch(),
+            });
             return Err(BackupError::Stopped(staging.committed_epoch()));
         }
         if fencing.is_none() && control::take(|r| *r == Request::Failover).is_some() {

@@ -71,6 +71,20 @@ pub fn take_over(
             new_backup,
         } => {
             let epoch = committed.epoch;
+            if fence == Some(&FenceConfig::Cluster) {
+                // Under a cluster manager the hand-over is a demote: the cluster decides
+                // where the guest runs next and promotes this backup if it chooses it.
+                status::role_change(
+                    Role::Backup,
+                    Protection::Unprotected,
+                    GuestState::Paused,
+                    format!(
+                        "switchover: the primary handed over epoch {epoch}; waiting for the \
+                         cluster to promote this backup"
+                    ),
+                );
+                wait_for_the_cluster(epoch)?;
+            }
             let handed = Instant::now();
             let machine = promote(committed, &opts.console, opts.net.as_ref())?;
             info!(

@@ -13,6 +13,9 @@ impl Primary<'_> {
     /// was only stalled may promote a state older than what clients saw).
     pub(super) fn without_backup(&mut self, why: BackupLoss) -> Result<ProtectEnd, PrimaryError> {
         let has_output = self.output.is_some();
+        if let BackupLoss::Left(_) = why {
+            return self.backup_left(why);
+        }
         let what = match (self.opts.on_backup_loss, &self.opts.fence) {
             (OnBackupLoss::Pause, _) => "PAUSING the guest (--on-backup-loss pause)".to_string(),
             (OnBackupLoss::Continue, _) => {
@@ -82,6 +85,35 @@ impl Primary<'_> {
         Ok(ProtectEnd::BackupLost(Unprotected {
             output: self.output.clone(),
             fencing,
+            deadline: self.opts.seconds.map(|s| self.started + s),
+        }))
+    }
+}
+
+impl Primary<'_> {
+    /// The backup stopped in order (`Leave`): it dropped its replica and cannot promote,
+    /// so nothing need be fenced; the held output leaves and the guest runs on
+    /// unprotected, whatever `--on-backup-loss` says for a lost backup.
+    fn backup_left(&mut self, why: BackupLoss) -> Result<ProtectEnd, PrimaryError> {
+        warn!(
+            "ROLE CHANGE: {why}; output released, the guest continues UNPROTECTED (no \
+             fencing needed)"
+        );
+        status::role_change(
+            Role::Primary,
+            Protection::Unprotected,
+            GuestState::Running,
+            format!("{why}"),
+        );
+        if !self.machine.is_running() {
+            self.machine.resume()?;
+        }
+        if let Some(o) = &self.output {
+            o.unprotect();
+        }
+        Ok(ProtectEnd::BackupLost(Unprotected {
+            output: self.output.clone(),
+            fencing: None,
             deadline: self.opts.seconds.map(|s| self.started + s),
         }))
     }

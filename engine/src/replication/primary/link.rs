@@ -191,6 +191,7 @@ pub(super) fn spawn_ack_reader(
                 // The backup's answer to a switchover's Handover.
                 Ok(Message::Handover { .. }) => AckEvent::Handover(Ok(())),
                 Ok(Message::Refuse { reason }) => AckEvent::Handover(Err(reason)),
+                Ok(Message::Leave { epoch }) => AckEvent::Lost(BackupLoss::Left(epoch)),
                 Ok(other) => AckEvent::Lost(BackupLoss::Unexpected(other.kind())),
                 Err(TransportError::Timeout(t)) => AckEvent::Lost(BackupLoss::Silent(t)),
                 Err(e) => AckEvent::Lost(BackupLoss::Receive(e)),

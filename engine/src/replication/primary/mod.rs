@@ -144,6 +144,9 @@ pub enum BackupLoss {
     /// The backup sent a message that has no place on the ack stream.
     #[error("unexpected {0:?} from the backup")]
     Unexpected(checkpoint::protocol::MessageKind),
+    /// The backup stopped in order (`Leave`): its replica is dropped, it never promotes.
+    #[error("the backup stopped in order after committed epoch {0} (it dropped its replica)")]
+    Left(u64),
     /// The thread that sends epochs ended.
     #[error("the epoch sender thread is gone")]
     SenderGone,
