@@ -50,6 +50,10 @@ fn ocf_tester_passes_on_the_resource_agent() {
         "guest_args=workload=dirty pages_per_ms=1 wss=1M seconds=100000".into(),
         "mem=64M".into(),
         format!("state_dir={}", dir.arg("state")),
+        // Outside a cluster: no cluster property to consult, no peer to hand a guest to.
+        "fresh_boot=always".into(),
+        "unprotected_demote=stop".into(),
+        "extra_args=--connect-timeout-s 1".into(),
     ];
     let mut args = vec!["-n".to_string(), "vm".to_string()];
     for o in &opts {
