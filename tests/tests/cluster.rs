@@ -12,7 +12,9 @@
 //!    monitor protects the guest with it (re-protected);
 //! 4. `crm_resource --move --promoted`: a switchover (demote = hand-over) with no client
 //!    error;
-//! 5. the link between the nodes is cut: exactly one guest runs (the Promoted node wins
+//! 5. the Unpromoted node goes to standby: no fencing (its backup leaves in order); back
+//!    from standby, a move to it at once waits for its sync, then switches over;
+//! 6. the link between the nodes is cut: exactly one guest runs (the Promoted node wins
 //!    the fence race), and the client goes on.
 
 use std::path::Path;
@@ -219,7 +221,91 @@ fn a_protected_guest_under_pacemaker_survives_crash_rejoin_switchover_and_split(
     load.wait_for_replies_since(t, 50, Duration::from_secs(90));
     assert!(load.error().is_none(), "client: {:?}", load.error());
 
-    // 5. The link between the nodes is cut: exactly one guest runs.
+    // 5. The Unpromoted node goes to standby: its backup stops in order and tells the
+    //    primary, which needs no fencing; back from standby, it is the backup again, and
+    //    a switchover to it at once (before it is synced) waits for the sync.
+    let (t, standby_at) = (Instant::now(), SystemTime::now());
+    cluster
+        .exec_any(&["crm_standby", "--node", second.name(), "--update", "on"])
+        .unwrap_or_else(|e| panic!("{e}"));
+    wait_lockstep(
+        &cluster,
+        first,
+        "unprotected after its backup left",
+        Duration::from_secs(30),
+        |s| s["protection"] == "unprotected",
+    );
+    load.wait_for_replies_since(t, 50, Duration::from_secs(30));
+    let standby_gap = load.longest_gap_within(t, Instant::now());
+    assert!(
+        !cluster
+            .fence_calls()
+            .iter()
+            .any(|c| c.at >= standby_at && (c.powered_off(first) || c.powered_off(second))),
+        "a standby fenced a node"
+    );
+    assert!(
+        cluster.is_running(second),
+        "the standby node was powered off"
+    );
+    cluster
+        .exec_any(&["crm_standby", "--node", second.name(), "--update", "off"])
+        .unwrap_or_else(|e| panic!("{e}"));
+    let t = Instant::now();
+    cluster.wait_for(
+        first,
+        "the standby node back, unpromoted",
+        Duration::from_secs(60),
+        |s| s.unpromoted_on(CLONE) == vec![second],
+    );
+    cluster
+        .exec_any(&[
+            "crm_resource",
+            "--move",
+            "--promoted",
+            "--resource",
+            CLONE,
+            "--node",
+            second.name(),
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+    cluster.wait_for(
+        second,
+        "promoted on the node back from standby",
+        Duration::from_secs(90),
+        |s| settled(s, second),
+    );
+    protected_on(&cluster, second, Duration::from_secs(60));
+    let moved_back = t.elapsed();
+    cluster
+        .exec_any(&["crm_resource", "--clear", "--resource", CLONE])
+        .unwrap_or_else(|e| panic!("{e}"));
+    load.wait_for_replies_since(t, 50, Duration::from_secs(90));
+    assert!(load.error().is_none(), "client: {:?}", load.error());
+    // The split below wants the first node promoted: move the guest back once more.
+    cluster
+        .exec_any(&[
+            "crm_resource",
+            "--move",
+            "--promoted",
+            "--resource",
+            CLONE,
+            "--node",
+            first.name(),
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+    cluster.wait_for(
+        first,
+        "promoted on the first node again",
+        Duration::from_secs(90),
+        |s| settled(s, first),
+    );
+    protected_on(&cluster, first, Duration::from_secs(60));
+    cluster
+        .exec_any(&["crm_resource", "--clear", "--resource", CLONE])
+        .unwrap_or_else(|e| panic!("{e}"));
+
+    // 6. The link between the nodes is cut: exactly one guest runs.
     let (cut, cut_at) = (Instant::now(), SystemTime::now());
     cluster.cut_link();
     let deadline = cut + Duration::from_secs(30);
@@ -258,7 +344,8 @@ fn a_protected_guest_under_pacemaker_survives_crash_rejoin_switchover_and_split(
     println!(
         "pacemaker: fresh boot protected {:.1} s after the clone was added; crash -> promoted \
          {:.1} s, the client's wait across it {:.1} s (failover under Pacemaker); rejoin -> re-protected \
-         {:.1} s; switchover {:.1} s (client waited {:.0} ms); split -> backup's node fenced \
+         {:.1} s; switchover {:.1} s (client waited {:.0} ms); standby of the backup's node: no fencing, \
+         client waited {:.0} ms; back from standby and promoted there at once {:.1} s; split -> backup's node fenced \
          {:.1} s (client waited {:.0} ms); {acked} writes over one connection, {} lost, \
          longest gap {:.0} ms",
         started.as_secs_f64(),
@@ -267,6 +354,8 @@ fn a_protected_guest_under_pacemaker_survives_crash_rejoin_switchover_and_split(
         reprotected.as_secs_f64(),
         switched.as_secs_f64(),
         ms(switch_gap),
+        ms(standby_gap),
+        moved_back.as_secs_f64(),
         split_fenced.as_secs_f64(),
         ms(split_gap),
         lost.len(),
