@@ -248,7 +248,7 @@ struct FenceArgs {
     /// missing_as_off, port_as_ip, (plug_)separator, help and version are lockstep's
     #[arg(long, value_name = "KEY=VALUE", allow_hyphen_values = true)]
     fence_arg: Vec<String>,
-    /// one attempt longer than this fails (default 10)
+    /// one attempt longer than this fails (default 10; 60 with --fence cluster)
     #[arg(long, value_name = "S")]
     fence_timeout_s: Option<u64>,
 }
@@ -451,7 +451,11 @@ pub fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             // As stdout's, a closed stderr is no reason for a panic.
-            let _ = writeln!(std::io::stderr(), "lockstep: error: {e}");
+            let _ = writeln!(
+                std::io::stderr(),
+                "lockstep: error: {e}{}",
+                config::attribute(&e.to_string())
+            );
             ExitCode::from(e.exit_code())
         }
     }

@@ -166,12 +166,14 @@ fn a_backup_and_a_run_take_replication_options_from_the_file() {
 
 #[test]
 fn values_meet_the_command_lines_checks() {
-    // The same error, word for word, as the option typed.
+    // The same error, word for word, as the option typed, then which key of which file.
     let dir = TempDir::new("config-checks");
     for (key, value, option) in [
         ("interval-ms", "0", "--interval-ms=0"),
         ("window", "0", "--window=0"),
         ("on-backup-loss", "\"later\"", "--on-backup-loss=later"),
+        ("mem", "\"12Q\"", "--mem=12Q"),
+        ("vcpus", "0", "--vcpus=0"),
     ] {
         let file = config(
             &dir,
@@ -188,8 +190,12 @@ fn values_meet_the_command_lines_checks() {
             option,
         ]);
         assert_eq!(from_file.code(), Some(2), "{from_file:?}");
-        let line = from_file.assert_one_line_error(&[&format!("--{key}")]);
-        assert_eq!(line, typed.assert_one_line_error(&[]), "{key} = {value}");
+        let line = from_file.assert_one_line_error(&[&format!("key '{key}'"), "primary.toml"]);
+        let typed = typed.assert_one_line_error(&[]);
+        assert!(
+            line.starts_with(typed.trim_end()),
+            "{key} = {value}: {line} / {typed}"
+        );
     }
 }
 

@@ -96,6 +96,7 @@ fn file_args(sub: &Command, given: &ArgMatches, path: &Path) -> Result<Vec<Strin
             ));
         }
         if given.value_source(arg.get_id().as_str()) != Some(ValueSource::CommandLine) {
+            remember(path, key, &args);
             out.extend(args);
         }
     }
@@ -211,3 +212,54 @@ fn toml_error(text: &str, e: &toml::de::Error) -> String {
 
 #[cfg(test)]
 mod tests;
+
+/// The options a config file set (file, key, the `--key=value` arguments), for
+/// [`attribute`].
+static FROM_FILE: std::sync::Mutex<Vec<(PathBuf, String, Vec<String>)>> =
+    std::sync::Mutex::new(Vec::new());
+
+fn remember(path: &Path, key: &str, args: &[String]) {
+    if let Ok(mut v) = FROM_FILE.lock() {
+        v.push((path.to_path_buf(), key.to_string(), args.to_vec()));
+    }
+}
+
+/// Where an error about an option the file set came from: ` (key 'K' in config file F)`
+/// when `msg` names the option (`--K`) or quotes the value the file gave it, else empty.
+/// The commands check values as they come from the command line; this says which file
+/// line to fix.
+pub fn attribute(msg: &str) -> String {
+    let Ok(v) = FROM_FILE.lock() else {
+        return String::new();
+    };
+    for (path, key, args) in v.iter() {
+        let named = msg.contains(&format!("--{key}"));
+        let quoted = args.iter().any(|a| {
+            a.split_once('=')
+                .is_some_and(|(_, value)| mentions(msg, value))
+        });
+        if named || quoted {
+            return format!(" (key '{key}' in config file {})", path.display());
+        }
+    }
+    String::new()
+}
+
+/// Whether `msg` quotes `value`, or holds it as a word of its own (three characters at
+/// least, so that a number such as `1` never matches by chance).
+fn mentions(msg: &str, value: &str) -> bool {
+    if value.is_empty() {
+        return false;
+    }
+    if msg.contains(&format!("'{value}'")) {
+        return true;
+    }
+    value.len() >= 3
+        && msg.match_indices(value).any(|(i, _)| {
+            let before = msg[..i].chars().next_back();
+            let after = msg[i + value.len()..].chars().next();
+            let apart =
+                |c: Option<char>| c.is_none_or(|c| c.is_whitespace() || ",:;()".contains(c));
+            apart(before) && apart(after)
+        })
+}
