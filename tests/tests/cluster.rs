@@ -109,6 +109,35 @@ fn settled(s: &Status, p: Node) -> bool {
     s.both_online() && s.promoted_on(CLONE) == Some(p) && s.unpromoted_on(CLONE) == vec![p.other()]
 }
 
+/// `crm_resource --move --promoted` to `node`: waits until the guest runs there, protected
+/// by the other node, then clears the move's constraint. Returns how long it took.
+fn move_promoted(cluster: &Cluster, node: Node) -> Duration {
+    let t = Instant::now();
+    cluster
+        .exec_any(&[
+            "crm_resource",
+            "--move",
+            "--promoted",
+            "--resource",
+            CLONE,
+            "--node",
+            node.name(),
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+    cluster.wait_for(
+        node,
+        "promoted on the node it was moved to",
+        Duration::from_secs(90),
+        |s| settled(s, node),
+    );
+    protected_on(cluster, node, Duration::from_secs(60));
+    let took = t.elapsed();
+    cluster
+        .exec_any(&["crm_resource", "--clear", "--resource", CLONE])
+        .unwrap_or_else(|e| panic!("{e}"));
+    took
+}
+
 fn guest_runs(cluster: &Cluster, node: Node) -> bool {
     lockstep_status(cluster, node).is_some_and(|s| s["guest"] == "running")
 }
@@ -195,29 +224,8 @@ fn a_protected_guest_under_pacemaker_survives_crash_rejoin_switchover_and_split(
 
     // 4. A planned switchover back to the first node.
     let t = Instant::now();
-    cluster
-        .exec_any(&[
-            "crm_resource",
-            "--move",
-            "--promoted",
-            "--resource",
-            CLONE,
-            "--node",
-            first.name(),
-        ])
-        .unwrap_or_else(|e| panic!("{e}"));
-    cluster.wait_for(
-        first,
-        "promoted again on the first node",
-        Duration::from_secs(60),
-        |s| settled(s, first),
-    );
-    protected_on(&cluster, first, Duration::from_secs(60));
-    let switched = t.elapsed();
+    let switched = move_promoted(&cluster, first);
     let switch_gap = load.longest_gap_within(t, Instant::now());
-    cluster
-        .exec_any(&["crm_resource", "--clear", "--resource", CLONE])
-        .unwrap_or_else(|e| panic!("{e}"));
     load.wait_for_replies_since(t, 50, Duration::from_secs(90));
     assert!(load.error().is_none(), "client: {:?}", load.error());
 
@@ -258,52 +266,12 @@ fn a_protected_guest_under_pacemaker_survives_crash_rejoin_switchover_and_split(
         Duration::from_secs(60),
         |s| s.unpromoted_on(CLONE) == vec![second],
     );
-    cluster
-        .exec_any(&[
-            "crm_resource",
-            "--move",
-            "--promoted",
-            "--resource",
-            CLONE,
-            "--node",
-            second.name(),
-        ])
-        .unwrap_or_else(|e| panic!("{e}"));
-    cluster.wait_for(
-        second,
-        "promoted on the node back from standby",
-        Duration::from_secs(90),
-        |s| settled(s, second),
-    );
-    protected_on(&cluster, second, Duration::from_secs(60));
+    move_promoted(&cluster, second);
     let moved_back = t.elapsed();
-    cluster
-        .exec_any(&["crm_resource", "--clear", "--resource", CLONE])
-        .unwrap_or_else(|e| panic!("{e}"));
     load.wait_for_replies_since(t, 50, Duration::from_secs(90));
     assert!(load.error().is_none(), "client: {:?}", load.error());
     // The split below wants the first node promoted: move the guest back once more.
-    cluster
-        .exec_any(&[
-            "crm_resource",
-            "--move",
-            "--promoted",
-            "--resource",
-            CLONE,
-            "--node",
-            first.name(),
-        ])
-        .unwrap_or_else(|e| panic!("{e}"));
-    cluster.wait_for(
-        first,
-        "promoted on the first node again",
-        Duration::from_secs(90),
-        |s| settled(s, first),
-    );
-    protected_on(&cluster, first, Duration::from_secs(60));
-    cluster
-        .exec_any(&["crm_resource", "--clear", "--resource", CLONE])
-        .unwrap_or_else(|e| panic!("{e}"));
+    move_promoted(&cluster, first);
 
     // 6. The link between the nodes is cut: exactly one guest runs.
     let (cut, cut_at) = (Instant::now(), SystemTime::now());

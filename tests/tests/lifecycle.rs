@@ -37,6 +37,42 @@ fn wait_status(sock: &Path, what: &str, limit: Duration, ok: impl Fn(&Value) -> 
     }
 }
 
+/// `lockstep run` of the kv guest on tap0 in `ns` with its control socket `<dir>/run.sock`
+/// and the options `extra`; returns once the socket is there.
+fn kv_run(ns: &Netns, dir: &TempDir, extra: &[&str]) -> (Proc, std::path::PathBuf) {
+    let sock = dir.join("run.sock");
+    let mut args = vec![
+        "run",
+        "--guest",
+        "builtin",
+        "--guest-args",
+        tests::trial::KV_ARGS,
+        "--net",
+        "tap=tap0",
+        "--console",
+        "none",
+        "--api-sock",
+        path(&sock),
+    ];
+    args.extend_from_slice(extra);
+    let run = Proc::spawn(
+        ns.command(lockstep_bin(), &args),
+        dir.join("run.out"),
+        dir.join("run.err"),
+    )
+    .expect("start the guest");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !sock.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "no control socket:\n{}",
+            run.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (run, sock)
+}
+
 /// The status's `key` (an epoch), once it is a number.
 fn epoch(sock: &Path, key: &str) -> u64 {
     wait_status(
@@ -827,37 +863,7 @@ fn a_guest_that_could_not_fence_a_lost_backup_is_not_protected() {
     let _one = one_at_a_time();
     let dir = TempDir::new("lsnofence");
     let ns = Netns::create("lsnf").expect("network namespace");
-    let sock = dir.join("run.sock");
-    let mut run = Proc::spawn(
-        ns.command(
-            lockstep_bin(),
-            &[
-                "run",
-                "--guest",
-                "builtin",
-                "--guest-args",
-                tests::trial::KV_ARGS,
-                "--net",
-                "tap=tap0",
-                "--console",
-                "none",
-                "--api-sock",
-                path(&sock),
-            ],
-        ),
-        dir.join("run.out"),
-        dir.join("run.err"),
-    )
-    .expect("start the guest");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !sock.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "no control socket:\n{}",
-            run.log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let (mut run, sock) = kv_run(&ns, &dir, &[]);
     let s = wait_status(&sock, "running", Duration::from_secs(20), |s| {
         s["guest"] == "running"
     });
@@ -1018,41 +1024,11 @@ fn a_run_that_lets_output_go_on_a_backup_loss_may_be_protected_without_a_fence_a
     // accepted (and fails here: nobody listens).
     let dir = TempDir::new("lscontinue");
     let ns = Netns::create("lsct").expect("network namespace");
-    let sock = dir.join("run.sock");
-    let mut run = Proc::spawn(
-        ns.command(
-            lockstep_bin(),
-            &[
-                "run",
-                "--guest",
-                "builtin",
-                "--guest-args",
-                tests::trial::KV_ARGS,
-                "--net",
-                "tap=tap0",
-                "--console",
-                "none",
-                "--api-sock",
-                path(&sock),
-                "--on-backup-loss",
-                "continue",
-                "--connect-timeout-s",
-                "1",
-            ],
-        ),
-        dir.join("run.out"),
-        dir.join("run.err"),
-    )
-    .expect("start the guest");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !sock.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "no control socket:\n{}",
-            run.log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let (mut run, sock) = kv_run(
+        &ns,
+        &dir,
+        &["--on-backup-loss", "continue", "--connect-timeout-s", "1"],
+    );
     wait_status(&sock, "running", Duration::from_secs(20), |s| {
         s["guest"] == "running"
     });
