@@ -8,7 +8,8 @@
 //!                                            |  | switchover (POST /switchover)
 //!  Backup --- primary lost: fence, promote --+  v
 //!     |   --- handover: promote (and protect     Backup (then=backup) or the end
-//!     |       to the old primary, now backup)
+//!     |       to the old primary, now backup;
+//!     |       under --fence cluster only once the cluster promotes it)
 //! ```
 //!
 //! `lockstep run` starts as Running, `primary` as Protecting, `backup` as Backup; every
