@@ -7,6 +7,7 @@
 
 use std::path::Path;
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use tests::{kvm_required, lockstep_bin, one_at_a_time, Netns, TempDir};
 
@@ -146,4 +147,105 @@ fn the_agent_refuses_incomplete_parameters_with_the_ocf_codes() {
         3,
         "an unknown action is unimplemented"
     );
+}
+
+/// The agent of `node` ("node1", "node2") in `ns`: runs `action` with the pair's
+/// parameters (two backups on loopback ports, each node on its own tap) and returns its
+/// exit status.
+fn agent(ns: &Netns, dir: &TempDir, node: &str, action: &str, heartbeat_ms: u32) -> i32 {
+    let tap = if node == "node1" {
+        "tap=tap0"
+    } else {
+        "tap=tap1"
+    };
+    let bin = lockstep_bin().display().to_string();
+    let state = dir.arg(node);
+    let extra = format!("--heartbeat-timeout-ms {heartbeat_ms}");
+    let env = [
+        ("OCF_ROOT", "/usr/lib/ocf"),
+        ("OCF_RESOURCE_INSTANCE", "vm:0"),
+        ("OCF_RESKEY_binary", bin.as_str()),
+        ("OCF_RESKEY_CRM_meta_on_node", node),
+        ("OCF_RESKEY_CRM_meta_timeout", "30000"),
+        (
+            "OCF_RESKEY_nodes",
+            "node1=127.0.0.1:7670 node2=127.0.0.1:7671",
+        ),
+        ("OCF_RESKEY_net", tap),
+        (
+            "OCF_RESKEY_guest_args",
+            "workload=dirty pages_per_ms=1 wss=1M seconds=100000",
+        ),
+        ("OCF_RESKEY_mem", "64M"),
+        ("OCF_RESKEY_state_dir", state.as_str()),
+        ("OCF_RESKEY_fresh_boot", "always"),
+        ("OCF_RESKEY_extra_args", extra.as_str()),
+    ];
+    let mut c = ns.command(Path::new(AGENT), &[action]);
+    c.env_clear().env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.status().expect("run the agent").code().unwrap_or(-1)
+}
+
+#[test]
+fn a_promotion_waits_for_the_backup_to_notice_its_primary_is_gone() {
+    if !kvm_required() {
+        return;
+    }
+    let _one = one_at_a_time();
+    install();
+    let dir = TempDir::new("ocf-pair");
+    let ns = Netns::create("lsocp").expect("network namespace");
+    let out = ns
+        .command(
+            Path::new("ip"),
+            &["tuntap", "add", "dev", "tap1", "mode", "tap"],
+        )
+        .output()
+        .expect("ip tuntap");
+    assert!(out.status.success(), "{out:?}");
+    let hb = 3000;
+    assert_eq!(agent(&ns, &dir, "node1", "start", hb), 0);
+    assert_eq!(agent(&ns, &dir, "node2", "start", hb), 0);
+    assert_eq!(agent(&ns, &dir, "node1", "promote", hb), 0, "a fresh boot");
+    // The Promoted monitor protects the guest with node2's backup.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let sock2 = dir.join("node2/api.sock");
+    loop {
+        assert_eq!(agent(&ns, &dir, "node1", "monitor", hb), 8);
+        if tests::ctl::status(&sock2)["committed_epoch"]
+            .as_u64()
+            .is_some()
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "node2 never synced");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    // The primary's node "fenced": its process stopped dead. The cluster promotes node2
+    // before node2's heartbeat timeout (3 s) says the primary is gone: the promotion
+    // waits for it rather than refusing (a refusal would lead to a stop of the only copy).
+    let pid: i32 = std::fs::read_to_string(dir.join("node1/lockstep.pid"))
+        .expect("node1's pid file")
+        .trim()
+        .parse()
+        .expect("a pid");
+    // SAFETY: kill(2) with a pid read from the agent's pid file and a valid signal.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let t = Instant::now();
+    let rc = agent(&ns, &dir, "node2", "promote", hb);
+    let took = t.elapsed();
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    assert_eq!(rc, 0, "the promotion of node2");
+    assert!(
+        took >= Duration::from_millis(1500),
+        "it did not wait: {took:?}"
+    );
+    assert_eq!(agent(&ns, &dir, "node2", "monitor", hb), 8);
+    println!("promotion waited {took:?} for the backup to notice its primary was gone");
+    assert_eq!(agent(&ns, &dir, "node2", "stop", hb), 0);
+    assert_eq!(agent(&ns, &dir, "node1", "stop", hb), 0);
 }

@@ -304,7 +304,7 @@ impl Node {
             control::finish(match &taken {
                 Ok(_) => Ok(match self.fence {
                     Some(FenceConfig::Agent(_)) => "promoted after fencing the primary",
-                    Some(FenceConfig::Cluster) => "promoted (the cluster fenced the primary)",
+                    Some(FenceConfig::Cluster) => "promoted by the cluster",
                     _ => "promoted WITHOUT fencing the primary (--fence none)",
                 }
                 .into()),
@@ -341,6 +341,12 @@ impl Node {
     ) -> Result<Driven, NodeError> {
         let mut snapshot = self.snapshot.clone();
         if !machine.is_running() {
+            // A guest that starts here (a boot, a restore) may have run elsewhere before:
+            // its MAC is announced, as after a failover, so that switches forward to this
+            // host at once.
+            if let Some(n) = machine.net() {
+                n.announce();
+            }
             machine.resume()?;
         }
         status::update(|s| s.guest = GuestState::Running);
