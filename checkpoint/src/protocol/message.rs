@@ -72,7 +72,7 @@ impl Hello {
             peer.vcpu_count.to_string(),
         );
         diff(
-            "guest id",
+            "guest id (the hash of the pair's --name: the names differ)",
             format!("{:#x}", self.guest_id),
             format!("{:#x}", peer.guest_id),
         );
