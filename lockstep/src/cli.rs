@@ -754,6 +754,10 @@ fn cmd_ctl(a: CtlArgs) -> Result<ExitCode, CliError> {
     let (code, answer) = api::request(&sock, method, &path, &body).map_err(CliError::Ctl)?;
     if !(200..300).contains(&code) {
         let msg = answer["error"].as_str().unwrap_or("no error message");
+        if a.json {
+            // The answer as it came (`{"error": ...}`), for a program reading stdout.
+            api::say(&answer);
+        }
         return Err(CliError::Ctl(format!("{action}: HTTP {code}: {msg}")));
     }
     match action {

@@ -542,6 +542,17 @@ fn bad_requests_to_a_live_pair_are_refused_and_change_nothing() {
     let run = lockstep(&["ctl", "--api-sock", path(&bsock), "failover"]);
     run.assert_one_line_error(&["409", "fencing"]);
     assert_eq!(run.code(), Some(1), "{run:?}");
+    // With --json the refusal's JSON comes on stdout too.
+    let run = lockstep(&["ctl", "--api-sock", path(&bsock), "failover", "--json"]);
+    run.assert_one_line_error(&["409"]);
+    let answer: Value =
+        serde_json::from_str(run.stdout.trim()).unwrap_or_else(|e| panic!("{e}: {run:?}"));
+    assert!(
+        answer["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("fencing")),
+        "{answer}"
+    );
 
     // Nothing changed: no request was accepted, the pair is protected, epochs advance.
     let s = status(&asock);
