@@ -119,6 +119,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rustix::process::{kill_process, Pid, Signal};
 
+use crate::netns::sh;
+
 use crate::netns::Netns;
 use crate::run::Run;
 use crate::tempdir::TempDir;
@@ -219,24 +221,6 @@ impl Default for Options {
             properties: Vec::new(),
         }
     }
-}
-
-/// Runs a command to completion; an error names it and shows its stderr.
-fn sh(args: &[&str]) -> Result<(), String> {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("cannot run {}: {e}", args[0]))?;
-    if !out.status.success() {
-        return Err(format!(
-            "'{}' failed ({}): {}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    Ok(())
 }
 
 /// `ip -n NS args...`.

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 /// Runs a command to completion; an error names it.
-fn sh(args: &[&str]) -> Result<(), String> {
+pub(crate) fn sh(args: &[&str]) -> Result<(), String> {
     let out = Command::new(args[0])
         .args(&args[1..])
         .stdin(Stdio::null())

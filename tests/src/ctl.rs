@@ -51,3 +51,23 @@ pub fn post(sock: &Path, path: &str, body: &str) -> (u16, Value) {
         ),
     )
 }
+
+/// A port free on 127.0.0.1 now (for a listener the test starts next).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// `lockstep ARGS` in the background, its output in `<dir>/<name>.out` and `.err`.
+pub fn spawn(dir: &crate::TempDir, name: &str, args: &[&str]) -> crate::Proc {
+    let mut cmd = std::process::Command::new(crate::lockstep_bin());
+    cmd.args(args);
+    crate::Proc::spawn(
+        cmd,
+        dir.join(&format!("{name}.out")),
+        dir.join(&format!("{name}.err")),
+    )
+    .expect("start lockstep")
+}

@@ -8,26 +8,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use tests::ctl::{path, raw, status};
-use tests::{kvm_required, lockstep, lockstep_bin, one_at_a_time, Proc, TempDir};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
-
-fn spawn(dir: &TempDir, name: &str, args: &[&str]) -> Proc {
-    let mut cmd = Command::new(lockstep_bin());
-    cmd.args(args);
-    Proc::spawn(
-        cmd,
-        dir.join(&format!("{name}.out")),
-        dir.join(&format!("{name}.err")),
-    )
-    .expect("start lockstep")
-}
+use tests::ctl::{free_port, path, raw, spawn, status};
+use tests::{kvm_required, lockstep, lockstep_bin, one_at_a_time, TempDir};
 
 /// Waits until the socket answers a status whose `key` is a number; returns it.
 fn wait_number(sock: &Path, key: &str, limit: Duration) -> u64 {

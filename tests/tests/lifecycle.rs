@@ -12,7 +12,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use tests::ctl::{path, post, raw, status};
+use tests::ctl::{free_port, path, post, raw, spawn, status};
 use tests::pair::{backup_cmd_named, fence_args, ms, primary_cmd, strings, wait_log, Load, Pair};
 use tests::{kvm_required, lockstep, lockstep_bin, one_at_a_time, Netns, Proc, TempDir, Watchdog};
 
@@ -903,23 +903,6 @@ fn a_guest_that_could_not_fence_a_lost_backup_is_not_protected() {
 }
 
 /// A free TCP port on 127.0.0.1 (nobody listens on it once this returns).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
-
-fn spawn(dir: &TempDir, name: &str, args: &[&str]) -> Proc {
-    let mut cmd = std::process::Command::new(lockstep_bin());
-    cmd.args(args);
-    Proc::spawn(
-        cmd,
-        dir.join(&format!("{name}.out")),
-        dir.join(&format!("{name}.err")),
-    )
-    .expect("start lockstep")
-}
 
 #[test]
 fn a_protected_run_replicates_with_its_own_options() {

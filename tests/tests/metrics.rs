@@ -12,26 +12,9 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use tests::ctl::{free_port, spawn};
 use tests::pair::{fence_args, Pair};
-use tests::{kvm_required, lockstep, lockstep_bin, one_at_a_time, Netns, Proc, TempDir};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
-
-fn spawn(dir: &TempDir, name: &str, args: &[&str]) -> Proc {
-    let mut cmd = Command::new(lockstep_bin());
-    cmd.args(args);
-    Proc::spawn(
-        cmd,
-        dir.join(&format!("{name}.out")),
-        dir.join(&format!("{name}.err")),
-    )
-    .expect("start lockstep")
-}
+use tests::{kvm_required, lockstep, one_at_a_time, Netns, Proc, TempDir};
 
 /// The address a process serves its metrics on (`--metrics 127.0.0.1:0`: the system's
 /// choice, which the process logs).

@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use tests::ctl::free_port;
 use tests::{kvm_required, lockstep, lockstep_bin, read_console, Run, TempDir, COMMAND_TIMEOUT};
 
 /// `hash=` of `workload=hash rounds=12 wss=32M`, whatever the vCPU count.
@@ -27,14 +28,6 @@ const HASH_12_32M: &str = "hash=2fc630dfe2228656";
 fn one_pair_at_a_time() -> MutexGuard<'static, ()> {
     static PAIRS: Mutex<()> = Mutex::new(());
     PAIRS.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// A port on 127.0.0.1 that was free a moment ago (the race with other tests is accepted).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind 127.0.0.1:0")
-        .port()
 }
 
 /// A `lockstep` process in the background, killed if dropped before [`Spawned::wait`]
