@@ -443,3 +443,42 @@ fn ctl_into_a_closed_pipe_is_no_panic() {
     lockstep(&["ctl", "--api-sock", path(&sock), "stop"]).assert_success();
     assert!(backup.wait_for(Duration::from_secs(20)).is_some());
 }
+
+#[test]
+fn a_busy_backup_refuses_a_second_primary_at_once() {
+    if !kvm_required() {
+        return;
+    }
+    let _one = one_at_a_time();
+    let dir = TempDir::new("api-busy");
+    let listen = format!("127.0.0.1:{}", free_port());
+    let guest = [
+        "--guest",
+        "builtin",
+        "--guest-args",
+        "workload=dirty pages_per_ms=5 wss=8M seconds=600",
+        "--mem",
+        "64M",
+        "--console",
+        "none",
+    ];
+    let _backup = spawn(&dir, "backup", &["backup", "--listen", &listen]);
+    let mut first = vec!["primary", "--peer", &listen];
+    first.extend_from_slice(&guest);
+    let _primary = spawn(&dir, "primary", &first);
+    tests::pair::wait_log(
+        &dir.join("backup.err"),
+        "epoch 1 committed",
+        Duration::from_secs(30),
+    );
+    // A second primary (or a protect aimed at this backup) is refused at once, by name.
+    let t = Instant::now();
+    let mut second = vec!["primary", "--peer", &listen];
+    second.extend_from_slice(&guest);
+    lockstep(&second).assert_one_line_error(&["refused", "already replicates the primary"]);
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        t.elapsed()
+    );
+}

@@ -209,6 +209,8 @@ pub fn run_on(
         return Err(BackupError::Stopped(0));
     };
     let peer = conn.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    // One primary per backup: any other that connects is refused at once, by name.
+    let _refuser = Refuser::start(&listener, &peer);
     let hello = match conn.recv(Some(HELLO_TIMEOUT))? {
         Message::Hello(h) => h,
         other => return Err(BackupError::NoHello(other.kind())),
@@ -556,6 +558,52 @@ fn send(conn: &mut Connection, msg: &Message, staging: &Staging) -> Result<(), B
         why: PrimaryLoss::Link(e),
         committed: staging.committed_epoch(),
     })
+}
+
+/// Refuses every further primary on the backup's listener, while it lives: `Refuse`
+/// naming the primary this backup serves, so that a second `lockstep primary` (or a
+/// `protect` aimed at a busy backup) fails at once with a clear reason instead of waiting
+/// out its handshake timeout.
+struct Refuser {
+    done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Refuser {
+    fn start(listener: &TcpListener, serving: &str) -> Option<Refuser> {
+        let listener = listener.try_clone().ok()?;
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = done.clone();
+        let reason = format!("this backup already replicates the primary at {serving}");
+        std::thread::Builder::new()
+            .name("refuser".into())
+            .spawn(move || {
+                while !flag.load(std::sync::atomic::Ordering::SeqCst) {
+                    let mut fds = [PollFd::new(&listener, PollFlags::IN)];
+                    let slice = Timespec {
+                        tv_sec: 0,
+                        tv_nsec: 200_000_000,
+                    };
+                    if poll(&mut fds, Some(&slice)).unwrap_or(0) == 0 {
+                        continue;
+                    }
+                    if let Ok(mut other) = Connection::accept(&listener) {
+                        // Its Hello first (a peer that closes at once is not waited for).
+                        let _ = other.recv(Some(Duration::from_secs(2)));
+                        let _ = other.send(&Message::Refuse {
+                            reason: reason.clone(),
+                        });
+                    }
+                }
+            })
+            .ok()?;
+        Some(Refuser { done })
+    }
+}
+
+impl Drop for Refuser {
+    fn drop(&mut self) {
+        self.done.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 /// Waits for the primary, giving up on SIGTERM/SIGINT.
