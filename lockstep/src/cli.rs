@@ -187,6 +187,48 @@ struct GuestArgs {
     devices: DeviceArgs,
 }
 
+/// What every process that runs a role serves and writes beside the guest.
+#[derive(Debug, Args)]
+struct ProcessArgs {
+    /// write this process's pid (for a fence agent that finds the process by it)
+    #[arg(long, value_name = "PATH")]
+    pid_file: Option<PathBuf>,
+    /// serve the control socket here: HTTP/1.1 + JSON (README, "Control socket")
+    #[arg(long, value_name = "PATH")]
+    api_sock: Option<PathBuf>,
+    /// append JSON-lines events here (docs/events.md)
+    #[arg(long, value_name = "PATH")]
+    events: Option<PathBuf>,
+    /// serve Prometheus metrics on GET /metrics here (docs/metrics.md)
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics: Option<String>,
+}
+
+/// The pid file, control socket and metrics endpoint of a process, held until it ends
+/// (the pid file and socket file are removed then).
+struct Services {
+    _pid_file: Option<PidFile>,
+    _api: Option<ApiServer>,
+    _metrics: Option<crate::metrics::MetricsServer>,
+}
+
+impl ProcessArgs {
+    /// `--events PATH`: opened first, so that a bad path is an error before anything runs.
+    fn open_events(&self) -> Result<(), CliError> {
+        self.events.as_deref().map(events::open).transpose()?;
+        Ok(())
+    }
+
+    /// `--pid-file`, `--api-sock` and `--metrics`, once the options are known good.
+    fn start(&self) -> Result<Services, CliError> {
+        Ok(Services {
+            _pid_file: pid_file_option(self.pid_file.clone())?,
+            _api: api_option(self.api_sock.as_deref())?,
+            _metrics: crate::metrics::serve(self.metrics.as_deref())?,
+        })
+    }
+}
+
 #[derive(Debug, Args)]
 struct RunArgs {
     #[command(flatten)]
@@ -197,26 +239,16 @@ struct RunArgs {
     /// ... into DIR (restore it with `lockstep restore DIR`)
     #[arg(long, value_name = "DIR")]
     snapshot_to: Option<PathBuf>,
-    /// serve the control socket here: HTTP/1.1 + JSON (README, "Control socket")
-    #[arg(long, value_name = "PATH")]
-    api_sock: Option<PathBuf>,
-    /// write this process's pid (for a single-host fence agent, once it is protected)
-    #[arg(long, value_name = "PATH")]
-    pid_file: Option<PathBuf>,
     /// the pair's name, should the guest be protected later (POST /protect; default
     /// lockstep)
     #[arg(long, value_name = "NAME", allow_hyphen_values = true)]
     name: Option<String>,
-    /// append JSON-lines events here (docs/events.md)
-    #[arg(long, value_name = "PATH")]
-    events: Option<PathBuf>,
-    /// serve Prometheus metrics on GET /metrics here (docs/metrics.md)
-    #[arg(long, value_name = "ADDR:PORT")]
-    metrics: Option<String>,
     #[command(flatten)]
     fence: FenceArgs,
     #[command(flatten)]
     replication: ReplicationArgs,
+    #[command(flatten)]
+    process: ProcessArgs,
 }
 
 #[derive(Debug, Args)]
@@ -301,18 +333,6 @@ struct PrimaryArgs {
     /// the pair's name; the backup must have the same (default lockstep)
     #[arg(long, value_name = "NAME", allow_hyphen_values = true)]
     name: Option<String>,
-    /// write this process's pid (for a single-host fence agent)
-    #[arg(long, value_name = "PATH")]
-    pid_file: Option<PathBuf>,
-    /// serve the control socket here: HTTP/1.1 + JSON (README, "Control socket")
-    #[arg(long, value_name = "PATH")]
-    api_sock: Option<PathBuf>,
-    /// append JSON-lines events here (docs/events.md)
-    #[arg(long, value_name = "PATH")]
-    events: Option<PathBuf>,
-    /// serve Prometheus metrics on GET /metrics here (docs/metrics.md)
-    #[arg(long, value_name = "ADDR:PORT")]
-    metrics: Option<String>,
     /// harvest dirty pages from a KVM dirty ring, not the bitmap
     #[arg(long, value_name = "ENTRIES")]
     dirty_ring: Option<u32>,
@@ -322,6 +342,8 @@ struct PrimaryArgs {
     guest: GuestArgs,
     #[command(flatten)]
     replication: ReplicationArgs,
+    #[command(flatten)]
+    process: ProcessArgs,
 }
 
 #[derive(Debug, Args)]
@@ -341,18 +363,6 @@ struct BackupArgs {
     /// resume the guest when the primary ends replication cleanly
     #[arg(long)]
     run_after_end: bool,
-    /// write this process's pid (for the primary's fence agent)
-    #[arg(long, value_name = "PATH")]
-    pid_file: Option<PathBuf>,
-    /// serve the control socket here: HTTP/1.1 + JSON (README, "Control socket")
-    #[arg(long, value_name = "PATH")]
-    api_sock: Option<PathBuf>,
-    /// append JSON-lines events here (docs/events.md)
-    #[arg(long, value_name = "PATH")]
-    events: Option<PathBuf>,
-    /// serve Prometheus metrics on GET /metrics here (docs/metrics.md)
-    #[arg(long, value_name = "ADDR:PORT")]
-    metrics: Option<String>,
     /// wait this long before fencing a primary that went silent: its head start to fence
     /// this backup (default 1000)
     #[arg(long, value_name = "MS")]
@@ -368,6 +378,8 @@ struct BackupArgs {
     devices: DeviceArgs,
     #[command(flatten)]
     replication: ReplicationArgs,
+    #[command(flatten)]
+    process: ProcessArgs,
 }
 
 #[derive(Debug, Args)]
@@ -635,7 +647,7 @@ fn check_builtin_args(args: &str) -> Result<(), CliError> {
 
 fn cmd_run(a: RunArgs) -> Result<ExitCode, CliError> {
     log::init("run");
-    a.events.as_deref().map(events::open).transpose()?;
+    a.process.open_events()?;
     let g = boot_config(&a.guest, None)?;
     let snapshot = match (a.snapshot_after_ms, a.snapshot_to) {
         (Some(ms), Some(dir)) => Some((Duration::from_millis(ms), dir)),
@@ -644,9 +656,7 @@ fn cmd_run(a: RunArgs) -> Result<ExitCode, CliError> {
     };
     let name = a.name.unwrap_or_else(|| DEFAULT_NAME.to_string());
     let (fence, template) = replication(&a.replication, &a.fence, &name, false, false)?;
-    let _pid_file = pid_file_option(a.pid_file)?;
-    let _api = api_option(a.api_sock.as_deref())?;
-    let _metrics = crate::metrics::serve(a.metrics.as_deref())?;
+    let _services = a.process.start()?;
     let machine = Machine::boot(&g.machine, &g.image, &g.guest_args)?;
     status::update(|s| {
         s.role = Role::Standalone;
@@ -813,7 +823,7 @@ fn cmd_restore(a: RestoreArgs) -> Result<ExitCode, CliError> {
 
 fn cmd_primary(a: PrimaryArgs) -> Result<ExitCode, CliError> {
     log::init("primary");
-    a.events.as_deref().map(events::open).transpose()?;
+    a.process.open_events()?;
     let g = boot_config(&a.guest, a.dirty_ring)?;
     let peer = a
         .peer
@@ -833,9 +843,7 @@ fn cmd_primary(a: PrimaryArgs) -> Result<ExitCode, CliError> {
         .transpose()?;
     let name = a.name.unwrap_or_else(|| DEFAULT_NAME.to_string());
     let (fence, template) = replication(&a.replication, &a.fence, &name, false, false)?;
-    let _pid_file = pid_file_option(a.pid_file)?;
-    let _api = api_option(a.api_sock.as_deref())?;
-    let _metrics = crate::metrics::serve(a.metrics.as_deref())?;
+    let _services = a.process.start()?;
     let machine = Machine::boot(&g.machine, &g.image, &g.guest_args)?;
     let node = Node {
         console: g.machine.console.clone(),
@@ -1002,7 +1010,7 @@ fn vcpus_option(vcpus: Option<u32>) -> Result<Option<u32>, CliError> {
 
 fn cmd_backup(a: BackupArgs) -> Result<ExitCode, CliError> {
     log::init("backup");
-    a.events.as_deref().map(events::open).transpose()?;
+    a.process.open_events()?;
     let listen = a
         .listen
         .ok_or_else(|| usage("--listen ADDR:PORT is required"))?;
@@ -1040,11 +1048,9 @@ fn cmd_backup(a: BackupArgs) -> Result<ExitCode, CliError> {
             "--fence/--fence-cmd need --net tap=NAME (the tap the promoted guest takes over)",
         ));
     }
-    // Held until the process ends: a promoted backup runs the guest and is fenced by it.
-    let _pid_file = pid_file_option(a.pid_file)?;
-    // Held as long as the pid file: the promoted backup serves it too.
-    let _api = api_option(a.api_sock.as_deref())?;
-    let _metrics = crate::metrics::serve(a.metrics.as_deref())?;
+    // Held until the process ends: a promoted backup runs the guest, is fenced by its
+    // pid file and serves the same socket and metrics.
+    let _services = a.process.start()?;
     let node = Node {
         console: opts.console.clone(),
         net: opts.net.clone(),
