@@ -71,3 +71,39 @@ pub fn spawn(dir: &crate::TempDir, name: &str, args: &[&str]) -> crate::Proc {
     )
     .expect("start lockstep")
 }
+
+/// Waits until `lockstep ctl status` answers on `sock` (the process is up and serves its
+/// control socket); fails the test after `limit`.
+pub fn wait_answer(sock: &Path, limit: std::time::Duration) {
+    let deadline = std::time::Instant::now() + limit;
+    while !lockstep(&["ctl", "--api-sock", path(sock), "status"])
+        .status
+        .success()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no answer on {sock:?} within {limit:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// A `lockstep backup` waiting for a primary (on a port of its own) with its control
+/// socket at `<dir>/<name>.sock`: it serves the socket without KVM. Returns once it
+/// answers.
+pub fn idle_backup(dir: &crate::TempDir, name: &str) -> (crate::Proc, std::path::PathBuf) {
+    let sock = dir.join(&format!("{name}.sock"));
+    let backup = spawn(
+        dir,
+        name,
+        &[
+            "backup",
+            "--listen",
+            "127.0.0.1:0",
+            "--api-sock",
+            path(&sock),
+        ],
+    );
+    wait_answer(&sock, std::time::Duration::from_secs(20));
+    (backup, sock)
+}

@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use tests::ctl::{free_port, path, raw, spawn, status};
+use tests::ctl::{free_port, idle_backup, path, raw, spawn, status};
 use tests::{kvm_required, lockstep, lockstep_bin, one_at_a_time, TempDir};
 
 /// Waits until the socket answers a status whose `key` is a number; returns it.
@@ -278,26 +278,7 @@ fn an_operators_stop_of_a_backup_is_no_error() {
     // the log says what it holds.
     let dir = TempDir::new("api-backup-stop");
     for (i, how) in ["ctl stop", "SIGTERM"].into_iter().enumerate() {
-        let sock = dir.join(&format!("backup{i}.sock"));
-        let mut backup = spawn(
-            &dir,
-            &format!("backup{i}"),
-            &[
-                "backup",
-                "--listen",
-                "127.0.0.1:0",
-                "--api-sock",
-                path(&sock),
-            ],
-        );
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !lockstep(&["ctl", "--api-sock", path(&sock), "status"])
-            .status
-            .success()
-        {
-            assert!(Instant::now() < deadline, "no answer on {sock:?}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let (mut backup, sock) = idle_backup(&dir, &format!("backup{i}"));
         if how == "SIGTERM" {
             backup.signal(libc::SIGTERM);
         } else {
@@ -318,26 +299,7 @@ fn an_operators_stop_of_a_backup_is_no_error() {
 fn a_slow_client_does_not_hold_the_socket() {
     // A backup waiting for its primary serves the socket without KVM.
     let dir = TempDir::new("api-slow");
-    let sock = dir.join("backup.sock");
-    let mut backup = spawn(
-        &dir,
-        "backup",
-        &[
-            "backup",
-            "--listen",
-            "127.0.0.1:0",
-            "--api-sock",
-            path(&sock),
-        ],
-    );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !lockstep(&["ctl", "--api-sock", path(&sock), "status"])
-        .status
-        .success()
-    {
-        assert!(Instant::now() < deadline, "no answer on {sock:?}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let (mut backup, sock) = idle_backup(&dir, "backup");
     // One client sent half a request and waits; another sends a byte every 2 s.
     use std::io::{Read, Write};
     use std::os::unix::net::UnixStream;
@@ -388,26 +350,7 @@ fn a_slow_client_does_not_hold_the_socket() {
 fn ctl_into_a_closed_pipe_is_no_panic() {
     // `lockstep ctl status | head -1` once head has gone: the output is dropped, quietly.
     let dir = TempDir::new("api-pipe");
-    let sock = dir.join("backup.sock");
-    let mut backup = spawn(
-        &dir,
-        "backup",
-        &[
-            "backup",
-            "--listen",
-            "127.0.0.1:0",
-            "--api-sock",
-            path(&sock),
-        ],
-    );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !lockstep(&["ctl", "--api-sock", path(&sock), "status"])
-        .status
-        .success()
-    {
-        assert!(Instant::now() < deadline, "no answer on {sock:?}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let (mut backup, sock) = idle_backup(&dir, "backup");
     for json in [false, true] {
         let mut fds = [0; 2];
         // SAFETY: pipe(2) fills the two descriptors of the array it is given.

@@ -12,7 +12,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use tests::ctl::{free_port, path, post, raw, spawn, status};
+use tests::ctl::{free_port, path, post, raw, spawn, status, wait_answer};
 use tests::pair::{backup_cmd_named, fence_args, ms, primary_cmd, strings, wait_log, Load, Pair};
 use tests::{kvm_required, lockstep, lockstep_bin, one_at_a_time, Netns, Proc, TempDir, Watchdog};
 
@@ -38,7 +38,7 @@ fn wait_status(sock: &Path, what: &str, limit: Duration, ok: impl Fn(&Value) -> 
 }
 
 /// `lockstep run` of the kv guest on tap0 in `ns` with its control socket `<dir>/run.sock`
-/// and the options `extra`; returns once the socket is there.
+/// and the options `extra`; returns once it answers there.
 fn kv_run(ns: &Netns, dir: &TempDir, extra: &[&str]) -> (Proc, std::path::PathBuf) {
     let sock = dir.join("run.sock");
     let mut args = vec![
@@ -61,15 +61,7 @@ fn kv_run(ns: &Netns, dir: &TempDir, extra: &[&str]) -> (Proc, std::path::PathBu
         dir.join("run.err"),
     )
     .expect("start the guest");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !sock.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "no control socket:\n{}",
-            run.log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_answer(&sock, Duration::from_secs(20));
     (run, sock)
 }
 
@@ -936,11 +928,7 @@ fn a_protected_run_replicates_with_its_own_options() {
             "pause",
         ],
     );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !rsock.exists() {
-        assert!(Instant::now() < deadline, "no socket:\n{}", run.log());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_answer(&rsock, Duration::from_secs(20));
     wait_status(&rsock, "running", Duration::from_secs(20), |s| {
         s["guest"] == "running"
     });
