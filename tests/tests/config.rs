@@ -2,7 +2,6 @@
 //! replicated pair, the command line overrides the file, the values meet the same checks
 //! as typed ones, and every unusable file is one line `lockstep: error: ...` with exit 2.
 
-use std::net::TcpListener;
 use std::process::Command;
 use std::time::Duration;
 
@@ -86,10 +85,7 @@ fn a_pair_from_two_files() {
         return;
     }
     let dir = TempDir::new("config-pair");
-    let port = TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind 127.0.0.1:0")
-        .port();
+    let port = tests::ctl::free_port();
     let backup_file = config(
         &dir,
         "backup.toml",

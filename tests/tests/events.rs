@@ -6,12 +6,12 @@
 //! be opened is a one-line error.
 
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use tests::ctl::{free_port, spawn};
 use tests::pair::{fence_args, Pair};
-use tests::{kvm_required, lockstep, lockstep_bin, one_at_a_time, Proc, TempDir};
+use tests::{kvm_required, lockstep, one_at_a_time, TempDir};
 
 /// Every line of an events file, each of which must be one JSON object.
 fn read_events(path: &Path) -> Vec<Value> {
@@ -159,24 +159,11 @@ fn a_backup_behind_shows_as_lag_and_throttle_events() {
     let _one = one_at_a_time();
     let dir = TempDir::new("events-lag");
     let (events, sock) = (dir.join("primary.events"), dir.join("primary.sock"));
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
-    let listen = format!("127.0.0.1:{port}");
-    let spawn = |name: &str, args: &[&str]| {
-        let mut cmd = Command::new(lockstep_bin());
-        cmd.args(args);
-        Proc::spawn(
-            cmd,
-            dir.join(&format!("{name}.out")),
-            dir.join(&format!("{name}.err")),
-        )
-        .expect("start lockstep")
-    };
+    let listen = format!("127.0.0.1:{}", free_port());
     // After epoch 1 the backup acknowledges nothing for 3 s: the window fills, and once
     // the guest has dirtied an epoch's worth (512 pages) the primary holds it.
     let mut backup = spawn(
+        &dir,
         "backup",
         &[
             "backup",
@@ -187,6 +174,7 @@ fn a_backup_behind_shows_as_lag_and_throttle_events() {
         ],
     );
     let mut primary = spawn(
+        &dir,
         "primary",
         &[
             "primary",
