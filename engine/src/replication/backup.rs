@@ -578,12 +578,7 @@ impl Refuser {
             .name("refuser".into())
             .spawn(move || {
                 while !flag.load(std::sync::atomic::Ordering::SeqCst) {
-                    let mut fds = [PollFd::new(&listener, PollFlags::IN)];
-                    let slice = Timespec {
-                        tv_sec: 0,
-                        tv_nsec: 200_000_000,
-                    };
-                    if poll(&mut fds, Some(&slice)).unwrap_or(0) == 0 {
+                    if !incoming(&listener) {
                         continue;
                     }
                     if let Ok(mut other) = Connection::accept(&listener) {
@@ -606,18 +601,24 @@ impl Drop for Refuser {
     }
 }
 
+/// Whether a connection waits on `listener`, looking for up to 200 ms (the loops that
+/// call it check their stop condition in between).
+fn incoming(listener: &TcpListener) -> bool {
+    let mut fds = [PollFd::new(listener, PollFlags::IN)];
+    let slice = Timespec {
+        tv_sec: 0,
+        tv_nsec: 200_000_000,
+    };
+    poll(&mut fds, Some(&slice)).unwrap_or(0) > 0
+}
+
 /// Waits for the primary, giving up on SIGTERM/SIGINT.
 fn accept(listener: &TcpListener) -> Result<Option<Connection>, BackupError> {
     loop {
         if stop_requested() {
             return Ok(None);
         }
-        let mut fds = [PollFd::new(listener, PollFlags::IN)];
-        let slice = Timespec {
-            tv_sec: 0,
-            tv_nsec: 200_000_000,
-        };
-        if poll(&mut fds, Some(&slice)).unwrap_or(0) > 0 {
+        if incoming(listener) {
             return Ok(Some(Connection::accept(listener)?));
         }
     }
