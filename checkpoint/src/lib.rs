@@ -86,6 +86,7 @@ pub mod handshake;
 pub mod inflight;
 pub mod protocol;
 pub mod staging;
+pub mod tls;
 pub mod transport;
 
 /// Size of a guest page: the unit of dirty tracking, encoding and transfer.

@@ -23,11 +23,18 @@
 //!
 //! The halves can be split ([`Connection::split`]) and used from two threads: the primary
 //! sends epochs on one and reads acks on the other.
+//!
+//! Over TLS ([`crate::tls::LinkSecurity`]) the halves share the rustls session behind a mutex: the
+//! sender encrypts its frames in [`TLS_CHUNK`] pieces into a ciphertext buffer that goes
+//! out with the same `SENDMSG` path; the receiver reads ciphertext into a buffer of its own
+//! and decrypts it into the frame buffer. Each lock is held for one piece, so acks and
+//! heartbeats pass between the pieces of a large epoch.
 
 use std::io;
+use std::io::{BufRead, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::AsRawFd;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -42,6 +49,10 @@ use crate::protocol::{decode_frame, FrameHeader, Message, ProtocolError, HEADER_
 const IOV_MAX: usize = 1024;
 /// Smallest read the receiver asks for.
 const RECV_CHUNK: usize = 256 << 10;
+/// Plaintext encrypted per lock of a TLS session (a few TLS records).
+pub const TLS_CHUNK: usize = 64 << 10;
+/// Ciphertext gathered before a `SENDMSG` over TLS.
+const TLS_SEND_BATCH: usize = 1 << 20;
 /// Submission queue entries per ring (an operation and its linked timeout at most).
 const RING_ENTRIES: u32 = 8;
 
@@ -92,6 +103,16 @@ pub enum TransportError {
     /// The peer did not take our data in time; the stream is now unusable.
     #[error("the peer took no data for {0:?}; connection abandoned")]
     SendTimeout(Duration),
+    /// The peer was reached but failed the TLS handshake, or TLS failed on an
+    /// established connection (a record that does not authenticate: altered, replayed or
+    /// reordered bytes). Retrying would not help.
+    #[error("TLS with {peer}: {cause}")]
+    Tls {
+        /// The peer's address.
+        peer: String,
+        /// What went wrong, for an operator.
+        cause: String,
+    },
     /// A frame failed validation.
     #[error(transparent)]
     Protocol(#[from] ProtocolError),
@@ -182,6 +203,81 @@ impl Ring {
     }
 }
 
+/// A TLS session shared by the two halves of a connection.
+#[derive(Clone)]
+pub(crate) struct Session {
+    inner: Arc<Mutex<rustls::Connection>>,
+    peer: String,
+}
+
+impl Session {
+    fn new(conn: rustls::Connection, peer: String) -> Self {
+        Session {
+            inner: Arc::new(Mutex::new(conn)),
+            peer,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, rustls::Connection> {
+        // A half that panicked leaves the session as consistent as rustls left it; the
+        // other half's next record check decides whether the link is still good.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn error(&self, cause: String) -> TransportError {
+        TransportError::Tls {
+            peer: self.peer.clone(),
+            cause,
+        }
+    }
+
+    /// Moves every record the session has ready to send into `out`.
+    fn drain(&self, s: &mut rustls::Connection, out: &mut Vec<u8>) -> Result<(), TransportError> {
+        while s.wants_write() {
+            s.write_tls(out).map_err(|source| TransportError::Io {
+                op: "taking TLS records",
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Decrypts `cipher` (all of it: a record cut short stays in the session until its
+    /// rest arrives) and appends the plaintext to `out`. Returns false once the peer has
+    /// closed the session (`close_notify`).
+    fn decrypt(&self, mut cipher: &[u8], out: &mut BytesMut) -> Result<bool, TransportError> {
+        let mut s = self.lock();
+        loop {
+            // Drained first: rustls refuses ciphertext while its plaintext buffer is full.
+            loop {
+                let mut reader = s.reader();
+                match reader.fill_buf() {
+                    Ok([]) => return Ok(false),
+                    Ok(chunk) => {
+                        let n = chunk.len();
+                        out.extend_from_slice(chunk);
+                        reader.consume(n);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(false),
+                    Err(e) => return Err(self.error(e.to_string())),
+                }
+            }
+            if cipher.is_empty() {
+                return Ok(true);
+            }
+            s.read_tls(&mut cipher)
+                .map_err(|e| self.error(e.to_string()))?;
+            if let Err(e) = s.process_new_packets() {
+                return Err(self.error(format!(
+                    "a record failed its check ({e}): the stream was altered, replayed or \
+                     reordered on the way"
+                )));
+            }
+        }
+    }
+}
+
 fn deadline_left(deadline: Option<Instant>) -> Option<Duration> {
     deadline.map(|d| d.saturating_duration_since(Instant::now()))
 }
@@ -202,6 +298,8 @@ pub struct FrameSender {
     stream: Arc<TcpStream>,
     ring: Ring,
     scratch: BytesMut,
+    /// The TLS session and the ciphertext waiting to go out, over TLS.
+    tls: Option<(Session, Vec<u8>)>,
     timeout: Option<Duration>,
     broken: bool,
     stats: SendStats,
@@ -252,6 +350,58 @@ impl FrameSender {
     }
 
     fn send_all<B: AsRef<[u8]>>(&mut self, frames: &[B]) -> Result<(), TransportError> {
+        let total: u64 = frames.iter().map(|f| f.as_ref().len() as u64).sum();
+        match self.tls.take() {
+            None => self.send_raw(frames)?,
+            Some((session, mut cipher)) => {
+                let r = self.send_encrypted(&session, &mut cipher, frames);
+                self.tls = Some((session, cipher));
+                r?
+            }
+        }
+        self.stats.frames += frames.len() as u64;
+        self.stats.bytes += total;
+        Ok(())
+    }
+
+    /// Encrypts `frames` piece by piece and sends the records, a batch at a time.
+    fn send_encrypted<B: AsRef<[u8]>>(
+        &mut self,
+        session: &Session,
+        cipher: &mut Vec<u8>,
+        frames: &[B],
+    ) -> Result<(), TransportError> {
+        cipher.clear();
+        for frame in frames {
+            for piece in frame.as_ref().chunks(TLS_CHUNK) {
+                let mut s = session.lock();
+                // The session has no buffer limit: it takes the whole piece.
+                s.writer()
+                    .write_all(piece)
+                    .map_err(|source| TransportError::Io {
+                        op: "encrypting a frame",
+                        source,
+                    })?;
+                session.drain(&mut s, cipher)?;
+                drop(s);
+                if cipher.len() >= TLS_SEND_BATCH {
+                    self.send_raw(&[&cipher[..]])?;
+                    cipher.clear();
+                }
+            }
+        }
+        // Records the receiving half queued (a key update's answer) go out too.
+        let mut s = session.lock();
+        session.drain(&mut s, cipher)?;
+        drop(s);
+        if !cipher.is_empty() {
+            self.send_raw(&[&cipher[..]])?;
+            cipher.clear();
+        }
+        Ok(())
+    }
+
+    fn send_raw<B: AsRef<[u8]>>(&mut self, frames: &[B]) -> Result<(), TransportError> {
         let mut iov: Vec<libc::iovec> = frames
             .iter()
             .map(|f| f.as_ref())
@@ -261,7 +411,6 @@ impl FrameSender {
                 iov_len: f.len(),
             })
             .collect();
-        let total: usize = iov.iter().map(|v| v.iov_len).sum();
         let ts = self.timeout.map(types::Timespec::from);
         let mut idx = 0;
         while idx < iov.len() {
@@ -313,8 +462,6 @@ impl FrameSender {
                 }
             }
         }
-        self.stats.frames += frames.len() as u64;
-        self.stats.bytes += total as u64;
         Ok(())
     }
 
@@ -328,7 +475,10 @@ impl FrameSender {
 pub struct FrameReceiver {
     stream: Arc<TcpStream>,
     ring: Ring,
+    /// Plaintext: the frames being received.
     buf: BytesMut,
+    /// The TLS session and the buffer ciphertext is read into, over TLS.
+    tls: Option<(Session, Vec<u8>)>,
     /// Header of the frame being received, once its bytes are in.
     pending: Option<FrameHeader>,
     broken: bool,
@@ -370,6 +520,8 @@ impl FrameReceiver {
 
     fn recv_inner(&mut self, timeout: Option<Duration>) -> Result<Message, TransportError> {
         let mut deadline = timeout.map(|t| Instant::now() + t);
+        // Over TLS, records that came with the handshake's last flight are in the session.
+        self.decrypt(0)?;
         loop {
             if let Some(msg) = self.take_frame()? {
                 return Ok(msg);
@@ -379,42 +531,40 @@ impl FrameReceiver {
                 .map_or(HEADER_LEN, |h| h.frame_len())
                 .saturating_sub(self.buf.len());
             self.buf.reserve(need.max(RECV_CHUNK));
-            let spare = self.buf.spare_capacity_mut();
-            let len = spare.len().min(u32::MAX as usize) as u32;
+            // Over TLS the read goes to the ciphertext buffer, else straight to the frames.
+            let target: &mut [std::mem::MaybeUninit<u8>] = match &mut self.tls {
+                Some((_, cipher)) => {
+                    cipher.clear();
+                    cipher.reserve(RECV_CHUNK);
+                    cipher.spare_capacity_mut()
+                }
+                None => self.buf.spare_capacity_mut(),
+            };
+            let len = target.len().min(u32::MAX as usize) as u32;
+            let ptr = target.as_mut_ptr().cast::<u8>();
             // Past the deadline (or a zero timeout): one last look at what has already
             // arrived, without waiting. A process that was stopped or starved past its
             // deadline must not call a peer silent while its bytes wait in the socket.
             let left = deadline_left(deadline);
             let dont_wait = left == Some(Duration::ZERO);
-            let op = opcode::Recv::new(
-                types::Fd(self.stream.as_raw_fd()),
-                spare.as_mut_ptr().cast::<u8>(),
-                len,
-            )
-            .flags(if dont_wait { libc::MSG_DONTWAIT } else { 0 })
-            .build();
+            let op = opcode::Recv::new(types::Fd(self.stream.as_raw_fd()), ptr, len)
+                .flags(if dont_wait { libc::MSG_DONTWAIT } else { 0 })
+                .build();
             let ts = left.filter(|_| !dont_wait).map(types::Timespec::from);
-            // SAFETY: the receive targets the spare capacity of `self.buf`, which is not
-            // touched (nor reallocated) until `run` returns after the completion.
+            // SAFETY: the receive targets the spare capacity of `self.buf` (or of the
+            // ciphertext buffer), which is not touched (nor reallocated) until `run`
+            // returns after the completion.
             let res = unsafe { self.ring.run(op, ts.as_ref()) }?;
             match res {
                 n if n > 0 => {
                     let n = n as usize;
-                    // SAFETY: the kernel initialized `n <= len` bytes of the spare capacity.
-                    unsafe { self.buf.set_len(self.buf.len() + n) };
                     self.last_activity = Instant::now();
                     deadline = timeout.map(|t| self.last_activity + t);
+                    if !self.decrypt(n)? {
+                        return Err(self.closed());
+                    }
                 }
-                0 => {
-                    return Err(if self.buf.is_empty() {
-                        TransportError::Closed
-                    } else {
-                        TransportError::ClosedMidFrame {
-                            have: self.buf.len(),
-                            need: self.pending.map_or(HEADER_LEN, |h| h.frame_len()),
-                        }
-                    })
-                }
+                0 => return Err(self.closed()),
                 e if e == -libc::ECANCELED && timeout.is_some() => {
                     return Err(TransportError::Timeout(timeout.unwrap_or_default()))
                 }
@@ -428,6 +578,37 @@ impl FrameReceiver {
                         source: io::Error::from_raw_os_error(-e),
                     })
                 }
+            }
+        }
+    }
+
+    /// Takes in `n` bytes the kernel just wrote into the spare capacity of the read's
+    /// target: frame bytes as they are, or ciphertext to decrypt into the frame buffer.
+    /// Returns false once the peer closed the TLS session.
+    fn decrypt(&mut self, n: usize) -> Result<bool, TransportError> {
+        match &mut self.tls {
+            None => {
+                // SAFETY: the kernel initialized `n` bytes of the spare capacity.
+                unsafe { self.buf.set_len(self.buf.len() + n) };
+                Ok(true)
+            }
+            Some((session, cipher)) => {
+                // SAFETY: the kernel initialized `n` bytes of the spare capacity (the
+                // buffer was cleared before the read).
+                unsafe { cipher.set_len(n) };
+                session.decrypt(cipher, &mut self.buf)
+            }
+        }
+    }
+
+    /// The error for a peer that closed the connection: between frames or within one.
+    fn closed(&self) -> TransportError {
+        if self.buf.is_empty() {
+            TransportError::Closed
+        } else {
+            TransportError::ClosedMidFrame {
+                have: self.buf.len(),
+                need: self.pending.map_or(HEADER_LEN, |h| h.frame_len()),
             }
         }
     }
@@ -457,6 +638,35 @@ impl FrameReceiver {
     }
 }
 
+/// A TCP connection to `addr` (any of its addresses), each try given `timeout`.
+pub(crate) fn connect_stream(
+    addr: impl ToSocketAddrs,
+    timeout: Duration,
+) -> Result<TcpStream, TransportError> {
+    let addrs: Vec<SocketAddr> = addr
+        .to_socket_addrs()
+        .map_err(|source| TransportError::Connect {
+            addr: "(unresolvable address)".into(),
+            source,
+        })?
+        .collect();
+    let mut last = io::Error::new(io::ErrorKind::InvalidInput, "no address to connect to");
+    for a in &addrs {
+        match TcpStream::connect_timeout(a, timeout) {
+            Ok(s) => return Ok(s),
+            Err(e) => last = e,
+        }
+    }
+    Err(TransportError::Connect {
+        addr: addrs
+            .iter()
+            .map(|a| a.to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+        source: last,
+    })
+}
+
 /// A framed connection to the peer.
 #[derive(Debug)]
 pub struct Connection {
@@ -469,8 +679,23 @@ pub struct Connection {
 }
 
 impl Connection {
-    /// Wraps a connected stream (sets `TCP_NODELAY`).
+    /// Wraps a connected stream (sets `TCP_NODELAY`), in clear.
     pub fn from_stream(stream: TcpStream) -> Result<Self, TransportError> {
+        Self::wrap(stream, None)
+    }
+
+    /// Wraps a connected stream whose TLS handshake `session` has completed.
+    pub(crate) fn from_tls_stream(
+        stream: TcpStream,
+        session: rustls::Connection,
+    ) -> Result<Self, TransportError> {
+        let peer = stream
+            .peer_addr()
+            .map_or_else(|_| "the peer".to_string(), |p| p.to_string());
+        Self::wrap(stream, Some(Session::new(session, peer)))
+    }
+
+    fn wrap(stream: TcpStream, tls: Option<Session>) -> Result<Self, TransportError> {
         stream
             .set_nodelay(true)
             .map_err(|source| TransportError::Io {
@@ -485,6 +710,7 @@ impl Connection {
                 stream: stream.clone(),
                 ring: Ring::new()?,
                 scratch: BytesMut::with_capacity(4096),
+                tls: tls.clone().map(|s| (s, Vec::new())),
                 timeout: None,
                 broken: false,
                 stats: SendStats::default(),
@@ -493,6 +719,7 @@ impl Connection {
                 stream,
                 ring: Ring::new()?,
                 buf: BytesMut::with_capacity(RECV_CHUNK),
+                tls: tls.map(|s| (s, Vec::with_capacity(RECV_CHUNK))),
                 pending: None,
                 broken: false,
                 last_activity: Instant::now(),
@@ -502,30 +729,14 @@ impl Connection {
         })
     }
 
-    /// Connects to `addr`, giving up after `timeout`.
+    /// Connects to `addr` in clear, giving up after `timeout`.
     pub fn connect(addr: impl ToSocketAddrs, timeout: Duration) -> Result<Self, TransportError> {
-        let addrs: Vec<SocketAddr> = addr
-            .to_socket_addrs()
-            .map_err(|source| TransportError::Connect {
-                addr: "(unresolvable address)".into(),
-                source,
-            })?
-            .collect();
-        let mut last = io::Error::new(io::ErrorKind::InvalidInput, "no address to connect to");
-        for a in &addrs {
-            match TcpStream::connect_timeout(a, timeout) {
-                Ok(s) => return Self::from_stream(s),
-                Err(e) => last = e,
-            }
-        }
-        Err(TransportError::Connect {
-            addr: addrs
-                .iter()
-                .map(|a| a.to_string())
-                .collect::<Vec<_>>()
-                .join(", "),
-            source: last,
-        })
+        Self::from_stream(connect_stream(addr, timeout)?)
+    }
+
+    /// Whether the connection is encrypted and authenticated (TLS).
+    pub fn is_secure(&self) -> bool {
+        self.sender.tls.is_some()
     }
 
     /// Accepts one connection on `listener`.

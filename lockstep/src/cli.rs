@@ -11,6 +11,7 @@ use clap::error::ErrorKind;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use thiserror::Error;
 
+use checkpoint::tls::{LinkSecurity, TlsIdentity};
 use engine::devices::serial::Console;
 use engine::devices::NetConfig;
 use engine::machine::{BootConfig, Machine, MachineConfig, MachineError};
@@ -26,10 +27,11 @@ use engine::replication::status::{self, GuestState, Protection, Role};
 use engine::replication::{DEFAULT_HEARTBEAT_TIMEOUT, DEFAULT_NAME};
 use engine::size::{parse_size, SizeError};
 use engine::snapshot::{self, SnapshotError};
-use engine::{info, log};
+use engine::{info, log, warn};
 
 use crate::api::{self, ApiError, ApiServer};
 
+mod certs;
 mod config;
 
 /// Fencing, as every role's help ends.
@@ -108,6 +110,11 @@ enum Command {
         after_help = CTL_NOTES
     )]
     Ctl(CtlArgs),
+    #[command(
+        help_template = command_help!("certs"),
+        about = "make a pair's CA and node certificates for the replication link's TLS"
+    )]
+    Certs(certs::CertsArgs),
 }
 
 const CTL_NOTES: &str = "\
@@ -320,6 +327,21 @@ struct ReplicationArgs {
     /// stop the guest; continue: release at once without fencing (unsafe)
     #[arg(long, value_name = "fence|pause|continue")]
     on_backup_loss: Option<String>,
+    /// this node's certificate (PEM), issued by the pair's CA for the pair's --name
+    /// (`lockstep certs` makes them)
+    #[arg(long, value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// this node's private key (PEM)
+    #[arg(long, value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+    /// the pair's CA certificate (PEM): the peer must present a certificate it issued for
+    /// the pair's --name
+    #[arg(long, value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+    /// run the replication link in clear and unauthenticated (unsafe: anyone who reaches
+    /// the backup's port can feed it a guest, and the guest's memory is readable on the way)
+    #[arg(long)]
+    insecure: bool,
 }
 
 #[derive(Debug, Args)]
@@ -430,6 +452,9 @@ pub enum CliError {
     Events(#[from] EventsError),
     #[error("{0}")]
     Ctl(String),
+    /// A command that failed for a reason of its own, said in one line.
+    #[error("{0}")]
+    Failed(String),
 }
 
 impl CliError {
@@ -458,6 +483,7 @@ pub fn main() -> ExitCode {
         Command::Backup(a) => cmd_backup(*a),
         Command::Demo(a) => super::demo::run(a),
         Command::Ctl(a) => cmd_ctl(a),
+        Command::Certs(a) => certs::run(a),
     };
     match result {
         Ok(code) => code,
@@ -655,7 +681,8 @@ fn cmd_run(a: RunArgs) -> Result<ExitCode, CliError> {
         _ => return Err(usage("--snapshot-after-ms and --snapshot-to go together")),
     };
     let name = a.name.unwrap_or_else(|| DEFAULT_NAME.to_string());
-    let (fence, template) = replication(&a.replication, &a.fence, &name, false, false)?;
+    let (fence, mut template) = replication(&a.replication, &a.fence, &name, false, false)?;
+    template.link = link_option(&a.replication, &name, false)?;
     let _services = a.process.start()?;
     let machine = Machine::boot(&g.machine, &g.image, &g.guest_args)?;
     status::update(|s| {
@@ -842,7 +869,8 @@ fn cmd_primary(a: PrimaryArgs) -> Result<ExitCode, CliError> {
         })
         .transpose()?;
     let name = a.name.unwrap_or_else(|| DEFAULT_NAME.to_string());
-    let (fence, template) = replication(&a.replication, &a.fence, &name, false, false)?;
+    let (fence, mut template) = replication(&a.replication, &a.fence, &name, false, false)?;
+    template.link = link_option(&a.replication, &name, true)?;
     let _services = a.process.start()?;
     let machine = Machine::boot(&g.machine, &g.image, &g.guest_args)?;
     let node = Node {
@@ -1023,7 +1051,7 @@ fn cmd_backup(a: BackupArgs) -> Result<ExitCode, CliError> {
         None => DEFAULT_FENCE_DELAY,
         Some(ms) => Duration::from_millis(in_range("fence-delay-ms", ms, 0..=MAX_MS)?),
     };
-    let (fence, template) = replication(
+    let (fence, mut template) = replication(
         &a.replication,
         &a.fence,
         &name,
@@ -1032,6 +1060,7 @@ fn cmd_backup(a: BackupArgs) -> Result<ExitCode, CliError> {
     )?;
     let opts = BackupOptions {
         listen,
+        link: None,
         mem,
         vcpus: vcpus_option(a.vcpus)?,
         name: name.clone(),
@@ -1048,6 +1077,11 @@ fn cmd_backup(a: BackupArgs) -> Result<ExitCode, CliError> {
             "--fence/--fence-cmd need --net tap=NAME (the tap the promoted guest takes over)",
         ));
     }
+    template.link = link_option(&a.replication, &name, true)?;
+    let opts = BackupOptions {
+        link: template.link.clone(),
+        ..opts
+    };
     // Held until the process ends: a promoted backup runs the guest, is fenced by its
     // pid file and serves the same socket and metrics.
     let _services = a.process.start()?;
@@ -1060,6 +1094,61 @@ fn cmd_backup(a: BackupArgs) -> Result<ExitCode, CliError> {
         snapshot: None,
     };
     finish(node.run(Start::Backup(opts)))
+}
+
+/// `--tls-cert`, `--tls-key`, `--tls-ca` or `--insecure`: how the replication link is
+/// secured. `required`: the command replicates at once (`primary`, `backup`); `run` may go
+/// without, and then cannot be protected.
+fn link_option(
+    r: &ReplicationArgs,
+    name: &str,
+    required: bool,
+) -> Result<Option<LinkSecurity>, CliError> {
+    let files = [
+        ("--tls-cert", &r.tls_cert),
+        ("--tls-key", &r.tls_key),
+        ("--tls-ca", &r.tls_ca),
+    ];
+    let given: Vec<&str> = files
+        .iter()
+        .filter(|(_, f)| f.is_some())
+        .map(|(o, _)| *o)
+        .collect();
+    if r.insecure && !given.is_empty() {
+        return Err(usage(format!(
+            "--insecure and {} exclude each other: secure the link or say it is not",
+            given.join(", ")
+        )));
+    }
+    if r.insecure {
+        warn!(
+            "--insecure: the replication link is neither authenticated nor encrypted \
+             (unsafe outside a trusted network)"
+        );
+        return Ok(Some(LinkSecurity::Insecure));
+    }
+    match (&r.tls_cert, &r.tls_key, &r.tls_ca) {
+        (Some(cert), Some(key), Some(ca)) => {
+            let id = TlsIdentity::load(cert, key, ca, name).map_err(|e| usage(e.to_string()))?;
+            Ok(Some(LinkSecurity::Tls(std::sync::Arc::new(id))))
+        }
+        _ if !given.is_empty() => {
+            let missing: Vec<&str> = files
+                .iter()
+                .filter(|(_, f)| f.is_none())
+                .map(|(o, _)| *o)
+                .collect();
+            Err(usage(format!(
+                "--tls-cert, --tls-key and --tls-ca go together (missing {})",
+                missing.join(", ")
+            )))
+        }
+        _ if required => Err(usage(
+            "the replication link needs --tls-cert, --tls-key and --tls-ca (see `lockstep \
+             certs`), or --insecure to run it in clear (unsafe)",
+        )),
+        _ => Ok(None),
+    }
 }
 
 /// `--heartbeat-timeout-ms MS`: the silence after which either role counts its peer lost.

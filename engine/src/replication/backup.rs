@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use checkpoint::protocol::{Hello, MemoryRegion, Message};
 use checkpoint::staging::{Staging, Step};
+use checkpoint::tls::LinkSecurity;
 use checkpoint::transport::{Connection, TransportError};
 use rustix::event::{poll, PollFd, PollFlags, Timespec};
 use thiserror::Error;
@@ -39,6 +40,12 @@ pub enum BackupError {
     /// The connection from the primary failed.
     #[error("connection from the primary failed: {0}")]
     Transport(#[from] TransportError),
+    /// No link security was configured (neither TLS nor `--insecure`).
+    #[error(
+        "no replication link configured: give --tls-cert, --tls-key and --tls-ca (or \
+         --insecure, unsafe)"
+    )]
+    NoLink,
     /// The primary's first message was not `Hello` (its kind).
     #[error("expected the primary's Hello, got {0:?}")]
     NoHello(checkpoint::protocol::MessageKind),
@@ -89,6 +96,9 @@ pub enum BackupError {
 pub struct BackupOptions {
     /// Address to listen on for the primary (`host:port`).
     pub listen: String,
+    /// How the link is secured: only a primary that passes its TLS handshake is read.
+    /// `None`: not configured, and the backup role refuses to start.
+    pub link: Option<LinkSecurity>,
     /// Bytes of guest RAM to expect; by default what the primary's `Hello` says.
     pub mem: Option<u64>,
     /// vCPUs to expect; by default what the primary's `Hello` says.
@@ -204,13 +214,24 @@ pub fn run_on(
         .local_addr()
         .map(|a| a.to_string())
         .unwrap_or_else(|_| opts.listen.clone());
-    info!("listening on {local}");
-    let Some(mut conn) = accept(&listener)? else {
+    let link = opts.link.clone().ok_or(BackupError::NoLink)?;
+    match &link {
+        LinkSecurity::Tls(id) => info!(
+            "listening on {local} (TLS: only a primary with a certificate for pair '{}' from \
+             the pair's CA is read)",
+            id.name()
+        ),
+        LinkSecurity::Insecure => warn!(
+            "listening on {local} with --insecure: UNSAFE, anyone who reaches this port can \
+             feed this backup a guest, and the guest's memory crosses the network in clear"
+        ),
+    }
+    let Some(mut conn) = accept(&listener, &link)? else {
         return Err(BackupError::Stopped(0));
     };
     let peer = conn.peer_addr().map(|a| a.to_string()).unwrap_or_default();
     // One primary per backup: any other that connects is refused at once, by name.
-    let _refuser = Refuser::start(&listener, &peer);
+    let _refuser = Refuser::start(&listener, &peer, &link);
     let hello = match conn.recv(Some(HELLO_TIMEOUT))? {
         Message::Hello(h) => h,
         other => return Err(BackupError::NoHello(other.kind())),
@@ -569,7 +590,8 @@ struct Refuser {
 }
 
 impl Refuser {
-    fn start(listener: &TcpListener, serving: &str) -> Option<Refuser> {
+    fn start(listener: &TcpListener, serving: &str, link: &LinkSecurity) -> Option<Refuser> {
+        let link = link.clone();
         let listener = listener.try_clone().ok()?;
         let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = done.clone();
@@ -581,7 +603,8 @@ impl Refuser {
                     if !incoming(&listener) {
                         continue;
                     }
-                    if let Ok(mut other) = Connection::accept(&listener) {
+                    // Over TLS only an authenticated peer hears whom this backup serves.
+                    if let Ok(mut other) = link.accept(&listener) {
                         // Its Hello first (a peer that closes at once is not waited for).
                         let _ = other.recv(Some(Duration::from_secs(2)));
                         let _ = other.send(&Message::Refuse {
@@ -612,14 +635,22 @@ fn incoming(listener: &TcpListener) -> bool {
     poll(&mut fds, Some(&slice)).unwrap_or(0) > 0
 }
 
-/// Waits for the primary, giving up on SIGTERM/SIGINT.
-fn accept(listener: &TcpListener) -> Result<Option<Connection>, BackupError> {
+/// Waits for the primary, giving up on SIGTERM/SIGINT. A peer that fails the link's
+/// handshake (no or a wrong certificate, TLS against `--insecure` or the reverse) is
+/// refused with a warning naming the cause, and the wait goes on: nothing of it was read.
+fn accept(listener: &TcpListener, link: &LinkSecurity) -> Result<Option<Connection>, BackupError> {
     loop {
         if stop_requested() {
             return Ok(None);
         }
         if incoming(listener) {
-            return Ok(Some(Connection::accept(listener)?));
+            match link.accept(listener) {
+                Ok(conn) => return Ok(Some(conn)),
+                Err(TransportError::Tls { peer, cause }) => {
+                    warn!("refused a connection from {peer}: {cause}")
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
     }
 }

@@ -122,7 +122,13 @@ impl Node {
     pub fn run(&self, start: Start) -> Result<u8, NodeError> {
         let started = Instant::now();
         control::set_fence_agent(self.primary.fence.is_some());
-        control::set_protect_refusal(
+        control::set_protect_refusal(if self.primary.link.is_none() {
+            Some(
+                "this process has no replication link configured: start it with --tls-cert, \
+                 --tls-key and --tls-ca (or --insecure, unsafe)"
+                    .to_string(),
+            )
+        } else {
             (self.net.is_some()
                 && self.primary.fence.is_none()
                 && self.primary.on_backup_loss == OnBackupLoss::Fence)
@@ -131,8 +137,8 @@ impl Node {
                      the new backup be lost, the guest's output would stay held until the \
                      guest is stopped (or choose --on-backup-loss continue, unsafe)"
                         .to_string()
-                }),
-        );
+                })
+        });
         let mut state = match start {
             Start::Run(m) => State::Run(m, None),
             Start::Protect(m) => State::Protect {
@@ -318,6 +324,7 @@ impl Node {
     fn backup_options(&self, listen: String) -> BackupOptions {
         BackupOptions {
             listen,
+            link: self.primary.link.clone(),
             mem: None,
             vcpus: None,
             name: self.primary.name.clone(),

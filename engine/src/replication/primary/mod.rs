@@ -42,6 +42,7 @@ use checkpoint::encode::{send_epoch, send_sync, EncoderConfig, EpochEncoder, Sta
 use checkpoint::handshake::primary_handshake;
 use checkpoint::inflight::{InFlight, Pacing, SharedInFlight};
 use checkpoint::protocol::{Hello, MemoryRegion, Message};
+use checkpoint::tls::LinkSecurity;
 use checkpoint::transport::{Connection, FrameReceiver, FrameSender, TransportError};
 use checkpoint::PAGE_SIZE;
 use crossbeam_channel::{unbounded, Receiver, Sender};
@@ -84,6 +85,15 @@ pub enum PrimaryError {
         /// The last error.
         source: TransportError,
     },
+    /// The backup was reached but the link's TLS handshake failed.
+    #[error("the backup refused the link or was refused: {0}")]
+    Link(#[source] TransportError),
+    /// No link security was configured (neither TLS nor `--insecure`).
+    #[error(
+        "no replication link configured: give --tls-cert, --tls-key and --tls-ca (or \
+         --insecure, unsafe)"
+    )]
+    NoLink,
     /// The backup refused the handshake.
     #[error(transparent)]
     Handshake(#[from] checkpoint::handshake::HandshakeError),
@@ -189,6 +199,9 @@ pub struct PrimaryOptions {
     /// An epoch ends early when the guest has dirtied this many pages, which bounds the
     /// checkpoint pause (the pages are copied while the guest is paused).
     pub max_epoch_pages: usize,
+    /// How the link to the backup is secured (mutual TLS, or explicitly none); `None`: not
+    /// configured, and the process cannot protect its guest.
+    pub link: Option<LinkSecurity>,
 }
 
 impl PrimaryOptions {
@@ -208,6 +221,7 @@ impl PrimaryOptions {
             early_checkpoint: true,
             min_interval: Duration::from_millis(2),
             max_epoch_pages: DEFAULT_MAX_EPOCH_PAGES,
+            link: None,
         }
     }
 }
@@ -363,7 +377,8 @@ pub fn protect(machine: &mut Machine, opts: PrimaryOptions) -> Result<ProtectEnd
             s.protection = Protection::Unprotected;
         });
     }
-    let mut conn = connect(&opts.peer, opts.connect_timeout)?;
+    let link = opts.link.as_ref().ok_or(PrimaryError::NoLink)?;
+    let mut conn = connect(link, &opts.peer, opts.connect_timeout)?;
     let mem_size = ram_size(machine.memory());
     let hello = Hello::new(
         machine.vcpu_count() as u32,
@@ -525,12 +540,14 @@ pub fn protect(machine: &mut Machine, opts: PrimaryOptions) -> Result<ProtectEnd
     }
 }
 
-fn connect(peer: &str, timeout: Duration) -> Result<Connection, PrimaryError> {
+fn connect(link: &LinkSecurity, peer: &str, timeout: Duration) -> Result<Connection, PrimaryError> {
     let deadline = Instant::now() + timeout;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        match Connection::connect(peer, left.max(Duration::from_millis(100))) {
+        match link.connect(peer, left.max(Duration::from_millis(100))) {
             Ok(c) => return Ok(c),
+            // Reached, but refused: a wrong key or certificate does not heal with time.
+            Err(e @ TransportError::Tls { .. }) => return Err(PrimaryError::Link(e)),
             // The backup may still be starting: try again until the deadline, or a stop.
             Err(_) if Instant::now() < deadline && !stop_requested() => {
                 std::thread::sleep(Duration::from_millis(50))
