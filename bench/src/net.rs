@@ -114,11 +114,12 @@ fn measure(
         Mode::Early | Mode::NoEarly => {
             procs.push(spawn(
                 "backup",
-                vec!["backup", "--listen", "127.0.0.1:7600"],
+                vec!["backup", "--insecure", "--listen", "127.0.0.1:7600"],
             )?);
             let interval = interval.to_string();
             let mut args = vec![
                 "primary",
+                "--insecure",
                 "--peer",
                 "127.0.0.1:7600",
                 "--interval-ms",

@@ -128,7 +128,17 @@ pub(crate) fn protected(
     let port = free_port()?;
     let addr = format!("127.0.0.1:{port}");
     let deadline = Instant::now() + Duration::from_secs_f64(seconds) + GRACE;
-    let backup = start(bin, &["backup", "--listen", &addr, "--console", "none"])?;
+    let backup = start(
+        bin,
+        &[
+            "backup",
+            "--insecure",
+            "--listen",
+            &addr,
+            "--console",
+            "none",
+        ],
+    )?;
     let interval = interval_ms.to_string();
     let seconds = seconds.to_string();
     let args = [

@@ -10,6 +10,7 @@
 pub mod bin;
 pub mod cluster;
 pub mod kv;
+pub mod link;
 pub mod netns;
 pub mod pair;
 pub mod process;

@@ -225,6 +225,8 @@ pub fn primary_cmd(ns: &Netns, dir: &TempDir, peer: &str, extra: &[&str]) -> Pro
     let console = dir.arg("primary.console");
     args.push(&pid);
     args.extend(["--console", &console]);
+    let tls = crate::link::tls_args(dir.path(), "node1");
+    args.extend(tls.iter().map(String::as_str));
     args.extend_from_slice(extra);
     Proc::spawn(
         ns.command(lockstep_bin(), &args),
@@ -261,6 +263,8 @@ pub fn backup_cmd_named(
     ];
     let pid = dir.arg(&format!("{name}.pid"));
     args.push(&pid);
+    let tls = crate::link::tls_args(dir.path(), "node2");
+    args.extend(tls.iter().map(String::as_str));
     args.extend_from_slice(extra);
     let err = dir.join(&format!("{name}.err"));
     let p = Proc::spawn(

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use crate::interrupted;
 use crate::kv::{Kv, Reply};
+use crate::link::PairTls;
 use crate::netns::Netns;
 use crate::process::{wait_for_line, Proc};
 
@@ -163,6 +164,8 @@ pub fn trial(ns: &Netns, cfg: &TrialConfig) -> Result<TrialOutcome, String> {
         }
     };
 
+    // The link is TLS, as a user runs it: the pair's certificates from `lockstep certs`.
+    let tls = PairTls::make(&cfg.bin, &cfg.dir.join("tls"), "demo")?;
     let backup_spawned = Instant::now();
     let mut backup = spawn_backup(ns, cfg, "backup", &listen, "demo-primary", "primary.pid")?;
     let mut primary_args = vec![
@@ -190,6 +193,7 @@ pub fn trial(ns: &Netns, cfg: &TrialConfig) -> Result<TrialOutcome, String> {
         "--console".into(),
         arg(&cfg.dir.join("primary.console")),
     ];
+    primary_args.extend(tls.args("node1"));
     if let Some(m) = &cfg.mem {
         primary_args.extend(["--mem".to_string(), m.clone()]);
     }
@@ -450,36 +454,42 @@ fn spawn_backup(
     victim_pid: &str,
 ) -> Result<Proc, String> {
     let arg = |p: &Path| p.to_str().unwrap_or_default().to_string();
-    let own_pid = if victim_pid == "primary.pid" {
-        "backup.pid"
+    // A node is its pid file, and its certificate.
+    let (own_pid, node) = if victim_pid == "primary.pid" {
+        ("backup.pid", "node2")
     } else {
-        "primary.pid"
+        ("primary.pid", "node1")
     };
+    let tls = PairTls::existing(&cfg.dir.join("tls"))
+        .ok_or("the pair's certificates are missing")?
+        .args(node);
+    let mut args: Vec<String> = [
+        "backup",
+        "--listen",
+        listen,
+        "--net",
+        "tap=tap0",
+        "--name",
+        "demo",
+        "--pid-file",
+        &arg(&cfg.dir.join(own_pid)),
+        "--fence-cmd",
+        &arg(&cfg.dir.join("fence-pidfile")),
+        "--peer-node",
+        peer_node,
+        "--fence-arg",
+        &format!("pidfile={}", arg(&cfg.dir.join(victim_pid))),
+        "--console",
+        &arg(&cfg.dir.join(format!("{name}.console"))),
+        "--api-sock",
+        &arg(&cfg.dir.join(format!("{name}.sock"))),
+    ]
+    .map(String::from)
+    .to_vec();
+    args.extend(tls);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut backup = Proc::spawn(
-        ns.command(
-            &cfg.bin,
-            &[
-                "backup",
-                "--listen",
-                listen,
-                "--net",
-                "tap=tap0",
-                "--name",
-                "demo",
-                "--pid-file",
-                &arg(&cfg.dir.join(own_pid)),
-                "--fence-cmd",
-                &arg(&cfg.dir.join("fence-pidfile")),
-                "--peer-node",
-                peer_node,
-                "--fence-arg",
-                &format!("pidfile={}", arg(&cfg.dir.join(victim_pid))),
-                "--console",
-                &arg(&cfg.dir.join(format!("{name}.console"))),
-                "--api-sock",
-                &arg(&cfg.dir.join(format!("{name}.sock"))),
-            ],
-        ),
+        ns.command(&cfg.bin, &args),
         cfg.dir.join(format!("{name}.out")),
         cfg.dir.join(format!("{name}.err")),
     )?;

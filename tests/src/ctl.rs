@@ -98,6 +98,7 @@ pub fn idle_backup(dir: &crate::TempDir, name: &str) -> (crate::Proc, std::path:
         name,
         &[
             "backup",
+            "--insecure",
             "--listen",
             "127.0.0.1:0",
             "--api-sock",

@@ -46,13 +46,21 @@ fn a_pair_reports_its_status_and_stops_on_request() {
     let mut backup = spawn(
         &dir,
         "backup",
-        &["backup", "--listen", &listen, "--api-sock", path(&bsock)],
+        &[
+            "backup",
+            "--insecure",
+            "--listen",
+            &listen,
+            "--api-sock",
+            path(&bsock),
+        ],
     );
     let mut primary = spawn(
         &dir,
         "primary",
         &[
             "primary",
+            "--insecure",
             "--peer",
             &listen,
             "--api-sock",
@@ -405,8 +413,12 @@ fn a_busy_backup_refuses_a_second_primary_at_once() {
         "--console",
         "none",
     ];
-    let _backup = spawn(&dir, "backup", &["backup", "--listen", &listen]);
-    let mut first = vec!["primary", "--peer", &listen];
+    let _backup = spawn(
+        &dir,
+        "backup",
+        &["backup", "--insecure", "--listen", &listen],
+    );
+    let mut first = vec!["primary", "--insecure", "--peer", &listen];
     first.extend_from_slice(&guest);
     let _primary = spawn(&dir, "primary", &first);
     tests::pair::wait_log(
@@ -416,7 +428,7 @@ fn a_busy_backup_refuses_a_second_primary_at_once() {
     );
     // A second primary (or a protect aimed at this backup) is refused at once, by name.
     let t = Instant::now();
-    let mut second = vec!["primary", "--peer", &listen];
+    let mut second = vec!["primary", "--insecure", "--peer", &listen];
     second.extend_from_slice(&guest);
     lockstep(&second).assert_one_line_error(&["refused", "already replicates the primary"]);
     assert!(

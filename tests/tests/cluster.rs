@@ -22,14 +22,16 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::Value;
 use tests::cluster::{Cluster, Node, Options, Status};
+use tests::link::PairTls;
 use tests::pair::{ms, Load};
 use tests::trial::KV_ARGS;
-use tests::{kvm_required, lockstep_bin, one_at_a_time, Watchdog};
+use tests::{kvm_required, lockstep_bin, one_at_a_time, TempDir, Watchdog};
 
 const CLONE: &str = "vm-clone";
 const SOCK: &str = "/run/resource-agents/lockstep-vm/api.sock";
 
-/// The lockstep clone; `{PROVIDER}` is where the agent is installed, `{BIN}` the binary.
+/// The lockstep clone; `{PROVIDER}` is where the agent is installed, `{BIN}` the binary,
+/// `{TLS}` the directory of the pair's certificates.
 const LOCKSTEP_CLONE: &str = r#"<clone id="vm-clone">
   <meta_attributes id="vm-clone-meta">
     <nvpair id="vm-clone-promotable" name="promotable" value="true"/>
@@ -47,6 +49,7 @@ const LOCKSTEP_CLONE: &str = r#"<clone id="vm-clone">
       <nvpair id="vm-net" name="net" value="tap=tap0"/>
       <nvpair id="vm-guest-args" name="guest_args" value="{ARGS}"/>
       <nvpair id="vm-mem" name="mem" value="128M"/>
+      <nvpair id="vm-tls-dir" name="tls_dir" value="{TLS}"/>
     </instance_attributes>
     <operations>
       <op id="vm-start" name="start" interval="0" timeout="60s"/>
@@ -163,7 +166,12 @@ fn a_protected_guest_under_pacemaker_survives_crash_rejoin_switchover_and_split(
     let provider = cluster
         .install_ocf_agent(&agent)
         .unwrap_or_else(|e| panic!("{e}"));
+    // The replication link is TLS, with certificates for the nodes as the cluster names them.
+    let tls = TempDir::new("cluster-tls");
+    let certs = tls.join("vm");
+    PairTls::make(lockstep_bin(), &certs, "vm").unwrap_or_else(|e| panic!("{e}"));
     let clone = LOCKSTEP_CLONE
+        .replace("{TLS}", &certs.display().to_string())
         .replace("{PROVIDER}", &provider)
         .replace("{BIN}", &lockstep_bin().display().to_string())
         .replace("{ARGS}", KV_ARGS);

@@ -113,10 +113,10 @@ fn a_pair_from_two_files() {
         ),
     );
     let mut cmd = Command::new(lockstep_bin());
-    cmd.args(["backup", "--config", &backup_file]);
+    cmd.args(["backup", "--insecure", "--config", &backup_file]);
     let mut backup = Proc::spawn(cmd, dir.join("backup.out"), dir.join("backup.err"))
         .unwrap_or_else(|e| panic!("{e}"));
-    let primary = lockstep(&["primary", "--config", &primary_file]);
+    let primary = lockstep(&["primary", "--insecure", "--config", &primary_file]);
     primary.assert_success();
     let status = backup.wait_for(Duration::from_secs(60));
     assert!(
@@ -176,9 +176,10 @@ fn values_meet_the_command_lines_checks() {
             "primary.toml",
             &format!("guest = \"builtin\"\npeer = \"127.0.0.1:1\"\n{key} = {value}\n"),
         );
-        let from_file = lockstep(&["primary", "--config", &file]);
+        let from_file = lockstep(&["primary", "--insecure", "--config", &file]);
         let typed = lockstep(&[
             "primary",
+            "--insecure",
             "--guest",
             "builtin",
             "--peer",
@@ -253,7 +254,7 @@ fn unusable_files_are_one_line_naming_the_file() {
         assert_eq!(run.stdout, "", "{text:?}: nothing may run");
     }
     let missing = dir.arg("missing.toml");
-    let run = lockstep(&["backup", "--config", &missing]);
+    let run = lockstep(&["backup", "--insecure", "--config", &missing]);
     assert_eq!(run.code(), Some(2), "{run:?}");
     run.assert_one_line_error(&["cannot read config file", &missing, "No such file"]);
 }

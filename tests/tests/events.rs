@@ -167,6 +167,7 @@ fn a_backup_behind_shows_as_lag_and_throttle_events() {
         "backup",
         &[
             "backup",
+            "--insecure",
             "--listen",
             &listen,
             "--test-withhold-acks-ms",
@@ -178,6 +179,7 @@ fn a_backup_behind_shows_as_lag_and_throttle_events() {
         "primary",
         &[
             "primary",
+            "--insecure",
             "--peer",
             &listen,
             "--events",
@@ -250,8 +252,22 @@ fn an_events_path_that_cannot_be_opened_is_a_one_line_error() {
     let missing = "/nonexistent-lockstep-dir/events.jsonl";
     for args in [
         &["run", "--guest", "builtin", "--events", missing][..],
-        &["primary", "--peer", "127.0.0.1:1", "--events", missing],
-        &["backup", "--listen", "127.0.0.1:0", "--events", missing],
+        &[
+            "primary",
+            "--insecure",
+            "--peer",
+            "127.0.0.1:1",
+            "--events",
+            missing,
+        ],
+        &[
+            "backup",
+            "--insecure",
+            "--listen",
+            "127.0.0.1:0",
+            "--events",
+            missing,
+        ],
     ] {
         let run = lockstep(args);
         run.assert_one_line_error(&["--events", missing]);

@@ -124,7 +124,13 @@ fn invariant3_an_orderly_end_removes_the_pid_file() {
     let dir = TempDir::new("fence-pidfile-end");
     let path = dir.join("b.pid");
     let mut b = Command::new(tests::lockstep_bin())
-        .args(["backup", "--listen", "127.0.0.1:0", "--pid-file"])
+        .args([
+            "backup",
+            "--insecure",
+            "--listen",
+            "127.0.0.1:0",
+            "--pid-file",
+        ])
         .arg(&path)
         .stderr(Stdio::null())
         .spawn()
@@ -246,6 +252,7 @@ fn invariant3_no_fence_arg_changes_what_is_asked_or_of_whom() {
         for role in [
             &[
                 "backup",
+                "--insecure",
                 "--listen",
                 "127.0.0.1:1",
                 "--net",
@@ -257,6 +264,7 @@ fn invariant3_no_fence_arg_changes_what_is_asked_or_of_whom() {
             ][..],
             &[
                 "primary",
+                "--insecure",
                 "--peer",
                 "127.0.0.1:1",
                 "--guest",
@@ -276,6 +284,7 @@ fn invariant3_no_fence_arg_changes_what_is_asked_or_of_whom() {
     }
     let run = lockstep(&[
         "primary",
+        "--insecure",
         "--peer",
         "127.0.0.1:1",
         "--guest",
@@ -303,7 +312,14 @@ fn invariant3_no_fence_arg_changes_what_is_asked_or_of_whom() {
             "0",
         ][..],
     ] {
-        let mut all = vec!["backup", "--listen", "127.0.0.1:1", "--net", "tap=t0"];
+        let mut all = vec![
+            "backup",
+            "--insecure",
+            "--listen",
+            "127.0.0.1:1",
+            "--net",
+            "tap=t0",
+        ];
         all.extend_from_slice(args);
         let run = lockstep(&all);
         run.assert_one_line_error(&["--"]);

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tests::ctl::{free_port, path, post, raw, spawn, status, wait_answer};
+use tests::link::tls_args;
 use tests::pair::{backup_cmd_named, fence_args, ms, primary_cmd, strings, wait_log, Load, Pair};
 use tests::{kvm_required, lockstep, lockstep_bin, one_at_a_time, Netns, Proc, TempDir, Watchdog};
 
@@ -54,6 +55,9 @@ fn kv_run(ns: &Netns, dir: &TempDir, extra: &[&str]) -> (Proc, std::path::PathBu
         "--api-sock",
         path(&sock),
     ];
+    // Protected later by backups of the pair fixture's: its certificates.
+    let tls = tls_args(dir.path(), "node1");
+    args.extend(tls.iter().map(String::as_str));
     args.extend_from_slice(extra);
     let run = Proc::spawn(
         ns.command(lockstep_bin(), &args),
@@ -680,21 +684,22 @@ fn a_switchover_that_cannot_complete_leaves_the_guest_running_where_it_was() {
     // A backup without --net cannot run a guest with a network device: it refuses the
     // hand-over, and the pair goes on protected.
     let bsock = dir.join("b.sock");
+    let pid = dir.arg("backup.pid");
+    let mut args = vec![
+        "backup",
+        "--listen",
+        "127.0.0.1:7600",
+        "--console",
+        "none",
+        "--api-sock",
+        path(&bsock),
+        "--pid-file",
+        &pid,
+    ];
+    let tls = tls_args(dir.path(), "node2");
+    args.extend(tls.iter().map(String::as_str));
     let mut b = Proc::spawn(
-        ns.command(
-            lockstep_bin(),
-            &[
-                "backup",
-                "--listen",
-                "127.0.0.1:7600",
-                "--console",
-                "none",
-                "--api-sock",
-                path(&bsock),
-                "--pid-file",
-                &dir.arg("backup.pid"),
-            ],
-        ),
+        ns.command(lockstep_bin(), &args),
         dir.join("backup.out"),
         dir.join("backup.err"),
     )
@@ -912,6 +917,7 @@ fn a_protected_run_replicates_with_its_own_options() {
         "run",
         &[
             "run",
+            "--insecure",
             "--guest",
             "builtin",
             "--guest-args",
@@ -965,7 +971,14 @@ fn a_protected_run_replicates_with_its_own_options() {
     let mut backup = spawn(
         &dir,
         "backup",
-        &["backup", "--listen", &listen, "--console", "none"],
+        &[
+            "backup",
+            "--insecure",
+            "--listen",
+            &listen,
+            "--console",
+            "none",
+        ],
     );
     lockstep(&[
         "ctl",

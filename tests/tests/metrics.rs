@@ -184,13 +184,21 @@ fn a_protected_pair_serves_live_metrics_on_both_sides() {
     let mut backup = spawn(
         &dir,
         "backup",
-        &["backup", "--listen", &listen, "--metrics", "127.0.0.1:0"],
+        &[
+            "backup",
+            "--insecure",
+            "--listen",
+            &listen,
+            "--metrics",
+            "127.0.0.1:0",
+        ],
     );
     let mut primary = spawn(
         &dir,
         "primary",
         &[
             "primary",
+            "--insecure",
             "--peer",
             &listen,
             "--metrics",
@@ -298,6 +306,7 @@ fn a_protected_pair_serves_live_metrics_on_both_sides() {
     // The port is taken: a second process says so in one line, and the pair goes on.
     lockstep(&[
         "backup",
+        "--insecure",
         "--listen",
         &format!("127.0.0.1:{}", free_port()),
         "--metrics",
@@ -402,17 +411,22 @@ fn held_output_fencing_and_a_promotion_show_in_the_metrics() {
 fn a_bad_metrics_address_is_a_one_line_error() {
     let listen = format!("127.0.0.1:{}", free_port());
     for bad in ["nonsense", "127.0.0.1", "127.0.0.1:99999"] {
-        lockstep(&["backup", "--listen", &listen, "--metrics", bad]).assert_one_line_error(&[
+        lockstep(&[
+            "backup",
+            "--insecure",
+            "--listen",
+            &listen,
             "--metrics",
             bad,
-            "ADDR:PORT",
-        ]);
+        ])
+        .assert_one_line_error(&["--metrics", bad, "ADDR:PORT"]);
     }
     // Before anything boots: `run` and `primary` say the same.
     lockstep(&["run", "--guest", "builtin", "--metrics", "nonsense"])
         .assert_one_line_error(&["--metrics nonsense"]);
     lockstep(&[
         "primary",
+        "--insecure",
         "--peer",
         &listen,
         "--guest",

@@ -169,7 +169,10 @@ fn redis_benchmark_against_a_protected_kv_guest() {
     let dir = TempDir::new("net-protected");
     let ns = Netns::create("lsnet").expect("network namespace");
     let mut backup = spawn(
-        ns.command(lockstep_bin(), &["backup", "--listen", "127.0.0.1:7600"]),
+        ns.command(
+            lockstep_bin(),
+            &["backup", "--insecure", "--listen", "127.0.0.1:7600"],
+        ),
         dir.join("backup.out"),
         dir.join("backup.err"),
     );
@@ -178,6 +181,7 @@ fn redis_benchmark_against_a_protected_kv_guest() {
             lockstep_bin(),
             &[
                 "primary",
+                "--insecure",
                 "--peer",
                 "127.0.0.1:7600",
                 "--guest",
@@ -262,6 +266,7 @@ fn no_reply_leaves_before_the_backup_acknowledges() {
             lockstep_bin(),
             &[
                 "backup",
+                "--insecure",
                 "--listen",
                 "127.0.0.1:7601",
                 "--test-withhold-acks-ms",
@@ -278,6 +283,7 @@ fn no_reply_leaves_before_the_backup_acknowledges() {
             lockstep_bin(),
             &[
                 "primary",
+                "--insecure",
                 "--peer",
                 "127.0.0.1:7601",
                 // Acks are held back on purpose: the backup is slow, not lost.

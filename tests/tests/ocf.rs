@@ -9,6 +9,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use tests::link::PairTls;
 use tests::{kvm_required, lockstep_bin, one_at_a_time, Netns, TempDir};
 
 const AGENT: &str = "/usr/lib/ocf/resource.d/lockstep/lockstep";
@@ -55,6 +56,7 @@ fn ocf_tester_passes_on_the_resource_agent() {
         "fresh_boot=always".into(),
         "unprotected_demote=stop".into(),
         "extra_args=--connect-timeout-s 1".into(),
+        "insecure=true".into(),
     ];
     let mut args = vec!["-n".to_string(), "vm".to_string()];
     for o in &opts {
@@ -135,9 +137,35 @@ fn the_agent_refuses_incomplete_parameters_with_the_ocf_codes() {
         ("OCF_RESKEY_nodes", "node1=a:1 node2=b:2"),
     ]);
     assert_eq!(run(&env, "validate-all"), 5);
-    // A complete set validates; a stopped instance monitors as not running (7).
+    // The link: neither TLS nor insecure, both, or a certificate directory without this
+    // node's files.
+    let dir = TempDir::new("ocf-validate");
+    let certs = dir.join("tls");
+    PairTls::make(lockstep_bin(), &certs, "vm").unwrap_or_else(|e| panic!("{e}"));
+    let certs = certs.display().to_string();
     let mut env = base.to_vec();
     env.push(("OCF_RESKEY_nodes", "node1=a:1 node2=b:2"));
+    assert_eq!(run(&env, "validate-all"), 6, "no tls_dir, no insecure");
+    let mut both = env.clone();
+    both.extend([
+        ("OCF_RESKEY_tls_dir", certs.as_str()),
+        ("OCF_RESKEY_insecure", "true"),
+    ]);
+    assert_eq!(run(&both, "validate-all"), 6, "tls_dir and insecure");
+    let mut other_node = env.clone();
+    other_node.retain(|(k, _)| *k != "OCF_RESKEY_CRM_meta_on_node");
+    other_node.extend([
+        ("OCF_RESKEY_CRM_meta_on_node", "node3"),
+        ("OCF_RESKEY_nodes", "node3=a:1 node2=b:2"),
+        ("OCF_RESKEY_tls_dir", certs.as_str()),
+    ]);
+    assert_eq!(
+        run(&other_node, "validate-all"),
+        5,
+        "no certificate for node3"
+    );
+    // A complete set validates; a stopped instance monitors as not running (7).
+    env.push(("OCF_RESKEY_tls_dir", certs.as_str()));
     env.push(("OCF_RESKEY_state_dir", "/nonexistent-lockstep-state"));
     assert_eq!(run(&env, "validate-all"), 0);
     assert_eq!(run(&env, "monitor"), 7);
@@ -161,6 +189,11 @@ fn agent(ns: &Netns, dir: &TempDir, node: &str, action: &str, heartbeat_ms: u32)
     let bin = lockstep_bin().display().to_string();
     let state = dir.arg(node);
     let extra = format!("--heartbeat-timeout-ms {heartbeat_ms}");
+    let certs = dir.join("tls");
+    if !certs.exists() {
+        PairTls::make(lockstep_bin(), &certs, "vm").unwrap_or_else(|e| panic!("{e}"));
+    }
+    let tls = certs.display().to_string();
     let env = [
         ("OCF_ROOT", "/usr/lib/ocf"),
         ("OCF_RESOURCE_INSTANCE", "vm:0"),
@@ -180,6 +213,7 @@ fn agent(ns: &Netns, dir: &TempDir, node: &str, action: &str, heartbeat_ms: u32)
         ("OCF_RESKEY_state_dir", state.as_str()),
         ("OCF_RESKEY_fresh_boot", "always"),
         ("OCF_RESKEY_extra_args", extra.as_str()),
+        ("OCF_RESKEY_tls_dir", tls.as_str()),
     ];
     let mut c = ns.command(Path::new(AGENT), &[action]);
     c.env_clear().env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");

@@ -129,11 +129,18 @@ fn replicate_via(
 ) -> Pair {
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
-    let mut args = vec!["backup", "--listen", &listen];
+    let mut args = vec!["backup", "--insecure", "--listen", &listen];
     args.extend_from_slice(backup_args);
     let backup = Spawned::start(&args);
     let peer = format!("127.0.0.1:{}", via_proxy(port));
-    let mut args = vec!["primary", "--peer", &peer, "--connect-timeout-s", "20"];
+    let mut args = vec![
+        "primary",
+        "--insecure",
+        "--peer",
+        &peer,
+        "--connect-timeout-s",
+        "20",
+    ];
     args.extend_from_slice(primary_args);
     let primary = Spawned::start(&args);
     let primary = primary.wait();
