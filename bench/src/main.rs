@@ -11,6 +11,7 @@ mod args;
 mod checkpoint;
 mod failover;
 mod harvest;
+mod link;
 mod net;
 mod pause;
 mod runs;
@@ -47,6 +48,12 @@ const SUBCOMMANDS: &[(&str, &str)] = &[
          [--samples N (40)] [--pages 1000,10000,50000]",
     ),
     (
+        "link",
+        "mutual TLS on the replication link, TLS / --insecure in one run: initial sync of a \
+         running guest's random pages, epoch stream rate, commit latency [--trials N (3)] \
+         [--seconds S (5)] [--wss 512M] [--fill S (8)]",
+    ),
+    (
         "net",
         "redis-benchmark GET/SET against the kv guest in a network namespace: unprotected, \
          protected with and without early checkpoints [--requests N (5000)] [--clients N (20)] \
@@ -66,6 +73,8 @@ pub enum BenchError {
     Checkpoint(#[from] checkpoint::CheckpointError),
     #[error(transparent)]
     Net(#[from] net::NetError),
+    #[error("{0}")]
+    Failed(String),
 }
 
 impl BenchError {
@@ -105,6 +114,7 @@ fn dispatch(args: &[String]) -> Result<(), BenchError> {
         "checkpoint" => checkpoint::run(&Args::parse("checkpoint", rest, checkpoint::OPTIONS)?),
         "failover" => failover::run(&Args::parse("failover", rest, failover::OPTIONS)?),
         "harvest" => harvest::run(&Args::parse("harvest", rest, harvest::OPTIONS)?),
+        "link" => link::run(&Args::parse("link", rest, link::OPTIONS)?),
         "net" => net::run_bench(&Args::parse("net", rest, net::OPTIONS)?),
         "-h" | "--help" | "help" => {
             print!("{}", usage());

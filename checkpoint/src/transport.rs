@@ -269,10 +269,7 @@ impl Session {
             s.read_tls(&mut cipher)
                 .map_err(|e| self.error(e.to_string()))?;
             if let Err(e) = s.process_new_packets() {
-                return Err(self.error(format!(
-                    "a record failed its check ({e}): the stream was altered, replayed or \
-                     reordered on the way"
-                )));
+                return Err(self.error(crate::tls::describe(&e)));
             }
         }
     }

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::kv::{Kv, Reply};
+use crate::link::{Tamper, TamperProxy};
 use crate::netns::Netns;
 use crate::process::Proc;
 use crate::trial::{GUEST_ADDR, KV_ARGS};
@@ -351,7 +352,20 @@ pub struct Pair {
     pub backup: Proc,
     pub primary: Proc,
     pub proxy: Option<Proxy>,
+    /// The man in the middle, for [`Link::Tampered`].
+    pub tamper: Option<TamperProxy>,
     pub load: Load,
+}
+
+/// How the primary reaches the backup.
+#[derive(Clone, Copy, Debug)]
+pub enum Link {
+    /// Directly.
+    Direct,
+    /// Through a [`Proxy`] that can be cut.
+    Proxy,
+    /// Through a [`TamperProxy`] that tampers with the record after that many data records.
+    Tampered(Tamper, usize),
 }
 
 impl Pair {
@@ -360,17 +374,42 @@ impl Pair {
         proxy: bool,
         args: impl FnOnce(&TempDir) -> (Vec<String>, Vec<String>),
     ) -> Pair {
+        let link = if proxy { Link::Proxy } else { Link::Direct };
+        Pair::start_through(prefix, link, args)
+    }
+
+    /// [`Pair::start`] with the primary reaching the backup as `link` says.
+    pub fn start_through(
+        prefix: &str,
+        link: Link,
+        args: impl FnOnce(&TempDir) -> (Vec<String>, Vec<String>),
+    ) -> Pair {
         let dir = TempDir::new(prefix);
         let ns = Netns::create(prefix).expect("network namespace");
         let (backup_extra, primary_extra) = args(&dir);
         let backup_extra: Vec<&str> = backup_extra.iter().map(String::as_str).collect();
         let primary_extra: Vec<&str> = primary_extra.iter().map(String::as_str).collect();
         let backup = backup_cmd(&ns, &dir, "127.0.0.1:7600", &backup_extra);
-        let proxy = proxy.then(|| Proxy::start(&ns, "127.0.0.1:7601", "127.0.0.1:7600"));
-        let peer = if proxy.is_some() {
-            "127.0.0.1:7601"
-        } else {
+        let (mut proxy, mut tamper) = (None, None);
+        match link {
+            Link::Direct => {}
+            Link::Proxy => proxy = Some(Proxy::start(&ns, "127.0.0.1:7601", "127.0.0.1:7600")),
+            Link::Tampered(how, after) => {
+                let listener = ns.listen("127.0.0.1:7601").expect("proxy listener");
+                let ns_name = ns.name.clone();
+                let connect = move || {
+                    // The namespace is the test's: this copy must not delete it when dropped.
+                    let ns = std::mem::ManuallyDrop::new(Netns { name: ns_name });
+                    ns.connect("127.0.0.1:7600", Duration::from_secs(5))
+                };
+                tamper =
+                    Some(TamperProxy::start(listener, connect, how, after).expect("tamper proxy"));
+            }
+        }
+        let peer = if matches!(link, Link::Direct) {
             "127.0.0.1:7600"
+        } else {
+            "127.0.0.1:7601"
         };
         let primary = primary_cmd(&ns, &dir, peer, &primary_extra);
         wait_log(
@@ -386,6 +425,7 @@ impl Pair {
             backup,
             primary,
             proxy,
+            tamper,
             load,
         }
     }

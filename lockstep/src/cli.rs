@@ -27,7 +27,7 @@ use engine::replication::status::{self, GuestState, Protection, Role};
 use engine::replication::{DEFAULT_HEARTBEAT_TIMEOUT, DEFAULT_NAME};
 use engine::size::{parse_size, SizeError};
 use engine::snapshot::{self, SnapshotError};
-use engine::{info, log, warn};
+use engine::{info, log};
 
 use crate::api::{self, ApiError, ApiServer};
 
@@ -1121,10 +1121,8 @@ fn link_option(
         )));
     }
     if r.insecure {
-        warn!(
-            "--insecure: the replication link is neither authenticated nor encrypted \
-             (unsafe outside a trusted network)"
-        );
+        // Each role says it is unsafe once it uses the link (the backup when it listens,
+        // the primary once the backup accepted it).
         return Ok(Some(LinkSecurity::Insecure));
     }
     match (&r.tls_cert, &r.tls_key, &r.tls_ca) {

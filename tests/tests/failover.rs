@@ -233,6 +233,7 @@ fn losing_the_backup_leaves_the_primary_serving_without_a_hitch() {
         mut primary,
         load,
         proxy: _,
+        tamper: _,
     } = Pair::start("lsfb", false, |dir| {
         (strings(&["--fence", "none"]), fence_args(dir, "backup"))
     });
@@ -289,6 +290,7 @@ fn a_cut_link_with_failing_fencing_never_promotes() {
         mut primary,
         proxy,
         load,
+        tamper: _,
     } = Pair::start("lsfs", true, |_| {
         (
             strings(&["--fence-cmd", "false", "--peer-node", "primary-node"]),
@@ -363,6 +365,7 @@ fn a_cut_link_with_working_fencing_kills_the_old_primary_before_promotion() {
         primary,
         proxy,
         load,
+        tamper: _,
     } = Pair::start("lsfk", true, |dir| {
         (
             fence_args(dir, "primary"),

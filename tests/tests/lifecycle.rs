@@ -152,6 +152,7 @@ fn failover_then_reprotect_then_failover_again_keeps_the_connection_and_every_wr
         primary: mut a,
         load,
         proxy: _,
+        tamper: _,
     } = Pair::start("lslf", false, |dir| {
         let mut b = fence_args(dir, "primary");
         b.extend(["--api-sock".into(), dir.arg("b.sock")]);
@@ -289,6 +290,7 @@ fn switchover_there_and_back_keeps_the_connection_and_every_write() {
         primary: mut a,
         load,
         proxy: _,
+        tamper: _,
     } = pair_with_sockets("lssw");
     let (asock, bsock) = (dir.join("a.sock"), dir.join("b.sock"));
 
@@ -406,6 +408,7 @@ fn bad_requests_to_a_live_pair_are_refused_and_change_nothing() {
         primary: mut a,
         load,
         proxy: _,
+        tamper: _,
     } = pair_with_sockets("lsbad");
     let (asock, bsock) = (dir.join("a.sock"), dir.join("b.sock"));
     let protect = r#"{"peer": "127.0.0.1:7609"}"#;
@@ -604,6 +607,7 @@ fn a_reprotected_guest_fences_its_new_backup_not_the_old_one() {
         primary: mut a,
         load,
         proxy: _,
+        tamper: _,
     } = Pair::start("lsrf", false, |dir| {
         let mut b = fence_args(dir, "primary");
         b.extend([
@@ -828,6 +832,7 @@ fn an_operator_failover_fences_first_and_a_failed_fencing_changes_nothing() {
         primary: mut a,
         load,
         proxy: _,
+        tamper: _,
     } = Pair::start("lsop", false, |dir| {
         let mut b = fence_args(dir, "primary");
         b.extend(["--api-sock".into(), dir.arg("b.sock")]);

@@ -48,6 +48,7 @@ fn stall(prefix: &str, fault: Fault, primary_extra: &[&str]) -> Survivor {
         mut primary,
         proxy,
         load,
+        tamper: _,
     } = Pair::start(prefix, true, |dir| {
         let mut primary = fence_args(dir, "backup");
         primary.extend(primary_extra.iter().map(|s| s.to_string()));

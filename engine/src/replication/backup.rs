@@ -162,9 +162,17 @@ pub enum PrimaryLoss {
 }
 
 impl PrimaryLoss {
-    /// Lost by silence rather than a failed connection.
-    pub fn is_silent(&self) -> bool {
-        matches!(self, PrimaryLoss::Silent(_))
+    /// Whether the primary may still be alive, and so gets a head start before it is
+    /// fenced: it went silent (a stall, a cut link), or its stream arrived damaged (a TLS
+    /// record or a frame that fails its check: something between the two corrupts it,
+    /// while the primary runs on). A connection closed or reset is the primary's process
+    /// gone (its kernel closed the socket): no head start.
+    pub fn primary_may_be_alive(&self) -> bool {
+        matches!(
+            self,
+            PrimaryLoss::Silent(_)
+                | PrimaryLoss::Link(TransportError::Tls { .. } | TransportError::Protocol(_))
+        )
     }
 }
 
@@ -604,7 +612,11 @@ impl Refuser {
                         continue;
                     }
                     // Over TLS only an authenticated peer hears whom this backup serves.
-                    if let Ok(mut other) = link.accept(&listener) {
+                    let other = link.accept(&listener);
+                    if let Err(TransportError::Tls { peer, cause }) = &other {
+                        warn!("refused a connection from {peer}: {cause}");
+                    }
+                    if let Ok(mut other) = other {
                         // Its Hello first (a peer that closes at once is not waited for).
                         let _ = other.recv(Some(Duration::from_secs(2)));
                         let _ = other.send(&Message::Refuse {

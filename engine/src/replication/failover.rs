@@ -122,7 +122,7 @@ pub fn take_over(
             } else {
                 fail_over(
                     committed,
-                    why.is_silent(),
+                    why.primary_may_be_alive(),
                     fence,
                     fence_delay,
                     &opts.console,
@@ -182,22 +182,23 @@ pub fn resume(
 
 /// Failover: fences the primary, then promotes (invariant 3: never the other way round).
 ///
-/// When the primary was lost by silence it may be alive behind a cut link, where it
-/// fences the backup before it releases any output; the backup waits `delay` first (its
-/// head start, as Pacemaker's `priority-fencing-delay` gives the node running the
-/// resource), so that exactly one side wins the race. A closed connection means the
-/// primary's process is gone, and fencing starts at once. Returns the running machine.
+/// When the primary may be alive (lost by silence behind a cut link, or its stream
+/// damaged on the way: [`PrimaryLoss::primary_may_be_alive`]), it fences the backup before
+/// it releases any output; the backup waits `delay` first (its head start, as Pacemaker's
+/// `priority-fencing-delay` gives the node running the resource), so that exactly one side
+/// wins the race. A closed connection means the primary's process is gone, and fencing
+/// starts at once. Returns the running machine.
 pub fn fail_over(
     committed: Committed,
-    silent: bool,
+    may_be_alive: bool,
     fence: &FenceConfig,
     delay: Duration,
     console: &Console,
     net: Option<&NetConfig>,
 ) -> Result<Machine, BackupError> {
     let lost = Instant::now();
-    if silent && !delay.is_zero() && matches!(fence, FenceConfig::Agent(_)) {
-        info!("waiting {delay:?} before fencing (--fence-delay-ms): a primary alive behind a cut link fences this backup first");
+    if may_be_alive && !delay.is_zero() && matches!(fence, FenceConfig::Agent(_)) {
+        info!("waiting {delay:?} before fencing (--fence-delay-ms): a primary alive behind a cut or damaged link fences this backup first");
         while lost.elapsed() < delay {
             if stop_requested() {
                 return Err(BackupError::Fence(FenceError::Stopped));

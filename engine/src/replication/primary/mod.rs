@@ -389,6 +389,17 @@ pub fn protect(machine: &mut Machine, opts: PrimaryOptions) -> Result<ProtectEnd
         guest_id(&opts.name),
     );
     primary_handshake(&mut conn, &hello, HANDSHAKE_TIMEOUT)?;
+    match link {
+        LinkSecurity::Tls(_) => info!(
+            "the link to the backup at {} is mutual TLS 1.3 (the pair's certificates)",
+            opts.peer
+        ),
+        LinkSecurity::Insecure => warn!(
+            "the link to the backup at {} runs with --insecure: UNSAFE, neither authenticated \
+             nor encrypted (the guest's memory is readable on the way)",
+            opts.peer
+        ),
+    }
     if running {
         status::start_role(Role::Primary);
         status::role_change(
