@@ -205,9 +205,11 @@ pub fn trial(ns: &Netns, cfg: &TrialConfig) -> Result<TrialOutcome, String> {
         cfg.dir.join("primary.err"),
     )?;
     say(format!(
-        "primary pid {} and backup pid {} started; the client connects to {GUEST_ADDR}",
+        "primary pid {} and backup pid {} started, their link mutual TLS (certificates from \
+         `lockstep certs` in {}); the client connects to {GUEST_ADDR}",
         primary.pid(),
-        backup.pid()
+        backup.pid(),
+        cfg.dir.join("tls").display()
     ));
 
     let progress = Arc::new(Mutex::new(Progress::default()));
