@@ -13,6 +13,12 @@
 //!    second (`lockstep_wire_bytes_total` from `--metrics`, before and after), and the
 //!    commit latency p50/p99 of those epochs (`/status`).
 //!
+//! 3. **Link capacity**: the transport alone, no guest: 1 MiB frames of random pages sent
+//!    back to back over loopback (`--capacity-mib`, 512) through the same
+//!    `Connection` the processes use, received and decoded on another thread: MiB/s, and
+//!    the time of each frame's send p50/p99. This is the headroom above what the guest
+//!    and the backup's apply let the processes use.
+//!
 //! Trials alternate insecure / TLS (`--trials` of each) so that the machine's drift hits
 //! both alike; the table gives each mode's median over its trials and the ratios TLS ÷
 //! insecure (rates: higher is better; latencies: lower is better).
@@ -30,7 +36,7 @@ use crate::args::Args;
 use crate::runs::work_dir;
 use crate::BenchError;
 
-pub const OPTIONS: &[&str] = &["trials", "seconds", "wss", "fill"];
+pub const OPTIONS: &[&str] = &["trials", "seconds", "wss", "fill", "capacity-mib"];
 
 /// The guest's memory: the working set and room for the rest.
 const MEM: &str = "1G";
@@ -86,6 +92,23 @@ pub fn run(args: &Args) -> Result<(), BenchError> {
     }
     let _ = std::fs::remove_dir_all(&dir);
     report(&rows, trials, &wss, seconds);
+    let mib = args.number("capacity-mib", 512.0, 16.0)? as usize;
+    let mut caps: Vec<(Mode, Result<Capacity, String>)> = Vec::new();
+    for t in 0..trials {
+        for mode in [Mode::Insecure, Mode::Tls] {
+            eprintln!(
+                "bench link: capacity trial {} of {trials}, {}: {mib} MiB...",
+                t + 1,
+                mode.name()
+            );
+            caps.push((mode, capacity(mode, mib)));
+        }
+    }
+    report_capacity(&caps, trials, mib);
+    rows.extend(
+        caps.into_iter()
+            .filter_map(|(m, r)| r.err().map(|e| (m, Err(e)))),
+    );
     let failed = rows.iter().filter(|(_, r)| r.is_err()).count();
     if failed > 0 {
         return Err(BenchError::Failed(format!(
@@ -323,4 +346,127 @@ fn status_u64(bin: &Path, sock: &Path, key: &str) -> Result<u64, String> {
     v[key]
         .as_u64()
         .ok_or_else(|| format!("no {key} in {status}"))
+}
+
+/// One capacity trial: MiB/s end to end, and each frame's send time.
+#[derive(Debug, Clone)]
+struct Capacity {
+    mib_s: f64,
+    send_ms: Vec<f64>,
+}
+
+/// The link alone: `mib` MiB of 1 MiB page frames over loopback, insecure or TLS.
+fn capacity(mode: Mode, mib: usize) -> Result<Capacity, String> {
+    use ::checkpoint::codec::encode_page;
+    use ::checkpoint::protocol::PagesFrameBuilder;
+    use ::checkpoint::tls::{generate, LinkSecurity, TlsIdentity};
+    use std::sync::Arc;
+
+    let (client, server) = match mode {
+        Mode::Insecure => (LinkSecurity::Insecure, LinkSecurity::Insecure),
+        Mode::Tls => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64);
+            let set = generate("lockstep", &["node1", "node2"], now - 60, now + 3600)
+                .map_err(|e| e.to_string())?;
+            let id = |i: usize| -> Result<LinkSecurity, String> {
+                let (_, cert, key) = &set.nodes[i];
+                let src = ("--tls-cert", Path::new("memory"));
+                let pems = [
+                    (cert.as_bytes(), src),
+                    (key.as_bytes(), src),
+                    (set.ca.as_bytes(), src),
+                ];
+                TlsIdentity::from_pem(pems, "lockstep")
+                    .map(|t| LinkSecurity::Tls(Arc::new(t)))
+                    .map_err(|e| e.to_string())
+            };
+            (id(0)?, id(1)?)
+        }
+    };
+    // 16 distinct frames of 256 random pages (1 MiB each), sent round robin.
+    let frames: Vec<bytes::Bytes> = (0..16u64)
+        .map(|f| {
+            let mut b = PagesFrameBuilder::pages(1, 1 << 20);
+            let mut x = (f << 40) | 0x9e37_79b9;
+            for i in 0..256u64 {
+                let mut p = [0u8; 4096];
+                for w in p.chunks_mut(8) {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    w.copy_from_slice(&x.to_le_bytes());
+                }
+                b.push(i, |out| encode_page(&p, None, out));
+            }
+            b.finish()
+        })
+        .collect();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let receiver = std::thread::spawn(move || -> Result<(), String> {
+        let mut conn = server.accept(&listener).map_err(|e| e.to_string())?;
+        for _ in 0..mib {
+            conn.recv(Some(Duration::from_secs(30)))
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    });
+    let mut conn = client
+        .connect(addr, Duration::from_secs(5))
+        .map_err(|e| e.to_string())?;
+    let started = Instant::now();
+    let mut send_ms = Vec::with_capacity(mib);
+    for i in 0..mib {
+        let t = Instant::now();
+        conn.send_frames(&[&frames[i % frames.len()]])
+            .map_err(|e| e.to_string())?;
+        send_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    receiver
+        .join()
+        .map_err(|_| "the receiving thread panicked".to_string())??;
+    let bytes: usize = (0..mib).map(|i| frames[i % frames.len()].len()).sum();
+    Ok(Capacity {
+        mib_s: bytes as f64 / 1048576.0 / started.elapsed().as_secs_f64(),
+        send_ms,
+    })
+}
+
+fn report_capacity(caps: &[(Mode, Result<Capacity, String>)], trials: usize, mib: usize) {
+    println!(
+        "\n## Link capacity: the transport alone, {mib} MiB of 1 MiB frames of random pages \
+         over loopback (median of {trials} trials; send p50/p99 over every frame of them)\n"
+    );
+    println!("| link | MiB/s | frame send p50 (ms) | frame send p99 (ms) |");
+    println!("|---|---:|---:|---:|");
+    let mut rate = [None, None];
+    for (k, mode) in [Mode::Insecure, Mode::Tls].into_iter().enumerate() {
+        let ok: Vec<&Capacity> = caps
+            .iter()
+            .filter(|(m, _)| *m == mode)
+            .filter_map(|(_, r)| r.as_ref().ok())
+            .collect();
+        if ok.is_empty() {
+            println!("| {} | failed | | |", mode.name());
+            continue;
+        }
+        let mut rates: Vec<f64> = ok.iter().map(|c| c.mib_s).collect();
+        rates.sort_by(f64::total_cmp);
+        let mut sends: Vec<f64> = ok.iter().flat_map(|c| c.send_ms.iter().copied()).collect();
+        sends.sort_by(f64::total_cmp);
+        let at = |p: f64| sends[((sends.len() - 1) as f64 * p).round() as usize];
+        rate[k] = Some(rates[(rates.len() - 1) / 2]);
+        println!(
+            "| {} | {:.0} | {:.3} | {:.3} |",
+            mode.name(),
+            rates[(rates.len() - 1) / 2],
+            at(0.5),
+            at(0.99)
+        );
+    }
+    if let [Some(i), Some(t)] = rate {
+        println!("\nLink capacity TLS ÷ insecure: {:.2}×.", t / i);
+    }
 }
