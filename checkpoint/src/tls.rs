@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rustls::client::danger::HandshakeSignatureValid;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerifier};
 use rustls::crypto::ring as provider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
@@ -72,6 +72,8 @@ pub struct TlsIdentity {
     client: Arc<ClientConfig>,
     server: Arc<ServerConfig>,
     name: ServerName<'static>,
+    /// This node's chain, the pair's CA and the certificate's file, for [`Self::check_own`].
+    own: (Vec<CertificateDer<'static>>, Arc<RootCertStore>, PathBuf),
 }
 
 impl fmt::Debug for TlsIdentity {
@@ -136,11 +138,16 @@ impl TlsIdentity {
     /// file it came from (for errors).
     pub fn from_pem(pems: [(&[u8], Source<'_>); 3], name: &str) -> Result<Self, TlsConfigError> {
         let [(cert, cert_from), (key, key_from), (ca, ca_from)] = pems;
-        let name = ServerName::try_from(name.to_string())
-            .ok()
-            .filter(|n| matches!(n, ServerName::DnsName(_)))
-            .ok_or_else(|| TlsConfigError::Name(name.to_string()))?;
+        let name = pair_name(name)?;
         let chain = certificates(cert, cert_from)?;
+        if String::from_utf8_lossy(key).contains("ENCRYPTED PRIVATE KEY") {
+            return Err(file_error(
+                key_from,
+                "is encrypted: lockstep reads unencrypted keys only (keep the file readable \
+                 by root alone)"
+                    .into(),
+            ));
+        }
         let key = PrivateKeyDer::from_pem_slice(key)
             .map_err(|e| file_error(key_from, format!("holds no usable private key: {e}")))?;
         let mut roots = RootCertStore::empty();
@@ -164,11 +171,15 @@ impl TlsIdentity {
                 name: name.clone(),
             }))
             .with_single_cert(chain.clone(), key.clone_key())
-            .map_err(|e| {
-                file_error(
+            .map_err(|e| match e {
+                rustls::Error::InconsistentKeys(_) => file_error(
+                    key_from,
+                    "does not go with the certificate of --tls-cert (it is another key)".into(),
+                ),
+                e => file_error(
                     key_from,
                     format!("does not go with the certificate of --tls-cert: {e}"),
-                )
+                ),
             })?;
         // No tickets, no resumption: every connection is a full handshake.
         server.send_tls13_tickets = 0;
@@ -177,15 +188,57 @@ impl TlsIdentity {
         let mut client = ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(config_err)?
-            .with_root_certificates(roots)
-            .with_client_auth_cert(chain, key)
+            .with_root_certificates(roots.clone())
+            .with_client_auth_cert(chain.clone(), key)
             .map_err(config_err)?;
         client.resumption = rustls::client::Resumption::disabled();
         Ok(TlsIdentity {
             client: Arc::new(client),
             server: Arc::new(server),
             name,
+            own: (chain, roots, cert_from.1.to_path_buf()),
         })
+    }
+
+    /// Checks this node's own certificate as its peer will: against the pair's CA, for the
+    /// pair's name, valid now, for both TLS server and client use. A node whose certificate
+    /// its peer would refuse says so when it starts, not at its first connection.
+    ///
+    /// # Errors
+    ///
+    /// [`TlsConfigError::File`] naming the certificate file and why the peer would refuse
+    /// it (expired, another CA, another pair's name, a usage missing).
+    pub fn check_own(&self) -> Result<(), TlsConfigError> {
+        let (chain, roots, path) = &self.own;
+        let now = UnixTime::now();
+        let provider = Arc::new(link_provider());
+        let refused = |e: rustls::Error| TlsConfigError::File {
+            what: "--tls-cert",
+            path: path.clone(),
+            problem: format!(
+                "the peer would refuse this node's certificate: {}",
+                describe(&e).trim_start_matches("the peer's certificate is refused: ")
+            ),
+        };
+        let as_server = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            roots.clone(),
+            provider.clone(),
+        )
+        .build()
+        .map_err(|e| TlsConfigError::Config(e.to_string()))?;
+        as_server
+            .verify_server_cert(&chain[0], &chain[1..], &self.name, &[], now)
+            .map_err(refused)?;
+        let as_client = PairClientVerifier {
+            inner: WebPkiClientVerifier::builder_with_provider(roots.clone(), provider)
+                .build()
+                .map_err(|e| TlsConfigError::Config(e.to_string()))?,
+            name: self.name.clone(),
+        };
+        as_client
+            .verify_client_cert(&chain[0], &chain[1..], now)
+            .map_err(refused)?;
+        Ok(())
     }
 
     /// The pair name both ends' certificates carry.
@@ -249,12 +302,7 @@ fn generate_for(
         BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
         KeyUsagePurpose,
     };
-    if !matches!(
-        ServerName::try_from(name.to_string()),
-        Ok(ServerName::DnsName(_))
-    ) {
-        return Err(TlsConfigError::Name(name.to_string()));
-    }
+    pair_name(name)?;
     let err = |e: rcgen::Error| TlsConfigError::Config(e.to_string());
     let time = |t: i64| {
         time::OffsetDateTime::from_unix_timestamp(t)
@@ -293,6 +341,14 @@ fn generate_for(
             .push((node.to_string(), cert.pem(), key.serialize_pem()));
     }
     Ok(out)
+}
+
+/// The pair's name as the DNS name its certificates carry.
+fn pair_name(name: &str) -> Result<ServerName<'static>, TlsConfigError> {
+    ServerName::try_from(name.to_string())
+        .ok()
+        .filter(|n| matches!(n, ServerName::DnsName(_)) && !name.ends_with('.'))
+        .ok_or_else(|| TlsConfigError::Name(name.to_string()))
 }
 
 /// The server side's check of a client certificate: the webpki chain check against the
@@ -399,17 +455,31 @@ impl LinkSecurity {
         }
     }
 
-    /// Accepts one connection on `listener` and, for TLS, runs the server handshake (up to
+    /// Accepts one connection on `listener` and [`admit`](LinkSecurity::admit)s it.
+    ///
+    /// # Errors
+    ///
+    /// [`TransportError::Accept`] when accepting failed; else as [`LinkSecurity::admit`].
+    pub fn accept(&self, listener: &TcpListener) -> Result<Connection, TransportError> {
+        let (stream, peer) = listener.accept().map_err(TransportError::Accept)?;
+        self.admit(stream, peer)
+    }
+
+    /// Admits an accepted connection from `peer`: for TLS, runs the server handshake (up to
     /// [`HANDSHAKE_TIMEOUT`]). A peer that speaks the other mode is told so when it can be:
     /// a primary in clear facing a TLS backup gets a `Refuse` frame saying TLS is required.
     ///
     /// # Errors
     ///
-    /// [`TransportError::Accept`] when accepting failed; [`TransportError::Tls`] for a peer
-    /// that failed the handshake (or started one with an `--insecure` side).
-    pub fn accept(&self, listener: &TcpListener) -> Result<Connection, TransportError> {
-        let (stream, peer) = listener.accept().map_err(TransportError::Accept)?;
-        let first = first_byte(&stream, Some(peer))?;
+    /// [`TransportError::Tls`] for a peer that failed, whatever the reason (its handshake,
+    /// the other mode, an error or a reset on its socket, silence): the peer is refused,
+    /// the listener is as it was.
+    pub fn admit(&self, stream: TcpStream, peer: SocketAddr) -> Result<Connection, TransportError> {
+        let refused = |e: TransportError| match e {
+            e @ TransportError::Tls { .. } => e,
+            other => tls_error(Some(peer), &other.to_string()),
+        };
+        let first = first_byte(&stream, Some(peer)).map_err(refused)?;
         match self {
             LinkSecurity::Insecure => {
                 if first == Some(TLS_HANDSHAKE) {
@@ -419,11 +489,11 @@ impl LinkSecurity {
                          (give both sides the same --tls-* options, or --insecure)",
                     ));
                 }
-                Connection::from_stream(stream)
+                Connection::from_stream(stream).map_err(refused)
             }
             LinkSecurity::Tls(id) => {
                 if first.is_some_and(|b| b != TLS_HANDSHAKE) {
-                    let mut plain = Connection::from_stream(stream)?;
+                    let mut plain = Connection::from_stream(stream).map_err(refused)?;
                     let clear = first == MAGIC.to_le_bytes().first().copied();
                     let reason = if clear {
                         "this side requires TLS (--tls-cert, --tls-key, --tls-ca), the peer \
@@ -440,8 +510,8 @@ impl LinkSecurity {
                 }
                 let conn = ServerConnection::new(id.server.clone())
                     .map_err(|e| tls_error(Some(peer), &e.to_string()))?;
-                let session = handshake(&stream, conn.into(), Some(peer))?;
-                Connection::from_tls_stream(stream, session)
+                let session = handshake(&stream, conn.into(), Some(peer)).map_err(refused)?;
+                Connection::from_tls_stream(stream, session).map_err(refused)
             }
         }
     }
@@ -477,7 +547,10 @@ fn first_byte(stream: &TcpStream, peer: Option<SocketAddr>) -> Result<Option<u8>
                 &format!("the peer sent nothing within {HANDSHAKE_TIMEOUT:?}"),
             ))
         }
-        Err(e) => Err(io_err("reading from the peer", e)),
+        Err(e) => Err(tls_error(
+            peer,
+            &format!("reading from the peer failed: {e}"),
+        )),
     }
 }
 
@@ -555,6 +628,13 @@ fn cert_reason(c: &rustls::CertificateError) -> String {
         C::Expired | C::ExpiredContext { .. } => format!("expired ({c})"),
         C::NotValidYet | C::NotValidYetContext { .. } => format!("not valid yet ({c})"),
         C::Revoked => "revoked".to_string(),
+        C::InvalidPurpose | C::InvalidPurposeContext { .. } => {
+            format!("not issued for both TLS client and server use ({c})")
+        }
+        C::Other(o) if o.to_string().contains("CaUsedAsEndEntity") => {
+            "a CA certificate presented as a node's certificate".to_string()
+        }
+        C::Other(o) => o.to_string(),
         other => other.to_string(),
     }
 }
@@ -572,6 +652,15 @@ fn handshake(
     let mut io = Deadlined { stream, deadline };
     while session.is_handshaking() {
         if let Err(e) = session.complete_io(&mut io) {
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) {
+                return Err(TransportError::HandshakeTimeout {
+                    peer: peer.map_or_else(|| "the peer".to_string(), |p| p.to_string()),
+                    after: HANDSHAKE_TIMEOUT,
+                });
+            }
             // rustls queued an alert naming the cause; all of it goes out (rustls made one
             // attempt), then the peer gets the time to read it.
             while session.wants_write() && matches!(session.write_tls(&mut io), Ok(n) if n > 0) {}

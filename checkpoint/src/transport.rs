@@ -113,6 +113,15 @@ pub enum TransportError {
         /// What went wrong, for an operator.
         cause: String,
     },
+    /// The peer took part in the TLS handshake but did not finish it in time (a busy or
+    /// a stalled peer: worth trying again, unlike [`TransportError::Tls`]).
+    #[error("TLS with {peer}: the handshake did not finish within {after:?}")]
+    HandshakeTimeout {
+        /// The peer's address.
+        peer: String,
+        /// How long it was given.
+        after: Duration,
+    },
     /// A frame failed validation.
     #[error(transparent)]
     Protocol(#[from] ProtocolError),

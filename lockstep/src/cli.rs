@@ -1128,6 +1128,7 @@ fn link_option(
     match (&r.tls_cert, &r.tls_key, &r.tls_ca) {
         (Some(cert), Some(key), Some(ca)) => {
             let id = TlsIdentity::load(cert, key, ca, name).map_err(|e| usage(e.to_string()))?;
+            id.check_own().map_err(|e| usage(e.to_string()))?;
             Ok(Some(LinkSecurity::Tls(std::sync::Arc::new(id))))
         }
         _ if !given.is_empty() => {

@@ -608,7 +608,7 @@ impl Refuser {
             .name("refuser".into())
             .spawn(move || {
                 while !flag.load(std::sync::atomic::Ordering::SeqCst) {
-                    if !incoming(&listener) {
+                    if !incoming(&listener, 200) {
                         continue;
                     }
                     // Over TLS only an authenticated peer hears whom this backup serves.
@@ -619,6 +619,12 @@ impl Refuser {
                     if let Ok(mut other) = other {
                         // Its Hello first (a peer that closes at once is not waited for).
                         let _ = other.recv(Some(Duration::from_secs(2)));
+                        warn!(
+                            "refused a second primary from {}: {reason}",
+                            other
+                                .peer_addr()
+                                .map_or_else(|| "?".into(), |a| a.to_string())
+                        );
                         let _ = other.send(&Message::Refuse {
                             reason: reason.clone(),
                         });
@@ -636,33 +642,66 @@ impl Drop for Refuser {
     }
 }
 
-/// Whether a connection waits on `listener`, looking for up to 200 ms (the loops that
+/// Whether a connection waits on `listener`, looking for up to `for_ms` (the loops that
 /// call it check their stop condition in between).
-fn incoming(listener: &TcpListener) -> bool {
+fn incoming(listener: &TcpListener, for_ms: i64) -> bool {
     let mut fds = [PollFd::new(listener, PollFlags::IN)];
     let slice = Timespec {
         tv_sec: 0,
-        tv_nsec: 200_000_000,
+        tv_nsec: for_ms * 1_000_000,
     };
     poll(&mut fds, Some(&slice)).unwrap_or(0) > 0
 }
 
-/// Waits for the primary, giving up on SIGTERM/SIGINT. A peer that fails the link's
-/// handshake (no or a wrong certificate, TLS against `--insecure` or the reverse) is
+/// Most TLS handshakes the waiting backup runs at once.
+const MAX_HANDSHAKES: usize = 16;
+
+/// Waits for the primary, giving up on SIGTERM/SIGINT. Each connection's handshake runs
+/// on a thread of its own, so that peers that connect and say nothing (or slowly) cannot
+/// keep the primary out: the first that passes is the primary. A peer that fails (no or a
+/// wrong certificate, TLS against `--insecure` or the reverse, silence, a reset) is
 /// refused with a warning naming the cause, and the wait goes on: nothing of it was read.
 fn accept(listener: &TcpListener, link: &LinkSecurity) -> Result<Option<Connection>, BackupError> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let running = std::sync::Arc::new(AtomicUsize::new(0));
     loop {
         if stop_requested() {
             return Ok(None);
         }
-        if incoming(listener) {
-            match link.accept(listener) {
-                Ok(conn) => return Ok(Some(conn)),
-                Err(TransportError::Tls { peer, cause }) => {
-                    warn!("refused a connection from {peer}: {cause}")
+        if let Ok(conn) = rx.try_recv() {
+            return Ok(Some(conn));
+        }
+        if !incoming(listener, 20) {
+            continue;
+        }
+        let (stream, peer) = listener
+            .accept()
+            .map_err(|e| BackupError::Transport(TransportError::Accept(e)))?;
+        if running.load(Ordering::SeqCst) >= MAX_HANDSHAKES {
+            warn!(
+                "refused a connection from {peer}: {MAX_HANDSHAKES} handshakes already under way"
+            );
+            continue;
+        }
+        running.fetch_add(1, Ordering::SeqCst);
+        let (link, tx, done) = (link.clone(), tx.clone(), running.clone());
+        let spawned = std::thread::Builder::new()
+            .name("handshake".into())
+            .spawn(move || {
+                match link.admit(stream, peer) {
+                    // A primary that passes after another won is dropped with the channel.
+                    Ok(conn) => drop(tx.send(conn)),
+                    Err(TransportError::Tls { peer, cause }) => {
+                        warn!("refused a connection from {peer}: {cause}")
+                    }
+                    Err(e) => warn!("refused a connection from {peer}: {e}"),
                 }
-                Err(e) => return Err(e.into()),
-            }
+                done.fetch_sub(1, Ordering::SeqCst);
+            });
+        if let Err(e) = spawned {
+            running.fetch_sub(1, Ordering::SeqCst);
+            warn!("refused a connection from {peer}: cannot start a thread for it: {e}");
         }
     }
 }

@@ -31,8 +31,8 @@ pub struct CertsArgs {
     #[arg(long, value_name = "A,B", value_delimiter = ',')]
     nodes: Vec<String>,
     /// validity in days from now (default 365)
-    #[arg(long, value_name = "N")]
-    days: Option<u32>,
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
+    days: Option<i64>,
 }
 
 /// Writes `DIR/ca.pem`, and `DIR/NODE.pem` and `DIR/NODE.key` (mode 0600) for each node.
@@ -56,6 +56,11 @@ pub fn run(a: CertsArgs) -> Result<ExitCode, CliError> {
             )));
         }
     }
+    if nodes.iter().any(|n| n == "ca") {
+        return Err(usage(
+            "--nodes: 'ca' names the CA's file (ca.pem): choose another node name",
+        ));
+    }
     if let Some(dup) = nodes
         .iter()
         .find(|n| nodes.iter().filter(|m| m == n).count() > 1)
@@ -64,7 +69,7 @@ pub fn run(a: CertsArgs) -> Result<ExitCode, CliError> {
     }
     let days = match a.days {
         None => 365,
-        Some(d) if (1..=MAX_DAYS).contains(&d) => d,
+        Some(d) if (1..=i64::from(MAX_DAYS)).contains(&d) => d,
         Some(d) => return Err(usage(format!("--days {d}: must be from 1 to {MAX_DAYS}"))),
     };
     let now = SystemTime::now()
@@ -72,7 +77,7 @@ pub fn run(a: CertsArgs) -> Result<ExitCode, CliError> {
         .map_or(0, |d| d.as_secs() as i64);
     let refs: Vec<&str> = nodes.iter().map(String::as_str).collect();
     // Valid from an hour ago: clocks of two nodes differ a little.
-    let set = checkpoint::tls::generate(&name, &refs, now - 3600, now + i64::from(days) * 86400)
+    let set = checkpoint::tls::generate(&name, &refs, now - 3600, now + days * 86400)
         .map_err(|e| usage(e.to_string()))?;
 
     let mut files = vec![(dir.join("ca.pem"), set.ca.clone(), 0o644)];

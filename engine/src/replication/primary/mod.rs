@@ -39,7 +39,7 @@ use std::time::{Duration, Instant};
 use checkpoint::delta_cache::DeltaCache;
 use checkpoint::digest::digest_guest_memory;
 use checkpoint::encode::{send_epoch, send_sync, EncoderConfig, EpochEncoder, StagedPages};
-use checkpoint::handshake::primary_handshake;
+use checkpoint::handshake::{primary_handshake, HandshakeError};
 use checkpoint::inflight::{InFlight, Pacing, SharedInFlight};
 use checkpoint::protocol::{Hello, MemoryRegion, Message};
 use checkpoint::tls::LinkSecurity;
@@ -86,7 +86,7 @@ pub enum PrimaryError {
         source: TransportError,
     },
     /// The backup was reached but the link's TLS handshake failed.
-    #[error("the backup refused the link or was refused: {0}")]
+    #[error("the link to the backup failed its TLS handshake: {0}")]
     Link(#[source] TransportError),
     /// No link security was configured (neither TLS nor `--insecure`).
     #[error(
@@ -388,7 +388,12 @@ pub fn protect(machine: &mut Machine, opts: PrimaryOptions) -> Result<ProtectEnd
         }],
         guest_id(&opts.name),
     );
-    primary_handshake(&mut conn, &hello, HANDSHAKE_TIMEOUT)?;
+    // Under TLS 1.3 the backup's verdict on this side's certificate arrives after the
+    // client's handshake completed: with the answer to the hello.
+    primary_handshake(&mut conn, &hello, HANDSHAKE_TIMEOUT).map_err(|e| match e {
+        HandshakeError::Transport(t @ TransportError::Tls { .. }) => PrimaryError::Link(t),
+        other => other.into(),
+    })?;
     match link {
         LinkSecurity::Tls(_) => info!(
             "the link to the backup at {} is mutual TLS 1.3 (the pair's certificates)",
@@ -557,7 +562,8 @@ fn connect(link: &LinkSecurity, peer: &str, timeout: Duration) -> Result<Connect
         let left = deadline.saturating_duration_since(Instant::now());
         match link.connect(peer, left.max(Duration::from_millis(100))) {
             Ok(c) => return Ok(c),
-            // Reached, but refused: a wrong key or certificate does not heal with time.
+            // Reached, but refused: a wrong key or certificate does not heal with time. (A
+            // handshake that timed out, a busy backup, is tried again below.)
             Err(e @ TransportError::Tls { .. }) => return Err(PrimaryError::Link(e)),
             // The backup may still be starting: try again until the deadline, or a stop.
             Err(_) if Instant::now() < deadline && !stop_requested() => {
