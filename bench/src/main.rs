@@ -56,7 +56,8 @@ const SUBCOMMANDS: &[(&str, &str)] = &[
     (
         "net",
         "redis-benchmark GET/SET against the kv guest in a network namespace: unprotected, \
-         protected with and without early checkpoints [--requests N (5000)] [--clients N (20)] \
+         protected with and without early checkpoints, per client count (one client: request -> \
+         reply latency added) [--requests N (5000)] [--clients LIST (20,1)] \
          [--interval-ms MS (25)]",
     ),
 ];

@@ -1,6 +1,8 @@
 //! `bench net`: redis-benchmark GET and SET against the kv guest, unprotected, protected
 //! with early checkpoints, and protected without — throughput and p50/p99 latency, each as
-//! a ratio against unprotected, all in one run.
+//! a ratio against unprotected, all in one run. Each client count of `--clients` (default
+//! 20 and 1) is a table of its own: with one client, one connection, each request waits
+//! for its reply, so "p50/p99 added" is what output commit adds to a request/response.
 //!
 //! Everything runs in a network namespace the benchmark creates (a tap at 10.0.0.1/24, the
 //! guest at 10.0.0.2) and deletes afterwards; the backup listens on the namespace's own
@@ -52,7 +54,18 @@ impl Mode {
 
 pub fn run_bench(args: &Args) -> Result<(), BenchError> {
     let requests: u64 = args.number("requests", 5000, 100)?;
-    let clients: u64 = args.number("clients", 20, 1)?;
+    let clients: Vec<u64> = match args.get("clients") {
+        None => vec![20, 1],
+        Some(list) => list
+            .split(',')
+            .map(|c| c.trim().parse().ok().filter(|&n: &u64| n >= 1))
+            .collect::<Option<Vec<u64>>>()
+            .ok_or_else(|| {
+                BenchError::Usage(format!(
+                    "--clients {list}: expected client counts, e.g. 20,1"
+                ))
+            })?,
+    };
     let interval: u64 = args.number("interval-ms", 25, 1)?;
     let bin = harness::try_lockstep_bin().map_err(BenchError::Usage)?;
     let work = std::env::temp_dir().join(format!("lockstep-bench-net-{}", std::process::id()));
@@ -62,7 +75,7 @@ pub fn run_bench(args: &Args) -> Result<(), BenchError> {
     let mut results = Vec::new();
     for mode in [Mode::Unprotected, Mode::Early, Mode::NoEarly] {
         eprintln!("bench net: {} ...", mode.name());
-        let r = measure(&ns, bin, &work, mode, requests, clients, interval).map_err(|why| {
+        let r = measure(&ns, bin, &work, mode, requests, &clients, interval).map_err(|why| {
             NetError::Run {
                 mode: mode.name(),
                 why,
@@ -72,7 +85,10 @@ pub fn run_bench(args: &Args) -> Result<(), BenchError> {
     }
     drop(ns);
     let _ = std::fs::remove_dir_all(&work);
-    print_table(&results, requests, clients, interval);
+    for (i, &c) in clients.iter().enumerate() {
+        let rows: Vec<(Mode, [Figures; 2])> = results.iter().map(|(m, r)| (*m, r[i])).collect();
+        print_table(&rows, requests, c, interval);
+    }
     Ok(())
 }
 
@@ -82,9 +98,9 @@ fn measure(
     work: &Path,
     mode: Mode,
     requests: u64,
-    clients: u64,
+    clients: &[u64],
     interval: u64,
-) -> Result<[Figures; 2], String> {
+) -> Result<Vec<[Figures; 2]>, String> {
     let console = work.join(format!("console-{}", mode as u8));
     let _ = std::fs::remove_file(&console);
     let kv = [
@@ -141,6 +157,14 @@ fn measure(
     }
     // Let the initial sync finish before measuring.
     std::thread::sleep(Duration::from_secs(2));
+    clients
+        .iter()
+        .map(|&c| redis_benchmark(ns, requests, c))
+        .collect()
+}
+
+/// redis-benchmark's SET and GET figures with `clients` connections.
+fn redis_benchmark(ns: &Netns, requests: u64, clients: u64) -> Result<[Figures; 2], String> {
     let out = Command::new("timeout")
         .arg("300")
         .args([
@@ -196,8 +220,13 @@ fn parse(csv: &str, test: &str) -> Result<Figures, String> {
 
 fn print_table(results: &[(Mode, [Figures; 2])], requests: u64, clients: u64, interval: u64) {
     println!(
-        "redis-benchmark -n {requests} -c {clients} against the kv guest; epochs of {interval} ms \
-         when protected\n"
+        "\nredis-benchmark -n {requests} -c {clients} against the kv guest; epochs of {interval} ms \
+         when protected{}\n",
+        if clients == 1 {
+            " (one connection: request -> reply, what output commit adds to each)"
+        } else {
+            ""
+        }
     );
     println!("| mode | test | requests/s | p50 ms | p99 ms | throughput ratio | p50 added ms | p99 added ms |");
     println!("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |");
