@@ -36,6 +36,11 @@ pub use state::VcpuState;
 pub use throttle::{Throttle, Throttler, THROTTLE_SLICE};
 
 use crate::boot::abi::{EXIT_PORT, IDLE_PORT};
+
+/// The i8042 keyboard controller's command port.
+const I8042_COMMAND_PORT: u16 = 0x64;
+/// The i8042 command that pulses the CPU's reset line (Linux's `reboot=k`).
+const I8042_PULSE_RESET: u8 = 0xfe;
 use crate::devices::Bus;
 
 /// A vCPU failed, or did not answer as the run-state machine expects.
@@ -586,19 +591,25 @@ impl VcpuThread {
         let mut idle = None;
         let mut exit_status = None;
         let mut crash = None;
+        let mut stopped = None;
         match self.fd.run() {
             Ok(exit) => match exit {
                 VcpuExit::IoOut(EXIT_PORT, data) => exit_status = Some(le_u32(data)),
                 VcpuExit::IoOut(IDLE_PORT, data) => idle = Some(le_u32(data)),
+                VcpuExit::IoOut(I8042_COMMAND_PORT, [I8042_PULSE_RESET]) => {
+                    crate::info!(
+                        "vCPU {}: the guest reset the machine (i8042 pulse reset): stopping",
+                        self.index
+                    );
+                    exit_status = Some(0);
+                }
                 VcpuExit::IoOut(port, data) => bus.pio_write(port, data),
                 VcpuExit::IoIn(port, data) => bus.pio_read(port, data),
                 VcpuExit::MmioRead(addr, data) => bus.mmio_read(addr, data),
                 VcpuExit::MmioWrite(addr, data) => bus.mmio_write(addr, data),
                 VcpuExit::Hlt => crash = Some("halted (hlt at CPL0)".to_string()),
+                VcpuExit::InternalError => stopped = Some(self.internal_error()),
                 VcpuExit::Shutdown => crash = Some("triple fault (shutdown exit)".to_string()),
-                VcpuExit::InternalError => {
-                    crash = Some("KVM internal error (emulation failed)".to_string())
-                }
                 VcpuExit::FailEntry(reason, cpu) => {
                     crash = Some(format!(
                         "VM entry failed: hardware reason {reason:#x} on host cpu {cpu}"
@@ -619,6 +630,8 @@ impl VcpuThread {
         if let Some(message) = crash {
             let rip = self.rip();
             self.crash(format!("guest crashed at RIP={rip:#x}: {message}"));
+        } else if let Some(message) = stopped {
+            self.crash(message);
         } else if let Some(status) = exit_status {
             self.exited = true;
             let _ = self.events.send(VcpuEvent::GuestExit {
@@ -629,6 +642,28 @@ impl VcpuThread {
             return self.idle(Duration::from_micros(u64::from(us)));
         }
         Flow::Continue
+    }
+
+    /// The one line that says why KVM stopped the guest with `KVM_EXIT_INTERNAL_ERROR`:
+    /// for an emulation failure (suberror 1), the instruction KVM could not emulate is at
+    /// RIP (a guest-virtual address).
+    fn internal_error(&mut self) -> String {
+        const KVM_INTERNAL_ERROR_EMULATION: u32 = 1;
+        // SAFETY: KVM_RUN returned KVM_EXIT_INTERNAL_ERROR, so `internal` is the union
+        // member KVM filled; it is plain integers, valid for any bit pattern.
+        let suberror = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
+        let rip = self.rip();
+        if suberror == KVM_INTERNAL_ERROR_EMULATION {
+            format!(
+                "guest stopped: KVM could not emulate the instruction at RIP={rip:#x} \
+                 (KVM_EXIT_INTERNAL_ERROR, suberror 1: emulation failure)"
+            )
+        } else {
+            format!(
+                "guest stopped: KVM internal error at RIP={rip:#x} (KVM_EXIT_INTERNAL_ERROR, \
+                 suberror {suberror})"
+            )
+        }
     }
 
     /// Sits out a throttle sleep, answering commands at once (any command ends the
