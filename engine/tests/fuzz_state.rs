@@ -14,6 +14,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use engine::devices::virtio::VirtioState;
+use engine::machine::Platform;
 use engine::persist::state::MachineState;
 use engine::persist::{seal, unseal, HEADER_LEN};
 use engine::snapshot::{self, MEMORY_FILE, STATE_FILE};
@@ -148,6 +149,12 @@ fn machine(s: &Shape) -> MachineState {
         })
         .collect();
     MachineState {
+        platform: if seed % 2 == 0 {
+            Platform::Reference
+        } else {
+            Platform::Linux
+        },
+        cpuid: (0..1 + s.msrs.len()).map(|_| pod(&mut seed)).collect(),
         mem_size: s.mem_size,
         vcpus,
         vm,

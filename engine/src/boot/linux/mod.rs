@@ -448,10 +448,16 @@ mod tests {
         assert!(addr >= k.kernel_end && addr + size <= 64 << 20);
         let p: boot_params = mem.read_obj(GuestAddress(ZERO_PAGE_ADDR)).unwrap();
         let hdr = p.hdr;
-        assert_eq!(hdr.header, HDRS_MAGIC);
-        assert_eq!(hdr.cmd_line_ptr as u64, CMDLINE_ADDR);
-        assert_eq!(hdr.cmdline_size, 13);
-        assert_eq!(hdr.ramdisk_image as u64, addr);
+        let (magic, line_ptr, line_size, ramdisk) = (
+            hdr.header,
+            hdr.cmd_line_ptr,
+            hdr.cmdline_size,
+            hdr.ramdisk_image,
+        );
+        assert_eq!(magic, HDRS_MAGIC);
+        assert_eq!(u64::from(line_ptr), CMDLINE_ADDR);
+        assert_eq!(line_size, 13);
+        assert_eq!(u64::from(ramdisk), addr);
         assert_eq!(p.e820_entries, 2);
         let mut line = [0u8; 14];
         mem.read_slice(&mut line, GuestAddress(CMDLINE_ADDR))
