@@ -182,7 +182,7 @@ struct GuestArgs {
     #[arg(long, value_name = "PATH", conflicts_with_all = ["guest", "guest_args"])]
     kernel: Option<PathBuf>,
     /// the Linux kernel's initramfs
-    #[arg(long, value_name = "PATH", requires = "kernel")]
+    #[arg(long, value_name = "PATH")]
     initramfs: Option<PathBuf>,
     /// the Linux kernel's command line (default: console=ttyS0 earlyprintk=ttyS0 reboot=k
     /// panic=1 pci=off)
@@ -631,6 +631,8 @@ fn boot_config(g: &GuestArgs, dirty_ring: Option<u32>) -> Result<BootConfig, Cli
             reason: e.to_string(),
         })?;
         Guest::Linux(boot)
+    } else if g.initramfs.is_some() || g.cmdline.is_some() {
+        return Err(usage("--initramfs and --cmdline go with --kernel PATH"));
     } else {
         let guest = g
             .guest
