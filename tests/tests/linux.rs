@@ -130,12 +130,17 @@ fn watch(dir: &TempDir, name: &str, args: &[&str], marks: &[&str]) -> (Proc, Vec
     )
     .expect("start lockstep");
     let mut seen: Vec<Option<Duration>> = vec![None; marks.len()];
-    while p.try_wait().is_none() && start.elapsed() < BOOT_LIMIT {
+    loop {
+        // Read before checking for the end: what the process printed last is seen too.
+        let exited = p.try_wait().is_some();
         let now = std::fs::read_to_string(&console).unwrap_or_default();
         for (m, s) in marks.iter().zip(seen.iter_mut()) {
             if s.is_none() && now.contains(m) {
                 *s = Some(start.elapsed());
             }
+        }
+        if exited || start.elapsed() >= BOOT_LIMIT {
+            break;
         }
         std::thread::sleep(Duration::from_millis(50));
     }
