@@ -200,8 +200,10 @@ fn reference() -> &'static Reference {
 fn emulation_stop(stderr: &str) -> &str {
     let last = stderr.lines().last().unwrap_or_default();
     assert!(
-        last.starts_with("lockstep: error: vCPU 0: guest stopped: KVM could not emulate the \
-             instruction at RIP=0x"),
+        last.starts_with(
+            "lockstep: error: vCPU 0: guest stopped: KVM could not emulate the \
+             instruction at RIP=0x"
+        ),
         "expected the emulation failure as the last line:\n{stderr}"
     );
     last
@@ -296,7 +298,11 @@ fn a_the_kernel_prints_its_banner_command_line_and_memory() {
     assert!(position(lines, "x86/PAT: Configuration").is_some());
     assert!(position(lines, "MTRRs disabled").is_none());
     let memory = position(lines, MEMORY).expect("Memory:");
-    assert!(lines[memory].contains("K/523896K available"), "{}", lines[memory]);
+    assert!(
+        lines[memory].contains("K/523896K available"),
+        "{}",
+        lines[memory]
+    );
     // Here the emulator stops the kernel: one line, the RIP, exit status 1, no hang.
     assert_eq!(r.code, Some(1), "{}", r.stderr);
     let stop = emulation_stop(&r.stderr);
@@ -402,9 +408,12 @@ fn c_the_promoted_backup_continues_the_boot_of_a_killed_primary() {
     )
     .expect("start the backup");
     assert!(
-        wait_for_line(&backup.stderr.clone(), "listening on", Duration::from_secs(10), || {
-            backup.try_wait().is_none()
-        }),
+        wait_for_line(
+            &backup.stderr.clone(),
+            "listening on",
+            Duration::from_secs(10),
+            || { backup.try_wait().is_none() }
+        ),
         "{}",
         backup.log()
     );
@@ -437,9 +446,12 @@ fn c_the_promoted_backup_continues_the_boot_of_a_killed_primary() {
     )
     .expect("start the primary");
     assert!(
-        wait_for_line(&primary.stderr.clone(), "PROTECTED", Duration::from_secs(30), || {
-            primary.try_wait().is_none()
-        }),
+        wait_for_line(
+            &primary.stderr.clone(),
+            "PROTECTED",
+            Duration::from_secs(30),
+            || { primary.try_wait().is_none() }
+        ),
         "{}",
         primary.log()
     );
@@ -464,10 +476,8 @@ fn c_the_promoted_backup_continues_the_boot_of_a_killed_primary() {
     // lockstep told the kernel where the network device is (Debian's kernel, built
     // without CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES, ignores it).
     assert!(
-        after
-            .iter()
-            .any(|l| l.contains("Kernel command line: ")
-                && l.contains(" virtio_mmio.device=4K@0x1000000000:5")),
+        after.iter().any(|l| l.contains("Kernel command line: ")
+            && l.contains(" virtio_mmio.device=4K@0x1000000000:5")),
         "{after:#?}"
     );
     let k = assert_continues(r, &before, &after);
@@ -565,7 +575,13 @@ fn an_instruction_kvm_cannot_emulate_is_one_line_with_its_rip() {
     ];
     let path = dir.join("cmpxchg16b.elf");
     std::fs::write(&path, tiny_elf(0x10_0000, code)).expect("write");
-    let run = lockstep(&["run", "--kernel", path.to_str().expect("UTF-8"), "--mem", "64M"]);
+    let run = lockstep(&[
+        "run",
+        "--kernel",
+        path.to_str().expect("UTF-8"),
+        "--mem",
+        "64M",
+    ]);
     if run.code() == Some(0) {
         // Hardware virtualization ran it.
         assert!(run.stderr.contains("i8042 pulse reset"), "{run:?}");
@@ -602,7 +618,14 @@ fn tiny_elf(addr: u64, code: &[u8]) -> Vec<u8> {
     let offset = 0x1000u64;
     e.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
     e.extend_from_slice(&5u32.to_le_bytes()); // R+X
-    for v in [offset, addr, addr, code.len() as u64, code.len() as u64, 0x1000] {
+    for v in [
+        offset,
+        addr,
+        addr,
+        code.len() as u64,
+        code.len() as u64,
+        0x1000,
+    ] {
         e.extend_from_slice(&v.to_le_bytes());
     }
     e.resize(offset as usize, 0);
@@ -632,8 +655,14 @@ fn bad_kernels_and_options_are_one_line_errors() {
             .assert_one_line_error(&["not a 64-bit ELF"]);
         let ok = dir.join("ok.elf");
         std::fs::write(&ok, tiny_elf(0x10_0000, &[0xf4])).expect("write");
-        lockstep(&["run", "--kernel", ok.to_str().expect("UTF-8"), "--mem", "4G"])
-            .assert_one_line_error(&["--mem 4G", "a Linux guest takes 64M to 3G"]);
+        lockstep(&[
+            "run",
+            "--kernel",
+            ok.to_str().expect("UTF-8"),
+            "--mem",
+            "4G",
+        ])
+        .assert_one_line_error(&["--mem 4G", "a Linux guest takes 64M to 3G"]);
         let huge = dir.join("huge.cpio");
         std::fs::write(&huge, vec![0u8; 70 << 20]).expect("write");
         lockstep(&[
