@@ -62,6 +62,19 @@ fn vmlinux() -> String {
     kernel_dir().join("vmlinux").to_string_lossy().into_owned()
 }
 
+/// Bytes of the initramfs every boot of (a), (b) and (c) is given. The kernel reserves it
+/// early (`RAMDISK: [mem ...]`) and unpacks it only long after where the emulator stops
+/// it here, so its content is a byte pattern.
+const INITRAMFS_SIZE: usize = 1 << 20;
+
+/// Writes the initramfs into `dir`; returns its path.
+fn initramfs(dir: &TempDir) -> String {
+    let bytes: Vec<u8> = (0..INITRAMFS_SIZE).map(|i| (i % 251) as u8).collect();
+    let path = dir.join("initramfs.cpio");
+    std::fs::write(&path, bytes).expect("write the initramfs");
+    path.to_string_lossy().into_owned()
+}
+
 /// A console line as the comparisons see it: without the printk timestamp, without the
 /// `virtio_mmio.device=` entries lockstep adds for a network device, and with the one
 /// figure that depends on when the clock was set up (kvm-clock's sched offset) blanked.
@@ -171,10 +184,21 @@ fn reference() -> &'static Reference {
     REF.get_or_init(|| {
         let dir = TempDir::new("linux-reference");
         let kernel = vmlinux();
+        let initramfs = initramfs(&dir);
         let (mut p, seen) = watch(
             &dir,
             "reference",
-            &["run", "--kernel", &kernel, "--mem", MEM, "--cmdline", CMDLINE],
+            &[
+                "run",
+                "--kernel",
+                &kernel,
+                "--initramfs",
+                &initramfs,
+                "--mem",
+                MEM,
+                "--cmdline",
+                CMDLINE,
+            ],
             &[BANNER, MEMORY],
         );
         let status = p.wait_for(Duration::from_secs(1));
@@ -297,6 +321,16 @@ fn a_the_kernel_prints_its_banner_command_line_and_memory() {
     // The MTRRs lockstep enables at reset (write-back default): PAT is set up.
     assert!(position(lines, "x86/PAT: Configuration").is_some());
     assert!(position(lines, "MTRRs disabled").is_none());
+    // The initramfs, at the top of RAM (512 MiB - 1 MiB), as the kernel reserves it.
+    assert!(
+        position(lines, "RAMDISK: [mem 0x1ff00000-0x1fffffff]").is_some(),
+        "{lines:#?}"
+    );
+    assert!(
+        r.stderr.contains("initramfs 1048576 bytes at 0x1ff00000"),
+        "{}",
+        r.stderr
+    );
     let memory = position(lines, MEMORY).expect("Memory:");
     assert!(
         lines[memory].contains("K/523896K available"),
@@ -325,6 +359,7 @@ fn b_a_snapshot_taken_mid_boot_restores_in_a_new_process_and_prints_the_rest() {
     let dir = TempDir::new("linux-snapshot");
     let kernel = vmlinux();
     let snap = dir.arg("snap");
+    let initramfs = initramfs(&dir);
     let at = r.mid_boot().as_millis().to_string();
     let console = dir.join("original.console");
     let mut cmd = Command::new(lockstep_bin());
@@ -332,6 +367,8 @@ fn b_a_snapshot_taken_mid_boot_restores_in_a_new_process_and_prints_the_rest() {
         "run",
         "--kernel",
         &kernel,
+        "--initramfs",
+        &initramfs,
         "--mem",
         MEM,
         "--cmdline",
@@ -418,6 +455,7 @@ fn c_the_promoted_backup_continues_the_boot_of_a_killed_primary() {
         backup.log()
     );
     let primary_console = dir.arg("primary.console");
+    let initramfs = initramfs(&dir);
     let primary_pid = dir.arg("primary.pid");
     let started = Instant::now();
     let mut primary = Proc::spawn(
@@ -429,6 +467,8 @@ fn c_the_promoted_backup_continues_the_boot_of_a_killed_primary() {
                 listen,
                 "--kernel",
                 &kernel,
+                "--initramfs",
+                &initramfs,
                 "--mem",
                 MEM,
                 "--cmdline",
