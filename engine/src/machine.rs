@@ -240,8 +240,9 @@ impl Machine {
 
     /// Creates the VM, loads a Linux kernel (and its initramfs) and sets the boot vCPU at
     /// the kernel's entry, paused; the other vCPUs wait for the kernel's INIT/SIPI. The
-    /// command line gets a `virtio_mmio.device=` entry for each virtio device (read by
-    /// kernels built with `CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES`).
+    /// virtio devices are in the ACPI tables' DSDT, and the command line gets a
+    /// `virtio_mmio.device=` entry for each (read by kernels built with
+    /// `CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES`, which need no ACPI).
     pub fn boot_linux(cfg: &MachineConfig, boot: &LinuxBoot) -> Result<Machine, MachineError> {
         let vm = Vm::with_dirty_ring(memory::create(cfg.mem_size)?, cfg.dirty_ring)?;
         let cpuid = linux_boot::cpu::linux_cpuid(vm.supported_cpuid()?, cfg.vcpus);
@@ -272,7 +273,16 @@ impl Machine {
             ));
         }
         let cmdline = cmdline.trim_start().to_string();
-        let loaded = linux_boot::load(vm.memory(), boot, &cmdline)?;
+        let acpi_devices: Vec<_> = net
+            .iter()
+            .enumerate()
+            .map(|(i, n)| linux_boot::acpi::MmioDevice {
+                base: n.info().base,
+                size: n.info().size,
+                irq: LINUX_VIRTIO_IRQ + i as u32,
+            })
+            .collect();
+        let loaded = linux_boot::load(vm.memory(), boot, &cmdline, cfg.vcpus, &acpi_devices)?;
         crate::info!(
             "Linux kernel ({:?}) entered at {:?}; {} of command line; initramfs {}",
             loaded.format,

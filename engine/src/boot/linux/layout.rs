@@ -8,7 +8,8 @@
 //! 0x0000_8ff0  the stack of the 64-bit entry
 //! 0x0000_9000  64-bit entry: PML4, PDPT, PD identity-mapping the first GiB (2 MiB pages)
 //! 0x0002_0000  the kernel command line
-//! 0x0009_fc00  EBDA .. 1 MiB: not RAM in the e820 map (VGA hole, BIOS area)
+//! 0x0009_fc00  EBDA .. 1 MiB: reserved in the e820 map (VGA hole, BIOS area)
+//! 0x000e_0000  the ACPI tables: RSDP, XSDT, DSDT, FADT, MADT (`acpi.rs`)
 //! 0x0010_0000  a bzImage's protected-mode kernel; RAM from here on
 //! 0x0100_0000  a vmlinux (its segments' physical addresses, CONFIG_PHYSICAL_START)
 //! (top)        the initramfs, page aligned, as high as RAM and the kernel allow
@@ -52,14 +53,22 @@ pub const MIN_LINUX_RAM: u64 = 64 << 20;
 
 /// e820 type of usable RAM.
 pub const E820_RAM: u32 = 1;
+/// e820 type of reserved memory.
+pub const E820_RESERVED: u32 = 2;
 
-/// The guest's memory map: RAM below the EBDA, and RAM from 1 MiB to `ram` bytes.
+/// The guest's memory map: RAM below the EBDA, the EBDA to 1 MiB reserved (the ACPI tables
+/// are there), and RAM from 1 MiB to `ram` bytes.
 pub fn e820(ram: u64) -> Vec<boot_e820_entry> {
     vec![
         boot_e820_entry {
             addr: 0,
             size: EBDA_START,
             r#type: E820_RAM,
+        },
+        boot_e820_entry {
+            addr: EBDA_START,
+            size: HIMEM_START - EBDA_START,
+            r#type: E820_RESERVED,
         },
         boot_e820_entry {
             addr: HIMEM_START,
@@ -76,8 +85,10 @@ mod tests {
     #[test]
     fn e820_leaves_the_isa_hole_out_and_ends_at_ram() {
         let map = e820(512 << 20);
-        assert_eq!(map.len(), 2);
-        let (lo, hi) = (map[0], map[1]);
+        assert_eq!(map.len(), 3);
+        let (lo, hi) = (map[0], map[2]);
+        assert_eq!(map[1].addr + map[1].size, HIMEM_START);
+        assert!(map[1].addr <= super::super::acpi::RSDP_ADDR);
         assert_eq!((lo.addr, lo.size), (0, EBDA_START));
         assert_eq!(hi.addr + hi.size, 512 << 20);
         assert!(lo.addr + lo.size <= CMDLINE_ADDR.max(EBDA_START));

@@ -9,6 +9,7 @@
 //! EBX = the `hvm_start_info`, found through the `XEN_ELFNOTE_PHYS32_ENTRY` note). The
 //! structures are linux-loader's; where they go is [`layout`].
 
+pub mod acpi;
 pub mod cpu;
 pub mod layout;
 
@@ -170,13 +171,15 @@ pub fn detect(image: &[u8]) -> Result<KernelFormat, LinuxBootError> {
 }
 
 /// Loads the kernel and the initramfs and writes the boot structures for its entry: the
-/// GDT, the PVH `hvm_start_info` with its memory map and module list, or `boot_params`
-/// and the page tables of the 64-bit entry. `cmdline` is the whole command line (the
-/// devices included).
+/// GDT, the ACPI tables for `vcpus` and `devices`, the PVH `hvm_start_info` with its
+/// memory map and module list, or `boot_params` and the page tables of the 64-bit entry.
+/// `cmdline` is the whole command line (the devices included).
 pub fn load(
     mem: &GuestMemory,
     boot: &LinuxBoot,
     cmdline: &str,
+    vcpus: u32,
+    devices: &[acpi::MmioDevice],
 ) -> Result<LoadedKernel, LinuxBootError> {
     let ram = crate::vstate::memory::ram_size(mem);
     if !(MIN_LINUX_RAM..=MAX_LINUX_RAM).contains(&ram) {
@@ -224,11 +227,12 @@ pub fn load(
     line.push(0);
     mem.write_slice(&line, GuestAddress(CMDLINE_ADDR))?;
     cpu::write_gdt(mem, &entry)?;
+    let rsdp = acpi::write_tables(mem, vcpus, devices)?;
     match entry {
-        Entry::Pvh { .. } => write_start_info(mem, ram, initramfs)?,
+        Entry::Pvh { .. } => write_start_info(mem, ram, initramfs, rsdp)?,
         Entry::Long { .. } => {
             cpu::write_page_tables(mem)?;
-            write_zero_page(mem, ram, header, cmdline.len(), initramfs)?;
+            write_zero_page(mem, ram, header, cmdline.len(), initramfs, rsdp)?;
         }
     }
     Ok(LoadedKernel {
@@ -315,11 +319,12 @@ fn load_bzimage(
     ))
 }
 
-/// The PVH `hvm_start_info` (version 1), the memory map and the module list.
+/// The PVH `hvm_start_info` (version 1, with the RSDP), the memory map and the module list.
 fn write_start_info(
     mem: &GuestMemory,
     ram: u64,
     initramfs: Option<(u64, u64)>,
+    rsdp: u64,
 ) -> Result<(), LinuxBootError> {
     let map: Vec<hvm_memmap_table_entry> = e820(ram)
         .iter()
@@ -339,6 +344,7 @@ fn write_start_info(
         cmdline_paddr: CMDLINE_ADDR,
         memmap_paddr: MEMMAP_ADDR,
         memmap_entries: map.len() as u32,
+        rsdp_paddr: rsdp,
         ..Default::default()
     };
     if let Some((addr, size)) = initramfs {
@@ -365,8 +371,10 @@ fn write_zero_page(
     header: Option<setup_header>,
     cmdline_len: usize,
     initramfs: Option<(u64, u64)>,
+    rsdp: u64,
 ) -> Result<(), LinuxBootError> {
     let mut p = boot_params::default();
+    p.acpi_rsdp_addr = rsdp;
     p.hdr = header.unwrap_or(setup_header {
         boot_flag: BOOT_FLAG,
         header: HDRS_MAGIC,
@@ -392,6 +400,14 @@ fn write_zero_page(
 mod tests {
     use super::*;
 
+    fn load_one(
+        mem: &GuestMemory,
+        boot: &LinuxBoot,
+        cmdline: &str,
+    ) -> Result<LoadedKernel, LinuxBootError> {
+        load(mem, boot, cmdline, 1, &[])
+    }
+
     fn boot(kernel: Vec<u8>) -> LinuxBoot {
         LinuxBoot {
             kernel,
@@ -403,34 +419,34 @@ mod tests {
     #[test]
     fn refuses_what_is_not_a_kernel_with_the_reason() {
         let mem = crate::vstate::memory::create(64 << 20).unwrap();
-        let e = load(&mem, &boot(b"hello".to_vec()), "").unwrap_err();
+        let e = load_one(&mem, &boot(b"hello".to_vec()), "").unwrap_err();
         assert!(matches!(e, LinuxBootError::NotAKernel), "{e}");
         // The reference guest is an ELF, but a 64-bit executable at 2 MiB: it loads; a
         // 32-bit ELF does not.
         let mut elf32 = crate::BUILTIN_GUEST.to_vec();
         elf32[4] = 1;
-        let e = load(&mem, &boot(elf32), "").unwrap_err();
+        let e = load_one(&mem, &boot(elf32), "").unwrap_err();
         assert!(e.to_string().contains("not a 64-bit ELF"), "{e}");
         let mut dynamic = crate::BUILTIN_GUEST.to_vec();
         dynamic[0x10] = 3;
-        let e = load(&mem, &boot(dynamic), "").unwrap_err();
+        let e = load_one(&mem, &boot(dynamic), "").unwrap_err();
         assert!(e.to_string().contains("ET_EXEC"), "{e}");
         // A setup header with HdrS but no protected-mode kernel behind it.
         let mut bz = vec![0u8; 0x400];
         bz[0x202..0x206].copy_from_slice(&HDRS_MAGIC.to_le_bytes());
         assert_eq!(detect(&bz).unwrap(), KernelFormat::BzImage);
-        let e = load(&mem, &boot(bz), "").unwrap_err();
+        let e = load_one(&mem, &boot(bz), "").unwrap_err();
         assert!(matches!(e, LinuxBootError::BzImage(_)), "{e}");
     }
 
     #[test]
     fn ram_and_command_line_limits() {
         let small = crate::vstate::memory::create(32 << 20).unwrap();
-        let e = load(&small, &boot(crate::BUILTIN_GUEST.to_vec()), "").unwrap_err();
+        let e = load_one(&small, &boot(crate::BUILTIN_GUEST.to_vec()), "").unwrap_err();
         assert!(matches!(e, LinuxBootError::RamSize(_)), "{e}");
         let mem = crate::vstate::memory::create(64 << 20).unwrap();
         let long = "x".repeat(CMDLINE_MAX);
-        let e = load(&mem, &boot(crate::BUILTIN_GUEST.to_vec()), &long).unwrap_err();
+        let e = load_one(&mem, &boot(crate::BUILTIN_GUEST.to_vec()), &long).unwrap_err();
         assert!(matches!(e, LinuxBootError::CmdlineTooLong { .. }), "{e}");
     }
 
@@ -439,7 +455,7 @@ mod tests {
         let mem = crate::vstate::memory::create(64 << 20).unwrap();
         let mut b = boot(crate::BUILTIN_GUEST.to_vec());
         b.initramfs = Some(vec![7u8; 10_000]);
-        let k = load(&mem, &b, "console=ttyS0").unwrap();
+        let k = load_one(&mem, &b, "console=ttyS0").unwrap();
         assert_eq!(k.format, KernelFormat::Elf);
         assert!(matches!(k.entry, Entry::Long { .. }));
         let (addr, size) = k.initramfs.unwrap();
@@ -458,12 +474,14 @@ mod tests {
         assert_eq!(u64::from(line_ptr), CMDLINE_ADDR);
         assert_eq!(line_size, 13);
         assert_eq!(u64::from(ramdisk), addr);
-        assert_eq!(p.e820_entries, 2);
+        assert_eq!(p.e820_entries, 3);
+        let rsdp = p.acpi_rsdp_addr;
+        assert_eq!(rsdp, acpi::RSDP_ADDR);
         let mut line = [0u8; 14];
         mem.read_slice(&mut line, GuestAddress(CMDLINE_ADDR))
             .unwrap();
         assert_eq!(&line, b"console=ttyS0\0");
-        let e = load(
+        let e = load_one(
             &mem,
             &LinuxBoot {
                 initramfs: Some(vec![0; 63 << 20]),

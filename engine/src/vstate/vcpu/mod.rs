@@ -36,6 +36,7 @@ pub use state::VcpuState;
 pub use throttle::{Throttle, Throttler, THROTTLE_SLICE};
 
 use crate::boot::abi::{EXIT_PORT, IDLE_PORT};
+use crate::boot::linux::acpi;
 
 /// The i8042 keyboard controller's command port.
 const I8042_COMMAND_PORT: u16 = 0x64;
@@ -596,6 +597,15 @@ impl VcpuThread {
             Ok(exit) => match exit {
                 VcpuExit::IoOut(EXIT_PORT, data) => exit_status = Some(le_u32(data)),
                 VcpuExit::IoOut(IDLE_PORT, data) => idle = Some(le_u32(data)),
+                VcpuExit::IoOut(acpi::SLEEP_CONTROL_PORT, &[v])
+                    if v & acpi::SLP_EN != 0 && (v >> 2) & 7 == acpi::S5_SLEEP_TYPE =>
+                {
+                    crate::info!(
+                        "vCPU {}: the guest powered off (ACPI S5): stopping",
+                        self.index
+                    );
+                    exit_status = Some(0);
+                }
                 VcpuExit::IoOut(I8042_COMMAND_PORT, [I8042_PULSE_RESET]) => {
                     crate::info!(
                         "vCPU {}: the guest reset the machine (i8042 pulse reset): stopping",
