@@ -186,12 +186,7 @@ struct GuestArgs {
     initramfs: Option<PathBuf>,
     /// the Linux kernel's command line (default: console=ttyS0 earlyprintk=ttyS0 reboot=k
     /// panic=1 pci=off)
-    #[arg(
-        long,
-        value_name = "STR",
-        requires = "kernel",
-        allow_hyphen_values = true
-    )]
+    #[arg(long, value_name = "STR", allow_hyphen_values = true)]
     cmdline: Option<String>,
     /// guest RAM, e.g. 256M, 2G (default 256M)
     #[arg(long, value_name = "SIZE")]

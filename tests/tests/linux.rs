@@ -32,6 +32,13 @@ use tests::{
 
 const CMDLINE: &str = "console=ttyS0 earlyprintk=ttyS0 reboot=k panic=1 pci=off";
 const MEM: &str = "512M";
+/// Every boot of (a), (b) and (c) is the same machine: two vCPUs (the second waits for the
+/// kernel's INIT/SIPI, which comes after where the emulator stops it here) and a virtio-net
+/// device on `tap0` in a network namespace of the test's own.
+const VCPUS: &str = "2";
+const NET: &str = "tap=tap0";
+/// What lockstep appends to the command line for that device.
+const NET_CMDLINE: &str = "virtio_mmio.device=4K@0x1000000000:5";
 const BANNER: &str = "Linux version ";
 const MEMORY: &str = "Memory: ";
 /// How long one boot may take here until the emulator stops it (it takes ~40 s).
@@ -75,22 +82,16 @@ fn initramfs(dir: &TempDir) -> String {
     path.to_string_lossy().into_owned()
 }
 
-/// A console line as the comparisons see it: without the printk timestamp, without the
-/// `virtio_mmio.device=` entries lockstep adds for a network device, and with the one
+/// A console line as the comparisons see it: without the printk timestamp, and with the one
 /// figure that depends on when the clock was set up (kvm-clock's sched offset) blanked.
 fn text(line: &str) -> String {
     let line = match line.strip_prefix('[').and_then(|l| l.split_once("] ")) {
         Some((stamp, rest)) if stamp.trim().parse::<f64>().is_ok() => rest,
         _ => line,
     };
-    let line: Vec<&str> = line
-        .split(' ')
-        .filter(|w| !w.starts_with("virtio_mmio.device="))
-        .collect();
-    let line = line.join(" ");
     match line.strip_prefix("kvm-clock: using sched offset of ") {
         Some(_) => "kvm-clock: using sched offset of N cycles".to_string(),
-        None => line,
+        None => line.to_string(),
     }
 }
 
@@ -127,14 +128,19 @@ impl Reference {
     }
 }
 
-/// Runs `lockstep ARGS --console FILE` until it exits, noting when the console first shows
-/// each of `marks`.
-fn watch(dir: &TempDir, name: &str, args: &[&str], marks: &[&str]) -> (Proc, Vec<Duration>) {
+/// Runs `lockstep ARGS --console FILE` in `ns` until it exits, noting when the console first
+/// shows each of `marks`.
+fn watch(
+    ns: &Netns,
+    dir: &TempDir,
+    name: &str,
+    args: &[&str],
+    marks: &[&str],
+) -> (Proc, Vec<Duration>) {
     let console = dir.arg(&format!("{name}.console"));
     let mut full: Vec<&str> = args.to_vec();
     full.extend(["--console", &console]);
-    let mut cmd = Command::new(lockstep_bin());
-    cmd.args(&full);
+    let cmd = ns.command(lockstep_bin(), &full);
     let start = Instant::now();
     let mut p = Proc::spawn(
         cmd,
@@ -183,9 +189,11 @@ fn reference() -> &'static Reference {
     static REF: OnceLock<Reference> = OnceLock::new();
     REF.get_or_init(|| {
         let dir = TempDir::new("linux-reference");
+        let ns = Netns::create("lkref").expect("network namespace");
         let kernel = vmlinux();
         let initramfs = initramfs(&dir);
         let (mut p, seen) = watch(
+            &ns,
             &dir,
             "reference",
             &[
@@ -198,6 +206,10 @@ fn reference() -> &'static Reference {
                 MEM,
                 "--cmdline",
                 CMDLINE,
+                "--vcpus",
+                VCPUS,
+                "--net",
+                NET,
             ],
             &[BANNER, MEMORY],
         );
@@ -305,15 +317,33 @@ fn a_the_kernel_prints_its_banner_command_line_and_memory() {
     let banner = position(lines, BANNER).expect("banner");
     assert_eq!(banner, 0, "the banner is the first line: {lines:#?}");
     assert!(lines[0].contains("6.1.0-") && lines[0].contains("cloud-amd64"));
+    // The command line, with the network device lockstep added.
+    let full = format!("{CMDLINE} {NET_CMDLINE}");
     let cmdline = position(lines, "Command line: ").expect("command line");
-    assert_eq!(text(&lines[cmdline]), format!("Command line: {CMDLINE}"));
-    assert!(position(lines, &format!("Kernel command line: {CMDLINE}")).is_some());
-    // The e820 map lockstep wrote: RAM below the EBDA and from 1 MiB to the end of --mem.
+    assert_eq!(text(&lines[cmdline]), format!("Command line: {full}"));
+    assert!(position(lines, &format!("Kernel command line: {full}")).is_some());
+    // The e820 map lockstep wrote: RAM below the EBDA, the EBDA to 1 MiB reserved, RAM from
+    // 1 MiB to the end of --mem.
     for e820 in [
         "BIOS-e820: [mem 0x0000000000000000-0x000000000009fbff] usable",
+        "BIOS-e820: [mem 0x000000000009fc00-0x00000000000fffff] reserved",
         "BIOS-e820: [mem 0x0000000000100000-0x000000001fffffff] usable",
     ] {
         assert!(position(lines, e820).is_some(), "no '{e820}': {lines:#?}");
+    }
+    // The ACPI tables, and what the kernel takes from the MADT: the IOAPIC, two CPUs.
+    for acpi in [
+        "ACPI: RSDP 0x00000000000E0000 000024 (v02 LKSTEP)",
+        "ACPI: XSDT 0x00000000000E0040",
+        "ACPI: FACP 0x",
+        "ACPI: DSDT 0x",
+        "ACPI: APIC 0x",
+        "IOAPIC[0]: apic_id 0, version 17, address 0xfec00000, GSI 0-23",
+        "ACPI: Using ACPI (MADT) for SMP configuration information",
+        "smpboot: Allowing 2 CPUs, 0 hotplug CPUs",
+        "nr_cpu_ids:2",
+    ] {
+        assert!(position(lines, acpi).is_some(), "no '{acpi}': {lines:#?}");
     }
     // CPUID: KVM's signature and kvm-clock.
     assert!(position(lines, "Hypervisor detected: KVM").is_some());
@@ -356,30 +386,37 @@ fn b_a_snapshot_taken_mid_boot_restores_in_a_new_process_and_prints_the_rest() {
     }
     let _one = one_at_a_time();
     let r = reference();
+    let ns = Netns::create("lksnap").expect("network namespace");
     let dir = TempDir::new("linux-snapshot");
     let kernel = vmlinux();
     let snap = dir.arg("snap");
     let initramfs = initramfs(&dir);
     let at = r.mid_boot().as_millis().to_string();
     let console = dir.join("original.console");
-    let mut cmd = Command::new(lockstep_bin());
-    cmd.args([
-        "run",
-        "--kernel",
-        &kernel,
-        "--initramfs",
-        &initramfs,
-        "--mem",
-        MEM,
-        "--cmdline",
-        CMDLINE,
-        "--console",
-        console.to_str().expect("UTF-8"),
-        "--snapshot-after-ms",
-        &at,
-        "--snapshot-to",
-        &snap,
-    ]);
+    let cmd = ns.command(
+        lockstep_bin(),
+        &[
+            "run",
+            "--kernel",
+            &kernel,
+            "--initramfs",
+            &initramfs,
+            "--mem",
+            MEM,
+            "--cmdline",
+            CMDLINE,
+            "--vcpus",
+            VCPUS,
+            "--net",
+            NET,
+            "--console",
+            console.to_str().expect("UTF-8"),
+            "--snapshot-after-ms",
+            &at,
+            "--snapshot-to",
+            &snap,
+        ],
+    );
     let mut original = Proc::spawn(cmd, dir.join("original.out"), dir.join("original.err"))
         .expect("start the original");
     assert!(
@@ -395,12 +432,17 @@ fn b_a_snapshot_taken_mid_boot_restores_in_a_new_process_and_prints_the_rest() {
     original.kill9();
     let before = console_lines(&console);
     let restored_console = dir.join("restored.console");
-    let restored = lockstep(&[
-        "restore",
-        &snap,
-        "--console",
-        restored_console.to_str().expect("UTF-8"),
-    ]);
+    let restored = tests::run(ns.command(
+        lockstep_bin(),
+        &[
+            "restore",
+            &snap,
+            "--net",
+            NET,
+            "--console",
+            restored_console.to_str().expect("UTF-8"),
+        ],
+    ));
     assert_eq!(restored.code(), Some(1), "{restored:?}");
     assert_eq!(emulation_stop(&restored.stderr), emulation_stop(&r.stderr));
     let after = console_lines(&restored_console);
@@ -473,8 +515,10 @@ fn c_the_promoted_backup_continues_the_boot_of_a_killed_primary() {
                 MEM,
                 "--cmdline",
                 CMDLINE,
+                "--vcpus",
+                VCPUS,
                 "--net",
-                "tap=tap0",
+                NET,
                 "--console",
                 &primary_console,
                 "--pid-file",
@@ -513,13 +557,6 @@ fn c_the_promoted_backup_continues_the_boot_of_a_killed_primary() {
     assert!(log.contains("fenced the old primary"), "{log}");
     emulation_stop(&log);
     let after = console_lines(Path::new(&backup_console));
-    // lockstep told the kernel where the network device is (Debian's kernel, built
-    // without CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES, ignores it).
-    assert!(
-        after.iter().any(|l| l.contains("Kernel command line: ")
-            && l.contains(" virtio_mmio.device=4K@0x1000000000:5")),
-        "{after:#?}"
-    );
     let k = assert_continues(r, &before, &after);
     eprintln!(
         "primary killed after {:.1} s with {} lines printed; the promoted backup printed {} (from line {k})",
@@ -723,4 +760,13 @@ fn bad_kernels_and_options_are_one_line_errors() {
     lockstep(&["run", "--guest", "builtin", "--cmdline", "quiet"])
         .assert_one_line_error(&["--initramfs and --cmdline go with --kernel"]);
     lockstep(&["run"]).assert_one_line_error(&["--guest builtin|PATH or --kernel PATH"]);
+    // The options work from a config file too.
+    let config = dir.join("linux.toml");
+    std::fs::write(
+        &config,
+        format!("kernel = \"{missing}\"\ncmdline = \"quiet\"\ninitramfs = \"{missing}\"\n"),
+    )
+    .expect("write");
+    lockstep(&["run", "--config", config.to_str().expect("UTF-8")])
+        .assert_one_line_error(&["cannot read guest image", "no-such-kernel"]);
 }
