@@ -51,6 +51,14 @@ pub const MAX_LINUX_RAM: u64 = 3 << 30;
 /// The smallest RAM that holds the boot structures and a kernel loaded at 16 MiB.
 pub const MIN_LINUX_RAM: u64 = 64 << 20;
 
+// The boot structures do not overlap, and all lie in RAM below the EBDA.
+const _: () = assert!(START_INFO_ADDR + 56 <= MODLIST_ADDR);
+const _: () = assert!(MODLIST_ADDR + 32 <= MEMMAP_ADDR);
+const _: () = assert!(ZERO_PAGE_ADDR + 4096 <= BOOT_STACK);
+const _: () = assert!(BOOT_STACK < PML4_ADDR);
+const _: () = assert!(PML4_ADDR + 3 * 4096 <= CMDLINE_ADDR);
+const _: () = assert!(CMDLINE_ADDR + CMDLINE_MAX as u64 <= EBDA_START);
+
 /// e820 type of usable RAM.
 pub const E820_RAM: u32 = 1;
 /// e820 type of reserved memory.
@@ -91,8 +99,5 @@ mod tests {
         assert!(map[1].addr <= super::super::acpi::RSDP_ADDR);
         assert_eq!((lo.addr, lo.size), (0, EBDA_START));
         assert_eq!(hi.addr + hi.size, 512 << 20);
-        assert!(lo.addr + lo.size <= CMDLINE_ADDR.max(EBDA_START));
-        assert!(CMDLINE_ADDR + CMDLINE_MAX as u64 <= EBDA_START);
-        assert!(PML4_ADDR + 3 * 4096 <= CMDLINE_ADDR);
     }
 }

@@ -373,14 +373,16 @@ fn write_zero_page(
     initramfs: Option<(u64, u64)>,
     rsdp: u64,
 ) -> Result<(), LinuxBootError> {
-    let mut p = boot_params::default();
-    p.acpi_rsdp_addr = rsdp;
-    p.hdr = header.unwrap_or(setup_header {
-        boot_flag: BOOT_FLAG,
-        header: HDRS_MAGIC,
-        kernel_alignment: KERNEL_ALIGNMENT,
+    let mut p = boot_params {
+        acpi_rsdp_addr: rsdp,
+        hdr: header.unwrap_or(setup_header {
+            boot_flag: BOOT_FLAG,
+            header: HDRS_MAGIC,
+            kernel_alignment: KERNEL_ALIGNMENT,
+            ..Default::default()
+        }),
         ..Default::default()
-    });
+    };
     p.hdr.type_of_loader = LOADER_OTHER;
     p.hdr.loadflags |= LOADED_HIGH;
     p.hdr.cmd_line_ptr = CMDLINE_ADDR as u32;
