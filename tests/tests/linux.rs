@@ -95,6 +95,12 @@ fn text(line: &str) -> String {
     }
 }
 
+/// The printk timestamp of a console line, in seconds of the guest's clock.
+fn stamp(line: &str) -> Option<f64> {
+    let (stamp, _) = line.strip_prefix('[')?.split_once("] ")?;
+    stamp.trim().parse().ok()
+}
+
 fn console_lines(path: &Path) -> Vec<String> {
     std::fs::read_to_string(path)
         .unwrap_or_default()
@@ -251,6 +257,9 @@ fn emulation_stop(stderr: &str) -> &str {
 /// starts no later than where `before` ends (nothing skipped) and after the banner (the
 /// copy was taken mid-boot). Returns the reference line `after` starts in.
 fn assert_continues(reference: &Reference, before: &[String], after: &[String]) -> usize {
+    let stamps: Vec<f64> = after.iter().filter_map(|l| stamp(l)).collect();
+    let last_before = before.iter().rev().find_map(|l| stamp(l));
+    let raw = (before.to_vec(), after.to_vec());
     let want = reference.texts();
     let before: Vec<String> = before.iter().map(|l| text(l)).collect();
     let after: Vec<String> = after.iter().map(|l| text(l)).collect();
@@ -303,6 +312,24 @@ fn assert_continues(reference: &Reference, before: &[String], after: &[String]) 
         "the copy did not reach Memory:\n{}",
         show()
     );
+    // The guest's clock went on from where it was captured (kvm-clock: its MSRs with the
+    // vCPU, the clock with the VM): the copy's printk times never go back, and start after
+    // the last line the original printed before the copy was taken.
+    let printed_before_copy = raw.0[..k.min(raw.0.len())]
+        .iter()
+        .rev()
+        .find_map(|l| stamp(l));
+    assert!(
+        stamps.windows(2).all(|w| w[0] <= w[1]),
+        "the copy's clock went back: {:?}",
+        raw.1
+    );
+    if let (Some(&first), Some(t)) = (stamps.first(), printed_before_copy) {
+        assert!(
+            first >= t,
+            "the copy's clock starts at {first} s, before the original's {t} s (last before: {last_before:?})"
+        );
+    }
     k
 }
 
