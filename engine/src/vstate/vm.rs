@@ -61,7 +61,10 @@ pub struct Vm {
     manual_protect: bool,
 }
 
-/// The VM-wide device state kept in the kernel.
+/// The VM-wide device state kept in the kernel. The GSI routing is KVM's default (made by
+/// `KVM_CREATE_IRQCHIP`: GSI n to PIC pin n below 16 and to IOAPIC pin n) and never changed,
+/// so a restored VM has the same routes; what the guest programmed (the IOAPIC's
+/// redirection table, the PICs' masks and modes, pending IRRs) is in the irqchip state.
 #[derive(Clone)]
 pub struct VmState {
     /// The master PIC.

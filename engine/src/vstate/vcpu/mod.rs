@@ -37,12 +37,12 @@ pub use throttle::{Throttle, Throttler, THROTTLE_SLICE};
 
 use crate::boot::abi::{EXIT_PORT, IDLE_PORT};
 use crate::boot::linux::acpi;
+use crate::devices::Bus;
 
 /// The i8042 keyboard controller's command port.
 const I8042_COMMAND_PORT: u16 = 0x64;
 /// The i8042 command that pulses the CPU's reset line (Linux's `reboot=k`).
 const I8042_PULSE_RESET: u8 = 0xfe;
-use crate::devices::Bus;
 
 /// A vCPU failed, or did not answer as the run-state machine expects.
 #[derive(Debug, Error)]
