@@ -352,8 +352,14 @@ impl Machine {
         let (events_tx, events) = unbounded();
         let bus: Arc<dyn Bus> = devices.clone();
         let throttle = Arc::new(Throttle::default());
-        let (vcpus, waker) =
-            vcpu::spawn_all(fds, vm.msr_list(), bus, events_tx, Arc::clone(&throttle))?;
+        let (vcpus, waker) = vcpu::spawn_all(
+            vm.memory(),
+            fds,
+            vm.msr_list(),
+            bus,
+            events_tx,
+            Arc::clone(&throttle),
+        )?;
         if let Some(n) = &devices.net {
             n.start(waker.clone());
         }

@@ -399,6 +399,8 @@ fn a_the_kernel_prints_its_banner_command_line_and_memory() {
     assert_eq!(r.code, Some(1), "{}", r.stderr);
     let stop = emulation_stop(&r.stderr);
     assert!(stop.contains("RIP=0xffffffff8"), "{stop}");
+    // The code there: lock cmpxchg16b (f0, REX.W, 0f c7 /1), as the design notes say.
+    assert!(stop.contains("(code f0 48 0f c7 "), "{stop}");
     assert_eq!(
         r.stderr.lines().filter(|l| l.contains("error")).count(),
         1,
@@ -710,7 +712,8 @@ fn an_instruction_kvm_cannot_emulate_is_one_line_with_its_rip() {
     assert_eq!(
         emulation_stop(&run.stderr),
         "lockstep: error: vCPU 0: guest stopped: KVM could not emulate the instruction at \
-         RIP=0x100007 (KVM_EXIT_INTERNAL_ERROR, suberror 1: emulation failure)"
+         RIP=0x100007 (code f0 48 0f c7 0f b0 fe e6 64 f4 00 00 00 00 00; \
+         KVM_EXIT_INTERNAL_ERROR, suberror 1: emulation failure)"
     );
 }
 

@@ -38,6 +38,8 @@ pub use throttle::{Throttle, Throttler, THROTTLE_SLICE};
 use crate::boot::abi::{EXIT_PORT, IDLE_PORT};
 use crate::boot::linux::acpi;
 use crate::devices::Bus;
+use crate::vstate::memory::GuestMemory;
+use vm_memory::{Bytes, GuestAddress};
 
 /// The i8042 keyboard controller's command port.
 const I8042_COMMAND_PORT: u16 = 0x64;
@@ -346,6 +348,8 @@ enum Flow {
 struct VcpuThread {
     index: u32,
     fd: VcpuFd,
+    /// Guest RAM, read to show the code at a RIP KVM could not emulate.
+    mem: GuestMemory,
     msrs: Vec<u32>,
     bus: Arc<dyn Bus>,
     commands: Receiver<VcpuCommand>,
@@ -388,6 +392,7 @@ pub fn create_all(
 /// Starts one thread per vCPU, each parked (Paused) until its first Resume. Returns the
 /// handles and a waker for vCPUs waiting on the idle port.
 pub fn spawn_all(
+    mem: &GuestMemory,
     fds: Vec<VcpuFd>,
     msr_list: &[u32],
     bus: Arc<dyn Bus>,
@@ -406,6 +411,7 @@ pub fn spawn_all(
         let thread = VcpuThread {
             index,
             fd,
+            mem: mem.clone(),
             msrs,
             bus: Arc::clone(&bus),
             commands: cmd_rx,
@@ -664,9 +670,18 @@ impl VcpuThread {
         let suberror = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
         let rip = self.rip();
         if suberror == KVM_INTERNAL_ERROR_EMULATION {
+            let code: Vec<String> = self
+                .code_at(rip)
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            let code = match code.is_empty() {
+                true => String::new(),
+                false => format!("code {}; ", code.join(" ")),
+            };
             format!(
                 "guest stopped: KVM could not emulate the instruction at RIP={rip:#x} \
-                 (KVM_EXIT_INTERNAL_ERROR, suberror 1: emulation failure)"
+                 ({code}KVM_EXIT_INTERNAL_ERROR, suberror 1: emulation failure)"
             )
         } else {
             format!(
@@ -674,6 +689,28 @@ impl VcpuThread {
                  suberror {suberror})"
             )
         }
+    }
+
+    /// The 15 bytes (the longest x86 instruction) at guest-virtual `rip`, each translated by
+    /// KVM's walk of the guest's page tables (`KVM_TRANSLATE`); fewer where the walk ends.
+    fn code_at(&self, rip: u64) -> Vec<u8> {
+        let mut code = Vec::with_capacity(15);
+        for gva in (0..15).map(|i| rip.wrapping_add(i)) {
+            let Ok(t) = self.fd.translate_gva(gva) else {
+                break;
+            };
+            let mut byte = [0u8];
+            if t.valid == 0
+                || self
+                    .mem
+                    .read_slice(&mut byte, GuestAddress(t.physical_address))
+                    .is_err()
+            {
+                break;
+            }
+            code.push(byte[0]);
+        }
+        code
     }
 
     /// Sits out a throttle sleep, answering commands at once (any command ends the
