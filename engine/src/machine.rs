@@ -284,7 +284,7 @@ impl Machine {
             .collect();
         let loaded = linux_boot::load(vm.memory(), boot, &cmdline, cfg.vcpus, &acpi_devices)?;
         crate::info!(
-            "Linux kernel ({:?}) entered at {:?}; {} of command line; initramfs {}",
+            "Linux kernel ({}, {}); command line of {} bytes; initramfs {}",
             loaded.format,
             loaded.entry,
             cmdline.len(),

@@ -384,6 +384,12 @@ fn a_the_kernel_prints_its_banner_command_line_and_memory() {
         position(lines, "RAMDISK: [mem 0x1ff00000-0x1fffffff]").is_some(),
         "{lines:#?}"
     );
+    // Entered through the PVH note (Debian's 6.1 kernel has its entry at 0x1000850).
+    assert!(
+        r.stderr.contains("Linux kernel (vmlinux, PVH entry at 0x"),
+        "{}",
+        r.stderr
+    );
     assert!(
         r.stderr.contains("initramfs 1048576 bytes at 0x1ff00000"),
         "{}",
@@ -635,7 +641,12 @@ fn a_vmlinux_without_pvh_note_boots_through_the_64_bit_entry() {
         std::fs::read_to_string(&console).unwrap_or_default(),
         p.log()
     );
-    assert!(p.log().contains("entered at Long"), "{}", p.log());
+    assert!(
+        p.log()
+            .contains("Linux kernel (vmlinux, 64-bit entry at 0x1000000)"),
+        "{}",
+        p.log()
+    );
     let lines = console_lines(&console);
     assert!(lines[0].contains(BANNER), "{lines:#?}");
     assert_eq!(text(&lines[1]), format!("Command line: {CMDLINE}"));
@@ -651,6 +662,19 @@ fn the_bzimage_decompresses_itself_and_boots() {
     }
     let _one = one_at_a_time();
     let dir = TempDir::new("linux-bzimage");
+    // Too little RAM for where it decompresses itself (16 MiB + init_size): one line.
+    let bz = kernel_dir().join("bzImage");
+    lockstep(&[
+        "run",
+        "--kernel",
+        bz.to_str().expect("UTF-8"),
+        "--mem",
+        "64M",
+    ])
+    .assert_one_line_error(&[
+        "kernel ends at 0x",
+        "beyond the 0x4000000 bytes of guest RAM",
+    ]);
     let console = dir.join("console");
     let mut cmd = Command::new(lockstep_bin());
     cmd.args(["run", "--kernel"])
@@ -666,7 +690,12 @@ fn the_bzimage_decompresses_itself_and_boots() {
         std::fs::read_to_string(&console).unwrap_or_default(),
         p.log()
     );
-    assert!(p.log().contains("(BzImage) entered at Long"), "{}", p.log());
+    assert!(
+        p.log()
+            .contains("Linux kernel (bzImage, 64-bit entry at 0x100200)"),
+        "{}",
+        p.log()
+    );
     let lines = console_lines(&console);
     assert!(lines[0].contains(BANNER), "{lines:#?}");
     assert_eq!(text(&lines[1]), format!("Command line: {CMDLINE}"));

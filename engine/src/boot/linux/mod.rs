@@ -54,6 +54,15 @@ pub enum KernelFormat {
     BzImage,
 }
 
+impl std::fmt::Display for KernelFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            KernelFormat::Elf => "vmlinux",
+            KernelFormat::BzImage => "bzImage",
+        })
+    }
+}
+
 /// How the boot vCPU enters the kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Entry {
@@ -68,6 +77,15 @@ pub enum Entry {
         /// `startup_64`: the ELF entry, or a bzImage's protected-mode kernel + 0x200.
         rip: u64,
     },
+}
+
+impl std::fmt::Display for Entry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Entry::Pvh { rip } => write!(f, "PVH entry at {rip:#x}"),
+            Entry::Long { rip } => write!(f, "64-bit entry at {rip:#x}"),
+        }
+    }
 }
 
 /// What [`load`] placed in guest memory.
@@ -306,10 +324,11 @@ fn load_bzimage(
     if header.xloadflags & XLF_KERNEL_64 == 0 {
         return Err(LinuxBootError::No64BitEntry(header.version));
     }
-    // The decompressor works in place and needs init_size bytes from the load address.
-    let end = loaded
-        .kernel_end
-        .max(loaded.kernel_load.0 + u64::from(header.init_size));
+    // The decompressor needs init_size bytes from where the kernel runs: the load address,
+    // or its preferred address (`pref_address`, CONFIG_PHYSICAL_START) when it was loaded
+    // below it, where a relocatable 64-bit kernel moves itself.
+    let runs_at = loaded.kernel_load.0.max(header.pref_address);
+    let end = loaded.kernel_end.max(runs_at + u64::from(header.init_size));
     Ok((
         Entry::Long {
             rip: loaded.kernel_load.0 + 0x200,
