@@ -28,7 +28,8 @@ const SUBCOMMANDS: &[(&str, &str)] = &[
     (
         "pause",
         "pause latency (until every vCPU is parked, until the state is captured) and resume \
-         latency, 1 and 2 vCPUs, idle and dirtying guest [--samples N (500)] [--gap-ms MS (3)]",
+         latency, 1 and 2 vCPUs, idle and dirtying guest, and a booting Linux kernel with \
+         --kernel VMLINUX [--samples N (500)] [--gap-ms MS (3)] [--linux-warmup-ms MS (20000)]",
     ),
     (
         "checkpoint",

@@ -9,9 +9,13 @@
 //! - `dirty`: `workload=dirty pages_per_ms=0 wss=64M`: the vCPUs write memory as fast as
 //!   they can, so every pause has to kick them out of `KVM_RUN`. (No dirty logging is on
 //!   here; harvesting is `bench checkpoint`'s business.)
+//! - `linux`, with `--kernel PATH` (a vmlinux): 1 vCPU booting that kernel, sampled from
+//!   `--linux-warmup-ms` after its start (its early boot, the part a KVM that emulates
+//!   guest CPL0 code runs); each sample also sizes the sealed state blob.
 
 use std::time::{Duration, Instant};
 
+use engine::boot::linux::LinuxBoot;
 use engine::devices::serial::Console;
 use engine::machine::{Machine, MachineConfig};
 
@@ -19,7 +23,11 @@ use crate::args::Args;
 use crate::stats::{micros, Summary};
 use crate::BenchError;
 
-pub const OPTIONS: &[&str] = &["samples", "gap-ms"];
+pub const OPTIONS: &[&str] = &["samples", "gap-ms", "kernel", "linux-warmup-ms"];
+
+/// The Linux guest's RAM and command line.
+const LINUX_MEM: u64 = 512 << 20;
+const LINUX_CMDLINE: &str = "console=ttyS0 earlyprintk=ttyS0 reboot=k panic=1 pci=off";
 
 const VCPUS: [u32; 2] = [1, 2];
 const MEM_SIZE: u64 = 256 << 20;
@@ -46,6 +54,8 @@ const LOADS: [Load; 2] = [
 struct Row {
     vcpus: u32,
     load: &'static str,
+    /// Bytes of the sealed state blob (vCPUs, irqchip, PIT, clock, devices).
+    state_bytes: usize,
     parked: Summary,
     captured: Summary,
     resumed: Summary,
@@ -64,24 +74,59 @@ pub fn run(args: &Args) -> Result<(), BenchError> {
                 "bench pause: {vcpus} vCPU(s), {} ({}), {samples} samples...",
                 load.name, load.guest_args
             );
-            rows.push(measure(vcpus, load, samples, gap, seconds)?);
+            let guest_args = format!("{} seconds={seconds}", load.guest_args);
+            let cfg = MachineConfig {
+                mem_size: MEM_SIZE,
+                vcpus,
+                console: Console::Null,
+                net: None,
+                dirty_ring: None,
+            };
+            let m = Machine::boot(&cfg, engine::BUILTIN_GUEST, &guest_args)?;
+            let what = format!("{vcpus} vCPU(s), {}", load.name);
+            rows.push(measure(m, &what, load.name, WARMUP, samples, gap)?);
         }
+    }
+    if let Some(kernel) = args.get("kernel") {
+        let warmup = Duration::from_millis(args.number("linux-warmup-ms", 20_000, 0)?);
+        eprintln!(
+            "bench pause: 1 vCPU, Linux {kernel} from {} ms into its boot, {samples} samples...",
+            warmup.as_millis()
+        );
+        let boot = LinuxBoot {
+            kernel: std::fs::read(kernel)
+                .map_err(|e| BenchError::Usage(format!("--kernel {kernel}: {e}")))?,
+            initramfs: None,
+            cmdline: LINUX_CMDLINE.to_string(),
+        };
+        let cfg = MachineConfig {
+            mem_size: LINUX_MEM,
+            vcpus: 1,
+            console: Console::Null,
+            net: None,
+            dirty_ring: None,
+        };
+        let m = Machine::boot_linux(&cfg, &boot)?;
+        rows.push(measure(m, "1 vCPU, linux", "linux", warmup, samples, gap)?);
     }
 
     println!(
         "Pause and resume latency, µs ({samples} samples per row, {} ms of guest run between \
-         pauses, {} MiB guest)\n",
+         pauses, {} MiB guest, the Linux guest {} MiB)\n",
         gap.as_millis(),
-        MEM_SIZE >> 20
+        MEM_SIZE >> 20,
+        LINUX_MEM >> 20
     );
     println!(
         "| vCPUs | load | parked p50 | parked p99 | parked max | captured p50 | captured p99 \
-         | captured max | resume p50 | resume p99 | resume max |"
+         | captured max | resume p50 | resume p99 | resume max | state bytes |"
     );
-    println!("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!(
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    );
     for r in &rows {
         println!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             r.vcpus,
             r.load,
             micros(r.parked.p50),
@@ -93,6 +138,7 @@ pub fn run(args: &Args) -> Result<(), BenchError> {
             micros(r.resumed.p50),
             micros(r.resumed.p99),
             micros(r.resumed.max),
+            r.state_bytes,
         );
     }
     println!(
@@ -102,23 +148,17 @@ pub fn run(args: &Args) -> Result<(), BenchError> {
     Ok(())
 }
 
+/// Runs `m` for `warmup`, then takes `samples` pauses with captures, `gap` apart.
 fn measure(
-    vcpus: u32,
-    load: &Load,
+    mut m: Machine,
+    what: &str,
+    load: &'static str,
+    warmup: Duration,
     samples: usize,
     gap: Duration,
-    seconds: u64,
 ) -> Result<Row, BenchError> {
-    let what = format!("{vcpus} vCPU(s), {}", load.name);
-    let cfg = MachineConfig {
-        mem_size: MEM_SIZE,
-        vcpus,
-        console: Console::Null,
-        net: None,
-        dirty_ring: None,
-    };
-    let guest_args = format!("{} seconds={seconds}", load.guest_args);
-    let mut m = Machine::boot(&cfg, engine::BUILTIN_GUEST, &guest_args)?;
+    let what = what.to_string();
+    let vcpus = m.vcpu_count() as u32;
     // The guest runs between samples; an event (exit, crash) ends the benchmark.
     let run_for = |m: &Machine, d: Duration| match m.wait_event(d) {
         None => Ok(()),
@@ -129,7 +169,8 @@ fn measure(
     };
 
     m.resume()?;
-    run_for(&m, WARMUP)?;
+    run_for(&m, warmup)?;
+    let mut state_bytes = 0;
     let mut parked = Vec::with_capacity(samples);
     let mut captured = Vec::with_capacity(samples);
     let mut resumed = Vec::with_capacity(samples);
@@ -139,7 +180,9 @@ fn measure(
         let start = Instant::now();
         m.resume()?;
         resumed.push(start.elapsed());
-        drop(state);
+        if state_bytes == 0 {
+            state_bytes = state.to_blob().len();
+        }
         parked.push(timing.parked);
         captured.push(timing.captured);
     }
@@ -148,7 +191,8 @@ fn measure(
     let summary = |v: &[Duration]| Summary::of(v).expect("at least one sample");
     Ok(Row {
         vcpus,
-        load: load.name,
+        load,
+        state_bytes,
         parked: summary(&parked),
         captured: summary(&captured),
         resumed: summary(&resumed),

@@ -8,8 +8,9 @@ use crossbeam_channel::{unbounded, Receiver};
 use kvm_ioctls::VcpuFd;
 use thiserror::Error;
 
+use crate::boot::linux::{self as linux_boot, LinuxBoot, LinuxBootError};
 use crate::boot::{self, BootError, BootParams};
-use crate::devices::serial::{Console, SerialDevice, SerialError};
+use crate::devices::serial::{Console, SerialDevice, SerialError, SerialIrq};
 use crate::devices::tap::TapError;
 use crate::devices::{lock, Bus, Devices, NetConfig, NetDevice};
 use crate::persist::state::MachineState;
@@ -36,6 +37,22 @@ pub enum MachineError {
     /// The guest could not be loaded.
     #[error(transparent)]
     Boot(#[from] BootError),
+    /// The Linux kernel could not be loaded.
+    #[error(transparent)]
+    LinuxBoot(#[from] LinuxBootError),
+    /// An interrupt line could not be wired (an eventfd, or `KVM_IRQFD`).
+    #[error("cannot wire IRQ {gsi} ({what}): {source}")]
+    Irq {
+        /// The GSI.
+        gsi: u32,
+        /// The device.
+        what: &'static str,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// A saved CPUID is not one KVM takes.
+    #[error("cannot restore: the saved CPUID has {0} entries, more than KVM takes")]
+    Cpuid(usize),
     /// The serial console could not be set up.
     #[error(transparent)]
     Serial(#[from] SerialError),
@@ -73,13 +90,60 @@ pub struct MachineConfig {
     pub dirty_ring: Option<u32>,
 }
 
-/// A machine to boot: its shape, the guest image and the guest's command line.
+/// What a machine runs; it decides how the devices are wired.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Platform {
+    /// The reference guest: entered at CPL3, polls its devices, takes no interrupts.
+    Reference,
+    /// A Linux kernel: the 16550 on IRQ 4 and virtio-mmio device `i` on IRQ
+    /// [`LINUX_VIRTIO_IRQ`]` + i`, each through an irqfd into the in-kernel PIC and IOAPIC
+    /// (KVM's default routing: GSI n is PIC pin n for n < 16 and IOAPIC pin n).
+    Linux,
+}
+
+impl Platform {
+    /// Its number in the state format.
+    pub fn code(self) -> u32 {
+        match self {
+            Platform::Reference => 0,
+            Platform::Linux => 1,
+        }
+    }
+
+    /// The platform of a state-format number.
+    pub fn from_code(code: u32) -> Option<Platform> {
+        match code {
+            0 => Some(Platform::Reference),
+            1 => Some(Platform::Linux),
+            _ => None,
+        }
+    }
+}
+
+/// COM1's ISA interrupt line.
+pub const LINUX_SERIAL_IRQ: u32 = 4;
+/// The first virtio-mmio device's interrupt line (the next device takes the next line).
+pub const LINUX_VIRTIO_IRQ: u32 = 5;
+
+/// The guest a machine boots.
+#[derive(Clone, Debug)]
+pub enum Guest {
+    /// The reference guest or another ELF built to its contract ([`crate::boot::abi`]).
+    Reference {
+        /// The ELF image (the built-in guest is [`crate::BUILTIN_GUEST`]).
+        image: Vec<u8>,
+        /// The guest's command line, handed to it in the boot info.
+        args: String,
+    },
+    /// A Linux kernel with its initramfs and command line.
+    Linux(LinuxBoot),
+}
+
+/// A machine to boot: its shape and its guest.
 #[derive(Clone, Debug)]
 pub struct BootConfig {
-    /// The guest, an ELF image (the built-in guest is [`crate::BUILTIN_GUEST`]).
-    pub image: Vec<u8>,
-    /// The guest's command line, handed to it in the boot info.
-    pub guest_args: String,
+    /// The guest.
+    pub guest: Guest,
     /// The machine's shape.
     pub machine: MachineConfig,
 }
@@ -106,6 +170,9 @@ pub struct Machine {
     devices: Arc<Devices>,
     waker: Waker,
     vm: Vm,
+    platform: Platform,
+    /// The CPUID every vCPU was given (before its APIC id was set).
+    cpuid: Vec<kvm_bindings::kvm_cpuid_entry2>,
     running: bool,
     resume_acks_pending: bool,
     /// Who tracks the dirty pages: the bitmap, or the vCPUs' dirty rings.
@@ -155,10 +222,83 @@ impl Machine {
             }
         }
         let devices = Arc::new(Devices {
-            serial: std::sync::Mutex::new(SerialDevice::new(&cfg.console)?),
+            serial: std::sync::Mutex::new(SerialDevice::new(&cfg.console, SerialIrq(None))?),
             net,
         });
-        let mut machine = Machine::assemble(vm, fds, devices)?;
+        let mut machine = Machine::assemble(vm, fds, devices, Platform::Reference, &cpuid)?;
+        machine.dirty = dirty;
+        Ok(machine)
+    }
+
+    /// Boots what `cfg` says: the reference guest or a Linux kernel.
+    pub fn start(cfg: &BootConfig) -> Result<Machine, MachineError> {
+        match &cfg.guest {
+            Guest::Reference { image, args } => Machine::boot(&cfg.machine, image, args),
+            Guest::Linux(boot) => Machine::boot_linux(&cfg.machine, boot),
+        }
+    }
+
+    /// Creates the VM, loads a Linux kernel (and its initramfs) and sets the boot vCPU at
+    /// the kernel's entry, paused; the other vCPUs wait for the kernel's INIT/SIPI. The
+    /// virtio devices are in the ACPI tables' DSDT, and the command line gets a
+    /// `virtio_mmio.device=` entry for each (read by kernels built with
+    /// `CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES`, which need no ACPI).
+    pub fn boot_linux(cfg: &MachineConfig, boot: &LinuxBoot) -> Result<Machine, MachineError> {
+        let vm = Vm::with_dirty_ring(memory::create(cfg.mem_size)?, cfg.dirty_ring)?;
+        let cpuid = linux_boot::cpu::linux_cpuid(vm.supported_cpuid()?, cfg.vcpus);
+        let fds = vcpu::create_all(vm.fd(), &cpuid, cfg.vcpus)?;
+        let dirty = match cfg.dirty_ring {
+            Some(entries) => DirtyTracker::Ring(std::sync::Mutex::new(
+                fds.iter()
+                    .enumerate()
+                    .map(|(i, fd)| DirtyRing::map(fd, i as u32, entries))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(DirtyError::from)?,
+            )),
+            None => DirtyTracker::Bitmap(vm.dirty_log()),
+        };
+        let net = cfg
+            .net
+            .as_ref()
+            .map(|n| NetDevice::new(n, vm.memory().clone()))
+            .transpose()?;
+        let mut cmdline = boot.cmdline.clone();
+        for (i, n) in net.iter().enumerate() {
+            let info = n.info();
+            cmdline.push_str(&format!(
+                " virtio_mmio.device={}K@{:#x}:{}",
+                info.size >> 10,
+                info.base,
+                LINUX_VIRTIO_IRQ + i as u32
+            ));
+        }
+        let cmdline = cmdline.trim_start().to_string();
+        let acpi_devices: Vec<_> = net
+            .iter()
+            .enumerate()
+            .map(|(i, n)| linux_boot::acpi::MmioDevice {
+                base: n.info().base,
+                size: n.info().size,
+                irq: LINUX_VIRTIO_IRQ + i as u32,
+            })
+            .collect();
+        let loaded = linux_boot::load(vm.memory(), boot, &cmdline, cfg.vcpus, &acpi_devices)?;
+        crate::info!(
+            "Linux kernel ({}, {}); command line of {} bytes; initramfs {}",
+            loaded.format,
+            loaded.entry,
+            cmdline.len(),
+            loaded
+                .initramfs
+                .map_or("none".to_string(), |(a, s)| format!("{s} bytes at {a:#x}"))
+        );
+        set_linux_boot_registers(&fds[0], &loaded.entry)?;
+        let serial = linux_irqs(&vm, net.as_ref())?;
+        let devices = Arc::new(Devices {
+            serial: std::sync::Mutex::new(SerialDevice::new(&cfg.console, serial)?),
+            net,
+        });
+        let mut machine = Machine::assemble(vm, fds, devices, Platform::Linux, &cpuid)?;
         machine.dirty = dirty;
         Ok(machine)
     }
@@ -180,28 +320,46 @@ impl Machine {
         }
         let vm = Vm::new(memory)?;
         vm.restore_state(&state.vm)?;
-        let fds = vcpu::create_all(vm.fd(), &vm.supported_cpuid()?, state.vcpus.len() as u32)?;
+        let cpuid = kvm_bindings::CpuId::from_entries(&state.cpuid)
+            .map_err(|_| MachineError::Cpuid(state.cpuid.len()))?;
+        let fds = vcpu::create_all(vm.fd(), &cpuid, state.vcpus.len() as u32)?;
         let net = net
             .map(|n| NetDevice::new(n, vm.memory().clone()))
             .transpose()?;
+        let serial = match state.platform {
+            Platform::Reference => SerialIrq(None),
+            Platform::Linux => linux_irqs(&vm, net.as_ref())?,
+        };
         let devices = Arc::new(Devices {
-            serial: std::sync::Mutex::new(SerialDevice::restore(console, &state.serial)?),
+            serial: std::sync::Mutex::new(SerialDevice::restore(console, &state.serial, serial)?),
             net,
         });
         devices.restore_virtio(&state.virtio)?;
-        let machine = Machine::assemble(vm, fds, devices)?;
+        let machine = Machine::assemble(vm, fds, devices, state.platform, &cpuid)?;
         for (h, s) in machine.vcpus.iter().zip(&state.vcpus) {
             h.restore(Box::new(s.clone()))?;
         }
         Ok(machine)
     }
 
-    fn assemble(vm: Vm, fds: Vec<VcpuFd>, devices: Arc<Devices>) -> Result<Machine, MachineError> {
+    fn assemble(
+        vm: Vm,
+        fds: Vec<VcpuFd>,
+        devices: Arc<Devices>,
+        platform: Platform,
+        cpuid: &kvm_bindings::CpuId,
+    ) -> Result<Machine, MachineError> {
         let (events_tx, events) = unbounded();
         let bus: Arc<dyn Bus> = devices.clone();
         let throttle = Arc::new(Throttle::default());
-        let (vcpus, waker) =
-            vcpu::spawn_all(fds, vm.msr_list(), bus, events_tx, Arc::clone(&throttle))?;
+        let (vcpus, waker) = vcpu::spawn_all(
+            vm.memory(),
+            fds,
+            vm.msr_list(),
+            bus,
+            events_tx,
+            Arc::clone(&throttle),
+        )?;
         if let Some(n) = &devices.net {
             n.start(waker.clone());
         }
@@ -216,6 +374,8 @@ impl Machine {
             resume_acks_pending: false,
             dirty: DirtyTracker::Bitmap(vm.dirty_log()),
             vm,
+            platform,
+            cpuid: cpuid.as_slice().to_vec(),
         })
     }
 
@@ -254,6 +414,11 @@ impl Machine {
     /// The share of time the vCPUs are held (see [`Machine::set_throttle`]).
     pub fn throttle(&self) -> u32 {
         self.throttle.percent()
+    }
+
+    /// What the machine runs.
+    pub fn platform(&self) -> Platform {
+        self.platform
     }
 
     /// The KVM VM.
@@ -365,6 +530,8 @@ impl Machine {
 
     fn capture_rest(&self, vcpus: Vec<vcpu::VcpuState>) -> Result<MachineState, MachineError> {
         Ok(MachineState {
+            platform: self.platform,
+            cpuid: self.cpuid.clone(),
             mem_size: memory::ram_size(self.memory()),
             vcpus,
             vm: self.vm.save_state()?,
@@ -459,4 +626,60 @@ fn set_boot_registers(fd: &VcpuFd, index: u32, entry: u64) -> Result<(), VcpuErr
     };
     fd.set_mp_state(runnable).map_err(err("KVM_SET_MP_STATE"))?;
     Ok(())
+}
+
+/// Wires a Linux guest's interrupt lines: an irqfd for the 16550 on IRQ 4 (returned for the
+/// UART) and one for each virtio device from IRQ [`LINUX_VIRTIO_IRQ`] on (given to it).
+fn linux_irqs(vm: &Vm, net: Option<&NetDevice>) -> Result<SerialIrq, MachineError> {
+    let irqfd = |gsi: u32, what: &'static str| {
+        let err = move |source| MachineError::Irq { gsi, what, source };
+        let fd = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).map_err(err)?;
+        vm.fd()
+            .register_irqfd(&fd, gsi)
+            .map_err(|e| err(std::io::Error::from_raw_os_error(e.errno())))?;
+        Ok::<_, MachineError>(fd)
+    };
+    if let Some(n) = net {
+        n.set_irq(irqfd(LINUX_VIRTIO_IRQ, "virtio-net")?);
+    }
+    Ok(SerialIrq(Some(irqfd(LINUX_SERIAL_IRQ, "serial")?)))
+}
+
+/// The boot vCPU at a Linux kernel's entry (see [`linux_boot::cpu`]).
+fn set_linux_boot_registers(fd: &VcpuFd, entry: &linux_boot::Entry) -> Result<(), VcpuError> {
+    let err = |what| {
+        move |source| VcpuError::Kvm {
+            index: 0,
+            what,
+            source,
+        }
+    };
+    let sregs = fd.get_sregs().map_err(err("KVM_GET_SREGS"))?;
+    fd.set_sregs(&linux_boot::cpu::initial_sregs(sregs, entry))
+        .map_err(err("KVM_SET_SREGS"))?;
+    fd.set_regs(&linux_boot::cpu::initial_regs(entry))
+        .map_err(err("KVM_SET_REGS"))?;
+    fd.set_fpu(&boot::initial_fpu())
+        .map_err(err("KVM_SET_FPU"))?;
+    let entries = linux_boot::cpu::boot_msrs();
+    let msrs = kvm_bindings::Msrs::from_entries(&entries).map_err(|_| VcpuError::Msrs {
+        index: 0,
+        set: 0,
+        total: entries.len(),
+        msr: entries[0].index,
+    })?;
+    match fd.set_msrs(&msrs) {
+        Ok(n) if n == entries.len() => Ok(()),
+        Ok(n) => Err(VcpuError::Msrs {
+            index: 0,
+            set: n,
+            total: entries.len(),
+            msr: entries[n].index,
+        }),
+        Err(source) => Err(VcpuError::Kvm {
+            index: 0,
+            what: "KVM_SET_MSRS (boot MSRs)",
+            source,
+        }),
+    }
 }

@@ -14,8 +14,9 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use engine::devices::virtio::VirtioState;
+use engine::machine::Platform;
 use engine::persist::state::MachineState;
-use engine::persist::{seal, unseal, HEADER_LEN};
+use engine::persist::{seal, unseal, FORMAT_VERSION, HEADER_LEN};
 use engine::snapshot::{self, MEMORY_FILE, STATE_FILE};
 use engine::vstate::memory::GuestMemory;
 use engine::vstate::vcpu::VcpuState;
@@ -148,6 +149,12 @@ fn machine(s: &Shape) -> MachineState {
         })
         .collect();
     MachineState {
+        platform: if seed % 2 == 0 {
+            Platform::Reference
+        } else {
+            Platform::Linux
+        },
+        cpuid: (0..1 + s.msrs.len()).map(|_| pod(&mut seed)).collect(),
         mem_size: s.mem_size,
         vcpus,
         vm,
@@ -386,7 +393,7 @@ proptest! {
 fn regression_sealed_header_reserved_word() {
     let mut input = [0u8; HEADER_LEN];
     input[..8].copy_from_slice(b"LKSTATE\0");
-    input[8] = 2;
+    input[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
     input[28] = 1;
     assert_eq!(
         unseal(&input).unwrap_err().to_string(),
@@ -411,12 +418,23 @@ fn regression_fpu_padding_bit() {
         serial_in: vec![0; 14],
         virtio: vec![(0, 2, vec![0; 16]), (0, 1, vec![0; 5])],
     };
+    // The flip was found under format 2; the same byte of the first vCPU's FPU in the
+    // current layout: platform, CPUID count, CPUID entries, memory size, vCPU count, regs,
+    // sregs, the x87 registers, FCW and FSW, then FTW's padding byte.
+    let cpuid_entries = 1 + s.msrs.len();
+    let at = 4
+        + 4
+        + cpuid_entries * std::mem::size_of::<kvm_bindings::kvm_cpuid_entry2>()
+        + 8
+        + 4
+        + std::mem::size_of::<kvm_bindings::kvm_regs>()
+        + std::mem::size_of::<kvm_bindings::kvm_sregs>()
+        + 8 * 16
+        + 4
+        + 1;
     let blob = damage(
         &machine(&s).to_blob(),
-        &[Mutation::Flip {
-            at: 14862370485685853206,
-            bit: 0,
-        }],
+        &[Mutation::Flip { at, bit: 0 }],
         false,
     );
     let err = MachineState::from_blob(&blob).err().expect("refused");

@@ -12,9 +12,10 @@ use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use thiserror::Error;
 
 use checkpoint::tls::{LinkSecurity, TlsIdentity};
+use engine::boot::linux::{self, LinuxBoot, DEFAULT_CMDLINE};
 use engine::devices::serial::Console;
 use engine::devices::NetConfig;
-use engine::machine::{BootConfig, Machine, MachineConfig, MachineError};
+use engine::machine::{BootConfig, Guest, Machine, MachineConfig, MachineError};
 use engine::pidfile::{PidFile, PidFileError};
 use engine::replication::backup::{BackupError, BackupOptions};
 use engine::replication::control;
@@ -184,6 +185,16 @@ struct GuestArgs {
     /// the guest's command line (built-in: workload=counter|dirty|hash|kv ...)
     #[arg(long, value_name = "STR", allow_hyphen_values = true)]
     guest_args: Option<String>,
+    /// boot this Linux kernel instead: an ELF vmlinux (PVH note or 64-bit entry) or a bzImage
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["guest", "guest_args"])]
+    kernel: Option<PathBuf>,
+    /// the Linux kernel's initramfs
+    #[arg(long, value_name = "PATH")]
+    initramfs: Option<PathBuf>,
+    /// the Linux kernel's command line (default: console=ttyS0 earlyprintk=ttyS0 reboot=k
+    /// panic=1 pci=off)
+    #[arg(long, value_name = "STR", allow_hyphen_values = true)]
+    cmdline: Option<String>,
     /// guest RAM, e.g. 256M, 2G (default 256M)
     #[arg(long, value_name = "SIZE")]
     mem: Option<String>,
@@ -434,6 +445,8 @@ pub enum CliError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("--kernel {path}: {reason}")]
+    Kernel { path: PathBuf, reason: String },
     #[error(transparent)]
     Machine(#[from] MachineError),
     #[error(transparent)]
@@ -618,22 +631,45 @@ fn dirty_ring_option(ring: Option<u32>) -> Result<Option<u32>, CliError> {
 
 /// The guest and machine of `run` and `primary`.
 fn boot_config(g: &GuestArgs, dirty_ring: Option<u32>) -> Result<BootConfig, CliError> {
-    let guest = g
-        .guest
-        .as_deref()
-        .ok_or_else(|| usage("--guest builtin|PATH is required"))?;
-    let guest_args = g
-        .guest_args
-        .clone()
-        .unwrap_or_else(|| "workload=counter limit=10".to_string());
-    let image = if guest == "builtin" {
-        check_builtin_args(&guest_args)?;
-        engine::BUILTIN_GUEST.to_vec()
-    } else {
-        std::fs::read(guest).map_err(|source| CliError::Image {
-            path: guest.into(),
+    let read = |path: &std::path::Path| {
+        std::fs::read(path).map_err(|source| CliError::Image {
+            path: path.into(),
             source,
-        })?
+        })
+    };
+    let guest = if let Some(kernel) = &g.kernel {
+        let boot = LinuxBoot {
+            kernel: read(kernel)?,
+            initramfs: g.initramfs.as_deref().map(read).transpose()?,
+            cmdline: g
+                .cmdline
+                .clone()
+                .unwrap_or_else(|| DEFAULT_CMDLINE.to_string()),
+        };
+        // A file that is no kernel is refused before anything is created.
+        linux::detect(&boot.kernel).map_err(|e| CliError::Kernel {
+            path: kernel.clone(),
+            reason: e.to_string(),
+        })?;
+        Guest::Linux(boot)
+    } else if g.initramfs.is_some() || g.cmdline.is_some() {
+        return Err(usage("--initramfs and --cmdline go with --kernel PATH"));
+    } else {
+        let guest = g
+            .guest
+            .as_deref()
+            .ok_or_else(|| usage("--guest builtin|PATH or --kernel PATH is required"))?;
+        let args = g
+            .guest_args
+            .clone()
+            .unwrap_or_else(|| "workload=counter limit=10".to_string());
+        let image = if guest == "builtin" {
+            check_builtin_args(&args)?;
+            engine::BUILTIN_GUEST.to_vec()
+        } else {
+            read(std::path::Path::new(guest))?
+        };
+        Guest::Reference { image, args }
     };
     let mem = match &g.mem {
         Some(m) => parse_size(m)?,
@@ -642,8 +678,7 @@ fn boot_config(g: &GuestArgs, dirty_ring: Option<u32>) -> Result<BootConfig, Cli
     engine::vstate::memory::validate_size(mem).map_err(|e| usage(e.to_string()))?;
     let vcpus = vcpus_option(g.vcpus)?.unwrap_or(1);
     Ok(BootConfig {
-        image,
-        guest_args,
+        guest,
         machine: MachineConfig {
             mem_size: mem,
             vcpus,
@@ -684,7 +719,7 @@ fn cmd_run(a: RunArgs) -> Result<ExitCode, CliError> {
     let (fence, mut template) = replication(&a.replication, &a.fence, &name, false, false)?;
     template.link = link_option(&a.replication, &name, false)?;
     let _services = a.process.start()?;
-    let machine = Machine::boot(&g.machine, &g.image, &g.guest_args)?;
+    let machine = Machine::start(&g)?;
     status::update(|s| {
         s.role = Role::Standalone;
         s.guest = GuestState::Running;
@@ -872,7 +907,7 @@ fn cmd_primary(a: PrimaryArgs) -> Result<ExitCode, CliError> {
     let (fence, mut template) = replication(&a.replication, &a.fence, &name, false, false)?;
     template.link = link_option(&a.replication, &name, true)?;
     let _services = a.process.start()?;
-    let machine = Machine::boot(&g.machine, &g.image, &g.guest_args)?;
+    let machine = Machine::start(&g)?;
     let node = Node {
         console: g.machine.console.clone(),
         net: g.machine.net.clone(),

@@ -69,6 +69,12 @@ fn real_state_round_trips_and_damage_is_refused() {
         assert_eq!(a.msrs.len(), b.msrs.len());
     }
     assert_eq!(back.serial.line_status, state.serial.line_status);
+    assert_eq!(back.platform, engine::machine::Platform::Reference);
+    assert_eq!(back.cpuid.len(), state.cpuid.len());
+    assert!(
+        state.cpuid.iter().any(|e| e.function == 0x4000_0000),
+        "the CPUID the vCPUs got includes KVM's leaves"
+    );
 
     let payload = unseal(&blob).expect("unseal").to_vec();
     assert_eq!(&blob[..8], b"LKSTATE\0");
@@ -144,8 +150,24 @@ fn real_state_round_trips_and_damage_is_refused() {
         rejected(&seal(&trailing)),
         PersistError::Malformed(_)
     ));
-    // A huge vCPU count.
+    // An unknown platform, a huge CPUID count, a huge vCPU count (after the platform, the
+    // CPUID entries and the memory size).
+    let mut bad = payload.clone();
+    bad[0..4].copy_from_slice(&7u32.to_le_bytes());
+    assert_eq!(
+        rejected(&seal(&bad)),
+        PersistError::Malformed("platform 7".to_string())
+    );
     let mut huge = payload.clone();
-    huge[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
+    huge[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
+    assert!(matches!(rejected(&seal(&huge)), PersistError::Malformed(_)));
+    let vcpus_at =
+        8 + state.cpuid.len() * std::mem::size_of::<kvm_bindings::kvm_cpuid_entry2>() + 8;
+    assert_eq!(
+        u32::from_le_bytes(payload[vcpus_at..vcpus_at + 4].try_into().unwrap()),
+        2
+    );
+    let mut huge = payload.clone();
+    huge[vcpus_at..vcpus_at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
     assert!(matches!(rejected(&seal(&huge)), PersistError::Malformed(_)));
 }

@@ -2,6 +2,7 @@
 //! initial vCPU registers, all per the contract in [`abi`].
 
 pub mod abi;
+pub mod linux;
 
 use std::io::Cursor;
 
@@ -146,7 +147,7 @@ pub fn load(
 
 /// `(p_paddr, p_filesz, p_memsz)` of each PT_LOAD segment of a 64-bit ELF that
 /// linux-loader already accepted (so the header is sane); malformed entries are skipped.
-fn load_segments(image: &[u8]) -> Vec<(u64, u64, u64)> {
+pub(crate) fn load_segments(image: &[u8]) -> Vec<(u64, u64, u64)> {
     let u16_at = |o: usize| {
         image
             .get(o..o + 2)

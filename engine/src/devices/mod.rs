@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use crate::boot::abi::{VirtioDeviceInfo, MMIO_BASE, MMIO_DEVICE_SIZE, SERIAL_PORT, VIRTIO_ID_NET};
+use crate::boot::linux::acpi::SLEEP_CONTROL_PORT;
 use egress::Egress;
 use serial::SerialDevice;
 use tap::{Tap, TapError};
@@ -110,6 +111,11 @@ impl NetDevice {
             Arc::clone(&self.tap),
             Arc::clone(&self.rx_stop),
         ));
+    }
+
+    /// Interrupts the guest through `irq` (an irqfd) when the device uses buffers.
+    pub fn set_irq(&self, irq: vmm_sys_util::eventfd::EventFd) {
+        lock(&self.transport).set_irq(irq);
     }
 
     /// Announces the guest's MAC on the tap: three RARP frames, as QEMU sends after a live
@@ -315,11 +321,19 @@ pub enum DevicesRestoreError {
 }
 
 const SERIAL_PORTS: std::ops::Range<u16> = SERIAL_PORT..SERIAL_PORT + 8;
+/// The i8042's data (0x60) and status/command (0x64) ports.
+const I8042_PORTS: [u16; 2] = [0x60, 0x64];
 
 impl Bus for Devices {
     fn pio_read(&self, port: u16, data: &mut [u8]) {
         if SERIAL_PORTS.contains(&port) && data.len() == 1 {
             data[0] = lock(&self.serial).read((port - SERIAL_PORT) as u8);
+        } else if I8042_PORTS.contains(&port) || port == SLEEP_CONTROL_PORT {
+            // An i8042 with nothing to read and room for a command: enough for Linux's
+            // `reboot=k` (it waits for an empty input buffer, then sends the pulse reset
+            // the vCPU thread acts on). The ACPI sleep status register: nothing to report
+            // (a write of S5 to the control register ends the run in the vCPU thread).
+            data.fill(0);
         } else {
             // Nothing there: an open bus reads as all ones.
             data.fill(0xff);

@@ -1,7 +1,8 @@
 //! The 16550 UART at 0x3f8 (vm-superio), writing the guest's console to stdout or a file.
 //!
-//! The guest polls the line status register and takes no interrupts, so the trigger is a
-//! no-op. Output is buffered per line: vm-superio flushes after every byte, which would
+//! The reference guest polls the line status register and takes no interrupts: its UART
+//! has no interrupt line. A Linux guest's UART raises IRQ 4 (COM1's ISA line) through an
+//! irqfd. Output is buffered per line: vm-superio flushes after every byte, which would
 //! cost a syscall per character.
 
 use std::fs::{File, OpenOptions};
@@ -134,32 +135,39 @@ impl Drop for ConsoleWriter {
     }
 }
 
-/// No interrupt line: the guest polls.
-pub struct NoIrq;
+/// The UART's interrupt line: an eventfd registered as an irqfd, or none (the guest polls).
+pub struct SerialIrq(pub Option<vmm_sys_util::eventfd::EventFd>);
 
-impl Trigger for NoIrq {
+impl Trigger for SerialIrq {
     type E = io::Error;
     fn trigger(&self) -> io::Result<()> {
-        Ok(())
+        match &self.0 {
+            Some(fd) => fd.write(1),
+            None => Ok(()),
+        }
     }
 }
 
-/// The 16550 UART on COM1 (vm-superio), without an interrupt line: the guest polls it.
+/// The 16550 UART on COM1 (vm-superio), with its interrupt line if the guest has one.
 pub struct SerialDevice {
-    uart: Serial<NoIrq, NoEvents, ConsoleWriter>,
+    uart: Serial<SerialIrq, NoEvents, ConsoleWriter>,
 }
 
 impl SerialDevice {
     /// A reset UART writing to `console`.
-    pub fn new(console: &Console) -> Result<SerialDevice, SerialError> {
+    pub fn new(console: &Console, irq: SerialIrq) -> Result<SerialDevice, SerialError> {
         Ok(SerialDevice {
-            uart: Serial::new(NoIrq, console.open(false)?),
+            uart: Serial::new(irq, console.open(false)?),
         })
     }
 
     /// A UART in a saved state; output is appended to the console.
-    pub fn restore(console: &Console, state: &SerialState) -> Result<SerialDevice, SerialError> {
-        let uart = Serial::from_state(state, NoIrq, NoEvents, console.open(true)?)
+    pub fn restore(
+        console: &Console,
+        state: &SerialState,
+        irq: SerialIrq,
+    ) -> Result<SerialDevice, SerialError> {
+        let uart = Serial::from_state(state, irq, NoEvents, console.open(true)?)
             .map_err(|_| SerialError::BadState(state.in_buffer.len()))?;
         Ok(SerialDevice { uart })
     }

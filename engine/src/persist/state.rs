@@ -1,11 +1,12 @@
 //! The state of a whole machine at a consistent point (every vCPU paused): what a snapshot
 //! and a checkpoint epoch carry besides guest memory.
 
-use kvm_bindings::kvm_fpu;
+use kvm_bindings::{kvm_cpuid_entry2, kvm_fpu, KVM_MAX_CPUID_ENTRIES};
 use virtio_queue::QueueState;
 use vm_superio::serial::SerialState;
 
 use crate::devices::virtio::VirtioState;
+use crate::machine::Platform;
 
 use super::{PersistError, Reader, Writer};
 use crate::vstate::vcpu::VcpuState;
@@ -18,6 +19,10 @@ const MAX_MSRS: u64 = 4096;
 /// Everything a checkpoint or snapshot holds besides guest RAM.
 #[derive(Clone)]
 pub struct MachineState {
+    /// What the machine runs (it decides how the devices are wired on restore).
+    pub platform: Platform,
+    /// The CPUID the vCPUs were given (each vCPU's APIC id is set on restore).
+    pub cpuid: Vec<kvm_cpuid_entry2>,
     /// Bytes of guest RAM the state belongs to.
     pub mem_size: u64,
     /// Each vCPU's state, in vCPU order.
@@ -33,6 +38,11 @@ pub struct MachineState {
 impl MachineState {
     /// Appends the state to a payload.
     pub fn encode(&self, w: &mut Writer) {
+        w.u32(self.platform.code());
+        w.u32(self.cpuid.len() as u32);
+        for e in &self.cpuid {
+            w.pod(e);
+        }
         w.u64(self.mem_size);
         w.u32(self.vcpus.len() as u32);
         for v in &self.vcpus {
@@ -52,6 +62,16 @@ impl MachineState {
 
     /// Reads what [`MachineState::encode`] wrote.
     pub fn decode(r: &mut Reader<'_>) -> Result<MachineState, PersistError> {
+        let code = r.u32("platform")?;
+        let platform = Platform::from_code(code)
+            .ok_or_else(|| PersistError::Malformed(format!("platform {code}")))?;
+        let n = r.u32("CPUID entry count")?;
+        if n == 0 || n > KVM_MAX_CPUID_ENTRIES as u32 {
+            return Err(PersistError::Malformed(format!("CPUID entry count {n}")));
+        }
+        let cpuid = (0..n)
+            .map(|_| r.pod("CPUID entry"))
+            .collect::<Result<Vec<kvm_cpuid_entry2>, _>>()?;
         let mem_size = r.u64("memory size")?;
         let n = r.u32("vCPU count")?;
         if n == 0 || n > MAX_VCPUS_IN_BLOB {
@@ -76,6 +96,8 @@ impl MachineState {
             .map(|_| decode_virtio(r))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(MachineState {
+            platform,
+            cpuid,
             mem_size,
             vcpus,
             vm,

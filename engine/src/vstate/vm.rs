@@ -34,6 +34,21 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     move |source| VmError::Kvm { what, source }
 }
 
+/// MSRs a guest's state includes that KVM's index list leaves out (QEMU saves them by
+/// name too): the MTRRs (variable pairs 0x200..0x20f, the fixed ranges, the default type
+/// 0x2ff), PAT (0x277) and IA32_MISC_ENABLE (0x1a0). A Linux guest reads its memory types
+/// from them; lost on a restore, it would find the MTRRs off. Those a vCPU cannot read are
+/// dropped per vCPU, as for the index list.
+const ARCH_MSRS_TO_SAVE: [std::ops::RangeInclusive<u32>; 7] = [
+    0x200..=0x20f,
+    0x250..=0x250,
+    0x258..=0x259,
+    0x268..=0x26f,
+    0x277..=0x277,
+    0x2ff..=0x2ff,
+    0x1a0..=0x1a0,
+];
+
 /// Where KVM keeps its real-mode TSS (three pages just below 4 GiB, never RAM here).
 const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
 
@@ -46,7 +61,10 @@ pub struct Vm {
     manual_protect: bool,
 }
 
-/// The VM-wide device state kept in the kernel.
+/// The VM-wide device state kept in the kernel. The GSI routing is KVM's default (made by
+/// `KVM_CREATE_IRQCHIP`: GSI n to PIC pin n below 16 and to IOAPIC pin n) and never changed,
+/// so a restored VM has the same routes; what the guest programmed (the IOAPIC's
+/// redirection table, the PICs' masks and modes, pending IRRs) is in the irqchip state.
 #[derive(Clone)]
 pub struct VmState {
     /// The master PIC.
@@ -103,11 +121,16 @@ impl Vm {
             unsafe { fd.set_user_memory_region(region) }
                 .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
         }
-        let msr_list = kvm
+        let mut msr_list = kvm
             .get_msr_index_list()
             .map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?
             .as_slice()
             .to_vec();
+        for msr in ARCH_MSRS_TO_SAVE.iter().cloned().flatten() {
+            if !msr_list.contains(&msr) {
+                msr_list.push(msr);
+            }
+        }
         Ok(Vm {
             kvm,
             fd,

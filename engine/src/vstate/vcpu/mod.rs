@@ -36,7 +36,15 @@ pub use state::VcpuState;
 pub use throttle::{Throttle, Throttler, THROTTLE_SLICE};
 
 use crate::boot::abi::{EXIT_PORT, IDLE_PORT};
+use crate::boot::linux::acpi;
 use crate::devices::Bus;
+use crate::vstate::memory::GuestMemory;
+use vm_memory::{Bytes, GuestAddress};
+
+/// The i8042 keyboard controller's command port.
+const I8042_COMMAND_PORT: u16 = 0x64;
+/// The i8042 command that pulses the CPU's reset line (Linux's `reboot=k`).
+const I8042_PULSE_RESET: u8 = 0xfe;
 
 /// A vCPU failed, or did not answer as the run-state machine expects.
 #[derive(Debug, Error)]
@@ -340,6 +348,8 @@ enum Flow {
 struct VcpuThread {
     index: u32,
     fd: VcpuFd,
+    /// Guest RAM, read to show the code at a RIP KVM could not emulate.
+    mem: GuestMemory,
     msrs: Vec<u32>,
     bus: Arc<dyn Bus>,
     commands: Receiver<VcpuCommand>,
@@ -382,6 +392,7 @@ pub fn create_all(
 /// Starts one thread per vCPU, each parked (Paused) until its first Resume. Returns the
 /// handles and a waker for vCPUs waiting on the idle port.
 pub fn spawn_all(
+    mem: &GuestMemory,
     fds: Vec<VcpuFd>,
     msr_list: &[u32],
     bus: Arc<dyn Bus>,
@@ -400,6 +411,7 @@ pub fn spawn_all(
         let thread = VcpuThread {
             index,
             fd,
+            mem: mem.clone(),
             msrs,
             bus: Arc::clone(&bus),
             commands: cmd_rx,
@@ -586,19 +598,34 @@ impl VcpuThread {
         let mut idle = None;
         let mut exit_status = None;
         let mut crash = None;
+        let mut stopped = None;
         match self.fd.run() {
             Ok(exit) => match exit {
                 VcpuExit::IoOut(EXIT_PORT, data) => exit_status = Some(le_u32(data)),
                 VcpuExit::IoOut(IDLE_PORT, data) => idle = Some(le_u32(data)),
+                VcpuExit::IoOut(acpi::SLEEP_CONTROL_PORT, &[v])
+                    if v & acpi::SLP_EN != 0 && (v >> 2) & 7 == acpi::S5_SLEEP_TYPE =>
+                {
+                    crate::info!(
+                        "vCPU {}: the guest powered off (ACPI S5): stopping",
+                        self.index
+                    );
+                    exit_status = Some(0);
+                }
+                VcpuExit::IoOut(I8042_COMMAND_PORT, [I8042_PULSE_RESET]) => {
+                    crate::info!(
+                        "vCPU {}: the guest reset the machine (i8042 pulse reset): stopping",
+                        self.index
+                    );
+                    exit_status = Some(0);
+                }
                 VcpuExit::IoOut(port, data) => bus.pio_write(port, data),
                 VcpuExit::IoIn(port, data) => bus.pio_read(port, data),
                 VcpuExit::MmioRead(addr, data) => bus.mmio_read(addr, data),
                 VcpuExit::MmioWrite(addr, data) => bus.mmio_write(addr, data),
                 VcpuExit::Hlt => crash = Some("halted (hlt at CPL0)".to_string()),
+                VcpuExit::InternalError => stopped = Some(self.internal_error()),
                 VcpuExit::Shutdown => crash = Some("triple fault (shutdown exit)".to_string()),
-                VcpuExit::InternalError => {
-                    crash = Some("KVM internal error (emulation failed)".to_string())
-                }
                 VcpuExit::FailEntry(reason, cpu) => {
                     crash = Some(format!(
                         "VM entry failed: hardware reason {reason:#x} on host cpu {cpu}"
@@ -619,6 +646,8 @@ impl VcpuThread {
         if let Some(message) = crash {
             let rip = self.rip();
             self.crash(format!("guest crashed at RIP={rip:#x}: {message}"));
+        } else if let Some(message) = stopped {
+            self.crash(message);
         } else if let Some(status) = exit_status {
             self.exited = true;
             let _ = self.events.send(VcpuEvent::GuestExit {
@@ -629,6 +658,59 @@ impl VcpuThread {
             return self.idle(Duration::from_micros(u64::from(us)));
         }
         Flow::Continue
+    }
+
+    /// The one line that says why KVM stopped the guest with `KVM_EXIT_INTERNAL_ERROR`:
+    /// for an emulation failure (suberror 1), the instruction KVM could not emulate is at
+    /// RIP (a guest-virtual address).
+    fn internal_error(&mut self) -> String {
+        const KVM_INTERNAL_ERROR_EMULATION: u32 = 1;
+        // SAFETY: KVM_RUN returned KVM_EXIT_INTERNAL_ERROR, so `internal` is the union
+        // member KVM filled; it is plain integers, valid for any bit pattern.
+        let suberror = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
+        let rip = self.rip();
+        if suberror == KVM_INTERNAL_ERROR_EMULATION {
+            let code: Vec<String> = self
+                .code_at(rip)
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            let code = match code.is_empty() {
+                true => String::new(),
+                false => format!("code {}; ", code.join(" ")),
+            };
+            format!(
+                "guest stopped: KVM could not emulate the instruction at RIP={rip:#x} \
+                 ({code}KVM_EXIT_INTERNAL_ERROR, suberror 1: emulation failure)"
+            )
+        } else {
+            format!(
+                "guest stopped: KVM internal error at RIP={rip:#x} (KVM_EXIT_INTERNAL_ERROR, \
+                 suberror {suberror})"
+            )
+        }
+    }
+
+    /// The 15 bytes (the longest x86 instruction) at guest-virtual `rip`, each translated by
+    /// KVM's walk of the guest's page tables (`KVM_TRANSLATE`); fewer where the walk ends.
+    fn code_at(&self, rip: u64) -> Vec<u8> {
+        let mut code = Vec::with_capacity(15);
+        for gva in (0..15).map(|i| rip.wrapping_add(i)) {
+            let Ok(t) = self.fd.translate_gva(gva) else {
+                break;
+            };
+            let mut byte = [0u8];
+            if t.valid == 0
+                || self
+                    .mem
+                    .read_slice(&mut byte, GuestAddress(t.physical_address))
+                    .is_err()
+            {
+                break;
+            }
+            code.push(byte[0]);
+        }
+        code
     }
 
     /// Sits out a throttle sleep, answering commands at once (any command ends the
