@@ -115,6 +115,7 @@ fn measure(
         vcpus,
         console: Console::Null,
         net: None,
+        disks: Vec::new(),
         dirty_ring: None,
     };
     let guest_args = format!("{} seconds={seconds}", load.guest_args);

@@ -9,9 +9,10 @@ use kvm_ioctls::VcpuFd;
 use thiserror::Error;
 
 use crate::boot::{self, BootError, BootParams};
+use crate::devices::disk::{BlockDevice, DiskConfig, DiskError};
 use crate::devices::serial::{Console, SerialDevice, SerialError};
 use crate::devices::tap::TapError;
-use crate::devices::{lock, Bus, Devices, NetConfig, NetDevice};
+use crate::devices::{disk_base, lock, Bus, Devices, NetConfig, NetDevice};
 use crate::persist::state::MachineState;
 use crate::vstate::dirty::{DirtyError, DirtySet, DirtyTracker};
 use crate::vstate::dirty_ring::DirtyRing;
@@ -56,6 +57,9 @@ pub enum MachineError {
     /// The tap device could not be opened.
     #[error(transparent)]
     Tap(#[from] TapError),
+    /// A disk image cannot be used.
+    #[error(transparent)]
+    Disk(#[from] DiskError),
 }
 
 /// What a machine is made of.
@@ -69,6 +73,8 @@ pub struct MachineConfig {
     pub console: Console,
     /// The virtio-net device, if any.
     pub net: Option<NetConfig>,
+    /// The virtio-blk devices (`--disk`), in order.
+    pub disks: Vec<DiskConfig>,
     /// Track dirty pages with a dirty ring of this many entries per vCPU (else the bitmap).
     pub dirty_ring: Option<u32>,
 }
@@ -139,7 +145,12 @@ impl Machine {
             .as_ref()
             .map(|n| NetDevice::new(n, vm.memory().clone()))
             .transpose()?;
-        let virtio: Vec<_> = net.iter().map(NetDevice::info).collect();
+        let disks = open_disks(&cfg.disks, vm.memory())?;
+        let virtio: Vec<_> = net
+            .iter()
+            .map(NetDevice::info)
+            .chain(disks.iter().map(BlockDevice::info))
+            .collect();
         let params = BootParams {
             cmdline,
             vcpu_count: cfg.vcpus,
@@ -157,6 +168,7 @@ impl Machine {
         let devices = Arc::new(Devices {
             serial: std::sync::Mutex::new(SerialDevice::new(&cfg.console)?),
             net,
+            disks,
         });
         let mut machine = Machine::assemble(vm, fds, devices)?;
         machine.dirty = dirty;
@@ -169,6 +181,7 @@ impl Machine {
         state: &MachineState,
         console: &Console,
         net: Option<&NetConfig>,
+        disks: &[DiskConfig],
         memory: GuestMemory,
     ) -> Result<Machine, MachineError> {
         let ram = memory::ram_size(&memory);
@@ -184,9 +197,11 @@ impl Machine {
         let net = net
             .map(|n| NetDevice::new(n, vm.memory().clone()))
             .transpose()?;
+        let disks = open_disks(disks, vm.memory())?;
         let devices = Arc::new(Devices {
             serial: std::sync::Mutex::new(SerialDevice::restore(console, &state.serial)?),
             net,
+            disks,
         });
         devices.restore_virtio(&state.virtio)?;
         let machine = Machine::assemble(vm, fds, devices)?;
@@ -204,6 +219,9 @@ impl Machine {
             vcpu::spawn_all(fds, vm.msr_list(), bus, events_tx, Arc::clone(&throttle))?;
         if let Some(n) = &devices.net {
             n.start(waker.clone());
+        }
+        for d in &devices.disks {
+            d.start(waker.clone());
         }
         Ok(Machine {
             throttler: None,
@@ -383,6 +401,11 @@ impl Machine {
         self.devices.net.as_ref()
     }
 
+    /// The virtio-blk devices, in `--disk` order.
+    pub fn disks(&self) -> &[BlockDevice] {
+        &self.devices.disks
+    }
+
     /// Writes out the serial console's buffered output.
     pub fn flush_console(&self) {
         lock(&self.devices.serial).flush();
@@ -393,6 +416,15 @@ impl Drop for Machine {
     fn drop(&mut self) {
         self.flush_console();
     }
+}
+
+/// Opens and locks each `--disk` image and builds its device.
+fn open_disks(disks: &[DiskConfig], mem: &GuestMemory) -> Result<Vec<BlockDevice>, DiskError> {
+    disks
+        .iter()
+        .enumerate()
+        .map(|(i, d)| BlockDevice::new(d, disk_base(i), mem.clone()))
+        .collect()
 }
 
 /// KVM's paravirtual clock (`KVM_FEATURE_CLOCKSOURCE2` in CPUID leaf 0x4000_0001).

@@ -27,7 +27,9 @@ use zerocopy::{FromBytes, Immutable, IntoBytes};
 /// The blob's first 8 bytes.
 pub const MAGIC: [u8; 8] = *b"LKSTATE\0";
 /// 2: virtio devices (transport, queues, device) joined the machine state.
-pub const FORMAT_VERSION: u32 = 2;
+/// 3: virtio-blk devices (device ID 2) may follow the net device; their device bytes are
+/// `devices::virtio::block::BlockState` (capacity, read-only flag, image path).
+pub const FORMAT_VERSION: u32 = 3;
 /// Bytes of header before the payload.
 pub const HEADER_LEN: usize = 32;
 
