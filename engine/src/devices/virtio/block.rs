@@ -476,6 +476,11 @@ mod tests {
     use virtio_queue::desc::{split::Descriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
 
+    use vm_memory::Address;
+
+    const DESC_F_NEXT: u32 = 1;
+    const DESC_F_WRITE: u32 = 2;
+
     #[test]
     fn block_state_round_trips_and_refuses_damage() {
         let s = BlockState {
@@ -509,12 +514,9 @@ mod tests {
     }
 
     /// A device over a fresh 1 MiB image in a temp file, and guest memory.
-    fn device(readonly: bool) -> (Block, GuestMemory, std::path::PathBuf) {
-        let path = std::env::temp_dir().join(format!(
-            "lockstep-blk-{}-{}.img",
-            std::process::id(),
-            readonly
-        ));
+    fn device(name: &str, readonly: bool) -> (Block, GuestMemory, std::path::PathBuf) {
+        let path =
+            std::env::temp_dir().join(format!("lockstep-blk-{}-{name}.img", std::process::id(),));
         let f = std::fs::File::create(&path).unwrap();
         f.set_len(1 << 20).unwrap();
         drop(f);
@@ -550,15 +552,7 @@ mod tests {
         }
         let mock = MockSplitQueue::new(mem, 16);
         let f = |w: bool, next: bool| {
-            (if w {
-                virtio_queue::desc::split::VRING_DESC_F_WRITE
-            } else {
-                0
-            } | if next {
-                virtio_queue::desc::split::VRING_DESC_F_NEXT
-            } else {
-                0
-            }) as u16
+            (if w { DESC_F_WRITE } else { 0 } | if next { DESC_F_NEXT } else { 0 }) as u16
         };
         let mut descs = vec![RawDescriptor::from(Descriptor::new(
             0x10_0000,
@@ -584,7 +578,7 @@ mod tests {
         let mut q: Queue = mock.create_queue().unwrap();
         assert_eq!(dev.process(&mut q, mem), 1);
         let used = q.next_used();
-        assert_eq!(used.0, 1);
+        assert_eq!(used, 1);
         let len: u32 = mem
             .read_obj(mock.used_addr().checked_add(4 + 4).unwrap())
             .unwrap();
@@ -594,7 +588,7 @@ mod tests {
 
     #[test]
     fn reads_writes_flushes_and_ids_through_a_queue() {
-        let (mut dev, mem, path) = device(false);
+        let (mut dev, mem, path) = device("rw", false);
         dev.record_writes(true);
         let block: Vec<u8> = (0..4096).map(|i| (i * 7 % 251) as u8).collect();
         assert_eq!(
@@ -657,7 +651,7 @@ mod tests {
 
     #[test]
     fn a_readonly_disk_refuses_writes_and_says_so_in_its_features() {
-        let (mut dev, mem, path) = device(true);
+        let (mut dev, mem, path) = device("ro", true);
         assert_ne!(dev.features() & VIRTIO_BLK_F_RO, 0);
         assert_eq!(
             request(&mut dev, &mem, VIRTIO_BLK_T_OUT, 0, &[1u8; 512]).0,
@@ -670,9 +664,95 @@ mod tests {
         let _ = std::fs::remove_file(&path);
     }
 
+    /// A request made available while the device is frozen (a checkpoint being taken)
+    /// is in no saved state but the queue's: after a restore into a new device it runs
+    /// exactly once, and a request completed before the capture does not run again.
+    #[test]
+    fn a_request_pending_at_a_capture_runs_once_after_the_restore() {
+        use super::super::mmio::MmioTransport;
+        use super::super::VirtioState;
+        let (dev, mem, path) = device("pending", false);
+        let mock = MockSplitQueue::new(&mem, 16);
+        let chain = |sector: u64, fill: u8, slot: u16| {
+            let at = 0x10_0000 + u64::from(slot) * 0x4000;
+            let mut header = [0u8; 16];
+            header[..4].copy_from_slice(&VIRTIO_BLK_T_OUT.to_le_bytes());
+            header[8..].copy_from_slice(&sector.to_le_bytes());
+            mem.write_slice(&header, GuestAddress(at)).unwrap();
+            mem.write_slice(&[fill; 512], GuestAddress(at + 0x1000))
+                .unwrap();
+            let next = DESC_F_NEXT as u16;
+            let write = DESC_F_WRITE as u16;
+            let base = slot * 3;
+            [
+                RawDescriptor::from(Descriptor::new(at, 16, next, base + 1)),
+                RawDescriptor::from(Descriptor::new(at + 0x1000, 512, next, base + 2)),
+                RawDescriptor::from(Descriptor::new(at + 0x2000, 1, write, 0)),
+            ]
+        };
+        mock.add_desc_chains(&chain(0, 0xaa, 0), 0).unwrap();
+        let q: Queue = mock.create_queue().unwrap();
+        let mut first = MmioTransport::new(dev, mem.clone());
+        first
+            .restore(&VirtioState {
+                device_id: VIRTIO_ID_BLOCK,
+                status: 1 | 2 | 4 | 8,
+                driver_features: VIRTIO_F_VERSION_1,
+                queues: vec![q.state()],
+                device: first.device.save(),
+                ..VirtioState::default()
+            })
+            .unwrap();
+        let process = |t: &mut MmioTransport<Block>| {
+            // What the I/O thread does on a kick.
+            if !t.is_active() {
+                return 0;
+            }
+            let MmioTransport { device, queues, .. } = t;
+            device.process(&mut queues[0], &mem)
+        };
+        assert_eq!(process(&mut first), 1);
+
+        // Frozen for a capture: the guest's next request and its notification find a
+        // device that leaves the queue alone.
+        first.set_frozen(true);
+        mock.add_desc_chains(&chain(1, 0xbb, 1), 3).unwrap();
+        first.write(0x50, &0u32.to_le_bytes());
+        assert_eq!(process(&mut first), 0);
+        let saved = first.save();
+        drop(first);
+        let image = std::fs::read(&path).unwrap();
+        assert!(image[..512].iter().all(|&b| b == 0xaa));
+        assert!(image[512..1024].iter().all(|&b| b == 0), "ran while frozen");
+
+        // Restored (a restore, a promotion): the pending request runs, once.
+        let image = Image::open(&DiskConfig {
+            path: path.clone(),
+            readonly: false,
+        })
+        .unwrap();
+        let (tx, _rx) = crossbeam_channel::unbounded();
+        let mut second = MmioTransport::new(Block::new(image, tx), mem.clone());
+        second.restore(&saved).unwrap();
+        assert_eq!(process(&mut second), 1);
+        assert_eq!(process(&mut second), 0);
+        assert_eq!(
+            second.device.counters().writes,
+            1,
+            "the first write ran again"
+        );
+        let image = std::fs::read(&path).unwrap();
+        assert!(image[512..1024].iter().all(|&b| b == 0xbb));
+        let used_idx: u16 = mem
+            .read_obj(mock.used_addr().checked_add(2).unwrap())
+            .unwrap();
+        assert_eq!(used_idx, 2);
+        let _ = std::fs::remove_file(&path);
+    }
+
     #[test]
     fn restore_checks_capacity_and_mode() {
-        let (mut dev, _mem, path) = device(false);
+        let (mut dev, _mem, path) = device("restore", false);
         let saved = dev.save();
         assert!(dev.restore(&saved).is_ok());
         let other = BlockState {
