@@ -126,16 +126,6 @@ impl Config {
                 });
             }
         }
-        let net_base = boot
-            .virtio
-            .iter()
-            .find(|device| device.device_id == VIRTIO_ID_NET)
-            .ok_or(ArgError::NoDevice {
-                workload: NAME,
-                device: "virtio-net",
-                flag: "--net",
-            })?
-            .base;
         let aof = if aof {
             let disk = boot
                 .virtio
@@ -150,6 +140,16 @@ impl Config {
         } else {
             None
         };
+        let net_base = boot
+            .virtio
+            .iter()
+            .find(|device| device.device_id == VIRTIO_ID_NET)
+            .ok_or(ArgError::NoDevice {
+                workload: NAME,
+                device: "virtio-net",
+                flag: "--net",
+            })?
+            .base;
         if boot.free_bytes() < MIN_FREE {
             return Err(ArgError::TooLittleRam {
                 workload: NAME,
