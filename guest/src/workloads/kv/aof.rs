@@ -19,6 +19,7 @@
 //! sectors, as the device requires), in writes of at most 1 MiB. A disk error stops the
 //! guest (exit 5) before the reply of the write it could not log leaves.
 
+use alloc::vec;
 use alloc::vec::Vec;
 
 use super::commands::Flow;
@@ -97,8 +98,7 @@ impl Aof {
             );
             exit(2);
         }
-        let mut head = Vec::new();
-        head.resize(BLOCK as usize, 0u8);
+        let mut head = vec![0u8; BLOCK as usize];
         disk.read(0, &mut head)
             .unwrap_or_else(|e| disk_failed("reading the header", e));
         let word = |i: usize| u64::from_le_bytes(head[i * 8..i * 8 + 8].try_into().unwrap());
@@ -111,8 +111,7 @@ impl Aof {
             let check = fnv(FNV_START, &head[..16]);
             head[16..24].copy_from_slice(&check.to_le_bytes());
             // The first log block zeroed, so that nothing of an older log follows.
-            let mut first = Vec::new();
-            first.resize(BLOCK as usize, 0u8);
+            let first = vec![0u8; BLOCK as usize];
             disk.write(LOG_START, &first)
                 .unwrap_or_else(|e| disk_failed("starting the log", e));
             disk.write(0, &head)
@@ -144,10 +143,7 @@ impl Aof {
         let mut commands = 0;
         let mut output = Vec::new();
         let mut ranges = Vec::new();
-        loop {
-            let Some(header) = reader.bytes(&mut disk, at, RECORD_HEADER) else {
-                break;
-            };
+        while let Some(header) = reader.bytes(&mut disk, at, RECORD_HEADER) {
             let len = u32::from_le_bytes(header[0..4].try_into().unwrap()) as usize;
             let check = u32::from_le_bytes(header[4..8].try_into().unwrap());
             if len == 0 {
