@@ -753,6 +753,7 @@ impl session::Journal for Recorder {
             .collect();
         self.logged.push(args);
     }
+    fn sync(&mut self) {}
 }
 
 #[test]

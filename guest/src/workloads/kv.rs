@@ -264,13 +264,22 @@ pub fn run(boot: &Boot, config: &Config) -> ! {
             Some(aof) => aof,
             None => &mut (),
         };
-        for conn in &mut conns {
-            progress |= conn.pump(
-                sockets.get_mut(conn.handle),
-                config.port,
-                &mut store,
-                journal,
-            );
+        // Every connection runs what it has, then the writes they made are made durable
+        // at once, then the replies go out (and further requests run, synced before
+        // their replies leave in turn).
+        for send in [false, true] {
+            if send {
+                journal.sync();
+            }
+            for conn in &mut conns {
+                progress |= conn.pump(
+                    sockets.get_mut(conn.handle),
+                    config.port,
+                    &mut store,
+                    journal,
+                    send,
+                );
+            }
         }
         device.flush();
         if progress || changed == iface::PollResult::SocketStateChanged || device.rx_ready() {
@@ -301,13 +310,15 @@ struct Conn {
 }
 
 impl Conn {
-    /// Moves bytes between the socket and the session; whether anything moved.
+    /// Moves bytes between the socket and the session; whether anything moved. With
+    /// `send` false it only runs requests (their replies wait for the journal's sync).
     fn pump(
         &mut self,
         socket: &mut tcp::Socket<'_>,
         port: u16,
         store: &mut table::Table,
         journal: &mut dyn Journal,
+        send: bool,
     ) -> bool {
         match socket.state() {
             State::Closed => {
@@ -324,7 +335,9 @@ impl Conn {
         let session = &mut self.session;
         let mut progress = false;
         loop {
-            if !session.output().is_empty() && socket.can_send() {
+            if send && !session.output().is_empty() && socket.can_send() {
+                // No reply leaves before the writes run so far are durable.
+                journal.sync();
                 let n = socket.send_slice(session.output()).unwrap_or(0);
                 session.sent(n);
                 progress |= n > 0;

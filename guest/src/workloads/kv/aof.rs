@@ -1,8 +1,9 @@
 //! `aof=on`: the kv service's append-only file on the first virtio-blk disk.
 //!
 //! Every write command that changed the store (an error reply changed nothing) is
-//! appended to the log and flushed (VIRTIO_BLK_T_FLUSH) before its reply is queued; at
-//! start the log is replayed into the empty store. So a guest booted fresh from the disk
+//! appended to the log, and the log is written and flushed (VIRTIO_BLK_T_FLUSH) before
+//! any reply leaves (group commit: the service syncs once per round over its
+//! connections, then sends); at start the log is replayed into the empty store. So a guest booted fresh from the disk
 //! alone has every write it acknowledged.
 //!
 //! Layout: bytes 0..4096 hold the header (`magic "LKAOF001"`, a random `log id`, and an
@@ -71,8 +72,12 @@ pub struct Aof {
     tail_start: u64,
     /// The log's bytes from `tail_start` to its end (less than one block between appends).
     tail: Vec<u8>,
-    /// Commands logged since the start, and bytes.
+    /// Commands logged since the start.
     pub records: u64,
+    /// Syncs (device writes and flushes) since the start.
+    pub syncs: u64,
+    /// Records appended to `tail` and not yet written and flushed.
+    unsynced: bool,
 }
 
 /// What the replay found.
@@ -124,6 +129,8 @@ impl Aof {
                 tail_start: LOG_START,
                 tail: Vec::new(),
                 records: 0,
+                syncs: 0,
+                unsynced: false,
             };
             return (
                 aof,
@@ -182,6 +189,8 @@ impl Aof {
             tail_start,
             tail,
             records: 0,
+            syncs: 0,
+            unsynced: false,
         };
         (
             aof,
@@ -252,7 +261,14 @@ impl Journal for Aof {
         let check = record_check(self.log_id, &self.tail[start + RECORD_HEADER..]);
         self.tail[start..start + 4].copy_from_slice(&(payload_len as u32).to_le_bytes());
         self.tail[start + 4..start + 8].copy_from_slice(&check.to_le_bytes());
+        self.records += 1;
+        self.unsynced = true;
+    }
 
+    fn sync(&mut self) {
+        if !core::mem::take(&mut self.unsynced) {
+            return;
+        }
         // Whole sectors from the tail's block on, zeros after the end.
         let len = self.tail.len();
         let padded = len.next_multiple_of(512);
@@ -270,7 +286,7 @@ impl Journal for Aof {
         if let Err(e) = self.disk.flush() {
             disk_failed("flushing", e);
         }
-        self.records += 1;
+        self.syncs += 1;
         // Keep only the last partial block in memory.
         let whole = len / BLOCK as usize * BLOCK as usize;
         if whole > 0 {

@@ -20,13 +20,19 @@ use super::resp::{self, Args, Flow, Kind, Parse, Partial, ProtocolError, OOM, SM
 use super::table::Table;
 
 /// Where write commands are logged before their replies leave (the append-only file of
-/// `aof=on`). `record` returns only once the command is durable; a journal that cannot
-/// make it durable does not return (the service stops rather than acknowledge it).
+/// `aof=on`). A session calls `record` for each write it runs, in order, as it queues
+/// the reply; whoever sends replies calls `sync` before any leaves, so one sync makes
+/// the writes of many requests (of many connections) durable at once. A journal that
+/// cannot make a record durable does not return (the service stops rather than
+/// acknowledge it).
 pub trait Journal {
     /// Whether a record of the command `args` fits in the log.
     fn has_room(&self, args: &Args<'_>) -> bool;
-    /// Logs the command `args`, which changed (or may have changed) the store.
+    /// Logs the command `args`, which changed (or may have changed) the store; durable
+    /// once [`Journal::sync`] returns.
     fn record(&mut self, args: &Args<'_>);
+    /// Makes every record so far durable.
+    fn sync(&mut self);
 }
 
 /// No journal: nothing is logged.
@@ -35,6 +41,7 @@ impl Journal for () {
         true
     }
     fn record(&mut self, _args: &Args<'_>) {}
+    fn sync(&mut self) {}
 }
 
 /// The reply to a write when the log has no room for it, as redis-server words an AOF
