@@ -260,12 +260,13 @@ fn kv_with_aof_keeps_every_acknowledged_write_for_a_new_guest_on_the_disk() {
         );
         p
     };
-    let connect = || {
+    let connect_with = |timeout: Duration| {
         let stream = ns
             .connect("10.0.0.2:6379", Duration::from_secs(10))
             .expect("connect to the guest");
-        Kv::new(stream, Duration::from_secs(10)).unwrap()
+        Kv::new(stream, timeout).unwrap()
     };
+    let connect = || connect_with(Duration::from_secs(10));
     let bulk = |s: &str| Reply::Bulk(Some(s.as_bytes().to_vec()));
 
     let mut first = start("first");
@@ -333,7 +334,39 @@ fn kv_with_aof_keeps_every_acknowledged_write_for_a_new_guest_on_the_disk() {
         assert_eq!(kv.call(&["GET", k]).unwrap(), bulk(v), "key {k}");
     }
     assert_eq!(kv.call(&["GET", "key:7"]).unwrap(), Reply::Bulk(None));
-    drop(second);
+
+    // Killed in the middle of a stream of writes: every INCR acknowledged before the
+    // kill is on the disk; the one in flight at most is extra.
+    let mut second = second;
+    let pid = second.pid();
+    let killer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(700));
+        // SAFETY: kill(2) on the pid of a child this test started and still owns.
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+    });
+    // A short read timeout: a killed guest never answers nor resets the connection.
+    let mut kv = connect_with(Duration::from_secs(1));
+    let mut acked = 0i64;
+    while let Ok(Reply::Int(n)) = kv.call(&["INCR", "ctr"]) {
+        assert_eq!(n, acked + 1, "INCR skipped a value");
+        acked = n;
+    }
+    killer.join().unwrap();
+    second.kill9();
+    assert!(acked > 20, "too few writes before the kill: {acked}");
+    drop(kv);
+    let third = start("third");
+    let mut kv = connect();
+    let Reply::Bulk(Some(ctr)) = kv.call(&["GET", "ctr"]).unwrap() else {
+        panic!("the counter is gone");
+    };
+    let ctr: i64 = String::from_utf8(ctr).unwrap().parse().unwrap();
+    assert!(
+        ctr == acked || ctr == acked + 1,
+        "{acked} INCRs were acknowledged, the new guest has {ctr}"
+    );
+    assert_eq!(kv.call(&["GET", "n"]).unwrap(), bulk("42"));
+    drop(third);
 }
 
 /// Waits until `file` shows `needle`.
