@@ -856,7 +856,7 @@ fn cmd_restore(a: RestoreArgs) -> Result<ExitCode, CliError> {
     log::init("restore");
     let Some(dir) = a.dir else {
         return Err(usage(
-            "usage: lockstep restore DIR [--console stdout|none|PATH]",
+            "usage: lockstep restore DIR [--console stdout|none|PATH] [--net ...] [--disk path=FILE]...",
         ));
     };
     let console = console_option(&a.devices);
