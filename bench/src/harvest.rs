@@ -60,6 +60,7 @@ fn measure(
         vcpus: 2,
         console: Console::Null,
         net: None,
+        disks: Vec::new(),
         dirty_ring: ring,
     };
     let args = format!(

@@ -80,6 +80,7 @@ pub fn run(args: &Args) -> Result<(), BenchError> {
                 vcpus,
                 console: Console::Null,
                 net: None,
+                disks: Vec::new(),
                 dirty_ring: None,
             };
             let m = Machine::boot(&cfg, engine::BUILTIN_GUEST, &guest_args)?;
@@ -104,6 +105,7 @@ pub fn run(args: &Args) -> Result<(), BenchError> {
             vcpus: 1,
             console: Console::Null,
             net: None,
+            disks: Vec::new(),
             dirty_ring: None,
         };
         let m = Machine::boot_linux(&cfg, &boot)?;

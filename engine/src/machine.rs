@@ -10,9 +10,10 @@ use thiserror::Error;
 
 use crate::boot::linux::{self as linux_boot, LinuxBoot, LinuxBootError};
 use crate::boot::{self, BootError, BootParams};
+use crate::devices::disk::{BlockDevice, DiskConfig, DiskError};
 use crate::devices::serial::{Console, SerialDevice, SerialError, SerialIrq};
 use crate::devices::tap::TapError;
-use crate::devices::{lock, Bus, Devices, NetConfig, NetDevice};
+use crate::devices::{disk_base, lock, Bus, Devices, NetConfig, NetDevice};
 use crate::persist::state::MachineState;
 use crate::vstate::dirty::{DirtyError, DirtySet, DirtyTracker};
 use crate::vstate::dirty_ring::DirtyRing;
@@ -64,6 +65,9 @@ pub enum MachineError {
         /// Bytes of RAM the memory has.
         memory: u64,
     },
+    /// A combination of options this machine does not offer (yet).
+    #[error("{0}")]
+    Unsupported(&'static str),
     /// The saved devices do not fit the devices configured now.
     #[error("cannot restore: {0}")]
     Restore(#[from] crate::devices::DevicesRestoreError),
@@ -73,6 +77,9 @@ pub enum MachineError {
     /// The tap device could not be opened.
     #[error(transparent)]
     Tap(#[from] TapError),
+    /// A disk image cannot be used.
+    #[error(transparent)]
+    Disk(#[from] DiskError),
 }
 
 /// What a machine is made of.
@@ -86,6 +93,8 @@ pub struct MachineConfig {
     pub console: Console,
     /// The virtio-net device, if any.
     pub net: Option<NetConfig>,
+    /// The virtio-blk devices (`--disk`), in order.
+    pub disks: Vec<DiskConfig>,
     /// Track dirty pages with a dirty ring of this many entries per vCPU (else the bitmap).
     pub dirty_ring: Option<u32>,
 }
@@ -206,7 +215,12 @@ impl Machine {
             .as_ref()
             .map(|n| NetDevice::new(n, vm.memory().clone()))
             .transpose()?;
-        let virtio: Vec<_> = net.iter().map(NetDevice::info).collect();
+        let disks = open_disks(&cfg.disks, vm.memory())?;
+        let virtio: Vec<_> = net
+            .iter()
+            .map(NetDevice::info)
+            .chain(disks.iter().map(BlockDevice::info))
+            .collect();
         let params = BootParams {
             cmdline,
             vcpu_count: cfg.vcpus,
@@ -224,6 +238,7 @@ impl Machine {
         let devices = Arc::new(Devices {
             serial: std::sync::Mutex::new(SerialDevice::new(&cfg.console, SerialIrq(None))?),
             net,
+            disks,
         });
         let mut machine = Machine::assemble(vm, fds, devices, Platform::Reference, &cpuid)?;
         machine.dirty = dirty;
@@ -244,6 +259,13 @@ impl Machine {
     /// `virtio_mmio.device=` entry for each (read by kernels built with
     /// `CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES`, which need no ACPI).
     pub fn boot_linux(cfg: &MachineConfig, boot: &LinuxBoot) -> Result<Machine, MachineError> {
+        if !cfg.disks.is_empty() {
+            // The virtio-blk device's interrupt line and ACPI entry for a Linux guest are
+            // not wired yet (the reference guest polls).
+            return Err(MachineError::Unsupported(
+                "--disk is not available with --kernel yet (the reference guest only)",
+            ));
+        }
         let vm = Vm::with_dirty_ring(memory::create(cfg.mem_size)?, cfg.dirty_ring)?;
         let cpuid = linux_boot::cpu::linux_cpuid(vm.supported_cpuid()?, cfg.vcpus);
         let fds = vcpu::create_all(vm.fd(), &cpuid, cfg.vcpus)?;
@@ -297,6 +319,7 @@ impl Machine {
         let devices = Arc::new(Devices {
             serial: std::sync::Mutex::new(SerialDevice::new(&cfg.console, serial)?),
             net,
+            disks: Vec::new(),
         });
         let mut machine = Machine::assemble(vm, fds, devices, Platform::Linux, &cpuid)?;
         machine.dirty = dirty;
@@ -309,6 +332,7 @@ impl Machine {
         state: &MachineState,
         console: &Console,
         net: Option<&NetConfig>,
+        disks: &[DiskConfig],
         memory: GuestMemory,
     ) -> Result<Machine, MachineError> {
         let ram = memory::ram_size(&memory);
@@ -326,6 +350,7 @@ impl Machine {
         let net = net
             .map(|n| NetDevice::new(n, vm.memory().clone()))
             .transpose()?;
+        let disks = open_disks(disks, vm.memory())?;
         let serial = match state.platform {
             Platform::Reference => SerialIrq(None),
             Platform::Linux => linux_irqs(&vm, net.as_ref())?,
@@ -333,6 +358,7 @@ impl Machine {
         let devices = Arc::new(Devices {
             serial: std::sync::Mutex::new(SerialDevice::restore(console, &state.serial, serial)?),
             net,
+            disks,
         });
         devices.restore_virtio(&state.virtio)?;
         let machine = Machine::assemble(vm, fds, devices, state.platform, &cpuid)?;
@@ -362,6 +388,9 @@ impl Machine {
         )?;
         if let Some(n) = &devices.net {
             n.start(waker.clone());
+        }
+        for d in &devices.disks {
+            d.start(waker.clone());
         }
         Ok(Machine {
             throttler: None,
@@ -550,6 +579,11 @@ impl Machine {
         self.devices.net.as_ref()
     }
 
+    /// The virtio-blk devices, in `--disk` order.
+    pub fn disks(&self) -> &[BlockDevice] {
+        &self.devices.disks
+    }
+
     /// Writes out the serial console's buffered output.
     pub fn flush_console(&self) {
         lock(&self.devices.serial).flush();
@@ -560,6 +594,15 @@ impl Drop for Machine {
     fn drop(&mut self) {
         self.flush_console();
     }
+}
+
+/// Opens and locks each `--disk` image and builds its device.
+fn open_disks(disks: &[DiskConfig], mem: &GuestMemory) -> Result<Vec<BlockDevice>, DiskError> {
+    disks
+        .iter()
+        .enumerate()
+        .map(|(i, d)| BlockDevice::new(d, disk_base(i), mem.clone()))
+        .collect()
 }
 
 /// KVM's paravirtual clock (`KVM_FEATURE_CLOCKSOURCE2` in CPUID leaf 0x4000_0001).

@@ -4,11 +4,12 @@
 //! I/O only (serial, exit port, idle port).
 //!
 //! Every vCPU enters [`_start`] with its own boot-info page. The command line picks a
-//! workload (`workload=counter|dirty|hash|kv|crash ...`); vCPU 0 prints and ends the VM through
-//! the exit port, the other vCPUs never print (except when they panic).
+//! workload (`workload=counter|dirty|hash|kv|disk|crash ...`); vCPU 0 prints and ends the
+//! VM through the exit port, the other vCPUs never print (except when they panic).
 //!
 //! Exit statuses: 0 done, 2 bad command line, 3 bad boot info, 4 a device that cannot
-//! be brought up, 101 panic.
+//! be brought up, 5 a disk block that fails verification or a disk request that fails,
+//! 101 panic.
 
 #![no_std]
 #![no_main]

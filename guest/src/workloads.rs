@@ -4,6 +4,7 @@
 mod counter;
 mod crash;
 mod dirty;
+mod disk;
 mod hash;
 mod kv;
 
@@ -11,13 +12,14 @@ use crate::args::{self, ArgError, Size};
 use crate::boot::Boot;
 
 /// The workload names, for error messages.
-pub const NAMES: &str = "counter, dirty, hash, kv, crash";
+pub const NAMES: &str = "counter, dirty, hash, kv, disk, crash";
 
 /// A workload with its checked parameters.
 pub enum Workload {
     Counter(counter::Config),
     Crash(crash::Config),
     Dirty(dirty::Config),
+    Disk(disk::Config),
     Hash(hash::Config),
     Kv(kv::Config),
 }
@@ -29,6 +31,7 @@ pub fn parse(boot: &Boot) -> Result<Workload, ArgError<'static>> {
         counter::NAME => counter::Config::parse(cmdline).map(Workload::Counter),
         crash::NAME => crash::Config::parse(cmdline).map(Workload::Crash),
         dirty::NAME => dirty::Config::parse(cmdline, boot).map(Workload::Dirty),
+        disk::NAME => disk::Config::parse(cmdline, boot).map(Workload::Disk),
         hash::NAME => hash::Config::parse(cmdline, boot).map(Workload::Hash),
         kv::NAME => kv::Config::parse(cmdline, boot).map(Workload::Kv),
         other => Err(ArgError::UnknownWorkload(other)),
@@ -41,6 +44,7 @@ pub fn run(boot: &Boot, workload: Workload) -> ! {
         Workload::Counter(config) => counter::run(boot, &config),
         Workload::Crash(config) => crash::run(boot, &config),
         Workload::Dirty(config) => dirty::run(boot, &config),
+        Workload::Disk(config) => disk::run(boot, &config),
         Workload::Hash(config) => hash::run(boot, &config),
         Workload::Kv(config) => kv::run(boot, &config),
     }

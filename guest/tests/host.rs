@@ -24,7 +24,7 @@ mod boot {
 
 /// What `args.rs` takes from the guest's `workloads` module.
 mod workloads {
-    pub const NAMES: &str = "counter, dirty, hash, kv, crash";
+    pub const NAMES: &str = "counter, dirty, hash, kv, disk, crash";
 }
 
 use args::{parse_keys, parse_size, parse_u64, workload, ArgError};

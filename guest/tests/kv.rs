@@ -735,3 +735,82 @@ fn table_keys_are_bytes() {
     assert_eq!(table.get(b"\0"), None);
     assert_ne!(table::hash(b"ab"), table::hash(b"ba"));
 }
+
+/// Records the commands a session logs, as `aof=on` would append them; `room` false
+/// plays a full log.
+struct Recorder {
+    logged: Vec<Vec<String>>,
+    room: bool,
+}
+
+impl session::Journal for Recorder {
+    fn has_room(&self, _args: &resp::Args<'_>) -> bool {
+        self.room
+    }
+    fn record(&mut self, args: &resp::Args<'_>) {
+        let args = (0..args.len())
+            .map(|i| String::from_utf8_lossy(args.get(i)).into_owned())
+            .collect();
+        self.logged.push(args);
+    }
+    fn sync(&mut self) {}
+}
+
+#[test]
+fn the_journal_gets_each_write_that_changed_the_store_before_its_reply() {
+    let mut store = Table::new();
+    let mut session = Session::new(1 << 20);
+    let mut log = Recorder {
+        logged: Vec::new(),
+        room: true,
+    };
+    let mut input = Vec::new();
+    for args in [
+        &["SET", "a", "1"][..],
+        &["GET", "a"],
+        &["INCR", "a"],
+        &["SET", "s", "text"],
+        &["INCR", "s"],
+        &["set", "a"],
+        &["NOSUCH", "x"],
+        &["DEL", "s", "zz"],
+        &["MSET", "m", "1", "n", "2"],
+        &["PING"],
+        &["FLUSHALL"],
+    ] {
+        input.extend(command(args));
+    }
+    assert_eq!(
+        session.receive_logged(&input, &mut store, &mut log),
+        input.len()
+    );
+    let logged: Vec<String> = log.logged.iter().map(|a| a.join(" ")).collect();
+    assert_eq!(
+        logged,
+        [
+            "SET a 1",
+            "INCR a",
+            "SET s text",
+            "DEL s zz",
+            "MSET m 1 n 2",
+            "FLUSHALL"
+        ],
+        "errors (INCR of text, SET without value, unknown commands) and reads are not logged"
+    );
+
+    // A full log: the write is refused, with redis-server's words, and changes nothing.
+    log.room = false;
+    let set = command(&["SET", "k", "v"]);
+    session.sent(session.output().len());
+    assert_eq!(
+        session.receive_logged(&set, &mut store, &mut log),
+        set.len()
+    );
+    assert_eq!(
+        session.output(),
+        session::AOF_FULL,
+        "a full log refuses the write"
+    );
+    assert_eq!(reply(&mut store, &["EXISTS", "k"]), ":0\r\n");
+    assert_eq!(log.logged.len(), 6);
+}

@@ -13,6 +13,7 @@ use thiserror::Error;
 
 use checkpoint::tls::{LinkSecurity, TlsIdentity};
 use engine::boot::linux::{self, LinuxBoot, DEFAULT_CMDLINE};
+use engine::devices::disk::DiskConfig;
 use engine::devices::serial::Console;
 use engine::devices::NetConfig;
 use engine::machine::{BootConfig, Guest, Machine, MachineConfig, MachineError};
@@ -174,6 +175,10 @@ struct DeviceArgs {
     /// a virtio-net device on the tap NAME (created if missing, as root)
     #[arg(long, value_name = "tap=NAME[,mac=MAC]", allow_hyphen_values = true)]
     net: Option<String>,
+    /// a virtio-blk device on the raw image FILE (repeatable; not replicated yet: run and
+    /// restore only)
+    #[arg(long, value_name = "path=FILE[,readonly]", allow_hyphen_values = true)]
+    disk: Vec<String>,
 }
 
 /// The guest and machine options shared by `run` and `primary`.
@@ -423,7 +428,7 @@ pub struct DemoArgs {
 }
 
 /// Workloads of the built-in guest, checked before boot so a typo is a clear error.
-pub const BUILTIN_WORKLOADS: &[&str] = &["counter", "dirty", "hash", "kv", "crash"];
+pub const BUILTIN_WORKLOADS: &[&str] = &["counter", "dirty", "hash", "kv", "disk", "crash"];
 
 /// Guest RAM when `--mem` is not given.
 pub const DEFAULT_MEM: u64 = 256 << 20;
@@ -620,6 +625,34 @@ fn net_option(d: &DeviceArgs) -> Result<Option<NetConfig>, CliError> {
         .transpose()
 }
 
+/// `--disk path=FILE[,readonly]`, each; at most as many as the boot info has room for
+/// beside the net device.
+fn disk_options(d: &DeviceArgs) -> Result<Vec<DiskConfig>, CliError> {
+    let max = engine::boot::abi::MAX_VIRTIO - 1;
+    if d.disk.len() > max {
+        return Err(usage(format!(
+            "--disk given {} times: at most {max} disks",
+            d.disk.len()
+        )));
+    }
+    d.disk
+        .iter()
+        .map(|s| s.parse::<DiskConfig>().map_err(|e| usage(e.to_string())))
+        .collect()
+}
+
+/// `--disk` where disks cannot be protected yet (`primary`, `backup`): refused, rather
+/// than replicating the guest's memory without its disk.
+fn refuse_disks(d: &DeviceArgs, command: &str) -> Result<(), CliError> {
+    if d.disk.is_empty() {
+        return Ok(());
+    }
+    Err(usage(format!(
+        "{command} --disk: disk replication is not implemented yet; a guest with a disk runs \
+         unprotected only (lockstep run)"
+    )))
+}
+
 fn dirty_ring_option(ring: Option<u32>) -> Result<Option<u32>, CliError> {
     match ring {
         Some(n) if !n.is_power_of_two() || !(64..=(1 << 20)).contains(&n) => Err(usage(format!(
@@ -684,6 +717,7 @@ fn boot_config(g: &GuestArgs, dirty_ring: Option<u32>) -> Result<BootConfig, Cli
             vcpus,
             console: console_option(&g.devices),
             net: net_option(&g.devices)?,
+            disks: disk_options(&g.devices)?,
             dirty_ring: dirty_ring_option(dirty_ring)?,
         },
     })
@@ -857,7 +891,7 @@ fn cmd_restore(a: RestoreArgs) -> Result<ExitCode, CliError> {
     log::init("restore");
     let Some(dir) = a.dir else {
         return Err(usage(
-            "usage: lockstep restore DIR [--console stdout|none|PATH]",
+            "usage: lockstep restore DIR [--console stdout|none|PATH] [--net ...] [--disk path=FILE]...",
         ));
     };
     let console = console_option(&a.devices);
@@ -865,7 +899,8 @@ fn cmd_restore(a: RestoreArgs) -> Result<ExitCode, CliError> {
     let memory = engine::vstate::memory::create(snap.state.mem_size).map_err(MachineError::from)?;
     snap.load_memory(&memory)?;
     let net = net_option(&a.devices)?;
-    let machine = Machine::restore(&snap.state, &console, net.as_ref(), memory)?;
+    let disks = disk_options(&a.devices)?;
+    let machine = Machine::restore(&snap.state, &console, net.as_ref(), &disks, memory)?;
     info!(
         "restored {} vCPUs and {} MiB from {}",
         snap.state.vcpus.len(),
@@ -886,6 +921,7 @@ fn cmd_restore(a: RestoreArgs) -> Result<ExitCode, CliError> {
 fn cmd_primary(a: PrimaryArgs) -> Result<ExitCode, CliError> {
     log::init("primary");
     a.process.open_events()?;
+    refuse_disks(&a.guest.devices, "primary")?;
     let g = boot_config(&a.guest, a.dirty_ring)?;
     let peer = a
         .peer
@@ -1074,6 +1110,7 @@ fn vcpus_option(vcpus: Option<u32>) -> Result<Option<u32>, CliError> {
 fn cmd_backup(a: BackupArgs) -> Result<ExitCode, CliError> {
     log::init("backup");
     a.process.open_events()?;
+    refuse_disks(&a.devices, "backup")?;
     let listen = a
         .listen
         .ok_or_else(|| usage("--listen ADDR:PORT is required"))?;

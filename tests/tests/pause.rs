@@ -65,6 +65,7 @@ fn pause_resume_cycles(vcpus: u32) {
         vcpus,
         console: Console::File(console.clone()),
         net: None,
+        disks: Vec::new(),
         dirty_ring: None,
     };
     let args = format!("{WORKLOAD} seconds={GUEST_SECONDS}");

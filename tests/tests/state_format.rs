@@ -16,6 +16,7 @@ fn captured_state() -> MachineState {
         vcpus: 2,
         console: Console::Null,
         net: None,
+        disks: Vec::new(),
         dirty_ring: None,
     };
     let mut m = Machine::boot(

@@ -92,7 +92,7 @@ pub const TSS_SELECTOR: u16 = 0x18;
 
 /// virtio device ids (virtio 1.x, section 5).
 pub const VIRTIO_ID_NET: u32 = 1;
-/// virtio-blk's device ID (reserved; no block device yet).
+/// virtio-blk's device ID (`--disk`: after the net device in `virtio[]`, in `--disk` order).
 pub const VIRTIO_ID_BLOCK: u32 = 2;
 
 /// One virtio-mmio device the guest may drive.

@@ -1,5 +1,6 @@
 //! Emulated devices and the bus that routes vCPU port and MMIO exits to them.
 
+pub mod disk;
 pub mod egress;
 pub mod serial;
 pub mod tap;
@@ -9,8 +10,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use crate::boot::abi::{VirtioDeviceInfo, MMIO_BASE, MMIO_DEVICE_SIZE, SERIAL_PORT, VIRTIO_ID_NET};
+use crate::boot::abi::{
+    VirtioDeviceInfo, MMIO_BASE, MMIO_DEVICE_SIZE, SERIAL_PORT, VIRTIO_ID_BLOCK, VIRTIO_ID_NET,
+};
 use crate::boot::linux::acpi::SLEEP_CONTROL_PORT;
+use disk::BlockDevice;
 use egress::Egress;
 use serial::SerialDevice;
 use tap::{Tap, TapError};
@@ -260,6 +264,14 @@ pub struct Devices {
     pub serial: Mutex<SerialDevice>,
     /// The virtio-net device, if the machine has one.
     pub net: Option<NetDevice>,
+    /// The virtio-blk devices, in `--disk` order (MMIO windows after the net device's).
+    pub disks: Vec<BlockDevice>,
+}
+
+/// The MMIO window of the `index`th disk: after the net device's, whether or not the
+/// machine has one, so a disk's address does not depend on `--net`.
+pub fn disk_base(index: usize) -> u64 {
+    MMIO_BASE + (index as u64 + 1) * MMIO_DEVICE_SIZE
 }
 
 impl Devices {
@@ -270,10 +282,22 @@ impl Devices {
             .map(|n| (n, addr - n.base))
     }
 
+    fn disk_at(&self, addr: u64) -> Option<(&BlockDevice, u64)> {
+        self.disks
+            .iter()
+            .find(|d| d.contains(addr))
+            .map(|d| (d, addr - d.base))
+    }
+
     /// Stops devices from touching guest memory (a consistent point is being captured).
+    /// A disk request being completed is finished first (freezing waits for the disk's
+    /// lock), so none is half done at the capture.
     pub fn freeze(&self) {
         if let Some(n) = &self.net {
             lock(&n.transport).set_frozen(true);
+        }
+        for d in &self.disks {
+            lock(d.transport()).set_frozen(true);
         }
     }
 
@@ -288,21 +312,67 @@ impl Devices {
                 t.kick(1);
             }
         }
+        for d in &self.disks {
+            let mut t = lock(d.transport());
+            t.set_frozen(false);
+            // Requests made available while frozen (or restored, not yet taken).
+            t.kick(0);
+        }
     }
 
-    /// The state of every virtio device, in device order.
+    /// The state of every virtio device, in device order: the net device, then the disks.
     pub fn save_virtio(&self) -> Vec<VirtioState> {
-        self.net.iter().map(|n| lock(&n.transport).save()).collect()
+        self.net
+            .iter()
+            .map(|n| lock(&n.transport).save())
+            .chain(self.disks.iter().map(|d| lock(d.transport()).save()))
+            .collect()
     }
 
     /// Loads the virtio devices' state saved by [`Devices::save_virtio`]; the devices configured now must match those saved.
     pub fn restore_virtio(&self, states: &[VirtioState]) -> Result<(), DevicesRestoreError> {
-        match (&self.net, states) {
-            (None, []) => Ok(()),
-            (Some(n), [s]) => Ok(lock(&n.transport).restore(s)?),
-            (None, _) => Err(DevicesRestoreError::NetMissing),
-            (Some(_), _) => Err(DevicesRestoreError::NetUnexpected),
+        let nets: Vec<_> = states
+            .iter()
+            .filter(|s| s.device_id == VIRTIO_ID_NET)
+            .collect();
+        let disks: Vec<_> = states
+            .iter()
+            .filter(|s| s.device_id == VIRTIO_ID_BLOCK)
+            .collect();
+        if let Some(other) = states
+            .iter()
+            .find(|s| s.device_id != VIRTIO_ID_NET && s.device_id != VIRTIO_ID_BLOCK)
+        {
+            return Err(DevicesRestoreError::UnknownDevice(other.device_id));
         }
+        match (&self.net, nets.as_slice()) {
+            (None, []) => {}
+            (Some(n), [s]) => lock(&n.transport).restore(s)?,
+            (None, _) => return Err(DevicesRestoreError::NetMissing),
+            (Some(_), _) => return Err(DevicesRestoreError::NetUnexpected),
+        }
+        if disks.len() != self.disks.len() {
+            let saved = disks
+                .iter()
+                .map(|s| {
+                    virtio::block::BlockState::from_bytes(&s.device)
+                        .map_or_else(|_| "?".to_string(), |b| b.describe())
+                })
+                .collect::<Vec<_>>();
+            return Err(DevicesRestoreError::Disks {
+                saved: disks.len(),
+                images: if saved.is_empty() {
+                    "none".into()
+                } else {
+                    saved.join(", ")
+                },
+                configured: self.disks.len(),
+            });
+        }
+        for (d, s) in self.disks.iter().zip(disks) {
+            lock(d.transport()).restore(s)?;
+        }
+        Ok(())
     }
 }
 
@@ -315,6 +385,23 @@ pub enum DevicesRestoreError {
     /// A network device is configured; the saved machine had none.
     #[error("the saved machine has no virtio-net device: drop --net")]
     NetUnexpected,
+    /// The saved machine had another number of disks than `--disk` gives.
+    #[error(
+        "the saved machine has {saved} virtio-blk device(s) (images: {images}); {configured} \
+         --disk given: give --disk path=FILE for each, in the same order, each image as it \
+         was when the state was captured"
+    )]
+    Disks {
+        /// Disks saved.
+        saved: usize,
+        /// The saved images, `PATH (N bytes)`, comma separated (or "none").
+        images: String,
+        /// Disks configured now.
+        configured: usize,
+    },
+    /// The saved state has a virtio device of a type this lockstep does not know.
+    #[error("the saved machine has a virtio device of unknown type {0}")]
+    UnknownDevice(u32),
     /// The saved virtio device's state does not load.
     #[error(transparent)]
     Virtio(#[from] VirtioRestoreError),
@@ -347,15 +434,20 @@ impl Bus for Devices {
     }
 
     fn mmio_read(&self, addr: u64, data: &mut [u8]) {
-        match self.net_at(addr) {
-            Some((n, offset)) => lock(&n.transport).read(offset, data),
-            None => data.fill(0xff),
+        if let Some((n, offset)) = self.net_at(addr) {
+            lock(&n.transport).read(offset, data);
+        } else if let Some((d, offset)) = self.disk_at(addr) {
+            lock(d.transport()).read(offset, data);
+        } else {
+            data.fill(0xff);
         }
     }
 
     fn mmio_write(&self, addr: u64, data: &[u8]) {
         if let Some((n, offset)) = self.net_at(addr) {
             lock(&n.transport).write(offset, data);
+        } else if let Some((d, offset)) = self.disk_at(addr) {
+            lock(d.transport()).write(offset, data);
         }
     }
 }

@@ -27,7 +27,9 @@ use zerocopy::{FromBytes, Immutable, IntoBytes};
 /// The blob's first 8 bytes.
 pub const MAGIC: [u8; 8] = *b"LKSTATE\0";
 /// 2: virtio devices (transport, queues, device) joined the machine state.
-/// 3: the platform (reference guest or Linux) and the vCPUs' CPUID.
+/// 3: the platform (reference guest or Linux) and the vCPUs' CPUID; virtio-blk devices
+/// (device ID 2) may follow the net device, their device bytes
+/// `devices::virtio::block::BlockState` (capacity, read-only flag, image path).
 pub const FORMAT_VERSION: u32 = 3;
 /// Bytes of header before the payload.
 pub const HEADER_LEN: usize = 32;

@@ -139,6 +139,15 @@ impl Node {
                         .to_string()
                 })
         });
+        if let Start::Run(m) | Start::Protect(m) = &start {
+            if !m.disks().is_empty() {
+                control::set_protect_refusal(Some(
+                    "the guest has a disk (--disk), and disk replication is not implemented \
+                     yet: protecting its memory alone would not survive a failover"
+                        .to_string(),
+                ));
+            }
+        }
         let mut state = match start {
             Start::Run(m) => State::Run(m, None),
             Start::Protect(m) => State::Protect {
@@ -407,13 +416,25 @@ impl Node {
             if let Some((_, dir)) = snapshot.take_if(|_| due) {
                 let (state, timing) = machine.pause_and_capture()?;
                 let written = snapshot::write(&dir, &state, machine.memory())?;
-                machine.resume()?;
+                let ends_here = machine.disks().iter().any(|d| d.writable());
+                if !ends_here {
+                    machine.resume()?;
+                }
                 info!(
                     "snapshot written to {} ({} KiB of non-zero memory; pause {} us)",
                     dir.display(),
                     written >> 10,
                     timing.captured.as_micros()
                 );
+                if ends_here {
+                    // The snapshot does not copy the images: restoring it needs each
+                    // image as it is now, so the guest may not write them any further.
+                    info!(
+                        "the run ends at its snapshot: the guest has a writable disk, which \
+                         `lockstep restore` needs as the snapshot left it"
+                    );
+                    return Ok(Driven::Ended(0));
+                }
             }
         }
     }

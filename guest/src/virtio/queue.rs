@@ -3,13 +3,16 @@
 //!
 //! Descriptor `i` always describes buffer `i` of its owner (the net driver keeps one
 //! buffer per descriptor, never chains), so making a buffer available is writing its
-//! index into the available ring, and the used ring hands back the same index.
+//! index into the available ring, and the used ring hands back the same index. The block
+//! driver chains descriptors 0, 1, 2 of one request ([`Queue::set_chained`]).
 
 use alloc::alloc::{alloc_zeroed, Layout};
 use core::sync::atomic::{fence, Ordering};
 
 use crate::abi::PAGE_SIZE;
 
+/// Descriptor flag: the chain goes on in descriptor `next`.
+pub const DESC_F_NEXT: u16 = 1;
 /// Descriptor flag: the device writes this buffer (receive buffers).
 pub const DESC_F_WRITE: u16 = 2;
 
@@ -46,7 +49,7 @@ pub struct Queue {
 }
 
 /// Zeroed, page-aligned memory of `bytes` bytes that lives for the rest of the guest.
-fn pages(bytes: usize) -> *mut u8 {
+pub fn pages(bytes: usize) -> *mut u8 {
     let size = bytes.next_multiple_of(PAGE_SIZE as usize);
     let layout = Layout::from_size_align(size, PAGE_SIZE as usize).expect("a valid layout");
     // SAFETY: a non-zero size with a power-of-two alignment.
@@ -94,6 +97,22 @@ impl Queue {
                 len,
                 flags,
                 next: 0,
+            })
+        };
+    }
+
+    /// Points descriptor `id` at `len` bytes at `addr`, followed in its chain by
+    /// descriptor `next` (DESC_F_NEXT is added to `flags`).
+    pub fn set_chained(&mut self, id: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        assert!(id < self.size && next < self.size);
+        // SAFETY: as in `set_desc`: inside the table, read by the device only once
+        // published.
+        unsafe {
+            self.desc.add(usize::from(id)).write_volatile(Desc {
+                addr,
+                len,
+                flags: flags | DESC_F_NEXT,
+                next,
             })
         };
     }

@@ -13,6 +13,7 @@
 //! serves requests. A write that would pass the limit gets redis-server's `-OOM` error
 //! and changes nothing, so a client cannot stop the service by filling memory.
 
+mod aof;
 mod commands;
 mod resp;
 mod session;
@@ -28,16 +29,18 @@ use smoltcp::socket::tcp::{self, State};
 use smoltcp::time::Instant;
 use smoltcp::wire::{EthernetAddress, IpAddress, IpCidr, Ipv4Address};
 
-use crate::abi::VIRTIO_ID_NET;
+use crate::abi::{VIRTIO_ID_BLOCK, VIRTIO_ID_NET};
 use crate::args::{self, ArgError};
 use crate::boot::Boot;
 use crate::heap;
 use crate::ports::{exit, idle, idle_forever};
 use crate::println;
 use crate::time::{rdtsc, Clock, TimeSource};
+use crate::virtio::blk::VirtioBlk;
 use crate::virtio::net::VirtioNet;
 
-use session::Session;
+use aof::Aof;
+use session::{Journal, Session};
 
 pub const NAME: &str = "kv";
 
@@ -68,6 +71,8 @@ pub struct Config {
     gateway: Option<[u8; 4]>,
     /// MMIO base of the virtio-net device.
     net_base: u64,
+    /// `aof=on`: the MMIO base of the virtio-blk device the log is on.
+    aof: Option<u64>,
 }
 
 impl Config {
@@ -75,8 +80,22 @@ impl Config {
         let mut ip = None;
         let mut port = 6379;
         let mut gateway = None;
-        args::parse_keys(cmdline, NAME, &["ip", "port", "gw"], |key, value| {
+        let mut aof = false;
+        args::parse_keys(cmdline, NAME, &["ip", "port", "gw", "aof"], |key, value| {
             match key {
+                "aof" => {
+                    aof = match value {
+                        "on" => true,
+                        "off" => false,
+                        _ => {
+                            return Err(ArgError::Malformed {
+                                key,
+                                value,
+                                expected: "on or off",
+                            })
+                        }
+                    }
+                }
                 "ip" => ip = Some(args::parse_ipv4_cidr(key, value)?),
                 "port" => {
                     port = u16::try_from(args::parse_u64(key, value)?)
@@ -107,6 +126,20 @@ impl Config {
                 });
             }
         }
+        let aof = if aof {
+            let disk = boot
+                .virtio
+                .iter()
+                .find(|device| device.device_id == VIRTIO_ID_BLOCK)
+                .ok_or(ArgError::NoDevice {
+                    workload: "kv aof=on",
+                    device: "virtio-blk",
+                    flag: "--disk",
+                })?;
+            Some(disk.base)
+        } else {
+            None
+        };
         let net_base = boot
             .virtio
             .iter()
@@ -130,6 +163,7 @@ impl Config {
             port,
             gateway: gateway.map(|(gw, _)| gw),
             net_base,
+            aof,
         })
     }
 }
@@ -184,14 +218,36 @@ pub fn run(boot: &Boot, config: &Config) -> ! {
             session: Session::new(max_request),
         })
         .collect();
+    let mut store = table::Table::new();
+    let data_limit = heap_size.saturating_sub(heap::usage().used + reserve);
+    heap::set_data_limit(data_limit);
+    // The log replayed before any client is served.
+    let mut aof = config.aof.map(|base| {
+        // SAFETY: the boot info lists this device; nothing else in the guest drives it.
+        let disk = match unsafe { VirtioBlk::new(base) } {
+            Ok(disk) => disk,
+            Err(err) => {
+                println!("error: {err}");
+                exit(EXIT_DEVICE)
+            }
+        };
+        let capacity = disk.capacity();
+        let (aof, replayed) = Aof::open(disk, &mut store);
+        if replayed.fresh {
+            println!("kv: aof: new log on a disk of {capacity} bytes");
+        } else {
+            println!(
+                "kv: aof: replayed {} commands ({} bytes of log)",
+                replayed.commands, replayed.bytes
+            );
+        }
+        aof
+    });
     // Listening before saying so: a client that connects at once is not refused.
     for conn in &conns {
         let socket = sockets.get_mut::<tcp::Socket>(conn.handle);
         socket.listen(config.port).expect("a new socket can listen");
     }
-    let mut store = table::Table::new();
-    let data_limit = heap_size.saturating_sub(heap::usage().used + reserve);
-    heap::set_data_limit(data_limit);
 
     println!("kv: listening on {ip}:{} mac={}", config.port, Mac(mac));
     println!(
@@ -204,8 +260,26 @@ pub fn run(boot: &Boot, config: &Config) -> ! {
         let timestamp = now();
         let changed = iface.poll(timestamp, &mut device, &mut sockets);
         let mut progress = false;
-        for conn in &mut conns {
-            progress |= conn.pump(sockets.get_mut(conn.handle), config.port, &mut store);
+        let journal: &mut dyn Journal = match &mut aof {
+            Some(aof) => aof,
+            None => &mut (),
+        };
+        // Every connection runs what it has, then the writes they made are made durable
+        // at once, then the replies go out (and further requests run, synced before
+        // their replies leave in turn).
+        for send in [false, true] {
+            if send {
+                journal.sync();
+            }
+            for conn in &mut conns {
+                progress |= conn.pump(
+                    sockets.get_mut(conn.handle),
+                    config.port,
+                    &mut store,
+                    journal,
+                    send,
+                );
+            }
         }
         device.flush();
         if progress || changed == iface::PollResult::SocketStateChanged || device.rx_ready() {
@@ -236,8 +310,16 @@ struct Conn {
 }
 
 impl Conn {
-    /// Moves bytes between the socket and the session; whether anything moved.
-    fn pump(&mut self, socket: &mut tcp::Socket<'_>, port: u16, store: &mut table::Table) -> bool {
+    /// Moves bytes between the socket and the session; whether anything moved. With
+    /// `send` false it only runs requests (their replies wait for the journal's sync).
+    fn pump(
+        &mut self,
+        socket: &mut tcp::Socket<'_>,
+        port: u16,
+        store: &mut table::Table,
+        journal: &mut dyn Journal,
+        send: bool,
+    ) -> bool {
         match socket.state() {
             State::Closed => {
                 self.session.reset();
@@ -253,7 +335,9 @@ impl Conn {
         let session = &mut self.session;
         let mut progress = false;
         loop {
-            if !session.output().is_empty() && socket.can_send() {
+            if send && !session.output().is_empty() && socket.can_send() {
+                // No reply leaves before the writes run so far are durable.
+                journal.sync();
                 let n = socket.send_slice(session.output()).unwrap_or(0);
                 session.sent(n);
                 progress |= n > 0;
@@ -266,7 +350,7 @@ impl Conn {
                 socket.close();
                 break;
             }
-            if session.resume(store) {
+            if session.resume_logged(store, journal) {
                 progress = true;
                 continue;
             }
@@ -275,7 +359,7 @@ impl Conn {
             }
             let n = socket
                 .recv(|data| {
-                    let n = session.receive(data, store);
+                    let n = session.receive_logged(data, store, journal);
                     (n, n)
                 })
                 .unwrap_or(0);

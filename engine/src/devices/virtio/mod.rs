@@ -3,6 +3,7 @@
 //! The guest polls used rings and never takes an interrupt, so there is no interrupt line:
 //! a device that has something for the guest wakes vCPUs parked on the idle port instead.
 
+pub mod block;
 pub mod mmio;
 pub mod net;
 
@@ -50,6 +51,15 @@ pub enum DeviceStateError {
         /// The saved MAC, `aa:bb:cc:dd:ee:ff`.
         saved: String,
         /// The configured MAC.
+        configured: String,
+    },
+    /// The saved virtio-blk device had an image of another capacity or mode than the one
+    /// configured now.
+    #[error("saved virtio-blk image {saved} differs from --disk {configured}")]
+    DiskMismatch {
+        /// The saved image: `PATH (N bytes[, read-only])`.
+        saved: String,
+        /// The configured image, the same way.
         configured: String,
     },
 }

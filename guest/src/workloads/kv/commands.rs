@@ -59,6 +59,20 @@ const COMMANDS: &[Command] = &[
     command("flushdb", -1, flush),
 ];
 
+/// The commands that may change the store: what `aof=on` logs.
+const WRITE_COMMANDS: &[&str] = &[
+    "set", "setnx", "getset", "getdel", "mset", "msetnx", "append", "incr", "decr", "incrby",
+    "decrby", "del", "unlink", "flushall", "flushdb",
+];
+
+/// Whether `args` names a command that may change the store.
+pub fn is_write(args: &Args<'_>) -> bool {
+    let name = args.get(0);
+    WRITE_COMMANDS
+        .iter()
+        .any(|w| w.as_bytes().eq_ignore_ascii_case(name))
+}
+
 /// CONFIG, a command with subcommands.
 const CONFIG: Command = command("config", -2, |_, _, _| Ok(()));
 const CONFIG_SUBCOMMANDS: &[Command] = &[command("config|get", -3, config_get)];

@@ -22,7 +22,7 @@ use alloc::vec::Vec;
 
 use super::table::NoMemory;
 
-pub use super::commands::{execute, reply_bound, Flow};
+pub use super::commands::{execute, is_write, reply_bound, Flow};
 
 /// The longest bulk string a request may announce (redis-server's `proto-max-bulk-len`).
 pub const MAX_BULK: usize = 512 << 20;

@@ -19,6 +19,35 @@ use alloc::vec::Vec;
 use super::resp::{self, Args, Flow, Kind, Parse, Partial, ProtocolError, OOM, SMALL_REPLY};
 use super::table::Table;
 
+/// Where write commands are logged before their replies leave (the append-only file of
+/// `aof=on`). A session calls `record` for each write it runs, in order, as it queues
+/// the reply; whoever sends replies calls `sync` before any leaves, so one sync makes
+/// the writes of many requests (of many connections) durable at once. A journal that
+/// cannot make a record durable does not return (the service stops rather than
+/// acknowledge it).
+pub trait Journal {
+    /// Whether a record of the command `args` fits in the log.
+    fn has_room(&self, args: &Args<'_>) -> bool;
+    /// Logs the command `args`, which changed (or may have changed) the store; durable
+    /// once [`Journal::sync`] returns.
+    fn record(&mut self, args: &Args<'_>);
+    /// Makes every record so far durable.
+    fn sync(&mut self);
+}
+
+/// No journal: nothing is logged.
+impl Journal for () {
+    fn has_room(&self, _args: &Args<'_>) -> bool {
+        true
+    }
+    fn record(&mut self, _args: &Args<'_>) {}
+    fn sync(&mut self) {}
+}
+
+/// The reply to a write when the log has no room for it, as redis-server words an AOF
+/// write error.
+pub const AOF_FULL: &[u8] = b"-MISCONF Errors writing to the AOF file: No space left on device\r\n";
+
 /// Requests stop running while this many bytes of replies wait to be sent.
 pub const OUTPUT_HIGH: usize = 64 << 10;
 /// A buffer that grew past this is given back once it is empty.
@@ -117,7 +146,19 @@ impl Session {
 
     /// Takes received bytes and runs the requests they complete; how many bytes it took.
     /// It takes none while replies wait to be sent: the rest stays in the socket.
+    #[allow(dead_code)] // the host tests' entry; the guest passes its journal
     pub fn receive(&mut self, data: &[u8], store: &mut Table) -> usize {
+        self.receive_logged(data, store, &mut ())
+    }
+
+    /// [`Session::receive`], logging each write command to `journal` before its reply is
+    /// queued.
+    pub fn receive_logged(
+        &mut self,
+        data: &[u8],
+        store: &mut Table,
+        journal: &mut dyn Journal,
+    ) -> usize {
         if self.closing {
             // redis-server reads nothing more from a client it is closing.
             return data.len();
@@ -152,7 +193,7 @@ impl Session {
             }
             self.input.extend_from_slice(&rest[..take]);
             used += take;
-            self.run(store);
+            self.run(store, journal);
             if self.stalled {
                 break;
             }
@@ -161,11 +202,17 @@ impl Session {
     }
 
     /// Runs requests that waited for the output to drain; whether any ran.
+    #[allow(dead_code)] // as `receive`
     pub fn resume(&mut self, store: &mut Table) -> bool {
+        self.resume_logged(store, &mut ())
+    }
+
+    /// [`Session::resume`] with a journal, as [`Session::receive_logged`].
+    pub fn resume_logged(&mut self, store: &mut Table, journal: &mut dyn Journal) -> bool {
         if !self.stalled || !self.output().is_empty() {
             return false;
         }
-        self.run(store)
+        self.run(store, journal)
     }
 
     /// The input cannot grow: the partial request at its start is dropped as it
@@ -239,7 +286,7 @@ impl Session {
 
     /// Runs the complete requests at the start of `input` while the output has room;
     /// whether any ran.
-    fn run(&mut self, store: &mut Table) -> bool {
+    fn run(&mut self, store: &mut Table, journal: &mut dyn Journal) -> bool {
         let mut at = 0;
         let mut ran = false;
         self.stalled = false;
@@ -292,7 +339,7 @@ impl Session {
                 ran = true;
                 continue;
             }
-            match self.step(at, len, kind, store) {
+            match self.step(at, len, kind, store, journal) {
                 Some(flow) => {
                     at += len;
                     ran = true;
@@ -318,7 +365,14 @@ impl Session {
 
     /// Runs the request of `len` bytes at `at`: its flow, or `None` when its reply has
     /// to wait for the output to drain.
-    fn step(&mut self, at: usize, len: usize, kind: Kind, store: &mut Table) -> Option<Flow> {
+    fn step(
+        &mut self,
+        at: usize,
+        len: usize,
+        kind: Kind,
+        store: &mut Table,
+        journal: &mut dyn Journal,
+    ) -> Option<Flow> {
         let request = &self.input[at..at + len];
         let listed = match kind {
             Kind::Empty => return Some(Flow::Continue),
@@ -347,7 +401,18 @@ impl Session {
             self.output.extend_from_slice(OOM);
             return Some(Flow::Continue);
         }
-        Some(resp::execute(&args, store, &mut self.output))
+        let write = resp::is_write(&args);
+        if write && !journal.has_room(&args) {
+            self.output.extend_from_slice(AOF_FULL);
+            return Some(Flow::Continue);
+        }
+        let start = self.output.len();
+        let flow = resp::execute(&args, store, &mut self.output);
+        // An error reply changed nothing (arity, syntax, type, OOM): not logged.
+        if write && self.output.get(start) != Some(&b'-') {
+            journal.record(&args);
+        }
+        Some(flow)
     }
 }
 
