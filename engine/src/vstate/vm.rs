@@ -90,7 +90,16 @@ impl Vm {
     /// instead of the bitmap.
     pub fn with_dirty_ring(memory: GuestMemory, ring: Option<u32>) -> Result<Vm, VmError> {
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
-        let fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        // KVM_CREATE_VM fails with EINTR when a signal is pending on the thread while the
+        // kernel registers the VM's MMU notifier (`mm_take_all_locks`); seen once in a
+        // promotion. Nothing was created: try again (a few times, not forever).
+        let mut tries = 0;
+        let fd = loop {
+            match kvm.create_vm() {
+                Err(e) if e.errno() == libc::EINTR && tries < 100 => tries += 1,
+                r => break r.map_err(kvm_err("KVM_CREATE_VM"))?,
+            }
+        };
         // Before any slot has dirty logging on.
         let manual_protect = match ring {
             Some(entries) => {
