@@ -445,6 +445,12 @@ pub enum CliError {
     Usage(String),
     #[error(transparent)]
     Size(#[from] SizeError),
+    #[error("{option} {path}: {source}")]
+    File {
+        option: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot read guest image {path}: {source}")]
     Image {
         path: PathBuf,
@@ -662,18 +668,39 @@ fn dirty_ring_option(ring: Option<u32>) -> Result<Option<u32>, CliError> {
     }
 }
 
+/// The largest `--kernel` or `--initramfs` file read (the largest guest RAM for a kernel).
+const MAX_BOOT_FILE: u64 = 3 << 30;
+
 /// The guest and machine of `run` and `primary`.
 fn boot_config(g: &GuestArgs, dirty_ring: Option<u32>) -> Result<BootConfig, CliError> {
-    let read = |path: &std::path::Path| {
-        std::fs::read(path).map_err(|source| CliError::Image {
+    let read = |option: &'static str, path: &std::path::Path| {
+        // A regular file, and not more than the largest guest RAM: `/dev/zero` would be
+        // read until the host's memory ran out.
+        let meta = std::fs::metadata(path).map_err(|source| CliError::File {
+            option,
+            path: path.into(),
+            source,
+        })?;
+        if !meta.is_file() || meta.len() > MAX_BOOT_FILE {
+            return Err(usage(format!(
+                "{option} {}: not a regular file of at most 3 GiB",
+                path.display()
+            )));
+        }
+        std::fs::read(path).map_err(|source| CliError::File {
+            option,
             path: path.into(),
             source,
         })
     };
     let guest = if let Some(kernel) = &g.kernel {
         let boot = LinuxBoot {
-            kernel: read(kernel)?,
-            initramfs: g.initramfs.as_deref().map(read).transpose()?,
+            kernel: read("--kernel", kernel)?,
+            initramfs: g
+                .initramfs
+                .as_deref()
+                .map(|p| read("--initramfs", p))
+                .transpose()?,
             cmdline: g
                 .cmdline
                 .clone()
@@ -700,7 +727,10 @@ fn boot_config(g: &GuestArgs, dirty_ring: Option<u32>) -> Result<BootConfig, Cli
             check_builtin_args(&args)?;
             engine::BUILTIN_GUEST.to_vec()
         } else {
-            read(std::path::Path::new(guest))?
+            std::fs::read(guest).map_err(|source| CliError::Image {
+                path: guest.into(),
+                source,
+            })?
         };
         Guest::Reference { image, args }
     };

@@ -793,8 +793,24 @@ fn tiny_elf(addr: u64, code: &[u8]) -> Vec<u8> {
 fn bad_kernels_and_options_are_one_line_errors() {
     let dir = TempDir::new("linux-bad");
     let missing = dir.arg("no-such-kernel");
-    lockstep(&["run", "--kernel", &missing])
-        .assert_one_line_error(&["cannot read guest image", "no-such-kernel"]);
+    lockstep(&["run", "--kernel", &missing]).assert_one_line_error(&[
+        "--kernel",
+        "no-such-kernel",
+        "No such file",
+    ]);
+    // A device that would be read forever, and a missing initramfs: named by option.
+    lockstep(&["run", "--kernel", "/dev/zero"])
+        .assert_one_line_error(&["--kernel /dev/zero", "not a regular file"]);
+    let kernel = dir.join("junk-kernel");
+    std::fs::write(&kernel, b"x").expect("write");
+    lockstep(&[
+        "run",
+        "--kernel",
+        kernel.to_str().expect("UTF-8"),
+        "--initramfs",
+        &missing,
+    ])
+    .assert_one_line_error(&["--initramfs", "no-such-kernel", "No such file"]);
     let junk = dir.join("junk");
     std::fs::write(&junk, b"this is no kernel").expect("write");
     lockstep(&["run", "--kernel", junk.to_str().expect("UTF-8")]).assert_one_line_error(&[
@@ -847,5 +863,5 @@ fn bad_kernels_and_options_are_one_line_errors() {
     )
     .expect("write");
     lockstep(&["run", "--config", config.to_str().expect("UTF-8")])
-        .assert_one_line_error(&["cannot read guest image", "no-such-kernel"]);
+        .assert_one_line_error(&["--kernel", "no-such-kernel"]);
 }
