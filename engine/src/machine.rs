@@ -188,6 +188,25 @@ pub struct Machine {
     dirty: DirtyTracker,
 }
 
+/// How a new machine tracks dirty pages: `ring` entries of a dirty ring per vCPU, or the
+/// VM's dirty bitmap.
+fn dirty_tracker(
+    vm: &Vm,
+    fds: &[kvm_ioctls::VcpuFd],
+    ring: Option<u32>,
+) -> Result<DirtyTracker, MachineError> {
+    Ok(match ring {
+        Some(entries) => DirtyTracker::Ring(std::sync::Mutex::new(
+            fds.iter()
+                .enumerate()
+                .map(|(i, fd)| DirtyRing::map(fd, i as u32, entries))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(DirtyError::from)?,
+        )),
+        None => DirtyTracker::Bitmap(vm.dirty_log()),
+    })
+}
+
 impl Machine {
     /// Creates the VM, loads `image` and sets every vCPU at the guest's entry, paused.
     pub fn boot(cfg: &MachineConfig, image: &[u8], cmdline: &str) -> Result<Machine, MachineError> {
@@ -195,16 +214,7 @@ impl Machine {
         let cpuid = vm.supported_cpuid()?;
         let kvmclock = has_kvmclock(&cpuid);
         let fds = vcpu::create_all(vm.fd(), &cpuid, cfg.vcpus)?;
-        let dirty = match cfg.dirty_ring {
-            Some(entries) => DirtyTracker::Ring(std::sync::Mutex::new(
-                fds.iter()
-                    .enumerate()
-                    .map(|(i, fd)| DirtyRing::map(fd, i as u32, entries))
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(DirtyError::from)?,
-            )),
-            None => DirtyTracker::Bitmap(vm.dirty_log()),
-        };
+        let dirty = dirty_tracker(&vm, &fds, cfg.dirty_ring)?;
         let tsc_khz = fds[0].get_tsc_khz().map_err(|source| VcpuError::Kvm {
             index: 0,
             what: "KVM_GET_TSC_KHZ",
@@ -269,16 +279,7 @@ impl Machine {
         let vm = Vm::with_dirty_ring(memory::create(cfg.mem_size)?, cfg.dirty_ring)?;
         let cpuid = linux_boot::cpu::linux_cpuid(vm.supported_cpuid()?, cfg.vcpus);
         let fds = vcpu::create_all(vm.fd(), &cpuid, cfg.vcpus)?;
-        let dirty = match cfg.dirty_ring {
-            Some(entries) => DirtyTracker::Ring(std::sync::Mutex::new(
-                fds.iter()
-                    .enumerate()
-                    .map(|(i, fd)| DirtyRing::map(fd, i as u32, entries))
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(DirtyError::from)?,
-            )),
-            None => DirtyTracker::Bitmap(vm.dirty_log()),
-        };
+        let dirty = dirty_tracker(&vm, &fds, cfg.dirty_ring)?;
         let net = cfg
             .net
             .as_ref()
