@@ -27,14 +27,26 @@ pub struct PidFile {
 }
 
 impl PidFile {
-    /// Writes the file (replacing an old one).
+    /// Writes the file (replacing an old one) in one step: the pid goes to a temporary file
+    /// beside it, which is then renamed over `path`, so a reader (a fence agent, a script
+    /// waiting for the file) never sees it empty or half written.
     pub fn create(path: &Path) -> Result<PidFile, PidFileError> {
-        std::fs::write(path, format!("{}\n", std::process::id())).map_err(|source| {
-            PidFileError {
-                path: path.to_path_buf(),
-                source,
-            }
-        })?;
+        let error = |source| PidFileError {
+            path: path.to_path_buf(),
+            source,
+        };
+        let name = path
+            .file_name()
+            .ok_or_else(|| error(std::io::Error::other("not a file name")))?;
+        let mut tmp_name = std::ffi::OsString::from(".");
+        tmp_name.push(name);
+        tmp_name.push(format!(".{}.tmp", std::process::id()));
+        let tmp = path.with_file_name(tmp_name);
+        std::fs::write(&tmp, format!("{}\n", std::process::id())).map_err(error)?;
+        if let Err(e) = std::fs::rename(&tmp, path) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(error(e));
+        }
         Ok(PidFile {
             path: path.to_path_buf(),
         })
@@ -66,6 +78,11 @@ mod tests {
             std::fs::read_to_string(&path).unwrap(),
             format!("{}\n", std::process::id())
         );
+        let names: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["p.pid"], "the temporary file was left behind");
         drop(f);
         assert!(!path.exists());
         let f = PidFile::create(&path).unwrap();
