@@ -52,6 +52,8 @@ impl fmt::LowerHex for DigestValue {
 
 /// Seed of the state blob's hash (distinct from any page address seed in practice).
 const STATE_SEED: u64 = 0x5354_4154_455f_4c4b;
+/// Seed of a disk write's key hash.
+const DISK_SEED: u64 = 0x4449_534b_5752_4954;
 /// Seed of the final mixing hash.
 const FINAL_SEED: u64 = 0x4c4f_434b_5354_4550;
 
@@ -79,6 +81,18 @@ impl Digest {
         for (i, page) in bytes.chunks(PAGE_SIZE).enumerate() {
             self.add_page(gpa + (i * PAGE_SIZE) as u64, page);
         }
+    }
+
+    /// Adds the `seq`-th disk write of an epoch (counted over all its disks, in the order
+    /// sent): `data` written at byte `offset` of disk `disk`. The seed covers all three, so
+    /// writes reordered, moved or given to another disk change the digest.
+    pub fn add_disk_write(&mut self, disk: u32, seq: u64, offset: u64, data: &[u8]) {
+        let mut key = [0u8; 20];
+        key[..4].copy_from_slice(&disk.to_le_bytes());
+        key[4..12].copy_from_slice(&seq.to_le_bytes());
+        key[12..].copy_from_slice(&offset.to_le_bytes());
+        self.sum = self.sum.wrapping_add(xxh64(data, xxh64(&key, DISK_SEED)));
+        self.pages += 1;
     }
 
     /// Folds another accumulator (e.g. another worker's share) into this one.

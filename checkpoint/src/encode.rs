@@ -327,6 +327,7 @@ pub fn send_epoch(
     encoder: &EpochEncoder,
     epoch: u64,
     staged: &StagedPages<'_>,
+    disks: &[Vec<(u64, bytes::Bytes)>],
     state: &[u8],
 ) -> Result<EncodeSummary, EncodeError> {
     sender.send(&Message::EpochBegin {
@@ -339,12 +340,19 @@ pub fn send_epoch(
             sender.send_frames(frames)
         })
         .and_then(|mut summary| {
+            let disk_frames = crate::disk::write_messages(epoch, disks, &mut summary.digest);
+            for m in &disk_frames {
+                let frame = m.to_frame()?;
+                sender.send_frames(&[&frame[..]])?;
+                summary.bytes += frame.len() as u64;
+            }
             let state_header = state_frame_header(epoch, state)?;
             let mut commit = BytesMut::new();
             Message::EpochCommit {
                 epoch,
                 page_count: summary.pages,
                 frame_count: summary.frames,
+                disk_frames: disk_frames.len() as u32,
                 state_len: state.len() as u64,
                 digest: summary.digest.finish(state).0,
             }
@@ -576,6 +584,7 @@ mod tests {
                 epoch,
                 page_count: summary.pages,
                 frame_count: summary.frames,
+                disk_frames: 0,
                 state_len: state.len() as u64,
                 digest: summary.digest.finish(&state).0,
             });

@@ -143,14 +143,17 @@ mod tests {
             .to_frame()
             .unwrap()
             .to_vec();
-        frame[4..6].copy_from_slice(&2u16.to_le_bytes());
+        frame[4..6].copy_from_slice(&(PROTOCOL_VERSION + 1).to_le_bytes());
         raw.write_all(&frame).unwrap();
         let err = backup_handshake(&mut c, &hello(2, 1 << 29), Duration::from_secs(10))
             .unwrap_err()
             .to_string();
         assert_eq!(
             err,
-            "refused the primary: protocol version differs: backup 1, primary 2"
+            format!(
+                "refused the primary: protocol version differs: backup {PROTOCOL_VERSION}, primary {}",
+                PROTOCOL_VERSION + 1
+            )
         );
         // The refusal reached the peer as a well-formed frame.
         let mut buf = vec![0u8; HEADER_LEN];

@@ -81,6 +81,7 @@
 pub mod codec;
 pub mod delta_cache;
 pub mod digest;
+pub mod disk;
 pub mod encode;
 pub mod handshake;
 pub mod inflight;

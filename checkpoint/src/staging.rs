@@ -39,6 +39,7 @@ use vm_memory::{Bytes as _, GuestAddress, GuestMemoryBackend, GuestMemoryRegion}
 
 use crate::codec::{as_page_mut, decode_page, CodecError, Encoding};
 use crate::digest::{digest_guest_memory, Digest, DigestError, DigestValue};
+use crate::disk::{DiskSink, StagedWrite};
 use crate::protocol::{Message, MessageKind, PageBatch};
 use crate::PAGE_SIZE;
 
@@ -170,6 +171,26 @@ pub enum StagingError {
     /// Digesting guest memory failed.
     #[error(transparent)]
     DigestRead(#[from] DigestError),
+    /// A disk frame does not fit this backup's disks.
+    #[error("epoch {epoch} rejected: {reason}")]
+    DiskRange {
+        /// The epoch (0: the initial sync).
+        epoch: u64,
+        /// What does not fit.
+        reason: String,
+    },
+    /// The backup's disks could not take a verified epoch or sync data: replication cannot
+    /// go on (the message says which epoch the images hold).
+    #[error("the backup's disk failed: {0}")]
+    Disk(String),
+}
+
+impl StagingError {
+    /// Whether the backup cannot go on replicating after this error (its disks failed);
+    /// other errors reject one epoch and replication goes on.
+    pub fn is_fatal(&self) -> bool {
+        matches!(self, StagingError::Disk(_))
+    }
 }
 
 /// What the caller should do after [`Staging::handle`].
@@ -177,6 +198,15 @@ pub enum StagingError {
 pub enum Step {
     /// Nothing yet (the epoch is still arriving).
     Continue,
+    /// Disk initial-sync progress of disk `disk`.
+    DiskSync {
+        /// The disk.
+        disk: u32,
+        /// Bytes of the disk's sync sent so far.
+        bytes_done: u64,
+        /// Bytes the disk's sync sends.
+        bytes_total: u64,
+    },
     /// Pre-copy progress.
     Sync {
         /// Guest bytes sent so far.
@@ -211,6 +241,8 @@ struct OpenEpoch {
     page_count: u64,
     state_len: u64,
     frames: u32,
+    disk_frames: u32,
+    disk_bytes: u64,
     state: Option<Bytes>,
     digest: Digest,
 }
@@ -234,7 +266,22 @@ pub struct Staging {
     maybe_nonzero: Option<Vec<u64>>,
     /// Zero pages not written because the page was known to be zero already.
     skipped_zero: u64,
+    /// The sizes of the guest's disks, in bytes, and where their data goes.
+    disk_sizes: Vec<u64>,
+    disks: Option<Box<dyn DiskSink>>,
+    /// The open epoch's disk writes, in the order sent.
+    writes: Vec<StagedWrite>,
 }
+
+impl std::fmt::Debug for dyn DiskSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DiskSink")
+    }
+}
+
+/// Bytes of disk writes one epoch may carry (the primary's guest cannot write more in an
+/// epoch at any realistic rate; the bound keeps staging's memory bounded).
+pub const MAX_EPOCH_DISK_BYTES: u64 = 256 << 20;
 
 impl Staging {
     /// Staging for guest memory `mem` (which bounds the pages per epoch) and state blobs of
@@ -253,7 +300,46 @@ impl Staging {
             max_state_len,
             maybe_nonzero: None,
             skipped_zero: 0,
+            disk_sizes: Vec::new(),
+            disks: None,
+            writes: Vec::new(),
         }
+    }
+
+    /// The guest's disks: their sizes in bytes (as in `Hello`) and the sink that keeps
+    /// the backup's images.
+    pub fn with_disks(mut self, sizes: Vec<u64>, sink: Box<dyn DiskSink>) -> Self {
+        self.disk_sizes = sizes;
+        self.disks = Some(sink);
+        self
+    }
+
+    /// Checks that `len` bytes at `offset` lie inside disk `disk`.
+    fn disk_range(
+        &self,
+        epoch: u64,
+        disk: u32,
+        offset: u64,
+        len: usize,
+    ) -> Result<(), StagingError> {
+        let Some(&size) = self.disk_sizes.get(disk as usize) else {
+            return Err(StagingError::DiskRange {
+                epoch,
+                reason: format!(
+                    "data for disk {disk}, but the guest has {} disks",
+                    self.disk_sizes.len()
+                ),
+            });
+        };
+        if offset.checked_add(len as u64).is_none_or(|end| end > size) {
+            return Err(StagingError::DiskRange {
+                epoch,
+                reason: format!(
+                    "{len} bytes at offset {offset} lie outside disk {disk} ({size} bytes)"
+                ),
+            });
+        }
+        Ok(())
     }
 
     /// Declares that guest memory is all zeros now (fresh anonymous memory): zero pages
@@ -346,6 +432,7 @@ impl Staging {
     /// Discards the open epoch, if any (e.g. the connection dropped mid-epoch).
     pub fn abort(&mut self) {
         self.open = None;
+        self.writes.clear();
         self.data.clear();
         self.pfns.clear();
         self.seen.clear();
@@ -393,14 +480,46 @@ impl Staging {
                 self.pages(mem, epoch, &pages).map(|()| Step::Continue)
             }
             Message::State { epoch, bytes } => self.state(epoch, bytes).map(|()| Step::Continue),
+            Message::DiskWrites {
+                epoch,
+                disk,
+                writes,
+            } => self
+                .disk_writes(epoch, disk, writes)
+                .map(|()| Step::Continue),
+            Message::DiskSync {
+                disk,
+                offset,
+                bytes_done,
+                bytes_total,
+                data,
+            } => {
+                self.disk_sync(disk, offset, &data)?;
+                Ok(Step::DiskSync {
+                    disk,
+                    bytes_done,
+                    bytes_total,
+                })
+            }
             Message::EpochCommit {
                 epoch,
                 page_count,
                 frame_count,
+                disk_frames,
                 state_len,
                 digest,
             } => self
-                .commit(mem, epoch, page_count, frame_count, state_len, digest)
+                .commit(
+                    mem,
+                    epoch,
+                    Counts {
+                        pages: page_count,
+                        frames: frame_count,
+                        disk_frames,
+                        state_len,
+                    },
+                    digest,
+                )
                 .map(|epoch| Step::Committed { epoch }),
             Message::Heartbeat { epoch } => Ok(Step::Heartbeat { epoch }),
             Message::End { epoch, digest } => {
@@ -470,6 +589,56 @@ impl Staging {
         Ok(())
     }
 
+    /// Writes initial-sync bytes straight into the backup's image of `disk` (only before
+    /// the first commit, like pre-copy pages).
+    pub fn disk_sync(&mut self, disk: u32, offset: u64, data: &[u8]) -> Result<(), StagingError> {
+        if self.committed_epoch != 0 || self.open.is_some() {
+            return Err(StagingError::SyncRefused(format!(
+                "disk sync data after epoch {} began",
+                self.committed_epoch + 1
+            )));
+        }
+        self.disk_range(0, disk, offset, data.len())?;
+        match self.disks.as_mut() {
+            Some(sink) => sink.sync(disk, offset, data).map_err(StagingError::Disk),
+            None => Err(StagingError::Unexpected(MessageKind::DiskSync)),
+        }
+    }
+
+    /// Stages a batch of the open epoch's disk writes.
+    pub fn disk_writes(
+        &mut self,
+        epoch: u64,
+        disk: u32,
+        writes: Vec<(u64, Bytes)>,
+    ) -> Result<(), StagingError> {
+        self.or_abort(|s| {
+            s.check_open(MessageKind::DiskWrites, epoch)?;
+            for (offset, data) in &writes {
+                s.disk_range(epoch, disk, *offset, data.len())?;
+            }
+            let Some(open) = s.open.as_mut() else {
+                return Ok(());
+            };
+            open.disk_frames += 1;
+            for (offset, data) in writes {
+                open.disk_bytes += data.len() as u64;
+                if open.disk_bytes > MAX_EPOCH_DISK_BYTES {
+                    return Err(StagingError::TooLarge {
+                        epoch,
+                        what: "disk writes (bytes)",
+                        got: open.disk_bytes,
+                        max: MAX_EPOCH_DISK_BYTES,
+                    });
+                }
+                open.digest
+                    .add_disk_write(disk, s.writes.len() as u64, offset, &data);
+                s.writes.push(StagedWrite { disk, offset, data });
+            }
+            Ok(())
+        })
+    }
+
     /// Opens `epoch`, which must be the next one.
     pub fn begin(
         &mut self,
@@ -509,6 +678,8 @@ impl Staging {
                 page_count,
                 state_len,
                 frames: 0,
+                disk_frames: 0,
+                disk_bytes: 0,
                 state: None,
                 digest: Digest::new(),
             });
@@ -609,11 +780,15 @@ impl Staging {
         &mut self,
         mem: &M,
         epoch: u64,
-        page_count: u64,
-        frame_count: u32,
-        state_len: u64,
+        counts: Counts,
         digest: u64,
     ) -> Result<u64, StagingError> {
+        let Counts {
+            pages: page_count,
+            frames: frame_count,
+            disk_frames,
+            state_len,
+        } = counts;
         self.or_abort(|s| {
             s.check_open(MessageKind::EpochCommit, epoch)?;
             let Some(open) = s.open.take() else {
@@ -640,6 +815,13 @@ impl Staging {
                     open.frames.to_string(),
                 ));
             }
+            if disk_frames != open.disk_frames {
+                return Err(mismatch(
+                    "DiskWrites frame count",
+                    disk_frames.to_string(),
+                    open.disk_frames.to_string(),
+                ));
+            }
             let Some(state) = open.state else {
                 return Err(mismatch(
                     "state",
@@ -662,7 +844,16 @@ impl Staging {
                     got,
                 });
             }
-            // Verified: apply in one step. Every address was checked when staged.
+            // Verified: the disks first (their journal makes them all-or-nothing), then
+            // memory in one step. Every address was checked when staged.
+            if !s.writes.is_empty() {
+                let writes = std::mem::take(&mut s.writes);
+                let r = match s.disks.as_mut() {
+                    Some(sink) => sink.commit(epoch, &writes).map_err(StagingError::Disk),
+                    None => Err(StagingError::Unexpected(MessageKind::DiskWrites)),
+                };
+                r?;
+            }
             let (pfns, data, zero) = (
                 std::mem::take(&mut s.pfns),
                 std::mem::take(&mut s.data),
@@ -693,6 +884,19 @@ impl Staging {
             Ok(epoch)
         })
     }
+}
+
+/// What `EpochCommit` says was sent in its epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Counts {
+    /// Pages.
+    pub pages: u64,
+    /// `Pages` frames.
+    pub frames: u32,
+    /// `DiskWrites` frames.
+    pub disk_frames: u32,
+    /// Length of the state blob.
+    pub state_len: u64,
 }
 
 /// Whether the known-zero bits (a clear bit: the page holds only zeros) say page `pfn`
@@ -781,6 +985,7 @@ mod tests {
             epoch,
             page_count: pages.len() as u64,
             frame_count,
+            disk_frames: 0,
             state_len: state.len() as u64,
             digest: d.finish(state).0,
         });
@@ -1111,5 +1316,126 @@ mod tests {
             s.handle(&mem, Message::HelloOk),
             Err(StagingError::Unexpected(MessageKind::HelloOk))
         ));
+    }
+
+    /// An image in memory; `fail` makes the next commit fail.
+    #[derive(Clone, Default)]
+    struct MemDisk {
+        image: std::sync::Arc<std::sync::Mutex<(Vec<u8>, Vec<u64>, bool)>>,
+    }
+
+    impl DiskSink for MemDisk {
+        fn sync(&mut self, _disk: u32, offset: u64, data: &[u8]) -> Result<(), String> {
+            let mut g = self.image.lock().unwrap();
+            g.0[offset as usize..offset as usize + data.len()].copy_from_slice(data);
+            Ok(())
+        }
+        fn commit(&mut self, epoch: u64, writes: &[StagedWrite]) -> Result<(), String> {
+            let mut g = self.image.lock().unwrap();
+            if g.2 {
+                return Err(format!("no space: the image holds epoch {}", epoch - 1));
+            }
+            for w in writes {
+                g.0[w.offset as usize..w.offset as usize + w.data.len()].copy_from_slice(&w.data);
+            }
+            g.1.push(epoch);
+            Ok(())
+        }
+    }
+
+    /// `epoch(...)` with disk writes on disk 0 before the state.
+    fn epoch_with_writes(e: u64, writes: Vec<(u64, Bytes)>, cache: &DeltaCache) -> Vec<Message> {
+        // Whole pages: several attempts at one epoch must not encode deltas against each
+        // other (the backup holds none of them).
+        cache.clear();
+        let mut msgs = epoch(e, &[(1, page(e as u8))], b"st", cache);
+        let mut d = Digest::new();
+        d.add_page(PAGE_SIZE as u64, &page(e as u8));
+        let frames = crate::disk::write_messages(e, &[writes], &mut d);
+        let n = frames.len() as u32;
+        let at = msgs.len() - 2;
+        msgs.splice(at..at, frames);
+        if let Some(Message::EpochCommit {
+            disk_frames,
+            digest,
+            ..
+        }) = msgs.last_mut()
+        {
+            *disk_frames = n;
+            *digest = d.finish(b"st").0;
+        }
+        msgs
+    }
+
+    #[test]
+    fn disk_writes_reach_the_image_only_with_a_verified_epoch() {
+        let (s, mem, cache) = committed_once();
+        let disk = MemDisk::default();
+        disk.image.lock().unwrap().0 = vec![0; 8192];
+        let mut s = Staging {
+            committed_epoch: 0,
+            ..s
+        }
+        .with_disks(vec![8192], Box::new(disk.clone()));
+        // Initial sync data goes straight in before the first commit.
+        s.handle(
+            &mem,
+            Message::DiskSync {
+                disk: 0,
+                offset: 0,
+                bytes_done: 512,
+                bytes_total: 512,
+                data: Bytes::from(vec![9u8; 512]),
+            },
+        )
+        .unwrap();
+        assert_eq!(disk.image.lock().unwrap().0[..512], [9u8; 512]);
+        let w = |o: u64, b: u8| (o, Bytes::from(vec![b; 512]));
+        feed(
+            &mut s,
+            &mem,
+            epoch_with_writes(1, vec![w(0, 1), w(0, 2), w(4096, 3)], &cache),
+        )
+        .unwrap();
+        {
+            let g = disk.image.lock().unwrap();
+            assert_eq!(
+                (g.0[0], g.0[4096], g.1.clone()),
+                (2, 3, vec![1]),
+                "in order, once"
+            );
+        }
+        // A damaged write: the digest refuses the epoch, the image is untouched.
+        let mut bad = epoch_with_writes(2, vec![w(512, 7)], &cache);
+        for m in bad.iter_mut() {
+            if let Message::DiskWrites { writes, .. } = m {
+                writes[0].0 = 1024;
+            }
+        }
+        let e = feed(&mut s, &mem, bad).unwrap_err();
+        assert!(matches!(e, StagingError::Digest { .. }), "{e}");
+        assert_eq!(disk.image.lock().unwrap().0[1024], 0);
+        // Outside the disk, a missing frame, sync after the first commit: refused.
+        let e = feed(&mut s, &mem, epoch_with_writes(2, vec![w(8192, 1)], &cache)).unwrap_err();
+        assert!(e.to_string().contains("outside disk 0 (8192 bytes)"), "{e}");
+        let mut missing = epoch_with_writes(2, vec![w(512, 1)], &cache);
+        missing.retain(|m| !matches!(m, Message::DiskWrites { .. }));
+        let e = feed(&mut s, &mem, missing).unwrap_err();
+        assert!(e.to_string().contains("DiskWrites frame count"), "{e}");
+        let e = s.disk_sync(0, 0, &[1; 512]).unwrap_err();
+        assert!(matches!(e, StagingError::SyncRefused(_)), "{e}");
+        // The sink fails: the epoch is refused, fatally, and memory stays at epoch 1.
+        let before = read(&mem, 1);
+        disk.image.lock().unwrap().2 = true;
+        let e = feed(&mut s, &mem, epoch_with_writes(2, vec![w(512, 1)], &cache)).unwrap_err();
+        assert!(
+            e.is_fatal() && e.to_string().contains("holds epoch 1"),
+            "{e}"
+        );
+        assert_eq!(read(&mem, 1), before);
+        assert_eq!(s.committed_epoch(), 1);
+        disk.image.lock().unwrap().2 = false;
+        feed(&mut s, &mem, epoch_with_writes(2, vec![w(512, 5)], &cache)).unwrap();
+        assert_eq!(disk.image.lock().unwrap().0[512], 5);
     }
 }

@@ -46,7 +46,8 @@ fn backup(listener: TcpListener) -> (u64, String, String) {
                 primary,
                 local,
             } => return (epoch, primary.to_string(), local.to_string()),
-            Step::Continue | Step::Sync { .. } | Step::Heartbeat { .. } => {}
+            Step::Continue | Step::Sync { .. } | Step::DiskSync { .. } | Step::Heartbeat { .. } => {
+            }
         }
     }
 }
@@ -114,7 +115,7 @@ fn backup_ends_with_exactly_the_primary_state() {
         assert!(window.wait_for_room(staged.len() as u64, WAIT));
         window.lock().sent(epoch, staged.len() as u64).unwrap();
         let staged = StagedPages::new(&pfns, &staged).unwrap();
-        let summary = send_epoch(&mut tx, &encoder, epoch, &staged, &state).unwrap();
+        let summary = send_epoch(&mut tx, &encoder, epoch, &staged, &[], &state).unwrap();
         assert_eq!(summary.pages, pfns.len() as u64);
         deltas += summary.by_encoding[3] + summary.by_encoding[4];
     }

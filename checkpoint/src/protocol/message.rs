@@ -3,8 +3,9 @@
 use bytes::{BufMut, Bytes, BytesMut};
 
 use super::{
-    frame_crc, seal_frame, FrameHeader, MessageKind, PageBatch, ProtocolError, Reader, HEADER_LEN,
-    MAGIC, MAX_PAYLOAD_LEN, MAX_REASON_LEN, MAX_REGIONS, PROTOCOL_VERSION,
+    frame_crc, seal_frame, FrameHeader, MessageKind, PageBatch, ProtocolError, Reader, DISK_CHUNK,
+    DISK_SECTOR, DISK_SUM_LEN, HEADER_LEN, MAGIC, MAX_DISKS, MAX_PAYLOAD_LEN, MAX_REASON_LEN,
+    MAX_REGIONS, PROTOCOL_VERSION,
 };
 use crate::PAGE_SIZE;
 
@@ -15,6 +16,16 @@ pub struct MemoryRegion {
     pub gpa: u64,
     /// Length in bytes.
     pub len: u64,
+}
+
+/// A disk of the guest, as `Hello` describes it: both sides must have the same disks, in
+/// the same order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiskInfo {
+    /// The image's size in bytes.
+    pub size: u64,
+    /// The guest may only read it.
+    pub readonly: bool,
 }
 
 /// The primary's introduction; the backup compares it with its own configuration.
@@ -32,6 +43,8 @@ pub struct Hello {
     pub flags: u64,
     /// Guest RAM layout.
     pub regions: Vec<MemoryRegion>,
+    /// The guest's disks (`--disk`), in order.
+    pub disks: Vec<DiskInfo>,
 }
 
 impl Hello {
@@ -44,7 +57,14 @@ impl Hello {
             guest_id,
             flags: 0,
             regions,
+            disks: Vec::new(),
         }
+    }
+
+    /// The same, with the guest's disks.
+    pub fn with_disks(mut self, disks: Vec<DiskInfo>) -> Self {
+        self.disks = disks;
+        self
     }
 
     /// Every difference between `self` (the local configuration) and `peer`, one phrase
@@ -93,6 +113,20 @@ impl Hello {
             layout(&self.regions),
             layout(&peer.regions),
         );
+        diff(
+            "number of disks (--disk)",
+            self.disks.len().to_string(),
+            peer.disks.len().to_string(),
+        );
+        for (i, (l, p)) in self.disks.iter().zip(&peer.disks).enumerate() {
+            diff(
+                &format!("disk {i} image size (bytes)"),
+                l.size.to_string(),
+                p.size.to_string(),
+            );
+            let mode = |d: &DiskInfo| if d.readonly { "readonly" } else { "read-write" };
+            diff(&format!("disk {i} mode"), mode(l).into(), mode(p).into());
+        }
         d
     }
 }
@@ -149,6 +183,8 @@ pub enum Message {
         page_count: u64,
         /// `Pages` frames sent in the epoch.
         frame_count: u32,
+        /// `DiskWrites` frames sent in the epoch.
+        disk_frames: u32,
         /// Length of the state blob.
         state_len: u64,
         /// [`Digest`](crate::digest::Digest) of the epoch's pages and state.
@@ -192,7 +228,44 @@ pub enum Message {
         /// The backup's last committed epoch.
         epoch: u64,
     },
+    /// The backup's sums of chunks `first..first + sums.len()` of its image of `disk`
+    /// (initial sync; see [`DISK_CHUNK`]).
+    DiskSums {
+        /// The disk (index in `Hello`).
+        disk: u32,
+        /// Index of the first chunk.
+        first: u64,
+        /// One sum per chunk.
+        sums: Vec<[u8; DISK_SUM_LEN]>,
+    },
+    /// Bytes of `disk` at `offset` that the backup's image lacks (initial sync).
+    DiskSync {
+        /// The disk.
+        disk: u32,
+        /// Byte offset in the image.
+        offset: u64,
+        /// Bytes of this disk's sync sent so far, this frame included.
+        bytes_done: u64,
+        /// Bytes this disk's sync sends.
+        bytes_total: u64,
+        /// The bytes (at most one chunk).
+        data: Bytes,
+    },
+    /// Writes the guest completed on `disk` during `epoch`, in completion order.
+    DiskWrites {
+        /// The epoch.
+        epoch: u64,
+        /// The disk.
+        disk: u32,
+        /// `(byte offset, data)`, whole sectors.
+        writes: Vec<(u64, Bytes)>,
+    },
 }
+
+/// Bytes of a `DiskWrites` payload before the entries, and of each entry before the data.
+pub const DISK_WRITES_HEADER_LEN: usize = 8;
+/// See [`DISK_WRITES_HEADER_LEN`].
+pub const DISK_WRITE_ENTRY_LEN: usize = 12;
 
 impl Message {
     /// The kind of the message.
@@ -212,6 +285,9 @@ impl Message {
             Message::End { .. } => MessageKind::End,
             Message::Handover { .. } => MessageKind::Handover,
             Message::Leave { .. } => MessageKind::Leave,
+            Message::DiskSums { .. } => MessageKind::DiskSums,
+            Message::DiskSync { .. } => MessageKind::DiskSync,
+            Message::DiskWrites { .. } => MessageKind::DiskWrites,
         }
     }
 
@@ -221,7 +297,9 @@ impl Message {
             Message::Hello(_)
             | Message::HelloOk
             | Message::Refuse { .. }
-            | Message::SyncPages { .. } => 0,
+            | Message::SyncPages { .. }
+            | Message::DiskSums { .. }
+            | Message::DiskSync { .. } => 0,
             Message::EpochBegin { epoch, .. }
             | Message::Pages { epoch, .. }
             | Message::State { epoch, .. }
@@ -231,7 +309,8 @@ impl Message {
             | Message::Heartbeat { epoch }
             | Message::End { epoch, .. }
             | Message::Handover { epoch, .. }
-            | Message::Leave { epoch } => *epoch,
+            | Message::Leave { epoch }
+            | Message::DiskWrites { epoch, .. } => *epoch,
         }
     }
 
@@ -259,8 +338,15 @@ impl Message {
                         h.regions.len()
                     )));
                 }
+                if h.disks.len() > MAX_DISKS {
+                    out.truncate(start);
+                    return Err(too_large(format!(
+                        "{} disks, at most {MAX_DISKS}",
+                        h.disks.len()
+                    )));
+                }
                 out.put_u16_le(h.version);
-                out.put_u16_le(0);
+                out.put_u16_le(h.disks.len() as u16);
                 out.put_u32_le(h.page_size);
                 out.put_u32_le(h.vcpu_count);
                 out.put_u32_le(h.regions.len() as u32);
@@ -269,6 +355,10 @@ impl Message {
                 for r in &h.regions {
                     out.put_u64_le(r.gpa);
                     out.put_u64_le(r.len);
+                }
+                for d in &h.disks {
+                    out.put_u64_le(d.size);
+                    out.put_u64_le(u64::from(d.readonly));
                 }
             }
             Message::HelloOk
@@ -311,17 +401,51 @@ impl Message {
             Message::EpochCommit {
                 page_count,
                 frame_count,
+                disk_frames,
                 state_len,
                 digest,
                 ..
             } => {
                 out.put_u64_le(*page_count);
                 out.put_u32_le(*frame_count);
-                out.put_u32_le(0);
+                out.put_u32_le(*disk_frames);
                 out.put_u64_le(*state_len);
                 out.put_u64_le(*digest);
             }
             Message::End { digest, .. } => out.put_u64_le(*digest),
+            Message::DiskSums { disk, first, sums } => {
+                out.put_u32_le(*disk);
+                out.put_u32_le(sums.len() as u32);
+                out.put_u64_le(*first);
+                for sum in sums {
+                    out.extend_from_slice(sum);
+                }
+            }
+            Message::DiskSync {
+                disk,
+                offset,
+                bytes_done,
+                bytes_total,
+                data,
+            } => {
+                out.put_u32_le(*disk);
+                out.put_u32_le(0);
+                out.put_u64_le(*offset);
+                out.put_u64_le(*bytes_done);
+                out.put_u64_le(*bytes_total);
+                out.extend_from_slice(data);
+            }
+            Message::DiskWrites { disk, writes, .. } => {
+                out.put_u32_le(*disk);
+                out.put_u32_le(writes.len() as u32);
+                for (offset, data) in writes {
+                    out.put_u64_le(*offset);
+                    out.put_u32_le(data.len() as u32);
+                }
+                for (_, data) in writes {
+                    out.extend_from_slice(data);
+                }
+            }
         }
         if out.len() - start - HEADER_LEN > MAX_PAYLOAD_LEN {
             let len = out.len() - start - HEADER_LEN;
@@ -411,6 +535,8 @@ pub fn decode_frame(header: &FrameHeader, payload: Bytes) -> Result<Message, Pro
                 | MessageKind::HelloOk
                 | MessageKind::Refuse
                 | MessageKind::SyncPages
+                | MessageKind::DiskSums
+                | MessageKind::DiskSync
         )
     {
         return Err(malformed(format!(
@@ -444,7 +570,7 @@ pub fn decode_frame(header: &FrameHeader, payload: Bytes) -> Result<Message, Pro
                 )));
             }
             let version = r.u16_or_zero();
-            reserved(r.u16_or_zero().into())?;
+            let d = r.u16_or_zero() as usize;
             let page_size = r.u32_or_zero();
             let vcpu_count = r.u32_or_zero();
             let n = r.u32_or_zero() as usize;
@@ -455,13 +581,26 @@ pub fn decode_frame(header: &FrameHeader, payload: Bytes) -> Result<Message, Pro
                     "{n} memory regions, at most {MAX_REGIONS}"
                 )));
             }
-            fixed(FIXED + 16 * n)?;
+            if d > MAX_DISKS {
+                return Err(malformed(format!("{d} disks, at most {MAX_DISKS}")));
+            }
+            fixed(FIXED + 16 * n + 16 * d)?;
             let regions = (0..n)
                 .map(|_| MemoryRegion {
                     gpa: r.u64_or_zero(),
                     len: r.u64_or_zero(),
                 })
                 .collect();
+            let mut disks = Vec::with_capacity(d);
+            for i in 0..d {
+                let size = r.u64_or_zero();
+                let readonly = match r.u64_or_zero() {
+                    0 => false,
+                    1 => true,
+                    f => return Err(malformed(format!("disk {i} has unknown flags {f:#x}"))),
+                };
+                disks.push(DiskInfo { size, readonly });
+            }
             Message::Hello(Hello {
                 version,
                 page_size,
@@ -469,6 +608,7 @@ pub fn decode_frame(header: &FrameHeader, payload: Bytes) -> Result<Message, Pro
                 guest_id,
                 flags,
                 regions,
+                disks,
             })
         }
         MessageKind::HelloOk => {
@@ -510,11 +650,12 @@ pub fn decode_frame(header: &FrameHeader, payload: Bytes) -> Result<Message, Pro
             fixed(32)?;
             let page_count = r.u64_or_zero();
             let frame_count = r.u32_or_zero();
-            reserved(r.u32_or_zero().into())?;
+            let disk_frames = r.u32_or_zero();
             Message::EpochCommit {
                 epoch,
                 page_count,
                 frame_count,
+                disk_frames,
                 state_len: r.u64_or_zero(),
                 digest: r.u64_or_zero(),
             }
@@ -545,6 +686,107 @@ pub fn decode_frame(header: &FrameHeader, payload: Bytes) -> Result<Message, Pro
         MessageKind::Leave => {
             fixed(0)?;
             Message::Leave { epoch }
+        }
+        MessageKind::DiskSums => {
+            if payload.len() < 16 {
+                return Err(malformed("payload shorter than its fixed fields".into()));
+            }
+            let disk = r.u32_or_zero();
+            let count = r.u32_or_zero() as usize;
+            let first = r.u64_or_zero();
+            if count == 0 {
+                return Err(malformed("no sums".into()));
+            }
+            fixed(16 + count.saturating_mul(DISK_SUM_LEN))?;
+            if first.checked_add(count as u64).is_none() {
+                return Err(malformed(format!("chunks {first}+{count} overflow")));
+            }
+            let sums = payload[16..]
+                .chunks_exact(DISK_SUM_LEN)
+                .map(|c| c.try_into().unwrap_or([0; DISK_SUM_LEN]))
+                .collect();
+            Message::DiskSums { disk, first, sums }
+        }
+        MessageKind::DiskSync => {
+            const FIXED: usize = 32;
+            if payload.len() < FIXED {
+                return Err(malformed("payload shorter than its fixed fields".into()));
+            }
+            let disk = r.u32_or_zero();
+            reserved(r.u32_or_zero().into())?;
+            let offset = r.u64_or_zero();
+            let bytes_done = r.u64_or_zero();
+            let bytes_total = r.u64_or_zero();
+            let data = payload.slice(FIXED..);
+            if data.is_empty() || data.len() as u64 > DISK_CHUNK {
+                return Err(malformed(format!(
+                    "{} bytes of data, 1 to {DISK_CHUNK} expected",
+                    data.len()
+                )));
+            }
+            if offset % DISK_CHUNK != 0 || offset.checked_add(data.len() as u64).is_none() {
+                return Err(malformed(format!(
+                    "offset {offset} is not at a chunk boundary"
+                )));
+            }
+            if bytes_done > bytes_total {
+                return Err(malformed(format!(
+                    "{bytes_done} bytes done of {bytes_total}"
+                )));
+            }
+            Message::DiskSync {
+                disk,
+                offset,
+                bytes_done,
+                bytes_total,
+                data,
+            }
+        }
+        MessageKind::DiskWrites => {
+            if payload.len() < DISK_WRITES_HEADER_LEN {
+                return Err(malformed("payload shorter than its fixed fields".into()));
+            }
+            let disk = r.u32_or_zero();
+            let count = r.u32_or_zero() as usize;
+            if count == 0 {
+                return Err(malformed("no writes".into()));
+            }
+            let table = count.saturating_mul(DISK_WRITE_ENTRY_LEN);
+            if payload.len() - DISK_WRITES_HEADER_LEN < table {
+                return Err(malformed(format!("{count} writes do not fit the payload")));
+            }
+            let mut at = DISK_WRITES_HEADER_LEN + table;
+            let mut writes = Vec::with_capacity(count);
+            for i in 0..count {
+                let offset = r.u64_or_zero();
+                let len = r.u32_or_zero() as usize;
+                if len == 0
+                    || offset % DISK_SECTOR != 0
+                    || len as u64 % DISK_SECTOR != 0
+                    || offset.checked_add(len as u64).is_none()
+                {
+                    return Err(malformed(format!(
+                        "write {i}: {len} bytes at offset {offset}: not whole {DISK_SECTOR}-byte sectors"
+                    )));
+                }
+                let end = at
+                    .checked_add(len)
+                    .filter(|&e| e <= payload.len())
+                    .ok_or_else(|| malformed(format!("write {i}: data past the payload")))?;
+                writes.push((offset, payload.slice(at..end)));
+                at = end;
+            }
+            if at != payload.len() {
+                return Err(malformed(format!(
+                    "{} bytes after the last write",
+                    payload.len() - at
+                )));
+            }
+            Message::DiskWrites {
+                epoch,
+                disk,
+                writes,
+            }
         }
     };
     Ok(msg)

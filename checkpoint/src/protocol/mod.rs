@@ -2,17 +2,22 @@
 //!
 //! ```text
 //!  primary                                                  backup
-//!     |-- Hello {version, page size, RAM layout, vCPUs, id} -->|
+//!     |-- Hello {version, page size, RAM layout, vCPUs, id,  -->|
+//!     |          disks (size, read-only)}                       |
 //!     |<-- HelloOk  | Refuse {reason}  (both sides then exit) --|
-//!     |                                                         |
+//!     |<-- DiskSums {disk, first chunk, SHA-256/128 each} x N --|  the backup's images
+//!     |-- DiskSync {disk, offset, bytes done/total, data} x N ->|  chunks that differ,
+//!     |                                                         |  written straight to
+//!     |                                                         |  the backup's image
 //!     |-- SyncPages {bytes done/total, pages} x N ------------->|  pre-copy while the
 //!     |                                                         |  guest runs: written
 //!     |   pause, harvest dirty set, copy pages, capture state,  |  straight to RAM (no
 //!     |   resume; encode on workers                             |  epoch committed yet)
 //!     |-- EpochBegin {E, page count, state length} ------------>|  open staging for E
 //!     |-- Pages {E, (pfn, encoding, payload)...} x M ---------->|  decode into staging
+//!     |-- DiskWrites {E, disk, (offset, data)...} x D --------->|  the epoch's disk writes
 //!     |-- State {E, vCPU + device blob} ----------------------->|
-//!     |-- EpochCommit {E, pages, frames, digest} -------------->|  verify all, apply
+//!     |-- EpochCommit {E, pages, frames, disk frames, digest} ->|  verify all, apply
 //!     |<-- Ack {E}  | Nack {E, reason} -------------------------|  whole or not at all
 //!     |   output commit: packets of E leave the primary         |
 //!     |<-- Heartbeat {last epoch} ----------------------------->|  both ways after 100 ms
@@ -48,20 +53,29 @@
 //!
 //! | kind | header epoch | payload |
 //! | --- | --- | --- |
-//! | Hello | 0 | version u16, 0 u16, page size u32, vCPUs u32, n u32, guest id u64, flags u64, n x (gpa u64, len u64) |
+//! | Hello | 0 | version u16, d u16, page size u32, vCPUs u32, n u32, guest id u64, flags u64, n x (gpa u64, len u64), d x (size u64, flags u64: bit 0 read-only) |
 //! | HelloOk | 0 | none |
 //! | Refuse | 0 | reason, UTF-8 |
 //! | SyncPages | 0 | bytes done u64, bytes total u64, page batch |
 //! | EpochBegin | E | page count u64, state length u64 |
 //! | Pages | E | page batch |
 //! | State | E | the blob |
-//! | EpochCommit | E | page count u64, frame count u32, 0 u32, state length u64, digest u64 |
+//! | EpochCommit | E | page count u64, frame count u32, disk frame count u32, state length u64, digest u64 |
 //! | Ack | E | none |
 //! | Nack | E | reason, UTF-8 |
 //! | Heartbeat | last epoch | none |
 //! | End | E | digest u64 |
 //! | Handover | E | primary: the old primary's backup listener, UTF-8 `host:port`, or empty; backup: empty (taken) |
 //! | Leave | committed epoch | none (backup to primary: it stops in order and drops its replica) |
+//! | DiskSums | 0 | disk u32, count u32, first chunk u64, count x 16-byte sum (backup to primary) |
+//! | DiskSync | 0 | disk u32, 0 u32, offset u64, bytes done u64, bytes total u64, data |
+//! | DiskWrites | E | disk u32, count u32, count x (offset u64, length u32), the data of each in order |
+//!
+//! Disks: the initial sync compares images in [`DISK_CHUNK`]-byte chunks (the last one may
+//! be shorter); a chunk's sum is the first 16 bytes of its SHA-256, so equal sums mean
+//! equal chunks (a collision would need 2^64 work). Offsets and lengths in `DiskWrites` are
+//! multiples of 512 and lie inside the disk; `DiskSync` data is at most one chunk and lies
+//! inside the image. `EpochCommit`'s digest covers the epoch's disk writes, in order.
 //!
 //! Every 0 in this table is checked: a frame with anything else there is malformed, so a
 //! message has exactly one encoding.
@@ -77,12 +91,16 @@ use thiserror::Error;
 use crate::codec::CodecError;
 
 pub use batch::{PageBatch, PageEntry, PageIter, PagesFrameBuilder};
-pub use message::{decode_frame, Hello, MemoryRegion, Message};
+pub use message::{
+    decode_frame, DiskInfo, Hello, MemoryRegion, Message, DISK_WRITES_HEADER_LEN,
+    DISK_WRITE_ENTRY_LEN,
+};
 
 /// Frame magic, `"LKSP"` on the wire.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"LKSP");
-/// Protocol version spoken by this build.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// Protocol version spoken by this build (2: disks in `Hello`, `DiskSums`, `DiskSync`,
+/// `DiskWrites`, and `EpochCommit`'s disk frame count).
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Length of the frame header.
 pub const HEADER_LEN: usize = 24;
 /// Largest payload accepted (bounds the receive buffer).
@@ -91,6 +109,15 @@ pub const MAX_PAYLOAD_LEN: usize = 16 << 20;
 pub const MAX_REASON_LEN: usize = 4096;
 /// Largest number of memory regions in `Hello`.
 pub const MAX_REGIONS: usize = 256;
+/// Largest number of disks in `Hello`.
+pub const MAX_DISKS: usize = 16;
+/// The unit of the disks' initial sync: images are compared and sent in chunks of this
+/// many bytes (1 MiB).
+pub const DISK_CHUNK: u64 = 1 << 20;
+/// Bytes of a disk chunk's sum.
+pub const DISK_SUM_LEN: usize = 16;
+/// Disk writes are whole 512-byte sectors (virtio-blk's sector).
+pub const DISK_SECTOR: u64 = 512;
 /// Bytes of a page-batch entry before its payload.
 pub const ENTRY_HEADER_LEN: usize = 11;
 /// Offset of the `crc` field in the header.
@@ -227,10 +254,16 @@ pub enum MessageKind {
     Handover = 13,
     /// The backup stops in order and drops its replica: it will never promote.
     Leave = 14,
+    /// The backup's sums of its disk images' chunks (initial sync).
+    DiskSums = 15,
+    /// A chunk of a disk image the backup lacks (initial sync).
+    DiskSync = 16,
+    /// An epoch's disk writes.
+    DiskWrites = 17,
 }
 
 impl MessageKind {
-    const ALL: [MessageKind; 14] = [
+    const ALL: [MessageKind; 17] = [
         MessageKind::Hello,
         MessageKind::HelloOk,
         MessageKind::Refuse,
@@ -245,6 +278,9 @@ impl MessageKind {
         MessageKind::End,
         MessageKind::Handover,
         MessageKind::Leave,
+        MessageKind::DiskSums,
+        MessageKind::DiskSync,
+        MessageKind::DiskWrites,
     ];
 
     /// Parses the kind byte.
@@ -482,6 +518,7 @@ mod tests {
                 epoch: 7,
                 page_count: 3,
                 frame_count: 1,
+                disk_frames: 0,
                 state_len: 5,
                 digest: 0xdead_beef_cafe_f00d,
             },
@@ -576,7 +613,10 @@ mod tests {
         assert!(matches!(corrupt(0, b'X'), ProtocolError::BadMagic { .. }));
         assert_eq!(
             corrupt(4, 9).to_string(),
-            "protocol version mismatch: the peer speaks version 9, this build speaks version 1"
+            format!(
+                "protocol version mismatch: the peer speaks version 9, this build speaks version \
+                 {PROTOCOL_VERSION}"
+            )
         );
         assert!(matches!(
             corrupt(6, 200),
