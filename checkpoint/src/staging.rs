@@ -1318,10 +1318,12 @@ mod tests {
         ));
     }
 
-    /// An image in memory; `fail` makes the next commit fail.
+    /// An image in memory, the epochs committed to it, and whether commits fail.
+    type MemImage = (Vec<u8>, Vec<u64>, bool);
+
     #[derive(Clone, Default)]
     struct MemDisk {
-        image: std::sync::Arc<std::sync::Mutex<(Vec<u8>, Vec<u64>, bool)>>,
+        image: std::sync::Arc<std::sync::Mutex<MemImage>>,
     }
 
     impl DiskSink for MemDisk {

@@ -228,7 +228,10 @@ fn sample_messages() -> Vec<Message> {
             epoch: 7,
             new_backup: String::new(),
         },
-        Message::Leave { epoch: 7 },
+        Message::Leave {
+            epoch: 7,
+            reason: "disk full".into(),
+        },
         Message::DiskSums {
             disk: 1,
             first: 64,

@@ -647,18 +647,6 @@ fn disk_options(d: &DeviceArgs) -> Result<Vec<DiskConfig>, CliError> {
         .collect()
 }
 
-/// `--disk` where disks cannot be protected yet (`primary`, `backup`): refused, rather
-/// than replicating the guest's memory without its disk.
-fn refuse_disks(d: &DeviceArgs, command: &str) -> Result<(), CliError> {
-    if d.disk.is_empty() {
-        return Ok(());
-    }
-    Err(usage(format!(
-        "{command} --disk: disk replication is not implemented yet; a guest with a disk runs \
-         unprotected only (lockstep run)"
-    )))
-}
-
 fn dirty_ring_option(ring: Option<u32>) -> Result<Option<u32>, CliError> {
     match ring {
         Some(n) if !n.is_power_of_two() || !(64..=(1 << 20)).contains(&n) => Err(usage(format!(
@@ -793,6 +781,7 @@ fn cmd_run(a: RunArgs) -> Result<ExitCode, CliError> {
     let node = Node {
         console: g.machine.console.clone(),
         net: g.machine.net.clone(),
+        disks: g.machine.disks.clone(),
         fence,
         fence_delay: DEFAULT_FENCE_DELAY,
         primary: template,
@@ -940,6 +929,7 @@ fn cmd_restore(a: RestoreArgs) -> Result<ExitCode, CliError> {
     let node = Node {
         console,
         net,
+        disks,
         fence: None,
         fence_delay: DEFAULT_FENCE_DELAY,
         primary: PrimaryOptions::new(String::new(), DEFAULT_NAME.to_string()),
@@ -951,7 +941,6 @@ fn cmd_restore(a: RestoreArgs) -> Result<ExitCode, CliError> {
 fn cmd_primary(a: PrimaryArgs) -> Result<ExitCode, CliError> {
     log::init("primary");
     a.process.open_events()?;
-    refuse_disks(&a.guest.devices, "primary")?;
     let g = boot_config(&a.guest, a.dirty_ring)?;
     let peer = a
         .peer
@@ -977,6 +966,7 @@ fn cmd_primary(a: PrimaryArgs) -> Result<ExitCode, CliError> {
     let node = Node {
         console: g.machine.console.clone(),
         net: g.machine.net.clone(),
+        disks: g.machine.disks.clone(),
         fence,
         fence_delay: DEFAULT_FENCE_DELAY,
         primary: PrimaryOptions {
@@ -1140,7 +1130,6 @@ fn vcpus_option(vcpus: Option<u32>) -> Result<Option<u32>, CliError> {
 fn cmd_backup(a: BackupArgs) -> Result<ExitCode, CliError> {
     log::init("backup");
     a.process.open_events()?;
-    refuse_disks(&a.devices, "backup")?;
     let listen = a
         .listen
         .ok_or_else(|| usage("--listen ADDR:PORT is required"))?;
@@ -1168,6 +1157,7 @@ fn cmd_backup(a: BackupArgs) -> Result<ExitCode, CliError> {
         name: name.clone(),
         run_after_end: a.run_after_end,
         net: net_option(&a.devices)?,
+        disks: disk_options(&a.devices)?,
         console: console_option(&a.devices),
         heartbeat_timeout: template.backup_timeout,
         withhold_acks: a.test_withhold_acks_ms.map(Duration::from_millis),
@@ -1190,6 +1180,7 @@ fn cmd_backup(a: BackupArgs) -> Result<ExitCode, CliError> {
     let node = Node {
         console: opts.console.clone(),
         net: opts.net.clone(),
+        disks: opts.disks.clone(),
         primary: template,
         fence,
         fence_delay,

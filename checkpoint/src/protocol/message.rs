@@ -227,6 +227,8 @@ pub enum Message {
     Leave {
         /// The backup's last committed epoch.
         epoch: u64,
+        /// Why, when it is not an operator's stop (its disk failed, say); may be empty.
+        reason: String,
     },
     /// The backup's sums of chunks `first..first + sums.len()` of its image of `disk`
     /// (initial sync; see [`DISK_CHUNK`]).
@@ -309,7 +311,7 @@ impl Message {
             | Message::Heartbeat { epoch }
             | Message::End { epoch, .. }
             | Message::Handover { epoch, .. }
-            | Message::Leave { epoch }
+            | Message::Leave { epoch, .. }
             | Message::DiskWrites { epoch, .. } => *epoch,
         }
     }
@@ -361,12 +363,10 @@ impl Message {
                     out.put_u64_le(u64::from(d.readonly));
                 }
             }
-            Message::HelloOk
-            | Message::Ack { .. }
-            | Message::Heartbeat { .. }
-            | Message::Leave { .. } => {}
+            Message::HelloOk | Message::Ack { .. } | Message::Heartbeat { .. } => {}
             Message::Refuse { reason }
             | Message::Nack { reason, .. }
+            | Message::Leave { reason, .. }
             | Message::Handover {
                 new_backup: reason, ..
             } => {
@@ -683,10 +683,10 @@ pub fn decode_frame(header: &FrameHeader, payload: Bytes) -> Result<Message, Pro
             epoch,
             new_backup: text(&payload)?,
         },
-        MessageKind::Leave => {
-            fixed(0)?;
-            Message::Leave { epoch }
-        }
+        MessageKind::Leave => Message::Leave {
+            epoch,
+            reason: text(&payload)?,
+        },
         MessageKind::DiskSums => {
             if payload.len() < 16 {
                 return Err(malformed("payload shorter than its fixed fields".into()));

@@ -66,7 +66,7 @@
 //! | Heartbeat | last epoch | none |
 //! | End | E | digest u64 |
 //! | Handover | E | primary: the old primary's backup listener, UTF-8 `host:port`, or empty; backup: empty (taken) |
-//! | Leave | committed epoch | none (backup to primary: it stops in order and drops its replica) |
+//! | Leave | committed epoch | why, UTF-8, empty for an operator's stop (backup to primary: it stops in order and drops its replica) |
 //! | DiskSums | 0 | disk u32, count u32, first chunk u64, count x 16-byte sum (backup to primary) |
 //! | DiskSync | 0 | disk u32, 0 u32, offset u64, bytes done u64, bytes total u64, data |
 //! | DiskWrites | E | disk u32, count u32, count x (offset u64, length u32), the data of each in order |
@@ -536,7 +536,10 @@ mod tests {
                 epoch: 7,
                 new_backup: "127.0.0.1:7602".into(),
             },
-            Message::Leave { epoch: 7 },
+            Message::Leave {
+                epoch: 7,
+                reason: String::new(),
+            },
         ]
     }
 

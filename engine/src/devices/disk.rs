@@ -17,10 +17,11 @@ use crossbeam_channel::{unbounded, Receiver, Sender};
 use rustix::fs::{flock, FlockOperation};
 use thiserror::Error;
 
-use super::lock;
 use super::virtio::block::{Block, BlockTransport, DiskWrite};
 use super::virtio::mmio::MmioTransport;
+use super::{journal, lock};
 use crate::boot::abi::{VirtioDeviceInfo, MMIO_DEVICE_SIZE, VIRTIO_ID_BLOCK};
+use crate::info;
 use crate::vstate::memory::GuestMemory;
 use crate::vstate::vcpu::Waker;
 
@@ -115,6 +116,30 @@ pub enum DiskError {
         /// The image.
         path: PathBuf,
     },
+    /// The image was left in the middle of an initial sync (its journal says so).
+    #[error("--disk {path}: the image was left in the middle of an initial sync from a primary and matches no epoch; give it to `lockstep backup --disk` again (its sync repairs it) or restore it from a copy")]
+    MidSync {
+        /// The image.
+        path: PathBuf,
+    },
+    /// The image's journal could not be read or replayed.
+    #[error("--disk {path}: {source}")]
+    Journal {
+        /// The image.
+        path: PathBuf,
+        /// What failed.
+        source: io::Error,
+    },
+    /// A backup could not reserve the image's blocks.
+    #[error("--disk {path}: cannot reserve the image's {size} bytes on its file system: {source}")]
+    Reserve {
+        /// The image.
+        path: PathBuf,
+        /// The image's size.
+        size: u64,
+        /// The error.
+        source: io::Error,
+    },
     /// Reading the image's metadata or taking its lock failed otherwise.
     #[error("--disk {path}: {source}")]
     Io {
@@ -138,8 +163,77 @@ pub struct Image {
 }
 
 impl Image {
-    /// Opens and locks the image `cfg` names, checking that it can serve as a disk.
+    /// Opens and locks the image `cfg` names, checking that it can serve as a disk. An
+    /// image a backup was applying an epoch to is completed first (its journal, see
+    /// [`journal`](super::journal)); one left in the middle of an initial sync is refused.
     pub fn open(cfg: &DiskConfig) -> Result<Image, DiskError> {
+        let image = Image::open_locked(cfg)?;
+        match image.recover(false)? {
+            journal::Recovered::Syncing => Err(DiskError::MidSync { path: image.path }),
+            r => {
+                if let Some(line) = r.describe(&image.path) {
+                    info!("{line}");
+                }
+                Ok(image)
+            }
+        }
+    }
+
+    /// Opens an image for a backup (`lockstep backup --disk`): read-write whatever the
+    /// guest's mode (the backup writes the primary's data into it), its journal completed
+    /// (a mid-sync mark cleared: the sync that follows repairs it), and every block
+    /// reserved on the file system, so that applying an epoch never meets a full disk
+    /// half-way (a full file system shows at start, or on the journal, before the image
+    /// is touched).
+    pub fn open_for_backup(cfg: &DiskConfig) -> Result<(Image, journal::Recovered), DiskError> {
+        let image = Image::open_locked(&DiskConfig {
+            path: cfg.path.clone(),
+            readonly: false,
+        })?;
+        let recovered = image.recover(true)?;
+        rustix::fs::fallocate(
+            &image.file,
+            rustix::fs::FallocateFlags::empty(),
+            0,
+            image.size,
+        )
+        .map_err(|e| DiskError::Reserve {
+            path: image.path.clone(),
+            size: image.size,
+            source: e.into(),
+        })?;
+        Ok((
+            Image {
+                readonly: cfg.readonly,
+                ..image
+            },
+            recovered,
+        ))
+    }
+
+    fn recover(&self, clear_syncing: bool) -> Result<journal::Recovered, DiskError> {
+        if self.readonly {
+            // A read-only open cannot complete a journal; one that exists means the image
+            // is not complete.
+            if journal::path_of(&self.path).exists() {
+                return Err(DiskError::Journal {
+                    path: self.path.clone(),
+                    source: io::Error::other(
+                        "the image has a journal to complete: open it read-write once first",
+                    ),
+                });
+            }
+            return Ok(journal::Recovered::Clean);
+        }
+        journal::recover(&self.path, &self.file, clear_syncing).map_err(|source| {
+            DiskError::Journal {
+                path: self.path.clone(),
+                source,
+            }
+        })
+    }
+
+    fn open_locked(cfg: &DiskConfig) -> Result<Image, DiskError> {
         let path = cfg.path.clone();
         let io_err = |source| DiskError::Io {
             path: path.clone(),
@@ -293,8 +387,27 @@ impl BlockDevice {
 
     /// Keeps every completed write as a [`DiskWrite`] from now on, for
     /// [`BlockDevice::take_writes`] (`false`: stops, and forgets what was kept).
-    pub fn record_writes(&self, on: bool) {
-        lock(&self.transport).device.record_writes(on);
+    pub fn record_writes(&self, on: bool) -> Vec<u64> {
+        lock(&self.transport).device.record_writes(on)
+    }
+
+    /// Keeps which chunks of `chunk` bytes are written from now on (see
+    /// [`BlockDevice::take_dirty_chunks`]), instead of the writes.
+    pub fn track_chunks(&self, chunk: u64) {
+        lock(&self.transport).device.track_chunks(chunk);
+    }
+
+    /// The chunks written since tracking began or the last call. Together with
+    /// [`BlockDevice::record_writes`], which returns the last of them as it switches to
+    /// keeping writes, no write is missed: each is either in a chunk taken after it
+    /// completed or kept as a write.
+    pub fn take_dirty_chunks(&self) -> Vec<u64> {
+        lock(&self.transport).device.take_dirty_chunks()
+    }
+
+    /// A second handle on the image file, for reads beside the I/O thread.
+    pub fn image_file(&self) -> std::io::Result<File> {
+        lock(&self.transport).device.image_file()
     }
 
     /// The writes completed since the last call, in completion order. Taken while the

@@ -2,6 +2,7 @@
 
 pub mod disk;
 pub mod egress;
+pub mod journal;
 pub mod serial;
 pub mod tap;
 pub mod virtio;

@@ -13,10 +13,12 @@ use rustix::event::{poll, PollFd, PollFlags, Timespec};
 use thiserror::Error;
 
 use super::control::{self, Request};
+use super::disks::BackupDisks;
 use super::fence::{fence_attempts, FenceConfig, FenceError};
 use super::metrics;
 use super::status::{self, GuestState, Protection, Role};
 use super::{guest_id, install_stop_handler, stop_requested};
+use crate::devices::disk::{DiskConfig, DiskError};
 use crate::devices::serial::Console;
 use crate::devices::NetConfig;
 use crate::machine::MachineError;
@@ -89,6 +91,12 @@ pub enum BackupError {
     /// The staging area (pages received but not committed) failed.
     #[error("digest: {0}")]
     Staging(#[from] checkpoint::staging::StagingError),
+    /// A disk image cannot be used.
+    #[error(transparent)]
+    Disk(#[from] DiskError),
+    /// The backup's disk failed: it left replication (the primary was told).
+    #[error("{0}; the backup left replication (the primary goes on without it)")]
+    DiskFailed(String),
 }
 
 /// Options of `lockstep backup`.
@@ -111,6 +119,9 @@ pub struct BackupOptions {
     pub console: Console,
     /// The network device the resumed guest gets (its state comes from the primary).
     pub net: Option<NetConfig>,
+    /// The images the backup keeps the guest's disks in (`--disk path=FILE`), in the
+    /// primary's order; the promoted guest runs on them.
+    pub disks: Vec<DiskConfig>,
     /// How long the primary may stay silent before it counts as lost.
     pub heartbeat_timeout: Duration,
     /// Test-only: after epoch 1 commits, send no ack for this long (then one cumulative
@@ -190,6 +201,8 @@ pub struct Committed {
     pub memory: GuestMemory,
     /// The machine state as of that epoch.
     pub state: MachineState,
+    /// The images holding the guest's disks as of that epoch, in order.
+    pub disks: Vec<DiskConfig>,
 }
 
 /// Runs `lockstep backup` until replication ends (see [`Outcome`]).
@@ -223,6 +236,9 @@ pub fn run_on(
         .map(|a| a.to_string())
         .unwrap_or_else(|_| opts.listen.clone());
     let link = opts.link.clone().ok_or(BackupError::NoLink)?;
+    // The images are opened (locked, journal completed, blocks reserved) before any
+    // primary is heard: a bad image is a start-up error.
+    let disks = BackupDisks::open(&opts.disks)?;
     match &link {
         LinkSecurity::Tls(id) => info!(
             "listening on {local} (TLS: only a primary with a certificate for pair '{}' from \
@@ -254,7 +270,8 @@ pub fn run_on(
             len: mem_size,
         }],
         guest_id(&opts.name),
-    );
+    )
+    .with_disks(disks.infos());
     let diffs = ours.differences(&hello, "backup", "primary");
     if !diffs.is_empty() {
         let reason = diffs.join("; ");
@@ -272,14 +289,20 @@ pub fn run_on(
         hello.vcpu_count
     );
 
+    send_disk_sums(&mut conn, &disks, opts.heartbeat_timeout)?;
+    let sizes = disks.infos().iter().map(|d| d.size).collect();
     // Fresh anonymous memory is all zeros: zero pages for it need not be written.
-    let mut staging = Staging::new(&memory, MAX_STATE_LEN).with_zeroed_memory(&memory);
+    let mut staging = Staging::new(&memory, MAX_STATE_LEN)
+        .with_zeroed_memory(&memory)
+        .with_disks(sizes, Box::new(disks));
     let result = replicate(&mut conn, &memory, &mut staging, &mut opts);
+    let disk_configs = opts.disks.clone();
     let committed = |staging: &Staging, memory: GuestMemory| -> Result<Committed, BackupError> {
         Ok(Committed {
             epoch: staging.committed_epoch(),
             memory,
             state: MachineState::from_blob(staging.committed_state())?,
+            disks: disk_configs.clone(),
         })
     };
     match result {
@@ -336,6 +359,7 @@ fn replicate(
             staging.abort();
             let _ = conn.send(&Message::Leave {
                 epoch: staging.committed_epoch(),
+                reason: String::new(),
             });
             return Err(BackupError::Stopped(staging.committed_epoch()));
         }
@@ -443,6 +467,21 @@ fn replicate(
         let kind = msg.kind();
         match staging.handle(memory, msg) {
             Ok(Step::Continue) | Ok(Step::Heartbeat { .. }) => {}
+            Ok(Step::DiskSync {
+                disk,
+                bytes_done,
+                bytes_total,
+            }) => {
+                if last_report.elapsed() >= Duration::from_millis(500) || bytes_done >= bytes_total
+                {
+                    last_report = Instant::now();
+                    info!(
+                        "disk {disk} initial sync: {} of {} MiB received",
+                        bytes_done >> 20,
+                        bytes_total >> 20
+                    );
+                }
+            }
             Ok(Step::Sync {
                 bytes_done,
                 bytes_total,
@@ -501,6 +540,17 @@ fn replicate(
                 }
                 return Ok(handover);
             }
+            Err(e) if e.is_fatal() => {
+                // The disks cannot follow: this replica can never be promoted. Leaving
+                // tells the primary so (it goes on per --on-backup-loss, without fencing).
+                staging.abort();
+                warn!("{e}: leaving replication");
+                let _ = conn.send(&Message::Leave {
+                    epoch: staging.committed_epoch(),
+                    reason: e.to_string(),
+                });
+                return Err(BackupError::DiskFailed(e.to_string()));
+            }
             Err(e) => {
                 rejected += 1;
                 let epoch = staging.committed_epoch() + 1;
@@ -517,6 +567,48 @@ fn replicate(
             }
         }
     }
+}
+
+/// Sends the primary the chunk sums of each disk image (the initial disk sync sends only
+/// the chunks that differ), with heartbeats meanwhile: reading a large image takes a
+/// while.
+fn send_disk_sums(
+    conn: &mut Connection,
+    disks: &BackupDisks,
+    heartbeat_timeout: Duration,
+) -> Result<(), BackupError> {
+    let every = HEARTBEAT_EVERY.min(heartbeat_timeout / 4);
+    for (d, path) in disks.paths().iter().enumerate() {
+        let t = Instant::now();
+        let mut last = Instant::now();
+        let mut beat_failed = None;
+        let sums = disks
+            .sums(d, |_| {
+                if last.elapsed() >= every && beat_failed.is_none() {
+                    last = Instant::now();
+                    beat_failed = conn.send(&Message::Heartbeat { epoch: 0 }).err();
+                }
+            })
+            .map_err(|e| {
+                BackupError::DiskFailed(format!(
+                    "disk {}: cannot read the image: {e}",
+                    path.display()
+                ))
+            })?;
+        if let Some(e) = beat_failed {
+            return Err(e.into());
+        }
+        info!(
+            "disk {d} ({}): {} chunk sums read in {} ms, sent to the primary",
+            path.display(),
+            sums.len(),
+            t.elapsed().as_millis()
+        );
+        for m in checkpoint::disk::sums_messages(d as u32, &sums) {
+            conn.send(&m)?;
+        }
+    }
+    Ok(())
 }
 
 /// An operator's failover: the primary is fenced (or the cluster or `--fence none` says

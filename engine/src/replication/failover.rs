@@ -176,9 +176,7 @@ pub fn resume(
         &committed.state,
         console,
         net,
-        // A backup runs no disk (disk replication is not implemented: `backup --disk` is
-        // refused), so the promoted guest has none.
-        &[],
+        &committed.disks,
         committed.memory,
     )?)
 }

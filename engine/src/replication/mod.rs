@@ -6,6 +6,7 @@
 
 pub mod backup;
 pub mod control;
+pub mod disks;
 pub mod events;
 pub mod failover;
 pub mod fence;

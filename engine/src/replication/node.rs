@@ -30,6 +30,7 @@ use super::fence::FenceConfig;
 use super::primary::{self, OnBackupLoss, PrimaryError, PrimaryOptions, ProtectEnd, Unprotected};
 use super::status::{self, GuestState, Protection, Role};
 use super::stop_requested;
+use crate::devices::disk::DiskConfig;
 use crate::devices::serial::Console;
 use crate::devices::NetConfig;
 use crate::machine::{Machine, MachineError};
@@ -70,6 +71,9 @@ pub struct Node {
     pub console: Console,
     /// The tap of any guest this process runs.
     pub net: Option<NetConfig>,
+    /// The disks of any guest this process runs (`--disk`), in order: the guest's own on
+    /// a primary, the images a backup keeps them in.
+    pub disks: Vec<DiskConfig>,
     /// How to fence the peer, whichever role this process has: the backup fences the
     /// primary before it promotes, the primary fences the backup before it releases
     /// output (`None`: not configured).
@@ -139,15 +143,6 @@ impl Node {
                         .to_string()
                 })
         });
-        if let Start::Run(m) | Start::Protect(m) = &start {
-            if !m.disks().is_empty() {
-                control::set_protect_refusal(Some(
-                    "the guest has a disk (--disk), and disk replication is not implemented \
-                     yet: protecting its memory alone would not survive a failover"
-                        .to_string(),
-                ));
-            }
-        }
         let mut state = match start {
             Start::Run(m) => State::Run(m, None),
             Start::Protect(m) => State::Protect {
@@ -340,6 +335,7 @@ impl Node {
             run_after_end: false,
             console: self.console.clone(),
             net: self.net.clone(),
+            disks: self.disks.clone(),
             heartbeat_timeout: self.primary.backup_timeout,
             withhold_acks: None,
             fence: self.fence.clone(),

@@ -87,14 +87,28 @@ pub struct BlockCounters {
     pub errors: u64,
 }
 
+/// What the device keeps of the writes it completes (see [`Block::track_chunks`] and
+/// [`Block::record_writes`]).
+#[derive(Debug, Default)]
+enum Recording {
+    /// Nothing.
+    #[default]
+    Off,
+    /// Which chunks of `chunk` bytes were written (one bit each): the primary's initial
+    /// disk sync resends them.
+    Chunks { chunk: u64, dirty: Vec<u64> },
+    /// The writes themselves, for the epoch that completes them.
+    Writes(Vec<DiskWrite>),
+}
+
 /// The virtio-blk device proper (its queue lives in the transport).
 pub struct Block {
     image: Image,
     /// Wakes the I/O thread (a QueueNotify, a thaw).
     kick: Sender<()>,
     waker: Option<Waker>,
-    /// Completed writes, kept while recording.
-    writes: Option<Vec<DiskWrite>>,
+    /// What is kept of completed writes, for replication.
+    recording: Recording,
     counters: BlockCounters,
 }
 
@@ -105,7 +119,7 @@ impl Block {
             image,
             kick,
             waker: None,
-            writes: None,
+            recording: Recording::Off,
             counters: BlockCounters::default(),
         }
     }
@@ -135,14 +149,55 @@ impl Block {
         self.counters
     }
 
-    /// Starts (or stops, forgetting them) keeping completed writes.
-    pub fn record_writes(&mut self, on: bool) {
-        self.writes = on.then(Vec::new);
+    /// Starts (or stops, forgetting them) keeping completed writes. Returns the chunks
+    /// written since the last [`Block::take_dirty_chunks`] when it was tracking chunks.
+    pub fn record_writes(&mut self, on: bool) -> Vec<u64> {
+        let dirty = self.take_dirty_chunks();
+        self.recording = if on {
+            Recording::Writes(Vec::new())
+        } else {
+            Recording::Off
+        };
+        dirty
     }
 
     /// The writes kept since the last call.
     pub fn take_writes(&mut self) -> Vec<DiskWrite> {
-        self.writes.as_mut().map(std::mem::take).unwrap_or_default()
+        match &mut self.recording {
+            Recording::Writes(w) => std::mem::take(w),
+            _ => Vec::new(),
+        }
+    }
+
+    /// From now on, keeps which chunks of `chunk` bytes (a power of two) are written,
+    /// instead of the writes (the initial disk sync).
+    pub fn track_chunks(&mut self, chunk: u64) {
+        let chunks = self.image.size.div_ceil(chunk);
+        self.recording = Recording::Chunks {
+            chunk,
+            dirty: vec![0; chunks.div_ceil(64) as usize],
+        };
+    }
+
+    /// The chunks written since tracking began or the last call, in order.
+    pub fn take_dirty_chunks(&mut self) -> Vec<u64> {
+        let Recording::Chunks { dirty, .. } = &mut self.recording else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for (i, w) in dirty.iter_mut().enumerate() {
+            let mut bits = std::mem::take(w);
+            while bits != 0 {
+                out.push(i as u64 * 64 + u64::from(bits.trailing_zeros()));
+                bits &= bits - 1;
+            }
+        }
+        out
+    }
+
+    /// A second handle on the image file (reads beside the I/O thread).
+    pub fn image_file(&self) -> std::io::Result<std::fs::File> {
+        self.image.file.try_clone()
     }
 
     /// Completes every request available on `q`; returns how many.
@@ -274,11 +329,21 @@ impl Block {
             return VIRTIO_BLK_S_IOERR;
         }
         self.counters.writes += 1;
-        if let Some(w) = &mut self.writes {
-            w.push(DiskWrite {
+        match &mut self.recording {
+            // A zero-length write changes nothing.
+            _ if len == 0 => {}
+            Recording::Off => {}
+            Recording::Chunks { chunk, dirty } => {
+                for c in offset / *chunk..=(offset + len as u64 - 1) / *chunk {
+                    if let Some(w) = dirty.get_mut((c / 64) as usize) {
+                        *w |= 1 << (c % 64);
+                    }
+                }
+            }
+            Recording::Writes(w) => w.push(DiskWrite {
                 offset,
                 data: Bytes::from(buf),
-            });
+            }),
         }
         VIRTIO_BLK_S_OK
     }

@@ -13,7 +13,7 @@ impl Primary<'_> {
     /// was only stalled may promote a state older than what clients saw).
     pub(super) fn without_backup(&mut self, why: BackupLoss) -> Result<ProtectEnd, PrimaryError> {
         let has_output = self.output.is_some();
-        if let BackupLoss::Left(_) = why {
+        if let BackupLoss::Left { .. } = why {
             return self.backup_left(why);
         }
         let what = match (self.opts.on_backup_loss, &self.opts.fence) {
@@ -95,6 +95,20 @@ impl Primary<'_> {
     /// so nothing need be fenced; the held output leaves and the guest runs on
     /// unprotected, whatever `--on-backup-loss` says for a lost backup.
     fn backup_left(&mut self, why: BackupLoss) -> Result<ProtectEnd, PrimaryError> {
+        if self.opts.on_backup_loss == OnBackupLoss::Pause {
+            warn!("ROLE CHANGE: {why}; PAUSING the guest (--on-backup-loss pause)");
+            status::role_change(
+                Role::Primary,
+                Protection::Unprotected,
+                GuestState::Paused,
+                format!("{why}"),
+            );
+            self.machine.pause()?;
+            while !stop_requested() {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            return Err(PrimaryError::BackupLost(why));
+        }
         warn!(
             "ROLE CHANGE: {why}; output released, the guest continues UNPROTECTED (no \
              fencing needed)"

@@ -222,12 +222,29 @@ impl Primary<'_> {
         }
         self.machine.harvest(&mut self.pfns)?;
         self.pfns.merge(&mut self.carry);
+        // The devices are frozen: these are exactly the disk writes of this epoch.
+        let disks: Vec<Vec<(u64, bytes::Bytes)>> = self
+            .machine
+            .disks()
+            .iter()
+            .map(|d| {
+                d.take_writes()
+                    .into_iter()
+                    .map(|w| (w.offset, w.data))
+                    .collect()
+            })
+            .collect();
+        let disk_bytes: u64 = disks
+            .iter()
+            .flatten()
+            .map(|(_, data)| data.len() as u64)
+            .sum();
         let harvested = t0.elapsed();
         self.pfns.copy_out(self.machine.memory(), &mut self.buf)?;
         let copied = t0.elapsed();
         // Where the dirty set cannot be counted while the guest runs, an epoch may not fit
         // next to those in flight: the guest stays paused until it does.
-        let room = self.buf.len() as u64 + STATE_ALLOWANCE;
+        let room = self.buf.len() as u64 + disk_bytes + STATE_ALLOWANCE;
         if !self.inflight.lock().has_room(room) {
             self.stats.throttled += 1;
             let t = Instant::now();
@@ -244,7 +261,7 @@ impl Primary<'_> {
         self.epoch += 1;
         let epoch = self.epoch;
         let blob = state.to_blob();
-        let bytes = (self.buf.len() + blob.len()) as u64;
+        let bytes = (self.buf.len() + blob.len()) as u64 + disk_bytes;
         self.inflight.lock().sent(epoch, bytes)?;
         self.pause_start.insert(epoch, t0);
         if pause >= LONG_PAUSE {
@@ -276,6 +293,7 @@ impl Primary<'_> {
             pfns: self.pfns.take_vec(),
             data: std::mem::take(&mut self.buf),
             blob,
+            disks,
         };
         // The sender is idle (callers wait for it), so this does not block.
         self.jobs

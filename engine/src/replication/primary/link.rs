@@ -16,6 +16,12 @@ pub(super) enum AckEvent {
     Lost(BackupLoss),
     /// The backup's answer to `Handover`: taken, or refused and why.
     Handover(Result<(), String>),
+    /// The backup's sums of a disk's chunks (the initial disk sync).
+    DiskSums {
+        disk: u32,
+        first: u64,
+        sums: Vec<checkpoint::disk::ChunkSum>,
+    },
 }
 
 /// The sending half, shared by the epoch loop and the heartbeat thread.
@@ -121,6 +127,8 @@ pub(super) struct EpochJob {
     pub(super) pfns: Vec<u64>,
     pub(super) data: Vec<u8>,
     pub(super) blob: Vec<u8>,
+    /// The epoch's disk writes, per disk: `(byte offset, data)` in completion order.
+    pub(super) disks: Vec<Vec<(u64, bytes::Bytes)>>,
 }
 
 pub(super) struct EpochSent {
@@ -143,7 +151,9 @@ pub(super) fn spawn_sender(
             for job in rx {
                 let result = StagedPages::new(&job.pfns, &job.data).and_then(|staged| {
                     let mut l = link.lock().unwrap_or_else(|e| e.into_inner());
-                    let r = send_epoch(&mut l.tx, &encoder, job.epoch, &staged, &job.blob);
+                    let r = send_epoch(
+                        &mut l.tx, &encoder, job.epoch, &staged, &job.disks, &job.blob,
+                    );
                     l.sent();
                     r
                 });
@@ -188,15 +198,23 @@ pub(super) fn spawn_ack_reader(
                 },
                 Ok(Message::Nack { epoch, reason }) => AckEvent::Nack { epoch, reason },
                 Ok(Message::Heartbeat { .. }) => continue,
+                Ok(Message::DiskSums { disk, first, sums }) => {
+                    AckEvent::DiskSums { disk, first, sums }
+                }
                 // The backup's answer to a switchover's Handover.
                 Ok(Message::Handover { .. }) => AckEvent::Handover(Ok(())),
                 Ok(Message::Refuse { reason }) => AckEvent::Handover(Err(reason)),
-                Ok(Message::Leave { epoch }) => AckEvent::Lost(BackupLoss::Left(epoch)),
+                Ok(Message::Leave { epoch, reason }) => {
+                    AckEvent::Lost(BackupLoss::Left { epoch, reason })
+                }
                 Ok(other) => AckEvent::Lost(BackupLoss::Unexpected(other.kind())),
                 Err(TransportError::Timeout(t)) => AckEvent::Lost(BackupLoss::Silent(t)),
                 Err(e) => AckEvent::Lost(BackupLoss::Receive(e)),
             };
-            let last = !matches!(ev, AckEvent::Ack { .. } | AckEvent::Handover(_));
+            let last = !matches!(
+                ev,
+                AckEvent::Ack { .. } | AckEvent::Handover(_) | AckEvent::DiskSums { .. }
+            );
             if events.send(ev).is_err() || last {
                 return;
             }
@@ -257,6 +275,11 @@ impl Primary<'_> {
                 }
                 AckEvent::Lost(why) => return Err(PrimaryError::BackupLost(why)),
                 AckEvent::Handover(r) => self.handover_reply = Some(r),
+                AckEvent::DiskSums { .. } => {
+                    return Err(PrimaryError::BackupLost(BackupLoss::Protocol(
+                        "disk sums after the initial sync".into(),
+                    )))
+                }
             }
         }
         Ok(())

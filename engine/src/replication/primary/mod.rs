@@ -41,7 +41,7 @@ use checkpoint::digest::digest_guest_memory;
 use checkpoint::encode::{send_epoch, send_sync, EncoderConfig, EpochEncoder, StagedPages};
 use checkpoint::handshake::{primary_handshake, HandshakeError};
 use checkpoint::inflight::{InFlight, Pacing, SharedInFlight};
-use checkpoint::protocol::{Hello, MemoryRegion, Message};
+use checkpoint::protocol::{DiskInfo, Hello, MemoryRegion, Message};
 use checkpoint::tls::LinkSecurity;
 use checkpoint::transport::{Connection, FrameReceiver, FrameSender, TransportError};
 use checkpoint::PAGE_SIZE;
@@ -62,6 +62,7 @@ use crate::vstate::vcpu::VcpuEvent;
 use crate::{info, warn};
 
 mod backup_loss;
+mod disks;
 mod epochs;
 mod link;
 mod precopy;
@@ -123,6 +124,9 @@ pub enum PrimaryError {
     /// The final digest could not be computed.
     #[error("digest: {0}")]
     Digest(#[from] checkpoint::digest::DigestError),
+    /// A disk image could not be read for its initial sync.
+    #[error("{0}")]
+    Disk(String),
     /// A vCPU crashed (the guest cannot go on).
     #[error("vCPU {vcpu}: {message}")]
     Crashed {
@@ -154,9 +158,20 @@ pub enum BackupLoss {
     /// The backup sent a message that has no place on the ack stream.
     #[error("unexpected {0:?} from the backup")]
     Unexpected(checkpoint::protocol::MessageKind),
+    /// The backup's messages do not fit what was asked (the reason).
+    #[error("{0}")]
+    Protocol(String),
     /// The backup stopped in order (`Leave`): its replica is dropped, it never promotes.
-    #[error("the backup stopped in order after committed epoch {0} (it dropped its replica)")]
-    Left(u64),
+    #[error(
+        "the backup stopped in order after committed epoch {epoch} (it dropped its replica){}",
+        if reason.is_empty() { String::new() } else { format!(": {reason}") }
+    )]
+    Left {
+        /// Its last committed epoch.
+        epoch: u64,
+        /// Why, if not an operator's stop.
+        reason: String,
+    },
     /// The thread that sends epochs ended.
     #[error("the epoch sender thread is gone")]
     SenderGone,
@@ -380,6 +395,14 @@ pub fn protect(machine: &mut Machine, opts: PrimaryOptions) -> Result<ProtectEnd
     let link = opts.link.as_ref().ok_or(PrimaryError::NoLink)?;
     let mut conn = connect(link, &opts.peer, opts.connect_timeout)?;
     let mem_size = ram_size(machine.memory());
+    let disks: Vec<DiskInfo> = machine
+        .disks()
+        .iter()
+        .map(|d| DiskInfo {
+            size: d.image().1,
+            readonly: !d.writable(),
+        })
+        .collect();
     let hello = Hello::new(
         machine.vcpu_count() as u32,
         vec![MemoryRegion {
@@ -387,7 +410,8 @@ pub fn protect(machine: &mut Machine, opts: PrimaryOptions) -> Result<ProtectEnd
             len: mem_size,
         }],
         guest_id(&opts.name),
-    );
+    )
+    .with_disks(disks);
     // Under TLS 1.3 the backup's verdict on this side's certificate arrives after the
     // client's handshake completed: with the answer to the hello.
     primary_handshake(&mut conn, &hello, HANDSHAKE_TIMEOUT).map_err(|e| match e {
@@ -512,12 +536,16 @@ pub fn protect(machine: &mut Machine, opts: PrimaryOptions) -> Result<ProtectEnd
     if !p.machine.is_running() {
         p.machine.resume()?;
     }
-    let ran = p.initial_sync().and_then(|()| loop {
-        let exit = p.epochs()?;
-        if p.handover.is_none() || p.switch_over()? {
-            break Ok(exit);
-        }
-    });
+    let ran = p
+        .sync_disks()
+        .and_then(|()| p.initial_sync())
+        .and_then(|()| p.finish_disk_sync())
+        .and_then(|()| loop {
+            let exit = p.epochs()?;
+            if p.handover.is_none() || p.switch_over()? {
+                break Ok(exit);
+            }
+        });
     match ran {
         Ok(_) if p.handed => {
             p.publish_figures();
