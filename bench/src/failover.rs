@@ -57,6 +57,7 @@ fn measure(bin: &Path, work: &Path, trials: usize, mem: Option<String>) -> Resul
             port: 7600 + t as u16,
             verbose: false,
             reprotect: false,
+            disk: None,
         };
         let o = harness::trial(&ns, &cfg)?;
         let f = |d: Option<Duration>| {

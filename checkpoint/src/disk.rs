@@ -189,7 +189,8 @@ pub trait DiskSink: Send {
     /// commit; range already checked against the image's size).
     fn sync(&mut self, disk: u32, offset: u64, data: &[u8]) -> Result<(), String>;
 
-    /// Makes the disks hold committed epoch `epoch`: `writes` in order, all of them or,
+    /// Makes the disks hold committed epoch `epoch` (called for every epoch, `writes`
+    /// empty when it wrote nothing): `writes` in order, all of them or,
     /// after a crash, none (the implementation's journal). Called once the epoch is
     /// verified and before its memory is applied; an error rejects the epoch and ends
     /// replication (the message says which epoch the images hold).

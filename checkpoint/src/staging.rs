@@ -846,13 +846,15 @@ impl Staging {
             }
             // Verified: the disks first (their journal makes them all-or-nothing), then
             // memory in one step. Every address was checked when staged.
-            if !s.writes.is_empty() {
-                let writes = std::mem::take(&mut s.writes);
-                let r = match s.disks.as_mut() {
-                    Some(sink) => sink.commit(epoch, &writes).map_err(StagingError::Disk),
-                    None => Err(StagingError::Unexpected(MessageKind::DiskWrites)),
-                };
-                r?;
+            // Every epoch goes to the sink, with writes or without (the first one ends
+            // the disks' initial sync).
+            let writes = std::mem::take(&mut s.writes);
+            match s.disks.as_mut() {
+                Some(sink) => sink.commit(epoch, &writes).map_err(StagingError::Disk)?,
+                None if !writes.is_empty() => {
+                    return Err(StagingError::Unexpected(MessageKind::DiskWrites))
+                }
+                None => {}
             }
             let (pfns, data, zero) = (
                 std::mem::take(&mut s.pfns),

@@ -46,6 +46,22 @@ pub struct TrialConfig {
     /// back: it takes the old primary's pid file) and protect the promoted guest with it
     /// (`lockstep ctl protect`), while the client keeps writing.
     pub reprotect: bool,
+    /// Give the guest a disk of this many bytes (`primary.img`, the backup's copy in
+    /// `backup.img`) and run the kv guest with `aof=on`; after the failover, boot a new
+    /// guest from the promoted disk alone and read every acknowledged write back.
+    pub disk: Option<u64>,
+}
+
+/// What a guest booted from the promoted disk alone found (see [`TrialConfig::disk`]).
+#[derive(Debug)]
+pub struct ColdCheck {
+    /// Acknowledged keys it read back wrong or missing.
+    pub lost: Vec<u64>,
+    /// Its `counter`, and the last value the client was told.
+    pub counter: Option<i64>,
+    pub last_told: Option<i64>,
+    /// Keys checked.
+    pub keys: usize,
 }
 
 /// What the re-protect after the failover observed.
@@ -99,6 +115,8 @@ pub struct TrialOutcome {
     pub backup_status: Option<ExitStatus>,
     /// The re-protect, when asked for.
     pub reprotect: Option<Reprotect>,
+    /// The cold boot from the promoted disk, when the guest had one and was promoted.
+    pub cold: Option<Result<ColdCheck, String>>,
 }
 
 #[derive(Default)]
@@ -166,6 +184,18 @@ pub fn trial(ns: &Netns, cfg: &TrialConfig) -> Result<TrialOutcome, String> {
 
     // The link is TLS, as a user runs it: the pair's certificates from `lockstep certs`.
     let tls = PairTls::make(&cfg.bin, &cfg.dir.join("tls"), "demo")?;
+    if let Some(size) = cfg.disk {
+        for name in ["primary.img", "backup.img", "backup2.img"] {
+            let path = cfg.dir.join(name);
+            std::fs::File::create(&path)
+                .and_then(|f| f.set_len(size))
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+        }
+    }
+    let kv_args = match cfg.disk {
+        Some(_) => format!("{KV_ARGS} aof=on"),
+        None => KV_ARGS.to_string(),
+    };
     let backup_spawned = Instant::now();
     let mut backup = spawn_backup(ns, cfg, "backup", &listen, "demo-primary", "primary.pid")?;
     let mut primary_args = vec![
@@ -187,13 +217,19 @@ pub fn trial(ns: &Netns, cfg: &TrialConfig) -> Result<TrialOutcome, String> {
         "--guest".into(),
         "builtin".into(),
         "--guest-args".into(),
-        KV_ARGS.into(),
+        kv_args.clone(),
         "--net".into(),
         "tap=tap0".into(),
         "--console".into(),
         arg(&cfg.dir.join("primary.console")),
     ];
     primary_args.extend(tls.args("node1"));
+    if cfg.disk.is_some() {
+        primary_args.extend([
+            "--disk".into(),
+            format!("path={}", arg(&cfg.dir.join("primary.img"))),
+        ]);
+    }
     if let Some(m) = &cfg.mem {
         primary_args.extend(["--mem".to_string(), m.clone()]);
     }
@@ -356,6 +392,9 @@ pub fn trial(ns: &Netns, cfg: &TrialConfig) -> Result<TrialOutcome, String> {
     if o.promotion.is_none() {
         o.promotion = parse_promotion(&o.backup_log);
     }
+    if cfg.disk.is_some() && o.promotion.is_some() {
+        o.cold = Some(cold_check(ns, cfg, &kv_args, &o));
+    }
     o.detection = o
         .backup_log
         .lines()
@@ -489,6 +528,12 @@ fn spawn_backup(
     .map(String::from)
     .to_vec();
     args.extend(tls);
+    if cfg.disk.is_some() {
+        args.extend([
+            "--disk".into(),
+            format!("path={}", arg(&cfg.dir.join(format!("{name}.img")))),
+        ]);
+    }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut backup = Proc::spawn(
         ns.command(&cfg.bin, &args),
@@ -502,6 +547,80 @@ fn spawn_backup(
         return Err(format!("{name} did not start:\n{}", backup.log()));
     }
     Ok(backup)
+}
+
+/// Boots a new kv guest (`aof=on`) from the promoted disk `backup.img` alone, once the
+/// promoted guest has stopped, and reads back every key the client was told was written
+/// and the counter.
+fn cold_check(
+    ns: &Netns,
+    cfg: &TrialConfig,
+    kv_args: &str,
+    o: &TrialOutcome,
+) -> Result<ColdCheck, String> {
+    let arg = |p: &Path| p.to_str().unwrap_or_default().to_string();
+    let args = [
+        "run".to_string(),
+        "--guest".into(),
+        "builtin".into(),
+        "--guest-args".into(),
+        kv_args.into(),
+        "--net".into(),
+        "tap=tap0".into(),
+        "--disk".into(),
+        format!("path={}", arg(&cfg.dir.join("backup.img"))),
+        "--console".into(),
+        arg(&cfg.dir.join("cold.console")),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut guest = Proc::spawn(
+        ns.command(&cfg.bin, &args),
+        cfg.dir.join("cold.out"),
+        cfg.dir.join("cold.err"),
+    )?;
+    let result = (|| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let stream = loop {
+            match ns.connect(GUEST_ADDR, Duration::from_millis(500)) {
+                Ok(s) => break s,
+                Err(_) if Instant::now() < deadline && guest.try_wait().is_none() => continue,
+                Err(e) => return Err(format!("cannot reach the cold-booted guest: {e}")),
+            }
+        };
+        let mut kv = Kv::new(stream, Duration::from_secs(10)).map_err(|e| e.to_string())?;
+        let counter = match kv.call(&["GET", "counter"]).map_err(|e| e.to_string())? {
+            Reply::Bulk(Some(v)) => String::from_utf8_lossy(&v).parse().ok(),
+            _ => None,
+        };
+        let mut lost = Vec::new();
+        for chunk in o.acked.chunks(100) {
+            let mut out = Vec::new();
+            for i in chunk {
+                Kv::encode(&mut out, &["GET", &format!("k{i}")]);
+            }
+            kv.send_raw(&out).map_err(|e| e.to_string())?;
+            for i in chunk {
+                match kv.reply().map_err(|e| format!("k{i}: {e}"))? {
+                    Reply::Bulk(Some(v)) if v == i.to_string().as_bytes() => {}
+                    _ => lost.push(*i),
+                }
+            }
+        }
+        Ok(ColdCheck {
+            lost,
+            counter,
+            last_told: o.counters.last().copied(),
+            keys: o.acked.len(),
+        })
+    })();
+    guest.terminate(Duration::from_secs(2));
+    result.map_err(|e| {
+        format!(
+            "{e}
+{}",
+            guest.log()
+        )
+    })
 }
 
 fn write_agent(path: &Path) -> Result<(), String> {

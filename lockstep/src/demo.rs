@@ -11,8 +11,11 @@
 //! tap. The client carries on over the same connection, then reads back every acknowledged
 //! key. Once the promoted guest runs, a new backup is started (it stands for the old
 //! primary's host come back) and `lockstep ctl protect` makes the pair protected again
-//! while the client keeps writing. The demo exits 0 only if nothing acknowledged was
-//! lost, the connection survived, and the pair was protected again.
+//! while the client keeps writing. The guest has a disk (the kv guest logs every write on
+//! it before replying, `aof=on`) that the backup keeps a copy of; at the end a new guest
+//! boots from the promoted disk alone and must find every acknowledged write. The demo
+//! exits 0 only if nothing acknowledged was lost, the connection survived, the pair was
+//! protected again, and the promoted disk holds every acknowledged write.
 //!
 //! The scenario itself is [`harness::trial`](fn@harness::trial), which the failover benchmark runs too.
 
@@ -23,6 +26,9 @@ use harness::trial::GUEST_ADDR;
 use harness::{interrupted, trial, Netns, TrialConfig, TrialOutcome};
 
 use super::cli::{usage, CliError, DemoArgs};
+
+/// The demo guest's disk (64 MiB), in the demo's temporary directory.
+const DEMO_DISK: u64 = 64 << 20;
 
 /// `lockstep demo [--seconds S]`.
 pub fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
@@ -74,6 +80,8 @@ fn demo(seconds: f64) -> Result<bool, String> {
         port: 7600,
         verbose: true,
         reprotect: true,
+        // The kv guest logs every write on its disk (aof=on); the backup keeps a copy.
+        disk: Some(DEMO_DISK),
     };
     let result = trial(&ns, &cfg);
     drop(ns);
@@ -216,7 +224,28 @@ fn summary(o: &TrialOutcome) -> bool {
             false
         }
     };
-    let ok = survived && o.lost.is_empty() && o.failover.is_some() && reprotected;
+    let disk_ok = match &o.cold {
+        Some(Ok(c)) => {
+            println!(
+                "promoted disk, booted cold in a new guest: {} of {} acknowledged writes \
+                 found, counter {} (last told {})",
+                c.keys - c.lost.len(),
+                c.keys,
+                c.counter.map_or("missing".into(), |n| n.to_string()),
+                c.last_told.map_or("-".into(), |n| n.to_string())
+            );
+            c.lost.is_empty() && c.counter == c.last_told
+        }
+        Some(Err(e)) => {
+            println!("promoted disk: the cold boot FAILED: {e}");
+            false
+        }
+        None => {
+            println!("promoted disk: not checked (no promotion)");
+            false
+        }
+    };
+    let ok = survived && o.lost.is_empty() && o.failover.is_some() && reprotected && disk_ok;
     if !ok {
         println!("\n== backup log\n{}", o.backup_log);
         println!("== primary log (last lines)");

@@ -124,6 +124,22 @@ fn check_trial(o: &TrialOutcome) -> Result<(), String> {
 
 #[test]
 fn sigkill_of_the_primary_at_random_moments_loses_no_acknowledged_write() {
+    kill_trials("lsfo", None);
+}
+
+/// The same with a disk: the kv guest logs every write on it before it replies (`aof=on`),
+/// the backup keeps a copy (`backup --disk`). After each failover the promoted guest's
+/// memory answers for every acknowledged write, and a new guest booted from the promoted
+/// disk alone replays its log to the same data: every acknowledged key, and the counter
+/// the client was last told.
+#[test]
+fn sigkill_of_the_primary_with_a_disk_loses_nothing_in_memory_or_on_disk() {
+    kill_trials("lsfd", Some(16 << 20));
+}
+
+/// `LOCKSTEP_FAILOVER_TRIALS` (20 by default) primaries SIGKILLed at random moments in
+/// the namespace `ns_name`, with a disk of `disk` bytes if given.
+fn kill_trials(ns_name: &str, disk: Option<u64>) {
     if !kvm_required() {
         return;
     }
@@ -134,8 +150,8 @@ fn sigkill_of_the_primary_at_random_moments_loses_no_acknowledged_write() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(20);
     let mut rng = Rng::new();
-    let dir = TempDir::new("failover-trials");
-    let ns = Netns::create("lsfo").expect("network namespace");
+    let dir = TempDir::new(&format!("failover-trials-{ns_name}"));
+    let ns = Netns::create(ns_name).expect("network namespace");
     let mut times = Vec::new();
     let mut before_epoch1 = 0;
     let mut failures = Vec::new();
@@ -157,13 +173,14 @@ fn sigkill_of_the_primary_at_random_moments_loses_no_acknowledged_write() {
             port: 7600 + t as u16,
             verbose: false,
             reprotect: false,
+            disk,
         };
         let o = trial(&ns, &cfg).expect("trial setup");
-        let verdict = check_trial(&o);
+        let verdict = check_trial(&o).and_then(|()| check_cold(&o, disk.is_some()));
         let f = |d: Option<Duration>| d.map(|d| format!("{:.1}", ms(d))).unwrap_or("-".into());
         eprintln!(
             "trial {t:>2}: kill at {:>5} ms, acked {:>4} before / {:>5} after, {}, detection {} ms, \
-             promotion {} ms, failover {} ms, stall {} ms{}",
+             promotion {} ms, failover {} ms, stall {} ms{}{}",
             kill_after.as_millis(),
             o.acked_before_kill,
             o.acked.len() - o.acked_before_kill.min(o.acked.len()),
@@ -177,6 +194,10 @@ fn sigkill_of_the_primary_at_random_moments_loses_no_acknowledged_write() {
                 .unwrap_or("-".into()),
             f(o.failover),
             f(o.stall),
+            match &o.cold {
+                Some(Ok(c)) => format!(", cold boot from the disk: {} keys, counter {:?}", c.keys, c.counter),
+                _ => String::new(),
+            },
             match &verdict {
                 Ok(()) => String::new(),
                 Err(e) => format!("  FAILED: {e}"),
@@ -215,6 +236,30 @@ fn sigkill_of_the_primary_at_random_moments_loses_no_acknowledged_write() {
         "only {} of {trials} trials failed over",
         times.len()
     );
+}
+
+/// With a disk, the cold boot from the promoted disk found every acknowledged write and
+/// the counter the client was last told.
+fn check_cold(o: &TrialOutcome, disk: bool) -> Result<(), String> {
+    if !disk || o.promotion.is_none() {
+        return Ok(());
+    }
+    match &o.cold {
+        None => Err("no cold boot from the promoted disk".into()),
+        Some(Err(e)) => Err(format!("the cold boot from the promoted disk failed: {e}")),
+        Some(Ok(c)) if !c.lost.is_empty() => Err(format!(
+            "the cold boot from the promoted disk lacks {} of {} acknowledged writes (first: k{})",
+            c.lost.len(),
+            c.keys,
+            c.lost[0]
+        )),
+        Some(Ok(c)) if c.counter != c.last_told => Err(format!(
+            "the cold boot's counter is {:?}, the client was last told {:?} (memory and disk \
+             disagree)",
+            c.counter, c.last_told
+        )),
+        Some(Ok(_)) => Ok(()),
+    }
 }
 
 #[test]

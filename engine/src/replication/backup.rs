@@ -595,8 +595,12 @@ fn send_disk_sums(
                     path.display()
                 ))
             })?;
+        let lost = |e| BackupError::PrimaryLost {
+            why: PrimaryLoss::Link(e),
+            committed: 0,
+        };
         if let Some(e) = beat_failed {
-            return Err(e.into());
+            return Err(lost(e));
         }
         info!(
             "disk {d} ({}): {} chunk sums read in {} ms, sent to the primary",
@@ -605,7 +609,7 @@ fn send_disk_sums(
             t.elapsed().as_millis()
         );
         for m in checkpoint::disk::sums_messages(d as u32, &sums) {
-            conn.send(&m)?;
+            conn.send(&m).map_err(lost)?;
         }
     }
     Ok(())
