@@ -1,5 +1,7 @@
 //! Snapshots on disk: a directory with `state.bin` (the sealed machine state plus the size
-//! and CRC32 of memory) and `memory.bin` (guest RAM, zero pages left as holes).
+//! and CRC32 of memory), `memory.bin` (guest RAM, zero pages left as holes) and a copy of
+//! each disk image as the snapshot found it, `disk<i>.img` (taken with the guest paused
+//! and its devices frozen, so no request is half done in it).
 //!
 //! The directory is written under a temporary name and renamed into place, so a crash
 //! never leaves a half-written snapshot that looks complete.
@@ -81,9 +83,20 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> SnapshotError + '_ {
     }
 }
 
-/// Writes a snapshot of a paused machine to `dir` (replacing an earlier snapshot there).
-/// Returns the bytes of non-zero memory written.
-pub fn write(dir: &Path, state: &MachineState, mem: &GuestMemory) -> Result<u64, SnapshotError> {
+/// The copy of disk `index` in a snapshot directory.
+pub fn disk_file(dir: &Path, index: usize) -> PathBuf {
+    dir.join(format!("disk{index}.img"))
+}
+
+/// Writes a snapshot of a paused machine (its devices frozen) to `dir`, with a copy of
+/// each image in `disks` (replacing an earlier snapshot there). Returns the bytes of
+/// non-zero memory written.
+pub fn write(
+    dir: &Path,
+    state: &MachineState,
+    mem: &GuestMemory,
+    disks: &[PathBuf],
+) -> Result<u64, SnapshotError> {
     if dir.exists()
         && !dir.join(STATE_FILE).exists()
         && fs::read_dir(dir).map_err(io_err(dir))?.next().is_some()
@@ -118,6 +131,14 @@ pub fn write(dir: &Path, state: &MachineState, mem: &GuestMemory) -> Result<u64,
         offset += n as u64;
     }
     file.sync_all().map_err(io_err(&mem_path))?;
+    for (i, image) in disks.iter().enumerate() {
+        // copy_file_range underneath: a reflink or an in-kernel copy where it can.
+        let copy = disk_file(&tmp, i);
+        fs::copy(image, &copy).map_err(io_err(&copy))?;
+        File::open(&copy)
+            .and_then(|f| f.sync_all())
+            .map_err(io_err(&copy))?;
+    }
 
     let mut w = Writer::default();
     w.u64(size);

@@ -918,7 +918,10 @@ fn cmd_restore(a: RestoreArgs) -> Result<ExitCode, CliError> {
     let memory = engine::vstate::memory::create(snap.state.mem_size).map_err(MachineError::from)?;
     snap.load_memory(&memory)?;
     let net = net_option(&a.devices)?;
-    let disks = disk_options(&a.devices)?;
+    let mut disks = disk_options(&a.devices)?;
+    if disks.is_empty() {
+        disks = snapshot_disks(&dir, &snap.state)?;
+    }
     let machine = Machine::restore(&snap.state, &console, net.as_ref(), &disks, memory)?;
     info!(
         "restored {} vCPUs and {} MiB from {}",
@@ -936,6 +939,36 @@ fn cmd_restore(a: RestoreArgs) -> Result<ExitCode, CliError> {
         snapshot: None,
     };
     finish(node.run(Start::Run(machine)))
+}
+
+/// The snapshot's own copies of the guest's disks (`DIR/disk<i>.img`), for a restore
+/// without `--disk`: the guest then writes to them.
+fn snapshot_disks(
+    dir: &std::path::Path,
+    state: &engine::persist::state::MachineState,
+) -> Result<Vec<DiskConfig>, CliError> {
+    use engine::devices::virtio::block::BlockState;
+    let mut disks = Vec::new();
+    for s in state
+        .virtio
+        .iter()
+        .filter(|s| s.device_id == engine::boot::abi::VIRTIO_ID_BLOCK)
+    {
+        let path = snapshot::disk_file(dir, disks.len());
+        if !path.exists() {
+            // An older snapshot without copies: the restore names the image it needs.
+            return Ok(Vec::new());
+        }
+        let readonly = BlockState::from_bytes(&s.device).is_ok_and(|b| b.readonly);
+        info!(
+            "disk {}: the snapshot's copy {} (the guest writes to it: copy the snapshot \
+             first to restore it again as it was)",
+            disks.len(),
+            path.display()
+        );
+        disks.push(DiskConfig { path, readonly });
+    }
+    Ok(disks)
 }
 
 fn cmd_primary(a: PrimaryArgs) -> Result<ExitCode, CliError> {

@@ -1,8 +1,9 @@
 //! Disks end to end: the virtio-blk device over real image files in temp dirs, driven by
 //! the reference guest's `disk` workload (checksummed blocks written, read back and
 //! verified) and by the kv guest with `aof=on` (its log replayed by a new guest booted
-//! from the disk alone); a snapshot taken during disk I/O and restored; bad images and
-//! the commands that cannot protect a disk yet, each refused with one line.
+//! from the disk alone); a snapshot taken during disk I/O and restored on its own copy of
+//! the disk; bad images refused with one line. Disk replication is tested in
+//! replication.rs and failover.rs.
 //!
 //! The kv test creates its own network namespace with a tap (10.0.0.1/24 on the host
 //! side, the guest at 10.0.0.2), runs lockstep and the client inside it, and deletes it
@@ -28,6 +29,33 @@ fn image(path: &Path, bytes: u64) {
     File::create(path)
         .and_then(|f| f.set_len(bytes))
         .expect("create an image");
+}
+
+/// A journal saying its image is being synced from a primary (the layout in
+/// engine/src/devices/journal.rs: magic, kind 2, zeros, CRC32 of the rest).
+fn syncing_journal() -> Vec<u8> {
+    let mut b = b"LKSJRNL1".to_vec();
+    b.extend_from_slice(&2u32.to_le_bytes());
+    b.extend_from_slice(&[0u8; 20]);
+    let crc = crc32(&b);
+    b.extend_from_slice(&crc.to_le_bytes());
+    b
+}
+
+/// CRC-32 (IEEE), bit by bit.
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in bytes {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xedb8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
 }
 
 /// The `key=<n>` value of the last console line starting with `prefix`.
@@ -176,17 +204,21 @@ fn a_snapshot_during_disk_io_restores_with_no_write_lost_or_repeated() {
     ]);
     run.assert_success();
     assert!(
-        run.stderr.contains("snapshot written") && run.stderr.contains("ends at its snapshot"),
+        run.stderr.contains("snapshot written") && run.stderr.contains("1 disk image copies"),
         "{run:?}"
     );
     let first = read_console(&dir.join("first.txt"));
     assert!(
-        first.contains("disk: ms=1000") && !first.contains("disk: verified"),
-        "the snapshot was not taken mid-run: {first}"
+        first.contains("disk: ms=1000") && first.contains("disk: verified"),
+        "the run did not go on after its snapshot: {first}"
+    );
+    // The image went on changing; the snapshot's copy did not.
+    assert_ne!(
+        fs::read(&img).unwrap(),
+        fs::read(Path::new(&snap).join("disk0.img")).unwrap()
     );
 
-    // Without the disk, or with another image size: refused, naming the saved image.
-    lockstep(&["restore", &snap]).assert_one_line_error(&["virtio-blk", "disk.img", "--disk"]);
+    // Another image size: refused, naming both sizes.
     let small = dir.join("small.img");
     image(&small, 4 << 20);
     lockstep(&[
@@ -197,16 +229,10 @@ fn a_snapshot_during_disk_io_restores_with_no_write_lost_or_repeated() {
     ])
     .assert_one_line_error(&["differs", "8388608 bytes", "4194304 bytes"]);
 
-    // With it: the guest goes on where it was, and every block it wrote before and
-    // after the snapshot is the generation its memory says.
-    let run = lockstep(&[
-        "restore",
-        &snap,
-        "--disk",
-        &disk,
-        "--console",
-        &dir.arg("second.txt"),
-    ]);
+    // On the snapshot's own copy of the disk: the guest goes on where it was, and every
+    // block it wrote before and after the snapshot is the generation its memory says.
+    let run = lockstep(&["restore", &snap, "--console", &dir.arg("second.txt")]);
+    assert!(run.stderr.contains("the snapshot's copy"), "{run:?}");
     run.assert_success();
     let second = read_console(&dir.join("second.txt"));
     assert!(
@@ -380,7 +406,7 @@ fn wait_for(file: &Path, needle: &str) {
 }
 
 #[test]
-fn bad_disks_and_commands_that_cannot_protect_them_get_one_line_errors() {
+fn bad_disks_get_one_line_errors() {
     if !kvm_required() {
         return;
     }
@@ -463,40 +489,33 @@ fn bad_disks_and_commands_that_cannot_protect_them_get_one_line_errors() {
     run(&format!("path={}", img.display()))
         .assert_one_line_error(&["disk.img", "in use by another lockstep"]);
     run(&format!("path={},readonly", img.display())).assert_one_line_error(&["disk.img", "in use"]);
-    // Protecting it later is refused too: its disk would not follow it.
-    lockstep(&[
-        "ctl",
-        "--api-sock",
-        tests::ctl::path(&sock),
-        "protect",
-        "--peer",
-        "127.0.0.1:9",
-    ])
-    .assert_one_line_error(&["disk replication is not implemented"]);
+    // A backup cannot keep its copy in it either.
+    let disk = format!("path={}", img.display());
+    let backup = |disk: &str| {
+        lockstep(&[
+            "backup",
+            "--insecure",
+            "--listen",
+            "127.0.0.1:0",
+            "--disk",
+            disk,
+        ])
+    };
+    backup(&disk).assert_one_line_error(&["disk.img", "in use by another lockstep"]);
     first.kill9();
 
-    // The roles that replicate refuse a disk up front.
-    let disk = format!("path={}", img.display());
-    lockstep(&[
-        "primary",
-        "--insecure",
-        "--peer",
-        "127.0.0.1:9",
-        "--guest",
-        "builtin",
-        "--disk",
-        &disk,
-    ])
-    .assert_one_line_error(&["primary --disk", "disk replication is not implemented"]);
-    lockstep(&[
-        "backup",
-        "--insecure",
-        "--listen",
-        "127.0.0.1:0",
-        "--disk",
-        &disk,
-    ])
-    .assert_one_line_error(&["backup --disk", "disk replication is not implemented"]);
+    // A backup's images are checked as a run's are, before any primary is heard.
+    backup(&format!("path={}", missing.display()))
+        .assert_one_line_error(&["missing.img", "No such file"]);
+    backup(&format!("path={}", small.display())).assert_one_line_error(&["small.img", "at least"]);
+    // An image a backup left in the middle of its initial sync matches no epoch: a run
+    // refuses it, a backup takes it (its sync repairs it).
+    fs::write(
+        format!("{}.lockstep-journal", img.display()),
+        syncing_journal(),
+    )
+    .unwrap();
+    run(&disk).assert_one_line_error(&["disk.img", "middle of an initial sync"]);
 
     // kv aof=on without a disk: the guest names what it needs.
     let r = lockstep(&[

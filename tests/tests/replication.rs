@@ -7,6 +7,10 @@
 //! - A corrupt or truncated stream (a proxy thread between the two damages it after the
 //!   initial sync, at a chosen epoch) is never applied: the backup stays on the epoch
 //!   before and says why.
+//! - Disks: the backup's image ends byte-identical to the primary's, the initial sync
+//!   sends only the chunks that differ (nothing for equal images), mismatched images are
+//!   refused on both sides, a damaged disk epoch is never applied, and a backup whose
+//!   file system fills up leaves with a clear error while the primary goes on.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -434,12 +438,22 @@ enum Fault {
     Flip { epoch: u64 },
     /// Forward the first half of that frame, then end the stream to the backup.
     Truncate { epoch: u64 },
+    /// Flip one byte in the middle of the first `DiskWrites` frame of `epoch`.
+    FlipDisk { epoch: u64 },
 }
 
 impl Fault {
     fn epoch(self) -> u64 {
         match self {
-            Fault::Flip { epoch } | Fault::Truncate { epoch } => epoch,
+            Fault::Flip { epoch } | Fault::Truncate { epoch } | Fault::FlipDisk { epoch } => epoch,
+        }
+    }
+
+    /// The kind of frame it damages.
+    fn kind(self) -> u8 {
+        match self {
+            Fault::FlipDisk { .. } => KIND_DISK_WRITES,
+            _ => KIND_PAGES,
         }
     }
 }
@@ -460,6 +474,7 @@ struct ProxyReport {
 /// epoch u64, payload length u32, CRC32 u32, all little-endian.
 const HEADER_LEN: usize = 24;
 const KIND_PAGES: u8 = 6;
+const KIND_DISK_WRITES: u8 = 17;
 
 /// A TCP proxy between primary and backup that frames the primary's stream and damages
 /// it once, as `fault` says. Acks flow back untouched.
@@ -567,13 +582,15 @@ fn forward(
         if let Err(e) = from.read_exact(&mut payload) {
             return format!("primary stream ended in a frame: {e}");
         }
-        let target =
-            report.damaged_at.is_none() && kind == KIND_PAGES && epoch == fault.epoch() && len > 2;
+        let target = report.damaged_at.is_none()
+            && kind == fault.kind()
+            && epoch == fault.epoch()
+            && len > 2;
         if target {
             let middle = len / 2;
             report.damaged_at = Some(offset + (HEADER_LEN + middle) as u64);
             match fault {
-                Fault::Flip { .. } => payload[middle] ^= 0x5a,
+                Fault::Flip { .. } | Fault::FlipDisk { .. } => payload[middle] ^= 0x5a,
                 Fault::Truncate { .. } => {
                     let _ = to
                         .write_all(&header)
@@ -593,8 +610,8 @@ fn forward(
 /// Replicates a guest that would run for a while through a proxy that damages `fault`'s
 /// epoch; returns both sides and what the proxy did.
 fn replicate_with_fault(fault: Fault) -> (Pair, ProxyReport) {
-    let mut proxy = None;
-    let pair = replicate_via(
+    replicate_with_fault_args(
+        fault,
         &["--console", "none"],
         &[
             "--mem",
@@ -608,13 +625,22 @@ fn replicate_with_fault(fault: Fault) -> (Pair, ProxyReport) {
             "--console",
             "none",
         ],
-        |backup_port| {
-            let p = Proxy::start(backup_port, fault);
-            let port = p.port;
-            proxy = Some(p);
-            port
-        },
-    );
+    )
+}
+
+/// The same with the sides' own arguments.
+fn replicate_with_fault_args(
+    fault: Fault,
+    backup_args: &[&str],
+    primary_args: &[&str],
+) -> (Pair, ProxyReport) {
+    let mut proxy = None;
+    let pair = replicate_via(backup_args, primary_args, |backup_port| {
+        let p = Proxy::start(backup_port, fault);
+        let port = p.port;
+        proxy = Some(p);
+        port
+    });
     let report = proxy.expect("proxy started").finish();
     assert!(
         report.damaged_at.is_some(),
@@ -880,4 +906,287 @@ fn a_slow_backup_that_answers_is_waited_for() {
         "the primary should have held the guest while acks were withheld: {:?}",
         pair.primary
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// Disks.
+
+/// A sparse image of `bytes` bytes at `path`.
+fn image(path: &std::path::Path, bytes: u64) {
+    std::fs::File::create(path)
+        .and_then(|f| f.set_len(bytes))
+        .expect("create an image");
+}
+
+/// `primary --disk path=P` running the disk workload with `args`, replicated to
+/// `backup --disk path=B`.
+fn replicate_disk(primary: &str, backup: &str, args: &str, console: &str) -> Pair {
+    let p = format!("path={primary}");
+    let b = format!("path={backup}");
+    replicate(
+        &["--console", "none", "--disk", &b],
+        &[
+            "--mem",
+            "64M",
+            "--guest",
+            "builtin",
+            "--guest-args",
+            args,
+            "--console",
+            console,
+            "--disk",
+            &p,
+        ],
+    )
+}
+
+#[test]
+fn disk_images_end_byte_identical_and_equal_images_send_nothing() {
+    if !kvm_required() {
+        return;
+    }
+    let _serial = one_pair_at_a_time();
+    let dir = TempDir::new("repl-disk");
+    let (p, b) = (dir.join("primary.img"), dir.join("backup.img"));
+    image(&p, 16 << 20);
+    image(&b, 16 << 20);
+    // The backup's image starts out different: 3 MiB of other bytes in the middle.
+    let noise: Vec<u8> = (0..3u32 << 20)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    std::os::unix::fs::FileExt::write_all_at(
+        &std::fs::OpenOptions::new().write(true).open(&b).unwrap(),
+        &noise,
+        5 << 20,
+    )
+    .unwrap();
+    let console = dir.arg("console.txt");
+    let pair = replicate_disk(
+        dir.arg("primary.img").as_str(),
+        dir.arg("backup.img").as_str(),
+        "workload=disk blocks=2048 rate=0 seconds=3 flush_every=8",
+        &console,
+    );
+    assert_same_final(&pair);
+    let out = read_console(console.as_ref());
+    assert!(
+        out.contains("disk: done") && !out.contains("MISMATCH"),
+        "{out}"
+    );
+    let (pi, bi) = (std::fs::read(&p).unwrap(), std::fs::read(&b).unwrap());
+    assert!(pi == bi, "the images differ at the clean end");
+    assert!(
+        pair.primary
+            .stderr
+            .contains("chunks differ from the backup's image"),
+        "{:?}",
+        pair.primary
+    );
+    assert!(!std::path::Path::new(&format!("{}.lockstep-journal", b.display())).exists());
+
+    // Equal images now, and a guest that only reads (it checks every block): compared,
+    // nothing sent; they end equal again.
+    let pair = replicate_disk(
+        dir.arg("primary.img").as_str(),
+        dir.arg("backup.img").as_str(),
+        "workload=disk blocks=2048 mode=check",
+        &console,
+    );
+    assert_same_final(&pair);
+    assert!(
+        pair.primary.stderr.contains("the backup's image is equal")
+            && pair.primary.stderr.contains("nothing to send"),
+        "{:?}",
+        pair.primary
+    );
+    assert!(std::fs::read(&p).unwrap() == std::fs::read(&b).unwrap());
+}
+
+#[test]
+fn disk_mismatches_are_refused_on_both_sides() {
+    if !kvm_required() {
+        return;
+    }
+    let _serial = one_pair_at_a_time();
+    let dir = TempDir::new("repl-disk-mismatch");
+    image(&dir.join("p.img"), 32 << 20);
+    image(&dir.join("b.img"), 16 << 20);
+    let guest = [
+        "--mem",
+        "64M",
+        "--guest",
+        "builtin",
+        "--guest-args",
+        "workload=disk blocks=16 seconds=1",
+        "--console",
+        "none",
+    ];
+    let p = format!("path={}", dir.arg("p.img"));
+    let b = format!("path={}", dir.arg("b.img"));
+    let mut primary: Vec<&str> = guest.to_vec();
+    primary.extend(["--disk", &p]);
+    let pair = replicate(&["--console", "none", "--disk", &b], &primary);
+    let size = "disk 0 image size (bytes) differs: backup 16777216, primary 33554432";
+    assert_failed_with(&pair.backup, &[size]);
+    assert_failed_with(&pair.primary, &[size]);
+    // A backup without the disk.
+    let pair = replicate(&["--console", "none"], &primary);
+    let count = "number of disks (--disk) differs: backup 0, primary 1";
+    assert_failed_with(&pair.backup, &[count]);
+    assert_failed_with(&pair.primary, &[count]);
+    // Modes differ.
+    let ro = format!("{b},readonly");
+    image(&dir.join("b.img"), 32 << 20);
+    let pair = replicate(&["--console", "none", "--disk", &ro], &primary);
+    let mode = "disk 0 mode differs: backup readonly, primary read-write";
+    assert_failed_with(&pair.backup, &[mode]);
+    assert_failed_with(&pair.primary, &[mode]);
+}
+
+#[test]
+fn a_damaged_disk_epoch_is_never_applied() {
+    if !kvm_required() {
+        return;
+    }
+    let _serial = one_pair_at_a_time();
+    let dir = TempDir::new("repl-disk-fault");
+    image(&dir.join("p.img"), 16 << 20);
+    image(&dir.join("b.img"), 16 << 20);
+    let p = format!("path={}", dir.arg("p.img"));
+    let b = format!("path={}", dir.arg("b.img"));
+    let (pair, report) = replicate_with_fault_args(
+        Fault::FlipDisk { epoch: 5 },
+        &["--console", "none", "--disk", &b],
+        &[
+            "--mem",
+            "64M",
+            "--guest",
+            "builtin",
+            "--guest-args",
+            "workload=disk blocks=1024 rate=0 seconds=4",
+            "--console",
+            "none",
+            "--disk",
+            &p,
+        ],
+    );
+    let line = assert_failed_with(
+        &pair.backup,
+        &[
+            "frame checksum mismatch at epoch 5",
+            "holds committed epoch 4",
+        ],
+    );
+    assert_went_on_unprotected(&pair.primary);
+    eprintln!("backup: {line}\nproxy: {report:?}");
+    // The backup's image holds epoch 4 whole: every block on it checks out, and no journal
+    // is left to complete.
+    assert!(!std::path::Path::new(&format!("{}.lockstep-journal", dir.arg("b.img"))).exists());
+    let check = lockstep(&[
+        "run",
+        "--mem",
+        "64M",
+        "--guest",
+        "builtin",
+        "--guest-args",
+        "workload=disk blocks=1024 mode=check",
+        "--disk",
+        &format!("{b},readonly"),
+        "--console",
+        &dir.arg("check.txt"),
+    ]);
+    check.assert_success();
+    let out = read_console(dir.join("check.txt").as_ref());
+    assert!(
+        out.contains(" damaged=0") && !out.contains("MISMATCH"),
+        "{out}"
+    );
+}
+
+/// A tmpfs mounted for the test (unmounted on drop).
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(at: std::path::PathBuf, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(&at).unwrap();
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&at)
+            .status()
+            .expect("run mount");
+        assert!(
+            st.success(),
+            "mount -t tmpfs failed (the disk tests run as root)"
+        );
+        Tmpfs(at)
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_backup_whose_disk_fills_up_leaves_and_the_primary_goes_on() {
+    if !kvm_required() {
+        return;
+    }
+    let _serial = one_pair_at_a_time();
+    let dir = TempDir::new("repl-disk-full");
+    image(&dir.join("p.img"), 16 << 20);
+    // Room for the image and 64 KiB more: the backup reserves the image's blocks at start,
+    // so the first busy epoch's journal is what finds the file system full.
+    let fs = Tmpfs::mount(dir.join("fs"), "16448k");
+    let b = fs.0.join("b.img");
+    image(&b, 16 << 20);
+    let p = format!("path={}", dir.arg("p.img"));
+    let bd = format!("path={}", b.display());
+    let pair = replicate(
+        &["--console", "none", "--disk", &bd],
+        &[
+            "--mem",
+            "64M",
+            "--guest",
+            "builtin",
+            "--guest-args",
+            "workload=disk blocks=2048 rate=0 seconds=3",
+            "--console",
+            "none",
+            "--disk",
+            &p,
+        ],
+    );
+    let line = assert_failed_with(
+        &pair.backup,
+        &[
+            "No space left on device",
+            "the image holds epoch",
+            "left replication",
+        ],
+    );
+    assert!(
+        pair.primary.status.success()
+            && pair.primary.stderr.contains("the backup stopped in order")
+            && pair.primary.stderr.contains("No space left on device")
+            && pair.primary.stderr.contains("UNPROTECTED"),
+        "the primary should go on without its backup, saying why: {:?}",
+        pair.primary
+    );
+    eprintln!("backup: {line}");
+    // Too small for the image at all: refused at start.
+    drop(pair);
+    let small = Tmpfs::mount(dir.join("small"), "8m");
+    let s = small.0.join("s.img");
+    image(&s, 16 << 20);
+    lockstep(&[
+        "backup",
+        "--insecure",
+        "--listen",
+        "127.0.0.1:0",
+        "--disk",
+        &format!("path={}", s.display()),
+    ])
+    .assert_one_line_error(&["s.img", "cannot reserve the image's 16777216 bytes"]);
 }

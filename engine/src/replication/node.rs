@@ -411,26 +411,17 @@ impl Node {
                 .is_some_and(|(at, _)| started.elapsed() >= *at);
             if let Some((_, dir)) = snapshot.take_if(|_| due) {
                 let (state, timing) = machine.pause_and_capture()?;
-                let written = snapshot::write(&dir, &state, machine.memory())?;
-                let ends_here = machine.disks().iter().any(|d| d.writable());
-                if !ends_here {
-                    machine.resume()?;
-                }
+                let images: Vec<PathBuf> = machine.disks().iter().map(|d| d.image().0).collect();
+                let written = snapshot::write(&dir, &state, machine.memory(), &images)?;
+                machine.resume()?;
                 info!(
-                    "snapshot written to {} ({} KiB of non-zero memory; pause {} us)",
+                    "snapshot written to {} ({} KiB of non-zero memory, {} disk image copies; \
+                     pause {} us)",
                     dir.display(),
                     written >> 10,
+                    images.len(),
                     timing.captured.as_micros()
                 );
-                if ends_here {
-                    // The snapshot does not copy the images: restoring it needs each
-                    // image as it is now, so the guest may not write them any further.
-                    info!(
-                        "the run ends at its snapshot: the guest has a writable disk, which \
-                         `lockstep restore` needs as the snapshot left it"
-                    );
-                    return Ok(Driven::Ended(0));
-                }
             }
         }
     }
