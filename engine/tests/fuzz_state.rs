@@ -323,7 +323,7 @@ fn written_snapshot(s: &Shape, fill: u8) -> (PathBuf, Vec<u8>) {
         .collect();
     mem.write_slice(&contents, GuestAddress(0)).unwrap();
     let dir = scratch_dir();
-    snapshot::write(&dir, &machine(&shape), &mem).unwrap();
+    snapshot::write(&dir, &machine(&shape), &mem, &[]).unwrap();
     (dir, contents)
 }
 
