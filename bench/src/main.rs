@@ -9,6 +9,7 @@
 
 mod args;
 mod checkpoint;
+mod disk;
 mod failover;
 mod harvest;
 mod link;
@@ -37,6 +38,13 @@ const SUBCOMMANDS: &[(&str, &str)] = &[
          and interval, guest progress protected / unprotected, pre-copy and dirty storms \
          [--seconds S (3)] [--intervals 5,25] [--pages 100,1000,10000] [--mem 256M] \
          [--wss 128M] [--sync on|off (on)]",
+    ),
+    (
+        "disk",
+        "disk replication, protected / unprotected in one run: kv aof=on under \
+         redis-benchmark (SET/s, p50/p99), the disk workload's writes/s, the initial disk \
+         sync rate [--requests N (5000)] [--clients LIST (20,1)] [--interval-ms MS (25)] \
+         [--seconds S (5)] [--image MiB (256)]",
     ),
     (
         "failover",
@@ -114,6 +122,7 @@ fn dispatch(args: &[String]) -> Result<(), BenchError> {
     match cmd.as_str() {
         "pause" => pause::run(&Args::parse("pause", rest, pause::OPTIONS)?),
         "checkpoint" => checkpoint::run(&Args::parse("checkpoint", rest, checkpoint::OPTIONS)?),
+        "disk" => disk::run(&Args::parse("disk", rest, disk::OPTIONS)?),
         "failover" => failover::run(&Args::parse("failover", rest, failover::OPTIONS)?),
         "harvest" => harvest::run(&Args::parse("harvest", rest, harvest::OPTIONS)?),
         "link" => link::run(&Args::parse("link", rest, link::OPTIONS)?),

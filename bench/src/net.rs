@@ -29,21 +29,21 @@ pub enum NetError {
 }
 
 #[derive(Clone, Copy, Default)]
-struct Figures {
-    rps: f64,
-    p50_ms: f64,
-    p99_ms: f64,
+pub(crate) struct Figures {
+    pub(crate) rps: f64,
+    pub(crate) p50_ms: f64,
+    pub(crate) p99_ms: f64,
 }
 
 #[derive(Clone, Copy)]
-enum Mode {
+pub(crate) enum Mode {
     Unprotected,
     Early,
     NoEarly,
 }
 
 impl Mode {
-    fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Mode::Unprotected => "unprotected",
             Mode::Early => "protected, early checkpoint",
@@ -75,12 +75,13 @@ pub fn run_bench(args: &Args) -> Result<(), BenchError> {
     let mut results = Vec::new();
     for mode in [Mode::Unprotected, Mode::Early, Mode::NoEarly] {
         eprintln!("bench net: {} ...", mode.name());
-        let r = measure(&ns, bin, &work, mode, requests, &clients, interval).map_err(|why| {
-            NetError::Run {
-                mode: mode.name(),
-                why,
-            }
-        })?;
+        let r =
+            measure(&ns, bin, &work, mode, requests, &clients, interval, None).map_err(|why| {
+                NetError::Run {
+                    mode: mode.name(),
+                    why,
+                }
+            })?;
         results.push((mode, r));
     }
     drop(ns);
@@ -92,7 +93,11 @@ pub fn run_bench(args: &Args) -> Result<(), BenchError> {
     Ok(())
 }
 
-fn measure(
+/// redis-benchmark's SET and GET figures per client count against the kv guest run as
+/// `mode`; with `disk` (bytes), the guest has a fresh disk of that size and logs every
+/// write on it before replying (`aof=on`), and a protected guest's backup keeps a copy.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn measure(
     ns: &Netns,
     bin: &Path,
     work: &Path,
@@ -100,17 +105,36 @@ fn measure(
     requests: u64,
     clients: &[u64],
     interval: u64,
+    disk: Option<u64>,
 ) -> Result<Vec<[Figures; 2]>, String> {
     let console = work.join(format!("console-{}", mode as u8));
     let _ = std::fs::remove_file(&console);
-    let kv = [
+    let image = |name: &str| -> Result<String, String> {
+        let path = work.join(format!("{name}-{}.img", mode as u8));
+        std::fs::File::create(&path)
+            .and_then(|f| f.set_len(disk.unwrap_or(0)))
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(format!("path={}", path.display()))
+    };
+    let (guest_disk, backup_disk) = match disk {
+        Some(_) => (Some(image("guest")?), Some(image("backup")?)),
+        None => (None, None),
+    };
+    let mut kv = vec![
         "--guest",
         "builtin",
         "--net",
         "tap=tap0",
         "--guest-args",
-        "workload=kv ip=10.0.0.2/24",
+        if disk.is_some() {
+            "workload=kv ip=10.0.0.2/24 aof=on"
+        } else {
+            "workload=kv ip=10.0.0.2/24"
+        },
     ];
+    if let Some(d) = &guest_disk {
+        kv.extend(["--disk", d]);
+    }
     let console_arg = console.display().to_string();
     let spawn = |name: &str, args: Vec<&str>| {
         Proc::spawn(
@@ -123,15 +147,16 @@ fn measure(
     match mode {
         Mode::Unprotected => {
             let mut args = vec!["run"];
-            args.extend(kv);
+            args.extend(kv.iter().copied());
             args.extend(["--console", &console_arg]);
             procs.push(spawn("run", args)?);
         }
         Mode::Early | Mode::NoEarly => {
-            procs.push(spawn(
-                "backup",
-                vec!["backup", "--insecure", "--listen", "127.0.0.1:7600"],
-            )?);
+            let mut args = vec!["backup", "--insecure", "--listen", "127.0.0.1:7600"];
+            if let Some(d) = &backup_disk {
+                args.extend(["--disk", d]);
+            }
+            procs.push(spawn("backup", args)?);
             let interval = interval.to_string();
             let mut args = vec![
                 "primary",
@@ -141,7 +166,7 @@ fn measure(
                 "--interval-ms",
                 &interval,
             ];
-            args.extend(kv);
+            args.extend(kv.iter().copied());
             args.extend(["--console", &console_arg]);
             if let Mode::NoEarly = mode {
                 args.push("--no-early-checkpoint");
@@ -164,7 +189,11 @@ fn measure(
 }
 
 /// redis-benchmark's SET and GET figures with `clients` connections.
-fn redis_benchmark(ns: &Netns, requests: u64, clients: u64) -> Result<[Figures; 2], String> {
+pub(crate) fn redis_benchmark(
+    ns: &Netns,
+    requests: u64,
+    clients: u64,
+) -> Result<[Figures; 2], String> {
     let out = Command::new("timeout")
         .arg("300")
         .args([
