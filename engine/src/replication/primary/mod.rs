@@ -546,7 +546,7 @@ pub fn protect(machine: &mut Machine, opts: PrimaryOptions) -> Result<ProtectEnd
                 break Ok(exit);
             }
         });
-    match ran {
+    let end = match ran {
         Ok(_) if p.handed => {
             p.publish_figures();
             status::update(|s| s.guest = GuestState::Paused);
@@ -581,7 +581,13 @@ pub fn protect(machine: &mut Machine, opts: PrimaryOptions) -> Result<ProtectEnd
             p.without_backup(BackupLoss::Send(e))
         }
         Err(e) => Err(e),
+    };
+    // No epoch takes the disks' writes any more: a guest that runs on unprotected must not
+    // pile them up (a later protect starts its own disk sync).
+    for d in p.machine.disks() {
+        d.record_writes(false);
     }
+    end
 }
 
 fn connect(link: &LinkSecurity, peer: &str, timeout: Duration) -> Result<Connection, PrimaryError> {
