@@ -332,6 +332,10 @@ struct ReplicationArgs {
     /// end an epoch once the guest dirtied N pages (default 4096): bounds each pause
     #[arg(long, value_name = "N")]
     max_epoch_pages: Option<usize>,
+    /// at PCT% of each epoch, copy the pages dirtied so far while the guest runs, so the
+    /// pause copies only those written since (default 75; 0: everything in the pause)
+    #[arg(long, value_name = "PCT")]
+    epoch_precopy_pct: Option<u32>,
     /// how long to retry connecting to the backup (default 10)
     #[arg(long, value_name = "S")]
     connect_timeout_s: Option<u64>,
@@ -1066,6 +1070,10 @@ fn replication(
         Some(s) => Duration::from_secs(in_range("connect-timeout-s", s, 0..=MAX_SECONDS)?),
     };
     let backup_timeout = heartbeat_timeout(r.heartbeat_timeout_ms)?;
+    let epoch_precopy_pct = match r.epoch_precopy_pct {
+        None => defaults.epoch_precopy_pct,
+        Some(p) => in_range("epoch-precopy-pct", p, 0..=95)?,
+    };
     let (fence, agent) = fencing(f, name, delay_given, backup)?;
     Ok((
         fence,
@@ -1079,6 +1087,7 @@ fn replication(
             early_checkpoint: !r.no_early_checkpoint,
             min_interval,
             max_epoch_pages,
+            epoch_precopy_pct,
             ..defaults
         },
     ))

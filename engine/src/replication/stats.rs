@@ -152,6 +152,11 @@ pub struct PrimaryStats {
     pub harvested_us: Samples,
     /// Until the pages were copied (µs).
     pub copied_us: Samples,
+    /// The early copy of an epoch's pages while the guest ran (µs), and its pages
+    /// (`epoch_precopy_pct`); the guest is not paused for it.
+    pub early_copy_us: Samples,
+    /// Pages of each early copy.
+    pub early_pages: Samples,
     /// Pause start until the backup's ack (µs).
     pub commit_us: Samples,
     /// The pauses of the last minute (µs), for the control socket.
@@ -176,12 +181,16 @@ impl PrimaryStats {
     /// Where the pause goes, p50 of the cumulative times.
     pub fn pause_breakdown(&self) -> String {
         format!(
-            "pause p50 (cumulative, us): parked={} captured={} harvested={} copied={} resumed={}",
+            "pause p50 (cumulative, us): parked={} captured={} harvested={} copied={} resumed={}; \
+             copied while running: {} epochs, p50 {} pages in {} us",
             self.parked_us.percentile(50.0),
             self.captured_us.percentile(50.0),
             self.harvested_us.percentile(50.0),
             self.copied_us.percentile(50.0),
             self.pause_us.percentile(50.0),
+            self.early_pages.len(),
+            self.early_pages.percentile(50.0),
+            self.early_copy_us.percentile(50.0),
         )
     }
 

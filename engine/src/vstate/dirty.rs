@@ -147,6 +147,45 @@ impl DirtySet {
     }
 }
 
+/// Merges two copies of pages into one, page by page in pfn order: `late` (pages copied
+/// at an epoch's pause) and `early` (pages copied while the epoch ran, before their dirty
+/// bits were harvested again). A page in both is taken from `late`: it was written after
+/// its early copy. Each side is `(pfns, data)`, pfns sorted and unique, page `i` at
+/// `data[i * 4096..]`. The result goes to `out_pfns` / `out_data` (cleared first).
+pub fn merge_copies(
+    late: (&[u64], &[u8]),
+    early: (&[u64], &[u8]),
+    out_pfns: &mut Vec<u64>,
+    out_data: &mut Vec<u8>,
+) {
+    let page = crate::boot::abi::PAGE_SIZE as usize;
+    out_pfns.clear();
+    out_data.clear();
+    out_pfns.reserve(late.0.len() + early.0.len());
+    out_data.reserve(late.1.len() + early.1.len());
+    let (mut i, mut j) = (0, 0);
+    while i < late.0.len() || j < early.0.len() {
+        let take_late = match (late.0.get(i), early.0.get(j)) {
+            (Some(a), Some(b)) if a == b => {
+                j += 1;
+                true
+            }
+            (Some(a), Some(b)) => a < b,
+            (Some(_), None) => true,
+            _ => false,
+        };
+        if take_late {
+            out_pfns.push(late.0[i]);
+            out_data.extend_from_slice(&late.1[i * page..(i + 1) * page]);
+            i += 1;
+        } else {
+            out_pfns.push(early.0[j]);
+            out_data.extend_from_slice(&early.1[j * page..(j + 1) * page]);
+            j += 1;
+        }
+    }
+}
+
 /// Where a VM's dirty pages are tracked, chosen when it is created: KVM's dirty bitmap
 /// ([`DirtyLog`], the default) or the per-vCPU dirty rings ([`super::dirty_ring`]). Either
 /// way, what the VMM and devices wrote through vm-memory is ORed in.
@@ -325,6 +364,25 @@ fn clear(vm: &VmFd, slot: u32, len: usize, bitmap: &[u64]) -> Result<(), DirtyEr
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn merged_copies_take_the_late_page_where_both_have_one() {
+        let page = |b: u8| vec![b; 4096];
+        let late = ([2u64, 5, 9], [page(20), page(50), page(90)].concat());
+        let early = ([1u64, 5, 7], [page(1), page(5), page(7)].concat());
+        let (mut pfns, mut data) = (vec![99], vec![1]);
+        merge_copies(
+            (&late.0, &late.1),
+            (&early.0, &early.1),
+            &mut pfns,
+            &mut data,
+        );
+        assert_eq!(pfns, [1, 2, 5, 7, 9]);
+        let firsts: Vec<u8> = data.chunks(4096).map(|p| p[0]).collect();
+        assert_eq!(firsts, [1, 20, 50, 7, 90]);
+        merge_copies((&[], &[]), (&early.0, &early.1), &mut pfns, &mut data);
+        assert_eq!((pfns.len(), data.len()), (3, 3 * 4096));
+    }
     use super::*;
 
     #[test]

@@ -76,6 +76,8 @@ fn every_role_that_may_run_the_guest_takes_the_replication_options() {
         "2",
         "--max-epoch-pages",
         "512",
+        "--epoch-precopy-pct",
+        "50",
         "--on-backup-loss",
         "pause",
         "--connect-timeout-s",
@@ -95,6 +97,7 @@ fn every_role_that_may_run_the_guest_takes_the_replication_options() {
         assert!(!o.early_checkpoint, "{command:?}");
         assert_eq!(o.window, 2, "{command:?}");
         assert_eq!(o.max_epoch_pages, 512, "{command:?}");
+        assert_eq!(o.epoch_precopy_pct, 50, "{command:?}");
         assert_eq!(o.on_backup_loss, OnBackupLoss::Pause, "{command:?}");
         assert_eq!(o.connect_timeout, Duration::from_secs(3), "{command:?}");
         assert_eq!(o.backup_timeout, Duration::from_millis(700), "{command:?}");
@@ -133,6 +136,7 @@ fn bad_replication_options_are_refused_on_every_role() {
             ),
             (&["--window", "0"][..], "--window must be at least 1"),
             (&["--max-epoch-pages", "0"][..], "--max-epoch-pages"),
+            (&["--epoch-precopy-pct", "96"][..], "--epoch-precopy-pct 96"),
             (&["--on-backup-loss", "later"][..], "--on-backup-loss later"),
             (
                 &["--heartbeat-timeout-ms", "0"][..],

@@ -119,6 +119,7 @@ impl Primary<'_> {
                 last_published = Instant::now();
                 self.publish_figures();
             }
+            self.copy_early(last_start)?;
             let now = Instant::now();
             let output_waits = early
                 && now >= last_start + self.opts.min_interval
@@ -178,7 +179,7 @@ impl Primary<'_> {
             self.next_dirty_count = far_future();
             return Ok(false);
         };
-        let count = count + self.carry.len() as u64;
+        let count = count + self.carry.len() as u64 + self.early.len() as u64;
         let cap = self.opts.max_epoch_pages as u64;
         self.dirty_full = count >= cap;
         let ran = now.saturating_duration_since(since).max(DIRTY_POLL_MIN);
@@ -188,6 +189,26 @@ impl Primary<'_> {
         };
         self.next_dirty_count = now + (eta / 2).clamp(DIRTY_POLL_MIN, DIRTY_POLL_MAX);
         Ok(self.dirty_full)
+    }
+
+    /// Pre-copy inside the epoch: once `epoch_precopy_pct` of the interval has passed since
+    /// the epoch began at `since`, the pages dirtied so far are harvested and copied while
+    /// the guest runs. A page written after its harvest is dirty again at the pause and
+    /// copied there; that copy wins (`merge_copies`), so the epoch is exactly the memory
+    /// at the pause. Skipped for epochs that end before that point (early checkpoints).
+    pub(super) fn copy_early(&mut self, since: Instant) -> Result<(), PrimaryError> {
+        let pct = self.opts.epoch_precopy_pct;
+        if pct == 0 || self.early_done || since.elapsed() < self.opts.interval * pct / 100 {
+            return Ok(());
+        }
+        self.early_done = true;
+        let t = Instant::now();
+        self.machine.harvest(&mut self.early)?;
+        self.early
+            .copy_out(self.machine.memory(), &mut self.early_buf)?;
+        self.stats.early_copy_us.push_duration(t.elapsed());
+        self.stats.early_pages.push(self.early.len() as u64);
+        Ok(())
     }
 
     /// The guest has dirtied an epoch's worth, but the window is full or the last epoch
@@ -244,7 +265,7 @@ impl Primary<'_> {
         let copied = t0.elapsed();
         // Where the dirty set cannot be counted while the guest runs, an epoch may not fit
         // next to those in flight: the guest stays paused until it does.
-        let room = self.buf.len() as u64 + disk_bytes + STATE_ALLOWANCE;
+        let room = (self.buf.len() + self.early_buf.len()) as u64 + disk_bytes + STATE_ALLOWANCE;
         if !self.inflight.lock().has_room(room) {
             self.stats.throttled += 1;
             let t = Instant::now();
@@ -261,7 +282,12 @@ impl Primary<'_> {
         self.epoch += 1;
         let epoch = self.epoch;
         let blob = state.to_blob();
-        let bytes = (self.buf.len() + blob.len()) as u64 + disk_bytes;
+        // The early copy's pages that were not written again since (the pause's copy of
+        // the others wins when the sender merges them).
+        let early = std::mem::take(&mut self.early_done)
+            .then(|| (self.early.take_vec(), std::mem::take(&mut self.early_buf)));
+        let early_pages = early.as_ref().map_or(0, |(p, _)| p.len());
+        let bytes = (self.buf.len() + blob.len() + early_pages * PAGE_SIZE) as u64 + disk_bytes;
         self.inflight.lock().sent(epoch, bytes)?;
         self.pause_start.insert(epoch, t0);
         if pause >= LONG_PAUSE {
@@ -283,7 +309,7 @@ impl Primary<'_> {
         st.captured_us.push_duration(timing.captured);
         st.harvested_us.push_duration(harvested);
         st.copied_us.push_duration(copied);
-        st.pages.push(self.pfns.len() as u64);
+        st.pages.push((self.pfns.len() + early_pages) as u64);
         metrics::checkpoint(pause, self.pfns.len() as u64);
         if last {
             self.last_state = Some(blob.clone());
@@ -292,6 +318,7 @@ impl Primary<'_> {
             epoch,
             pfns: self.pfns.take_vec(),
             data: std::mem::take(&mut self.buf),
+            early,
             blob,
             disks,
         };

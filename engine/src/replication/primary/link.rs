@@ -126,6 +126,9 @@ pub(super) struct EpochJob {
     pub(super) epoch: u64,
     pub(super) pfns: Vec<u64>,
     pub(super) data: Vec<u8>,
+    /// Pages copied while the epoch ran and not written again before its pause (pfns,
+    /// data): merged into `pfns`/`data` by the sender, those win.
+    pub(super) early: Option<(Vec<u64>, Vec<u8>)>,
     pub(super) blob: Vec<u8>,
     /// The epoch's disk writes, per disk: `(byte offset, data)` in completion order.
     pub(super) disks: Vec<Vec<(u64, bytes::Bytes)>>,
@@ -148,7 +151,18 @@ pub(super) fn spawn_sender(
     std::thread::Builder::new()
         .name("epoch-sender".into())
         .spawn(move || {
-            for job in rx {
+            let (mut merged_pfns, mut merged_data) = (Vec::new(), Vec::new());
+            for mut job in rx {
+                if let Some((early_pfns, early_data)) = job.early.take() {
+                    crate::vstate::dirty::merge_copies(
+                        (&job.pfns, &job.data),
+                        (&early_pfns, &early_data),
+                        &mut merged_pfns,
+                        &mut merged_data,
+                    );
+                    std::mem::swap(&mut job.pfns, &mut merged_pfns);
+                    std::mem::swap(&mut job.data, &mut merged_data);
+                }
                 let result = StagedPages::new(&job.pfns, &job.data).and_then(|staged| {
                     let mut l = link.lock().unwrap_or_else(|e| e.into_inner());
                     let r = send_epoch(

@@ -217,6 +217,11 @@ pub struct PrimaryOptions {
     /// How the link to the backup is secured (mutual TLS, or explicitly none); `None`: not
     /// configured, and the process cannot protect its guest.
     pub link: Option<LinkSecurity>,
+    /// At this share of the interval (%), the pages dirtied so far are harvested and copied
+    /// while the guest runs; the pause then copies only the pages written since (0: all
+    /// in the pause). Pre-copy inside the epoch, as live migration's rounds do before
+    /// its stop-and-copy.
+    pub epoch_precopy_pct: u32,
 }
 
 impl PrimaryOptions {
@@ -237,6 +242,7 @@ impl PrimaryOptions {
             min_interval: Duration::from_millis(2),
             max_epoch_pages: DEFAULT_MAX_EPOCH_PAGES,
             link: None,
+            epoch_precopy_pct: DEFAULT_EPOCH_PRECOPY_PCT,
         }
     }
 }
@@ -257,6 +263,9 @@ pub(super) const NO_SESSION: u64 = u64::MAX;
 
 /// Default epoch interval; see README ("Choosing the interval").
 pub const DEFAULT_INTERVAL: Duration = Duration::from_millis(25);
+/// Default share of the interval after which an epoch's dirty pages so far are copied
+/// while the guest runs (%); see README ("Choosing the interval").
+pub const DEFAULT_EPOCH_PRECOPY_PCT: u32 = 75;
 /// Default number of unacknowledged epochs in flight.
 pub const DEFAULT_WINDOW: usize = 4;
 /// Bytes of unacknowledged epochs allowed in flight.
@@ -313,6 +322,12 @@ struct Primary<'m> {
     /// Pages dirtied during pre-copy but not sent yet: they go with epoch 1.
     carry: DirtySet,
     buf: Vec<u8>,
+    /// The pages of the running epoch copied while it ran (`epoch_precopy_pct`), and their
+    /// data; the pause copies what was written since, which wins over these.
+    early: DirtySet,
+    early_buf: Vec<u8>,
+    /// Whether this epoch's early copy is done.
+    early_done: bool,
     epoch: u64,
     pause_start: HashMap<u64, Instant>,
     /// The state blob of the final epoch, for the digest.
@@ -518,6 +533,9 @@ pub fn protect(machine: &mut Machine, opts: PrimaryOptions) -> Result<ProtectEnd
         pfns: DirtySet::default(),
         carry: DirtySet::default(),
         buf: Vec::new(),
+        early: DirtySet::default(),
+        early_buf: Vec::new(),
+        early_done: false,
         epoch: 0,
         pause_start: HashMap::new(),
         last_state: None,
