@@ -53,8 +53,9 @@ const SUBCOMMANDS: &[(&str, &str)] = &[
     ),
     (
         "harvest",
-        "dirty harvest per epoch, bitmap (manual protect) vs dirty ring, same workload \
-         [--samples N (40)] [--pages 1000,10000,50000]",
+        "dirty harvest and pause per epoch, bitmap (manual protect) vs dirty ring, same \
+         workload, per guest size [--samples N (40)] [--pages 1000,10000,50000] \
+         [--mem 1G,4G,16G (512M)]",
     ),
     (
         "link",
