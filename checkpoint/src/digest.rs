@@ -52,6 +52,8 @@ impl fmt::LowerHex for DigestValue {
 
 /// Seed of the state blob's hash (distinct from any page address seed in practice).
 const STATE_SEED: u64 = 0x5354_4154_455f_4c4b;
+/// Seed of the hashes of the epoch's output frames.
+const OUTPUT_SEED: u64 = 0x4f55_5450_5554_5f4c;
 /// Seed of the final mixing hash.
 const FINAL_SEED: u64 = 0x4c4f_434b_5354_4550;
 
@@ -79,6 +81,13 @@ impl Digest {
         for (i, page) in bytes.chunks(PAGE_SIZE).enumerate() {
             self.add_page(gpa + (i * PAGE_SIZE) as u64, page);
         }
+    }
+
+    /// Adds the `index`-th network frame the guest sent during the epoch (an epoch's
+    /// output is part of what its digest covers; the index makes the order count).
+    pub fn add_output(&mut self, index: u64, frame: &[u8]) {
+        let seed = OUTPUT_SEED ^ index.wrapping_add(1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        self.sum = self.sum.wrapping_add(xxh64(frame, seed));
     }
 
     /// Folds another accumulator (e.g. another worker's share) into this one.

@@ -216,6 +216,14 @@ fn sample_messages() -> Vec<Message> {
             new_backup: String::new(),
         },
         Message::Leave { epoch: 7 },
+        Message::Output {
+            epoch: 7,
+            released: 6,
+            frames: vec![
+                Bytes::from_static(&[0x52; 60]),
+                Bytes::from_static(&[1; 1514]),
+            ],
+        },
     ]
 }
 

@@ -11,6 +11,7 @@
 //!     |   resume; encode on workers                             |  epoch committed yet)
 //!     |-- EpochBegin {E, page count, state length} ------------>|  open staging for E
 //!     |-- Pages {E, (pfn, encoding, payload)...} x M ---------->|  decode into staging
+//!     |-- Output {E, released, the guest's frames of E} ------->|  only if E has output
 //!     |-- State {E, vCPU + device blob} ----------------------->|
 //!     |-- EpochCommit {E, pages, frames, digest} -------------->|  verify all, apply
 //!     |<-- Ack {E}  | Nack {E, reason} -------------------------|  whole or not at all
@@ -30,9 +31,16 @@
 //! A backup that stops in order (SIGTERM, `POST /stop`) sends `Leave` first: it drops its
 //! replica and will never promote, so the primary goes on unprotected without fencing it.
 //!
-//! `Handover` and `Leave` were added without a version bump: an older backup rejects it as an unknown
-//! kind and the link breaks, which each side handles as the other lost (fencing as
-//! configured; the primary keeps the guest).
+//! `Output` carries the network frames the guest sent during epoch E, held by the
+//! primary's egress buffer until `Ack {E}` comes back. The backup keeps them with the
+//! committed epoch (they count in the epoch's digest) and, should it promote, sends them
+//! on its tap before the guest runs: output that the backup had acknowledged but the dead
+//! primary had not yet let out reaches the client without waiting for the guest's
+//! retransmission timer. An epoch whose output fits no single frame sends several.
+//!
+//! `Handover`, `Leave` and `Output` were added without a version bump: an older peer
+//! rejects them as an unknown kind and the link breaks, which each side handles as the
+//! other lost (fencing as configured; the primary keeps the guest).
 //!
 //! The primary may send epoch E+1 before `Ack {E}` arrives, up to a small window (see
 //! [`InFlight`](crate::inflight::InFlight)); the backup applies epochs strictly in order.
@@ -62,6 +70,7 @@
 //! | End | E | digest u64 |
 //! | Handover | E | primary: the old primary's backup listener, UTF-8 `host:port`, or empty; backup: empty (taken) |
 //! | Leave | committed epoch | none (backup to primary: it stops in order and drops its replica) |
+//! | Output | E | released u64 (the last epoch whose output the primary had let out when it sent this), n u32, 0 u32, n x (length u32, frame) |
 //!
 //! Every 0 in this table is checked: a frame with anything else there is malformed, so a
 //! message has exactly one encoding.
@@ -77,7 +86,7 @@ use thiserror::Error;
 use crate::codec::CodecError;
 
 pub use batch::{PageBatch, PageEntry, PageIter, PagesFrameBuilder};
-pub use message::{decode_frame, Hello, MemoryRegion, Message};
+pub use message::{decode_frame, Hello, MemoryRegion, Message, OUTPUT_FIXED_LEN};
 
 /// Frame magic, `"LKSP"` on the wire.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"LKSP");
@@ -227,10 +236,12 @@ pub enum MessageKind {
     Handover = 13,
     /// The backup stops in order and drops its replica: it will never promote.
     Leave = 14,
+    /// The network frames the guest sent during an epoch (held for its ack).
+    Output = 15,
 }
 
 impl MessageKind {
-    const ALL: [MessageKind; 14] = [
+    const ALL: [MessageKind; 15] = [
         MessageKind::Hello,
         MessageKind::HelloOk,
         MessageKind::Refuse,
@@ -245,6 +256,7 @@ impl MessageKind {
         MessageKind::End,
         MessageKind::Handover,
         MessageKind::Leave,
+        MessageKind::Output,
     ];
 
     /// Parses the kind byte.
@@ -500,6 +512,16 @@ mod tests {
                 new_backup: "127.0.0.1:7602".into(),
             },
             Message::Leave { epoch: 7 },
+            Message::Output {
+                epoch: 7,
+                released: 5,
+                frames: vec![Bytes::from_static(&[0xff; 60]), Bytes::from_static(b"x")],
+            },
+            Message::Output {
+                epoch: 1,
+                released: 0,
+                frames: Vec::new(),
+            },
         ]
     }
 
@@ -644,6 +666,45 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("payload is 2 bytes, expected 0"));
+    }
+
+    #[test]
+    fn malformed_output_is_rejected() {
+        let frame = |released: u64, count: u32, body: &[u8]| {
+            let mut f = Message::Ack { epoch: 9 }.to_frame().unwrap().to_vec();
+            f[6] = MessageKind::Output as u8;
+            f.extend_from_slice(&released.to_le_bytes());
+            f.extend_from_slice(&count.to_le_bytes());
+            f.extend_from_slice(&0u32.to_le_bytes());
+            f.extend_from_slice(body);
+            Message::decode(&resealed(f))
+        };
+        let one = [3u32.to_le_bytes().as_slice(), b"abc"].concat();
+        assert!(matches!(
+            frame(8, 1, &one).unwrap().0,
+            Message::Output { epoch: 9, released: 8, ref frames } if frames[0] == b"abc"[..]
+        ));
+        let err = |r: Result<(Message, usize), ProtocolError>| r.unwrap_err().to_string();
+        assert!(err(frame(9, 1, &one)).contains("after epoch 9's output was let out"));
+        assert!(err(frame(8, 2, &one)).contains("2 frames announced in a 23-byte payload"));
+        assert!(err(frame(8, 1, &one[..6])).contains("frame 0: 3 bytes announced, 2 left"));
+        assert!(err(frame(8, 1, &[0, 0, 0, 0])).contains("frame 0: 0 bytes announced"));
+        assert!(err(frame(8, 0, &one)).contains("7 bytes after the last of 0 frames"));
+        let big = Message::Output {
+            epoch: 2,
+            released: 1,
+            frames: vec![Bytes::from(vec![1u8; MAX_PAYLOAD_LEN])],
+        };
+        assert!(matches!(big.to_frame(), Err(ProtocolError::Encode { .. })));
+        let empty = Message::Output {
+            epoch: 2,
+            released: 1,
+            frames: vec![Bytes::new()],
+        };
+        assert!(matches!(
+            empty.to_frame(),
+            Err(ProtocolError::Encode { .. })
+        ));
     }
 
     #[test]
