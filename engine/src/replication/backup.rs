@@ -190,6 +190,12 @@ pub struct Committed {
     pub memory: GuestMemory,
     /// The machine state as of that epoch.
     pub state: MachineState,
+    /// The guest's network output of the committed epochs that the primary may not have
+    /// let out yet, in the order the guest sent it (see
+    /// [`Staging::committed_output`]); a failover sends it before the guest runs.
+    pub output: Vec<bytes::Bytes>,
+    /// The epochs `output` belongs to.
+    pub output_epochs: Vec<u64>,
 }
 
 /// Runs `lockstep backup` until replication ends (see [`Outcome`]).
@@ -280,6 +286,8 @@ pub fn run_on(
             epoch: staging.committed_epoch(),
             memory,
             state: MachineState::from_blob(staging.committed_state())?,
+            output: staging.committed_output().cloned().collect(),
+            output_epochs: staging.committed_output_epochs(),
         })
     };
     match result {

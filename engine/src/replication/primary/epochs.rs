@@ -243,6 +243,13 @@ impl Primary<'_> {
         self.next_dirty_count = self.next_dirty_count.min(Instant::now() + DIRTY_POLL_MIN);
         self.epoch += 1;
         let epoch = self.epoch;
+        // The epoch's output is complete (frames sent from the capture on belong to the
+        // next one) and held until its ack: it goes to the backup with the epoch, so that
+        // a promoted backup can send what this process still held when it died.
+        let (released, output) = match &self.output {
+            Some(o) => o.held_of(self.session.load(Ordering::SeqCst), epoch),
+            None => (0, Vec::new()),
+        };
         let blob = state.to_blob();
         let bytes = (self.buf.len() + blob.len()) as u64;
         self.inflight.lock().sent(epoch, bytes)?;
@@ -276,6 +283,8 @@ impl Primary<'_> {
             pfns: self.pfns.take_vec(),
             data: std::mem::take(&mut self.buf),
             blob,
+            released,
+            output,
         };
         // The sender is idle (callers wait for it), so this does not block.
         self.jobs

@@ -121,6 +121,10 @@ pub(super) struct EpochJob {
     pub(super) pfns: Vec<u64>,
     pub(super) data: Vec<u8>,
     pub(super) blob: Vec<u8>,
+    /// The guest's network frames of the epoch, and the last epoch whose output was let
+    /// out when it was taken (see [`checkpoint::encode::EpochOutput`]).
+    pub(super) released: u64,
+    pub(super) output: Vec<bytes::Bytes>,
 }
 
 pub(super) struct EpochSent {
@@ -143,7 +147,11 @@ pub(super) fn spawn_sender(
             for job in rx {
                 let result = StagedPages::new(&job.pfns, &job.data).and_then(|staged| {
                     let mut l = link.lock().unwrap_or_else(|e| e.into_inner());
-                    let r = send_epoch(&mut l.tx, &encoder, job.epoch, &staged, &job.blob);
+                    let output = checkpoint::encode::EpochOutput {
+                        released: job.released,
+                        frames: &job.output,
+                    };
+                    let r = send_epoch(&mut l.tx, &encoder, job.epoch, &staged, &job.blob, output);
                     l.sent();
                     r
                 });
@@ -282,6 +290,7 @@ impl Primary<'_> {
         self.pfns.reuse(job.pfns);
         let summary = result?;
         self.stats.wire_bytes.push(summary.bytes);
+        self.stats.output_bytes += summary.output_bytes;
         metrics::epoch_sent(pages, summary.bytes);
         for (i, n) in summary.by_encoding.iter().enumerate() {
             self.stats.encodings[i] += n;
