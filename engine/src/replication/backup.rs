@@ -467,6 +467,10 @@ fn replicate(
                 }
             }
             Ok(Step::Committed { epoch }) => {
+                // Committed, whether or not the ack goes out now (the withholding hook).
+                status::update(|s| {
+                    s.committed_epoch = Some(epoch);
+                });
                 if let Some(d) = opts.withhold_acks {
                     let since = *withheld_since.get_or_insert_with(Instant::now);
                     if epoch > 1 && since.elapsed() < d {
@@ -475,9 +479,6 @@ fn replicate(
                 }
                 send(conn, &Message::Ack { epoch }, staging)?;
                 last_sent = Instant::now();
-                status::update(|s| {
-                    s.committed_epoch = Some(epoch);
-                });
                 metrics::committed(None);
                 status::set_protection(Protection::Protected, "the first epoch committed");
                 if epoch == 1 {

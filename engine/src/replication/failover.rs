@@ -250,7 +250,8 @@ pub fn promote(
             let sent = n.replay(&output);
             let bytes: usize = output.iter().map(bytes::Bytes::len).sum();
             info!(
-                "sent {sent} of {} frames ({bytes} bytes) of committed output the old primary                  may not have let out (epochs {})",
+                "sent {sent} of {} frames ({bytes} bytes) of committed output the old primary \
+                 may not have let out (epochs {})",
                 output.len(),
                 epoch_list(&epochs)
             );
