@@ -74,6 +74,8 @@ fn demo(seconds: f64) -> Result<bool, String> {
         port: 7600,
         verbose: true,
         reprotect: true,
+        loss: Default::default(),
+        extra: Vec::new(),
     };
     let result = trial(&ns, &cfg);
     drop(ns);

@@ -157,6 +157,8 @@ fn sigkill_of_the_primary_at_random_moments_loses_no_acknowledged_write() {
             port: 7600 + t as u16,
             verbose: false,
             reprotect: false,
+            loss: Default::default(),
+            extra: Vec::new(),
         };
         let o = trial(&ns, &cfg).expect("trial setup");
         let verdict = check_trial(&o);

@@ -336,6 +336,7 @@ fn replicate(
     let mut handover: Option<String> = None;
     // An operator's failover fencing the primary while replication goes on.
     let mut fencing: Option<Receiver<Result<u32, FenceError>>> = None;
+    let mut silence_record = Duration::ZERO;
     loop {
         if stop_requested() {
             // An orderly end: the primary learns that this replica is dropped and can
@@ -411,7 +412,15 @@ fn replicate(
             }
         }
         let msg = match conn.recv(Some(timeout)) {
-            Ok(m) => m,
+            Ok(m) => {
+                super::near_miss(
+                    "primary",
+                    conn.longest_silence(),
+                    opts.heartbeat_timeout,
+                    &mut silence_record,
+                );
+                m
+            }
             Err(TransportError::Timeout(_))
                 if conn.last_activity().elapsed() >= opts.heartbeat_timeout =>
             {
@@ -502,7 +511,11 @@ fn replicate(
                         local: local.to_string(),
                     });
                 }
-                info!("replication ended cleanly at epoch {epoch} ({rejected} epochs rejected)");
+                info!(
+                    "replication ended cleanly at epoch {epoch} ({rejected} epochs rejected; \
+                     the primary's longest silence {} ms)",
+                    conn.longest_silence().as_millis()
+                );
                 if handover.is_some() {
                     info!(
                         "the primary HANDED OVER the guest at epoch {epoch} (planned switchover)"

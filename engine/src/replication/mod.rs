@@ -56,6 +56,23 @@ pub fn stop_requested() -> bool {
     STOP.load(Ordering::SeqCst)
 }
 
+/// Reports a near miss: when the longest silence of the peer seen so far (`silence`, from
+/// the transport) is a new record of at least half the heartbeat `timeout`, a warning
+/// says so, once per record. A busy host or link that comes close to a false failover
+/// shows in the log before one happens.
+pub(crate) fn near_miss(peer: &str, silence: Duration, timeout: Duration, record: &mut Duration) {
+    if silence > *record && silence * 2 >= timeout {
+        *record = silence;
+        crate::warn!(
+            "the {peer} was silent for {} ms, {:.0}% of the heartbeat timeout ({} ms): a \
+             busy host or a slow link; a silence of the whole timeout counts as the {peer} lost",
+            silence.as_millis(),
+            silence.as_secs_f64() * 100.0 / timeout.as_secs_f64(),
+            timeout.as_millis()
+        );
+    }
+}
+
 /// The guest id both sides put in the handshake: the memory layout and vCPU count already
 /// have to match; this ties a pair to the same protected VM name.
 pub fn guest_id(name: &str) -> u64 {

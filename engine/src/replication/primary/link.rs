@@ -58,6 +58,9 @@ impl Heartbeats {
         let thread = std::thread::Builder::new()
             .name("heartbeats".into())
             .spawn(move || {
+                // On time even on a busy host, as the epoch loop: a heartbeat that waits
+                // for a CPU is a silence the backup may take for a dead primary.
+                let _realtime = super::epochs::Realtime::try_enter();
                 while !s.load(Ordering::Relaxed) {
                     std::thread::sleep(every / 2);
                     let silent = (base.elapsed().as_millis() as u64)
@@ -176,37 +179,49 @@ pub(super) fn spawn_ack_reader(
 ) {
     std::thread::Builder::new()
         .name("acks".into())
-        .spawn(move || loop {
-            let ev = match rx.recv(Some(timeout)) {
-                Ok(Message::Ack { epoch }) => match inflight.acked(epoch) {
-                    Ok(_) => {
-                        // Output commit: what the guest sent up to this epoch may leave now.
-                        if let Some((o, session)) = &output {
-                            let session = session.load(Ordering::SeqCst);
-                            if session != NO_SESSION {
-                                o.commit(session, epoch);
+        .spawn(move || {
+            let mut silence_record = Duration::ZERO;
+            loop {
+                let got = rx.recv(Some(timeout));
+                if got.is_ok() {
+                    crate::replication::near_miss(
+                        "backup",
+                        rx.longest_silence(),
+                        timeout,
+                        &mut silence_record,
+                    );
+                }
+                let ev = match got {
+                    Ok(Message::Ack { epoch }) => match inflight.acked(epoch) {
+                        Ok(_) => {
+                            // Output commit: what the guest sent up to this epoch may leave now.
+                            if let Some((o, session)) = &output {
+                                let session = session.load(Ordering::SeqCst);
+                                if session != NO_SESSION {
+                                    o.commit(session, epoch);
+                                }
+                            }
+                            AckEvent::Ack {
+                                epoch,
+                                at: Instant::now(),
                             }
                         }
-                        AckEvent::Ack {
-                            epoch,
-                            at: Instant::now(),
-                        }
-                    }
-                    Err(e) => AckEvent::Lost(BackupLoss::Ack(e)),
-                },
-                Ok(Message::Nack { epoch, reason }) => AckEvent::Nack { epoch, reason },
-                Ok(Message::Heartbeat { .. }) => continue,
-                // The backup's answer to a switchover's Handover.
-                Ok(Message::Handover { .. }) => AckEvent::Handover(Ok(())),
-                Ok(Message::Refuse { reason }) => AckEvent::Handover(Err(reason)),
-                Ok(Message::Leave { epoch }) => AckEvent::Lost(BackupLoss::Left(epoch)),
-                Ok(other) => AckEvent::Lost(BackupLoss::Unexpected(other.kind())),
-                Err(TransportError::Timeout(t)) => AckEvent::Lost(BackupLoss::Silent(t)),
-                Err(e) => AckEvent::Lost(BackupLoss::Receive(e)),
-            };
-            let last = !matches!(ev, AckEvent::Ack { .. } | AckEvent::Handover(_));
-            if events.send(ev).is_err() || last {
-                return;
+                        Err(e) => AckEvent::Lost(BackupLoss::Ack(e)),
+                    },
+                    Ok(Message::Nack { epoch, reason }) => AckEvent::Nack { epoch, reason },
+                    Ok(Message::Heartbeat { .. }) => continue,
+                    // The backup's answer to a switchover's Handover.
+                    Ok(Message::Handover { .. }) => AckEvent::Handover(Ok(())),
+                    Ok(Message::Refuse { reason }) => AckEvent::Handover(Err(reason)),
+                    Ok(Message::Leave { epoch }) => AckEvent::Lost(BackupLoss::Left(epoch)),
+                    Ok(other) => AckEvent::Lost(BackupLoss::Unexpected(other.kind())),
+                    Err(TransportError::Timeout(t)) => AckEvent::Lost(BackupLoss::Silent(t)),
+                    Err(e) => AckEvent::Lost(BackupLoss::Receive(e)),
+                };
+                let last = !matches!(ev, AckEvent::Ack { .. } | AckEvent::Handover(_));
+                if events.send(ev).is_err() || last {
+                    return;
+                }
             }
         })
         .expect("spawn the ack reader thread");
