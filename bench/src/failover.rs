@@ -106,7 +106,7 @@ fn measure(bin: &Path, work: &Path, plan: &Plan) -> Result<(), String> {
     let timeout = plan
         .extra
         .get(1)
-        .map_or("1000 (the default)".to_string(), |ms| ms.clone());
+        .map_or("(the binary's default)".to_string(), |ms| ms.clone());
     println!("\n## failover: kv guest, --heartbeat-timeout-ms {timeout}\n");
     for (m, &loss) in plan.modes.iter().enumerate() {
         trials(bin, work, plan, &ns, loss, m)?;
