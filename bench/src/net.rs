@@ -96,12 +96,12 @@ pub fn run_bench(args: &Args) -> Result<(), BenchError> {
          all bytes sent, and the guest's network output shipped with its epochs (`Output` \
          frames) among them\n"
     );
-    println!("| mode | epochs | MiB sent | output MiB | output share |");
-    println!("| --- | ---: | ---: | ---: | ---: |");
+    println!("| mode | epochs | MiB sent | output MiB | output share | commit p50 / p99 µs |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: |");
     for (mode, l) in links {
         let mib = |b: u64| b as f64 / (1 << 20) as f64;
         println!(
-            "| {} | {} | {:.2} | {} | {} |",
+            "| {} | {} | {:.2} | {} | {} | {} / {} |",
             mode.name(),
             l.epochs,
             mib(l.wire_bytes),
@@ -110,7 +110,9 @@ pub fn run_bench(args: &Args) -> Result<(), BenchError> {
             l.output_bytes.map_or("-".to_string(), |b| format!(
                 "{:.1}%",
                 b as f64 * 100.0 / l.wire_bytes.max(1) as f64
-            ))
+            )),
+            l.commit_us.0,
+            l.commit_us.1
         );
     }
     Ok(())
@@ -122,6 +124,8 @@ struct LinkBytes {
     wire_bytes: u64,
     /// `None` from a build that does not ship output.
     output_bytes: Option<u64>,
+    /// Pause start until the ack, p50 and p99 (µs), over the whole run.
+    commit_us: (u64, u64),
 }
 
 /// The figures of the last statistics line in a primary's log.
@@ -133,10 +137,17 @@ fn link_bytes(log: &str) -> Option<LinkBytes> {
             .parse()
             .ok()
     };
+    // `commit_us p50=.. p99=..`: the two words after `commit_us`.
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let at = words.iter().position(|w| *w == "commit_us")?;
+    let after = |i: usize, name: &str| -> Option<u64> {
+        words.get(at + i)?.strip_prefix(name)?.parse().ok()
+    };
     Some(LinkBytes {
         epochs: field("epochs=")?,
         wire_bytes: field("wire_bytes=")?,
         output_bytes: field("output_bytes="),
+        commit_us: (after(1, "p50=")?, after(2, "p99=")?),
     })
 }
 
