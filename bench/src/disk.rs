@@ -53,6 +53,7 @@ pub fn run(args: &Args) -> Result<(), BenchError> {
                 interval,
                 Some(64 << 20),
             )
+            .map(|(r, _)| r)
             .map_err(|e| BenchError::Failed(format!("kv aof=on, {}: {e}", mode.name())))?;
             kv.push((mode, r));
         }

@@ -73,16 +73,16 @@ pub fn run_bench(args: &Args) -> Result<(), BenchError> {
         .map_err(|e| NetError::Setup(format!("{}: {e}", work.display())))?;
     let ns = Netns::create("lsbench").map_err(NetError::Setup)?;
     let mut results = Vec::new();
+    let mut links = Vec::new();
     for mode in [Mode::Unprotected, Mode::Early, Mode::NoEarly] {
         eprintln!("bench net: {} ...", mode.name());
-        let r =
-            measure(&ns, bin, &work, mode, requests, &clients, interval, None).map_err(|why| {
-                NetError::Run {
-                    mode: mode.name(),
-                    why,
-                }
+        let (r, link) = measure(&ns, bin, &work, mode, requests, &clients, interval, None)
+            .map_err(|why| NetError::Run {
+                mode: mode.name(),
+                why,
             })?;
         results.push((mode, r));
+        links.extend(link.map(|l| (mode, l)));
     }
     drop(ns);
     let _ = std::fs::remove_dir_all(&work);
@@ -90,7 +90,64 @@ pub fn run_bench(args: &Args) -> Result<(), BenchError> {
         let rows: Vec<(Mode, [Figures; 2])> = results.iter().map(|(m, r)| (*m, r[i])).collect();
         print_table(&rows, requests, c, interval);
     }
+    println!(
+        "\nThe replication link over each protected run (the primary's statistics at its end): \
+         all bytes sent, and the guest's network output shipped with its epochs (`Output` \
+         frames) among them\n"
+    );
+    println!("| mode | epochs | MiB sent | output MiB | output share | commit p50 / p99 µs |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: |");
+    for (mode, l) in links {
+        let mib = |b: u64| b as f64 / (1 << 20) as f64;
+        println!(
+            "| {} | {} | {:.2} | {} | {} | {} / {} |",
+            mode.name(),
+            l.epochs,
+            mib(l.wire_bytes),
+            l.output_bytes
+                .map_or("-".to_string(), |b| format!("{:.2}", mib(b))),
+            l.output_bytes.map_or("-".to_string(), |b| format!(
+                "{:.1}%",
+                b as f64 * 100.0 / l.wire_bytes.max(1) as f64
+            )),
+            l.commit_us.0,
+            l.commit_us.1
+        );
+    }
     Ok(())
+}
+
+/// What a protected run sent to its backup.
+pub(crate) struct LinkBytes {
+    epochs: u64,
+    wire_bytes: u64,
+    /// `None` from a build that does not ship output.
+    output_bytes: Option<u64>,
+    /// Pause start until the ack, p50 and p99 (µs), over the whole run.
+    commit_us: (u64, u64),
+}
+
+/// The figures of the last statistics line in a primary's log.
+fn link_bytes(log: &str) -> Option<LinkBytes> {
+    let line = log.lines().rev().find(|l| l.contains("wire_bytes="))?;
+    let field = |name: &str| -> Option<u64> {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(name))?
+            .parse()
+            .ok()
+    };
+    // `commit_us p50=.. p99=..`: the two words after `commit_us`.
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let at = words.iter().position(|w| *w == "commit_us")?;
+    let after = |i: usize, name: &str| -> Option<u64> {
+        words.get(at + i)?.strip_prefix(name)?.parse().ok()
+    };
+    Some(LinkBytes {
+        epochs: field("epochs=")?,
+        wire_bytes: field("wire_bytes=")?,
+        output_bytes: field("output_bytes="),
+        commit_us: (after(1, "p50=")?, after(2, "p99=")?),
+    })
 }
 
 /// redis-benchmark's SET and GET figures per client count against the kv guest run as
@@ -106,7 +163,7 @@ pub(crate) fn measure(
     clients: &[u64],
     interval: u64,
     disk: Option<u64>,
-) -> Result<Vec<[Figures; 2]>, String> {
+) -> Result<(Vec<[Figures; 2]>, Option<LinkBytes>), String> {
     let console = work.join(format!("console-{}", mode as u8));
     let _ = std::fs::remove_file(&console);
     let image = |name: &str| -> Result<String, String> {
@@ -182,10 +239,19 @@ pub(crate) fn measure(
     }
     // Let the initial sync finish before measuring.
     std::thread::sleep(Duration::from_secs(2));
-    clients
+    let figures = clients
         .iter()
         .map(|&c| redis_benchmark(ns, requests, c))
-        .collect()
+        .collect::<Result<Vec<_>, String>>()?;
+    // A protected run ends in order, so that the primary logs its statistics.
+    let link = match mode {
+        Mode::Unprotected => None,
+        Mode::Early | Mode::NoEarly => procs.last_mut().and_then(|p| {
+            p.terminate(Duration::from_secs(10));
+            link_bytes(&p.log())
+        }),
+    };
+    Ok((figures, link))
 }
 
 /// redis-benchmark's SET and GET figures with `clients` connections.

@@ -54,6 +54,8 @@ impl fmt::LowerHex for DigestValue {
 const STATE_SEED: u64 = 0x5354_4154_455f_4c4b;
 /// Seed of a disk write's key hash.
 const DISK_SEED: u64 = 0x4449_534b_5752_4954;
+/// Seed of the hashes of the epoch's output frames.
+const OUTPUT_SEED: u64 = 0x4f55_5450_5554_5f4c;
 /// Seed of the final mixing hash.
 const FINAL_SEED: u64 = 0x4c4f_434b_5354_4550;
 
@@ -93,6 +95,13 @@ impl Digest {
         key[12..].copy_from_slice(&offset.to_le_bytes());
         self.sum = self.sum.wrapping_add(xxh64(data, xxh64(&key, DISK_SEED)));
         self.pages += 1;
+    }
+
+    /// Adds the `index`-th network frame the guest sent during the epoch (an epoch's
+    /// output is part of what its digest covers; the index makes the order count).
+    pub fn add_output(&mut self, index: u64, frame: &[u8]) {
+        let seed = OUTPUT_SEED ^ index.wrapping_add(1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        self.sum = self.sum.wrapping_add(xxh64(frame, seed));
     }
 
     /// Folds another accumulator (e.g. another worker's share) into this one.

@@ -30,7 +30,7 @@ use crate::delta_cache::DeltaCache;
 use crate::digest::Digest;
 use crate::protocol::{
     state_frame_header, Message, PagesFrameBuilder, ProtocolError, ENTRY_HEADER_LEN, HEADER_LEN,
-    MAX_PAYLOAD_LEN,
+    MAX_PAYLOAD_LEN, OUTPUT_FIXED_LEN,
 };
 use crate::transport::{FrameSender, TransportError};
 use crate::PAGE_SIZE;
@@ -149,6 +149,9 @@ pub struct EncodeSummary {
     pub by_encoding: [u64; Encoding::ALL.len()],
     /// Digest of the pages (finish it with the state blob for `EpochCommit`).
     pub digest: Digest,
+    /// Bytes of `Output` frames (the guest's network output, headers included), part of
+    /// `bytes`.
+    pub output_bytes: u64,
 }
 
 impl EncodeSummary {
@@ -321,7 +324,48 @@ impl EpochEncoder {
     }
 }
 
-/// Sends one epoch: `EpochBegin`, the encoded pages, `State`, `EpochCommit`.
+/// The guest's network output of one epoch, shipped with it (`Output` frames).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EpochOutput<'a> {
+    /// The last epoch whose output the primary had let out (0: none).
+    pub released: u64,
+    /// The frames the guest sent during the epoch, in order.
+    pub frames: &'a [Bytes],
+}
+
+impl EpochOutput<'_> {
+    /// The `Output` messages that carry these frames for `epoch`: none without frames,
+    /// more than one when they do not fit one frame's payload.
+    pub fn messages(&self, epoch: u64) -> Vec<Message> {
+        let mut out = Vec::new();
+        let mut chunk: Vec<Bytes> = Vec::new();
+        let mut len = OUTPUT_FIXED_LEN;
+        for f in self.frames.iter().filter(|f| !f.is_empty()) {
+            if !chunk.is_empty() && len + 4 + f.len() > MAX_PAYLOAD_LEN {
+                out.push(Message::Output {
+                    epoch,
+                    released: self.released,
+                    frames: std::mem::take(&mut chunk),
+                });
+                len = OUTPUT_FIXED_LEN;
+            }
+            len += 4 + f.len();
+            chunk.push(f.clone());
+        }
+        if !chunk.is_empty() {
+            out.push(Message::Output {
+                epoch,
+                released: self.released,
+                frames: chunk,
+            });
+        }
+        out
+    }
+}
+
+/// Sends one epoch: `EpochBegin`, the encoded pages, `Output` (only when the guest sent
+/// something during the epoch), `State`, `EpochCommit`. The digest covers the pages, the
+/// output and the state.
 pub fn send_epoch(
     sender: &mut FrameSender,
     encoder: &EpochEncoder,
@@ -329,6 +373,7 @@ pub fn send_epoch(
     staged: &StagedPages<'_>,
     disks: &[Vec<(u64, bytes::Bytes)>],
     state: &[u8],
+    output: EpochOutput<'_>,
 ) -> Result<EncodeSummary, EncodeError> {
     sender.send(&Message::EpochBegin {
         epoch,
@@ -346,6 +391,18 @@ pub fn send_epoch(
                 sender.send_frames(&[&frame[..]])?;
                 summary.bytes += frame.len() as u64;
             }
+            let mut output_frames = BytesMut::new();
+            let mut index = 0u64;
+            for m in output.messages(epoch) {
+                if let Message::Output { frames, .. } = &m {
+                    for f in frames {
+                        summary.digest.add_output(index, f);
+                        index += 1;
+                    }
+                }
+                m.encode(&mut output_frames)?;
+            }
+            summary.output_bytes = output_frames.len() as u64;
             let state_header = state_frame_header(epoch, state)?;
             let mut commit = BytesMut::new();
             Message::EpochCommit {
@@ -357,8 +414,9 @@ pub fn send_epoch(
                 digest: summary.digest.finish(state).0,
             }
             .encode(&mut commit)?;
-            sender.send_frames(&[&state_header[..], state, &commit[..]])?;
-            summary.bytes += (state_header.len() + state.len() + commit.len()) as u64;
+            sender.send_frames(&[&output_frames[..], &state_header[..], state, &commit[..]])?;
+            summary.bytes +=
+                (output_frames.len() + state_header.len() + state.len() + commit.len()) as u64;
             Ok(summary)
         });
     if r.is_err() {

@@ -21,8 +21,16 @@
 //! Before the first commit, `SyncPages` (pre-copy) are written straight into guest memory:
 //! there is no committed epoch yet to protect, and epoch 1 makes the image consistent.
 //!
+//! The guest's network output of an epoch (`Output` frames, between `EpochBegin` and
+//! `EpochCommit`) is staged with it, counted in its digest, and kept once the epoch
+//! commits: [`Staging::committed_output`] is every frame of the committed epochs whose
+//! output the primary may not have let out yet (those after the last epoch an `Output`
+//! frame said was released). A promoted backup sends them before its guest runs.
+//!
 //! Memory bound (invariant 4): a page may appear once per epoch, so staging holds at most
-//! as many pages as guest RAM has; the state blob is bounded by `max_state_len`.
+//! as many pages as guest RAM has; the state blob is bounded by `max_state_len`; an
+//! epoch's output by [`MAX_EPOCH_OUTPUT`], the output kept by [`MAX_KEPT_OUTPUT`] (the
+//! oldest epochs' output goes first: the primary most likely let it out long ago).
 //!
 //! Zero pages cost nothing on a backup whose guest memory starts out as fresh anonymous
 //! memory ([`Staging::with_zeroed_memory`]): staging keeps one bit per page that says
@@ -31,7 +39,7 @@
 //! only for us to clear it again). A mostly-empty guest's pre-copy then costs the backup
 //! little more than receiving it.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 
 use bytes::Bytes;
 use thiserror::Error;
@@ -111,6 +119,16 @@ pub enum StagingError {
         pfn: u64,
         /// The codec's complaint.
         source: CodecError,
+    },
+    /// `Output` that says the epoch's own output was let out already.
+    #[error(
+        "epoch {epoch} rejected: its Output says epoch {released}'s output was already let out"
+    )]
+    OutputReleased {
+        /// The epoch.
+        epoch: u64,
+        /// The released epoch it named.
+        released: u64,
     },
     /// The state blob came twice.
     #[error("epoch {epoch} rejected: state sent twice")]
@@ -245,7 +263,18 @@ struct OpenEpoch {
     disk_bytes: u64,
     state: Option<Bytes>,
     digest: Digest,
+    /// The guest's network frames of the epoch, in order, and their bytes.
+    output: Vec<Bytes>,
+    output_bytes: usize,
+    /// The newest released epoch its `Output` frames named.
+    released: u64,
 }
+
+/// Most bytes of network output one epoch may carry (the primary's egress buffer holds at
+/// most 16 MiB in all).
+pub const MAX_EPOCH_OUTPUT: usize = 32 << 20;
+/// Most bytes of committed epochs' output kept for a promotion.
+pub const MAX_KEPT_OUTPUT: usize = 64 << 20;
 
 /// The backup's staging area and committed-epoch bookkeeping.
 #[derive(Debug)]
@@ -271,6 +300,11 @@ pub struct Staging {
     disks: Option<Box<dyn DiskSink>>,
     /// The open epoch's disk writes, in the order sent.
     writes: Vec<StagedWrite>,
+    /// Output of committed epochs the primary may still hold, oldest first: (epoch, frames).
+    kept_output: VecDeque<(u64, Vec<Bytes>)>,
+    kept_output_bytes: usize,
+    /// The newest epoch whose output the primary said it had let out.
+    released: u64,
 }
 
 impl std::fmt::Debug for dyn DiskSink {
@@ -303,6 +337,9 @@ impl Staging {
             disk_sizes: Vec::new(),
             disks: None,
             writes: Vec::new(),
+            kept_output: VecDeque::new(),
+            kept_output_bytes: 0,
+            released: 0,
         }
     }
 
@@ -424,6 +461,19 @@ impl Staging {
         &self.committed_state
     }
 
+    /// The network frames of the committed epochs after the newest epoch whose output the
+    /// primary said it had let out, oldest first, in the order the guest sent them: what
+    /// the primary may have held back when it died.
+    pub fn committed_output(&self) -> impl Iterator<Item = &Bytes> + '_ {
+        self.kept_output.iter().flat_map(|(_, f)| f.iter())
+    }
+
+    /// The committed epochs whose output [`committed_output`](Self::committed_output)
+    /// holds, oldest first.
+    pub fn committed_output_epochs(&self) -> Vec<u64> {
+        self.kept_output.iter().map(|(e, _)| *e).collect()
+    }
+
     /// The epoch being received, if any.
     pub fn open_epoch(&self) -> Option<u64> {
         self.open.as_ref().map(|o| o.epoch)
@@ -501,6 +551,13 @@ impl Staging {
                     bytes_total,
                 })
             }
+            Message::Output {
+                epoch,
+                released,
+                frames,
+            } => self
+                .output(epoch, released, &frames)
+                .map(|()| Step::Continue),
             Message::EpochCommit {
                 epoch,
                 page_count,
@@ -682,6 +739,9 @@ impl Staging {
                 disk_bytes: 0,
                 state: None,
                 digest: Digest::new(),
+                output: Vec::new(),
+                output_bytes: 0,
+                released: 0,
             });
             Ok(())
         })
@@ -749,6 +809,67 @@ impl Staging {
             }
             Ok(())
         })
+    }
+
+    /// Stages some of the open epoch's network output (frames copied out of the message:
+    /// they may be kept long after the receive buffer is reused).
+    pub fn output(
+        &mut self,
+        epoch: u64,
+        released: u64,
+        frames: &[Bytes],
+    ) -> Result<(), StagingError> {
+        self.or_abort(|s| {
+            s.check_open(MessageKind::Output, epoch)?;
+            let Some(open) = s.open.as_mut() else {
+                return Ok(());
+            };
+            if released >= epoch {
+                return Err(StagingError::OutputReleased { epoch, released });
+            }
+            let bytes = open.output_bytes + frames.iter().map(Bytes::len).sum::<usize>();
+            if bytes > MAX_EPOCH_OUTPUT {
+                return Err(StagingError::TooLarge {
+                    epoch,
+                    what: "network output",
+                    got: bytes as u64,
+                    max: MAX_EPOCH_OUTPUT as u64,
+                });
+            }
+            for f in frames {
+                open.digest.add_output(open.output.len() as u64, f);
+                open.output.push(Bytes::copy_from_slice(f));
+            }
+            open.output_bytes = bytes;
+            open.released = open.released.max(released);
+            Ok(())
+        })
+    }
+
+    /// Keeps a newly committed epoch's output; forgets what the primary let out.
+    fn keep_output(&mut self, epoch: u64, released: u64, output: Vec<Bytes>, bytes: usize) {
+        self.released = self.released.max(released);
+        while self
+            .kept_output
+            .front()
+            .is_some_and(|(e, _)| *e <= self.released)
+        {
+            self.drop_oldest_output();
+        }
+        if output.is_empty() {
+            return;
+        }
+        self.kept_output.push_back((epoch, output));
+        self.kept_output_bytes += bytes;
+        while self.kept_output_bytes > MAX_KEPT_OUTPUT {
+            self.drop_oldest_output();
+        }
+    }
+
+    fn drop_oldest_output(&mut self) {
+        if let Some((_, f)) = self.kept_output.pop_front() {
+            self.kept_output_bytes -= f.iter().map(Bytes::len).sum::<usize>();
+        }
     }
 
     /// Stages the open epoch's state blob.
@@ -882,6 +1003,7 @@ impl Staging {
             applied?;
             s.committed_epoch = epoch;
             s.committed_state = state;
+            s.keep_output(epoch, open.released, open.output, open.output_bytes);
             s.abort();
             Ok(epoch)
         })
@@ -1107,6 +1229,114 @@ mod tests {
                 primary: local,
                 local
             }
+        );
+    }
+
+    /// An epoch of one page with `frames` as its output, `released` in its `Output`
+    /// frame; `digest_output` false leaves the output out of the primary's digest.
+    fn epoch_with_output(
+        epoch_no: u64,
+        released: u64,
+        frames: &[&[u8]],
+        digest_output: bool,
+        cache: &DeltaCache,
+    ) -> Vec<Message> {
+        let pages = [(9, page(epoch_no as u8))];
+        let state = format!("state-{epoch_no}");
+        let mut msgs = epoch(epoch_no, &pages, state.as_bytes(), cache);
+        let frames: Vec<Bytes> = frames.iter().map(|f| Bytes::copy_from_slice(f)).collect();
+        if let Some(Message::EpochCommit { digest, .. }) = msgs.last_mut() {
+            let mut d = Digest::new();
+            d.add_page(9 * PAGE_SIZE as u64, &pages[0].1);
+            if digest_output {
+                for (i, f) in frames.iter().enumerate() {
+                    d.add_output(i as u64, f);
+                }
+            }
+            *digest = d.finish(state.as_bytes()).0;
+        }
+        if !frames.is_empty() {
+            let at = msgs.len() - 2;
+            msgs.insert(
+                at,
+                Message::Output {
+                    epoch: epoch_no,
+                    released,
+                    frames,
+                },
+            );
+        }
+        msgs
+    }
+
+    fn kept(s: &Staging) -> Vec<&[u8]> {
+        s.committed_output().map(|f| &f[..]).collect()
+    }
+
+    #[test]
+    fn committed_output_is_kept_until_the_primary_let_it_out() {
+        let (mut s, mem, cache) = committed_once();
+        let step = feed(
+            &mut s,
+            &mem,
+            epoch_with_output(2, 1, &[b"a", b"bb"], true, &cache),
+        );
+        assert_eq!(step.unwrap(), Step::Committed { epoch: 2 });
+        assert_eq!(kept(&s), [&b"a"[..], b"bb"]);
+        // An epoch without output keeps what is there.
+        feed(&mut s, &mem, epoch_with_output(3, 1, &[], true, &cache)).unwrap();
+        feed(&mut s, &mem, epoch_with_output(4, 1, &[b"c"], true, &cache)).unwrap();
+        assert_eq!(kept(&s), [&b"a"[..], b"bb", b"c"]);
+        assert_eq!(s.committed_output_epochs(), [2, 4]);
+        // The primary let out epochs up to 3: only epoch 4's and 5's remain.
+        feed(&mut s, &mem, epoch_with_output(5, 3, &[b"d"], true, &cache)).unwrap();
+        assert_eq!(kept(&s), [&b"c"[..], b"d"]);
+        assert_eq!(s.committed_output_epochs(), [4, 5]);
+    }
+
+    #[test]
+    fn output_counts_in_the_digest_and_is_checked() {
+        // The output arrived, but the primary's digest did not cover it: rejected, and
+        // nothing of it kept.
+        let setup = committed_once();
+        let msgs = epoch_with_output(2, 1, &[b"reply"], false, &setup.2);
+        rejected(msgs, "digest mismatch", setup);
+        // A frame changed on the way.
+        let setup = committed_once();
+        let mut msgs = epoch_with_output(2, 1, &[b"reply"], true, &setup.2);
+        for m in &mut msgs {
+            if let Message::Output { frames, .. } = m {
+                frames[0] = Bytes::from_static(b"rePly");
+            }
+        }
+        rejected(msgs, "digest mismatch", setup);
+        // Output of another epoch, or one that claims to be let out already.
+        let setup = committed_once();
+        let mut msgs = epoch_with_output(2, 1, &[b"x"], true, &setup.2);
+        msgs.insert(
+            1,
+            Message::Output {
+                epoch: 3,
+                released: 1,
+                frames: vec![Bytes::from_static(b"y")],
+            },
+        );
+        rejected(msgs, "Output frame for epoch 3", setup);
+        let setup = committed_once();
+        rejected(
+            epoch_with_output(2, 2, &[b"x"], true, &setup.2),
+            "its Output says epoch 2's output was already let out",
+            setup,
+        );
+        let (mut s, mem, cache) = committed_once();
+        let mut msgs = epoch_with_output(2, 1, &[b"x"], true, &cache);
+        msgs.truncate(msgs.len() - 1);
+        feed(&mut s, &mem, msgs).unwrap();
+        s.abort();
+        assert_eq!(
+            kept(&s),
+            Vec::<&[u8]>::new(),
+            "an aborted epoch's output is not kept"
         );
     }
 

@@ -490,6 +490,9 @@ pub struct FrameReceiver {
     broken: bool,
     /// When bytes last arrived (or the connection was made).
     last_activity: Instant,
+    /// The longest wait between two arrivals of bytes so far, as this side saw it (its own
+    /// scheduling delays included: an upper bound of the peer's silence).
+    longest_silence: Duration,
 }
 
 impl std::fmt::Debug for FrameReceiver {
@@ -506,6 +509,11 @@ impl FrameReceiver {
     /// arriving is a sign of life although no whole message came yet.
     pub fn last_activity(&self) -> Instant {
         self.last_activity
+    }
+
+    /// The longest silence between two arrivals of bytes so far (see the field).
+    pub fn longest_silence(&self) -> Duration {
+        self.longest_silence
     }
 
     /// Receives the next message; `timeout` bounds the silence while waiting for it (None:
@@ -564,7 +572,11 @@ impl FrameReceiver {
             match res {
                 n if n > 0 => {
                     let n = n as usize;
-                    self.last_activity = Instant::now();
+                    let now = Instant::now();
+                    self.longest_silence = self
+                        .longest_silence
+                        .max(now.saturating_duration_since(self.last_activity));
+                    self.last_activity = now;
                     deadline = timeout.map(|t| self.last_activity + t);
                     if !self.decrypt(n)? {
                         return Err(self.closed());
@@ -729,6 +741,7 @@ impl Connection {
                 pending: None,
                 broken: false,
                 last_activity: Instant::now(),
+                longest_silence: Duration::ZERO,
             },
             peer,
             local,
@@ -779,6 +792,11 @@ impl Connection {
     /// When bytes last arrived from the peer.
     pub fn last_activity(&self) -> Instant {
         self.receiver.last_activity()
+    }
+
+    /// The longest silence between two arrivals of bytes so far.
+    pub fn longest_silence(&self) -> Duration {
+        self.receiver.longest_silence()
     }
 
     /// The two halves, for use from two threads.
@@ -931,6 +949,7 @@ mod tests {
         let (raw, frame) = t.join().unwrap();
         assert_eq!(msg.to_frame().unwrap(), frame);
         assert!(conn.last_activity() > before);
+        assert!(conn.longest_silence() > Duration::ZERO);
         // Silence still times out.
         let err = conn.recv(Some(Duration::from_millis(50))).unwrap_err();
         assert!(matches!(err, TransportError::Timeout(_)), "{err}");

@@ -252,6 +252,14 @@ fn sample_messages() -> Vec<Message> {
                 (8192, Bytes::from(vec![2u8; 1024])),
             ],
         },
+        Message::Output {
+            epoch: 7,
+            released: 6,
+            frames: vec![
+                Bytes::from_static(&[0x52; 60]),
+                Bytes::from_static(&[1; 1514]),
+            ],
+        },
     ]
 }
 

@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use checkpoint::delta_cache::DeltaCache;
 use checkpoint::digest::digest_regions;
-use checkpoint::encode::{send_epoch, send_sync, EncoderConfig, EpochEncoder, StagedPages};
+use checkpoint::encode::{
+    send_epoch, send_sync, EncoderConfig, EpochEncoder, EpochOutput, StagedPages,
+};
 use checkpoint::handshake::{backup_handshake, primary_handshake};
 use checkpoint::inflight::{InFlight, SharedInFlight};
 use checkpoint::protocol::{Hello, MemoryRegion, Message};
@@ -32,7 +34,11 @@ fn hello() -> Hello {
     )
 }
 
-fn backup(listener: TcpListener) -> (u64, String, String) {
+/// What the backup ended with: the final epoch, the primary's and its own digests, and
+/// the output it keeps for a promotion.
+type Ended = (u64, String, String, Vec<Vec<u8>>);
+
+fn backup(listener: TcpListener) -> Ended {
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), PAGES * PAGE_SIZE)]).unwrap();
     let mut conn = Connection::accept(&listener).unwrap();
     backup_handshake(&mut conn, &hello(), WAIT).unwrap();
@@ -45,7 +51,10 @@ fn backup(listener: TcpListener) -> (u64, String, String) {
                 epoch,
                 primary,
                 local,
-            } => return (epoch, primary.to_string(), local.to_string()),
+            } => {
+                let kept = staging.committed_output().map(|f| f.to_vec()).collect();
+                return (epoch, primary.to_string(), local.to_string(), kept);
+            }
             Step::Continue | Step::Sync { .. } | Step::DiskSync { .. } | Step::Heartbeat { .. } => {
             }
         }
@@ -115,7 +124,15 @@ fn backup_ends_with_exactly_the_primary_state() {
         assert!(window.wait_for_room(staged.len() as u64, WAIT));
         window.lock().sent(epoch, staged.len() as u64).unwrap();
         let staged = StagedPages::new(&pfns, &staged).unwrap();
-        let summary = send_epoch(&mut tx, &encoder, epoch, &staged, &[], &state).unwrap();
+        // The guest's network output of the epoch; the primary says it let out the output
+        // of the epoch three before.
+        let frames = output_of(epoch);
+        let output = EpochOutput {
+            released: epoch.saturating_sub(3),
+            frames: &frames,
+        };
+        let summary = send_epoch(&mut tx, &encoder, epoch, &staged, &[], &state, output).unwrap();
+        assert!(summary.output_bytes > 0);
         assert_eq!(summary.pages, pfns.len() as u64);
         deltas += summary.by_encoding[3] + summary.by_encoding[4];
     }
@@ -129,8 +146,21 @@ fn backup_ends_with_exactly_the_primary_state() {
         digest: digest.0,
     })
     .unwrap();
-    let (epoch, primary, local) = backup.join().unwrap();
+    let (epoch, primary, local, kept) = backup.join().unwrap();
     assert_eq!(epoch, EPOCHS);
     assert_eq!(primary, digest.to_string());
     assert_eq!(local, primary, "final epoch={epoch} digests differ");
+    // The backup keeps the output of the epochs after the last one let out.
+    let expected: Vec<Vec<u8>> = (EPOCHS - 2..=EPOCHS)
+        .flat_map(output_of)
+        .map(|f| f.to_vec())
+        .collect();
+    assert_eq!(kept, expected);
+}
+
+/// The frames the guest "sent" during `epoch`: one or two, of different sizes.
+fn output_of(epoch: u64) -> Vec<bytes::Bytes> {
+    (0..1 + epoch % 2)
+        .map(|i| bytes::Bytes::from(format!("frame {i} of epoch {epoch}").repeat(i as usize + 1)))
+        .collect()
 }

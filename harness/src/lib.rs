@@ -27,7 +27,7 @@ pub use netns::Netns;
 pub use process::{wait_for_line, Proc};
 pub use run::{lockstep, run, Run, COMMAND_TIMEOUT};
 pub use tempdir::TempDir;
-pub use trial::{trial, TrialConfig, TrialOutcome};
+pub use trial::{soak, trial, Loss, SoakOutcome, TrialConfig, TrialOutcome};
 pub use watchdog::Watchdog;
 
 /// Whether SIGINT or SIGTERM asked this process to stop: every wait of the harness polls

@@ -25,6 +25,20 @@ pub const GUEST_ADDR: &str = "10.0.0.2:6379";
 /// before it died; the first later reply comes from the promoted guest.
 const OLD_PRIMARY_GRACE: Duration = Duration::from_millis(5);
 
+/// How the primary is lost.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Loss {
+    /// SIGKILL: the process dies, its kernel closes its connections (the backup sees the
+    /// replication link close at once).
+    #[default]
+    Kill,
+    /// The host is lost: the namespace's loopback (the replication link) goes down and the
+    /// primary is frozen (SIGSTOP), so nothing from it reaches anybody, not even a FIN or
+    /// a RST when the fence agent kills it. The backup notices only the silence
+    /// (`--heartbeat-timeout-ms`). Loopback comes back up when the trial ends.
+    Host,
+}
+
 /// How one failover run goes.
 #[derive(Clone, Debug)]
 pub struct TrialConfig {
@@ -50,6 +64,10 @@ pub struct TrialConfig {
     /// `backup.img`) and run the kv guest with `aof=on`; after the failover, boot a new
     /// guest from the promoted disk alone and read every acknowledged write back.
     pub disk: Option<u64>,
+    /// How the primary is lost.
+    pub loss: Loss,
+    /// Options given to both the primary and the backup (`--heartbeat-timeout-ms`, ...).
+    pub extra: Vec<String>,
 }
 
 /// What a guest booted from the promoted disk alone found (see [`TrialConfig::disk`]).
@@ -174,7 +192,6 @@ pub fn trial(ns: &Netns, cfg: &TrialConfig) -> Result<TrialOutcome, String> {
     let _ = std::fs::remove_file(&pid_file);
     let backup_pid_file = cfg.dir.join("backup.pid");
     let _ = std::fs::remove_file(&backup_pid_file);
-    let arg = |p: &Path| p.to_str().unwrap_or_default().to_string();
     let listen = format!("127.0.0.1:{}", cfg.port);
     let say = |s: String| {
         if cfg.verbose {
@@ -192,54 +209,11 @@ pub fn trial(ns: &Netns, cfg: &TrialConfig) -> Result<TrialOutcome, String> {
                 .map_err(|e| format!("{}: {e}", path.display()))?;
         }
     }
-    let kv_args = match cfg.disk {
-        Some(_) => format!("{KV_ARGS} aof=on"),
-        None => KV_ARGS.to_string(),
-    };
+    let kv_args = kv_args(cfg);
     let backup_spawned = Instant::now();
     let mut backup = spawn_backup(ns, cfg, "backup", &listen, "demo-primary", "primary.pid")?;
-    let mut primary_args = vec![
-        "primary".to_string(),
-        "--peer".into(),
-        listen.clone(),
-        "--pid-file".into(),
-        arg(&pid_file),
-        "--name".into(),
-        "demo".into(),
-        // The backup, should it be the one lost, is fenced before any output it has not
-        // acknowledged leaves.
-        "--fence-cmd".into(),
-        arg(&agent),
-        "--peer-node".into(),
-        "demo-backup".into(),
-        "--fence-arg".into(),
-        format!("pidfile={}", arg(&backup_pid_file)),
-        "--guest".into(),
-        "builtin".into(),
-        "--guest-args".into(),
-        kv_args.clone(),
-        "--net".into(),
-        "tap=tap0".into(),
-        "--console".into(),
-        arg(&cfg.dir.join("primary.console")),
-    ];
-    primary_args.extend(tls.args("node1"));
-    if cfg.disk.is_some() {
-        primary_args.extend([
-            "--disk".into(),
-            format!("path={}", arg(&cfg.dir.join("primary.img"))),
-        ]);
-    }
-    if let Some(m) = &cfg.mem {
-        primary_args.extend(["--mem".to_string(), m.clone()]);
-    }
-    let primary_args: Vec<&str> = primary_args.iter().map(String::as_str).collect();
     let started = Instant::now();
-    let mut primary = Proc::spawn(
-        ns.command(&cfg.bin, &primary_args),
-        cfg.dir.join("primary.out"),
-        cfg.dir.join("primary.err"),
-    )?;
+    let mut primary = spawn_primary(ns, cfg, &tls, &listen)?;
     say(format!(
         "primary pid {} and backup pid {} started, their link mutual TLS (certificates from \
          `lockstep certs` in {}); the client connects to {GUEST_ADDR}",
@@ -252,7 +226,7 @@ pub fn trial(ns: &Netns, cfg: &TrialConfig) -> Result<TrialOutcome, String> {
     let stop = Arc::new(AtomicBool::new(false));
     let mut new_backup: Option<Proc> = None;
     let outcome = std::thread::scope(|s| {
-        let client = s.spawn(|| client(ns, &progress, &stop));
+        let client = s.spawn(|| client(ns, &progress, &stop, true));
         let mut o = TrialOutcome::default();
 
         // Until the kill: the primary runs protected, the client writes.
@@ -274,7 +248,17 @@ pub fn trial(ns: &Netns, cfg: &TrialConfig) -> Result<TrialOutcome, String> {
             std::thread::sleep(Duration::from_millis(2));
         }
         let early_exit = primary.try_wait();
-        primary.kill9();
+        match cfg.loss {
+            Loss::Kill => {
+                primary.kill9();
+            }
+            Loss::Host => {
+                if let Err(e) = cut_loopback(ns, true) {
+                    say(format!("cannot take loopback down: {e}"));
+                }
+                primary.signal(libc::SIGSTOP);
+            }
+        }
         let killed = Instant::now();
         let acked_before = {
             let mut p = progress.lock().unwrap_or_else(|e| e.into_inner());
@@ -387,6 +371,11 @@ pub fn trial(ns: &Netns, cfg: &TrialConfig) -> Result<TrialOutcome, String> {
     }
     // The promoted backup should end on SIGTERM; do not wait long if it does not.
     o.backup_status = backup.terminate(Duration::from_secs(1));
+    if cfg.loss == Loss::Host {
+        // A primary the backup did not fence (it did not promote) is frozen still.
+        primary.kill9();
+        cut_loopback(ns, false)?;
+    }
     o.backup_log = backup.log();
     o.primary_log = primary.log();
     if o.promotion.is_none() {
@@ -403,6 +392,198 @@ pub fn trial(ns: &Netns, cfg: &TrialConfig) -> Result<TrialOutcome, String> {
         .and_then(|t| (backup_spawned + t).checked_duration_since(started + cfg.kill_after));
     let _ = std::fs::remove_file(&pid_file);
     Ok(o)
+}
+
+/// Takes the namespace's loopback down (`cut`) or brings it back up. Down, the
+/// connections on it stay open but nothing crosses them, in either direction.
+pub fn cut_loopback(ns: &Netns, cut: bool) -> Result<(), String> {
+    crate::netns::sh(&[
+        "ip",
+        "-n",
+        &ns.name,
+        "link",
+        "set",
+        "lo",
+        if cut { "down" } else { "up" },
+    ])
+}
+
+/// What a soak run saw: a protected pair under client load left alone, on a machine kept
+/// busy, for a while. Any loss declared by either side is a false one.
+#[derive(Debug, Default)]
+pub struct SoakOutcome {
+    /// How long pairs ran.
+    pub ran: Duration,
+    /// Pairs started (a false loss ends a pair; the next one starts).
+    pub pairs: usize,
+    /// The backup declared its (alive) primary lost: a false failover.
+    pub false_failovers: usize,
+    /// The primary declared its (alive) backup lost.
+    pub false_backup_losses: usize,
+    /// Near-miss warnings (a silence of half the heartbeat timeout or more), both sides.
+    pub near_misses: usize,
+    /// The longest silence of the primary the backup saw, over the pairs that ended
+    /// cleanly (from the backup's last line).
+    pub longest_silence: Option<Duration>,
+    /// Replies the client got.
+    pub replies: usize,
+    /// The last pair's logs, when something went wrong.
+    pub logs: String,
+}
+
+/// Runs pairs as [`trial`] does (with `cfg.extra`), none of them killed, for `total`,
+/// while `busy` threads of this process spin; a pair that declares its peer lost is
+/// counted and replaced. `cfg.kill_after` is not used.
+pub fn soak(
+    ns: &Netns,
+    cfg: &TrialConfig,
+    total: Duration,
+    busy: usize,
+) -> Result<SoakOutcome, String> {
+    std::fs::create_dir_all(&cfg.dir).map_err(|e| format!("{}: {e}", cfg.dir.display()))?;
+    write_agent(&cfg.dir.join("fence-pidfile"))?;
+    let tls = PairTls::make(&cfg.bin, &cfg.dir.join("tls"), "demo")?;
+    let listen = format!("127.0.0.1:{}", cfg.port);
+    let spin = Arc::new(AtomicBool::new(false));
+    let spinners: Vec<_> = (0..busy)
+        .map(|_| {
+            let spin = spin.clone();
+            std::thread::spawn(move || {
+                let mut x = 0u64;
+                while !spin.load(Ordering::Relaxed) {
+                    x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+                }
+            })
+        })
+        .collect();
+    let mut o = SoakOutcome::default();
+    let began = Instant::now();
+    let result = (|| -> Result<(), String> {
+        while began.elapsed() < total && !interrupted() {
+            for f in ["primary.pid", "backup.pid"] {
+                let _ = std::fs::remove_file(cfg.dir.join(f));
+            }
+            o.pairs += 1;
+            let mut backup =
+                spawn_backup(ns, cfg, "backup", &listen, "demo-primary", "primary.pid")?;
+            let mut primary = spawn_primary(ns, cfg, &tls, &listen)?;
+            let progress = Arc::new(Mutex::new(Progress::default()));
+            let stop = Arc::new(AtomicBool::new(false));
+            let started = Instant::now();
+            let lost = std::thread::scope(|s| {
+                let client = s.spawn(|| client(ns, &progress, &stop, false));
+                let mut lost = false;
+                while began.elapsed() < total && !interrupted() {
+                    std::thread::sleep(Duration::from_millis(200));
+                    let logs = format!("{}{}", primary.log(), backup.log());
+                    if logs.contains("ROLE CHANGE")
+                        || primary.try_wait().is_some()
+                        || backup.try_wait().is_some()
+                    {
+                        lost = true;
+                        break;
+                    }
+                }
+                stop.store(true, Ordering::SeqCst);
+                let _ = client.join();
+                // The end in order: the primary's last epoch and End, then the backup.
+                primary.terminate(Duration::from_secs(10));
+                lost
+            });
+            backup.terminate(Duration::from_secs(5));
+            o.ran += started.elapsed();
+            o.replies += progress
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .replies
+                .len();
+            let (plog, blog) = (primary.log(), backup.log());
+            let count = |log: &str, what: &str| log.lines().filter(|l| l.contains(what)).count();
+            o.false_failovers += count(&blog, "ROLE CHANGE");
+            o.false_backup_losses += count(&plog, "ROLE CHANGE");
+            o.near_misses += count(&plog, "was silent for") + count(&blog, "was silent for");
+            let silence = blog
+                .lines()
+                .filter_map(|l| l.split("the primary's longest silence ").nth(1))
+                .filter_map(|r| r.split_whitespace().next()?.parse::<u64>().ok())
+                .max()
+                .map(Duration::from_millis);
+            o.longest_silence = o.longest_silence.max(silence);
+            if lost {
+                o.logs = format!("{plog}\n{blog}");
+            }
+        }
+        Ok(())
+    })();
+    spin.store(true, Ordering::Relaxed);
+    for t in spinners {
+        let _ = t.join();
+    }
+    result.map(|()| o)
+}
+
+/// The kv guest's arguments: with a disk, every write is logged on it (`aof=on`).
+fn kv_args(cfg: &TrialConfig) -> String {
+    match cfg.disk {
+        Some(_) => format!("{KV_ARGS} aof=on"),
+        None => KV_ARGS.to_string(),
+    }
+}
+
+/// `lockstep primary` of the kv guest on tap0, replicating to `listen`, fencing the
+/// backup by its pid file.
+fn spawn_primary(
+    ns: &Netns,
+    cfg: &TrialConfig,
+    tls: &PairTls,
+    listen: &str,
+) -> Result<Proc, String> {
+    let arg = |p: &Path| p.to_str().unwrap_or_default().to_string();
+    let pid_file = cfg.dir.join("primary.pid");
+    let backup_pid_file = cfg.dir.join("backup.pid");
+    let agent = cfg.dir.join("fence-pidfile");
+    let mut primary_args = vec![
+        "primary".to_string(),
+        "--peer".into(),
+        listen.to_string(),
+        "--pid-file".into(),
+        arg(&pid_file),
+        "--name".into(),
+        "demo".into(),
+        // The backup, should it be the one lost, is fenced before any output it has not
+        // acknowledged leaves.
+        "--fence-cmd".into(),
+        arg(&agent),
+        "--peer-node".into(),
+        "demo-backup".into(),
+        "--fence-arg".into(),
+        format!("pidfile={}", arg(&backup_pid_file)),
+        "--guest".into(),
+        "builtin".into(),
+        "--guest-args".into(),
+        kv_args(cfg),
+        "--net".into(),
+        "tap=tap0".into(),
+        "--console".into(),
+        arg(&cfg.dir.join("primary.console")),
+    ];
+    primary_args.extend(tls.args("node1"));
+    primary_args.extend(cfg.extra.iter().cloned());
+    if cfg.disk.is_some() {
+        primary_args.extend([
+            "--disk".into(),
+            format!("path={}", arg(&cfg.dir.join("primary.img"))),
+        ]);
+    }
+    if let Some(m) = &cfg.mem {
+        primary_args.extend(["--mem".to_string(), m.clone()]);
+    }
+    let primary_args: Vec<&str> = primary_args.iter().map(String::as_str).collect();
+    Proc::spawn(
+        ns.command(&cfg.bin, &primary_args),
+        cfg.dir.join("primary.out"),
+        cfg.dir.join("primary.err"),
+    )
 }
 
 /// The new backup for the promoted guest: it listens on `port + 2`, takes the old
@@ -534,6 +715,7 @@ fn spawn_backup(
             format!("path={}", arg(&cfg.dir.join(format!("{name}.img")))),
         ]);
     }
+    args.extend(cfg.extra.iter().cloned());
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut backup = Proc::spawn(
         ns.command(&cfg.bin, &args),
@@ -630,9 +812,15 @@ fn write_agent(path: &Path) -> Result<(), String> {
         .map_err(|e| format!("cannot write the fence agent {}: {e}", path.display()))
 }
 
-/// The client: connects (retrying until `stop`), writes until `stop`, then reads every
-/// acknowledged key back over the same connection. Returns (read back, lost keys).
-fn client(ns: &Netns, progress: &Mutex<Progress>, stop: &AtomicBool) -> (bool, Vec<u64>) {
+/// The client: connects (retrying until `stop`), writes until `stop`, then (with
+/// `read_back`) reads every acknowledged key back over the same connection. Returns (read
+/// back, lost keys).
+fn client(
+    ns: &Netns,
+    progress: &Mutex<Progress>,
+    stop: &AtomicBool,
+    read_back: bool,
+) -> (bool, Vec<u64>) {
     let record_err = |e: String| {
         let mut p = progress.lock().unwrap_or_else(|e| e.into_inner());
         p.error.get_or_insert(e);
@@ -704,11 +892,12 @@ fn client(ns: &Netns, progress: &Mutex<Progress>, stop: &AtomicBool) -> (bool, V
             }
         }
     }
-    if progress
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .error
-        .is_some()
+    if !read_back
+        || progress
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .error
+            .is_some()
     {
         return (false, Vec::new());
     }

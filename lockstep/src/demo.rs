@@ -82,6 +82,8 @@ fn demo(seconds: f64) -> Result<bool, String> {
         reprotect: true,
         // The kv guest logs every write on its disk (aof=on); the backup keeps a copy.
         disk: Some(DEMO_DISK),
+        loss: Default::default(),
+        extra: Vec::new(),
     };
     let result = trial(&ns, &cfg);
     drop(ns);

@@ -337,6 +337,15 @@ impl EgressBuffer {
         self.queue.front().map(|p| p.epoch)
     }
 
+    /// The packets held that were pushed for `epoch`, in push order (they stay held).
+    pub fn held_of(&self, epoch: u64) -> impl Iterator<Item = &Bytes> + '_ {
+        let start = self.queue.partition_point(|p| p.epoch < epoch);
+        self.queue
+            .range(start..)
+            .take_while(move |p| p.epoch == epoch)
+            .map(|p| &p.data)
+    }
+
     /// Newest epoch acknowledged so far.
     pub fn acked_epoch(&self) -> Option<u64> {
         self.acked
@@ -393,6 +402,23 @@ mod tests {
 
     fn held(buf: &mut EgressBuffer, epoch: u64, tag: u8, len: usize, now: Instant) {
         assert_eq!(buf.push(epoch, pkt(tag, len), now).unwrap(), Pushed::Held);
+    }
+
+    #[test]
+    fn held_of_names_one_epochs_packets_and_keeps_them() {
+        let mut buf = EgressBuffer::new(LIMITS, Mode::Protected).unwrap();
+        let now = Instant::now();
+        held(&mut buf, 3, 1, 10, now);
+        held(&mut buf, 4, 2, 10, now);
+        held(&mut buf, 4, 3, 10, now);
+        held(&mut buf, 6, 4, 10, now);
+        let of = |buf: &EgressBuffer, e| buf.held_of(e).map(|p| p[0]).collect::<Vec<_>>();
+        assert_eq!(of(&buf, 4), [2, 3]);
+        assert_eq!(of(&buf, 5), Vec::<u8>::new());
+        assert_eq!(of(&buf, 6), [4]);
+        assert_eq!(buf.len(), 4, "nothing released");
+        assert_eq!(tags(buf.release(4, now)), [1, 2, 3]);
+        assert_eq!(of(&buf, 4), Vec::<u8>::new());
     }
 
     #[test]

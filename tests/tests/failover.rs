@@ -174,6 +174,8 @@ fn kill_trials(ns_name: &str, disk: Option<u64>) {
             verbose: false,
             reprotect: false,
             disk,
+            loss: Default::default(),
+            extra: Vec::new(),
         };
         let o = trial(&ns, &cfg).expect("trial setup");
         let verdict = check_trial(&o).and_then(|()| check_cold(&o, disk.is_some()));
@@ -485,4 +487,160 @@ fn a_cut_link_with_working_fencing_kills_the_old_primary_before_promotion() {
         blog.find("fenced the old primary") < blog.find("PROMOTED"),
         "{blog}"
     );
+}
+
+/// A reply whose epoch the backup committed but the primary still held when it was
+/// SIGKILLed (the backup withholds its acks: the ack "was on its way") reaches the client
+/// on the same connection from the promoted backup, which sends the committed output the
+/// dead primary may not have let out before its guest runs. Without that the reply would
+/// come only when the promoted guest's retransmission timer fires (`bench failover` shows
+/// the difference in time; this test checks the content and the backup's account).
+#[test]
+fn a_committed_reply_the_killed_primary_still_held_reaches_the_client() {
+    use std::io::{Read, Write};
+    if !kvm_required() {
+        return;
+    }
+    let _one = one_at_a_time();
+    let _dog = Watchdog::start("committed output after a kill", Duration::from_secs(120));
+    let dir = TempDir::new("failover-held-output");
+    let ns = Netns::create("lsfho").expect("network namespace");
+    // The backup commits every epoch but acknowledges only epoch 1 for a minute; the
+    // primary does not count it lost (it sends heartbeats), and the window is wide
+    // enough for the epochs of that time, so the reply's epoch is sent and committed.
+    let mut backup_args = fence_args(&dir, "primary");
+    backup_args.extend(strings(&[
+        "--test-withhold-acks-ms",
+        "60000",
+        "--api-sock",
+        &dir.arg("backup.sock"),
+    ]));
+    let backup_args: Vec<&str> = backup_args.iter().map(String::as_str).collect();
+    let backup = tests::pair::backup_cmd(&ns, &dir, "127.0.0.1:7600", &backup_args);
+    // The guest runs unprotected first, so that the client's connection is made before
+    // the backup starts withholding acks (even the SYN-ACK is held output).
+    let sock = dir.join("primary.sock");
+    let mut run_args = vec![
+        "run".to_string(),
+        "--guest".into(),
+        "builtin".into(),
+        "--guest-args".into(),
+        harness::trial::KV_ARGS.into(),
+        "--net".into(),
+        "tap=tap0".into(),
+        "--console".into(),
+        dir.arg("primary.console"),
+        "--pid-file".into(),
+        dir.arg("primary.pid"),
+        "--api-sock".into(),
+        dir.arg("primary.sock"),
+        "--window".into(),
+        "400".into(),
+        "--heartbeat-timeout-ms".into(),
+        "10000".into(),
+    ];
+    run_args.extend(tests::link::tls_args(dir.path(), "node1"));
+    run_args.extend(fence_args(&dir, "backup"));
+    let run_args: Vec<&str> = run_args.iter().map(String::as_str).collect();
+    let mut primary = harness::Proc::spawn(
+        ns.command(lockstep_bin(), &run_args),
+        dir.join("primary.out"),
+        dir.join("primary.err"),
+    )
+    .expect("start the primary");
+    wait_log(
+        &dir.join("primary.console"),
+        "kv: listening",
+        Duration::from_secs(30),
+    );
+    let mut client = ns
+        .within(|| {
+            let c = std::net::TcpStream::connect_timeout(
+                &harness::trial::GUEST_ADDR.parse().expect("address"),
+                Duration::from_secs(10),
+            )?;
+            c.set_read_timeout(Some(Duration::from_secs(30)))?;
+            Ok(c)
+        })
+        .expect("connect to the kv guest");
+    let call = |c: &mut std::net::TcpStream, req: &[u8]| -> String {
+        c.write_all(req).expect("send");
+        let mut buf = [0u8; 64];
+        let n = c.read(&mut buf).expect("read a reply");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    assert_eq!(
+        call(
+            &mut client,
+            b"*3\r\n$3\r\nSET\r\n$1\r\na\r\n$6\r\nbefore\r\n"
+        ),
+        "+OK\r\n"
+    );
+
+    // Protect it: epoch 1 is acknowledged, then the acks stop.
+    let out = std::process::Command::new(lockstep_bin())
+        .args(["ctl", "--api-sock", tests::ctl::path(&sock), "protect"])
+        .args(["--peer", "127.0.0.1:7600"])
+        .output()
+        .expect("run lockstep ctl protect");
+    assert!(
+        out.status.success(),
+        "ctl protect failed: {}{}",
+        String::from_utf8_lossy(&out.stderr),
+        primary.log()
+    );
+    let committed = || {
+        tests::ctl::status(&dir.join("backup.sock"))["committed_epoch"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    // The request; its reply is held by the primary from now on.
+    client
+        .write_all(b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$4\r\nheld\r\n")
+        .expect("send the request");
+    // The backup commits the epochs that follow (the reply's among them).
+    let sent_at = committed();
+    let t = Instant::now();
+    while committed() < sent_at + 8 {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the backup committed no further epochs:\n{}\n{}",
+            backup.log(),
+            primary.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        backup.log().contains("epoch 1 committed") && !backup.log().contains("acks withheld"),
+        "the backup is not withholding acks:\n{}",
+        backup.log()
+    );
+    primary.kill9();
+
+    // The promoted backup sends the held reply; the client reads it on its connection.
+    let mut buf = [0u8; 64];
+    let n = client.read(&mut buf).expect("read the held reply");
+    assert_eq!(&buf[..n], b"+OK\r\n", "the held reply");
+    wait_log(&dir.join("backup.err"), "PROMOTED", Duration::from_secs(20));
+    let log = backup.log();
+    let resent = log
+        .lines()
+        .find(|l| l.contains("of committed output the old primary may not have let out"))
+        .unwrap_or_else(|| panic!("the backup sent no committed output:\n{log}"));
+    assert!(
+        log.find("fenced the old primary") < log.find("of committed output"),
+        "{log}"
+    );
+    assert!(!resent.contains("sent 0 of"), "{resent}");
+    // The promoted guest remembers the write and goes on serving the same connection.
+    assert_eq!(
+        call(&mut client, b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n"),
+        "$4\r\nheld\r\n"
+    );
+    assert_eq!(
+        call(&mut client, b"*2\r\n$3\r\nGET\r\n$1\r\na\r\n"),
+        "$6\r\nbefore\r\n"
+    );
+    eprintln!("held reply delivered after promotion: {resent}");
+    drop(backup);
 }

@@ -9,6 +9,9 @@ use super::{
 };
 use crate::PAGE_SIZE;
 
+/// Bytes of an `Output` payload before its frames (released epoch, count, reserved).
+pub const OUTPUT_FIXED_LEN: usize = 16;
+
 /// A guest memory region: guest-physical address and length in bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MemoryRegion {
@@ -262,6 +265,17 @@ pub enum Message {
         /// `(byte offset, data)`, whole sectors.
         writes: Vec<(u64, Bytes)>,
     },
+    /// Network frames the guest sent during `epoch`, in the order it sent them; the
+    /// primary lets them out once the backup acknowledges `epoch`.
+    Output {
+        /// The epoch.
+        epoch: u64,
+        /// The last epoch whose output the primary had let out when it sent this (0:
+        /// none): the backup need not keep output of epochs up to it.
+        released: u64,
+        /// The frames, each a whole Ethernet frame.
+        frames: Vec<Bytes>,
+    },
 }
 
 /// Bytes of a `DiskWrites` payload before the entries, and of each entry before the data.
@@ -290,6 +304,7 @@ impl Message {
             Message::DiskSums { .. } => MessageKind::DiskSums,
             Message::DiskSync { .. } => MessageKind::DiskSync,
             Message::DiskWrites { .. } => MessageKind::DiskWrites,
+            Message::Output { .. } => MessageKind::Output,
         }
     }
 
@@ -312,7 +327,8 @@ impl Message {
             | Message::End { epoch, .. }
             | Message::Handover { epoch, .. }
             | Message::Leave { epoch, .. }
-            | Message::DiskWrites { epoch, .. } => *epoch,
+            | Message::DiskWrites { epoch, .. }
+            | Message::Output { epoch, .. } => *epoch,
         }
     }
 
@@ -444,6 +460,33 @@ impl Message {
                 }
                 for (_, data) in writes {
                     out.extend_from_slice(data);
+                }
+            }
+            Message::Output {
+                released, frames, ..
+            } => {
+                let len = OUTPUT_FIXED_LEN + frames.iter().map(|f| 4 + f.len()).sum::<usize>();
+                if len > MAX_PAYLOAD_LEN {
+                    out.truncate(start);
+                    return Err(too_large(format!(
+                        "{} frames in a {len}-byte payload, at most {MAX_PAYLOAD_LEN}",
+                        frames.len()
+                    )));
+                }
+                // What the decoder would refuse is not sent: one message, one encoding.
+                if frames.iter().any(Bytes::is_empty) || *released >= self.epoch() {
+                    out.truncate(start);
+                    return Err(too_large(format!(
+                        "an empty frame, or released epoch {released} not before epoch {}",
+                        self.epoch()
+                    )));
+                }
+                out.put_u64_le(*released);
+                out.put_u32_le(frames.len() as u32);
+                out.put_u32_le(0);
+                for f in frames {
+                    out.put_u32_le(f.len() as u32);
+                    out.extend_from_slice(f);
                 }
             }
         }
@@ -786,6 +829,58 @@ pub fn decode_frame(header: &FrameHeader, payload: Bytes) -> Result<Message, Pro
                 epoch,
                 disk,
                 writes,
+            }
+        }
+        MessageKind::Output => {
+            if payload.len() < OUTPUT_FIXED_LEN {
+                return Err(malformed(format!(
+                    "payload is {} bytes, at least {OUTPUT_FIXED_LEN} expected",
+                    payload.len()
+                )));
+            }
+            let released = r.u64_or_zero();
+            let n = r.u32_or_zero() as usize;
+            reserved(r.u32_or_zero().into())?;
+            if released >= epoch {
+                return Err(malformed(format!(
+                    "output of epoch {epoch} sent after epoch {released}'s output was let out"
+                )));
+            }
+            // Each frame takes at least its 4-byte length: a count that cannot fit is
+            // refused before anything is allocated for it.
+            if n > (payload.len() - OUTPUT_FIXED_LEN) / 4 {
+                return Err(malformed(format!(
+                    "{n} frames announced in a {}-byte payload",
+                    payload.len()
+                )));
+            }
+            let mut frames = Vec::with_capacity(n);
+            let mut at = OUTPUT_FIXED_LEN;
+            for i in 0..n {
+                let len = payload
+                    .get(at..at + 4)
+                    .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+                    .ok_or_else(|| malformed(format!("frame {i}: its length is cut off")))?;
+                at += 4;
+                if len == 0 || len > payload.len() - at {
+                    return Err(malformed(format!(
+                        "frame {i}: {len} bytes announced, {} left in the payload",
+                        payload.len() - at
+                    )));
+                }
+                frames.push(payload.slice(at..at + len));
+                at += len;
+            }
+            if at != payload.len() {
+                return Err(malformed(format!(
+                    "{} bytes after the last of {n} frames",
+                    payload.len() - at
+                )));
+            }
+            Message::Output {
+                epoch,
+                released,
+                frames,
             }
         }
     };

@@ -16,6 +16,7 @@
 //!     |-- EpochBegin {E, page count, state length} ------------>|  open staging for E
 //!     |-- Pages {E, (pfn, encoding, payload)...} x M ---------->|  decode into staging
 //!     |-- DiskWrites {E, disk, (offset, data)...} x D --------->|  the epoch's disk writes
+//!     |-- Output {E, released, the guest's frames of E} ------->|  only if E has output
 //!     |-- State {E, vCPU + device blob} ----------------------->|
 //!     |-- EpochCommit {E, pages, frames, disk frames, digest} ->|  verify all, apply
 //!     |<-- Ack {E}  | Nack {E, reason} -------------------------|  whole or not at all
@@ -35,9 +36,16 @@
 //! A backup that stops in order (SIGTERM, `POST /stop`) sends `Leave` first: it drops its
 //! replica and will never promote, so the primary goes on unprotected without fencing it.
 //!
-//! `Handover` and `Leave` were added without a version bump: an older backup rejects it as an unknown
-//! kind and the link breaks, which each side handles as the other lost (fencing as
-//! configured; the primary keeps the guest).
+//! `Output` carries the network frames the guest sent during epoch E, held by the
+//! primary's egress buffer until `Ack {E}` comes back. The backup keeps them with the
+//! committed epoch (they count in the epoch's digest) and, should it promote, sends them
+//! on its tap before the guest runs: output that the backup had acknowledged but the dead
+//! primary had not yet let out reaches the client without waiting for the guest's
+//! retransmission timer. An epoch whose output fits no single frame sends several.
+//!
+//! `Handover`, `Leave` and `Output` were added without a version bump: an older peer
+//! rejects them as an unknown kind and the link breaks, which each side handles as the
+//! other lost (fencing as configured; the primary keeps the guest).
 //!
 //! The primary may send epoch E+1 before `Ack {E}` arrives, up to a small window (see
 //! [`InFlight`](crate::inflight::InFlight)); the backup applies epochs strictly in order.
@@ -70,6 +78,7 @@
 //! | DiskSums | 0 | disk u32, count u32, first chunk u64, count x 16-byte sum (backup to primary) |
 //! | DiskSync | 0 | disk u32, 0 u32, offset u64, bytes done u64, bytes total u64, data |
 //! | DiskWrites | E | disk u32, count u32, count x (offset u64, length u32), the data of each in order |
+//! | Output | E | released u64 (the last epoch whose output the primary had let out when it sent this), n u32, 0 u32, n x (length u32, frame) |
 //!
 //! Disks: the initial sync compares images in [`DISK_CHUNK`]-byte chunks (the last one may
 //! be shorter); a chunk's sum is the first 16 bytes of its SHA-256, so equal sums mean
@@ -93,7 +102,7 @@ use crate::codec::CodecError;
 pub use batch::{PageBatch, PageEntry, PageIter, PagesFrameBuilder};
 pub use message::{
     decode_frame, DiskInfo, Hello, MemoryRegion, Message, DISK_WRITES_HEADER_LEN,
-    DISK_WRITE_ENTRY_LEN,
+    DISK_WRITE_ENTRY_LEN, OUTPUT_FIXED_LEN,
 };
 
 /// Frame magic, `"LKSP"` on the wire.
@@ -260,10 +269,12 @@ pub enum MessageKind {
     DiskSync = 16,
     /// An epoch's disk writes.
     DiskWrites = 17,
+    /// The network frames the guest sent during an epoch (held for its ack).
+    Output = 18,
 }
 
 impl MessageKind {
-    const ALL: [MessageKind; 17] = [
+    const ALL: [MessageKind; 18] = [
         MessageKind::Hello,
         MessageKind::HelloOk,
         MessageKind::Refuse,
@@ -281,6 +292,7 @@ impl MessageKind {
         MessageKind::DiskSums,
         MessageKind::DiskSync,
         MessageKind::DiskWrites,
+        MessageKind::Output,
     ];
 
     /// Parses the kind byte.
@@ -540,6 +552,16 @@ mod tests {
                 epoch: 7,
                 reason: String::new(),
             },
+            Message::Output {
+                epoch: 7,
+                released: 5,
+                frames: vec![Bytes::from_static(&[0xff; 60]), Bytes::from_static(b"x")],
+            },
+            Message::Output {
+                epoch: 1,
+                released: 0,
+                frames: Vec::new(),
+            },
         ]
     }
 
@@ -687,6 +709,45 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("payload is 2 bytes, expected 0"));
+    }
+
+    #[test]
+    fn malformed_output_is_rejected() {
+        let frame = |released: u64, count: u32, body: &[u8]| {
+            let mut f = Message::Ack { epoch: 9 }.to_frame().unwrap().to_vec();
+            f[6] = MessageKind::Output as u8;
+            f.extend_from_slice(&released.to_le_bytes());
+            f.extend_from_slice(&count.to_le_bytes());
+            f.extend_from_slice(&0u32.to_le_bytes());
+            f.extend_from_slice(body);
+            Message::decode(&resealed(f))
+        };
+        let one = [3u32.to_le_bytes().as_slice(), b"abc"].concat();
+        assert!(matches!(
+            frame(8, 1, &one).unwrap().0,
+            Message::Output { epoch: 9, released: 8, ref frames } if frames[0] == b"abc"[..]
+        ));
+        let err = |r: Result<(Message, usize), ProtocolError>| r.unwrap_err().to_string();
+        assert!(err(frame(9, 1, &one)).contains("after epoch 9's output was let out"));
+        assert!(err(frame(8, 2, &one)).contains("2 frames announced in a 23-byte payload"));
+        assert!(err(frame(8, 1, &one[..6])).contains("frame 0: 3 bytes announced, 2 left"));
+        assert!(err(frame(8, 1, &[0, 0, 0, 0])).contains("frame 0: 0 bytes announced"));
+        assert!(err(frame(8, 0, &one)).contains("7 bytes after the last of 0 frames"));
+        let big = Message::Output {
+            epoch: 2,
+            released: 1,
+            frames: vec![Bytes::from(vec![1u8; MAX_PAYLOAD_LEN])],
+        };
+        assert!(matches!(big.to_frame(), Err(ProtocolError::Encode { .. })));
+        let empty = Message::Output {
+            epoch: 2,
+            released: 1,
+            frames: vec![Bytes::new()],
+        };
+        assert!(matches!(
+            empty.to_frame(),
+            Err(ProtocolError::Encode { .. })
+        ));
     }
 
     #[test]

@@ -78,9 +78,34 @@ impl Egress {
     }
 
     /// The epoch that frames sent from now on belong to (set while the guest is paused).
+    /// Changed under the buffer's lock, which [`send`](Self::send) reads it under: once
+    /// this returns, no frame can join the epoch before it any more.
     pub fn set_open_epoch(&self, epoch: u64) {
+        let _g = lock(&self.buffer);
         self.open_epoch.store(epoch, Ordering::SeqCst);
         self.open_frames.store(0, Ordering::SeqCst);
+    }
+
+    /// The frames held for `epoch` (copies of the handles; they stay held) and the last
+    /// epoch released (0: none, or not before `epoch`), for protection `session`: what the
+    /// primary ships with the epoch so that a promoted backup can send what a dead
+    /// primary still held. Nothing for another session or when output is not held.
+    pub fn held_of(&self, session: u64, epoch: u64) -> (u64, Vec<Bytes>) {
+        let g = lock(&self.buffer);
+        if self.session.load(Ordering::SeqCst) != session || g.0.mode() != Mode::Protected {
+            return (0, Vec::new());
+        }
+        let released = g.0.acked_epoch().filter(|&a| a < epoch).unwrap_or(0);
+        (released, g.0.held_of(epoch).cloned().collect())
+    }
+
+    /// Writes frames to the tap at once, bypassing the buffer: a promoted backup's copy of
+    /// the output a dead primary may have held. Returns how many the tap took.
+    pub fn replay(&self, frames: &[Bytes]) -> usize {
+        let mut g = lock(&self.buffer);
+        let before = g.1.sent;
+        self.transmit(&mut g.1, frames.iter().cloned());
+        (g.1.sent - before) as usize
     }
 
     /// Whether the guest produced output that waits for a checkpoint not yet taken.
@@ -100,8 +125,8 @@ impl Egress {
 
     /// Sends or holds one frame. A frame refused for lack of room is handed back.
     pub fn send(&self, frame: Bytes) -> Result<(), Bytes> {
-        let epoch = self.open_epoch.load(Ordering::SeqCst);
         let mut g = lock(&self.buffer);
+        let epoch = self.open_epoch.load(Ordering::SeqCst);
         match g.0.push(epoch, frame, Instant::now()) {
             Ok(Pushed::Transmit(f)) => {
                 self.transmit(&mut g.1, [f]);

@@ -11,6 +11,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
+use bytes::Bytes;
+
 use crate::boot::abi::{
     VirtioDeviceInfo, MMIO_BASE, MMIO_DEVICE_SIZE, SERIAL_PORT, VIRTIO_ID_BLOCK, VIRTIO_ID_NET,
 };
@@ -141,6 +143,12 @@ impl NetDevice {
         }
     }
 
+    /// Sends `frames` on the tap before the guest runs: the output of committed epochs
+    /// that a dead primary may still have held (a promotion). Returns how many went out.
+    pub fn replay(&self, frames: &[Bytes]) -> usize {
+        self.egress.replay(frames)
+    }
+
     /// The handle the replication roles steer output commit with.
     pub fn output(&self) -> OutputCommit {
         OutputCommit {
@@ -180,6 +188,13 @@ impl OutputCommit {
     /// reaches it. Called with the guest paused, as a checkpoint is taken.
     pub fn begin_epoch(&self, epoch: u64) {
         self.egress.set_open_epoch(epoch);
+    }
+
+    /// The frames held for `epoch` of protection `session` and the last epoch released
+    /// before it (see [`Egress::held_of`](egress::Egress::held_of)): shipped to the backup
+    /// with the epoch.
+    pub fn held_of(&self, session: u64, epoch: u64) -> (u64, Vec<Bytes>) {
+        self.egress.held_of(session, epoch)
     }
 
     /// Whether the guest sent output since the last [`begin_epoch`](Self::begin_epoch)

@@ -203,6 +203,12 @@ pub struct Committed {
     pub state: MachineState,
     /// The images holding the guest's disks as of that epoch, in order.
     pub disks: Vec<DiskConfig>,
+    /// The guest's network output of the committed epochs that the primary may not have
+    /// let out yet, in the order the guest sent it (see
+    /// [`Staging::committed_output`]); a failover sends it before the guest runs.
+    pub output: Vec<bytes::Bytes>,
+    /// The epochs `output` belongs to.
+    pub output_epochs: Vec<u64>,
 }
 
 /// Runs `lockstep backup` until replication ends (see [`Outcome`]).
@@ -303,6 +309,8 @@ pub fn run_on(
             memory,
             state: MachineState::from_blob(staging.committed_state())?,
             disks: disk_configs.clone(),
+            output: staging.committed_output().cloned().collect(),
+            output_epochs: staging.committed_output_epochs(),
         })
     };
     match result {
@@ -351,6 +359,7 @@ fn replicate(
     let mut handover: Option<String> = None;
     // An operator's failover fencing the primary while replication goes on.
     let mut fencing: Option<Receiver<Result<u32, FenceError>>> = None;
+    let mut silence_record = Duration::ZERO;
     loop {
         if stop_requested() {
             // An orderly end: the primary learns that this replica is dropped and can
@@ -427,7 +436,15 @@ fn replicate(
             }
         }
         let msg = match conn.recv(Some(timeout)) {
-            Ok(m) => m,
+            Ok(m) => {
+                super::near_miss(
+                    "primary",
+                    conn.longest_silence(),
+                    opts.heartbeat_timeout,
+                    &mut silence_record,
+                );
+                m
+            }
             Err(TransportError::Timeout(_))
                 if conn.last_activity().elapsed() >= opts.heartbeat_timeout =>
             {
@@ -498,6 +515,10 @@ fn replicate(
                 }
             }
             Ok(Step::Committed { epoch }) => {
+                // Committed, whether or not the ack goes out now (the withholding hook).
+                status::update(|s| {
+                    s.committed_epoch = Some(epoch);
+                });
                 if let Some(d) = opts.withhold_acks {
                     let since = *withheld_since.get_or_insert_with(Instant::now);
                     if epoch > 1 && since.elapsed() < d {
@@ -506,9 +527,6 @@ fn replicate(
                 }
                 send(conn, &Message::Ack { epoch }, staging)?;
                 last_sent = Instant::now();
-                status::update(|s| {
-                    s.committed_epoch = Some(epoch);
-                });
                 metrics::committed(None);
                 status::set_protection(Protection::Protected, "the first epoch committed");
                 if epoch == 1 {
@@ -532,7 +550,11 @@ fn replicate(
                         local: local.to_string(),
                     });
                 }
-                info!("replication ended cleanly at epoch {epoch} ({rejected} epochs rejected)");
+                info!(
+                    "replication ended cleanly at epoch {epoch} ({rejected} epochs rejected; \
+                     the primary's longest silence {} ms)",
+                    conn.longest_silence().as_millis()
+                );
                 if handover.is_some() {
                     info!(
                         "the primary HANDED OVER the guest at epoch {epoch} (planned switchover)"

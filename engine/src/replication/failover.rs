@@ -86,6 +86,12 @@ pub fn take_over(
                 wait_for_the_cluster(epoch)?;
             }
             let handed = Instant::now();
+            // The primary let out all output before it handed over: nothing to send again.
+            let committed = Committed {
+                output: Vec::new(),
+                output_epochs: Vec::new(),
+                ..committed
+            };
             let machine = promote(committed, &opts.console, opts.net.as_ref())?;
             info!(
                 "PROMOTED: guest running from epoch {epoch}, handed over by the primary ({} ms)",
@@ -219,16 +225,49 @@ pub fn fail_over(
 
 /// Promotion: the last committed epoch becomes the running VM — vCPUs and devices loaded,
 /// the tap attached, the guest's MAC announced (RARP, as after a live migration so
-/// switches learn where it is now), running.
+/// switches learn where it is now), the committed output the old primary may still have
+/// held sent, running.
+///
+/// That output is what the guest sent during committed epochs after the last one the
+/// primary said it had let out: the backup acknowledged them, but the primary may have
+/// died before the ack reached it. The guest's state says those frames were sent, so it
+/// would send them again only when its retransmission timer fires (a second or more for
+/// TCP, never for UDP). Sending them now costs a duplicate at most: TCP drops a segment it
+/// has already received; a UDP client may see a datagram twice.
 pub fn promote(
-    committed: Committed,
+    mut committed: Committed,
     console: &Console,
     net: Option<&NetConfig>,
 ) -> Result<Machine, BackupError> {
+    let output = std::mem::take(&mut committed.output);
+    let epochs = std::mem::take(&mut committed.output_epochs);
     let mut machine = resume(committed, console, net)?;
     if let Some(n) = machine.net() {
         n.announce();
+        if !output.is_empty() {
+            let sent = n.replay(&output);
+            let bytes: usize = output.iter().map(bytes::Bytes::len).sum();
+            info!(
+                "sent {sent} of {} frames ({bytes} bytes) of committed output the old primary \
+                 may not have let out (epochs {})",
+                output.len(),
+                epoch_list(&epochs)
+            );
+        }
     }
     machine.resume()?;
     Ok(machine)
+}
+
+/// `3, 5, 6` as "3, 5, 6"; long lists shortened to the first and last.
+fn epoch_list(epochs: &[u64]) -> String {
+    match epochs {
+        [] => "none".into(),
+        [a, .., b] if epochs.len() > 4 => format!("{a} to {b}, {} of them", epochs.len()),
+        _ => epochs
+            .iter()
+            .map(u64::to_string)
+            .collect::<Vec<_>>()
+            .join(", "),
+    }
 }

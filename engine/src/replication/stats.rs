@@ -143,6 +143,9 @@ pub struct PrimaryStats {
     pub pages: Samples,
     /// Bytes on the wire per epoch.
     pub wire_bytes: Samples,
+    /// Bytes of `Output` frames (the guest's network output shipped with its epochs), part
+    /// of `wire_bytes`.
+    pub output_bytes: u64,
     /// Parts of the pause (µs): until every vCPU parked, until the state was captured,
     /// until the dirty set was harvested, until the pages were copied.
     pub parked_us: Samples,
@@ -210,8 +213,8 @@ impl PrimaryStats {
         };
         format!(
             "epochs={} pause_us p50={} p99={} max={} commit_us p50={} p99={} dirty_pages={} \
-             wire_bytes={} bytes_per_dirty_page={:.0} compression={:.2}x throttled={} \
-             held_us max={} capped={}",
+             wire_bytes={} output_bytes={} bytes_per_dirty_page={:.0} compression={:.2}x \
+             throttled={} held_us max={} capped={}",
             self.pause_us.len(),
             self.pause_us.percentile(50.0),
             self.pause_us.percentile(99.0),
@@ -220,6 +223,7 @@ impl PrimaryStats {
             self.commit_us.percentile(99.0),
             pages,
             bytes,
+            self.output_bytes,
             per_page,
             ratio,
             self.throttled,

@@ -20,7 +20,25 @@ pub(super) struct Realtime {
 }
 
 impl Realtime {
+    /// [`try_enter`](Self::try_enter), saying in the log when the system refuses.
     pub(super) fn enter() -> Realtime {
+        match Realtime::try_enter() {
+            Ok(r) => r,
+            Err(e) => {
+                info!(
+                    "the epoch loop keeps its normal priority (real-time scheduling refused: \
+                     {e}); on a busy host epochs may overshoot --max-epoch-pages"
+                );
+                Realtime {
+                    previous: None,
+                    _thread: std::marker::PhantomData,
+                }
+            }
+        }
+    }
+
+    /// The calling thread at `SCHED_FIFO` 1 while the guard lives, or why not.
+    pub(super) fn try_enter() -> Result<Realtime, std::io::Error> {
         let mut param = libc::sched_param { sched_priority: 0 };
         // SAFETY: pid 0 is the calling thread; no pointer is passed.
         let policy = unsafe { libc::sched_getscheduler(0) };
@@ -35,20 +53,12 @@ impl Realtime {
             -1
         };
         if set != 0 {
-            info!(
-                "the epoch loop keeps its normal priority (real-time scheduling refused: {}); \
-                 on a busy host epochs may overshoot --max-epoch-pages",
-                std::io::Error::last_os_error()
-            );
-            return Realtime {
-                previous: None,
-                _thread: std::marker::PhantomData,
-            };
+            return Err(std::io::Error::last_os_error());
         }
-        Realtime {
+        Ok(Realtime {
             previous: Some((policy, param)),
             _thread: std::marker::PhantomData,
-        }
+        })
     }
 }
 
@@ -281,6 +291,13 @@ impl Primary<'_> {
         self.next_dirty_count = self.next_dirty_count.min(Instant::now() + DIRTY_POLL_MIN);
         self.epoch += 1;
         let epoch = self.epoch;
+        // The epoch's output is complete (frames sent from the capture on belong to the
+        // next one) and held until its ack: it goes to the backup with the epoch, so that
+        // a promoted backup can send what this process still held when it died.
+        let (released, output) = match &self.output {
+            Some(o) => o.held_of(self.session.load(Ordering::SeqCst), epoch),
+            None => (0, Vec::new()),
+        };
         let blob = state.to_blob();
         // The early copy's pages that were not written again since (the pause's copy of
         // the others wins when the sender merges them).
@@ -321,6 +338,8 @@ impl Primary<'_> {
             early,
             blob,
             disks,
+            released,
+            output,
         };
         // The sender is idle (callers wait for it), so this does not block.
         self.jobs

@@ -64,6 +64,9 @@ impl Heartbeats {
         let thread = std::thread::Builder::new()
             .name("heartbeats".into())
             .spawn(move || {
+                // On time even on a busy host, as the epoch loop: a heartbeat that waits
+                // for a CPU is a silence the backup may take for a dead primary.
+                let _realtime = super::epochs::Realtime::try_enter();
                 while !s.load(Ordering::Relaxed) {
                     std::thread::sleep(every / 2);
                     let silent = (base.elapsed().as_millis() as u64)
@@ -132,6 +135,10 @@ pub(super) struct EpochJob {
     pub(super) blob: Vec<u8>,
     /// The epoch's disk writes, per disk: `(byte offset, data)` in completion order.
     pub(super) disks: Vec<Vec<(u64, bytes::Bytes)>>,
+    /// The guest's network frames of the epoch, and the last epoch whose output was let
+    /// out when it was taken (see [`checkpoint::encode::EpochOutput`]).
+    pub(super) released: u64,
+    pub(super) output: Vec<bytes::Bytes>,
 }
 
 pub(super) struct EpochSent {
@@ -165,8 +172,12 @@ pub(super) fn spawn_sender(
                 }
                 let result = StagedPages::new(&job.pfns, &job.data).and_then(|staged| {
                     let mut l = link.lock().unwrap_or_else(|e| e.into_inner());
+                    let output = checkpoint::encode::EpochOutput {
+                        released: job.released,
+                        frames: &job.output,
+                    };
                     let r = send_epoch(
-                        &mut l.tx, &encoder, job.epoch, &staged, &job.disks, &job.blob,
+                        &mut l.tx, &encoder, job.epoch, &staged, &job.disks, &job.blob, output,
                     );
                     l.sent();
                     r
@@ -192,45 +203,57 @@ pub(super) fn spawn_ack_reader(
 ) {
     std::thread::Builder::new()
         .name("acks".into())
-        .spawn(move || loop {
-            let ev = match rx.recv(Some(timeout)) {
-                Ok(Message::Ack { epoch }) => match inflight.acked(epoch) {
-                    Ok(_) => {
-                        // Output commit: what the guest sent up to this epoch may leave now.
-                        if let Some((o, session)) = &output {
-                            let session = session.load(Ordering::SeqCst);
-                            if session != NO_SESSION {
-                                o.commit(session, epoch);
+        .spawn(move || {
+            let mut silence_record = Duration::ZERO;
+            loop {
+                let got = rx.recv(Some(timeout));
+                if got.is_ok() {
+                    crate::replication::near_miss(
+                        "backup",
+                        rx.longest_silence(),
+                        timeout,
+                        &mut silence_record,
+                    );
+                }
+                let ev = match got {
+                    Ok(Message::Ack { epoch }) => match inflight.acked(epoch) {
+                        Ok(_) => {
+                            // Output commit: what the guest sent up to this epoch may leave now.
+                            if let Some((o, session)) = &output {
+                                let session = session.load(Ordering::SeqCst);
+                                if session != NO_SESSION {
+                                    o.commit(session, epoch);
+                                }
+                            }
+                            AckEvent::Ack {
+                                epoch,
+                                at: Instant::now(),
                             }
                         }
-                        AckEvent::Ack {
-                            epoch,
-                            at: Instant::now(),
-                        }
+                        Err(e) => AckEvent::Lost(BackupLoss::Ack(e)),
+                    },
+                    Ok(Message::Nack { epoch, reason }) => AckEvent::Nack { epoch, reason },
+                    Ok(Message::Heartbeat { .. }) => continue,
+                    Ok(Message::DiskSums { disk, first, sums }) => {
+                        AckEvent::DiskSums { disk, first, sums }
                     }
-                    Err(e) => AckEvent::Lost(BackupLoss::Ack(e)),
-                },
-                Ok(Message::Nack { epoch, reason }) => AckEvent::Nack { epoch, reason },
-                Ok(Message::Heartbeat { .. }) => continue,
-                Ok(Message::DiskSums { disk, first, sums }) => {
-                    AckEvent::DiskSums { disk, first, sums }
+                    // The backup's answer to a switchover's Handover.
+                    Ok(Message::Handover { .. }) => AckEvent::Handover(Ok(())),
+                    Ok(Message::Refuse { reason }) => AckEvent::Handover(Err(reason)),
+                    Ok(Message::Leave { epoch, reason }) => {
+                        AckEvent::Lost(BackupLoss::Left { epoch, reason })
+                    }
+                    Ok(other) => AckEvent::Lost(BackupLoss::Unexpected(other.kind())),
+                    Err(TransportError::Timeout(t)) => AckEvent::Lost(BackupLoss::Silent(t)),
+                    Err(e) => AckEvent::Lost(BackupLoss::Receive(e)),
+                };
+                let last = !matches!(
+                    ev,
+                    AckEvent::Ack { .. } | AckEvent::Handover(_) | AckEvent::DiskSums { .. }
+                );
+                if events.send(ev).is_err() || last {
+                    return;
                 }
-                // The backup's answer to a switchover's Handover.
-                Ok(Message::Handover { .. }) => AckEvent::Handover(Ok(())),
-                Ok(Message::Refuse { reason }) => AckEvent::Handover(Err(reason)),
-                Ok(Message::Leave { epoch, reason }) => {
-                    AckEvent::Lost(BackupLoss::Left { epoch, reason })
-                }
-                Ok(other) => AckEvent::Lost(BackupLoss::Unexpected(other.kind())),
-                Err(TransportError::Timeout(t)) => AckEvent::Lost(BackupLoss::Silent(t)),
-                Err(e) => AckEvent::Lost(BackupLoss::Receive(e)),
-            };
-            let last = !matches!(
-                ev,
-                AckEvent::Ack { .. } | AckEvent::Handover(_) | AckEvent::DiskSums { .. }
-            );
-            if events.send(ev).is_err() || last {
-                return;
             }
         })
         .expect("spawn the ack reader thread");
@@ -319,6 +342,7 @@ impl Primary<'_> {
         self.pfns.reuse(job.pfns);
         let summary = result?;
         self.stats.wire_bytes.push(summary.bytes);
+        self.stats.output_bytes += summary.output_bytes;
         metrics::epoch_sent(pages, summary.bytes);
         for (i, n) in summary.by_encoding.iter().enumerate() {
             self.stats.encodings[i] += n;
