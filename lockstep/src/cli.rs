@@ -175,8 +175,8 @@ struct DeviceArgs {
     /// a virtio-net device on the tap NAME (created if missing, as root)
     #[arg(long, value_name = "tap=NAME[,mac=MAC]", allow_hyphen_values = true)]
     net: Option<String>,
-    /// a virtio-blk device on the raw image FILE (repeatable; not replicated yet: run and
-    /// restore only)
+    /// a virtio-blk device on the raw image FILE (repeatable); on a backup, the image it
+    /// keeps its copy of the primary's disk in (same size, same order)
     #[arg(long, value_name = "path=FILE[,readonly]", allow_hyphen_values = true)]
     disk: Vec<String>,
 }
@@ -340,7 +340,7 @@ struct ReplicationArgs {
     #[arg(long, value_name = "S")]
     connect_timeout_s: Option<u64>,
     /// silence after which the peer counts as lost: the backup, in the primary role; the
-    /// primary, in the backup role (default 1000)
+    /// primary, in the backup role (default 300)
     #[arg(long, value_name = "MS")]
     heartbeat_timeout_ms: Option<u64>,
     /// fence (default): hold output, fence the backup, then go on unprotected; pause:
@@ -645,10 +645,26 @@ fn disk_options(d: &DeviceArgs) -> Result<Vec<DiskConfig>, CliError> {
             d.disk.len()
         )));
     }
-    d.disk
+    let disks = d
+        .disk
         .iter()
         .map(|s| s.parse::<DiskConfig>().map_err(|e| usage(e.to_string())))
-        .collect()
+        .collect::<Result<Vec<DiskConfig>, CliError>>()?;
+    // One image twice (by two names, say) would lock itself out with a confusing reason.
+    for (i, a) in disks.iter().enumerate() {
+        let same = |b: &DiskConfig| match (a.path.canonicalize(), b.path.canonicalize()) {
+            (Ok(x), Ok(y)) => x == y,
+            _ => a.path == b.path,
+        };
+        if let Some(b) = disks[..i].iter().find(|b| same(b)) {
+            return Err(usage(format!(
+                "--disk {} and --disk {} name the same image: give each disk its own",
+                b.path.display(),
+                a.path.display()
+            )));
+        }
+    }
+    Ok(disks)
 }
 
 fn dirty_ring_option(ring: Option<u32>) -> Result<Option<u32>, CliError> {

@@ -446,6 +446,31 @@ fn bad_disks_get_one_line_errors() {
         "at least",
     ]);
     run("file=/tmp/x").assert_one_line_error(&["--disk", "path=FILE"]);
+    // One image named twice, by a second name.
+    let twice = dir.join("twice.img");
+    image(&twice, 2 << 20);
+    let alias = dir.join("alias.img");
+    std::os::unix::fs::symlink(&twice, &alias).unwrap();
+    lockstep(&[
+        "run",
+        "--guest",
+        "builtin",
+        "--disk",
+        &format!("path={}", twice.display()),
+        "--disk",
+        &format!("path={}", alias.display()),
+    ])
+    .assert_one_line_error(&["twice.img", "alias.img", "name the same image"]);
+    // An image that is not whole sectors: it works, and the log says what the guest lacks.
+    let odd = dir.join("odd.img");
+    image(&odd, (1 << 20) + 100);
+    let r = run(&format!("path={}", odd.display()));
+    r.assert_success();
+    assert!(
+        r.stderr.contains("not a whole number of 512-byte sectors")
+            && r.stderr.contains("the last 100 are out of its reach"),
+        "{r:?}"
+    );
 
     // An image that holds fewer blocks than asked: the guest says so.
     let img = dir.join("disk.img");

@@ -1162,7 +1162,7 @@ fn a_backup_whose_disk_fills_up_leaves_and_the_primary_goes_on() {
         &pair.backup,
         &[
             "No space left on device",
-            "the image holds epoch",
+            "is untouched and holds epoch",
             "left replication",
         ],
     );

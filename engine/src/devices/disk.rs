@@ -282,6 +282,15 @@ impl Image {
         if size < MIN_IMAGE_BYTES {
             return Err(DiskError::TooSmall { path, size });
         }
+        if size % SECTOR != 0 {
+            crate::warn!(
+                "--disk {}: the image is {size} bytes, not a whole number of {SECTOR}-byte \
+                 sectors: the guest sees {} bytes, the last {} are out of its reach",
+                path.display(),
+                size / SECTOR * SECTOR,
+                size % SECTOR
+            );
+        }
         Ok(Image {
             file,
             path,

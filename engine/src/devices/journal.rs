@@ -204,11 +204,25 @@ fn encode(kind: u32, epoch: u64, writes: &[(u64, &[u8])]) -> Vec<u8> {
     b
 }
 
-/// Writes `bytes` as the journal of `image` in one step (a temporary file renamed).
+/// Writes `bytes` as the journal of `image` in one step (a temporary file renamed); on
+/// failure the temporary file is removed (it would hold space on a full file system).
 fn install(image: &Path, bytes: &[u8]) -> io::Result<()> {
     let tmp = tmp_of(image);
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(&tmp, path_of(image))
+    let r = std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, path_of(image)));
+    if r.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    r
+}
+
+/// How [`apply`] failed: before the journal was in place (the image holds the epoch
+/// before, untouched) or after (the next open completes the epoch from the journal).
+#[derive(Debug)]
+pub enum ApplyError {
+    /// The journal could not be written: the image is untouched.
+    Journal(io::Error),
+    /// Writing the image failed after the journal was in place.
+    Image(io::Error),
 }
 
 /// Marks `image` as being synced (see [`Recovered::Syncing`]).
@@ -219,10 +233,16 @@ pub fn mark_syncing(image: &Path) -> io::Result<()> {
 /// Makes the image `file` at `path` hold committed epoch `epoch`: its journal first, then
 /// `writes` (in order) into the image. An error before the journal is in place leaves the
 /// image at the previous epoch; after, [`recover`] completes it.
-pub fn apply(path: &Path, file: &File, epoch: u64, writes: &[(u64, &[u8])]) -> io::Result<()> {
-    install(path, &encode(KIND_EPOCH, epoch, writes))?;
+pub fn apply(
+    path: &Path,
+    file: &File,
+    epoch: u64,
+    writes: &[(u64, &[u8])],
+) -> Result<(), ApplyError> {
+    install(path, &encode(KIND_EPOCH, epoch, writes)).map_err(ApplyError::Journal)?;
     for (offset, data) in writes {
-        file.write_all_at(data, *offset)?;
+        file.write_all_at(data, *offset)
+            .map_err(ApplyError::Image)?;
     }
     Ok(())
 }

@@ -351,6 +351,8 @@ fn replicate(
 ) -> Result<Option<String>, BackupError> {
     let mut last_report = Instant::now();
     let mut progress = super::events::SyncProgress::new("backup");
+    // When each disk's sync data began to arrive (for its rate).
+    let mut disk_sync_began: std::collections::HashMap<u32, Instant> = Default::default();
     let mut rejected = 0u64;
     let mut withheld_since: Option<Instant> = None;
     let every = HEARTBEAT_EVERY.min(opts.heartbeat_timeout / 4);
@@ -489,13 +491,18 @@ fn replicate(
                 bytes_done,
                 bytes_total,
             }) => {
+                let began = *disk_sync_began.entry(disk).or_insert_with(Instant::now);
                 if last_report.elapsed() >= Duration::from_millis(500) || bytes_done >= bytes_total
                 {
                     last_report = Instant::now();
+                    let rate = bytes_done as f64 / began.elapsed().as_secs_f64().max(1e-6);
                     info!(
-                        "disk {disk} initial sync: {} of {} MiB received",
+                        "disk {disk} initial sync: {} of {} MiB received ({:.0} MiB/s, {:.1} s \
+                         left)",
                         bytes_done >> 20,
-                        bytes_total >> 20
+                        bytes_total >> 20,
+                        rate / (1 << 20) as f64,
+                        bytes_total.saturating_sub(bytes_done) as f64 / rate.max(1.0)
                     );
                 }
             }
@@ -603,12 +610,26 @@ fn send_disk_sums(
     for (d, path) in disks.paths().iter().enumerate() {
         let t = Instant::now();
         let mut last = Instant::now();
+        let mut last_report = Instant::now();
         let mut beat_failed = None;
+        let size = disks.infos()[d].size;
         let sums = disks
-            .sums(d, |_| {
+            .sums(d, |read| {
                 if last.elapsed() >= every && beat_failed.is_none() {
                     last = Instant::now();
                     beat_failed = conn.send(&Message::Heartbeat { epoch: 0 }).err();
+                }
+                if last_report.elapsed() >= Duration::from_secs(1) {
+                    last_report = Instant::now();
+                    let rate = read as f64 / t.elapsed().as_secs_f64().max(1e-6);
+                    info!(
+                        "disk {d}: {} of {} MiB of the image read for its chunk sums \
+                         ({:.0} MiB/s, {:.1} s left)",
+                        read >> 20,
+                        size >> 20,
+                        rate / (1 << 20) as f64,
+                        size.saturating_sub(read) as f64 / rate.max(1.0)
+                    );
                 }
             })
             .map_err(|e| {

@@ -151,12 +151,19 @@ impl BackupDisks {
             }
             journal::apply(&image.path, &image.file, epoch, &mine).map_err(|e| {
                 self.failed = true;
-                format!(
-                    "disk {}: applying epoch {epoch}: {e}; the image holds epoch {} (or {epoch} \
-                     once its journal is completed by the next open)",
-                    image.path.display(),
-                    epoch - 1
-                )
+                match e {
+                    journal::ApplyError::Journal(e) => format!(
+                        "disk {}: cannot write the journal of epoch {epoch}: {e}; the image \
+                         is untouched and holds epoch {}",
+                        image.path.display(),
+                        epoch - 1
+                    ),
+                    journal::ApplyError::Image(e) => format!(
+                        "disk {}: writing epoch {epoch} into the image: {e}; its journal is \
+                         complete: the next open of the image finishes epoch {epoch}",
+                        image.path.display()
+                    ),
+                }
             })?;
         }
         Ok(())

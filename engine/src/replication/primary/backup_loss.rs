@@ -17,7 +17,7 @@ impl Primary<'_> {
             return self.backup_left(why);
         }
         let what = match (self.opts.on_backup_loss, &self.opts.fence) {
-            (OnBackupLoss::Pause, _) => "PAUSING the guest (--on-backup-loss pause)".to_string(),
+            (OnBackupLoss::Pause, _) => "PAUSING the guest (--on-backup-loss pause): it stays paused until this process is stopped (SIGTERM, ctl stop)".to_string(),
             (OnBackupLoss::Continue, _) => {
                 "UNSAFE: the guest continues UNPROTECTED without fencing the backup \
                  (--on-backup-loss continue); a stalled backup may still promote"
@@ -96,7 +96,10 @@ impl Primary<'_> {
     /// unprotected, whatever `--on-backup-loss` says for a lost backup.
     fn backup_left(&mut self, why: BackupLoss) -> Result<ProtectEnd, PrimaryError> {
         if self.opts.on_backup_loss == OnBackupLoss::Pause {
-            warn!("ROLE CHANGE: {why}; PAUSING the guest (--on-backup-loss pause)");
+            warn!(
+                "ROLE CHANGE: {why}; PAUSING the guest (--on-backup-loss pause): it stays \
+                 paused until this process is stopped (SIGTERM, ctl stop)"
+            );
             status::role_change(
                 Role::Primary,
                 Protection::Unprotected,
