@@ -186,6 +186,23 @@ pub fn merge_copies(
     }
 }
 
+/// The number of pages in either of two sorted, unique lists of pfns.
+pub fn union_len(a: &[u64], b: &[u64]) -> usize {
+    let (mut i, mut j, mut n) = (0, 0, 0);
+    while i < a.len() && j < b.len() {
+        match a[i].cmp(&b[j]) {
+            std::cmp::Ordering::Less => i += 1,
+            std::cmp::Ordering::Greater => j += 1,
+            std::cmp::Ordering::Equal => {
+                i += 1;
+                j += 1;
+            }
+        }
+        n += 1;
+    }
+    n + (a.len() - i) + (b.len() - j)
+}
+
 /// Where a VM's dirty pages are tracked, chosen when it is created: KVM's dirty bitmap
 /// ([`DirtyLog`], the default) or the per-vCPU dirty rings ([`super::dirty_ring`]). Either
 /// way, what the VMM and devices wrote through vm-memory is ORed in.
@@ -380,6 +397,8 @@ mod tests {
         assert_eq!(pfns, [1, 2, 5, 7, 9]);
         let firsts: Vec<u8> = data.chunks(4096).map(|p| p[0]).collect();
         assert_eq!(firsts, [1, 20, 50, 7, 90]);
+        assert_eq!(union_len(&late.0, &early.0), 5);
+        assert_eq!(union_len(&[], &early.0), 3);
         merge_copies((&[], &[]), (&early.0, &early.1), &mut pfns, &mut data);
         assert_eq!((pfns.len(), data.len()), (3, 3 * 4096));
     }

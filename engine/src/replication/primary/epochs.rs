@@ -326,8 +326,13 @@ impl Primary<'_> {
         st.captured_us.push_duration(timing.captured);
         st.harvested_us.push_duration(harvested);
         st.copied_us.push_duration(copied);
-        st.pages.push((self.pfns.len() + early_pages) as u64);
-        metrics::checkpoint(pause, self.pfns.len() as u64);
+        // Pages of the epoch: the union of the two copies (a page in both is sent once).
+        let pages = match &early {
+            Some((e, _)) => crate::vstate::dirty::union_len(self.pfns.as_slice(), e),
+            None => self.pfns.len(),
+        };
+        st.pages.push(pages as u64);
+        metrics::checkpoint(pause, pages as u64);
         if last {
             self.last_state = Some(blob.clone());
         }
