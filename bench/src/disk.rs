@@ -24,13 +24,7 @@ pub const OPTIONS: &[&str] = &["requests", "clients", "interval-ms", "seconds", 
 
 pub fn run(args: &Args) -> Result<(), BenchError> {
     let requests: u64 = args.number("requests", 5000, 100)?;
-    let clients: Vec<u64> = args
-        .get("clients")
-        .unwrap_or("20,1")
-        .split(',')
-        .map(|c| c.trim().parse().ok().filter(|&n: &u64| n >= 1))
-        .collect::<Option<Vec<u64>>>()
-        .ok_or_else(|| BenchError::Usage("--clients: expected client counts, e.g. 20,1".into()))?;
+    let clients = crate::net::client_counts(args)?;
     let interval: u64 = args.number("interval-ms", 25, 1)?;
     let seconds: u64 = args.number("seconds", 5, 1)?;
     let image_mib: u64 = args.number("image", 256, 16)?;

@@ -52,10 +52,10 @@ impl Mode {
     }
 }
 
-pub fn run_bench(args: &Args) -> Result<(), BenchError> {
-    let requests: u64 = args.number("requests", 5000, 100)?;
-    let clients: Vec<u64> = match args.get("clients") {
-        None => vec![20, 1],
+/// `--clients LIST`: the redis-benchmark client counts (default 20 and 1).
+pub(crate) fn client_counts(args: &Args) -> Result<Vec<u64>, BenchError> {
+    match args.get("clients") {
+        None => Ok(vec![20, 1]),
         Some(list) => list
             .split(',')
             .map(|c| c.trim().parse().ok().filter(|&n: &u64| n >= 1))
@@ -64,8 +64,13 @@ pub fn run_bench(args: &Args) -> Result<(), BenchError> {
                 BenchError::Usage(format!(
                     "--clients {list}: expected client counts, e.g. 20,1"
                 ))
-            })?,
-    };
+            }),
+    }
+}
+
+pub fn run_bench(args: &Args) -> Result<(), BenchError> {
+    let requests: u64 = args.number("requests", 5000, 100)?;
+    let clients = client_counts(args)?;
     let interval: u64 = args.number("interval-ms", 25, 1)?;
     let bin = harness::try_lockstep_bin().map_err(BenchError::Usage)?;
     let work = std::env::temp_dir().join(format!("lockstep-bench-net-{}", std::process::id()));
