@@ -10,3 +10,10 @@
 pub use harness::*;
 
 pub mod ctl;
+
+/// A sparse disk image of `bytes` bytes at `path` (all zeros until written).
+pub fn sparse_image(path: &std::path::Path, bytes: u64) {
+    std::fs::File::create(path)
+        .and_then(|f| f.set_len(bytes))
+        .expect("create an image");
+}

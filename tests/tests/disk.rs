@@ -9,7 +9,7 @@
 //! side, the guest at 10.0.0.2), runs lockstep and the client inside it, and deletes it
 //! afterwards.
 
-use std::fs::{self, File};
+use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::Duration;
@@ -24,12 +24,7 @@ fn serialize() -> std::sync::MutexGuard<'static, ()> {
     ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// A sparse image of `bytes` bytes at `path`.
-fn image(path: &Path, bytes: u64) {
-    File::create(path)
-        .and_then(|f| f.set_len(bytes))
-        .expect("create an image");
-}
+use tests::sparse_image as image;
 
 /// A journal saying its image is being synced from a primary (the layout in
 /// engine/src/devices/journal.rs: magic, kind 2, zeros, CRC32 of the rest).

@@ -911,12 +911,7 @@ fn a_slow_backup_that_answers_is_waited_for() {
 // ---------------------------------------------------------------------------------------
 // Disks.
 
-/// A sparse image of `bytes` bytes at `path`.
-fn image(path: &std::path::Path, bytes: u64) {
-    std::fs::File::create(path)
-        .and_then(|f| f.set_len(bytes))
-        .expect("create an image");
-}
+use tests::sparse_image as image;
 
 /// `primary --disk path=P` running the disk workload with `args`, replicated to
 /// `backup --disk path=B`.
