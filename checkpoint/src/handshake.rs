@@ -45,6 +45,9 @@ pub fn primary_handshake(
     match conn.recv(Some(timeout))? {
         Message::HelloOk => Ok(()),
         Message::Refuse { reason } => Err(HandshakeError::RefusedByBackup(reason)),
+        Message::Leave { .. } => Err(HandshakeError::RefusedByBackup(
+            "it is stopping (it left before the handshake completed)".into(),
+        )),
         other => Err(HandshakeError::Unexpected {
             expected: "HelloOk or Refuse",
             got: other.kind(),
@@ -159,5 +162,27 @@ mod tests {
         let mut buf = vec![0u8; HEADER_LEN];
         std::io::Read::read_exact(&mut raw, &mut buf).unwrap();
         assert_eq!(buf[6], crate::protocol::MessageKind::Refuse as u8);
+    }
+
+    #[test]
+    fn a_backup_that_stops_during_the_handshake_is_named_as_stopping() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let b = std::thread::spawn(move || {
+            let mut c = Connection::accept(&l).unwrap();
+            c.send(&Message::Leave {
+                epoch: 0,
+                reason: String::new(),
+            })
+            .unwrap();
+        });
+        let mut c = Connection::connect(addr, Duration::from_secs(5)).unwrap();
+        let err = primary_handshake(&mut c, &hello(2, 1 << 29), Duration::from_secs(10));
+        b.join().unwrap();
+        assert_eq!(
+            err.unwrap_err().to_string(),
+            "the backup refused replication: it is stopping (it left before the handshake \
+             completed)"
+        );
     }
 }

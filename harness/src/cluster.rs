@@ -1354,8 +1354,8 @@ impl Cluster {
     }
 
     /// Prints what explains a failure to stderr: per node the tails of pacemaker.log (its
-    /// notices, warnings and errors), corosync.log and boot.log and `crm_mon -1` if it
-    /// runs, and the fence log.
+    /// notices, warnings and errors), corosync.log and boot.log, and `crm_mon -1` and
+    /// lockstep's log if it runs, and the fence log.
     pub fn dump_logs(&self) {
         let mut out = String::new();
         for node in Node::BOTH {
@@ -1386,6 +1386,21 @@ impl Cluster {
                     "----- {node} crm_mon -1\n{}\n",
                     self.crm_mon(node).unwrap_or_else(|e| e)
                 );
+                // lockstep's own log lives in the node's /run (HA_RSCTMP), gone at reboot.
+                let logs = self.exec_for(
+                    node,
+                    &[
+                        "sh",
+                        "-c",
+                        "for f in /run/resource-agents/*/lockstep.log; do [ -f \"$f\" ] && \
+                         echo \"----- $f (last 40 lines)\" && tail -n 40 \"$f\"; done",
+                    ],
+                    Duration::from_secs(10),
+                );
+                out += &match logs {
+                    Ok(run) => run.stdout,
+                    Err(e) => format!("----- {node} lockstep.log: {e}\n"),
+                };
             }
         }
         out += &format!(

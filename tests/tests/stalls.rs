@@ -263,3 +263,66 @@ fn invariant3_without_a_way_to_fence_the_backup_output_stays_held() {
     assert!(alive(&mut p.primary), "{}", p.primary.log());
     p.backup.kill9();
 }
+
+/// A backup lost before the primary captured epoch 1 holds no committed epoch and can never
+/// promote: the primary does not fence it, and its output is released (a cluster run saw a
+/// backup stopped in its first second fenced). The primary's initial sync of 512 MiB of
+/// written pages outlasts the kill, which follows the backup's acceptance of the guest.
+#[test]
+fn invariant3_a_backup_lost_before_epoch_1_is_not_fenced() {
+    if !kvm_required() {
+        return;
+    }
+    let _one = one_at_a_time();
+    let _dog = Watchdog::start("early", Duration::from_secs(120));
+    let dir = tests::TempDir::new("lsearly");
+    let ns = tests::Netns::create("lsearly").expect("network namespace");
+    let mut backup = tests::pair::backup_cmd(&ns, &dir, "127.0.0.1:7600", &[]);
+    let mut args = tests::pair::strings(&[
+        "primary",
+        "--peer",
+        "127.0.0.1:7600",
+        "--guest",
+        "builtin",
+        "--guest-args",
+        "workload=dirty pages_per_ms=0 wss=512M",
+        "--mem",
+        "1G",
+        "--net",
+        "tap=tap0",
+    ]);
+    args.extend(fence_args(&dir, "backup"));
+    args.extend(tests::link::tls_args(dir.path(), "node1"));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut primary = Proc::spawn(
+        ns.command(tests::lockstep_bin(), &args),
+        dir.join("primary.out"),
+        dir.join("primary.err"),
+    )
+    .expect("start the primary");
+    wait_log(
+        &dir.join("backup.err"),
+        "replicating from",
+        Duration::from_secs(30),
+    );
+    backup.kill9();
+    wait_log(
+        &dir.join("primary.err"),
+        "before epoch 1",
+        Duration::from_secs(15),
+    );
+    let log = primary.log();
+    assert!(
+        log.contains("it holds no committed epoch and can never promote")
+            && log.contains("output released"),
+        "{}",
+        tail(&log, 15)
+    );
+    assert!(
+        !log.contains("fenced the backup") && !log.contains("FENCING") && !log.contains("HELD"),
+        "a backup that could never promote was fenced or its output held:\n{}",
+        tail(&log, 15)
+    );
+    assert!(alive(&mut primary), "{}", tail(&log, 15));
+    primary.kill9();
+}

@@ -802,10 +802,18 @@ const MAX_HANDSHAKES: usize = 16;
 /// refused with a warning naming the cause, and the wait goes on: nothing of it was read.
 fn accept(listener: &TcpListener, link: &LinkSecurity) -> Result<Option<Connection>, BackupError> {
     use std::sync::atomic::{AtomicUsize, Ordering};
-    let (tx, rx) = crossbeam_channel::unbounded();
+    let (tx, rx) = crossbeam_channel::unbounded::<Connection>();
     let running = std::sync::Arc::new(AtomicUsize::new(0));
     loop {
         if stop_requested() {
+            // A primary admitted meanwhile hears that this backup stopped, rather than
+            // seeing it lost.
+            if let Ok(mut conn) = rx.try_recv() {
+                let _ = conn.send(&Message::Leave {
+                    epoch: 0,
+                    reason: String::new(),
+                });
+            }
             return Ok(None);
         }
         if let Ok(conn) = rx.try_recv() {

@@ -14,7 +14,17 @@ impl Primary<'_> {
     pub(super) fn without_backup(&mut self, why: BackupLoss) -> Result<ProtectEnd, PrimaryError> {
         let has_output = self.output.is_some();
         if let BackupLoss::Left { .. } = why {
-            return self.backup_left(why);
+            let what = why.to_string();
+            return self.backup_left(why, what);
+        }
+        if self.epoch == 0 {
+            // No epoch was captured, so no EpochCommit ever left: the backup holds no
+            // committed epoch and can never promote; there is nothing to fence.
+            let what = format!(
+                "backup lost ({why}) before epoch 1: it holds no committed epoch and can \
+                 never promote"
+            );
+            return self.backup_left(why, what);
         }
         let what = match (self.opts.on_backup_loss, &self.opts.fence) {
             (OnBackupLoss::Pause, _) => "PAUSING the guest (--on-backup-loss pause): it stays paused until this process is stopped (SIGTERM, ctl stop)".to_string(),
@@ -91,20 +101,21 @@ impl Primary<'_> {
 }
 
 impl Primary<'_> {
-    /// The backup stopped in order (`Leave`): it dropped its replica and cannot promote,
-    /// so nothing need be fenced; the held output leaves and the guest runs on
-    /// unprotected, whatever `--on-backup-loss` says for a lost backup.
-    fn backup_left(&mut self, why: BackupLoss) -> Result<ProtectEnd, PrimaryError> {
+    /// The backup cannot promote (it stopped in order with `Leave` and dropped its
+    /// replica, or it was lost before it held any committed epoch), so nothing need be
+    /// fenced; the held output leaves and the guest runs on unprotected, whatever
+    /// `--on-backup-loss` says for a lost backup (`pause` still pauses). `what` says which.
+    fn backup_left(&mut self, why: BackupLoss, what: String) -> Result<ProtectEnd, PrimaryError> {
         if self.opts.on_backup_loss == OnBackupLoss::Pause {
             warn!(
-                "ROLE CHANGE: {why}; PAUSING the guest (--on-backup-loss pause): it stays \
+                "ROLE CHANGE: {what}; PAUSING the guest (--on-backup-loss pause): it stays \
                  paused until this process is stopped (SIGTERM, ctl stop)"
             );
             status::role_change(
                 Role::Primary,
                 Protection::Unprotected,
                 GuestState::Paused,
-                format!("{why}"),
+                what.clone(),
             );
             self.machine.pause()?;
             while !stop_requested() {
@@ -113,14 +124,14 @@ impl Primary<'_> {
             return Err(PrimaryError::BackupLost(why));
         }
         warn!(
-            "ROLE CHANGE: {why}; output released, the guest continues UNPROTECTED (no \
+            "ROLE CHANGE: {what}; output released, the guest continues UNPROTECTED (no \
              fencing needed)"
         );
         status::role_change(
             Role::Primary,
             Protection::Unprotected,
             GuestState::Running,
-            format!("{why}"),
+            what.clone(),
         );
         if !self.machine.is_running() {
             self.machine.resume()?;
