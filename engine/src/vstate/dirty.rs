@@ -13,7 +13,7 @@
 //! `KVM_GET_DIRTY_LOG` alone clears and re-protects the whole slot.
 //!
 //! KVM only sees the guest's own writes; the VMM's and devices' writes go through
-//! vm-memory, whose `AtomicBitmap` is ORed in.
+//! vm-memory, whose bitmap ([`super::bitmap::DirtyBitmap`]) is ORed in.
 //!
 //! The dirty ring ([`super::dirty_ring`], `lockstep primary --dirty-ring N`) is the
 //! alternative. `bench harvest` measured it slower than the bitmap at every size here
@@ -21,8 +21,9 @@
 //! 50k), so the bitmap is the default.
 
 use kvm_bindings::{
-    kvm_clear_dirty_log, kvm_clear_dirty_log__bindgen_ty_1, kvm_enable_cap,
-    KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE,
+    kvm_clear_dirty_log, kvm_clear_dirty_log__bindgen_ty_1, kvm_dirty_log,
+    kvm_dirty_log__bindgen_ty_1, kvm_enable_cap, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+    KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE,
 };
 use kvm_ioctls::VmFd;
 use std::sync::Mutex;
@@ -35,13 +36,15 @@ use super::dirty_ring::{self, DirtyRing, RingError};
 use super::memory::{self, GuestMemory};
 
 const KVMIO: u32 = 0xAE;
-/// The ioctl number of `KVM_CLEAR_DIRTY_LOG`, which vmm-sys-util's macro defines and
-/// kvm-ioctls does not wrap.
+/// The ioctl numbers of `KVM_CLEAR_DIRTY_LOG`, which kvm-ioctls does not wrap, and of
+/// `KVM_GET_DIRTY_LOG`, whose kvm-ioctls wrapper allocates a new bitmap at every call.
 mod ioctls {
     use super::*;
+    use vmm_sys_util::ioctl_iow_nr;
     ioctl_iowr_nr!(KVM_CLEAR_DIRTY_LOG, KVMIO, 0xc0, kvm_clear_dirty_log);
+    ioctl_iow_nr!(KVM_GET_DIRTY_LOG, KVMIO, 0x42, kvm_dirty_log);
 }
-use ioctls::KVM_CLEAR_DIRTY_LOG;
+use ioctls::{KVM_CLEAR_DIRTY_LOG, KVM_GET_DIRTY_LOG};
 
 const PAGE_SHIFT: u64 = 12;
 
@@ -241,8 +244,9 @@ impl DirtyTracker {
         dirty_ring::reset(vm)?;
         for region in mem.iter() {
             // Writes by the VMM and devices since the last harvest.
-            let words = std::ops::Deref::deref(region).bitmap().get_and_reset();
-            push_set_bits(region.start_addr().0 >> PAGE_SHIFT, &words, pfns);
+            std::ops::Deref::deref(region)
+                .bitmap()
+                .take_pfns(region.start_addr().0 >> PAGE_SHIFT, pfns);
         }
         pfns.sort_unstable();
         pfns.dedup();
@@ -276,12 +280,18 @@ pub fn enable_manual_protect(vm: &VmFd) -> bool {
 /// Harvests dirty pages from KVM and vm-memory.
 pub struct DirtyLog {
     manual_protect: bool,
+    /// One bitmap per memory slot, kept between harvests: a 16 GiB slot's is 512 KiB,
+    /// which allocated anew each time would be faulted in anew each time.
+    bitmaps: Mutex<Vec<Vec<u64>>>,
 }
 
 impl DirtyLog {
     /// A harvester; `manual_protect` as [`enable_manual_protect`] returned.
     pub fn new(manual_protect: bool) -> DirtyLog {
-        DirtyLog { manual_protect }
+        DirtyLog {
+            manual_protect,
+            bitmaps: Mutex::new(Vec::new()),
+        }
     }
 
     /// Whether the kernel protects again only the pages harvested.
@@ -299,21 +309,25 @@ impl DirtyLog {
         pfns: &mut Vec<u64>,
     ) -> Result<(), DirtyError> {
         pfns.clear();
+        let mut bitmaps = self.bitmaps.lock().unwrap_or_else(|e| e.into_inner());
         for (slot, region) in mem.iter().enumerate() {
-            let slot = slot as u32;
             let len = region.len() as usize;
-            let mut bitmap = vm
-                .get_dirty_log(slot, len)
-                .map_err(|source| DirtyError::Get { slot, source })?;
-            if self.manual_protect && bitmap.iter().any(|&w| w != 0) {
-                clear(vm, slot, len, &bitmap)?;
+            if bitmaps.len() <= slot {
+                bitmaps.resize_with(slot + 1, Vec::new);
+            }
+            let bitmap = &mut bitmaps[slot];
+            let slot = slot as u32;
+            get_log(vm, slot, len, bitmap)?;
+            if self.manual_protect {
+                clear_dirty(vm, slot, len, bitmap)?;
             }
             // Writes by the VMM and devices since the last harvest.
-            let vmm = std::ops::Deref::deref(region).bitmap().get_and_reset();
-            for (w, v) in bitmap.iter_mut().zip(vmm) {
-                *w |= v;
-            }
-            push_set_bits(region.start_addr().0 >> PAGE_SHIFT, &bitmap, pfns);
+            std::ops::Deref::deref(region).bitmap().take(|w, bits| {
+                if let Some(word) = bitmap.get_mut(w) {
+                    *word |= bits;
+                }
+            });
+            push_set_bits(region.start_addr().0 >> PAGE_SHIFT, bitmap, pfns);
         }
         Ok(())
     }
@@ -330,11 +344,13 @@ impl DirtyLog {
             return Ok(None);
         }
         let mut n = 0u64;
+        let mut bitmaps = self.bitmaps.lock().unwrap_or_else(|e| e.into_inner());
         for (slot, region) in mem.iter().enumerate() {
-            let slot = slot as u32;
-            let bitmap = vm
-                .get_dirty_log(slot, region.len() as usize)
-                .map_err(|source| DirtyError::Get { slot, source })?;
+            if bitmaps.len() <= slot {
+                bitmaps.resize_with(slot + 1, Vec::new);
+            }
+            let bitmap = &mut bitmaps[slot];
+            get_log(vm, slot as u32, region.len() as usize, bitmap)?;
             n += bitmap
                 .iter()
                 .map(|w| u64::from(w.count_ones()))
@@ -356,19 +372,84 @@ pub fn push_set_bits(base_pfn: u64, bitmap: &[u64], pfns: &mut Vec<u64>) {
     }
 }
 
-/// Write-protects again the pages whose bits are set in `bitmap` (the whole slot).
-fn clear(vm: &VmFd, slot: u32, len: usize, bitmap: &[u64]) -> Result<(), DirtyError> {
-    let pages = (len as u64 >> PAGE_SHIFT) as u32;
-    let arg = kvm_clear_dirty_log {
+/// Reads slot `slot`'s dirty log (`len` bytes of guest memory) into `bitmap`, resized to
+/// one bit per page and reused from call to call.
+fn get_log(vm: &VmFd, slot: u32, len: usize, bitmap: &mut Vec<u64>) -> Result<(), DirtyError> {
+    let pages = len >> PAGE_SHIFT;
+    bitmap.resize(pages.div_ceil(64), 0);
+    let arg = kvm_dirty_log {
         slot,
-        num_pages: pages,
-        first_page: 0,
-        __bindgen_anon_1: kvm_clear_dirty_log__bindgen_ty_1 {
-            dirty_bitmap: bitmap.as_ptr() as *mut std::ffi::c_void,
+        padding1: 0,
+        __bindgen_anon_1: kvm_dirty_log__bindgen_ty_1 {
+            dirty_bitmap: bitmap.as_mut_ptr() as *mut std::ffi::c_void,
         },
     };
-    // SAFETY: the fd is a KVM VM fd; `arg` points at a bitmap of `pages` bits (the length
-    // KVM_GET_DIRTY_LOG returned for this slot) that outlives the call, and KVM only reads it.
+    // SAFETY: the fd is a KVM VM fd; `arg` points at a writable bitmap of at least one bit
+    // per page of the slot (KVM writes that many bits, rounded up to 64) that outlives the
+    // call.
+    let ret = unsafe { ioctl_with_ref(vm, KVM_GET_DIRTY_LOG(), &arg) };
+    if ret < 0 {
+        return Err(DirtyError::Get {
+            slot,
+            source: kvm_ioctls::Error::last(),
+        });
+    }
+    Ok(())
+}
+
+/// Stretches of the bitmap with dirty pages closer than this many words (of 64 pages) are
+/// cleared with one `KVM_CLEAR_DIRTY_LOG`: KVM reads and scans the bitmap of the range it
+/// is given, which costs less than another ioctl for a gap this small.
+const CLEAR_GAP_WORDS: usize = 512;
+
+/// Write-protects again the pages whose bits are set in `bitmap` (the slot's log, `len`
+/// bytes of guest memory): one `KVM_CLEAR_DIRTY_LOG` per stretch of words with bits set
+/// (see [`CLEAR_GAP_WORDS`]), so a slot with few dirty pages is not read whole by KVM.
+fn clear_dirty(vm: &VmFd, slot: u32, len: usize, bitmap: &[u64]) -> Result<(), DirtyError> {
+    for (first, last) in dirty_stretches(bitmap, CLEAR_GAP_WORDS) {
+        clear(vm, slot, len, bitmap, first, last)?;
+    }
+    Ok(())
+}
+
+/// The stretches `(first word, last word)` of `bitmap` whose words with bits set are
+/// fewer than `gap` words apart, in order.
+fn dirty_stretches(bitmap: &[u64], gap: usize) -> Vec<(usize, usize)> {
+    let mut out: Vec<(usize, usize)> = Vec::new();
+    for (i, _) in bitmap.iter().enumerate().filter(|(_, w)| **w != 0) {
+        match out.last_mut() {
+            Some((_, last)) if i - *last <= gap => *last = i,
+            _ => out.push((i, i)),
+        }
+    }
+    out
+}
+
+/// Write-protects again the pages whose bits are set in words `first..=last` of `bitmap`.
+/// KVM wants the range to start at a multiple of 64 pages and to span a multiple of 64
+/// pages or reach the slot's end.
+fn clear(
+    vm: &VmFd,
+    slot: u32,
+    len: usize,
+    bitmap: &[u64],
+    first: usize,
+    last: usize,
+) -> Result<(), DirtyError> {
+    let slot_pages = (len as u64 >> PAGE_SHIFT) as usize;
+    let first_page = first * 64;
+    let num_pages = ((last + 1) * 64).min(slot_pages) - first_page;
+    let arg = kvm_clear_dirty_log {
+        slot,
+        num_pages: num_pages as u32,
+        first_page: first_page as u64,
+        __bindgen_anon_1: kvm_clear_dirty_log__bindgen_ty_1 {
+            dirty_bitmap: bitmap[first..].as_ptr() as *mut std::ffi::c_void,
+        },
+    };
+    // SAFETY: the fd is a KVM VM fd; `arg` points at the words of `bitmap` from `first`,
+    // which hold at least `num_pages` bits (the range ends at word `last` or at the slot's
+    // last page), outlive the call, and are only read by KVM.
     let ret = unsafe { ioctl_with_ref(vm, KVM_CLEAR_DIRTY_LOG(), &arg) };
     if ret < 0 {
         return Err(DirtyError::Clear {
@@ -381,6 +462,22 @@ fn clear(vm: &VmFd, slot: u32, len: usize, bitmap: &[u64]) -> Result<(), DirtyEr
 
 #[cfg(test)]
 mod tests {
+    use super::dirty_stretches;
+
+    #[test]
+    fn dirty_stretches_join_words_closer_than_the_gap() {
+        assert!(dirty_stretches(&[0; 100], 4).is_empty());
+        let mut b = vec![0u64; 100];
+        for i in [3, 5, 9, 20, 21, 99] {
+            b[i] = 1 << (i % 64);
+        }
+        assert_eq!(dirty_stretches(&b, 4), [(3, 9), (20, 21), (99, 99)]);
+        assert_eq!(
+            dirty_stretches(&b, 0),
+            [(3, 3), (5, 5), (9, 9), (20, 20), (21, 21), (99, 99)]
+        );
+        assert_eq!(dirty_stretches(&b, 1000), [(3, 99)]);
+    }
 
     #[test]
     fn merged_copies_take_the_late_page_where_both_have_one() {

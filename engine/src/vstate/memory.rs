@@ -1,17 +1,17 @@
-//! Guest RAM: one anonymous mapping at GPA 0, tracked by vm-memory's dirty bitmap for
+//! Guest RAM: one anonymous mapping at GPA 0, with a dirty bitmap ([`DirtyBitmap`]) for
 //! writes made by the VMM and devices (KVM's dirty log tracks the guest's own writes).
 
 use std::num::NonZeroUsize;
 
 use thiserror::Error;
-use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::boot::abi::{IMAGE_BASE, MAX_RAM, PAGE_SIZE};
 use crate::size::format_size;
+use crate::vstate::bitmap::DirtyBitmap;
 
-/// Guest RAM with vm-memory's dirty bitmap for the VMM's own writes.
-pub type GuestMemory = vm_memory::GuestMemoryMmap<AtomicBitmap>;
+/// Guest RAM with a dirty bitmap for the VMM's own writes.
+pub type GuestMemory = vm_memory::GuestMemoryMmap<DirtyBitmap>;
 
 /// The smallest RAM that holds the fixed layout, the image and some heap.
 pub const MIN_RAM: u64 = IMAGE_BASE + (2 << 20);
