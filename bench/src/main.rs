@@ -120,6 +120,12 @@ fn dispatch(args: &[String]) -> Result<(), BenchError> {
             names()
         )));
     };
+    if rest.iter().any(|a| a == "--help" || a == "-h") {
+        if let Some((name, what)) = SUBCOMMANDS.iter().find(|(n, _)| n == cmd) {
+            println!("usage: bench {name} [options]\n\n{what}");
+            return Ok(());
+        }
+    }
     match cmd.as_str() {
         "pause" => pause::run(&Args::parse("pause", rest, pause::OPTIONS)?),
         "checkpoint" => checkpoint::run(&Args::parse("checkpoint", rest, checkpoint::OPTIONS)?),
@@ -147,5 +153,27 @@ fn main() -> ExitCode {
             eprintln!("bench: error: {e}");
             ExitCode::from(e.exit_code())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn strings(args: &[&str]) -> Vec<String> {
+        args.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn every_subcommand_answers_help_without_running() {
+        for (name, _) in SUBCOMMANDS {
+            for flag in ["--help", "-h"] {
+                assert!(dispatch(&strings(&[name, flag])).is_ok(), "{name} {flag}");
+            }
+        }
+        assert!(matches!(
+            dispatch(&strings(&["nosuch", "--help"])),
+            Err(BenchError::Usage(_))
+        ));
     }
 }
