@@ -37,7 +37,7 @@ const SUBCOMMANDS: &[(&str, &str)] = &[
         "primary + backup over loopback: pause, commit latency and wire bytes per dirty rate \
          and interval, guest progress protected / unprotected, pre-copy and dirty storms \
          [--seconds S (3)] [--intervals 5,25] [--pages 100,1000,10000] [--mem 256M] \
-         [--wss 128M] [--sync on|off (on)]",
+         [--wss 128M] [--sync on|off (on)] [--compute N (10000): the mixed progress rows, 0: none]",
     ),
     (
         "disk",

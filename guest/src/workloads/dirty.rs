@@ -1,5 +1,8 @@
-//! `workload=dirty pages_per_ms=R wss=SIZE seconds=S`: dirties memory at a set rate, the
-//! load that checkpointing must keep up with.
+//! `workload=dirty pages_per_ms=R wss=SIZE seconds=S compute=N`: dirties memory at a set
+//! rate, the load that checkpointing must keep up with. With `compute=N` each page write
+//! follows N rounds of an integer hash in registers (about 1 ns a round here): work that
+//! touches no memory, so that `pages_per_ms=0 compute=N` mixes computation with writes the
+//! way a service does, and its progress counts both.
 //!
 //! The working set (SIZE bytes from `heap_start`) is split into one shard of pages per
 //! vCPU, and R pages per millisecond across the vCPUs. Each guest millisecond (kvmclock,
@@ -41,6 +44,8 @@ pub struct Config {
     /// Pages in the working set.
     pages: u64,
     duration_ms: u64,
+    /// Rounds of computation before each page write.
+    compute: u64,
 }
 
 impl Config {
@@ -51,14 +56,16 @@ impl Config {
             text: "64M",
         };
         let mut seconds = 5;
+        let mut compute = 0;
         args::parse_keys(
             cmdline,
             NAME,
-            &["pages_per_ms", "wss", "seconds"],
+            &["pages_per_ms", "wss", "seconds", "compute"],
             |key, value| {
                 match key {
                     "pages_per_ms" => pages_per_ms = args::parse_u64(key, value)?,
                     "wss" => wss = args::parse_size(key, value)?,
+                    "compute" => compute = args::parse_u64(key, value)?,
                     _ => seconds = args::parse_u64(key, value)?,
                 }
                 Ok(())
@@ -76,6 +83,7 @@ impl Config {
             pages_per_ms,
             pages,
             duration_ms: seconds.saturating_mul(1000),
+            compute,
         })
     }
 }
@@ -87,10 +95,19 @@ struct PageWriter {
     next: u64,
     lap: u64,
     value: u64,
+    /// Rounds of computation before each write (`compute=`).
+    compute: u64,
 }
 
 impl PageWriter {
     fn write_next(&mut self) {
+        // The computation feeds the value written, so it cannot be left out.
+        for _ in 0..self.compute {
+            self.value ^= self.value >> 12;
+            self.value ^= self.value << 25;
+            self.value ^= self.value >> 27;
+            self.value = self.value.wrapping_mul(0x2545_f491_4f6c_dd1d);
+        }
         // Each lap writes the next word of the page, so a page's contents keep changing
         // even where the value written would repeat.
         let word = self.base + self.next * PAGE_SIZE + (self.lap % WORDS_PER_PAGE) * 8;
@@ -141,6 +158,7 @@ pub fn run(boot: &Boot, config: &Config) -> ! {
         next: 0,
         lap: 0,
         value: 1,
+        compute: config.compute,
     };
     // This vCPU's share of the rate, never more than the distinct pages it has.
     let (rate_first, rate_end) = boot.shard(config.pages_per_ms);
