@@ -121,8 +121,12 @@ pub fn copy_pages(
 ) -> Result<(), PageOutOfRange> {
     let page = PAGE_SIZE as usize;
     out.resize(pfns.len() * page, 0);
-    // Below this, a second thread costs more than it saves.
-    const PARALLEL_MIN_PAGES: usize = 256;
+    // Below this, a second thread costs more than it saves: the pause's residual copy
+    // after the early one (a few hundred pages) is ~100 µs on one thread, and a thread
+    // started for it may wait for a CPU the encoder holds (`bench checkpoint`, 25 ms x
+    // 2,000 pages: pause p99 2.7-3.8 ms with a second thread from 256 pages, 0.37-2.8 ms
+    // from 2,048). Pre-copy's chunks of 2,048 pages still use two.
+    const PARALLEL_MIN_PAGES: usize = 2048;
     if pfns.len() >= PARALLEL_MIN_PAGES {
         let half = pfns.len() / 2;
         let (a, b) = out.split_at_mut(half * page);
