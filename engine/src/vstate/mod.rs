@@ -3,5 +3,6 @@
 pub mod dirty;
 pub mod dirty_ring;
 pub mod memory;
+pub mod pagemap;
 pub mod vcpu;
 pub mod vm;
