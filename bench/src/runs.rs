@@ -81,7 +81,7 @@ impl Running {
     }
 }
 
-fn free_port() -> Result<u16, String> {
+pub(crate) fn free_port() -> Result<u16, String> {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -143,6 +143,7 @@ pub(crate) fn protected(
     let seconds = seconds.to_string();
     let args = [
         "primary",
+        "--insecure",
         "--peer",
         &addr,
         "--interval-ms",
@@ -159,7 +160,15 @@ pub(crate) fn protected(
         &seconds,
     ];
     let primary = start(bin, &args)?.wait(deadline)?;
-    let backup = backup.wait(deadline)?;
+    // A primary that failed leaves a backup that may wait for it for ever.
+    let backup_deadline = if primary.status.success() {
+        deadline
+    } else {
+        Instant::now() + Duration::from_secs(5)
+    };
+    let backup = backup
+        .wait(backup_deadline)
+        .map_err(|e| format!("primary: {}; {e}", primary.why()))?;
     if !primary.status.success() || !backup.status.success() {
         return Err(format!(
             "primary: {}; backup: {}",
