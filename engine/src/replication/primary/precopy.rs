@@ -30,7 +30,8 @@ impl Primary<'_> {
         self.sync_began = Some(start);
         // Everything counts as dirty for round 0: forget what the boot dirtied.
         self.machine.harvest(&mut self.pfns)?;
-        let mut round_pfns = DirtySet::all(mem_pages as u64);
+        let mut round_pfns = RoundPages::All(mem_pages as u64);
+        let mut step_buf = Vec::new();
         let mut sent_bytes = 0u64;
         let mut synced = 0u64;
         let mut ending = false;
@@ -51,7 +52,8 @@ impl Primary<'_> {
             let mut ran = 0f64;
             let mut step_start = Instant::now();
             let mut last_count = Instant::now();
-            for chunk in round_pfns.chunks(SYNC_CHUNK_PAGES) {
+            for step in 0..round_pfns.len().div_ceil(SYNC_CHUNK_PAGES) {
+                let chunk = round_pfns.step(step, SYNC_CHUNK_PAGES, &mut step_buf);
                 self.heartbeats.check_in(0);
                 if !ending && self.end_requested()? {
                     // The end comes with the final epoch; the guest runs no more.
@@ -137,12 +139,13 @@ impl Primary<'_> {
             // round it wrote again after they were sent).
             self.machine.harvest(&mut self.pfns)?;
             let sent = round_pfns.len();
-            round_pfns = std::mem::take(&mut self.pfns);
-            let dirty = round_pfns.len();
+            let dirtied = std::mem::take(&mut self.pfns);
+            let dirty = dirtied.len();
             if dirty <= cap {
-                self.carry = round_pfns;
+                self.carry = dirtied;
                 break;
             }
+            round_pfns = RoundPages::Dirty(dirtied);
             if !ending && !stop_and_copy {
                 let t = self.machine.throttle();
                 if self.machine.dirty_count()?.is_none() && dirty * 2 > sent {
@@ -187,6 +190,40 @@ impl Primary<'_> {
             self.opts.interval
         );
         Ok(())
+    }
+}
+
+/// The pages of one pre-copy round: the whole RAM (round 0, not listed: a list of every
+/// page of 8 GiB would take 16 MiB, built page fault by page fault), or what the guest
+/// dirtied during the round before.
+enum RoundPages {
+    All(u64),
+    Dirty(DirtySet),
+}
+
+impl RoundPages {
+    fn len(&self) -> usize {
+        match self {
+            RoundPages::All(pages) => *pages as usize,
+            RoundPages::Dirty(set) => set.len(),
+        }
+    }
+
+    /// The pages of step `i`, `n` pages a step (the last may have fewer), in order; round
+    /// 0's are listed into `buf`.
+    fn step<'a>(&'a self, i: usize, n: usize, buf: &'a mut Vec<u64>) -> &'a [u64] {
+        match self {
+            RoundPages::All(pages) => {
+                let first = (i * n) as u64;
+                buf.clear();
+                buf.extend(first..(first + n as u64).min(*pages));
+                buf
+            }
+            RoundPages::Dirty(set) => {
+                let pfns = set.as_slice();
+                &pfns[(i * n).min(pfns.len())..((i + 1) * n).min(pfns.len())]
+            }
+        }
     }
 }
 
