@@ -64,7 +64,8 @@ pub fn run(args: &Args) -> Result<(), BenchError> {
     if let Err(why) = &qemu {
         eprintln!("bench sync: the QEMU comparison is skipped: {why}");
     }
-    let accel = if kvm_usable() { Accel::Kvm } else { Accel::Tcg };
+    // Once QEMU failed under KVM, every later run is under TCG.
+    let mut accel = if kvm_usable() { Accel::Kvm } else { Accel::Tcg };
     let mut rows = Vec::new();
     for (text, bytes) in &sizes {
         let mut row = Row {
@@ -72,7 +73,6 @@ pub fn run(args: &Args) -> Result<(), BenchError> {
             mib: (*bytes >> 20) as f64,
             lockstep: Vec::new(),
             qemu: Vec::new(),
-            accel,
         };
         for t in 0..trials {
             eprintln!(
@@ -87,15 +87,15 @@ pub fn run(args: &Args) -> Result<(), BenchError> {
             row.lockstep.push(r);
             if let Ok(q) = &qemu {
                 eprintln!("bench sync: {text}, trial {} of {trials}: QEMU...", t + 1);
-                let mut r = qemu_trial(q, &dir, text, *bytes, row.accel);
-                if r.is_err() && row.accel == Accel::Kvm {
+                let mut r = qemu_trial(q, &dir, text, *bytes, accel);
+                if r.is_err() && accel == Accel::Kvm {
                     // QEMU may not run with this KVM: the comparison then runs under TCG.
                     eprintln!(
                         "bench sync: QEMU with KVM: {}; trying TCG",
                         first_line(r.as_ref().err().map_or("", String::as_str))
                     );
-                    row.accel = Accel::Tcg;
-                    r = qemu_trial(q, &dir, text, *bytes, row.accel);
+                    accel = Accel::Tcg;
+                    r = qemu_trial(q, &dir, text, *bytes, accel);
                 }
                 if let Err(e) = &r {
                     eprintln!("bench sync: QEMU: {}", first_line(e));
@@ -106,7 +106,7 @@ pub fn run(args: &Args) -> Result<(), BenchError> {
         rows.push(row);
     }
     let _ = std::fs::remove_dir_all(&dir);
-    print(&rows, trials, &qemu);
+    print(&rows, trials, &qemu, accel);
     let failed: usize = rows
         .iter()
         .map(|r| {
@@ -168,7 +168,6 @@ struct Row {
     mib: f64,
     lockstep: Vec<Result<LockstepRun, String>>,
     qemu: Vec<Result<QemuRun, String>>,
-    accel: Accel,
 }
 
 /// What a lockstep pair's logs say of its initial sync (milliseconds, MiB).
@@ -525,8 +524,7 @@ fn cell(values: &[f64], digits: usize) -> String {
     }
 }
 
-fn print(rows: &[Row], trials: usize, qemu: &Result<Qemu, String>) {
-    let accel = rows.first().map_or(Accel::Kvm, |r| r.accel);
+fn print(rows: &[Row], trials: usize, qemu: &Result<Qemu, String>, accel: Accel) {
     println!(
         "\nInitial sync of a mostly untouched guest over loopback, end to end: lockstep \
          (primary and backup, --insecure) against QEMU's live migration (microvm, {}), \
