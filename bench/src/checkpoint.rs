@@ -644,7 +644,7 @@ fn print_storms(rows: &[(&Storm, Result<StormRun, String>)]) {
 }
 
 /// The number right after `needle` in the first line that has it.
-fn after_number(log: &str, needle: &str) -> Option<f64> {
+pub(crate) fn after_number(log: &str, needle: &str) -> Option<f64> {
     let line = log.lines().find(|l| l.contains(needle))?;
     let rest = &line[line.find(needle)? + needle.len()..];
     let digits: String = rest
@@ -655,13 +655,13 @@ fn after_number(log: &str, needle: &str) -> Option<f64> {
 }
 
 /// The log-clock time (`[role  12.345s ...]`) of the first line containing `needle`.
-fn log_secs(log: &str, needle: &str) -> Option<f64> {
+pub(crate) fn log_secs(log: &str, needle: &str) -> Option<f64> {
     let line = log.lines().find(|l| l.contains(needle))?;
     let stamp = line.strip_prefix('[')?.split_whitespace().nth(1)?;
     stamp.strip_suffix('s')?.parse().ok()
 }
 
-fn first_line(s: &str) -> &str {
+pub(crate) fn first_line(s: &str) -> &str {
     s.lines().next().unwrap_or("")
 }
 

@@ -3,9 +3,8 @@
 //! Each subcommand measures one thing on the real engine and prints a markdown table of
 //! p50 / p99 / max. These are benchmarks, never tests: nothing here asserts a time.
 //!
-//! Subcommands live in their own module (`pause.rs`; later `checkpoint`, `net`,
-//! `failover`) with a `run(&Args)` entry point, listed in [`SUBCOMMANDS`] and dispatched
-//! in [`dispatch`]. `stats.rs` holds the percentile helpers they share.
+//! Subcommands live in their own module (`pause.rs`, `checkpoint.rs`, `sync.rs`, ...) with
+//! a `run(&Args)` entry point, listed in [`SUBCOMMANDS`] and dispatched in [`dispatch`]. `stats.rs` holds the percentile helpers they share.
 
 mod args;
 mod checkpoint;
@@ -17,6 +16,7 @@ mod net;
 mod pause;
 mod runs;
 mod stats;
+mod sync;
 
 use std::process::ExitCode;
 
@@ -50,6 +50,13 @@ const SUBCOMMANDS: &[(&str, &str)] = &[
         "failover",
         "SIGKILL the primary of a protected kv guest under client load: kill -> first reply \
          from the promoted guest, detection, fence + promotion [--trials N (10)] [--mem SIZE]",
+    ),
+    (
+        "sync",
+        "initial sync of a mostly untouched guest end to end, lockstep against QEMU's live \
+         migration of the same RAM size over loopback (installs qemu-system-x86 when \
+         missing, or says the comparison was skipped) [--mem 512M,2G,8G (2G)] \
+         [--trials N (3)]",
     ),
     (
         "harvest",
@@ -132,6 +139,7 @@ fn dispatch(args: &[String]) -> Result<(), BenchError> {
         "disk" => disk::run(&Args::parse("disk", rest, disk::OPTIONS)?),
         "failover" => failover::run(&Args::parse("failover", rest, failover::OPTIONS)?),
         "harvest" => harvest::run(&Args::parse("harvest", rest, harvest::OPTIONS)?),
+        "sync" => sync::run(&Args::parse("sync", rest, sync::OPTIONS)?),
         "link" => link::run(&Args::parse("link", rest, link::OPTIONS)?),
         "net" => net::run_bench(&Args::parse("net", rest, net::OPTIONS)?),
         "-h" | "--help" | "help" => {

@@ -308,7 +308,10 @@ impl EpochEncoder {
             });
             sum.pages += 1;
             sum.by_encoding[enc as usize] += 1;
-            sum.digest.add_page(pfn * PAGE_SIZE as u64, page);
+            // Pre-copy pages carry no digest: epoch 1's commit makes the image consistent.
+            if matches!(kind, FrameKind::Epoch(_)) {
+                sum.digest.add_page(pfn * PAGE_SIZE as u64, page);
+            }
             if b.frame_len() + ENTRY_HEADER_LEN + PAGE_SIZE > cap {
                 if let Some(b) = builder.take() {
                     if tx.send(finish(b)).is_err() {
@@ -427,7 +430,8 @@ pub fn send_epoch(
     r
 }
 
-/// Sends pre-copy pages as `SyncPages` frames with progress figures.
+/// Sends pre-copy pages as `SyncPages` frames with progress figures (the summary's digest
+/// stays empty: pre-copy pages are not digested).
 pub fn send_sync(
     sender: &mut FrameSender,
     encoder: &EpochEncoder,
@@ -443,6 +447,68 @@ pub fn send_sync(
         staged,
         |frames| sender.send_frames(frames),
     )
+}
+
+/// Sends pre-copy pages known to hold only zeros (found so without reading them, see the
+/// engine's page map) as `SyncPages` frames of zero pages: `bytes_done` of the round's
+/// `bytes_total` were sent before them. Nothing is read, encoded or digested; the delta
+/// cache forgets the pages, as for any pre-copy page.
+pub fn send_sync_zeros(
+    sender: &mut FrameSender,
+    encoder: &EpochEncoder,
+    pfns: &[u64],
+    bytes_done: u64,
+    bytes_total: u64,
+) -> Result<EncodeSummary, EncodeError> {
+    encoder.zero_sync_frames(pfns, bytes_done, bytes_total, |frames| {
+        sender.send_frames(frames)
+    })
+}
+
+impl EpochEncoder {
+    /// The `SyncPages` frames of zero pages for `pfns` (see [`send_sync_zeros`]), handed
+    /// to `sink` in batches, on the calling thread (an entry costs a few bytes and no page
+    /// access, a worker thread would cost more than it saves).
+    pub fn zero_sync_frames(
+        &self,
+        pfns: &[u64],
+        bytes_done: u64,
+        bytes_total: u64,
+        mut sink: impl FnMut(&[Bytes]) -> Result<(), TransportError>,
+    ) -> Result<EncodeSummary, EncodeError> {
+        if let Some(c) = self.cache.as_ref().filter(|c| !c.is_empty()) {
+            for &pfn in pfns {
+                c.forget(pfn);
+            }
+        }
+        let cap = self.cfg.max_frame_len;
+        // Entries that fit one frame besides its header, progress and count.
+        let per_frame = ((cap - HEADER_LEN - 16 - 4) / ENTRY_HEADER_LEN).max(1);
+        let mut sum = EncodeSummary::default();
+        let mut done = bytes_done;
+        let mut batch = Vec::with_capacity(MAX_BATCH);
+        for chunk in pfns.chunks(per_frame) {
+            let mut b = PagesFrameBuilder::sync(HEADER_LEN + 20 + chunk.len() * ENTRY_HEADER_LEN);
+            for &pfn in chunk {
+                b.push(pfn, |_| Encoding::Zero);
+            }
+            done += (chunk.len() * PAGE_SIZE) as u64;
+            let frame = b.finish_sync(done, bytes_total);
+            sum.pages += chunk.len() as u64;
+            sum.by_encoding[Encoding::Zero as usize] += chunk.len() as u64;
+            sum.frames += 1;
+            sum.bytes += frame.len() as u64;
+            batch.push(frame);
+            if batch.len() == MAX_BATCH {
+                sink(&batch)?;
+                batch.clear();
+            }
+        }
+        if !batch.is_empty() {
+            sink(&batch)?;
+        }
+        Ok(sum)
+    }
 }
 
 #[cfg(test)]
@@ -588,6 +654,112 @@ mod tests {
             max_done = max_done.max(bytes_done);
         }
         assert_eq!(max_done, 1000 + (PAGES * PAGE_SIZE) as u64);
+    }
+
+    #[test]
+    fn zero_sync_frames_carry_progress_and_zero_what_the_backup_wrote() {
+        let ram = ram();
+        let mem =
+            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), PAGES * PAGE_SIZE)]).unwrap();
+        let mut staging = Staging::new(&mem, 1 << 16).with_zeroed_memory(&mem);
+        let cache = Arc::new(DeltaCache::new(256, 2));
+        cache.remember(3, &[9u8; PAGE_SIZE]);
+        let cfg = EncoderConfig {
+            workers: 2,
+            // The smallest frame: one page of data, or 373 zero pages.
+            max_frame_len: 0,
+            queue_depth: 2,
+        };
+        let enc = EpochEncoder::new(cfg, Some(cache.clone()));
+        let per_frame = (enc.cfg.max_frame_len - HEADER_LEN - 20) / ENTRY_HEADER_LEN;
+        assert_eq!(per_frame, 373);
+        // Round 0: every page with its data.
+        let all: Vec<u64> = (0..PAGES as u64).collect();
+        let round0 = FrameKind::Sync {
+            bytes_done: 0,
+            bytes_total: (PAGES * PAGE_SIZE) as u64,
+        };
+        for m in collect(&enc, round0, &all, &ram).1 {
+            staging.handle(&mem, m).unwrap();
+        }
+        // Frames of zero pages: as many entries as fit, progress counting each frame.
+        let page = PAGE_SIZE as u64;
+        let many: Vec<u64> = (1000..1800).collect();
+        let mut frames = Vec::new();
+        let summary = enc
+            .zero_sync_frames(&many, 7 * page, 900 * page, |batch| {
+                frames.extend(batch.iter().cloned());
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!((summary.pages, summary.frames), (800, 3));
+        assert_eq!(summary.count(Encoding::Zero), 800);
+        assert_eq!(
+            summary.bytes,
+            frames.iter().map(|f| f.len() as u64).sum::<u64>()
+        );
+        let mut dones = Vec::new();
+        let mut pfns = Vec::new();
+        for f in &frames {
+            assert!(f.len() <= enc.cfg.max_frame_len);
+            let Message::SyncPages {
+                bytes_done, pages, ..
+            } = Message::decode(f).unwrap().0
+            else {
+                panic!("not SyncPages");
+            };
+            dones.push(bytes_done / page);
+            pfns.extend(pages.iter().map(|e| e.pfn));
+        }
+        assert_eq!(dones, [7 + 373, 7 + 746, 807]);
+        assert_eq!(pfns, many);
+
+        // Round 1: 25 pages the primary found zero without reading them, among them pages
+        // the backup holds data for: they must be zeroed.
+        let zeros: Vec<u64> = (40..65).collect();
+        let total = (zeros.len() * PAGE_SIZE) as u64;
+        let mut frames = Vec::new();
+        enc.zero_sync_frames(&zeros, 0, total, |batch| {
+            frames.extend(batch.iter().cloned());
+            Ok(())
+        })
+        .unwrap();
+        assert!(cache.is_empty(), "zero pages must not leave stale bases");
+        let mut dones = Vec::new();
+        for f in &frames {
+            let (m, _) = Message::decode(f).unwrap();
+            let Message::SyncPages {
+                bytes_done,
+                bytes_total,
+                pages,
+            } = &m
+            else {
+                panic!("{m:?}");
+            };
+            assert_eq!(*bytes_total, total);
+            assert!(pages
+                .iter()
+                .all(|e| e.encoding == Encoding::Zero && e.payload.is_empty()));
+            dones.push(*bytes_done);
+            staging.handle(&mem, m).unwrap();
+        }
+        assert_eq!(dones, [total]);
+        let mut backup = vec![0u8; PAGES * PAGE_SIZE];
+        mem.read_slice(&mut backup, GuestAddress(0)).unwrap();
+        let mut expected = ram.clone();
+        expected[40 * PAGE_SIZE..65 * PAGE_SIZE].fill(0);
+        assert!(backup == expected);
+        // A zero page outside guest memory is refused, not skipped.
+        let mut frames = Vec::new();
+        enc.zero_sync_frames(&[PAGES as u64], 0, page, |batch| {
+            frames.extend(batch.iter().cloned());
+            Ok(())
+        })
+        .unwrap();
+        let err = staging
+            .handle(&mem, Message::decode(&frames[0]).unwrap().0)
+            .unwrap_err();
+        assert!(err.to_string().contains("outside guest memory"), "{err}");
     }
 
     #[test]

@@ -510,14 +510,16 @@ fn replicate(
                 bytes_done,
                 bytes_total,
             }) => {
-                progress.step(bytes_done, bytes_total);
-                if last_report.elapsed() >= Duration::from_millis(500) || bytes_done >= bytes_total
-                {
-                    last_report = Instant::now();
+                if let Some(f) = progress.step(bytes_done, bytes_total) {
+                    let round = match f.round {
+                        0 => String::new(),
+                        r => format!(" round {r}"),
+                    };
                     info!(
-                        "initial sync: {} of {} MiB received",
-                        bytes_done >> 20,
-                        bytes_total >> 20
+                        "initial sync{round}: {} of {} MiB received{}",
+                        f.bytes_done >> 20,
+                        f.bytes_total >> 20,
+                        f.pace(),
                     );
                 }
             }
@@ -537,9 +539,16 @@ fn replicate(
                 metrics::committed(None);
                 status::set_protection(Protection::Protected, "the first epoch committed");
                 if epoch == 1 {
+                    let since = match progress.began() {
+                        Some(t) => format!(
+                            ", {:.1} ms after the first pre-copy pages arrived",
+                            t.elapsed().as_secs_f64() * 1000.0
+                        ),
+                        None => String::new(),
+                    };
                     info!(
-                        "epoch 1 committed: the backup holds a runnable copy ({} zero pages \
-                         needed no write)",
+                        "epoch 1 committed: the backup holds a runnable copy{since} ({} zero \
+                         pages needed no write)",
                         staging.skipped_zero_pages()
                     );
                 }

@@ -144,20 +144,54 @@ pub fn fence(target: &str, node: &str, attempt: u32, result: &str, detail: &str)
     );
 }
 
-/// `sync_progress`: the initial sync on `side` ("primary", "backup"): round `round`
-/// (0 is the whole memory), `bytes_done` of its `bytes_total`, and the pace so far over
-/// all rounds in MiB/s.
-pub fn sync_progress(side: &str, round: u64, bytes_done: u64, bytes_total: u64, mib_per_s: f64) {
+/// `sync_progress`: the initial sync on `side` ("primary", "backup"), with the figures
+/// of [`SyncFigures`].
+pub fn sync_progress(side: &str, f: &SyncFigures) {
     emit(
         "sync_progress",
         &[
             ("side", side.into()),
-            ("round", round.into()),
-            ("bytes_done", bytes_done.into()),
-            ("bytes_total", bytes_total.into()),
-            ("mib_per_s", ((mib_per_s * 10.0).round() / 10.0).into()),
+            ("round", f.round.into()),
+            ("bytes_done", f.bytes_done.into()),
+            ("bytes_total", f.bytes_total.into()),
+            ("mib_per_s", ((f.mib_per_s * 10.0).round() / 10.0).into()),
+            (
+                "seconds_left",
+                f.seconds_left
+                    .map_or(Value::Null, |s| ((s * 10.0).round() / 10.0).into()),
+            ),
         ],
     );
+}
+
+/// Where the initial sync stands on one side.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SyncFigures {
+    /// The pre-copy round: 0 is the whole memory, then what the guest dirtied meanwhile.
+    pub round: u64,
+    /// Bytes of guest memory of this round sent (or received) so far.
+    pub bytes_done: u64,
+    /// Bytes of guest memory of this round.
+    pub bytes_total: u64,
+    /// Guest memory moved per second since the sync began, over all rounds (MiB/s).
+    pub mib_per_s: f64,
+    /// Seconds until this round is done at the pace so far (`None`: no pace yet).
+    pub seconds_left: Option<f64>,
+}
+
+impl SyncFigures {
+    /// `" (N MiB/s, S s left)"`, for a log line.
+    pub fn pace(&self) -> String {
+        match self.seconds_left {
+            Some(s) => format!(" ({:.0} MiB/s, {s:.1} s left)", self.mib_per_s),
+            None => String::new(),
+        }
+    }
+}
+
+/// Seconds to move `left` bytes at `bytes_per_s`; `None` without a pace.
+pub fn seconds_left(left: u64, bytes_per_s: f64) -> Option<f64> {
+    (bytes_per_s > 0.0).then(|| left as f64 / bytes_per_s)
 }
 
 /// At most one `throttle` line this often.
@@ -232,61 +266,90 @@ pub fn throttle_totals(episodes: u64, held: Duration) {
 /// How often `sync_progress` lines go out during the initial sync.
 pub const SYNC_EVERY: Duration = Duration::from_millis(500);
 
-/// The receiving side's view of the initial sync, for `sync_progress` lines: it sees each
-/// step's `bytes_done` (before the step) and `bytes_total` of the round, infers the round
-/// and the bytes received, and writes a line on the first step and then every
-/// [`SYNC_EVERY`].
+/// The receiving side's view of the initial sync. Each `SyncPages` frame says how many
+/// bytes of its round the primary had sent with it (`bytes_done`, that frame included;
+/// frames of the encoder's workers may arrive slightly out of that order) and the round's
+/// `bytes_total`. From them it infers the round and the bytes received, and says when a
+/// progress line is due: on the first step, then at most every [`SYNC_EVERY`], and at the
+/// end of each round; each such step also writes a `sync_progress` event.
 #[derive(Debug)]
 pub struct SyncProgress {
     side: &'static str,
-    start: Instant,
+    /// When the first step arrived, and the bytes it brought (the pace counts what came
+    /// after it).
+    start: Option<(Instant, u64)>,
     last_line: Option<Instant>,
     round: u64,
     steps: u64,
-    last_done: u64,
+    /// The largest `bytes_done` of this round so far, and its total.
+    max_done: u64,
     last_total: u64,
     moved: u64,
 }
 
 impl SyncProgress {
-    /// Progress of the sync on `side`, timed from now.
+    /// Progress of the sync on `side`; its clock starts at the first step.
     pub fn new(side: &'static str) -> SyncProgress {
         SyncProgress {
             side,
-            start: Instant::now(),
+            start: None,
             last_line: None,
             round: 0,
             steps: 0,
-            last_done: 0,
+            max_done: 0,
             last_total: 0,
             moved: 0,
         }
     }
 
-    /// One step of the sync arrived: `bytes_done` of the round's `bytes_total` before it.
-    pub fn step(&mut self, bytes_done: u64, bytes_total: u64) {
-        if self.steps > 0 && bytes_done == 0 {
-            // A new round: the previous one's last step carried the rest of it.
+    /// A step of the sync arrived, `bytes_done` of the round's `bytes_total` with it: the
+    /// figures when a progress line is due (see [`SyncProgress`]), else `None`.
+    pub fn step(&mut self, bytes_done: u64, bytes_total: u64) -> Option<SyncFigures> {
+        self.step_at(Instant::now(), bytes_done, bytes_total)
+    }
+
+    fn step_at(&mut self, now: Instant, bytes_done: u64, bytes_total: u64) -> Option<SyncFigures> {
+        // A new round: another total, or a step far back (reordering moves a frame back
+        // by a few frames at most). The previous round's missing steps arrived meanwhile.
+        if self.steps > 0 && (bytes_total != self.last_total || bytes_done < self.max_done / 2) {
             self.round += 1;
-            self.moved += self.last_total.saturating_sub(self.last_done);
-        } else {
-            self.moved += bytes_done.saturating_sub(self.last_done);
+            self.moved += self.last_total.saturating_sub(self.max_done);
+            self.max_done = 0;
         }
-        self.steps += 1;
-        self.last_done = bytes_done;
+        self.moved += bytes_done.saturating_sub(self.max_done);
+        self.max_done = self.max_done.max(bytes_done);
         self.last_total = bytes_total;
-        if self.last_line.is_some_and(|t| t.elapsed() < SYNC_EVERY) {
-            return;
+        self.steps += 1;
+        let (start, first) = *self.start.get_or_insert((now, self.moved));
+        let round_end = bytes_done >= bytes_total;
+        if !round_end
+            && self
+                .last_line
+                .is_some_and(|t| now.saturating_duration_since(t) < SYNC_EVERY)
+        {
+            return None;
         }
-        self.last_line = Some(Instant::now());
-        let secs = self.start.elapsed().as_secs_f64().max(1e-6);
-        sync_progress(
-            self.side,
-            self.round,
-            bytes_done,
+        self.last_line = Some(now);
+        let secs = now.saturating_duration_since(start).as_secs_f64();
+        let pace = if secs > 0.0 {
+            (self.moved - first) as f64 / secs
+        } else {
+            0.0
+        };
+        let f = SyncFigures {
+            round: self.round,
+            bytes_done: self.max_done.min(bytes_total),
             bytes_total,
-            self.moved as f64 / secs / (1 << 20) as f64,
-        );
+            mib_per_s: pace / (1 << 20) as f64,
+            seconds_left: seconds_left(bytes_total.saturating_sub(self.max_done), pace),
+        };
+        sync_progress(self.side, &f);
+        Some(f)
+    }
+
+    /// When the first step arrived.
+    pub fn began(&self) -> Option<Instant> {
+        self.start.map(|(t, _)| t)
     }
 
     /// The round and the bytes moved so far, as inferred.
@@ -344,7 +407,22 @@ mod tests {
         assert!(enabled());
         protection("syncing", "test");
         fence("the backup", "node-b", 1, "started", "");
-        sync_progress("primary", 0, 1 << 20, 4 << 20, 123.456);
+        let figures = SyncFigures {
+            round: 0,
+            bytes_done: 1 << 20,
+            bytes_total: 4 << 20,
+            mib_per_s: 123.456,
+            seconds_left: Some(2.345),
+        };
+        sync_progress("primary", &figures);
+        sync_progress(
+            "primary",
+            &SyncFigures {
+                round: 1,
+                seconds_left: None,
+                ..figures
+            },
+        );
         let text = std::fs::read_to_string(&path).unwrap();
         let lines: Vec<Value> = text
             .lines()
@@ -370,9 +448,16 @@ mod tests {
         let f = find("fence");
         assert_eq!(f["node"], "node-b");
         assert_eq!(f["result"], "started");
-        let s = find("sync_progress");
-        assert_eq!(s["bytes_done"], 1 << 20);
-        assert_eq!(s["mib_per_s"], 123.5);
+        let sync: Vec<&Value> = lines
+            .iter()
+            .filter(|v| v["event"] == "sync_progress" && v["side"] == "primary")
+            .collect();
+        assert_eq!(sync.len(), 2, "{text}");
+        assert_eq!(sync[0]["bytes_done"], 1 << 20);
+        assert_eq!(sync[0]["mib_per_s"], 123.5);
+        assert_eq!(sync[0]["seconds_left"], 2.3);
+        assert_eq!(sync[1]["round"], 1);
+        assert!(sync[1]["seconds_left"].is_null(), "{}", sync[1]);
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -394,20 +479,32 @@ mod tests {
     }
 
     #[test]
-    fn sync_progress_infers_rounds_and_bytes_moved() {
+    fn sync_progress_infers_rounds_bytes_pace_and_time_left() {
         let mut p = SyncProgress::new("test");
-        for done in [0, 8, 16, 24] {
-            p.step(done, 32);
-        }
-        assert_eq!(p.seen(), (0, 24));
-        // Round 1: the last step of round 0 carried 8 more.
-        p.step(0, 12);
-        assert_eq!(p.seen(), (1, 32));
-        p.step(8, 12);
-        assert_eq!(p.seen(), (1, 40));
-        // A round of one step.
-        p.step(0, 4);
-        p.step(0, 2);
-        assert_eq!(p.seen(), (3, 48));
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        // Round 0: 64 bytes in steps of 8 (each step counts itself), one out of order.
+        let first = p.step_at(ms(0), 8, 64).unwrap();
+        assert_eq!((first.bytes_done, first.seconds_left), (8, None));
+        assert_eq!(p.step_at(ms(100), 16, 64), None, "not due yet");
+        assert_eq!(p.step_at(ms(200), 32, 64), None);
+        assert_eq!(p.step_at(ms(250), 24, 64), None, "a step behind another");
+        assert_eq!(p.seen(), (0, 32));
+        let f = p.step_at(ms(600), 40, 64).unwrap();
+        // 32 bytes after the first step in 0.6 s; 24 left.
+        assert_eq!((f.round, f.bytes_done, f.bytes_total), (0, 40, 64));
+        assert!((f.seconds_left.unwrap() - 0.45).abs() < 1e-9, "{f:?}");
+        assert!(f.mib_per_s > 0.0);
+        // The round's end is always a line.
+        assert!(p.step_at(ms(700), 64, 64).is_some());
+        assert_eq!(p.seen(), (0, 64));
+        // Round 1: another total; round 2 has the same total but starts again.
+        assert!(p.step_at(ms(710), 12, 12).is_some());
+        assert_eq!(p.seen(), (1, 76));
+        p.step_at(ms(720), 4, 12);
+        assert_eq!(p.seen(), (2, 80));
+        // Round 3: the rest of round 2 came without a step of its own.
+        p.step_at(ms(730), 2, 2);
+        assert_eq!(p.seen(), (3, 90));
     }
 }

@@ -79,7 +79,7 @@ pub struct DirtySet {
 }
 
 impl DirtySet {
-    /// Every page of `pages` pages of RAM from GPA 0 (pre-copy's first round).
+    /// Every page of `pages` pages of RAM from GPA 0.
     pub fn all(pages: u64) -> DirtySet {
         DirtySet {
             pfns: (0..pages).collect(),

@@ -4,5 +4,6 @@ pub mod bitmap;
 pub mod dirty;
 pub mod dirty_ring;
 pub mod memory;
+pub mod pagemap;
 pub mod vcpu;
 pub mod vm;

@@ -261,15 +261,23 @@ pub(super) fn spawn_ack_reader(
 
 impl Primary<'_> {
     /// The backup committed its first epoch: the guest is protected from now on.
-    fn first_ack(&mut self, epoch: u64) {
-        let took = self.began.elapsed();
-        self.protected_at = Some(Instant::now());
+    fn first_ack(&mut self, epoch: u64, at: Instant) {
+        let took = at.saturating_duration_since(self.began);
+        self.protected_at = Some(at);
         status::set_protection(
             Protection::Protected,
             "the backup committed its first epoch",
         );
+        let sync = match self.sync_began {
+            Some(t) => format!(
+                " ({:.1} ms after the initial sync of memory began)",
+                at.saturating_duration_since(t).as_secs_f64() * 1000.0
+            ),
+            None => String::new(),
+        };
         info!(
-            "PROTECTED: the backup at {} committed epoch {epoch}, {} ms after protection began",
+            "PROTECTED: the backup at {} committed epoch {epoch}, {} ms after protection \
+             began{sync}",
             self.opts.peer,
             took.as_millis()
         );
@@ -290,7 +298,7 @@ impl Primary<'_> {
                     // Acks are cumulative: every epoch up to `epoch` is committed.
                     status::update(|s| s.acked_epoch = Some(epoch));
                     if self.protected_at.is_none() {
-                        self.first_ack(epoch);
+                        self.first_ack(epoch, at);
                     }
                     let done: Vec<u64> = self
                         .pause_start

@@ -22,9 +22,12 @@
 //! - Pre-copy rounds go on until what the guest dirtied during a round fits in one epoch.
 //!   A guest that dirties faster than the link carries is throttled as QEMU's
 //!   auto-converge does: its vCPUs are held for a share of the time (up to 99%, in 2 ms
-//!   run slices) set after every 8 MiB step so that each round leaves at most a quarter of
-//!   what it sent; if even 99% does not make a round shrink, the last round goes with the
-//!   guest paused.
+//!   run slices) set after 8 MiB steps (at most every 2 ms) so that each round leaves at
+//!   most a quarter of what it sent; if even 99% does not make a round shrink, the last
+//!   round goes with the guest paused.
+//! - Pages the kernel's page map shows to hold only zeros (never written, see
+//!   [`crate::vstate::pagemap`]) are sent as zero pages without being read: a mostly
+//!   untouched guest's initial sync costs a few bytes a page on each side.
 //!
 //! A peer is lost only after it has been silent for the heartbeat timeout: any bytes
 //! count as life (see the transport), the primary sends heartbeats from a thread of its
@@ -38,7 +41,9 @@ use std::time::{Duration, Instant};
 
 use checkpoint::delta_cache::DeltaCache;
 use checkpoint::digest::digest_guest_memory;
-use checkpoint::encode::{send_epoch, send_sync, EncoderConfig, EpochEncoder, StagedPages};
+use checkpoint::encode::{
+    send_epoch, send_sync, send_sync_zeros, EncoderConfig, EpochEncoder, StagedPages,
+};
 use checkpoint::handshake::{primary_handshake, HandshakeError};
 use checkpoint::inflight::{InFlight, Pacing, SharedInFlight};
 use checkpoint::protocol::{DiskInfo, Hello, MemoryRegion, Message};
@@ -275,8 +280,12 @@ const DELTA_CACHE_PAGES: usize = 16 << 10;
 /// Default cap on the pages of one epoch (16 MiB): see `PrimaryOptions::max_epoch_pages`.
 pub const DEFAULT_MAX_EPOCH_PAGES: usize = 4 << 10;
 /// Pages copied and sent per pre-copy step (8 MiB): auto-converge looks at the dirty set
-/// after each.
+/// after each, if it last did [`SYNC_COUNT_EVERY`] ago or more.
 const SYNC_CHUNK_PAGES: usize = 2 << 10;
+/// Pre-copy counts the dirty set at most this often: a step of zero pages found so without
+/// reading them takes a few tens of µs, and counting the dirty set of a large guest about
+/// as long (8 GiB: a 256 KiB bitmap copied out and counted).
+const SYNC_COUNT_EVERY: Duration = Duration::from_millis(2);
 /// Pre-copy's auto-converge holds the guest for at most this share of the time (%).
 const THROTTLE_MAX: u32 = 99;
 /// How often the dirty set is counted while an epoch runs: halfway to when the cap would
@@ -350,6 +359,8 @@ struct Primary<'m> {
     /// When protection began (before connecting), and when the first epoch was committed.
     began: Instant,
     protected_at: Option<Instant>,
+    /// When the initial sync of memory began (after the disks' sync).
+    sync_began: Option<Instant>,
 }
 
 /// How a protected run ended (see [`protect`]).
@@ -550,6 +561,7 @@ pub fn protect(machine: &mut Machine, opts: PrimaryOptions) -> Result<ProtectEnd
         local_addr,
         began,
         protected_at: None,
+        sync_began: None,
     };
     if !p.machine.is_running() {
         p.machine.resume()?;

@@ -3,35 +3,45 @@
 //! auto-converge throttling.
 
 use super::*;
+use crate::replication::events::{self, SyncFigures};
+use crate::vstate::pagemap::PageMap;
 
 impl Primary<'_> {
     /// Pre-copy: the whole memory while the guest runs, then rounds of what it dirtied
-    /// meanwhile, until that fits in one epoch; it goes with epoch 1.
+    /// meanwhile, until that fits in one epoch; it goes with epoch 1. Each step splits its
+    /// pages with the page map: the pages known to hold only zeros go as zero pages
+    /// without being read, the others are copied and encoded.
     ///
     /// Auto-converge: each round may leave at most a quarter of what it sends (or half an
-    /// epoch) dirty. After every step the dirty set is counted (without harvesting it) and
-    /// the share of time the vCPUs are held is set so that the rest of the round stays
-    /// within that budget: from the guest's dirty rate this round (pages per second it
-    /// ran) and the link's pace, the guest may run `budget left / rate` more, out of the
-    /// time the round still takes (at most 99% held). A round at 99% that still does not
-    /// shrink is followed by one with the guest paused (the final pause then lasts one
-    /// round of what is left). Without a dirty count (dirty ring), a round whose guest
-    /// dirtied more than half of what it sent raises the share (50%, then halving what it
-    /// runs). When the run is to end during pre-copy, the guest is paused for good and the
-    /// rounds finish without it running.
+    /// epoch) dirty. After a step (at most every 2 ms) the dirty set is counted (without
+    /// harvesting it) and the share of time the vCPUs are held is set so that the rest of
+    /// the round stays within that budget: from the guest's dirty rate this round (pages
+    /// per second it ran) and the link's pace, the guest may run `budget left / rate`
+    /// more, out of the time the round still takes (at most 99% held). A round at 99% that
+    /// still does not shrink is followed by one with the guest paused (the final pause then
+    /// lasts one round of what is left). Without a dirty count (dirty ring), a round whose
+    /// guest dirtied more than half of what it sent raises the share (50%, then halving
+    /// what it runs). When the run is to end during pre-copy, the guest is paused for good
+    /// and the rounds finish without it running.
     pub(super) fn initial_sync(&mut self) -> Result<(), PrimaryError> {
         let mem_pages = (ram_size(self.machine.memory()) / PAGE_SIZE as u64) as usize;
         let cap = self.opts.max_epoch_pages;
+        let start = Instant::now();
+        self.sync_began = Some(start);
         // Everything counts as dirty for round 0: forget what the boot dirtied.
         self.machine.harvest(&mut self.pfns)?;
-        let mut round_pfns = DirtySet::all(mem_pages as u64);
-        let start = Instant::now();
+        let mut round_pfns = RoundPages::All(mem_pages as u64);
+        let mut step_buf = Vec::new();
         let mut sent_bytes = 0u64;
         let mut synced = 0u64;
         let mut ending = false;
         let mut stop_and_copy = false;
         let mut max_throttle = 0;
         let mut last_dirty = usize::MAX;
+        let mut pagemap = PageMap::open();
+        let (mut data, mut zero) = (Vec::new(), Vec::new());
+        // Pages sent as zero pages without being read (the page map showed them zero).
+        let mut unread = 0u64;
         for round in 0.. {
             let total = (round_pfns.len() * PAGE_SIZE) as u64;
             let budget = (cap / 2).max(round_pfns.len() / 4) as f64;
@@ -41,7 +51,9 @@ impl Primary<'_> {
             // Seconds the guest ran this round (as far as the throttle lets it).
             let mut ran = 0f64;
             let mut step_start = Instant::now();
-            for chunk in round_pfns.chunks(SYNC_CHUNK_PAGES) {
+            let mut last_count = Instant::now();
+            for step in 0..round_pfns.len().div_ceil(SYNC_CHUNK_PAGES) {
+                let chunk = round_pfns.step(step, SYNC_CHUNK_PAGES, &mut step_buf);
                 self.heartbeats.check_in(0);
                 if !ending && self.end_requested()? {
                     // The end comes with the final epoch; the guest runs no more.
@@ -52,19 +64,33 @@ impl Primary<'_> {
                         status::update(|s| s.guest = GuestState::Paused);
                     }
                 }
-                memory::copy_pages(self.machine.memory(), chunk, &mut self.buf)?;
-                let staged = StagedPages::new(chunk, &self.buf)?;
-                let s = {
+                // Pages the page map shows to be zeros go as zero pages unread; the
+                // others are copied and encoded.
+                data.clear();
+                zero.clear();
+                pagemap.split(self.machine.memory(), chunk, &mut data, &mut zero);
+                let mut bytes = 0;
+                if !zero.is_empty() {
                     let mut link = self.link();
-                    let s = send_sync(&mut link.tx, &self.encoder, &staged, done, total)?;
+                    bytes +=
+                        send_sync_zeros(&mut link.tx, &self.encoder, &zero, done, total)?.bytes;
                     link.sent();
-                    s
-                };
-                done += (chunk.len() * PAGE_SIZE) as u64;
+                    done += (zero.len() * PAGE_SIZE) as u64;
+                    unread += zero.len() as u64;
+                }
+                if !data.is_empty() {
+                    memory::copy_pages(self.machine.memory(), &data, &mut self.buf)?;
+                    let staged = StagedPages::new(&data, &self.buf)?;
+                    let mut link = self.link();
+                    bytes += send_sync(&mut link.tx, &self.encoder, &staged, done, total)?.bytes;
+                    link.sent();
+                    done += (data.len() * PAGE_SIZE) as u64;
+                }
                 synced += (chunk.len() * PAGE_SIZE) as u64;
-                sent_bytes += s.bytes;
-                metrics::sync_sent(s.bytes);
-                if !ending && !stop_and_copy {
+                sent_bytes += bytes;
+                metrics::sync_sent(bytes);
+                if !ending && !stop_and_copy && last_count.elapsed() >= SYNC_COUNT_EVERY {
+                    last_count = Instant::now();
                     let held = f64::from(self.machine.throttle()) / 100.0;
                     ran += step_start.elapsed().as_secs_f64() * (1.0 - held);
                     step_start = Instant::now();
@@ -82,17 +108,30 @@ impl Primary<'_> {
                 if last_report.elapsed() >= Duration::from_millis(500) || done == total {
                     last_report = Instant::now();
                     let secs = start.elapsed().as_secs_f64().max(1e-6);
+                    let round_pace = done as f64 / round_start.elapsed().as_secs_f64().max(1e-6);
+                    let f = SyncFigures {
+                        round,
+                        bytes_done: done,
+                        bytes_total: total,
+                        mib_per_s: synced as f64 / secs / (1 << 20) as f64,
+                        seconds_left: events::seconds_left(total - done, round_pace),
+                    };
                     info!(
-                        "initial sync round {round}: {} of {} MiB ({:.0}%), {:.0} MiB/s of guest memory, {} MiB on the wire, guest held {}%",
+                        "initial sync round {round}: {} of {} MiB ({:.0}%), {:.0} MiB/s of guest \
+                         memory, {:.1} s left, {} MiB on the wire, guest held {}%",
                         done >> 20,
                         total >> 20,
                         done as f64 * 100.0 / total.max(1) as f64,
-                        synced as f64 / secs / (1 << 20) as f64,
+                        f.mib_per_s,
+                        f.seconds_left.unwrap_or(0.0),
                         sent_bytes >> 20,
-                        if ending || stop_and_copy { 100 } else { self.machine.throttle() }
+                        if ending || stop_and_copy {
+                            100
+                        } else {
+                            self.machine.throttle()
+                        }
                     );
-                    let rate = synced as f64 / secs / (1 << 20) as f64;
-                    crate::replication::events::sync_progress("primary", round, done, total, rate);
+                    events::sync_progress("primary", &f);
                 }
                 self.drain_acks()?;
             }
@@ -100,12 +139,13 @@ impl Primary<'_> {
             // round it wrote again after they were sent).
             self.machine.harvest(&mut self.pfns)?;
             let sent = round_pfns.len();
-            round_pfns = std::mem::take(&mut self.pfns);
-            let dirty = round_pfns.len();
+            let dirtied = std::mem::take(&mut self.pfns);
+            let dirty = dirtied.len();
             if dirty <= cap {
-                self.carry = round_pfns;
+                self.carry = dirtied;
                 break;
             }
+            round_pfns = RoundPages::Dirty(dirtied);
             if !ending && !stop_and_copy {
                 let t = self.machine.throttle();
                 if self.machine.dirty_count()?.is_none() && dirty * 2 > sent {
@@ -139,15 +179,51 @@ impl Primary<'_> {
             self.machine.resume()?;
         }
         info!(
-            "initial sync done in {:.2} s ({:.0} MiB/s of guest memory, guest held up to {}% of the time); \
-             {} pages go with epoch 1; continuous epochs every {:?}",
+            "initial sync done in {:.3} s ({:.0} MiB/s of guest memory, {} MiB of it zero pages \
+             found so without reading them, guest held up to {}% of the time); {} pages go \
+             with epoch 1; continuous epochs every {:?}",
             start.elapsed().as_secs_f64(),
             synced as f64 / start.elapsed().as_secs_f64().max(1e-6) / (1 << 20) as f64,
+            (unread * PAGE_SIZE as u64) >> 20,
             if stop_and_copy { 100 } else { max_throttle },
             self.carry.len(),
             self.opts.interval
         );
         Ok(())
+    }
+}
+
+/// The pages of one pre-copy round: the whole RAM (round 0, not listed: a list of every
+/// page of 8 GiB would take 16 MiB, built page fault by page fault), or what the guest
+/// dirtied during the round before.
+enum RoundPages {
+    All(u64),
+    Dirty(DirtySet),
+}
+
+impl RoundPages {
+    fn len(&self) -> usize {
+        match self {
+            RoundPages::All(pages) => *pages as usize,
+            RoundPages::Dirty(set) => set.len(),
+        }
+    }
+
+    /// The pages of step `i`, `n` pages a step (the last may have fewer), in order; round
+    /// 0's are listed into `buf`.
+    fn step<'a>(&'a self, i: usize, n: usize, buf: &'a mut Vec<u64>) -> &'a [u64] {
+        match self {
+            RoundPages::All(pages) => {
+                let first = (i * n) as u64;
+                buf.clear();
+                buf.extend(first..(first + n as u64).min(*pages));
+                buf
+            }
+            RoundPages::Dirty(set) => {
+                let pfns = set.as_slice();
+                &pfns[(i * n).min(pfns.len())..((i + 1) * n).min(pfns.len())]
+            }
+        }
     }
 }
 
