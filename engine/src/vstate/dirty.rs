@@ -312,12 +312,8 @@ impl DirtyLog {
         let mut bitmaps = self.bitmaps.lock().unwrap_or_else(|e| e.into_inner());
         for (slot, region) in mem.iter().enumerate() {
             let len = region.len() as usize;
-            if bitmaps.len() <= slot {
-                bitmaps.resize_with(slot + 1, Vec::new);
-            }
-            let bitmap = &mut bitmaps[slot];
+            let bitmap = get_log(vm, slot as u32, len, &mut bitmaps)?;
             let slot = slot as u32;
-            get_log(vm, slot, len, bitmap)?;
             if self.manual_protect {
                 clear_dirty(vm, slot, len, bitmap)?;
             }
@@ -346,11 +342,7 @@ impl DirtyLog {
         let mut n = 0u64;
         let mut bitmaps = self.bitmaps.lock().unwrap_or_else(|e| e.into_inner());
         for (slot, region) in mem.iter().enumerate() {
-            if bitmaps.len() <= slot {
-                bitmaps.resize_with(slot + 1, Vec::new);
-            }
-            let bitmap = &mut bitmaps[slot];
-            get_log(vm, slot as u32, region.len() as usize, bitmap)?;
+            let bitmap = get_log(vm, slot as u32, region.len() as usize, &mut bitmaps)?;
             n += bitmap
                 .iter()
                 .map(|w| u64::from(w.count_ones()))
@@ -372,9 +364,20 @@ pub fn push_set_bits(base_pfn: u64, bitmap: &[u64], pfns: &mut Vec<u64>) {
     }
 }
 
-/// Reads slot `slot`'s dirty log (`len` bytes of guest memory) into `bitmap`, resized to
-/// one bit per page and reused from call to call.
-fn get_log(vm: &VmFd, slot: u32, len: usize, bitmap: &mut Vec<u64>) -> Result<(), DirtyError> {
+/// Reads slot `slot`'s dirty log (`len` bytes of guest memory) into its bitmap in
+/// `bitmaps` (one per slot, kept from call to call), resized to one bit per page, and
+/// returns that bitmap.
+fn get_log<'a>(
+    vm: &VmFd,
+    slot: u32,
+    len: usize,
+    bitmaps: &'a mut Vec<Vec<u64>>,
+) -> Result<&'a mut Vec<u64>, DirtyError> {
+    let i = slot as usize;
+    if bitmaps.len() <= i {
+        bitmaps.resize_with(i + 1, Vec::new);
+    }
+    let bitmap = &mut bitmaps[i];
     let pages = len >> PAGE_SHIFT;
     bitmap.resize(pages.div_ceil(64), 0);
     let arg = kvm_dirty_log {
@@ -394,7 +397,7 @@ fn get_log(vm: &VmFd, slot: u32, len: usize, bitmap: &mut Vec<u64>) -> Result<()
             source: kvm_ioctls::Error::last(),
         });
     }
-    Ok(())
+    Ok(bitmap)
 }
 
 /// Stretches of the bitmap with dirty pages closer than this many words (of 64 pages) are
