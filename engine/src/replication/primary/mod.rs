@@ -479,7 +479,11 @@ pub fn protect(machine: &mut Machine, opts: PrimaryOptions) -> Result<ProtectEnd
         hello.vcpu_count
     );
     let local_addr = conn.local_addr();
-    let (tx, rx) = conn.split();
+    let (mut tx, rx) = conn.split();
+    // A send that the backup takes nothing of for the heartbeat timeout fails: the backup
+    // is then as silent as the ack reader would find it, and no thread (the initial sync,
+    // the epoch sender, the heartbeats, which hold the link meanwhile) waits on it forever.
+    tx.set_timeout(Some(opts.backup_timeout));
     let inflight = Arc::new(SharedInFlight::new(InFlight::new(
         opts.window,
         MAX_INFLIGHT_BYTES,
