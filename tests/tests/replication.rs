@@ -1091,6 +1091,63 @@ noticed {} ms after the SIGSTOP",
     backup.kill9();
 }
 
+/// A backup that goes away during the handshake (here: a listener that takes the
+/// connection and closes it, then a real backup on the same port) is tried again within
+/// `--connect-timeout-s`, as one that is not listening yet. Before, the primary gave up at
+/// once with exit status 1.
+#[test]
+fn a_backup_lost_during_the_handshake_is_tried_again() {
+    if !kvm_required() {
+        return;
+    }
+    let _serial = one_pair_at_a_time();
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let impostor = TcpListener::bind(&listen).expect("bind the port");
+    let primary = Spawned::start(&[
+        "primary",
+        "--insecure",
+        "--peer",
+        &listen,
+        "--connect-timeout-s",
+        "20",
+        "--seconds",
+        "1",
+        "--guest",
+        "builtin",
+        "--guest-args",
+        "workload=dirty pages_per_ms=5 wss=8M seconds=30",
+        "--console",
+        "none",
+    ]);
+    // Take the primary's connection, read its first bytes, and close: a backup that died
+    // in the middle of the handshake.
+    let (mut conn, _) = impostor.accept().expect("the primary connects");
+    let mut first = [0u8; 16];
+    conn.read_exact(&mut first)
+        .expect("the primary's first bytes");
+    drop(conn);
+    drop(impostor);
+    let backup = Spawned::start(&[
+        "backup",
+        "--insecure",
+        "--listen",
+        &listen,
+        "--console",
+        "none",
+    ]);
+    let pair = Pair {
+        primary: primary.wait(),
+        backup: backup.wait(),
+    };
+    assert_same_final(&pair);
+    assert!(
+        pair.primary.stderr.contains("trying again"),
+        "{:?}",
+        pair.primary
+    );
+}
+
 // ---------------------------------------------------------------------------------------
 // Disks.
 
