@@ -43,13 +43,97 @@ pub const OPTIONS: &[&str] = &[
     "heartbeat-timeout-ms",
 ];
 
-struct Plan {
+pub(crate) struct Plan {
     trials: usize,
     mem: Option<String>,
     modes: Vec<Loss>,
     soak: u64,
     busy: usize,
     extra: Vec<String>,
+}
+
+impl Plan {
+    /// `trials` SIGKILLs of the primary, the binary's defaults otherwise.
+    pub(crate) fn sigkill(trials: usize) -> Plan {
+        Plan {
+            trials,
+            mem: None,
+            modes: vec![Loss::Kill],
+            soak: 0,
+            busy: 0,
+            extra: Vec::new(),
+        }
+    }
+}
+
+/// One trial's moments, in ms after the primary was lost: the backup's `ROLE CHANGE`
+/// (detection), its fence agent done, its `PROMOTED` line, and the client's first reply
+/// from the promoted guest. The backup's moments are from its log clock (ms), placed
+/// against the loss by the detection.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub(crate) struct Timeline {
+    pub(crate) detected: Option<f64>,
+    pub(crate) fenced: Option<f64>,
+    pub(crate) promoted: Option<f64>,
+    pub(crate) first_reply: Option<f64>,
+}
+
+impl Timeline {
+    fn of(detection: Option<Duration>, failover: Option<Duration>, backup_log: &str) -> Timeline {
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        let at = |needle: &str| {
+            backup_log
+                .lines()
+                .find(|l| l.contains(needle))
+                .and_then(harness::trial::log_time)
+        };
+        let detected = detection.map(ms);
+        let after = |needle: &str| match (detected, at("ROLE CHANGE"), at(needle)) {
+            (Some(d), Some(role), Some(t)) if t >= role => Some(d + ms(t - role)),
+            _ => None,
+        };
+        Timeline {
+            detected,
+            fenced: after("fenced the old primary"),
+            promoted: after("PROMOTED"),
+            first_reply: failover.map(ms),
+        }
+    }
+}
+
+/// One trial's figures.
+struct Trial {
+    failover: Option<Duration>,
+    detection: Option<Duration>,
+    /// Declared lost until the guest ran (the backup's own figure).
+    promotion: Option<Duration>,
+    stall: Option<Duration>,
+    lost: usize,
+    /// The client's connection failed or no promoted reply came.
+    broken: bool,
+    /// The promoted backup sent committed output the old primary may still have held.
+    resent: bool,
+    timeline: Timeline,
+}
+
+/// The trials of one way of losing the primary.
+pub(crate) struct Trials {
+    trials: Vec<Trial>,
+}
+
+impl Trials {
+    pub(crate) fn timelines(&self) -> Vec<Timeline> {
+        self.trials.iter().map(|t| t.timeline).collect()
+    }
+
+    /// Trials whose client lost its connection or saw no reply from the promoted guest,
+    /// and acknowledged writes lost over all trials.
+    pub(crate) fn broken_and_lost(&self) -> (usize, usize) {
+        (
+            self.trials.iter().filter(|t| t.broken).count(),
+            self.trials.iter().map(|t| t.lost).sum(),
+        )
+    }
 }
 
 pub fn run(args: &Args) -> Result<(), BenchError> {
@@ -125,14 +209,25 @@ fn trials(
     loss: Loss,
     m: usize,
 ) -> Result<(), String> {
+    let t = run_trials(bin, work, plan, ns, loss, m, "bench failover")?;
+    print_trials(plan, loss, &t);
+    Ok(())
+}
+
+/// Runs `plan.trials` trials losing the primary as `loss` (`m`: which of the plan's
+/// modes, for distinct ports and directories), one progress line each on stderr after
+/// `label`.
+pub(crate) fn run_trials(
+    bin: &Path,
+    work: &Path,
+    plan: &Plan,
+    ns: &Netns,
+    loss: Loss,
+    m: usize,
+    label: &str,
+) -> Result<Trials, String> {
     let trials = plan.trials;
-    let mut failover = Vec::new();
-    let mut detection = Vec::new();
-    let mut promotion = Vec::new();
-    let mut stall = Vec::new();
-    let mut lost_total = 0usize;
-    let mut broken = 0usize;
-    let mut resent = 0usize;
+    let mut out = Vec::new();
     for t in 0..trials {
         // Lose the primary during continuous epochs, at a moment that varies from trial
         // to trial.
@@ -156,9 +251,8 @@ fn trials(
                 .unwrap_or("-".into())
         };
         let sent_again = o.backup_log.contains("of committed output the old primary");
-        resent += usize::from(sent_again);
         eprintln!(
-            "bench failover: {} trial {}/{trials}: failover {}, detection {}, promotion {}, \
+            "{label}: {} trial {}/{trials}: failover {}, detection {}, promotion {}, \
              {} acknowledged writes, {} lost{}{}",
             match loss {
                 Loss::Kill => "sigkill",
@@ -182,20 +276,35 @@ fn trials(
                 .map(|e| format!(", client error: {e}"))
                 .unwrap_or_default()
         );
-        lost_total += o.lost.len();
-        if o.client_error.is_some() || o.failover.is_none() {
-            broken += 1;
-        }
-        failover.extend(o.failover);
-        detection.extend(o.detection);
-        stall.extend(o.stall);
-        if let Some(p) = o.promotion {
-            if p.after_lost_ms.is_finite() {
-                promotion.push(Duration::from_secs_f64(p.after_lost_ms / 1000.0));
-            }
-        }
+        out.push(Trial {
+            failover: o.failover,
+            detection: o.detection,
+            promotion: o
+                .promotion
+                .filter(|p| p.after_lost_ms.is_finite())
+                .map(|p| Duration::from_secs_f64(p.after_lost_ms / 1000.0)),
+            stall: o.stall,
+            lost: o.lost.len(),
+            broken: o.client_error.is_some() || o.failover.is_none(),
+            resent: sent_again,
+            timeline: Timeline::of(o.detection, o.failover, &o.backup_log),
+        });
         let _ = std::fs::remove_dir_all(&cfg.dir);
     }
+    Ok(Trials { trials: out })
+}
+
+fn print_trials(plan: &Plan, loss: Loss, t: &Trials) {
+    let trials = plan.trials;
+    let samples = |f: fn(&Trial) -> Option<Duration>| -> Vec<Duration> {
+        t.trials.iter().filter_map(f).collect()
+    };
+    let failover = samples(|t| t.failover);
+    let detection = samples(|t| t.detection);
+    let promotion = samples(|t| t.promotion);
+    let stall = samples(|t| t.stall);
+    let (broken, lost_total) = t.broken_and_lost();
+    let resent = t.trials.iter().filter(|t| t.resent).count();
     println!(
         "### {}, during continuous epochs, {trials} trials\n",
         mode_name(loss)
@@ -239,7 +348,6 @@ fn trials(
              behind a cut link, before it fences and promotes.\n"
         ),
     }
-    Ok(())
 }
 
 fn soak(bin: &Path, work: &Path, plan: &Plan, ns: &Netns) -> Result<(), String> {
@@ -296,4 +404,38 @@ fn soak(bin: &Path, work: &Path, plan: &Plan, ns: &Netns) -> Result<(), String> 
     }
     let _ = std::fs::remove_dir_all(&cfg.dir);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timeline_from_the_backup_log() {
+        let log = "\
+[backup    3.019s WARN] ROLE CHANGE: primary lost (peer closed the connection); the backup holds committed epoch 926
+[backup    3.051s info] fenced the old primary 'demo-primary' (attempt 1)
+[backup    3.065s info] PROMOTED: guest running from committed epoch 926, 44 ms after the primary was declared lost
+";
+        let t = Timeline::of(
+            Some(Duration::from_micros(1500)),
+            Some(Duration::from_millis(192)),
+            log,
+        );
+        let near = |v: Option<f64>, want: f64| (v.unwrap() - want).abs() < 1e-6;
+        assert!(near(t.detected, 1.5));
+        assert!(near(t.fenced, 33.5));
+        assert!(near(t.promoted, 47.5));
+        assert!(near(t.first_reply, 192.0));
+        // No promotion in the log, no detection measured: those moments are unknown.
+        let t = Timeline::of(
+            Some(Duration::from_millis(2)),
+            None,
+            &log[..log.find("[backup    3.065s").unwrap()],
+        );
+        assert_eq!((t.promoted, t.first_reply), (None, None));
+        assert!(t.fenced.is_some());
+        let t = Timeline::of(None, None, log);
+        assert_eq!(t, Timeline::default());
+    }
 }
