@@ -26,7 +26,7 @@
 //! backup saw.
 
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use harness::{Loss, Netns, TrialConfig};
 
@@ -66,12 +66,13 @@ impl Plan {
     }
 }
 
-/// One trial's moments, in ms after the primary was lost: the backup's `ROLE CHANGE`
-/// (detection), its fence agent done, its `PROMOTED` line, and the client's first reply
-/// from the promoted guest. The backup's moments are from its log clock (ms), placed
-/// against the loss by the detection.
+/// One trial's moments, in ms after the SIGKILL was sent: the primary reaped, the
+/// backup's `role_change` to unprotected (detected), its fence agent done (fenced), its
+/// `role_change` to promoted, these three from the pair's `--events` lines (whole ms), and
+/// the client's first reply from the promoted guest.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub(crate) struct Timeline {
+    pub(crate) reaped: Option<f64>,
     pub(crate) detected: Option<f64>,
     pub(crate) fenced: Option<f64>,
     pub(crate) promoted: Option<f64>,
@@ -79,24 +80,38 @@ pub(crate) struct Timeline {
 }
 
 impl Timeline {
-    fn of(detection: Option<Duration>, failover: Option<Duration>, backup_log: &str) -> Timeline {
+    /// From a trial's outcome and the `--events` lines both sides appended to `events`.
+    fn of(o: &harness::TrialOutcome, events: &str) -> Timeline {
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-        let at = |needle: &str| {
-            backup_log
-                .lines()
-                .find(|l| l.contains(needle))
-                .and_then(harness::trial::log_time)
+        let sent_ms = o
+            .kill_sent_at
+            .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+            .map(ms);
+        let lines: Vec<serde_json::Value> = events
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        let at = |want: &dyn Fn(&serde_json::Value) -> bool| -> Option<f64> {
+            let ts = lines.iter().find(|v| want(v))?.get("ts")?.as_f64()?;
+            Some(ts - sent_ms?)
         };
-        let detected = detection.map(ms);
-        let after = |needle: &str| match (detected, at("ROLE CHANGE"), at(needle)) {
-            (Some(d), Some(role), Some(t)) if t >= role => Some(d + ms(t - role)),
-            _ => None,
+        let is = |v: &serde_json::Value, key: &str, value: &str| {
+            v.get(key).and_then(|x| x.as_str()) == Some(value)
         };
         Timeline {
-            detected,
-            fenced: after("fenced the old primary"),
-            promoted: after("PROMOTED"),
-            first_reply: failover.map(ms),
+            reaped: o.kill_took.map(ms),
+            detected: at(&|v| is(v, "event", "role_change") && is(v, "role", "backup")),
+            fenced: at(&|v| {
+                is(v, "event", "fence")
+                    && is(v, "target", "the old primary")
+                    && is(v, "result", "fenced")
+            }),
+            promoted: at(&|v| is(v, "event", "role_change") && is(v, "role", "promoted")),
+            // The client's wait counts from the reap.
+            first_reply: match (o.failover, o.kill_took) {
+                (Some(f), Some(k)) => Some(ms(f + k)),
+                _ => None,
+            },
         }
     }
 }
@@ -232,9 +247,14 @@ pub(crate) fn run_trials(
         // Lose the primary during continuous epochs, at a moment that varies from trial
         // to trial.
         let kill_after = Duration::from_millis(1500 + (t as u64 * 137) % 1000);
+        let dir = work.join(format!("trial{m}-{t}"));
+        // Both sides append their events to one file, for the trial's timeline.
+        let events = dir.join("events.jsonl");
+        let mut extra = plan.extra.clone();
+        extra.extend(["--events".to_string(), events.display().to_string()]);
         let cfg = TrialConfig {
             bin: bin.to_path_buf(),
-            dir: work.join(format!("trial{m}-{t}")),
+            dir,
             kill_after,
             run_after_failover: Duration::from_millis(200),
             mem: plan.mem.clone(),
@@ -243,7 +263,7 @@ pub(crate) fn run_trials(
             reprotect: false,
             disk: None,
             loss,
-            extra: plan.extra.clone(),
+            extra,
         };
         let o = harness::trial(ns, &cfg)?;
         let f = |d: Option<Duration>| {
@@ -287,7 +307,7 @@ pub(crate) fn run_trials(
             lost: o.lost.len(),
             broken: o.client_error.is_some() || o.failover.is_none(),
             resent: sent_again,
-            timeline: Timeline::of(o.detection, o.failover, &o.backup_log),
+            timeline: Timeline::of(&o, &std::fs::read_to_string(&events).unwrap_or_default()),
         });
         let _ = std::fs::remove_dir_all(&cfg.dir);
     }
@@ -411,31 +431,41 @@ mod tests {
     use super::*;
 
     #[test]
-    fn timeline_from_the_backup_log() {
-        let log = "\
-[backup    3.019s WARN] ROLE CHANGE: primary lost (peer closed the connection); the backup holds committed epoch 926
-[backup    3.051s info] fenced the old primary 'demo-primary' (attempt 1)
-[backup    3.065s info] PROMOTED: guest running from committed epoch 926, 44 ms after the primary was declared lost
-";
-        let t = Timeline::of(
-            Some(Duration::from_micros(1500)),
-            Some(Duration::from_millis(192)),
-            log,
-        );
+    fn timeline_from_the_events() {
+        // Both sides' lines in one file: the primary's (pid 10) first, as in a trial.
+        let events = r#"{"ts":1000,"pid":10,"event":"protection","state":"syncing","why":"initial sync started"}
+{"ts":1100,"pid":11,"event":"protection","state":"protected","why":"the first epoch committed"}
+{"ts":5001,"pid":11,"event":"role_change","role":"backup","protection":"unprotected","guest":"paused","why":"primary lost"}
+{"ts":5002,"pid":11,"event":"fence","target":"the old primary","node":"demo-primary","attempt":1,"result":"started","detail":"x"}
+{"ts":5033,"pid":11,"event":"fence","target":"the old primary","node":"demo-primary","attempt":1,"result":"fenced","detail":""}
+{"ts":5047,"pid":11,"event":"role_change","role":"promoted","protection":"unprotected","guest":"running","why":"promoted"}
+a line cut short by a SIGKILL {"ts
+"#;
+        let mut o = harness::TrialOutcome {
+            kill_sent_at: Some(SystemTime::UNIX_EPOCH + Duration::from_micros(5_000_500)),
+            kill_took: Some(Duration::from_millis(8)),
+            failover: Some(Duration::from_millis(192)),
+            ..Default::default()
+        };
+        let t = Timeline::of(&o, events);
         let near = |v: Option<f64>, want: f64| (v.unwrap() - want).abs() < 1e-6;
-        assert!(near(t.detected, 1.5));
-        assert!(near(t.fenced, 33.5));
-        assert!(near(t.promoted, 47.5));
-        assert!(near(t.first_reply, 192.0));
-        // No promotion in the log, no detection measured: those moments are unknown.
-        let t = Timeline::of(
-            Some(Duration::from_millis(2)),
-            None,
-            &log[..log.find("[backup    3.065s").unwrap()],
-        );
+        assert!(near(t.reaped, 8.0));
+        assert!(near(t.detected, 0.5));
+        assert!(near(t.fenced, 32.5));
+        assert!(near(t.promoted, 46.5));
+        assert!(near(t.first_reply, 200.0));
+        // No promotion, no events, no kill time: those moments are unknown.
+        let cut = &events[..events.find(r#"{"ts":5047"#).unwrap()];
+        o.failover = None;
+        let t = Timeline::of(&o, cut);
         assert_eq!((t.promoted, t.first_reply), (None, None));
         assert!(t.fenced.is_some());
-        let t = Timeline::of(None, None, log);
-        assert_eq!(t, Timeline::default());
+        let none = Timeline {
+            reaped: Some(8.0),
+            ..Timeline::default()
+        };
+        assert_eq!(Timeline::of(&o, ""), none);
+        o.kill_sent_at = None;
+        assert_eq!(Timeline::of(&o, events), none);
     }
 }

@@ -679,7 +679,7 @@ fn failover_runs(
         &ns,
         Loss::Kill,
         0,
-        "bench report: [failover]",
+        "bench report: failover",
     )
     .inspect_err(|e| eprintln!("bench report: [failover] failed: {}", first_line(e)))?;
     let (broken, lost) = t.broken_and_lost();
@@ -687,13 +687,15 @@ fn failover_runs(
 }
 
 /// The timeline's stretches of a trial: each ends at a moment that trial has, and starts
-/// at the last moment before it that the trial has.
+/// at the last moment before it that the trial has (a moment measured before it, within
+/// the events' ms resolution, counts as that one).
 fn stretches(t: &Timeline) -> Vec<plot::Stretch> {
     let moments = [t.detected, t.fenced, t.promoted, t.first_reply];
     let mut from = 0.0;
     let mut out = Vec::new();
     for (kind, m) in moments.iter().enumerate() {
         if let Some(to) = *m {
+            let to = to.max(from);
             out.push(plot::Stretch { from, to, kind });
             from = to;
         }
@@ -717,16 +719,18 @@ fn failover_section(plan: &Plan, r: &Result<(Vec<Timeline>, usize, usize), Strin
              link, 25 ms epochs) in a network namespace, one client writing over one TCP \
              connection, the primary SIGKILLed during continuous epochs; the backup fences it \
              (scripts/fence-pidfile) and promotes on the same tap. Per trial: the kill, the \
-             backup's ROLE CHANGE (detected), its fence agent done (fenced), its PROMOTED line \
-             (the guest runs), and the client's first reply from the promoted guest.",
+             backup's role change to unprotected (detected), its fence agent done (fenced), \
+             its promotion (the guest runs), and the client's first reply from the promoted \
+             guest.",
             plan.trials
         ),
-        note: "The backup's moments come from its log clock (ms resolution), placed against \
-               the kill by the detection, which is measured against the backup's start. A \
-               SIGKILLed process's kernel closes its connections, so detection is immediate; \
-               the client's wait beyond the promotion is its own TCP retransmission of the \
-               request the dead primary took but the backup never committed (200 ms at least \
-               on Linux)."
+        note: "Times count from the moment the bench sent the SIGKILL. The backup's moments \
+               are the times of its --events lines (whole ms, so up to a ms early). The \
+               primary's kernel closes its connections as the process dies, before it can be \
+               reaped (primary reaped: when the bench saw it gone, where bench failover's \
+               kill → first reply counts from), so detection is immediate. The client's wait \
+               beyond the promotion is its own TCP retransmission of the request the dead \
+               primary took but the backup never committed (200 ms at least on Linux)."
             .into(),
         ..Section::default()
     };
@@ -748,11 +752,19 @@ fn failover_section(plan: &Plan, r: &Result<(Vec<Timeline>, usize, usize), Strin
     let cell = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.1}"));
     let mut per = Table::new(
         "Per trial, ms after the kill",
-        &["trial", "detected", "fenced", "promoted", "first reply"],
+        &[
+            "trial",
+            "primary reaped",
+            "detected",
+            "fenced",
+            "promoted",
+            "first reply",
+        ],
     );
     for (i, t) in timelines.iter().enumerate() {
         per.row(vec![
             (i + 1).to_string(),
+            cell(t.reaped),
             cell(t.detected),
             cell(t.fenced),
             cell(t.promoted),
@@ -774,6 +786,10 @@ fn failover_section(plan: &Plan, r: &Result<(Vec<Timeline>, usize, usize), Strin
     for (name, samples) in [
         ("kill → first reply", durations(&|t| t.first_reply)),
         ("kill → detected", durations(&|t| t.detected)),
+        (
+            "kill → promoted (the guest runs)",
+            durations(&|t| t.promoted),
+        ),
         (
             "detected → promoted",
             durations(&|t| Some(t.promoted? - t.detected?)),
@@ -943,6 +959,7 @@ mod tests {
     fn timelines() -> Vec<Timeline> {
         (0..10)
             .map(|i| Timeline {
+                reaped: Some(8.0),
                 detected: Some(0.5 + i as f64 * 0.1),
                 fenced: Some(20.0 + i as f64),
                 promoted: if i == 3 { None } else { Some(40.0 + i as f64) },
@@ -1055,6 +1072,7 @@ mod tests {
     #[test]
     fn failover_stretches_skip_missing_moments() {
         let t = Timeline {
+            reaped: Some(8.0),
             detected: Some(1.0),
             fenced: None,
             promoted: Some(40.0),
@@ -1086,7 +1104,8 @@ mod tests {
         assert_eq!(sum.rows[0][0], "kill → first reply");
         assert_eq!(sum.rows[0][1], "10");
         // Trial 4 has no promotion: 9 samples of detected → promoted.
-        assert_eq!(sum.rows[2][1], "9");
+        assert_eq!(sum.rows[3][0], "detected → promoted");
+        assert_eq!(sum.rows[3][1], "9");
         assert_eq!(s.tables[1].rows.len(), 10);
     }
 
