@@ -25,6 +25,7 @@ use engine::replication::failover::DEFAULT_FENCE_DELAY;
 use engine::replication::fence::{parse_fence_arg, FenceAgent, FenceConfig};
 use engine::replication::node::{Node, NodeError, Start};
 use engine::replication::primary::{self, OnBackupLoss, PrimaryError, PrimaryOptions};
+use engine::replication::stats;
 use engine::replication::status::{self, GuestState, Protection, Role};
 use engine::replication::{DEFAULT_HEARTBEAT_TIMEOUT, DEFAULT_NAME};
 use engine::size::{parse_size, SizeError};
@@ -347,6 +348,11 @@ struct ReplicationArgs {
     /// stop the guest; continue: release at once without fencing (unsafe)
     #[arg(long, value_name = "fence|pause|continue")]
     on_backup_loss: Option<String>,
+    /// when the primary role ends, write its figures to FILE as JSON: pause, commit,
+    /// pages, bytes and the pause's parts as histograms, and counters (README, "Metrics");
+    /// FILE's directory must exist and be writable
+    #[arg(long, value_name = "FILE")]
+    stats_json: Option<PathBuf>,
     /// this node's certificate (PEM), issued by the pair's CA for the pair's --name
     /// (`lockstep certs` makes them)
     #[arg(long, value_name = "FILE")]
@@ -1090,6 +1096,10 @@ fn replication(
         None => defaults.epoch_precopy_pct,
         Some(p) => in_range("epoch-precopy-pct", p, 0..=95)?,
     };
+    if let Some(path) = &r.stats_json {
+        stats::check_json_path(path)
+            .map_err(|e| usage(format!("--stats-json {}: {e}", path.display())))?;
+    }
     let (fence, agent) = fencing(f, name, delay_given, backup)?;
     Ok((
         fence,
@@ -1104,6 +1114,7 @@ fn replication(
             min_interval,
             max_epoch_pages,
             epoch_precopy_pct,
+            stats_json: r.stats_json.clone(),
             ..defaults
         },
     ))

@@ -171,6 +171,15 @@ fn bad_replication_options_on_every_role() {
                 "--heartbeat-timeout-ms 0",
             ),
             (&["--min-interval-ms", "x"][..], "--min-interval-ms"),
+            (
+                &["--stats-json", "/nonexistent-dir/x.json"][..],
+                "--stats-json /nonexistent-dir/x.json: cannot write in directory \
+                 /nonexistent-dir: No such file",
+            ),
+            (
+                &["--stats-json", "/"][..],
+                "--stats-json /: not a file name",
+            ),
         ] {
             let args: Vec<&str> = command.iter().chain(bad).copied().collect();
             let run = lockstep(&args);
@@ -350,6 +359,7 @@ fn every_subcommand_answers_help_with_its_options() {
                 "--peer-node",
                 "--guest",
                 "--api-sock",
+                "--stats-json",
             ][..],
         ),
         (

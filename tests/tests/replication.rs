@@ -249,6 +249,7 @@ fn assert_failed_with<'a>(run: &'a Run, needles: &[&str]) -> &'a str {
 fn replicated_dirty(vcpus: &str) {
     let dir = TempDir::new(&format!("repl-dirty-{vcpus}"));
     let console = dir.arg("primary-console.txt");
+    let stats = dir.arg("primary-stats.json");
     let pair = replicate(
         &["--console", "none"],
         &[
@@ -264,11 +265,14 @@ fn replicated_dirty(vcpus: &str) {
             "workload=dirty pages_per_ms=20 wss=16M seconds=2",
             "--console",
             &console,
+            "--stats-json",
+            &stats,
         ],
     );
     // How many epochs fit in the guest's 2 s depends on the load (the guest also runs
     // during the initial sync); the count is the benchmark's business, not the test's.
     assert_same_final(&pair);
+    assert_stats_json(stats.as_ref(), &pair.primary);
     let out = read_console(console.as_ref());
     assert!(
         out.lines().filter(|l| l.starts_with("dirty: ms=")).count() >= 2
@@ -281,6 +285,47 @@ fn replicated_dirty(vcpus: &str) {
         "the backup's stdout is its final line only: {:?}",
         pair.backup
     );
+}
+
+/// The figures `--stats-json` wrote at the primary's end: they parse, as many pauses as
+/// epochs (those of the last summary line), each histogram's buckets in order and summing
+/// to its count.
+fn assert_stats_json(path: &std::path::Path, primary: &Run) {
+    let text = std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("no --stats-json file {}: {e}: {primary:?}", path.display()));
+    let j: serde_json::Value =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+    assert_eq!(j["version"], 1, "{text}");
+    let epochs = j["epochs"].as_u64().expect("epochs");
+    assert!(epochs > 0, "{text}");
+    assert_eq!(epochs, summary(primary).0, "the log's epochs=: {text}");
+    let histograms = j["histograms"].as_object().expect("histograms");
+    assert_eq!(histograms.len(), 11, "{text}");
+    for (name, h) in histograms {
+        let count = h["count"].as_u64().expect("count");
+        let mut from = 0;
+        let mut in_buckets = 0;
+        for b in h["buckets"].as_array().expect("buckets") {
+            let [low, high, n] = [0, 1, 2].map(|i| b[i].as_u64().expect("a number"));
+            assert!(from <= low && low < high && n > 0, "{name}: {b}");
+            from = high;
+            in_buckets += n;
+        }
+        assert_eq!(
+            in_buckets, count,
+            "{name}: the buckets sum to the count: {text}"
+        );
+    }
+    assert_eq!(j["histograms"]["pause_us"]["count"], epochs, "{text}");
+    for counter in [
+        "output_bytes",
+        "early",
+        "throttled",
+        "throttle_us",
+        "capped",
+    ] {
+        assert!(j["counters"][counter].is_u64(), "{counter}: {text}");
+    }
 }
 
 #[test]

@@ -66,7 +66,10 @@ fn primary_role(args: &[&str]) -> Result<PrimaryOptions, String> {
 
 #[test]
 fn every_role_that_may_run_the_guest_takes_the_replication_options() {
+    let stats = std::env::temp_dir().join("lockstep-cli-stats.json");
     let options = [
+        "--stats-json",
+        stats.to_str().expect("UTF-8 path"),
         "--interval-ms",
         "10",
         "--min-interval-ms",
@@ -102,6 +105,11 @@ fn every_role_that_may_run_the_guest_takes_the_replication_options() {
         assert_eq!(o.connect_timeout, Duration::from_secs(3), "{command:?}");
         assert_eq!(o.backup_timeout, Duration::from_millis(700), "{command:?}");
         assert_eq!(o.name, "pair", "{command:?}");
+        assert_eq!(
+            o.stats_json.as_deref(),
+            Some(stats.as_path()),
+            "{command:?}"
+        );
         // Without them, the defaults of `lockstep primary`.
         let d = primary_role(command).unwrap_or_else(|e| panic!("{command:?}: {e}"));
         let new = PrimaryOptions::new(String::new(), "pair".into());

@@ -34,6 +34,7 @@
 //! own whenever the link has been idle for a while, and the backup from its receive loop.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::thread::JoinHandle;
@@ -227,6 +228,9 @@ pub struct PrimaryOptions {
     /// in the pause). Pre-copy inside the epoch, as live migration's rounds do before
     /// its stop-and-copy.
     pub epoch_precopy_pct: u32,
+    /// Where the role's figures go as JSON when it ends (`--stats-json`; see
+    /// [`PrimaryStats::to_json`]); `None`: only to the log.
+    pub stats_json: Option<PathBuf>,
 }
 
 impl PrimaryOptions {
@@ -248,6 +252,7 @@ impl PrimaryOptions {
             max_epoch_pages: DEFAULT_MAX_EPOCH_PAGES,
             link: None,
             epoch_precopy_pct: DEFAULT_EPOCH_PRECOPY_PCT,
+            stats_json: None,
         }
     }
 }
@@ -612,6 +617,17 @@ pub fn protect(machine: &mut Machine, opts: PrimaryOptions) -> Result<ProtectEnd
         }
         Err(e) => Err(e),
     };
+    // The role's figures, however it ended: a primary that goes on unprotected or hands
+    // the guest over starts afresh if it protects again.
+    if let Some(path) = &p.opts.stats_json {
+        match p.stats.write_json(path) {
+            Ok(()) => info!("the figures of this protection are in {}", path.display()),
+            Err(e) => warn!(
+                "--stats-json {}: cannot write the figures: {e}",
+                path.display()
+            ),
+        }
+    }
     // No epoch takes the disks' writes any more: a guest that runs on unprotected must not
     // pile them up (a later protect starts its own disk sync).
     for d in p.machine.disks() {
