@@ -91,7 +91,7 @@ th:first-child,td:first-child{text-align:left}th{background:#f3f3f3}\
 svg.plot{max-width:100%;height:auto;display:block;margin:1em 0}\
 code{background:#f3f3f3;padding:.1em .3em;border-radius:3px}\
 .note{color:#444;font-size:.92em}.error{color:#a00;font-weight:600}\
-nav a{margin-right:1em}";
+nav a{margin-right:1em}.machine td{text-align:left}";
 
 /// The page as HTML.
 pub fn render(page: &Page) -> String {
@@ -154,12 +154,13 @@ pub fn render(page: &Page) -> String {
         h.push_str("</section>\n");
     }
     h.push_str("<section id=\"machine\">\n<h2>Machine and command</h2>\n");
-    let mut m = Table::new("", &["", ""]);
-    m.header.clear();
+    h.push_str("<div class=\"machine\">");
+    let mut m = Table::new("", &[]);
     for (k, v) in &page.machine {
         m.row(vec![k.clone(), v.clone()]);
     }
     table(&mut h, &m);
+    h.push_str("</div>");
     let _ = writeln!(
         h,
         "<p>Command:</p>\n<pre><code>{}</code></pre>\n</section>\n</body>\n</html>",
@@ -243,7 +244,7 @@ mod tests {
         assert!(h.contains("figures &lt;1&gt;"));
         assert!(h.contains("why &amp; how"));
         assert!(h.contains("No plot: the run failed"));
-        assert!(h.contains("<td>nproc</td><td>2</td>"));
+        assert!(h.contains("<div class=\"machine\"><table><tbody><tr><td>nproc</td><td>2</td>"));
         assert_eq!(h.matches("<svg").count(), 1);
         assert!(!h.contains("http") && !h.contains("<script") && !h.contains("src="));
         let full = render(&Page {

@@ -128,6 +128,25 @@ fn log_range(values: impl Iterator<Item = f64>) -> (f64, f64) {
     }
 }
 
+/// Ticks of a log axis over `[lo, hi]`: the labelled ones (1-2-5 of each decade, or only
+/// the decades when there are many, or 1..9 when there are few) and the unlabelled grid.
+pub fn log_ticks(lo: f64, hi: f64) -> (Vec<f64>, Vec<f64>) {
+    let ticks = |mults: &[f64]| -> Vec<f64> {
+        let (d0, d1) = (lo.log10().floor() as i32, hi.log10().ceil() as i32);
+        (d0..=d1)
+            .flat_map(|d| mults.iter().map(move |m| m * 10f64.powi(d)))
+            .filter(|v| *v >= lo * (1.0 - 1e-9) && *v <= hi * (1.0 + 1e-9))
+            .collect()
+    };
+    let all = ticks(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0]);
+    let bold = match ticks(&[1.0, 2.0, 5.0]) {
+        t if t.len() > 12 => ticks(&[1.0]),
+        t if t.len() < 4 => all.clone(),
+        t => t,
+    };
+    (bold, all)
+}
+
 fn linear_range(values: impl Iterator<Item = f64>) -> (f64, f64) {
     let hi = values.filter(|v| v.is_finite()).fold(0.0f64, f64::max);
     (0.0, if hi > 0.0 { hi * 1.08 } else { 1.0 })
@@ -165,8 +184,15 @@ pub fn cdf(title: &str, x_label: &str, series: &[Series], log_x: bool) -> Result
         let y_desc = "fraction of samples at or below";
         if log_x {
             let (lo, hi) = log_range(xs());
+            let (bold, light) = log_ticks(lo, hi);
             let mut chart = builder
-                .build_cartesian_2d((lo..hi).log_scale(), 0.0..1.0)
+                .build_cartesian_2d(
+                    (lo..hi)
+                        .log_scale()
+                        .with_key_points(bold)
+                        .with_light_points(light),
+                    0.0..1.0,
+                )
                 .map_err(err)?;
             chart
                 .configure_mesh()
@@ -282,14 +308,26 @@ pub fn lines(
                 legend(&mut chart, SeriesLabelPosition::UpperLeft)
             }};
         }
+        // Headroom above the lines for the legend, a line a series.
+        let room = 1.0 + 0.1 * series.len() as f64;
         if log_y {
             let (y0, y1) = log_range(ys());
+            let y1 = y1 * (y1 / y0).powf(room - 1.0);
+            let (bold, light) = log_ticks(y0, y1);
             draw!(builder
-                .build_cartesian_2d(x0..x1, (y0..y1).log_scale())
+                .build_cartesian_2d(
+                    x0..x1,
+                    (y0..y1)
+                        .log_scale()
+                        .with_key_points(bold)
+                        .with_light_points(light)
+                )
                 .map_err(err)?)
         } else {
             let (y0, y1) = linear_range(ys());
-            draw!(builder.build_cartesian_2d(x0..x1, y0..y1).map_err(err)?)
+            draw!(builder
+                .build_cartesian_2d(x0..x1, y0..y1 * room)
+                .map_err(err)?)
         }
     })
 }
@@ -436,6 +474,33 @@ pub(crate) mod tests {
         let steps = sample_steps(&[3.0, 1.0, 2.0, 2.0]);
         assert_eq!(steps, vec![(1.0, 0.25), (2.0, 0.75), (3.0, 1.0)]);
         assert!(sample_steps(&[]).is_empty());
+    }
+
+    #[test]
+    fn log_axis_ticks() {
+        let near = |a: &[f64], b: &[f64]| {
+            a.len() == b.len() && a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-9 * y.abs())
+        };
+        // Less than a decade and a half: 1..9 of each decade.
+        let (bold, light) = log_ticks(0.11, 1.9);
+        assert!(
+            near(&bold, &[0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]),
+            "{bold:?}"
+        );
+        assert_eq!(bold, light);
+        // A few decades: 1-2-5.
+        let (bold, light) = log_ticks(0.05, 30.0);
+        assert!(
+            near(&bold, &[0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0]),
+            "{bold:?}"
+        );
+        assert_eq!(light.len(), 5 + 9 + 9 + 3);
+        // Many: the decades alone.
+        let (bold, _) = log_ticks(1.0, 1e6);
+        assert!(
+            near(&bold, &[1.0, 10.0, 100.0, 1e3, 1e4, 1e5, 1e6]),
+            "{bold:?}"
+        );
     }
 
     #[test]
