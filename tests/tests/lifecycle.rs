@@ -1048,3 +1048,144 @@ fn a_run_that_lets_output_go_on_a_backup_loss_may_be_protected_without_a_fence_a
     );
     run.terminate(Duration::from_secs(5));
 }
+
+/// `lockstep backup` without `--net` in the namespace, its files under `<dir>/<name>.*`;
+/// returns once it listens.
+fn backup_without_net(ns: &Netns, dir: &TempDir, name: &str, listen: &str, extra: &[&str]) -> Proc {
+    let pid = dir.arg(&format!("{name}.pid"));
+    let mut args = vec![
+        "backup",
+        "--listen",
+        listen,
+        "--console",
+        "none",
+        "--pid-file",
+        &pid,
+    ];
+    let tls = tls_args(dir.path(), "node2");
+    args.extend(tls.iter().map(String::as_str));
+    args.extend_from_slice(extra);
+    let b = Proc::spawn(
+        ns.command(lockstep_bin(), &args),
+        dir.join(&format!("{name}.out")),
+        dir.join(&format!("{name}.err")),
+    )
+    .expect("start the backup");
+    wait_log(
+        &dir.join(&format!("{name}.err")),
+        "listening on",
+        Duration::from_secs(10),
+    );
+    b
+}
+
+/// A backup that could not run the guest says so when epoch 1 commits, and when its
+/// primary dies it neither fences it nor promotes: fencing would leave the guest running
+/// nowhere; it exits with one line saying why. Here the backup has `--net` (as its fence
+/// agent requires) and the guest no network device. With `--run-after-end` and a guest it
+/// could not run (a network device, no `--net`) it could not do what it was asked at all:
+/// it leaves replication at epoch 1 and the primary goes on unprotected without fencing
+/// it. Before, the first fenced the primary and then failed to start the guest, and the
+/// second replicated to the end and failed there.
+#[test]
+fn a_backup_that_cannot_run_the_guest_never_fences_for_it() {
+    if !kvm_required() {
+        return;
+    }
+    let _one = one_at_a_time();
+    let _dog = Watchdog::start(
+        "a backup that cannot run the guest",
+        Duration::from_secs(120),
+    );
+    let dir = TempDir::new("lsnonet");
+    let ns = Netns::create("lsnonet").expect("network namespace");
+
+    // 1. A fence agent and --net, a guest without a network device: warns, never fences.
+    let fence = fence_args(&dir, "primary");
+    let fence: Vec<&str> = fence.iter().map(String::as_str).collect();
+    let mut b = backup_cmd_named(&ns, &dir, "backup", "127.0.0.1:7610", &fence);
+    let pid = dir.arg("primary.pid");
+    let mut args = vec![
+        "primary",
+        "--peer",
+        "127.0.0.1:7610",
+        "--guest",
+        "builtin",
+        "--guest-args",
+        "workload=dirty pages_per_ms=5 wss=8M seconds=600",
+        "--console",
+        "none",
+        "--pid-file",
+        &pid,
+    ];
+    let tls = tls_args(dir.path(), "node1");
+    args.extend(tls.iter().map(String::as_str));
+    let mut a = Proc::spawn(
+        ns.command(lockstep_bin(), &args),
+        dir.join("primary.out"),
+        dir.join("primary.err"),
+    )
+    .expect("start the primary");
+    wait_log(
+        &dir.join("backup.err"),
+        "epoch 1 committed",
+        Duration::from_secs(30),
+    );
+    let log = b.log();
+    assert!(
+        log.contains("CANNOT TAKE OVER") && log.contains("no network device"),
+        "{log}"
+    );
+    a.kill9();
+    let status = b.wait_for(Duration::from_secs(15)).unwrap_or_else(|| {
+        panic!(
+            "the backup did not end after its primary died:\n{}",
+            b.log()
+        )
+    });
+    let log = b.log();
+    assert!(!status.success(), "{log}");
+    let errors: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("lockstep: error:"))
+        .collect();
+    assert_eq!(errors.len(), 1, "{log}");
+    assert!(
+        errors[0].contains("cannot take over") && errors[0].contains("NOT fenced"),
+        "{log}"
+    );
+    for bad in ["fenced the old primary", "PROMOTED", "panicked"] {
+        assert!(!log.contains(bad), "'{bad}' in the backup's log:\n{log}");
+    }
+
+    // 2. --run-after-end without --net, the kv guest on a tap: leaves at epoch 1; the
+    // primary goes on.
+    let mut b = backup_without_net(&ns, &dir, "b2", "127.0.0.1:7611", &["--run-after-end"]);
+    std::fs::remove_file(dir.join("primary.err")).expect("the first primary's log");
+    let mut a = primary_cmd(&ns, &dir, "127.0.0.1:7611", &[]);
+    let status = b
+        .wait_for(Duration::from_secs(30))
+        .unwrap_or_else(|| panic!("the backup did not leave:\n{}", b.log()));
+    let log = b.log();
+    assert!(!status.success(), "{log}");
+    assert!(
+        log.contains("could not run the guest after the end (--run-after-end)")
+            && log.contains("no --net"),
+        "{log}"
+    );
+    wait_log(
+        &dir.join("primary.err"),
+        "continues UNPROTECTED",
+        Duration::from_secs(10),
+    );
+    let plog = a.log();
+    assert!(
+        plog.contains("left") && !plog.contains("fenced the backup"),
+        "{plog}"
+    );
+    let load = Load::start(&ns);
+    load.wait_for_replies(20, Duration::from_secs(15));
+    let (_, lost, _) = load.finish();
+    assert!(lost.is_empty());
+    assert!(a.try_wait().is_none(), "the primary ended:\n{plog}");
+}

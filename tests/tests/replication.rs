@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use harness::{wait_for_line, Proc};
 use tests::ctl::free_port;
 use tests::{kvm_required, lockstep, lockstep_bin, read_console, Run, TempDir, COMMAND_TIMEOUT};
 
@@ -949,6 +950,200 @@ fn a_slow_backup_that_answers_is_waited_for() {
     assert!(
         pair.primary.stderr.contains("the backup fell behind") && held_max_us > 0,
         "the primary should have held the guest while acks were withheld: {:?}",
+        pair.primary
+    );
+}
+
+/// A backup stopped (SIGSTOP) in the middle of the initial sync of a running guest takes no
+/// more data. The primary's send gives up after the heartbeat timeout: the backup is lost
+/// before epoch 1 (it holds nothing it could promote, so nothing is fenced), the guest runs
+/// on unprotected, and `ctl stop` ends the process at once. Before, the sync's send waited
+/// on the stopped backup for ever, and a stop request with it.
+#[test]
+fn a_backup_stopped_during_the_initial_sync_is_given_up_on_in_time() {
+    if !kvm_required() {
+        return;
+    }
+    let _serial = one_pair_at_a_time();
+    let dir = TempDir::new("repl-sync-stall");
+    let sock = dir.join("run.sock");
+    let sock_arg = sock.to_str().expect("utf-8 path").to_string();
+    let spawn = |name: &str, args: &[&str]| {
+        let mut cmd = Command::new(lockstep_bin());
+        cmd.args(args).env_remove("RUST_BACKTRACE");
+        Proc::spawn(
+            cmd,
+            dir.join(&format!("{name}.out")),
+            dir.join(&format!("{name}.err")),
+        )
+        .unwrap_or_else(|e| panic!("cannot start {name}: {e}"))
+    };
+    // 128 MiB of random pages: their sync takes a few hundred ms on these machines.
+    let mut run = spawn(
+        "run",
+        &[
+            "run",
+            "--insecure",
+            "--mem",
+            "512M",
+            "--guest",
+            "builtin",
+            "--guest-args",
+            "workload=hash rounds=1000000 wss=128M",
+            "--console",
+            "none",
+            "--heartbeat-timeout-ms",
+            "500",
+            "--api-sock",
+            &sock_arg,
+        ],
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut backup = spawn(
+        "backup",
+        &[
+            "backup",
+            "--insecure",
+            "--listen",
+            &listen,
+            "--console",
+            "none",
+            "--heartbeat-timeout-ms",
+            "500",
+        ],
+    );
+    assert!(
+        wait_for_line(
+            &dir.join("backup.err"),
+            "listening on",
+            Duration::from_secs(10),
+            || true
+        ),
+        "the backup did not start: {}",
+        backup.log()
+    );
+    let protect = {
+        let sock_arg = sock_arg.clone();
+        let listen = listen.clone();
+        std::thread::spawn(move || {
+            lockstep(&["ctl", "--api-sock", &sock_arg, "protect", "--peer", &listen])
+        })
+    };
+    assert!(
+        wait_for_line(
+            &dir.join("run.err"),
+            "accepted the guest",
+            Duration::from_secs(20),
+            || true
+        ),
+        "the backup never accepted the guest: {}",
+        run.log()
+    );
+    backup.signal(libc::SIGSTOP);
+    let stopped = Instant::now();
+    assert!(
+        wait_for_line(
+            &dir.join("run.err"),
+            "ROLE CHANGE: backup lost",
+            Duration::from_secs(10),
+            || true
+        ),
+        "the primary did not give up on the stopped backup: {}",
+        run.log()
+    );
+    let noticed = stopped.elapsed();
+    let log = run.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("ROLE CHANGE: backup lost"))
+        .expect("the line waited for");
+    eprintln!(
+        "{line}
+noticed {} ms after the SIGSTOP",
+        noticed.as_millis()
+    );
+    assert!(
+        !log.contains("initial sync done"),
+        "the sync ended before the backup stopped: the test did not stop it mid-sync\n{log}"
+    );
+    assert!(
+        line.contains("before epoch 1") && line.contains("UNPROTECTED"),
+        "{log}"
+    );
+    // The heartbeat timeout and a loaded machine's slack; before, never.
+    assert!(noticed < Duration::from_secs(5), "{log}");
+    let answered = protect.join().expect("the protect request");
+    eprintln!(
+        "ctl protect answered {} ms after the SIGSTOP: {answered:?}",
+        stopped.elapsed().as_millis()
+    );
+    let t = Instant::now();
+    lockstep(&["ctl", "--api-sock", &sock_arg, "stop"]).assert_success();
+    assert!(
+        run.wait_for(Duration::from_secs(10)).is_some(),
+        "the run did not end on ctl stop: {}",
+        run.log()
+    );
+    eprintln!("ended {} ms after ctl stop", t.elapsed().as_millis());
+    backup.signal(libc::SIGCONT);
+    backup.kill9();
+}
+
+/// A backup that goes away during the handshake (here: a listener that takes the
+/// connection and closes it, then a real backup on the same port) is tried again within
+/// `--connect-timeout-s`, as one that is not listening yet. Before, the primary gave up at
+/// once with exit status 1.
+#[test]
+fn a_backup_lost_during_the_handshake_is_tried_again() {
+    if !kvm_required() {
+        return;
+    }
+    let _serial = one_pair_at_a_time();
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let impostor = TcpListener::bind(&listen).expect("bind the port");
+    let primary = Spawned::start(&[
+        "primary",
+        "--insecure",
+        "--peer",
+        &listen,
+        "--connect-timeout-s",
+        "20",
+        "--seconds",
+        "1",
+        "--guest",
+        "builtin",
+        "--guest-args",
+        "workload=dirty pages_per_ms=5 wss=8M seconds=30",
+        "--console",
+        "none",
+    ]);
+    // Take the primary's connection, read its first bytes, and close: a backup that died
+    // in the middle of the handshake.
+    let (mut conn, _) = impostor.accept().expect("the primary connects");
+    let mut first = [0u8; 16];
+    conn.read_exact(&mut first)
+        .expect("the primary's first bytes");
+    drop(conn);
+    drop(impostor);
+    let backup = Spawned::start(&[
+        "backup",
+        "--insecure",
+        "--listen",
+        &listen,
+        "--console",
+        "none",
+    ]);
+    let pair = Pair {
+        primary: primary.wait(),
+        backup: backup.wait(),
+    };
+    assert_same_final(&pair);
+    assert!(
+        pair.primary.stderr.contains("trying again"),
+        "{:?}",
         pair.primary
     );
 }

@@ -51,6 +51,10 @@ pub enum BackupError {
     /// The primary's first message was not `Hello` (its kind).
     #[error("expected the primary's Hello, got {0:?}")]
     NoHello(checkpoint::protocol::MessageKind),
+    /// The primary sent something else than heartbeats while it waited for the disks'
+    /// chunk sums (its kind).
+    #[error("expected only heartbeats from the primary while reading the disk images, got {0:?}")]
+    NotAHeartbeat(checkpoint::protocol::MessageKind),
     /// The primary's guest does not fit this backup (the differences, as sent to the
     /// primary in `Refuse`).
     #[error("refused the primary: {0}")]
@@ -75,6 +79,20 @@ pub enum BackupError {
         why: PrimaryLoss,
         /// The last committed epoch.
         committed: u64,
+    },
+    /// The primary was lost, but this backup cannot run the guest (`cause`): it did not
+    /// fence the primary and does not promote.
+    #[error(
+        "lost the primary ({why}) at committed epoch {committed}, but cannot take over: \
+         {cause}; the primary was NOT fenced"
+    )]
+    CannotTakeOver {
+        /// Why the primary counts as lost.
+        why: PrimaryLoss,
+        /// The last committed epoch.
+        committed: u64,
+        /// Why the guest cannot run here.
+        cause: String,
     },
     /// SIGTERM or SIGINT before the clean end; the last committed epoch.
     #[error("stopped before the primary ended replication; the backup holds committed epoch {0}")]
@@ -524,6 +542,17 @@ fn replicate(
                 }
             }
             Ok(Step::Committed { epoch }) => {
+                if epoch == 1 {
+                    if let Err(reason) = check_runnable(staging, opts) {
+                        staging.abort();
+                        warn!("{reason}: leaving replication");
+                        let _ = conn.send(&Message::Leave {
+                            epoch: 0,
+                            reason: reason.clone(),
+                        });
+                        return Err(BackupError::Refused(reason));
+                    }
+                }
                 // Committed, whether or not the ack goes out now (the withholding hook).
                 status::update(|s| {
                     s.committed_epoch = Some(epoch);
@@ -616,6 +645,10 @@ fn send_disk_sums(
     heartbeat_timeout: Duration,
 ) -> Result<(), BackupError> {
     let every = HEARTBEAT_EVERY.min(heartbeat_timeout / 4);
+    let lost = |e| BackupError::PrimaryLost {
+        why: PrimaryLoss::Link(e),
+        committed: 0,
+    };
     for (d, path) in disks.paths().iter().enumerate() {
         let t = Instant::now();
         let mut last = Instant::now();
@@ -626,7 +659,11 @@ fn send_disk_sums(
             .sums(d, |read| {
                 if last.elapsed() >= every && beat_failed.is_none() {
                     last = Instant::now();
-                    beat_failed = conn.send(&Message::Heartbeat { epoch: 0 }).err();
+                    beat_failed = conn
+                        .send(&Message::Heartbeat { epoch: 0 })
+                        .map_err(lost)
+                        .and_then(|()| drain_heartbeats(conn))
+                        .err();
                 }
                 if last_report.elapsed() >= Duration::from_secs(1) {
                     last_report = Instant::now();
@@ -647,12 +684,8 @@ fn send_disk_sums(
                     path.display()
                 ))
             })?;
-        let lost = |e| BackupError::PrimaryLost {
-            why: PrimaryLoss::Link(e),
-            committed: 0,
-        };
         if let Some(e) = beat_failed {
-            return Err(lost(e));
+            return Err(e);
         }
         info!(
             "disk {d} ({}): {} chunk sums read in {} ms, sent to the primary",
@@ -665,6 +698,26 @@ fn send_disk_sums(
         }
     }
     Ok(())
+}
+
+/// Takes the heartbeats the primary sent while the disk images were read, without
+/// waiting: they are all it sends before the sums, and a backup that stopped reading for
+/// the minutes a large image takes would fill the link's buffers, and the primary's sends
+/// give up after the heartbeat timeout.
+fn drain_heartbeats(conn: &mut Connection) -> Result<(), BackupError> {
+    loop {
+        match conn.recv(Some(Duration::ZERO)) {
+            Ok(Message::Heartbeat { .. }) => {}
+            Ok(other) => return Err(BackupError::NotAHeartbeat(other.kind())),
+            Err(TransportError::Timeout(_)) => return Ok(()),
+            Err(e) => {
+                return Err(BackupError::PrimaryLost {
+                    why: PrimaryLoss::Link(e),
+                    committed: 0,
+                })
+            }
+        }
+    }
 }
 
 /// An operator's failover: the primary is fenced (or the cluster or `--fence none` says
@@ -718,6 +771,12 @@ fn can_take_over(staging: &Staging, epoch: u64, opts: &BackupOptions) -> Result<
         ));
     }
     let state = MachineState::from_blob(staging.committed_state()).map_err(|e| e.to_string())?;
+    devices_fit(&state, opts)
+}
+
+/// Whether this backup can run a guest in `state`: a guest with a network device needs
+/// `--net`, and `--net` needs a guest with one. The error says which is missing.
+pub(crate) fn devices_fit(state: &MachineState, opts: &BackupOptions) -> Result<(), String> {
     match (state.virtio.is_empty(), opts.net.is_some()) {
         (false, false) => Err(
             "the guest has a network device and this backup has no --net tap=NAME to give it"
@@ -726,6 +785,27 @@ fn can_take_over(staging: &Staging, epoch: u64, opts: &BackupOptions) -> Result<
         (true, true) => Err("the guest has no network device and this backup has --net".into()),
         _ => Ok(()),
     }
+}
+
+/// Epoch 1 just committed: whether this backup could ever run the guest. With
+/// `--run-after-end` it could not do what it was asked: it leaves at once (the primary goes
+/// on without fencing it) rather than fail at the end. Otherwise it replicates on and says
+/// that it cannot take over (a failover fails before fencing, see `take_over`).
+fn check_runnable(staging: &Staging, opts: &BackupOptions) -> Result<(), String> {
+    let state = MachineState::from_blob(staging.committed_state()).map_err(|e| e.to_string())?;
+    let Err(why) = devices_fit(&state, opts) else {
+        return Ok(());
+    };
+    if opts.run_after_end {
+        return Err(format!(
+            "this backup could not run the guest after the end (--run-after-end): {why}"
+        ));
+    }
+    warn!(
+        "this backup CANNOT TAKE OVER: {why}; it replicates, but a failover or switchover \
+         to it will fail (without fencing the primary)"
+    );
+    Ok(())
 }
 
 /// Sends to the primary; a failure means the primary is gone, and the error says which

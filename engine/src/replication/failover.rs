@@ -115,6 +115,14 @@ pub fn take_over(
                     committed: committed.epoch,
                 });
             };
+            // A guest this backup cannot run is not worth fencing its primary for.
+            if let Err(e) = super::backup::devices_fit(&committed.state, opts) {
+                return Err(BackupError::CannotTakeOver {
+                    why,
+                    committed: committed.epoch,
+                    cause: e,
+                });
+            }
             if *fence == FenceConfig::Cluster && !matches!(why, PrimaryLoss::Operator) {
                 wait_for_the_cluster(committed.epoch)?;
             }

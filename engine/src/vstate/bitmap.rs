@@ -60,10 +60,9 @@ impl DirtyBitmap {
             let lo = if w == first / 64 { first % 64 } else { 0 };
             let hi = if w == last / 64 { last % 64 } else { 63 };
             let mask = (u64::MAX >> (63 - hi)) & (u64::MAX << lo);
-            let word = &self.words[w];
-            if word.load(Ordering::Relaxed) & mask != mask {
-                word.fetch_or(mask, Ordering::SeqCst);
-            }
+            // Always the locked OR: skipping it when the bits looked set would race with a
+            // `take` resetting the word between that look and this write's mark.
+            self.words[w].fetch_or(mask, Ordering::SeqCst);
             let (s, bit) = (&self.summary[w / 64], 1u64 << (w % 64));
             if s.load(Ordering::SeqCst) & bit == 0 {
                 s.fetch_or(bit, Ordering::SeqCst);

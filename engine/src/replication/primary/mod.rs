@@ -424,7 +424,6 @@ pub fn protect(machine: &mut Machine, opts: PrimaryOptions) -> Result<ProtectEnd
         });
     }
     let link = opts.link.as_ref().ok_or(PrimaryError::NoLink)?;
-    let mut conn = connect(link, &opts.peer, opts.connect_timeout)?;
     let mem_size = ram_size(machine.memory());
     let disks: Vec<DiskInfo> = machine
         .disks()
@@ -443,12 +442,7 @@ pub fn protect(machine: &mut Machine, opts: PrimaryOptions) -> Result<ProtectEnd
         guest_id(&opts.name),
     )
     .with_disks(disks);
-    // Under TLS 1.3 the backup's verdict on this side's certificate arrives after the
-    // client's handshake completed: with the answer to the hello.
-    primary_handshake(&mut conn, &hello, HANDSHAKE_TIMEOUT).map_err(|e| match e {
-        HandshakeError::Transport(t @ TransportError::Tls { .. }) => PrimaryError::Link(t),
-        other => other.into(),
-    })?;
+    let conn = connect_and_greet(link, &opts.peer, opts.connect_timeout, &hello)?;
     match link {
         LinkSecurity::Tls(_) => info!(
             "the link to the backup at {} is mutual TLS 1.3 (the pair's certificates)",
@@ -479,7 +473,11 @@ pub fn protect(machine: &mut Machine, opts: PrimaryOptions) -> Result<ProtectEnd
         hello.vcpu_count
     );
     let local_addr = conn.local_addr();
-    let (tx, rx) = conn.split();
+    let (mut tx, rx) = conn.split();
+    // A send that the backup takes nothing of for the heartbeat timeout fails: the backup
+    // is then as silent as the ack reader would find it, and no thread (the initial sync,
+    // the epoch sender, the heartbeats, which hold the link meanwhile) waits on it forever.
+    tx.set_timeout(Some(opts.backup_timeout));
     let inflight = Arc::new(SharedInFlight::new(InFlight::new(
         opts.window,
         MAX_INFLIGHT_BYTES,
@@ -634,6 +632,36 @@ pub fn protect(machine: &mut Machine, opts: PrimaryOptions) -> Result<ProtectEnd
         d.record_writes(false);
     }
     end
+}
+
+/// Connects to the backup and runs the handshake. A backup that closes the connection or
+/// goes silent during the handshake (it was stopped or restarted meanwhile) is tried
+/// again until `timeout` has passed since the first try, as one that is not listening
+/// yet; a refusal (its answer, or TLS) is final.
+fn connect_and_greet(
+    link: &LinkSecurity,
+    peer: &str,
+    timeout: Duration,
+    hello: &Hello,
+) -> Result<Connection, PrimaryError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let mut conn = connect(link, peer, left.max(Duration::from_millis(100)))?;
+        // Under TLS 1.3 the backup's verdict on this side's certificate arrives after the
+        // client's handshake completed: with the answer to the hello.
+        match primary_handshake(&mut conn, hello, HANDSHAKE_TIMEOUT) {
+            Ok(()) => return Ok(conn),
+            Err(HandshakeError::Transport(t @ TransportError::Tls { .. })) => {
+                return Err(PrimaryError::Link(t))
+            }
+            Err(HandshakeError::Transport(t)) if Instant::now() < deadline && !stop_requested() => {
+                warn!("the handshake with the backup at {peer} failed ({t}); trying again");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 fn connect(link: &LinkSecurity, peer: &str, timeout: Duration) -> Result<Connection, PrimaryError> {
