@@ -1,10 +1,12 @@
-//! Options of a subcommand: `--name value` or `--name=value`, each name from a known list.
+//! Options of a subcommand: `--name value` or `--name=value`, each name from a known list,
+//! and flags (`--name`, no value) from another.
 
 use crate::BenchError;
 
 pub struct Args {
     subcommand: &'static str,
     pairs: Vec<(String, String)>,
+    flags: Vec<String>,
 }
 
 impl Args {
@@ -14,7 +16,19 @@ impl Args {
         args: &[String],
         valued: &[&str],
     ) -> Result<Args, BenchError> {
+        Args::parse_with_flags(subcommand, args, valued, &[])
+    }
+
+    /// Parses `args` for `subcommand`, which accepts the options named in `valued` and the
+    /// flags named in `flags`.
+    pub fn parse_with_flags(
+        subcommand: &'static str,
+        args: &[String],
+        valued: &[&str],
+        flags: &[&str],
+    ) -> Result<Args, BenchError> {
         let mut pairs: Vec<(String, String)> = Vec::new();
+        let mut set: Vec<String> = Vec::new();
         let mut it = args.iter();
         while let Some(a) = it.next() {
             let Some(name) = a.strip_prefix("--") else {
@@ -26,10 +40,22 @@ impl Args {
                 Some((n, v)) => (n, Some(v.to_string())),
                 None => (name, None),
             };
+            if flags.contains(&name) {
+                if value.is_some() {
+                    return Err(BenchError::Usage(format!("option --{name} takes no value")));
+                }
+                if set.iter().any(|n| n == name) {
+                    return Err(BenchError::Usage(format!("option --{name} given twice")));
+                }
+                set.push(name.to_string());
+                continue;
+            }
             if !valued.contains(&name) {
+                let mut all = valued.to_vec();
+                all.extend_from_slice(flags);
                 return Err(BenchError::Usage(format!(
                     "unknown option --{name} for 'bench {subcommand}' (it takes {})",
-                    list(valued)
+                    list(&all)
                 )));
             }
             let value = match value {
@@ -44,7 +70,16 @@ impl Args {
             }
             pairs.push((name.to_string(), value));
         }
-        Ok(Args { subcommand, pairs })
+        Ok(Args {
+            subcommand,
+            pairs,
+            flags: set,
+        })
+    }
+
+    /// Whether the flag `--name` was given.
+    pub fn flag(&self, name: &str) -> bool {
+        self.flags.iter().any(|n| n == name)
     }
 
     pub fn get(&self, name: &str) -> Option<&str> {
@@ -130,5 +165,25 @@ mod tests {
         ));
         let a = Args::parse("pause", &strings(&["--samples", "x"]), v).unwrap();
         assert!(a.number("samples", 500usize, 1).is_err());
+    }
+
+    #[test]
+    fn flags_take_no_value() {
+        let parse =
+            |v: &[&str]| Args::parse_with_flags("report", &strings(v), &["out"], &["quick"]);
+        let a = parse(&["--quick", "--out", "d"]).unwrap();
+        assert!(a.flag("quick"));
+        assert_eq!(a.get("out"), Some("d"));
+        let a = parse(&["--out=d"]).unwrap();
+        assert!(!a.flag("quick"));
+        let usage = |r: Result<Args, BenchError>| match r {
+            Err(BenchError::Usage(m)) => m,
+            Err(e) => panic!("not a usage error: {e}"),
+            Ok(_) => panic!("accepted"),
+        };
+        assert!(usage(parse(&["--quick=yes"])).contains("takes no value"));
+        assert!(usage(parse(&["--quick", "--quick"])).contains("twice"));
+        let m = usage(parse(&["--slow"]));
+        assert!(m.contains("--out, --quick"), "{m}");
     }
 }

@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 
 use crate::args::Args;
-use crate::runs::{protected, unprotected, work_dir, Output, GRACE};
+use crate::runs::{protected, protected_with, unprotected, work_dir, Output, GRACE};
 use crate::BenchError;
 
 pub const OPTIONS: &[&str] = &[
@@ -120,10 +120,15 @@ fn list(args: &Args, name: &str, default: &[u64]) -> Result<Vec<u64>, BenchError
 
 pub fn run(args: &Args) -> Result<(), BenchError> {
     let result = run_all(args);
+    remove_work_dir();
+    result
+}
+
+/// Removes the work directory of the runs' process output.
+pub(crate) fn remove_work_dir() {
     if let Ok(dir) = work_dir() {
         let _ = std::fs::remove_dir_all(dir);
     }
-    result
 }
 
 fn run_all(args: &Args) -> Result<(), BenchError> {
@@ -135,23 +140,20 @@ fn run_all(args: &Args) -> Result<(), BenchError> {
     let mut epochs = Vec::new();
     for &interval in &cfg.intervals {
         for &pages in &cfg.pages {
-            let rate = (pages + interval / 2) / interval;
-            let rate = rate.max(1);
             eprintln!(
                 "bench checkpoint: {interval} ms epochs, {pages} pages/epoch target \
-                 (pages_per_ms={rate}), {} s...",
+                 (pages_per_ms={}), {} s...",
+                pages_per_ms(pages, interval),
                 cfg.seconds
             );
-            let guest = format!(
-                "workload=dirty pages_per_ms={rate} wss={} seconds={}",
-                cfg.wss,
-                cfg.seconds.ceil() as u64 + GRACE.as_secs()
-            );
-            let result =
-                protected(bin, &cfg.mem, "1", interval, &guest, cfg.seconds).and_then(|(p, _)| {
-                    Summary::parse(&p.stderr)
-                        .ok_or_else(|| format!("no summary line from the primary:\n{}", p.stderr))
-                });
+            let run = EpochRun {
+                mem: &cfg.mem,
+                wss: &cfg.wss,
+                interval,
+                pages,
+                seconds: cfg.seconds,
+            };
+            let result = run.measure(bin, &[]);
             total += 1;
             failed += usize::from(result.is_err());
             epochs.push(EpochRow {
@@ -203,33 +205,73 @@ fn run_all(args: &Args) -> Result<(), BenchError> {
     Ok(())
 }
 
+/// `pages_per_ms=` of the built-in guest's `dirty` workload for a target of `pages` dirty
+/// pages per epoch of `interval` ms (at least 1).
+pub(crate) fn pages_per_ms(pages: u64, interval: u64) -> u64 {
+    ((pages + interval / 2) / interval).max(1)
+}
+
+/// One run of epoch figures: a pair over loopback, 1 vCPU, the built-in guest dirtying
+/// `pages` pages per epoch of `interval` ms in `wss`, for `seconds` of epochs.
+pub(crate) struct EpochRun<'a> {
+    pub(crate) mem: &'a str,
+    pub(crate) wss: &'a str,
+    pub(crate) interval: u64,
+    pub(crate) pages: u64,
+    pub(crate) seconds: f64,
+}
+
+impl EpochRun<'_> {
+    /// Runs the pair (the primary given `extra` options besides) and returns the
+    /// primary's summary.
+    pub(crate) fn measure(&self, bin: &std::path::Path, extra: &[&str]) -> Result<Summary, String> {
+        let guest = format!(
+            "workload=dirty pages_per_ms={} wss={} seconds={}",
+            pages_per_ms(self.pages, self.interval),
+            self.wss,
+            self.seconds.ceil() as u64 + GRACE.as_secs()
+        );
+        let (p, _) = protected_with(
+            bin,
+            self.mem,
+            "1",
+            self.interval,
+            &guest,
+            self.seconds,
+            extra,
+        )?;
+        Summary::parse(&p.stderr)
+            .ok_or_else(|| format!("no summary line from the primary:\n{}", p.stderr))
+    }
+}
+
 /// The primary's end-of-run summary (see `engine::replication::stats`).
 #[derive(Debug, Clone, PartialEq)]
-struct Summary {
-    epochs: u64,
-    pause_p50: u64,
-    pause_p99: u64,
-    pause_max: u64,
-    commit_p50: u64,
-    commit_p99: u64,
-    dirty_pages: u64,
-    wire_bytes: u64,
-    throttled: u64,
+pub(crate) struct Summary {
+    pub(crate) epochs: u64,
+    pub(crate) pause_p50: u64,
+    pub(crate) pause_p99: u64,
+    pub(crate) pause_max: u64,
+    pub(crate) commit_p50: u64,
+    pub(crate) commit_p99: u64,
+    pub(crate) dirty_pages: u64,
+    pub(crate) wire_bytes: u64,
+    pub(crate) throttled: u64,
     /// The longest the guest was held at once for the backup (µs), and how many epochs
     /// ended early at the page cap (absent from older primaries).
-    held_max: Option<u64>,
-    capped: Option<u64>,
+    pub(crate) held_max: Option<u64>,
+    pub(crate) capped: Option<u64>,
     /// Seconds of continuous epochs (after the pre-copy).
-    epoch_secs: Option<f64>,
+    pub(crate) epoch_secs: Option<f64>,
     /// p50 of the pause's cumulative steps (µs): parked, captured, harvested, copied.
-    steps: Option<[u64; 4]>,
+    pub(crate) steps: Option<[u64; 4]>,
 }
 
 impl Summary {
     /// Finds and parses the last line `... epochs=N pause_us p50=.. p99=.. max=..
     /// commit_us p50=.. p99=.. dirty_pages=.. wire_bytes=.. ... throttled=.. [held_us
     /// max=.. capped=..]` in `log` (the primary also logs the figures so far every 2 s).
-    fn parse(log: &str) -> Option<Summary> {
+    pub(crate) fn parse(log: &str) -> Option<Summary> {
         let line = log
             .lines()
             .rev()
@@ -289,7 +331,7 @@ impl Summary {
         })
     }
 
-    fn pages_per_epoch(&self) -> f64 {
+    pub(crate) fn pages_per_epoch(&self) -> f64 {
         self.dirty_pages as f64 / self.epochs.max(1) as f64
     }
 

@@ -26,7 +26,7 @@
 //! backup saw.
 
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use harness::{Loss, Netns, TrialConfig};
 
@@ -43,13 +43,112 @@ pub const OPTIONS: &[&str] = &[
     "heartbeat-timeout-ms",
 ];
 
-struct Plan {
+pub(crate) struct Plan {
     trials: usize,
     mem: Option<String>,
     modes: Vec<Loss>,
     soak: u64,
     busy: usize,
     extra: Vec<String>,
+}
+
+impl Plan {
+    /// `trials` SIGKILLs of the primary, the binary's defaults otherwise.
+    pub(crate) fn sigkill(trials: usize) -> Plan {
+        Plan {
+            trials,
+            mem: None,
+            modes: vec![Loss::Kill],
+            soak: 0,
+            busy: 0,
+            extra: Vec::new(),
+        }
+    }
+}
+
+/// One trial's moments, in ms after the SIGKILL was sent: the primary reaped, the
+/// backup's `role_change` to unprotected (detected), its fence agent done (fenced), its
+/// `role_change` to promoted, these three from the pair's `--events` lines (whole ms), and
+/// the client's first reply from the promoted guest.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub(crate) struct Timeline {
+    pub(crate) reaped: Option<f64>,
+    pub(crate) detected: Option<f64>,
+    pub(crate) fenced: Option<f64>,
+    pub(crate) promoted: Option<f64>,
+    pub(crate) first_reply: Option<f64>,
+}
+
+impl Timeline {
+    /// From a trial's outcome and the `--events` lines both sides appended to `events`.
+    fn of(o: &harness::TrialOutcome, events: &str) -> Timeline {
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        let sent_ms = o
+            .kill_sent_at
+            .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+            .map(ms);
+        let lines: Vec<serde_json::Value> = events
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        let at = |want: &dyn Fn(&serde_json::Value) -> bool| -> Option<f64> {
+            let ts = lines.iter().find(|v| want(v))?.get("ts")?.as_f64()?;
+            Some(ts - sent_ms?)
+        };
+        let is = |v: &serde_json::Value, key: &str, value: &str| {
+            v.get(key).and_then(|x| x.as_str()) == Some(value)
+        };
+        Timeline {
+            reaped: o.kill_took.map(ms),
+            detected: at(&|v| is(v, "event", "role_change") && is(v, "role", "backup")),
+            fenced: at(&|v| {
+                is(v, "event", "fence")
+                    && is(v, "target", "the old primary")
+                    && is(v, "result", "fenced")
+            }),
+            promoted: at(&|v| is(v, "event", "role_change") && is(v, "role", "promoted")),
+            // The client's wait counts from the reap.
+            first_reply: match (o.failover, o.kill_took) {
+                (Some(f), Some(k)) => Some(ms(f + k)),
+                _ => None,
+            },
+        }
+    }
+}
+
+/// One trial's figures.
+struct Trial {
+    failover: Option<Duration>,
+    detection: Option<Duration>,
+    /// Declared lost until the guest ran (the backup's own figure).
+    promotion: Option<Duration>,
+    stall: Option<Duration>,
+    lost: usize,
+    /// The client's connection failed or no promoted reply came.
+    broken: bool,
+    /// The promoted backup sent committed output the old primary may still have held.
+    resent: bool,
+    timeline: Timeline,
+}
+
+/// The trials of one way of losing the primary.
+pub(crate) struct Trials {
+    trials: Vec<Trial>,
+}
+
+impl Trials {
+    pub(crate) fn timelines(&self) -> Vec<Timeline> {
+        self.trials.iter().map(|t| t.timeline).collect()
+    }
+
+    /// Trials whose client lost its connection or saw no reply from the promoted guest,
+    /// and acknowledged writes lost over all trials.
+    pub(crate) fn broken_and_lost(&self) -> (usize, usize) {
+        (
+            self.trials.iter().filter(|t| t.broken).count(),
+            self.trials.iter().map(|t| t.lost).sum(),
+        )
+    }
 }
 
 pub fn run(args: &Args) -> Result<(), BenchError> {
@@ -125,21 +224,37 @@ fn trials(
     loss: Loss,
     m: usize,
 ) -> Result<(), String> {
+    let t = run_trials(bin, work, plan, ns, loss, m, "bench failover")?;
+    print_trials(plan, loss, &t);
+    Ok(())
+}
+
+/// Runs `plan.trials` trials losing the primary as `loss` (`m`: which of the plan's
+/// modes, for distinct ports and directories), one progress line each on stderr after
+/// `label`.
+pub(crate) fn run_trials(
+    bin: &Path,
+    work: &Path,
+    plan: &Plan,
+    ns: &Netns,
+    loss: Loss,
+    m: usize,
+    label: &str,
+) -> Result<Trials, String> {
     let trials = plan.trials;
-    let mut failover = Vec::new();
-    let mut detection = Vec::new();
-    let mut promotion = Vec::new();
-    let mut stall = Vec::new();
-    let mut lost_total = 0usize;
-    let mut broken = 0usize;
-    let mut resent = 0usize;
+    let mut out = Vec::new();
     for t in 0..trials {
         // Lose the primary during continuous epochs, at a moment that varies from trial
         // to trial.
         let kill_after = Duration::from_millis(1500 + (t as u64 * 137) % 1000);
+        let dir = work.join(format!("trial{m}-{t}"));
+        // Both sides append their events to one file, for the trial's timeline.
+        let events = dir.join("events.jsonl");
+        let mut extra = plan.extra.clone();
+        extra.extend(["--events".to_string(), events.display().to_string()]);
         let cfg = TrialConfig {
             bin: bin.to_path_buf(),
-            dir: work.join(format!("trial{m}-{t}")),
+            dir,
             kill_after,
             run_after_failover: Duration::from_millis(200),
             mem: plan.mem.clone(),
@@ -148,7 +263,7 @@ fn trials(
             reprotect: false,
             disk: None,
             loss,
-            extra: plan.extra.clone(),
+            extra,
         };
         let o = harness::trial(ns, &cfg)?;
         let f = |d: Option<Duration>| {
@@ -156,9 +271,8 @@ fn trials(
                 .unwrap_or("-".into())
         };
         let sent_again = o.backup_log.contains("of committed output the old primary");
-        resent += usize::from(sent_again);
         eprintln!(
-            "bench failover: {} trial {}/{trials}: failover {}, detection {}, promotion {}, \
+            "{label}: {} trial {}/{trials}: failover {}, detection {}, promotion {}, \
              {} acknowledged writes, {} lost{}{}",
             match loss {
                 Loss::Kill => "sigkill",
@@ -182,20 +296,35 @@ fn trials(
                 .map(|e| format!(", client error: {e}"))
                 .unwrap_or_default()
         );
-        lost_total += o.lost.len();
-        if o.client_error.is_some() || o.failover.is_none() {
-            broken += 1;
-        }
-        failover.extend(o.failover);
-        detection.extend(o.detection);
-        stall.extend(o.stall);
-        if let Some(p) = o.promotion {
-            if p.after_lost_ms.is_finite() {
-                promotion.push(Duration::from_secs_f64(p.after_lost_ms / 1000.0));
-            }
-        }
+        out.push(Trial {
+            failover: o.failover,
+            detection: o.detection,
+            promotion: o
+                .promotion
+                .filter(|p| p.after_lost_ms.is_finite())
+                .map(|p| Duration::from_secs_f64(p.after_lost_ms / 1000.0)),
+            stall: o.stall,
+            lost: o.lost.len(),
+            broken: o.client_error.is_some() || o.failover.is_none(),
+            resent: sent_again,
+            timeline: Timeline::of(&o, &std::fs::read_to_string(&events).unwrap_or_default()),
+        });
         let _ = std::fs::remove_dir_all(&cfg.dir);
     }
+    Ok(Trials { trials: out })
+}
+
+fn print_trials(plan: &Plan, loss: Loss, t: &Trials) {
+    let trials = plan.trials;
+    let samples = |f: fn(&Trial) -> Option<Duration>| -> Vec<Duration> {
+        t.trials.iter().filter_map(f).collect()
+    };
+    let failover = samples(|t| t.failover);
+    let detection = samples(|t| t.detection);
+    let promotion = samples(|t| t.promotion);
+    let stall = samples(|t| t.stall);
+    let (broken, lost_total) = t.broken_and_lost();
+    let resent = t.trials.iter().filter(|t| t.resent).count();
     println!(
         "### {}, during continuous epochs, {trials} trials\n",
         mode_name(loss)
@@ -239,7 +368,6 @@ fn trials(
              behind a cut link, before it fences and promotes.\n"
         ),
     }
-    Ok(())
 }
 
 fn soak(bin: &Path, work: &Path, plan: &Plan, ns: &Netns) -> Result<(), String> {
@@ -296,4 +424,48 @@ fn soak(bin: &Path, work: &Path, plan: &Plan, ns: &Netns) -> Result<(), String> 
     }
     let _ = std::fs::remove_dir_all(&cfg.dir);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timeline_from_the_events() {
+        // Both sides' lines in one file: the primary's (pid 10) first, as in a trial.
+        let events = r#"{"ts":1000,"pid":10,"event":"protection","state":"syncing","why":"initial sync started"}
+{"ts":1100,"pid":11,"event":"protection","state":"protected","why":"the first epoch committed"}
+{"ts":5001,"pid":11,"event":"role_change","role":"backup","protection":"unprotected","guest":"paused","why":"primary lost"}
+{"ts":5002,"pid":11,"event":"fence","target":"the old primary","node":"demo-primary","attempt":1,"result":"started","detail":"x"}
+{"ts":5033,"pid":11,"event":"fence","target":"the old primary","node":"demo-primary","attempt":1,"result":"fenced","detail":""}
+{"ts":5047,"pid":11,"event":"role_change","role":"promoted","protection":"unprotected","guest":"running","why":"promoted"}
+a line cut short by a SIGKILL {"ts
+"#;
+        let mut o = harness::TrialOutcome {
+            kill_sent_at: Some(SystemTime::UNIX_EPOCH + Duration::from_micros(5_000_500)),
+            kill_took: Some(Duration::from_millis(8)),
+            failover: Some(Duration::from_millis(192)),
+            ..Default::default()
+        };
+        let t = Timeline::of(&o, events);
+        let near = |v: Option<f64>, want: f64| (v.unwrap() - want).abs() < 1e-6;
+        assert!(near(t.reaped, 8.0));
+        assert!(near(t.detected, 0.5));
+        assert!(near(t.fenced, 32.5));
+        assert!(near(t.promoted, 46.5));
+        assert!(near(t.first_reply, 200.0));
+        // No promotion, no events, no kill time: those moments are unknown.
+        let cut = &events[..events.find(r#"{"ts":5047"#).unwrap()];
+        o.failover = None;
+        let t = Timeline::of(&o, cut);
+        assert_eq!((t.promoted, t.first_reply), (None, None));
+        assert!(t.fenced.is_some());
+        let none = Timeline {
+            reaped: Some(8.0),
+            ..Timeline::default()
+        };
+        assert_eq!(Timeline::of(&o, ""), none);
+        o.kill_sent_at = None;
+        assert_eq!(Timeline::of(&o, events), none);
+    }
 }

@@ -4,7 +4,8 @@
 //! p50 / p99 / max. These are benchmarks, never tests: nothing here asserts a time.
 //!
 //! Subcommands live in their own module (`pause.rs`, `checkpoint.rs`, `sync.rs`, ...) with
-//! a `run(&Args)` entry point, listed in [`SUBCOMMANDS`] and dispatched in [`dispatch`]. `stats.rs` holds the percentile helpers they share.
+//! a `run(&Args)` entry point, listed in [`SUBCOMMANDS`] and dispatched in [`dispatch`]. `stats.rs` holds the percentile helpers they share; `report/` runs a suite of them
+//! and draws it as one HTML page.
 
 mod args;
 mod checkpoint;
@@ -14,6 +15,7 @@ mod harvest;
 mod link;
 mod net;
 mod pause;
+mod report;
 mod runs;
 mod stats;
 mod sync;
@@ -76,6 +78,14 @@ const SUBCOMMANDS: &[(&str, &str)] = &[
          protected with and without early checkpoints, per client count (one client: request -> \
          reply latency added) [--requests N (5000)] [--clients LIST (20,1)] \
          [--interval-ms MS (25)]",
+    ),
+    (
+        "report",
+        "runs a suite and writes DIR/index.html, one self-contained page of SVG plots and \
+         tables: epoch pause CDFs by dirty rate (from the primary's --stats-json), pause \
+         against dirty pages, one client's request latency protected / unprotected, a \
+         failover timeline per SIGKILL trial; the machine and the command \
+         --out DIR [--quick: a subset, a few minutes]",
     ),
 ];
 
@@ -142,6 +152,12 @@ fn dispatch(args: &[String]) -> Result<(), BenchError> {
         "sync" => sync::run(&Args::parse("sync", rest, sync::OPTIONS)?),
         "link" => link::run(&Args::parse("link", rest, link::OPTIONS)?),
         "net" => net::run_bench(&Args::parse("net", rest, net::OPTIONS)?),
+        "report" => report::run(&Args::parse_with_flags(
+            "report",
+            rest,
+            report::OPTIONS,
+            report::FLAGS,
+        )?),
         "-h" | "--help" | "help" => {
             print!("{}", usage());
             Ok(())

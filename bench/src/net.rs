@@ -169,94 +169,120 @@ pub(crate) fn measure(
     interval: u64,
     disk: Option<u64>,
 ) -> Result<(Vec<[Figures; 2]>, Option<LinkBytes>), String> {
-    let console = work.join(format!("console-{}", mode as u8));
-    let _ = std::fs::remove_file(&console);
-    let image = |name: &str| -> Result<String, String> {
-        let path = work.join(format!("{name}-{}.img", mode as u8));
-        std::fs::File::create(&path)
-            .and_then(|f| f.set_len(disk.unwrap_or(0)))
-            .map_err(|e| format!("{}: {e}", path.display()))?;
-        Ok(format!("path={}", path.display()))
-    };
-    let (guest_disk, backup_disk) = match disk {
-        Some(_) => (Some(image("guest")?), Some(image("backup")?)),
-        None => (None, None),
-    };
-    let mut kv = vec![
-        "--guest",
-        "builtin",
-        "--net",
-        "tap=tap0",
-        "--guest-args",
-        if disk.is_some() {
-            "workload=kv ip=10.0.0.2/24 aof=on"
-        } else {
-            "workload=kv ip=10.0.0.2/24"
-        },
-    ];
-    if let Some(d) = &guest_disk {
-        kv.extend(["--disk", d]);
-    }
-    let console_arg = console.display().to_string();
-    let spawn = |name: &str, args: Vec<&str>| {
-        Proc::spawn(
-            ns.command(bin, &args),
-            work.join(format!("{name}.out")),
-            work.join(format!("{name}.err")),
-        )
-    };
-    let mut procs = Vec::new();
-    match mode {
-        Mode::Unprotected => {
-            let mut args = vec!["run"];
-            args.extend(kv.iter().copied());
-            args.extend(["--console", &console_arg]);
-            procs.push(spawn("run", args)?);
-        }
-        Mode::Early | Mode::NoEarly => {
-            let mut args = vec!["backup", "--insecure", "--listen", "127.0.0.1:7600"];
-            if let Some(d) = &backup_disk {
-                args.extend(["--disk", d]);
-            }
-            procs.push(spawn("backup", args)?);
-            let interval = interval.to_string();
-            let mut args = vec![
-                "primary",
-                "--insecure",
-                "--peer",
-                "127.0.0.1:7600",
-                "--interval-ms",
-                &interval,
-            ];
-            args.extend(kv.iter().copied());
-            args.extend(["--console", &console_arg]);
-            if let Mode::NoEarly = mode {
-                args.push("--no-early-checkpoint");
-            }
-            procs.push(spawn("primary", args)?);
-        }
-    }
-    let limit = Duration::from_secs(30);
-    if !wait_for_line(&console, "kv: listening", limit, || true) {
-        return Err(format!(
-            "the guest did not say 'kv: listening' within {limit:?}"
-        ));
-    }
-    // Let the initial sync finish before measuring.
-    std::thread::sleep(Duration::from_secs(2));
+    let kv = KvGuest::start(ns, bin, work, mode, interval, disk)?;
     let figures = clients
         .iter()
         .map(|&c| redis_benchmark(ns, requests, c))
         .collect::<Result<Vec<_>, String>>()?;
-    // A protected run ends in order, so that the primary logs its statistics.
-    let link = match mode {
-        Mode::Unprotected => None,
-        Mode::Early | Mode::NoEarly => procs.last_mut().and_then(|p| {
-            p.terminate(Duration::from_secs(10));
-            link_bytes(&p.log())
-        }),
-    };
-    Ok((figures, link))
+    Ok((figures, kv.stop()))
+}
+
+/// The kv guest at 10.0.0.2 in a namespace, run as a [`Mode`]: its `lockstep` processes.
+pub(crate) struct KvGuest {
+    mode: Mode,
+    procs: Vec<Proc>,
+}
+
+impl KvGuest {
+    /// Starts the guest as `mode` (see [`measure`] for `disk`) and returns once it listens
+    /// and a protected guest's initial sync is over.
+    pub(crate) fn start(
+        ns: &Netns,
+        bin: &Path,
+        work: &Path,
+        mode: Mode,
+        interval: u64,
+        disk: Option<u64>,
+    ) -> Result<KvGuest, String> {
+        let console = work.join(format!("console-{}", mode as u8));
+        let _ = std::fs::remove_file(&console);
+        let image = |name: &str| -> Result<String, String> {
+            let path = work.join(format!("{name}-{}.img", mode as u8));
+            std::fs::File::create(&path)
+                .and_then(|f| f.set_len(disk.unwrap_or(0)))
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            Ok(format!("path={}", path.display()))
+        };
+        let (guest_disk, backup_disk) = match disk {
+            Some(_) => (Some(image("guest")?), Some(image("backup")?)),
+            None => (None, None),
+        };
+        let mut kv = vec![
+            "--guest",
+            "builtin",
+            "--net",
+            "tap=tap0",
+            "--guest-args",
+            if disk.is_some() {
+                "workload=kv ip=10.0.0.2/24 aof=on"
+            } else {
+                "workload=kv ip=10.0.0.2/24"
+            },
+        ];
+        if let Some(d) = &guest_disk {
+            kv.extend(["--disk", d]);
+        }
+        let console_arg = console.display().to_string();
+        let spawn = |name: &str, args: Vec<&str>| {
+            Proc::spawn(
+                ns.command(bin, &args),
+                work.join(format!("{name}.out")),
+                work.join(format!("{name}.err")),
+            )
+        };
+        let mut procs = Vec::new();
+        match mode {
+            Mode::Unprotected => {
+                let mut args = vec!["run"];
+                args.extend(kv.iter().copied());
+                args.extend(["--console", &console_arg]);
+                procs.push(spawn("run", args)?);
+            }
+            Mode::Early | Mode::NoEarly => {
+                let mut args = vec!["backup", "--insecure", "--listen", "127.0.0.1:7600"];
+                if let Some(d) = &backup_disk {
+                    args.extend(["--disk", d]);
+                }
+                procs.push(spawn("backup", args)?);
+                let interval = interval.to_string();
+                let mut args = vec![
+                    "primary",
+                    "--insecure",
+                    "--peer",
+                    "127.0.0.1:7600",
+                    "--interval-ms",
+                    &interval,
+                ];
+                args.extend(kv.iter().copied());
+                args.extend(["--console", &console_arg]);
+                if let Mode::NoEarly = mode {
+                    args.push("--no-early-checkpoint");
+                }
+                procs.push(spawn("primary", args)?);
+            }
+        }
+        let limit = Duration::from_secs(30);
+        if !wait_for_line(&console, "kv: listening", limit, || true) {
+            return Err(format!(
+                "the guest did not say 'kv: listening' within {limit:?}"
+            ));
+        }
+        // Let the initial sync finish before measuring.
+        std::thread::sleep(Duration::from_secs(2));
+        Ok(KvGuest { mode, procs })
+    }
+
+    /// Ends the guest; a protected run ends in order, so that the primary logs its
+    /// statistics, and returns what it sent to its backup.
+    pub(crate) fn stop(mut self) -> Option<LinkBytes> {
+        match self.mode {
+            Mode::Unprotected => None,
+            Mode::Early | Mode::NoEarly => self.procs.last_mut().and_then(|p| {
+                p.terminate(Duration::from_secs(10));
+                link_bytes(&p.log())
+            }),
+        }
+    }
 }
 
 /// redis-benchmark's SET and GET figures with `clients` connections.

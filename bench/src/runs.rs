@@ -125,6 +125,19 @@ pub(crate) fn protected(
     guest: &str,
     seconds: f64,
 ) -> Result<(Output, Output), String> {
+    protected_with(bin, mem, vcpus, interval_ms, guest, seconds, &[])
+}
+
+/// [`protected`], the primary given `extra` options besides.
+pub(crate) fn protected_with(
+    bin: &Path,
+    mem: &str,
+    vcpus: &str,
+    interval_ms: u64,
+    guest: &str,
+    seconds: f64,
+    extra: &[&str],
+) -> Result<(Output, Output), String> {
     let port = free_port()?;
     let addr = format!("127.0.0.1:{port}");
     let deadline = Instant::now() + Duration::from_secs_f64(seconds) + GRACE;
@@ -141,7 +154,7 @@ pub(crate) fn protected(
     )?;
     let interval = interval_ms.to_string();
     let seconds = seconds.to_string();
-    let args = [
+    let mut args = vec![
         "primary",
         "--insecure",
         "--peer",
@@ -159,6 +172,7 @@ pub(crate) fn protected(
         "--seconds",
         &seconds,
     ];
+    args.extend_from_slice(extra);
     let primary = start(bin, &args)?.wait(deadline)?;
     // A primary that failed leaves a backup that may wait for it for ever.
     let backup_deadline = if primary.status.success() {

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::interrupted;
 use crate::kv::{Kv, Reply};
@@ -120,6 +120,12 @@ pub struct TrialOutcome {
     pub lost: Vec<u64>,
     /// Whether the read-back ran to the end.
     pub read_back: bool,
+    /// When the SIGKILL was sent (or the host's loss began: the link cut), by the wall
+    /// clock, to compare with the times (`ts`) of the processes' `--events` lines.
+    pub kill_sent_at: Option<SystemTime>,
+    /// From then until the primary was gone (SIGKILLed and reaped, or its host lost),
+    /// where `failover` counts from.
+    pub kill_took: Option<Duration>,
     /// Kill until the first reply from the promoted guest.
     pub failover: Option<Duration>,
     /// The longest gap between two replies across the kill.
@@ -248,6 +254,8 @@ pub fn trial(ns: &Netns, cfg: &TrialConfig) -> Result<TrialOutcome, String> {
             std::thread::sleep(Duration::from_millis(2));
         }
         let early_exit = primary.try_wait();
+        let kill_sent = Instant::now();
+        o.kill_sent_at = Some(SystemTime::now());
         match cfg.loss {
             Loss::Kill => {
                 primary.kill9();
@@ -260,6 +268,7 @@ pub fn trial(ns: &Netns, cfg: &TrialConfig) -> Result<TrialOutcome, String> {
             }
         }
         let killed = Instant::now();
+        o.kill_took = Some(killed.duration_since(kill_sent));
         let acked_before = {
             let mut p = progress.lock().unwrap_or_else(|e| e.into_inner());
             p.kill = Some(killed);
