@@ -139,6 +139,10 @@ fn batch_frames() -> Vec<Bytes> {
         x ^= x << 5;
         *b = x as u8;
     }
+    // Mostly zeros: a zero-run coding of the page itself.
+    let mut sparse_page = [0u8; PAGE_SIZE];
+    sparse_page[8..16].copy_from_slice(b"lockstep");
+    sparse_page[2048] = 7;
     let mut pages = PagesFrameBuilder::pages(7, 64 << 10);
     let mut sync = PagesFrameBuilder::sync(64 << 10);
     let mut encs = Vec::new();
@@ -148,6 +152,7 @@ fn batch_frames() -> Vec<Bytes> {
         (test_page(2), None),
         (sparse, Some(&base)),
         (test_page(9), Some(&base)),
+        (sparse_page, None),
     ]
     .iter()
     .enumerate()

@@ -108,8 +108,8 @@ pub use message::{
 /// Frame magic, `"LKSP"` on the wire.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"LKSP");
 /// Protocol version spoken by this build (2: disks in `Hello`, `DiskSums`, `DiskSync`,
-/// `DiskWrites`, and `EpochCommit`'s disk frame count).
-pub const PROTOCOL_VERSION: u16 = 2;
+/// `DiskWrites`, and `EpochCommit`'s disk frame count; 3: the `Rle` page encoding).
+pub const PROTOCOL_VERSION: u16 = 3;
 /// Length of the frame header.
 pub const HEADER_LEN: usize = 24;
 /// Largest payload accepted (bounds the receive buffer).
