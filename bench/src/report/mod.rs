@@ -1134,7 +1134,7 @@ mod tests {
     #[test]
     fn report_options() {
         let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        let usage = |v: &[&str]| match Args::parse_with_flags("report", &strings(v), OPTIONS, FLAGS)
+        let usage = |v: &[&str]| match Args::parse("report", &strings(v), OPTIONS, FLAGS)
             .and_then(|a| run(&a))
         {
             Err(BenchError::Usage(m)) => m,
