@@ -50,7 +50,7 @@ pub const OPTIONS: &[&str] = &[
 ];
 
 /// The working set of the mixed workload (`compute=`): 4,096 pages.
-const MIXED_WSS: &str = "16M";
+pub(crate) const MIXED_WSS: &str = "16M";
 
 const PAGE_SIZE: u64 = 4096;
 /// The protected progress runs get this much longer than `--seconds`: `--seconds` counts
@@ -198,11 +198,11 @@ fn run_all(args: &Args) -> Result<(), BenchError> {
     let mut progress = Vec::new();
     let mut workloads = vec![("writes only", format!("wss={}", cfg.wss))];
     if cfg.compute > 0 {
-        workloads.push(("mixed", format!("wss={MIXED_WSS} compute={}", cfg.compute)));
+        workloads.push(("mixed", mixed_args(cfg.compute)));
     }
     for (kind, args) in &workloads {
         for &interval in &cfg.intervals {
-            let row = progress_row(bin, &cfg, kind, args, interval);
+            let row = progress_row(bin, &cfg.mem, cfg.seconds, kind, args, interval);
             total += 2;
             failed += usize::from(row.unprotected.is_err()) + usize::from(row.protected.is_err());
             progress.push(row);
@@ -393,16 +393,24 @@ struct EpochRow {
 }
 
 /// Pages per guest second.
-type Rate = f64;
+pub(crate) type Rate = f64;
 
-struct ProgressRow {
+/// Guest progress unprotected and protected, one workload and interval.
+pub(crate) struct ProgressRow {
     /// "writes only" or "mixed".
-    kind: &'static str,
+    pub(crate) kind: &'static str,
     /// The workload's arguments besides `pages_per_ms=0` and `seconds=`.
-    guest: String,
-    interval: u64,
-    unprotected: Result<Rate, String>,
-    protected: Result<(Rate, Option<Summary>), String>,
+    pub(crate) guest: String,
+    pub(crate) interval: u64,
+    pub(crate) unprotected: Result<Rate, String>,
+    /// With the primary's summary when it logged one.
+    pub(crate) protected: Result<(Rate, Option<Summary>), String>,
+}
+
+/// The arguments of the mixed progress workload (besides `pages_per_ms=0` and
+/// `seconds=`): `compute` rounds of computation before each write over [`MIXED_WSS`].
+pub(crate) fn mixed_args(compute: u64) -> String {
+    format!("wss={MIXED_WSS} compute={compute}")
 }
 
 fn mib(bytes: f64) -> f64 {
@@ -488,24 +496,24 @@ fn opt(v: Option<u64>) -> String {
     v.map_or_else(|| "-".into(), |v| v.to_string())
 }
 
-/// One progress row: `workload=dirty pages_per_ms=0 <args>` unprotected, then protected at
-/// `interval` ms.
-fn progress_row(
+/// One progress row: `workload=dirty pages_per_ms=0 <args>` in a `mem` guest, unprotected
+/// for `seconds`, then protected at `interval` ms.
+pub(crate) fn progress_row(
     bin: &std::path::Path,
-    cfg: &Config,
+    mem: &str,
+    seconds: f64,
     kind: &'static str,
     args: &str,
     interval: u64,
 ) -> ProgressRow {
     let guest = |seconds: u64| format!("workload=dirty pages_per_ms=0 {args} seconds={seconds}");
-    let short = guest(cfg.seconds.ceil() as u64);
+    let short = guest(seconds.ceil() as u64);
     eprintln!("bench checkpoint: guest progress, unprotected ({short})...");
-    let unprotected =
-        unprotected(bin, &cfg.mem, cfg.seconds, &short).and_then(|out| rate_of(&out, 0));
+    let unprotected = unprotected(bin, mem, seconds, &short).and_then(|out| rate_of(&out, 0));
     eprintln!("bench checkpoint: guest progress, {kind}, protected at {interval} ms...");
-    let long = guest(cfg.seconds.ceil() as u64 + GRACE.as_secs());
-    let seconds = cfg.seconds + PRECOPY_ALLOWANCE;
-    let protected = protected(bin, &cfg.mem, "1", interval, &long, seconds).and_then(|(p, _)| {
+    let long = guest(seconds.ceil() as u64 + GRACE.as_secs());
+    let seconds = seconds + PRECOPY_ALLOWANCE;
+    let protected = protected(bin, mem, "1", interval, &long, seconds).and_then(|(p, _)| {
         let synced = sync_end_ms(&p.stderr).ok_or_else(|| {
             format!(
                 "no 'initial sync done' line from the primary:\n{}",
