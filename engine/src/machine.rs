@@ -580,6 +580,19 @@ impl Machine {
         self.events.recv_timeout(timeout).ok()
     }
 
+    /// As [`wait_event`](Self::wait_event), but also returns (with `None`) as soon as
+    /// `wake` has a message, which it takes.
+    pub fn wait_event_or(&self, wake: &Receiver<()>, timeout: Duration) -> Option<VcpuEvent> {
+        if timeout.is_zero() {
+            return self.events.try_recv().ok();
+        }
+        crossbeam_channel::select! {
+            recv(self.events) -> e => e.ok(),
+            recv(wake) -> _ => None,
+            default(timeout) => None,
+        }
+    }
+
     /// The virtio-net device, if the machine has one.
     pub fn net(&self) -> Option<&NetDevice> {
         self.devices.net.as_ref()

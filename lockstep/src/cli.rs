@@ -321,9 +321,9 @@ struct ReplicationArgs {
     /// epoch interval (default 25)
     #[arg(long, value_name = "MS")]
     interval_ms: Option<u64>,
-    /// shortest epoch when output waits (default 2)
+    /// shortest epoch when output waits, fractions allowed (default 0.5)
     #[arg(long, value_name = "MS")]
-    min_interval_ms: Option<u64>,
+    min_interval_ms: Option<f64>,
     /// never end an epoch early for waiting output
     #[arg(long)]
     no_early_checkpoint: bool,
@@ -1085,7 +1085,10 @@ fn replication(
     let defaults = PrimaryOptions::new(String::new(), name.to_string());
     let min_interval = match r.min_interval_ms {
         None => defaults.min_interval,
-        Some(ms) => Duration::from_millis(in_range("min-interval-ms", ms, 0..=MAX_MS)?),
+        Some(ms) if ms.is_finite() => {
+            Duration::from_secs_f64(in_range("min-interval-ms", ms, 0.0..=MAX_MS as f64)? / 1000.0)
+        }
+        Some(ms) => return Err(usage(format!("--min-interval-ms {ms}: not a number of ms"))),
     };
     let connect_timeout = match r.connect_timeout_s {
         None => defaults.connect_timeout,

@@ -172,6 +172,14 @@ fn bad_replication_options_on_every_role() {
             ),
             (&["--min-interval-ms", "x"][..], "--min-interval-ms"),
             (
+                &["--min-interval-ms", "NaN"][..],
+                "--min-interval-ms NaN: not a number of ms",
+            ),
+            (
+                &["--min-interval-ms=-0.5"][..],
+                "--min-interval-ms -0.5: must be between 0 and 3600000",
+            ),
+            (
                 &["--stats-json", "/nonexistent-dir/x.json"][..],
                 "--stats-json /nonexistent-dir/x.json: cannot write in directory \
                  /nonexistent-dir: No such file",

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use bytes::Bytes;
+use crossbeam_channel::Sender;
 use netbuffer::{EgressBuffer, Limits, Mode, Pushed, Stats};
 
 use super::lock;
@@ -36,6 +37,9 @@ pub struct Egress {
     /// Which protection the held frames belong to: each [`protect`](Self::protect) starts a
     /// new one (a new backup, epochs from 1 again); changed and read under `buffer`'s lock.
     session: AtomicU64,
+    /// Told (without blocking) when the open epoch's first frame is held: the epoch loop
+    /// sleeps until then instead of looking for output.
+    waker: Mutex<Option<Sender<()>>>,
 }
 
 impl Egress {
@@ -52,7 +56,14 @@ impl Egress {
             open_epoch: AtomicU64::new(1),
             open_frames: AtomicU64::new(0),
             session: AtomicU64::new(0),
+            waker: Mutex::new(None),
         }
+    }
+
+    /// From now on, `waker` gets a message (if it has room) whenever a frame is held while
+    /// no other frame of the open epoch was: output now waits for a checkpoint.
+    pub fn wake_on_output(&self, waker: Sender<()>) {
+        *lock(&self.waker) = Some(waker);
     }
 
     /// Holds output from now on; frames are tagged with the open epoch. Returns the new
@@ -133,7 +144,12 @@ impl Egress {
                 Ok(())
             }
             Ok(Pushed::Held) => {
-                self.open_frames.fetch_add(1, Ordering::SeqCst);
+                if self.open_frames.fetch_add(1, Ordering::SeqCst) == 0 {
+                    if let Some(w) = lock(&self.waker).as_ref() {
+                        // Full: a wake-up is pending already.
+                        let _ = w.try_send(());
+                    }
+                }
                 Ok(())
             }
             Err(e) => match e.into_packet() {

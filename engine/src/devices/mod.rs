@@ -203,6 +203,13 @@ impl OutputCommit {
         self.egress.open_output()
     }
 
+    /// `waker` gets a message (when it has room) each time output starts to wait: the
+    /// first frame held after a [`begin_epoch`](Self::begin_epoch), so the epoch loop can
+    /// sleep rather than poll [`output_waits`](Self::output_waits).
+    pub fn wake_on_output(&self, waker: crossbeam_channel::Sender<()>) {
+        self.egress.wake_on_output(waker);
+    }
+
     /// The backup of protection `session` committed every epoch up to `epoch`: their
     /// frames leave, in order, and a TX queue that stopped on a full buffer is processed
     /// again. An ack of another session releases nothing.

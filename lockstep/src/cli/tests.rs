@@ -73,7 +73,7 @@ fn every_role_that_may_run_the_guest_takes_the_replication_options() {
         "--interval-ms",
         "10",
         "--min-interval-ms",
-        "5",
+        "0.25",
         "--no-early-checkpoint",
         "--window",
         "2",
@@ -96,7 +96,7 @@ fn every_role_that_may_run_the_guest_takes_the_replication_options() {
         let args: Vec<&str> = command.iter().chain(options.iter()).copied().collect();
         let o = primary_role(&args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
         assert_eq!(o.interval, Duration::from_millis(10), "{command:?}");
-        assert_eq!(o.min_interval, Duration::from_millis(5), "{command:?}");
+        assert_eq!(o.min_interval, Duration::from_micros(250), "{command:?}");
         assert!(!o.early_checkpoint, "{command:?}");
         assert_eq!(o.window, 2, "{command:?}");
         assert_eq!(o.max_epoch_pages, 512, "{command:?}");

@@ -94,13 +94,19 @@ impl Primary<'_> {
         loop {
             self.heartbeats.check_in(self.epoch);
             let mut deadline = next.min(self.next_dirty_count);
-            if early {
+            // Output that waits ends the epoch once `min_interval` has passed. Until some
+            // does, the loop sleeps: the first frame held wakes it (`output_wake`).
+            if early && self.output.as_ref().is_some_and(OutputCommit::output_waits) {
                 deadline = deadline.min(last_start + self.opts.min_interval);
+            }
+            if self.opts.epoch_precopy_pct > 0 && !self.early_done {
+                deadline = deadline
+                    .min(last_start + self.opts.interval * self.opts.epoch_precopy_pct / 100);
             }
             let wait = deadline
                 .saturating_duration_since(Instant::now())
                 .min(Duration::from_millis(50));
-            match self.machine.wait_event(wait) {
+            match self.machine.wait_event_or(&self.output_wake, wait) {
                 Some(VcpuEvent::GuestExit { status, .. }) => {
                     return Ok(u8::try_from(status).unwrap_or(u8::MAX))
                 }

@@ -248,7 +248,7 @@ impl PrimaryOptions {
             on_backup_loss: OnBackupLoss::Fence,
             fence: None,
             early_checkpoint: true,
-            min_interval: Duration::from_millis(2),
+            min_interval: Duration::from_micros(500),
             max_epoch_pages: DEFAULT_MAX_EPOCH_PAGES,
             link: None,
             epoch_precopy_pct: DEFAULT_EPOCH_PRECOPY_PCT,
@@ -318,6 +318,9 @@ struct Primary<'m> {
     machine: &'m mut Machine,
     /// Output commit on the guest's network device, if it has one.
     output: Option<OutputCommit>,
+    /// A message whenever output starts to wait for a checkpoint (see
+    /// [`OutputCommit::wake_on_output`]): the epoch loop sleeps until then.
+    output_wake: Receiver<()>,
     /// The output commit session of this protection ([`NO_SESSION`] until the output is
     /// held: a re-protected guest's output is held from epoch 1's capture on).
     session: Arc<AtomicU64>,
@@ -485,6 +488,10 @@ pub fn protect(machine: &mut Machine, opts: PrimaryOptions) -> Result<ProtectEnd
     )));
     let (ack_tx, acks) = unbounded();
     let output = machine.net().map(|n| n.output());
+    let (wake_tx, output_wake) = crossbeam_channel::bounded(1);
+    if let Some(o) = &output {
+        o.wake_on_output(wake_tx);
+    }
     // Output commit's session (see OutputCommit::protect), shared with the ack reader.
     // A guest booted for protection holds its output from its first instruction: no
     // client ever sees a reply of an unprotected guest. A running guest (re-protect) was
@@ -533,6 +540,7 @@ pub fn protect(machine: &mut Machine, opts: PrimaryOptions) -> Result<ProtectEnd
     let mut p = Primary {
         machine,
         output,
+        output_wake,
         session,
         link,
         heartbeats,
