@@ -20,8 +20,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use harness::{wait_for_line, Proc};
+use harness::Proc;
 use tests::ctl::free_port;
+use tests::pair::wait_log;
 use tests::{kvm_required, lockstep, lockstep_bin, read_console, Run, TempDir, COMMAND_TIMEOUT};
 
 /// `hash=` of `workload=hash rounds=12 wss=32M`, whatever the vCPU count.
@@ -1014,15 +1015,10 @@ fn a_backup_stopped_during_the_initial_sync_is_given_up_on_in_time() {
             "500",
         ],
     );
-    assert!(
-        wait_for_line(
-            &dir.join("backup.err"),
-            "listening on",
-            Duration::from_secs(10),
-            || true
-        ),
-        "the backup did not start: {}",
-        backup.log()
+    wait_log(
+        &dir.join("backup.err"),
+        "listening on",
+        Duration::from_secs(10),
     );
     let protect = {
         let sock_arg = sock_arg.clone();
@@ -1031,27 +1027,17 @@ fn a_backup_stopped_during_the_initial_sync_is_given_up_on_in_time() {
             lockstep(&["ctl", "--api-sock", &sock_arg, "protect", "--peer", &listen])
         })
     };
-    assert!(
-        wait_for_line(
-            &dir.join("run.err"),
-            "accepted the guest",
-            Duration::from_secs(20),
-            || true
-        ),
-        "the backup never accepted the guest: {}",
-        run.log()
+    wait_log(
+        &dir.join("run.err"),
+        "accepted the guest",
+        Duration::from_secs(20),
     );
     backup.signal(libc::SIGSTOP);
     let stopped = Instant::now();
-    assert!(
-        wait_for_line(
-            &dir.join("run.err"),
-            "ROLE CHANGE: backup lost",
-            Duration::from_secs(10),
-            || true
-        ),
-        "the primary did not give up on the stopped backup: {}",
-        run.log()
+    wait_log(
+        &dir.join("run.err"),
+        "ROLE CHANGE: backup lost",
+        Duration::from_secs(10),
     );
     let noticed = stopped.elapsed();
     let log = run.log();
