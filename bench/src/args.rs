@@ -10,18 +10,9 @@ pub struct Args {
 }
 
 impl Args {
-    /// Parses `args` for `subcommand`, which accepts the options named in `valued`.
-    pub fn parse(
-        subcommand: &'static str,
-        args: &[String],
-        valued: &[&str],
-    ) -> Result<Args, BenchError> {
-        Args::parse_with_flags(subcommand, args, valued, &[])
-    }
-
     /// Parses `args` for `subcommand`, which accepts the options named in `valued` and the
     /// flags named in `flags`.
-    pub fn parse_with_flags(
+    pub fn parse(
         subcommand: &'static str,
         args: &[String],
         valued: &[&str],
@@ -132,11 +123,12 @@ mod tests {
             "pause",
             &strings(&["--samples", "10", "--gap-ms=4"]),
             &["samples", "gap-ms"],
+            &[],
         )
         .unwrap();
         assert_eq!(a.number("samples", 500usize, 1).unwrap(), 10);
         assert_eq!(a.number("gap-ms", 3u64, 0).unwrap(), 4);
-        let a = Args::parse("pause", &[], &["samples"]).unwrap();
+        let a = Args::parse("pause", &[], &["samples"], &[]).unwrap();
         assert_eq!(a.number("samples", 500usize, 1).unwrap(), 500);
     }
 
@@ -148,29 +140,33 @@ mod tests {
             Err(e) => panic!("not a usage error: {e}"),
             Ok(_) => panic!("accepted"),
         };
-        assert!(usage(Args::parse("pause", &strings(&["--nope", "1"]), v))
-            .contains("unknown option --nope"));
-        assert!(usage(Args::parse("pause", &strings(&["--samples"]), v)).contains("needs a value"));
-        assert!(usage(Args::parse("pause", &strings(&["stray"]), v)).contains("'stray'"));
+        assert!(
+            usage(Args::parse("pause", &strings(&["--nope", "1"]), v, &[]))
+                .contains("unknown option --nope")
+        );
+        assert!(
+            usage(Args::parse("pause", &strings(&["--samples"]), v, &[])).contains("needs a value")
+        );
+        assert!(usage(Args::parse("pause", &strings(&["stray"]), v, &[])).contains("'stray'"));
         assert!(usage(Args::parse(
             "pause",
             &strings(&["--samples", "1", "--samples", "2"]),
-            v
+            v,
+            &[]
         ))
         .contains("twice"));
-        let a = Args::parse("pause", &strings(&["--samples", "0"]), v).unwrap();
+        let a = Args::parse("pause", &strings(&["--samples", "0"]), v, &[]).unwrap();
         assert!(matches!(
             a.number("samples", 500usize, 1),
             Err(BenchError::Usage(_))
         ));
-        let a = Args::parse("pause", &strings(&["--samples", "x"]), v).unwrap();
+        let a = Args::parse("pause", &strings(&["--samples", "x"]), v, &[]).unwrap();
         assert!(a.number("samples", 500usize, 1).is_err());
     }
 
     #[test]
     fn flags_take_no_value() {
-        let parse =
-            |v: &[&str]| Args::parse_with_flags("report", &strings(v), &["out"], &["quick"]);
+        let parse = |v: &[&str]| Args::parse("report", &strings(v), &["out"], &["quick"]);
         let a = parse(&["--quick", "--out", "d"]).unwrap();
         assert!(a.flag("quick"));
         assert_eq!(a.get("out"), Some("d"));

@@ -50,7 +50,7 @@ pub const OPTIONS: &[&str] = &[
 ];
 
 /// The working set of the mixed workload (`compute=`): 4,096 pages.
-const MIXED_WSS: &str = "16M";
+pub(crate) const MIXED_WSS: &str = "16M";
 
 const PAGE_SIZE: u64 = 4096;
 /// The protected progress runs get this much longer than `--seconds`: `--seconds` counts
@@ -83,13 +83,17 @@ struct Config {
 
 impl Config {
     fn from(args: &Args) -> Result<Config, BenchError> {
+        let mem = args.get("mem").unwrap_or("256M").to_string();
+        let wss = args.get("wss").unwrap_or("128M").to_string();
+        let compute = args.number("compute", 10_000, 0)?;
+        check_sizes(&mem, &wss, compute)?;
         Ok(Config {
             seconds: args.number("seconds", 3.0, 0.5)?,
             intervals: list(args, "intervals", &[5, 25])?,
             pages: list(args, "pages", &[100, 1_000, 10_000])?,
-            mem: args.get("mem").unwrap_or("256M").to_string(),
-            wss: args.get("wss").unwrap_or("128M").to_string(),
-            compute: args.number("compute", 10_000, 0)?,
+            mem,
+            wss,
+            compute,
             sync: match args.get("sync").unwrap_or("on") {
                 "on" => true,
                 "off" => false,
@@ -101,6 +105,33 @@ impl Config {
             },
         })
     }
+}
+
+/// Checks `--mem` and `--wss` before anything runs, as `lockstep` reads `--mem` (a size
+/// with an optional K, M or G suffix that the guest layout and this host can hold): the
+/// working set must be at least a page and fit in the guest, and so must the mixed
+/// progress rows' (unless `--compute 0`).
+fn check_sizes(mem: &str, wss: &str, compute: u64) -> Result<(), BenchError> {
+    let usage = |m: String| BenchError::Usage(m);
+    let mem_bytes = engine::size::parse_size(mem).map_err(|e| usage(format!("--mem: {e}")))?;
+    engine::vstate::memory::validate_size(mem_bytes).map_err(|e| usage(e.to_string()))?;
+    let wss_bytes = engine::size::parse_size(wss).map_err(|e| usage(format!("--wss: {e}")))?;
+    if wss_bytes < PAGE_SIZE {
+        return Err(usage(format!("--wss {wss}: less than one 4K page")));
+    }
+    if wss_bytes > mem_bytes {
+        return Err(usage(format!(
+            "--wss {wss}: larger than the guest's memory (--mem {mem})"
+        )));
+    }
+    let mixed = engine::size::parse_size(MIXED_WSS).unwrap_or(0);
+    if compute > 0 && mixed > mem_bytes {
+        return Err(usage(format!(
+            "--mem {mem}: smaller than the {MIXED_WSS} working set of the mixed progress rows \
+             (give a larger --mem, or --compute 0)"
+        )));
+    }
+    Ok(())
 }
 
 /// A comma-separated list of positive numbers.
@@ -167,11 +198,11 @@ fn run_all(args: &Args) -> Result<(), BenchError> {
     let mut progress = Vec::new();
     let mut workloads = vec![("writes only", format!("wss={}", cfg.wss))];
     if cfg.compute > 0 {
-        workloads.push(("mixed", format!("wss={MIXED_WSS} compute={}", cfg.compute)));
+        workloads.push(("mixed", mixed_args(cfg.compute)));
     }
     for (kind, args) in &workloads {
         for &interval in &cfg.intervals {
-            let row = progress_row(bin, &cfg, kind, args, interval);
+            let row = progress_row(bin, &cfg.mem, cfg.seconds, kind, args, interval);
             total += 2;
             failed += usize::from(row.unprotected.is_err()) + usize::from(row.protected.is_err());
             progress.push(row);
@@ -362,16 +393,24 @@ struct EpochRow {
 }
 
 /// Pages per guest second.
-type Rate = f64;
+pub(crate) type Rate = f64;
 
-struct ProgressRow {
+/// Guest progress unprotected and protected, one workload and interval.
+pub(crate) struct ProgressRow {
     /// "writes only" or "mixed".
-    kind: &'static str,
+    pub(crate) kind: &'static str,
     /// The workload's arguments besides `pages_per_ms=0` and `seconds=`.
-    guest: String,
-    interval: u64,
-    unprotected: Result<Rate, String>,
-    protected: Result<(Rate, Option<Summary>), String>,
+    pub(crate) guest: String,
+    pub(crate) interval: u64,
+    pub(crate) unprotected: Result<Rate, String>,
+    /// With the primary's summary when it logged one.
+    pub(crate) protected: Result<(Rate, Option<Summary>), String>,
+}
+
+/// The arguments of the mixed progress workload (besides `pages_per_ms=0` and
+/// `seconds=`): `compute` rounds of computation before each write over [`MIXED_WSS`].
+pub(crate) fn mixed_args(compute: u64) -> String {
+    format!("wss={MIXED_WSS} compute={compute}")
 }
 
 fn mib(bytes: f64) -> f64 {
@@ -457,24 +496,24 @@ fn opt(v: Option<u64>) -> String {
     v.map_or_else(|| "-".into(), |v| v.to_string())
 }
 
-/// One progress row: `workload=dirty pages_per_ms=0 <args>` unprotected, then protected at
-/// `interval` ms.
-fn progress_row(
+/// One progress row: `workload=dirty pages_per_ms=0 <args>` in a `mem` guest, unprotected
+/// for `seconds`, then protected at `interval` ms.
+pub(crate) fn progress_row(
     bin: &std::path::Path,
-    cfg: &Config,
+    mem: &str,
+    seconds: f64,
     kind: &'static str,
     args: &str,
     interval: u64,
 ) -> ProgressRow {
     let guest = |seconds: u64| format!("workload=dirty pages_per_ms=0 {args} seconds={seconds}");
-    let short = guest(cfg.seconds.ceil() as u64);
+    let short = guest(seconds.ceil() as u64);
     eprintln!("bench checkpoint: guest progress, unprotected ({short})...");
-    let unprotected =
-        unprotected(bin, &cfg.mem, cfg.seconds, &short).and_then(|out| rate_of(&out, 0));
+    let unprotected = unprotected(bin, mem, seconds, &short).and_then(|out| rate_of(&out, 0));
     eprintln!("bench checkpoint: guest progress, {kind}, protected at {interval} ms...");
-    let long = guest(cfg.seconds.ceil() as u64 + GRACE.as_secs());
-    let seconds = cfg.seconds + PRECOPY_ALLOWANCE;
-    let protected = protected(bin, &cfg.mem, "1", interval, &long, seconds).and_then(|(p, _)| {
+    let long = guest(seconds.ceil() as u64 + GRACE.as_secs());
+    let seconds = seconds + PRECOPY_ALLOWANCE;
+    let protected = protected(bin, mem, "1", interval, &long, seconds).and_then(|(p, _)| {
         let synced = sync_end_ms(&p.stderr).ok_or_else(|| {
             format!(
                 "no 'initial sync done' line from the primary:\n{}",
@@ -796,6 +835,41 @@ throttled=2 held_us max=45642 capped=5
         assert_eq!(Summary::parse("[primary 1s info] nothing here"), None);
         // A field missing: no summary rather than a made-up zero.
         assert_eq!(Summary::parse(&LOG.replace("wire_bytes", "wire")), None);
+    }
+
+    #[test]
+    fn sizes_are_checked_up_front() {
+        let config = |v: &[&str]| {
+            let v: Vec<String> = v.iter().map(|s| s.to_string()).collect();
+            Config::from(&Args::parse("checkpoint", &v, OPTIONS, &[]).unwrap())
+        };
+        let usage = |v: &[&str]| match config(v) {
+            Err(BenchError::Usage(m)) => {
+                assert!(!m.contains('\n'), "{m}");
+                m
+            }
+            Err(e) => panic!("not a usage error: {e}"),
+            Ok(_) => panic!("accepted {v:?}"),
+        };
+        let c = config(&[]).unwrap();
+        assert_eq!((c.mem.as_str(), c.wss.as_str()), ("256M", "128M"));
+        assert!(config(&["--mem", "1G", "--wss", "1G"]).is_ok());
+        assert!(config(&["--mem", "512m", "--wss", "64M"]).is_ok());
+        assert!(usage(&["--mem", "12X"]).contains("invalid size '12X'"));
+        assert!(usage(&["--mem", "lots"]).starts_with("--mem"));
+        assert!(usage(&["--wss", "big"]).contains("--wss: invalid size 'big'"));
+        assert!(usage(&["--wss", "0"]).contains("less than one 4K page"));
+        let m = usage(&["--mem", "256M", "--wss", "512M"]);
+        assert!(m.contains("--wss 512M") && m.contains("--mem 256M"), "{m}");
+        assert!(usage(&["--mem", "1K"]).contains("at least"));
+        assert!(usage(&["--mem", "64G"]).starts_with("--mem 64G"));
+        let m = usage(&["--mem", "12M", "--wss", "8M"]);
+        assert!(m.contains("mixed progress rows"), "{m}");
+        assert!(config(&["--mem", "12M", "--wss", "8M", "--compute", "0"]).is_ok());
+        // Through the subcommand: a usage error (exit status 2) before anything runs.
+        let args: Vec<String> = ["--wss", "1G"].iter().map(|s| s.to_string()).collect();
+        let e = run(&Args::parse("checkpoint", &args, OPTIONS, &[]).unwrap()).unwrap_err();
+        assert_eq!(e.exit_code(), 2, "{e}");
     }
 
     #[test]

@@ -28,7 +28,7 @@
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
-use harness::{Loss, Netns, TrialConfig};
+use harness::{Loss, Netns, SoakOutcome, TrialConfig};
 
 use crate::args::Args;
 use crate::stats::Summary;
@@ -43,6 +43,10 @@ pub const OPTIONS: &[&str] = &[
     "heartbeat-timeout-ms",
 ];
 
+/// Threads spinning beside the soak's pairs unless `--busy` says otherwise (one a core
+/// here).
+const DEFAULT_BUSY: usize = 2;
+
 pub(crate) struct Plan {
     trials: usize,
     mem: Option<String>,
@@ -53,14 +57,16 @@ pub(crate) struct Plan {
 }
 
 impl Plan {
-    /// `trials` SIGKILLs of the primary, the binary's defaults otherwise.
-    pub(crate) fn sigkill(trials: usize) -> Plan {
+    /// `trials` trials of each way of losing the primary that [`run_trials`] is given, and
+    /// a soak of `soak` seconds beside the default busy threads ([`run_soak`]); the
+    /// binary's defaults otherwise (its heartbeat timeout among them).
+    pub(crate) fn new(trials: usize, soak: u64) -> Plan {
         Plan {
             trials,
             mem: None,
-            modes: vec![Loss::Kill],
-            soak: 0,
-            busy: 0,
+            modes: Vec::new(),
+            soak,
+            busy: DEFAULT_BUSY,
             extra: Vec::new(),
         }
     }
@@ -176,7 +182,7 @@ pub fn run(args: &Args) -> Result<(), BenchError> {
         mem: args.get("mem").map(str::to_string),
         modes,
         soak: args.number("soak", 0, 0)?,
-        busy: args.number("busy", 2, 0)?,
+        busy: args.number("busy", DEFAULT_BUSY, 0)?,
         extra,
     };
     let bin = harness::try_lockstep_bin().map_err(BenchError::Usage)?;
@@ -371,24 +377,7 @@ fn print_trials(plan: &Plan, loss: Loss, t: &Trials) {
 }
 
 fn soak(bin: &Path, work: &Path, plan: &Plan, ns: &Netns) -> Result<(), String> {
-    let cfg = TrialConfig {
-        bin: bin.to_path_buf(),
-        dir: work.join("soak"),
-        kill_after: Duration::ZERO,
-        run_after_failover: Duration::ZERO,
-        mem: plan.mem.clone(),
-        port: 7590,
-        verbose: false,
-        reprotect: false,
-        disk: None,
-        loss: Loss::Kill,
-        extra: plan.extra.clone(),
-    };
-    eprintln!(
-        "bench failover: soak: pairs under client load for {} s, {} busy threads",
-        plan.soak, plan.busy
-    );
-    let o = harness::soak(ns, &cfg, Duration::from_secs(plan.soak), plan.busy)?;
+    let o = run_soak(bin, work, plan, ns, "bench failover")?;
     println!(
         "### soak: {} s of a protected pair under client load, nobody killed, {} threads \
          spinning beside it\n",
@@ -422,8 +411,38 @@ fn soak(bin: &Path, work: &Path, plan: &Plan, ns: &Netns) -> Result<(), String> 
             o.logs
         );
     }
-    let _ = std::fs::remove_dir_all(&cfg.dir);
     Ok(())
+}
+
+/// Runs pairs nobody kills for `plan.soak` seconds beside `plan.busy` spinning threads
+/// (`harness::soak`), saying so on stderr after `label`.
+pub(crate) fn run_soak(
+    bin: &Path,
+    work: &Path,
+    plan: &Plan,
+    ns: &Netns,
+    label: &str,
+) -> Result<SoakOutcome, String> {
+    let cfg = TrialConfig {
+        bin: bin.to_path_buf(),
+        dir: work.join("soak"),
+        kill_after: Duration::ZERO,
+        run_after_failover: Duration::ZERO,
+        mem: plan.mem.clone(),
+        port: 7590,
+        verbose: false,
+        reprotect: false,
+        disk: None,
+        loss: Loss::Kill,
+        extra: plan.extra.clone(),
+    };
+    eprintln!(
+        "{label}: soak: pairs under client load for {} s, {} busy threads",
+        plan.soak, plan.busy
+    );
+    let o = harness::soak(ns, &cfg, Duration::from_secs(plan.soak), plan.busy);
+    let _ = std::fs::remove_dir_all(&cfg.dir);
+    o
 }
 
 #[cfg(test)]

@@ -71,9 +71,12 @@ pub fn run(args: &Args) -> Result<(), BenchError> {
 }
 
 /// (pages found p50, harvest times, pause times).
-type Measured = (u64, Vec<Duration>, Vec<Duration>);
+pub(crate) type Measured = (u64, Vec<Duration>, Vec<Duration>);
 
-fn measure(
+/// `samples` harvests of the dirty set of a `mem`-byte guest (2 vCPUs) that dirties
+/// `pages` distinct pages between them, with the bitmap (`ring` `None`, lockstep's
+/// default) or a dirty ring of `ring` entries.
+pub(crate) fn measure(
     mem: u64,
     pages: u64,
     ring: Option<u32>,

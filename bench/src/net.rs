@@ -28,7 +28,7 @@ pub enum NetError {
     Run { mode: &'static str, why: String },
 }
 
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub(crate) struct Figures {
     pub(crate) rps: f64,
     pub(crate) p50_ms: f64,

@@ -60,66 +60,84 @@ pub fn run(args: &Args) -> Result<(), BenchError> {
     let sizes = sizes(args.get("mem").unwrap_or("2G"))?;
     let bin = harness::try_lockstep_bin().map_err(BenchError::Failed)?;
     let dir = work_dir().map_err(BenchError::Failed)?;
-    let qemu = find_qemu();
+    let qemu = find_qemu(true);
     if let Err(why) = &qemu {
         eprintln!("bench sync: the QEMU comparison is skipped: {why}");
     }
-    // Once QEMU failed under KVM, every later run is under TCG.
-    let mut accel = if kvm_usable() { Accel::Kvm } else { Accel::Tcg };
-    let mut rows = Vec::new();
-    for (text, bytes) in &sizes {
-        let mut row = Row {
-            mem: text.clone(),
-            mib: (*bytes >> 20) as f64,
-            lockstep: Vec::new(),
-            qemu: Vec::new(),
-        };
-        for t in 0..trials {
-            eprintln!(
-                "bench sync: {text}, trial {} of {trials}: lockstep...",
-                t + 1
-            );
-            let r = protected(bin, text, "1", 25, GUEST, LOCKSTEP_SECONDS)
-                .and_then(|(p, b)| LockstepRun::parse(&p, &b));
-            if let Err(e) = &r {
-                eprintln!("bench sync: lockstep: {}", first_line(e));
-            }
-            row.lockstep.push(r);
-            if let Ok(q) = &qemu {
-                eprintln!("bench sync: {text}, trial {} of {trials}: QEMU...", t + 1);
-                let mut r = qemu_trial(q, &dir, text, *bytes, accel);
-                if r.is_err() && accel == Accel::Kvm {
-                    // QEMU may not run with this KVM: the comparison then runs under TCG.
-                    eprintln!(
-                        "bench sync: QEMU with KVM: {}; trying TCG",
-                        first_line(r.as_ref().err().map_or("", String::as_str))
-                    );
-                    accel = Accel::Tcg;
-                    r = qemu_trial(q, &dir, text, *bytes, accel);
-                }
-                if let Err(e) = &r {
-                    eprintln!("bench sync: QEMU: {}", first_line(e));
-                }
-                row.qemu.push(r);
-            }
-        }
-        rows.push(row);
-    }
+    let mut accel = Accel::first();
+    let rows: Vec<Row> = sizes
+        .iter()
+        .map(|(text, bytes)| {
+            measure(
+                bin,
+                qemu.as_ref().ok(),
+                &dir,
+                text,
+                *bytes,
+                trials,
+                &mut accel,
+                "bench sync",
+            )
+        })
+        .collect();
     let _ = std::fs::remove_dir_all(&dir);
     print(&rows, trials, &qemu, accel);
-    let failed: usize = rows
-        .iter()
-        .map(|r| {
-            r.lockstep.iter().filter(|x| x.is_err()).count()
-                + r.qemu.iter().filter(|x| x.is_err()).count()
-        })
-        .sum();
+    let failed: usize = rows.iter().map(Row::failed).sum();
     if failed > 0 {
         return Err(BenchError::Failed(format!(
             "{failed} runs failed (see the table)"
         )));
     }
     Ok(())
+}
+
+/// `trials` initial syncs of a `text` (`bytes`) guest by lockstep and, with `qemu`, as
+/// many QEMU migrations, alternating; progress on stderr after `label`. Once QEMU failed
+/// under KVM, `accel` turns to TCG for every later run.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn measure(
+    bin: &Path,
+    qemu: Option<&Qemu>,
+    dir: &Path,
+    text: &str,
+    bytes: u64,
+    trials: usize,
+    accel: &mut Accel,
+    label: &str,
+) -> Row {
+    let mut row = Row {
+        mem: text.to_string(),
+        mib: (bytes >> 20) as f64,
+        lockstep: Vec::new(),
+        qemu: Vec::new(),
+    };
+    for t in 0..trials {
+        eprintln!("{label}: {text}, trial {} of {trials}: lockstep...", t + 1);
+        let r = protected(bin, text, "1", 25, GUEST, LOCKSTEP_SECONDS)
+            .and_then(|(p, b)| LockstepRun::parse(&p, &b));
+        if let Err(e) = &r {
+            eprintln!("{label}: lockstep: {}", first_line(e));
+        }
+        row.lockstep.push(r);
+        if let Some(q) = qemu {
+            eprintln!("{label}: {text}, trial {} of {trials}: QEMU...", t + 1);
+            let mut r = qemu_trial(q, dir, text, bytes, *accel);
+            if r.is_err() && *accel == Accel::Kvm {
+                // QEMU may not run with this KVM: the comparison then runs under TCG.
+                eprintln!(
+                    "{label}: QEMU with KVM: {}; trying TCG",
+                    first_line(r.as_ref().err().map_or("", String::as_str))
+                );
+                *accel = Accel::Tcg;
+                r = qemu_trial(q, dir, text, bytes, *accel);
+            }
+            if let Err(e) = &r {
+                eprintln!("{label}: QEMU: {}", first_line(e));
+            }
+            row.qemu.push(r);
+        }
+    }
+    row
 }
 
 /// `--mem LIST`: sizes as `lockstep --mem` takes them, with their bytes.
@@ -140,13 +158,22 @@ fn sizes(list: &str) -> Result<Vec<(String, u64)>, BenchError> {
 
 /// How QEMU runs its guest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Accel {
+pub(crate) enum Accel {
     Kvm,
     Tcg,
 }
 
 impl Accel {
-    fn name(self) -> &'static str {
+    /// KVM when `/dev/kvm` can be opened, else TCG.
+    pub(crate) fn first() -> Accel {
+        if kvm_usable() {
+            Accel::Kvm
+        } else {
+            Accel::Tcg
+        }
+    }
+
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Accel::Kvm => "kvm",
             Accel::Tcg => "tcg",
@@ -163,16 +190,56 @@ fn kvm_usable() -> bool {
 }
 
 /// One size's trials.
-struct Row {
-    mem: String,
+pub(crate) struct Row {
+    pub(crate) mem: String,
     mib: f64,
-    lockstep: Vec<Result<LockstepRun, String>>,
-    qemu: Vec<Result<QemuRun, String>>,
+    pub(crate) lockstep: Vec<Result<LockstepRun, String>>,
+    pub(crate) qemu: Vec<Result<QemuRun, String>>,
+}
+
+impl Row {
+    /// The median end to end (ms) of lockstep's trials that gave figures.
+    pub(crate) fn lockstep_ms(&self) -> Option<f64> {
+        let v: Vec<f64> = self
+            .lockstep
+            .iter()
+            .flatten()
+            .map(|l| l.end_to_end_ms)
+            .collect();
+        spread(&v).map(|(m, _, _)| m)
+    }
+
+    /// The median end to end (ms) of QEMU's trials that gave figures.
+    pub(crate) fn qemu_ms(&self) -> Option<f64> {
+        let v: Vec<f64> = self
+            .qemu
+            .iter()
+            .flatten()
+            .map(|q| q.end_to_end_ms)
+            .collect();
+        spread(&v).map(|(m, _, _)| m)
+    }
+
+    /// Trials that failed, either side.
+    pub(crate) fn failed(&self) -> usize {
+        self.lockstep.iter().filter(|x| x.is_err()).count()
+            + self.qemu.iter().filter(|x| x.is_err()).count()
+    }
+
+    /// The first failure's first line, either side.
+    pub(crate) fn first_error(&self) -> Option<String> {
+        let lockstep = self.lockstep.iter().filter_map(|x| x.as_ref().err());
+        let qemu = self.qemu.iter().filter_map(|x| x.as_ref().err());
+        lockstep
+            .map(|e| format!("lockstep: {}", first_line(e)))
+            .chain(qemu.map(|e| format!("QEMU: {}", first_line(e))))
+            .next()
+    }
 }
 
 /// What a lockstep pair's logs say of its initial sync (milliseconds, MiB).
 #[derive(Debug, Clone, Copy, PartialEq)]
-struct LockstepRun {
+pub(crate) struct LockstepRun {
     /// The primary's start of the sync until the ack of epoch 1.
     end_to_end_ms: f64,
     /// The primary's pre-copy rounds.
@@ -233,7 +300,7 @@ fn number_ending_at(line: &str, end: usize) -> Option<f64> {
 
 /// What one QEMU migration took.
 #[derive(Debug, Clone, Copy, PartialEq)]
-struct QemuRun {
+pub(crate) struct QemuRun {
     /// From the `migrate` command until the destination runs (ms).
     end_to_end_ms: f64,
     /// The source's `total-time` (ms), as QEMU reports it.
@@ -242,15 +309,20 @@ struct QemuRun {
     wire_mib: f64,
 }
 
-/// The QEMU binary, installed if missing; why not, otherwise.
-fn find_qemu() -> Result<Qemu, String> {
+/// The QEMU binary, installed if missing and `install` says so; why not, otherwise.
+pub(crate) fn find_qemu(install: bool) -> Result<Qemu, String> {
     if let Some(path) = on_path(QEMU) {
         return Qemu::at(path);
+    }
+    if !install {
+        return Err(format!(
+            "{QEMU} missing (bench sync installs Debian's {QEMU_PACKAGE})"
+        ));
     }
     eprintln!(
         "bench sync: {QEMU} not found; installing Debian's {QEMU_PACKAGE} for the comparison..."
     );
-    install(QEMU_PACKAGE)?;
+    self::install(QEMU_PACKAGE)?;
     match on_path(QEMU) {
         Some(path) => Qemu::at(path),
         None => Err(format!(
@@ -296,9 +368,9 @@ fn on_path(name: &str) -> Option<PathBuf> {
 }
 
 /// A QEMU binary and its version line.
-struct Qemu {
+pub(crate) struct Qemu {
     path: PathBuf,
-    version: String,
+    pub(crate) version: String,
 }
 
 impl Qemu {

@@ -9,6 +9,10 @@ pub struct Table {
     pub caption: String,
     pub header: Vec<String>,
     pub rows: Vec<Vec<String>>,
+    /// The table's CSS class (empty: none).
+    pub class: String,
+    /// Each row's CSS class (empty: none), beside `rows`.
+    pub row_classes: Vec<String>,
 }
 
 impl Table {
@@ -16,12 +20,18 @@ impl Table {
         Table {
             caption: caption.to_string(),
             header: header.iter().map(|h| h.to_string()).collect(),
-            rows: Vec::new(),
+            ..Table::default()
         }
     }
 
     pub fn row(&mut self, cells: Vec<String>) {
+        self.row_with_class(cells, "");
+    }
+
+    /// A row drawn with the CSS class `class`.
+    pub fn row_with_class(&mut self, cells: Vec<String>, class: &str) {
         self.rows.push(cells);
+        self.row_classes.push(class.to_string());
     }
 }
 
@@ -91,7 +101,12 @@ th:first-child,td:first-child{text-align:left}th{background:#f3f3f3}\
 svg.plot{max-width:100%;height:auto;display:block;margin:1em 0}\
 code{background:#f3f3f3;padding:.1em .3em;border-radius:3px}\
 .note{color:#444;font-size:.92em}.error{color:#a00;font-weight:600}\
-nav a{margin-right:1em}.machine td{text-align:left}";
+nav a{margin-right:1em}.machine td{text-align:left}\
+table.targets td{text-align:left;vertical-align:top}table.targets th{text-align:left}\
+tr.met td:last-child{background:#d7f0de;color:#14532d;font-weight:600}\
+tr.missed td:last-child{background:#fbdada;color:#8b0000;font-weight:600}\
+tr.notrun td:last-child{background:#eee;color:#555;font-style:italic}\
+.tally{font-weight:600}";
 
 /// The page as HTML.
 pub fn render(page: &Page) -> String {
@@ -170,7 +185,11 @@ pub fn render(page: &Page) -> String {
 }
 
 fn table(h: &mut String, t: &Table) {
-    h.push_str("<table>");
+    if t.class.is_empty() {
+        h.push_str("<table>");
+    } else {
+        let _ = write!(h, "<table class=\"{}\">", escape(&t.class));
+    }
     if !t.caption.is_empty() {
         let _ = write!(h, "<caption>{}</caption>", escape(&t.caption));
     }
@@ -182,8 +201,13 @@ fn table(h: &mut String, t: &Table) {
         h.push_str("</tr></thead>");
     }
     h.push_str("<tbody>");
-    for r in &t.rows {
-        h.push_str("<tr>");
+    for (i, r) in t.rows.iter().enumerate() {
+        match t.row_classes.get(i).filter(|c| !c.is_empty()) {
+            Some(c) => {
+                let _ = write!(h, "<tr class=\"{}\">", escape(c));
+            }
+            None => h.push_str("<tr>"),
+        }
         for c in r {
             let _ = write!(h, "<td>{}</td>", escape(c));
         }
@@ -209,6 +233,24 @@ mod tests {
         let s = inline_svg(svg);
         assert!(!s.contains("http"));
         assert!(s.starts_with("<svg class=\"plot\" role=\"img\" width=\"10\""));
+    }
+
+    #[test]
+    fn table_and_row_classes() {
+        let mut t = Table::new("targets", &["what", "verdict"]);
+        t.class = "targets".into();
+        t.row_with_class(vec!["pause".into(), "met".into()], "met");
+        t.row(vec!["plain".into(), "-".into()]);
+        t.row_with_class(vec!["sync".into(), "missed".into()], "missed");
+        let mut h = String::new();
+        table(&mut h, &t);
+        assert!(h.starts_with("<table class=\"targets\"><caption>targets</caption>"));
+        assert!(h.contains("<tr class=\"met\"><td>pause</td><td>met</td></tr>"));
+        assert!(h.contains("<tr><td>plain</td>"));
+        assert!(h.contains("<tr class=\"missed\"><td>sync</td>"));
+        let mut plain = String::new();
+        table(&mut plain, &Table::new("", &["a"]));
+        assert!(plain.starts_with("<table><thead>"));
     }
 
     #[test]

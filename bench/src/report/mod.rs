@@ -1,6 +1,13 @@
 //! `bench report`: runs a suite of measurements and writes one self-contained HTML page
 //! of plots and tables, `DIR/index.html`:
 //!
+//! 0. Targets: the project's performance targets, one row each, judged on this run's
+//!    figures (met, missed, or not run and why), with the baseline measured beside them
+//!    (`targets.rs`). Besides the runs below, it takes a pair at 5 ms epochs, the kv
+//!    guest under `redis-benchmark -c 20` (in the latency runs' guests), failovers after
+//!    a lost host and a soak nobody kills (`bench failover --mode host`, `--soak`), the
+//!    initial sync against QEMU's migration (`bench sync`), the dirty harvest of 1, 4 and
+//!    16 GiB guests (`bench harvest`) and the mixed progress row of `bench checkpoint`.
 //! 1. Epoch pauses by dirty rate: a pair over loopback per target dirty set (the built-in
 //!    guest's `workload=dirty`, 25 ms epochs), the primary writing its figures with
 //!    `--stats-json`; the CDF of the pause from its histogram, one line a rate.
@@ -12,26 +19,28 @@
 //! 4. Failover: SIGKILLs of the primary under client load (`bench failover`'s trials);
 //!    per trial, kill → detected → fenced → promoted → first reply on a ms axis.
 //!
-//! The full suite: six dirty rates (100 to 8,000 pages an epoch), 20 s of epochs each,
-//! 20,000 requests per mode, 20 trials. `--quick` runs a subset: three rates, 8 s each,
-//! 5,000 requests per mode, 6 trials. A part that fails
-//! leaves its error in the page; the bench then exits non-zero.
+//! The full suite: six dirty rates (100 to 10,000 pages an epoch), 20 s of epochs each,
+//! 20,000 requests per mode, 20 SIGKILL and 10 host-loss trials, a 60 s soak, a 2 GiB
+//! sync. `--quick` runs a subset: five rates, 8 s each, 5,000 requests per mode, 6 and 3
+//! trials, a 10 s soak, a 512 MiB sync. See [`Plan`]. A part that fails leaves its error
+//! in the page; the bench then exits non-zero.
 
 mod html;
 mod plot;
 mod stats_json;
+mod targets;
 
 use std::io::Write;
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
-use harness::{Kv, Loss, Netns, Reply};
+use harness::{Kv, Loss, Netns, Reply, SoakOutcome};
 
 use crate::args::Args;
-use crate::checkpoint::{pages_per_ms, EpochRun, Summary as EpochSummary};
+use crate::checkpoint::{pages_per_ms, EpochRun, ProgressRow, Summary as EpochSummary};
 use crate::failover::{self, Timeline};
-use crate::net::{KvGuest, Mode};
+use crate::net::{Figures, KvGuest, Mode};
 use crate::stats::Summary;
 use crate::BenchError;
 use html::{Page, Section, Table};
@@ -47,17 +56,42 @@ const MEM: &str = "256M";
 const WSS: &str = "128M";
 /// Requests each client run makes before the timed ones (connection and caches warm).
 const WARMUP: usize = 50;
+/// The dirty rates the pause targets are set at (pages per epoch): ~2,000, and a guest
+/// asking for 10,000 (more than an epoch may carry).
+const TARGET_RATE: u64 = 2_000;
+const CAPPED_RATE: u64 = 10_000;
+/// The target at short epochs: 1,000 pages per epoch of 5 ms.
+const FAST_INTERVAL_MS: u64 = 5;
+const FAST_RATE: u64 = 1_000;
+/// redis-benchmark's clients in the throughput target.
+const KV_CLIENTS: u64 = 20;
+/// Guest sizes of the harvest target, and its dirty pages.
+const HARVEST_MEMS: [u64; 3] = [1 << 30, 4 << 30, 16 << 30];
+const HARVEST_PAGES: u64 = 2_000;
+/// `compute=` of the mixed progress target.
+const PROGRESS_COMPUTE: u64 = 10_000;
 
 /// What the suite runs.
 struct Plan {
     quick: bool,
     /// Target dirty pages per epoch.
     rates: Vec<u64>,
-    /// Seconds of epochs per rate.
+    /// Seconds of epochs per rate (and of the 5 ms run).
     seconds: f64,
-    /// Timed requests per latency mode.
+    /// Timed requests per latency mode, and redis-benchmark's requests.
     requests: usize,
+    /// SIGKILL trials.
     trials: usize,
+    /// Host-loss trials, and the soak's seconds.
+    host_trials: usize,
+    soak: u64,
+    /// The guest RAM of the initial-sync comparison, and its trials.
+    sync_mem: &'static str,
+    sync_trials: usize,
+    /// Harvests per guest size.
+    harvest_samples: usize,
+    /// Guest seconds of the progress runs.
+    progress_seconds: f64,
 }
 
 impl Plan {
@@ -65,26 +99,41 @@ impl Plan {
         if quick {
             Plan {
                 quick,
-                rates: vec![100, 1_000, 4_000],
+                rates: vec![100, 1_000, TARGET_RATE, 4_000, CAPPED_RATE],
                 seconds: 8.0,
                 requests: 5_000,
                 trials: 6,
+                host_trials: 3,
+                soak: 10,
+                sync_mem: "512M",
+                sync_trials: 1,
+                harvest_samples: 20,
+                progress_seconds: 3.0,
             }
         } else {
             Plan {
                 quick,
-                rates: vec![100, 300, 1_000, 2_000, 4_000, 8_000],
+                rates: vec![100, 300, 1_000, TARGET_RATE, 4_000, CAPPED_RATE],
                 seconds: 20.0,
                 requests: 20_000,
                 trials: 20,
+                host_trials: 10,
+                soak: 60,
+                sync_mem: "2G",
+                sync_trials: 3,
+                harvest_samples: 40,
+                progress_seconds: 10.0,
             }
         }
     }
 
     fn scope(&self) -> String {
         format!(
-            "Dirty rates of {} pages per {INTERVAL_MS} ms epoch, {} s of epochs each; {} timed \
-             requests per latency mode; {} failover trials.",
+            "Dirty rates of {} pages per {INTERVAL_MS} ms epoch and {FAST_RATE} per \
+             {FAST_INTERVAL_MS} ms epoch, {} s of epochs each; {} timed requests per latency \
+             mode and {} for redis-benchmark; {} SIGKILL and {} host-loss failover trials, a \
+             soak of {} s; the initial sync of a {} guest, {} trial(s); {} harvests per guest \
+             size; {} s of guest progress per mode.",
             self.rates
                 .iter()
                 .map(u64::to_string)
@@ -92,7 +141,14 @@ impl Plan {
                 .join(", "),
             self.seconds,
             self.requests,
-            self.trials
+            self.requests,
+            self.trials,
+            self.host_trials,
+            self.soak,
+            self.sync_mem,
+            self.sync_trials,
+            self.harvest_samples,
+            self.progress_seconds
         )
     }
 }
@@ -112,14 +168,43 @@ pub fn run(args: &Args) -> Result<(), BenchError> {
         .map_err(|e| BenchError::Failed(format!("{}: {e}", work.display())))?;
 
     let pauses = pause_runs(bin, &work, &plan);
+    let fast = pause_run(
+        bin,
+        &work,
+        FAST_INTERVAL_MS,
+        FAST_RATE,
+        plan.seconds,
+        "bench report: [5 ms epochs]",
+    );
     crate::checkpoint::remove_work_dir();
-    let latency = latency_runs(bin, &work, &plan);
+    let (latency, throughput) = latency_runs(bin, &work, &plan);
     let failover = failover_runs(bin, &work, &plan);
+    let sync = sync_run(bin, &plan);
+    let harvest = harvest_runs(&plan);
+    let progress = progress_run(bin, &plan);
+    crate::checkpoint::remove_work_dir();
     let _ = std::fs::remove_dir_all(&work);
 
     let failed = pauses.iter().filter(|p| p.summary.is_err()).count()
+        + usize::from(fast.summary.is_err())
         + usize::from(latency.iter().any(|(_, r)| r.is_err()) || latency.is_empty())
-        + usize::from(failover.is_err());
+        + usize::from(throughput.iter().any(|(_, r)| r.is_err()))
+        + usize::from(failover.sigkill.is_err())
+        + usize::from(failover.host.is_err())
+        + usize::from(failover.soak.is_err())
+        + usize::from(matches!(&sync, SyncRun::Ran { row, .. } if row.failed() > 0))
+        + harvest.iter().filter(|(_, r)| r.is_err()).count()
+        + usize::from(progress.unprotected.is_err() || progress.protected.is_err());
+    let inputs = target_inputs(
+        &pauses,
+        &fast,
+        &latency,
+        &throughput,
+        &failover,
+        &sync,
+        &harvest,
+        &progress,
+    );
     let mut machine = machine;
     machine.push((
         "suite run time".into(),
@@ -132,10 +217,11 @@ pub fn run(args: &Args) -> Result<(), BenchError> {
         command,
         machine,
         sections: vec![
+            targets::section(&targets::rows(&inputs)),
             pause_cdf_section(&plan, &pauses),
             pause_pages_section(&pauses),
             latency_section(&plan, &latency),
-            failover_section(&plan, &failover),
+            failover_section(&plan, &failover.sigkill),
         ],
     };
     let html = html::render(&page);
@@ -259,46 +345,58 @@ fn pause_runs(bin: &Path, work: &Path, plan: &Plan) -> Vec<PauseRun> {
         .iter()
         .enumerate()
         .map(|(i, &target)| {
-            eprintln!(
-                "bench report: [pauses {}/{n}] {target} pages per {INTERVAL_MS} ms epoch \
-                 (pages_per_ms={}), {} s of epochs...",
-                i + 1,
-                pages_per_ms(target, INTERVAL_MS),
-                plan.seconds
-            );
-            let file = work.join(format!("stats-{target}.json"));
-            let _ = std::fs::remove_file(&file);
-            let file_arg = file.display().to_string();
-            let run = EpochRun {
-                mem: MEM,
-                wss: WSS,
-                interval: INTERVAL_MS,
-                pages: target,
-                seconds: plan.seconds,
-            };
-            let summary = run.measure(bin, &["--stats-json", &file_arg]);
-            let stats = std::fs::read_to_string(&file)
-                .map_err(|e| format!("{}: {e}", file.display()))
-                .and_then(|t| Stats::parse(&t).map_err(|e| format!("{}: {e}", file.display())));
-            match (&summary, &stats) {
-                (Err(e), _) => eprintln!("bench report: [pauses {}/{n}] failed: {}", i + 1, first_line(e)),
-                (Ok(_), Err(e)) => eprintln!("bench report: [pauses {}/{n}] no histograms: {e}", i + 1),
-                (Ok(s), Ok(st)) => eprintln!(
-                    "bench report: [pauses {}/{n}] {} epochs, {:.0} pages an epoch, pause p50 {} µs, p99 {} µs",
-                    i + 1,
-                    st.epochs,
-                    s.pages_per_epoch(),
-                    st.pause_us.p50,
-                    st.pause_us.p99
-                ),
-            }
-            PauseRun {
-                target,
-                summary,
-                stats,
-            }
+            let label = format!("bench report: [pauses {}/{n}]", i + 1);
+            pause_run(bin, work, INTERVAL_MS, target, plan.seconds, &label)
         })
         .collect()
+}
+
+/// A pair at `interval` ms epochs whose guest dirties `target` pages an epoch, for
+/// `seconds` of epochs, the primary writing its histograms; progress on stderr after
+/// `label`.
+fn pause_run(
+    bin: &Path,
+    work: &Path,
+    interval: u64,
+    target: u64,
+    seconds: f64,
+    label: &str,
+) -> PauseRun {
+    eprintln!(
+        "{label} {target} pages per {interval} ms epoch (pages_per_ms={}), {seconds} s of \
+         epochs...",
+        pages_per_ms(target, interval),
+    );
+    let file = work.join(format!("stats-{interval}-{target}.json"));
+    let _ = std::fs::remove_file(&file);
+    let file_arg = file.display().to_string();
+    let run = EpochRun {
+        mem: MEM,
+        wss: WSS,
+        interval,
+        pages: target,
+        seconds,
+    };
+    let summary = run.measure(bin, &["--stats-json", &file_arg]);
+    let stats = std::fs::read_to_string(&file)
+        .map_err(|e| format!("{}: {e}", file.display()))
+        .and_then(|t| Stats::parse(&t).map_err(|e| format!("{}: {e}", file.display())));
+    match (&summary, &stats) {
+        (Err(e), _) => eprintln!("{label} failed: {}", first_line(e)),
+        (Ok(_), Err(e)) => eprintln!("{label} no histograms: {e}"),
+        (Ok(s), Ok(st)) => eprintln!(
+            "{label} {} epochs, {:.0} pages an epoch, pause p50 {} µs, p99 {} µs",
+            st.epochs,
+            s.pages_per_epoch(),
+            st.pause_us.p50,
+            st.pause_us.p99
+        ),
+    }
+    PauseRun {
+        target,
+        summary,
+        stats,
+    }
 }
 
 fn first_line(s: &str) -> &str {
@@ -494,17 +592,25 @@ fn pause_pages_section(runs: &[PauseRun]) -> Section {
 // 3: request latency, one client
 
 type Latency = Vec<(Mode, Result<Vec<Duration>, String>)>;
+/// redis-benchmark's SET and GET figures with [`KV_CLIENTS`] clients, per mode.
+type Throughput = Vec<(Mode, Result<[Figures; 2], String>)>;
 
-fn latency_runs(bin: &Path, work: &Path, plan: &Plan) -> Latency {
+/// Per mode, one guest: one client's requests timed here, then redis-benchmark with
+/// [`KV_CLIENTS`] clients.
+fn latency_runs(bin: &Path, work: &Path, plan: &Plan) -> (Latency, Throughput) {
     let ns = match Netns::create("lsbrep") {
         Ok(ns) => ns,
         Err(e) => {
             eprintln!("bench report: [latency] no network namespace: {e}");
-            return vec![(Mode::Unprotected, Err(e))];
+            return (
+                vec![(Mode::Unprotected, Err(e.clone()))],
+                vec![(Mode::Unprotected, Err(e))],
+            );
         }
     };
     let modes = [Mode::Unprotected, Mode::Early];
     let mut out = Vec::new();
+    let mut throughput = Vec::new();
     for (i, mode) in modes.into_iter().enumerate() {
         eprintln!(
             "bench report: [latency {}/{}] {}: {} requests on one connection...",
@@ -513,11 +619,35 @@ fn latency_runs(bin: &Path, work: &Path, plan: &Plan) -> Latency {
             mode.name(),
             plan.requests
         );
+        let mut bench = Err("the guest did not start".to_string());
         let result = KvGuest::start(&ns, bin, work, mode, INTERVAL_MS, None).and_then(|kv| {
             let r = one_client(&ns, plan.requests);
+            bench = match &r {
+                Ok(_) => {
+                    eprintln!(
+                        "bench report: [latency {}/{}] {}: redis-benchmark -n {} -c \
+                         {KV_CLIENTS}...",
+                        i + 1,
+                        modes.len(),
+                        mode.name(),
+                        plan.requests
+                    );
+                    crate::net::redis_benchmark(&ns, plan.requests as u64, KV_CLIENTS)
+                }
+                Err(_) => Err("the one-client run before it failed".into()),
+            };
             kv.stop();
             r
         });
+        if let Err(e) = &bench {
+            eprintln!(
+                "bench report: [latency {}/{}] redis-benchmark: {}",
+                i + 1,
+                modes.len(),
+                first_line(e)
+            );
+        }
+        throughput.push((mode, bench));
         match &result {
             Ok(s) => {
                 if let Some(s) = Summary::of(s) {
@@ -539,7 +669,7 @@ fn latency_runs(bin: &Path, work: &Path, plan: &Plan) -> Latency {
         }
         out.push((mode, result));
     }
-    out
+    (out, throughput)
 }
 
 /// `requests` requests, `SET` and `GET` of one key in turn, each timed from before its
@@ -663,28 +793,78 @@ fn latency_section(plan: &Plan, runs: &Latency) -> Section {
 // ---------------------------------------------------------------------------------------
 // 4: failover
 
-fn failover_runs(
-    bin: &Path,
-    work: &Path,
-    plan: &Plan,
-) -> Result<(Vec<Timeline>, usize, usize), String> {
-    eprintln!(
-        "bench report: [failover] {} trials: SIGKILL of the primary under client load...",
-        plan.trials
+/// A way of losing the primary's trials: their timelines, the trials whose client failed
+/// or saw no promoted reply, the acknowledged writes lost.
+type TrialsResult = Result<(Vec<Timeline>, usize, usize), String>;
+
+struct FailoverRuns {
+    sigkill: TrialsResult,
+    host: TrialsResult,
+    soak: Result<SoakOutcome, String>,
+}
+
+/// SIGKILL trials, host-loss trials, then a soak, in one namespace, at the binary's
+/// default heartbeat timeout.
+fn failover_runs(bin: &Path, work: &Path, plan: &Plan) -> FailoverRuns {
+    let ns = match Netns::create("lsbrfo") {
+        Ok(ns) => ns,
+        Err(e) => {
+            eprintln!("bench report: [failover] no network namespace: {e}");
+            return FailoverRuns {
+                sigkill: Err(e.clone()),
+                host: Err(e.clone()),
+                soak: Err(e),
+            };
+        }
+    };
+    let dir = work.join("failover");
+    let trials = |loss: Loss, n: usize, m: usize| -> TrialsResult {
+        let what = match loss {
+            Loss::Kill => "SIGKILL of the primary",
+            Loss::Host => "the primary's host lost (link cut, process frozen)",
+        };
+        eprintln!("bench report: [failover] {n} trials: {what}, under client load...");
+        let t = failover::run_trials(
+            bin,
+            &dir,
+            &failover::Plan::new(n, 0),
+            &ns,
+            loss,
+            m,
+            "bench report: failover",
+        )
+        .inspect_err(|e| eprintln!("bench report: [failover] failed: {}", first_line(e)))?;
+        let (broken, lost) = t.broken_and_lost();
+        Ok((t.timelines(), broken, lost))
+    };
+    let sigkill = trials(Loss::Kill, plan.trials, 0);
+    // Ports and directories go by `m * trials + t`: past the SIGKILL trials' own.
+    let host = trials(
+        Loss::Host,
+        plan.host_trials,
+        plan.trials.div_ceil(plan.host_trials.max(1)),
     );
-    let ns = Netns::create("lsbrfo")?;
-    let t = failover::run_trials(
+    let soak = failover::run_soak(
         bin,
-        &work.join("failover"),
-        &failover::Plan::sigkill(plan.trials),
+        &dir,
+        &failover::Plan::new(0, plan.soak),
         &ns,
-        Loss::Kill,
-        0,
         "bench report: failover",
     )
-    .inspect_err(|e| eprintln!("bench report: [failover] failed: {}", first_line(e)))?;
-    let (broken, lost) = t.broken_and_lost();
-    Ok((t.timelines(), broken, lost))
+    .inspect(|o| {
+        eprintln!(
+            "bench report: [failover] soak: {} s, {} false failovers, {} false backup losses",
+            o.ran.as_secs(),
+            o.false_failovers,
+            o.false_backup_losses
+        )
+    })
+    .inspect_err(|e| eprintln!("bench report: [failover] soak failed: {}", first_line(e)));
+    FailoverRuns {
+        sigkill,
+        host,
+        soak,
+    }
 }
 
 /// The timeline's stretches of a trial: each ends at a moment that trial has, and starts
@@ -711,7 +891,7 @@ const STRETCHES: [&str; 4] = [
     "promoted → first reply",
 ];
 
-fn failover_section(plan: &Plan, r: &Result<(Vec<Timeline>, usize, usize), String>) -> Section {
+fn failover_section(plan: &Plan, r: &TrialsResult) -> Section {
     let mut section = Section {
         id: "failover".into(),
         heading: "Failover timeline".into(),
@@ -823,6 +1003,243 @@ fn failover_section(plan: &Plan, r: &Result<(Vec<Timeline>, usize, usize), Strin
     sum.row(vec!["acknowledged writes lost".into(), lost.to_string()]);
     section.tables = vec![sum, per];
     section
+}
+
+// ---------------------------------------------------------------------------------------
+// The targets' other runs
+
+/// The initial sync against QEMU's migration, or why it did not run.
+enum SyncRun {
+    NotRun(String),
+    Ran { row: crate::sync::Row, qemu: String },
+}
+
+fn sync_run(bin: &Path, plan: &Plan) -> SyncRun {
+    // The report installs nothing: without QEMU the comparison is not run.
+    let qemu = match crate::sync::find_qemu(false) {
+        Ok(q) => q,
+        Err(why) => {
+            eprintln!("bench report: [sync] not run: {why}");
+            return SyncRun::NotRun(why);
+        }
+    };
+    let bytes = engine::size::parse_size(plan.sync_mem).unwrap_or(0);
+    let dir = match crate::runs::work_dir() {
+        Ok(d) => d,
+        Err(e) => return SyncRun::NotRun(e),
+    };
+    let mut accel = crate::sync::Accel::first();
+    let row = crate::sync::measure(
+        bin,
+        Some(&qemu),
+        &dir,
+        plan.sync_mem,
+        bytes,
+        plan.sync_trials,
+        &mut accel,
+        "bench report: sync",
+    );
+    let qemu = format!("{} (-accel {})", short_version(&qemu.version), accel.name());
+    let f = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.1}"));
+    eprintln!(
+        "bench report: [sync] end to end, medians: lockstep {} ms, QEMU {} ms",
+        f(row.lockstep_ms()),
+        f(row.qemu_ms())
+    );
+    SyncRun::Ran { row, qemu }
+}
+
+/// `QEMU 7.2.22` from `QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7)`.
+fn short_version(line: &str) -> String {
+    match line.split_once(" emulator version ") {
+        Some((name, rest)) => format!("{name} {}", rest.split_whitespace().next().unwrap_or("")),
+        None => line.to_string(),
+    }
+}
+
+/// Harvest and pause p50 at [`HARVEST_PAGES`] dirty pages, bitmap, per guest size.
+type HarvestRuns = Vec<(u64, Result<targets::Harvest, String>)>;
+
+fn harvest_runs(plan: &Plan) -> HarvestRuns {
+    HARVEST_MEMS
+        .iter()
+        .map(|&mem| {
+            eprintln!(
+                "bench report: [harvest] {} GiB guest, {HARVEST_PAGES} dirty pages, {} \
+                 samples...",
+                mem >> 30,
+                plan.harvest_samples
+            );
+            let r = crate::harvest::measure(mem, HARVEST_PAGES, None, plan.harvest_samples)
+                .map_err(|e| e.to_string())
+                .and_then(
+                    |(_, times, pauses)| match (Summary::of(&times), Summary::of(&pauses)) {
+                        (Some(h), Some(p)) => Ok(targets::Harvest {
+                            harvest: h.p50,
+                            pause: p.p50,
+                        }),
+                        _ => Err("no samples".to_string()),
+                    },
+                );
+            match &r {
+                Ok(h) => eprintln!(
+                    "bench report: [harvest] harvest p50 {:.0} µs, pause p50 {:.0} µs",
+                    h.harvest.as_secs_f64() * 1e6,
+                    h.pause.as_secs_f64() * 1e6
+                ),
+                Err(e) => eprintln!("bench report: [harvest] failed: {}", first_line(e)),
+            }
+            (mem, r)
+        })
+        .collect()
+}
+
+fn progress_run(bin: &Path, plan: &Plan) -> ProgressRow {
+    eprintln!(
+        "bench report: [progress] mixed workload (compute={PROGRESS_COMPUTE}), {} s \
+         unprotected, then protected at {INTERVAL_MS} ms...",
+        plan.progress_seconds
+    );
+    let row = crate::checkpoint::progress_row(
+        bin,
+        MEM,
+        plan.progress_seconds,
+        "mixed",
+        &crate::checkpoint::mixed_args(PROGRESS_COMPUTE),
+        INTERVAL_MS,
+    );
+    match (&row.unprotected, &row.protected) {
+        (Ok(u), Ok((p, _))) => eprintln!(
+            "bench report: [progress] {u:.0} pages/s unprotected, {p:.0} protected ({:.3})",
+            p / u
+        ),
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!("bench report: [progress] failed: {}", first_line(e))
+        }
+    }
+    row
+}
+
+/// A pause run's figures for the targets: from the histograms, else from the log; the
+/// period from the log.
+fn pause_input(run: Option<&PauseRun>, what: &str) -> Result<targets::Pause, String> {
+    let run = run.ok_or_else(|| format!("no run {what} in this plan"))?;
+    let period = |s: &EpochSummary| {
+        s.epoch_secs
+            .filter(|_| s.epochs > 0)
+            .map(|t| t * 1000.0 / s.epochs as f64)
+    };
+    match (&run.stats, &run.summary) {
+        (Ok(st), summary) => Ok(targets::Pause {
+            pages: st.pages.mean(),
+            epochs: st.epochs,
+            p50_ms: st.pause_us.p50 as f64 / 1000.0,
+            p99_ms: st.pause_us.p99 as f64 / 1000.0,
+            period_ms: summary.as_ref().ok().and_then(period),
+            capped: Some(st.capped),
+        }),
+        (Err(_), Ok(s)) => Ok(targets::Pause {
+            pages: s.pages_per_epoch(),
+            epochs: s.epochs,
+            p50_ms: s.pause_p50 as f64 / 1000.0,
+            p99_ms: s.pause_p99 as f64 / 1000.0,
+            period_ms: period(s),
+            capped: s.capped,
+        }),
+        (Err(_), Err(e)) => Err(format!("failed: {}", first_line(e))),
+    }
+}
+
+/// `f` of the unprotected and of the protected (early checkpoint) run of `runs`, or why
+/// there is none.
+fn both<T, U>(
+    runs: &[(Mode, Result<T, String>)],
+    f: impl Fn(&T) -> Result<U, String>,
+) -> Result<(U, U), String> {
+    let get = |m: Mode| -> Result<U, String> {
+        let (_, r) = runs
+            .iter()
+            .find(|(x, _)| x.name() == m.name())
+            .ok_or_else(|| format!("no {} run", m.name()))?;
+        f(r.as_ref()
+            .map_err(|e| format!("{} failed: {}", m.name(), first_line(e)))?)
+    };
+    Ok((get(Mode::Unprotected)?, get(Mode::Early)?))
+}
+
+/// The runs' figures, as the targets take them.
+#[allow(clippy::too_many_arguments)]
+fn target_inputs(
+    pauses: &[PauseRun],
+    fast: &PauseRun,
+    latency: &Latency,
+    throughput: &Throughput,
+    failover: &FailoverRuns,
+    sync: &SyncRun,
+    harvest: &HarvestRuns,
+    progress: &ProgressRow,
+) -> targets::Inputs {
+    let at = |rate: u64| pauses.iter().find(|p| p.target == rate);
+    let failed = |e: &String| format!("failed: {}", first_line(e));
+    let sync = match sync {
+        SyncRun::NotRun(why) => Err(why.clone()),
+        SyncRun::Ran { row, qemu } => match (row.lockstep_ms(), row.qemu_ms()) {
+            (Some(l), Some(q)) => Ok(targets::Sync {
+                mem: row.mem.clone(),
+                trials: row
+                    .lockstep
+                    .iter()
+                    .flatten()
+                    .count()
+                    .min(row.qemu.iter().flatten().count()),
+                lockstep_ms: l,
+                qemu_ms: q,
+                qemu: qemu.clone(),
+            }),
+            _ => Err(format!(
+                "failed: {}",
+                row.first_error().unwrap_or_else(|| "no trial".into())
+            )),
+        },
+    };
+    let trials = |r: &TrialsResult, f: &dyn Fn(&Timeline) -> Option<f64>| {
+        r.as_ref().map_err(failed).map(|(t, _, _)| targets::Trials {
+            trials: t.len(),
+            ms: t.iter().filter_map(f).collect(),
+            loss_ms: t.iter().filter_map(|t| t.reaped).collect(),
+        })
+    };
+    let soak = failover
+        .soak
+        .as_ref()
+        .map_err(failed)
+        .map(|o| targets::Soak {
+            seconds: o.ran.as_secs(),
+            false_failovers: o.false_failovers,
+            false_backup_losses: o.false_backup_losses,
+        });
+    let progress = match (&progress.unprotected, &progress.protected) {
+        (Ok(u), Ok((p, _))) => Ok((*u, *p)),
+        (Err(e), _) | (_, Err(e)) => Err(failed(e)),
+    };
+    targets::Inputs {
+        pause_2k: pause_input(at(TARGET_RATE), "at 2,000 pages an epoch"),
+        pause_10k: pause_input(at(CAPPED_RATE), "at 10,000 pages an epoch"),
+        fast: pause_input(Some(fast), "at 5 ms epochs"),
+        kv_set: both(throughput, |f: &[Figures; 2]| Ok(f[0])),
+        one_client: both(latency, |s: &Vec<Duration>| {
+            Summary::of(s).ok_or_else(|| "no samples".to_string())
+        }),
+        sync,
+        sigkill: trials(&failover.sigkill, &|t| t.first_reply),
+        host: trials(&failover.host, &|t| t.detected),
+        soak,
+        harvest: harvest
+            .iter()
+            .map(|(mem, r)| (format!("{} GiB", mem >> 30), r.clone()))
+            .collect(),
+        progress,
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -986,6 +1403,7 @@ mod tests {
             ]),
             machine: machine(),
             sections: vec![
+                targets::section(&targets::rows(&targets::tests::all_met())),
                 pause_cdf_section(&plan, &pause_runs()),
                 pause_pages_section(&pause_runs()),
                 latency_section(&plan, &latency()),
@@ -1027,9 +1445,17 @@ mod tests {
             "git commit",
             "cargo run --release -p bench -- report --quick --out &#39;/tmp/a b&#39;",
             "A quick run (<code>--quick</code>)",
+            // The targets.
+            "<table class=\"targets\">",
+            "10 met, 0 missed, 0 not run.",
         ] {
             assert!(h.contains(text), "no {text:?} in the page");
         }
+        // The targets come first, in the page and in its navigation.
+        let at = |s: &str| h.find(s).unwrap_or_else(|| panic!("no {s:?}"));
+        assert!(at("<section id=\"targets\">") < at("<section id=\"pause-cdf\">"));
+        assert!(h.contains("<nav><a href=\"#targets\">Targets</a>"));
+        assert_eq!(h.matches("<tr class=\"met\">").count(), 10);
         assert!(
             !h.contains("http://") && !h.contains("https://"),
             "an external URL"
@@ -1048,6 +1474,132 @@ mod tests {
             assert!(n <= plot::MAX_POINTS, "{n} points");
         }
         assert!(page(false).contains("A full run"));
+    }
+
+    fn pause_run(target: u64, p99_us: u64, pages: u64) -> PauseRun {
+        PauseRun {
+            target,
+            summary: Ok(EpochSummary {
+                epochs: 100,
+                pause_p50: 300,
+                pause_p99: 9_999,
+                pause_max: 20_000,
+                commit_p50: 1,
+                commit_p99: 2,
+                dirty_pages: pages * 100,
+                wire_bytes: 1,
+                throttled: 0,
+                held_max: None,
+                capped: Some(7),
+                epoch_secs: Some(2.5),
+                steps: None,
+            }),
+            stats: Stats::parse(&stats_json(
+                &[(250, 260, 90), (p99_us, p99_us + 1, 10)],
+                pages,
+            )),
+        }
+    }
+
+    #[test]
+    fn target_inputs_from_synthetic_runs() {
+        let pauses = vec![
+            pause_run(100, 400, 98),
+            pause_run(TARGET_RATE, 800, 1990),
+            pause_run(CAPPED_RATE, 1900, 4050),
+        ];
+        let fast = PauseRun {
+            target: FAST_RATE,
+            summary: pause_run(0, 0, 1000).summary,
+            stats: Err("no file".into()),
+        };
+        let fig = |rps: f64| Figures {
+            rps,
+            p50_ms: 1.0,
+            p99_ms: 2.0,
+        };
+        let throughput: Throughput = vec![
+            (Mode::Unprotected, Ok([fig(10_000.0), fig(11_000.0)])),
+            (Mode::Early, Ok([fig(4_000.0), fig(5_000.0)])),
+        ];
+        let failover = FailoverRuns {
+            sigkill: Ok((timelines(), 0, 0)),
+            host: Err("no namespace".into()),
+            soak: Ok(SoakOutcome {
+                ran: Duration::from_secs(10),
+                ..SoakOutcome::default()
+            }),
+        };
+        let harvest: HarvestRuns = HARVEST_MEMS
+            .iter()
+            .map(|&m| {
+                let us = Duration::from_micros(70 + (m >> 30));
+                (
+                    m,
+                    Ok(targets::Harvest {
+                        harvest: us,
+                        pause: us,
+                    }),
+                )
+            })
+            .collect();
+        let progress = ProgressRow {
+            kind: "mixed",
+            guest: crate::checkpoint::mixed_args(PROGRESS_COMPUTE),
+            interval: INTERVAL_MS,
+            unprotected: Ok(40_000.0),
+            protected: Ok((38_000.0, None)),
+        };
+        let i = target_inputs(
+            &pauses,
+            &fast,
+            &latency(),
+            &throughput,
+            &failover,
+            &SyncRun::NotRun("qemu-system-x86_64 missing".into()),
+            &harvest,
+            &progress,
+        );
+        let p = i.pause_2k.as_ref().unwrap();
+        // From the histogram (its p99, its counter of capped epochs), not the log; the
+        // period from the log (2.5 s of 100 epochs).
+        assert_eq!((p.p99_ms, p.pages, p.capped), (0.8, 1990.0, Some(3)));
+        assert_eq!(p.period_ms, Some(25.0));
+        assert_eq!(i.pause_10k.as_ref().unwrap().p99_ms, 1.9);
+        // Without histograms: the log's figures.
+        let f = i.fast.as_ref().unwrap();
+        assert_eq!((f.p99_ms, f.capped), (9.999, Some(7)));
+        assert_eq!(i.kv_set.as_ref().unwrap().1.rps, 4_000.0);
+        let (u, e) = i.one_client.as_ref().unwrap();
+        assert!(u.p50 < e.p50);
+        assert_eq!(i.sync, Err("qemu-system-x86_64 missing".into()));
+        assert_eq!(i.sigkill.as_ref().unwrap().ms.len(), 10);
+        assert_eq!(i.host, Err("failed: no namespace".into()));
+        assert_eq!(i.soak.as_ref().unwrap().seconds, 10);
+        assert_eq!(i.harvest[2].0, "16 GiB");
+        assert_eq!(i.progress, Ok((40_000.0, 38_000.0)));
+        let rows = targets::rows(&i);
+        assert_eq!(rows[0].verdict, targets::Verdict::Met);
+        assert_eq!(rows[2].verdict, targets::Verdict::Missed);
+        assert_eq!(rows[3].verdict, targets::Verdict::Missed);
+        assert!(matches!(rows[5].verdict, targets::Verdict::NotRun(_)));
+        // A run missing from the plan, a failed mode: said, not guessed.
+        let i = target_inputs(
+            &pauses[..1],
+            &fast,
+            &vec![(Mode::Unprotected, Err("no guest\nmore".into()))],
+            &Vec::new(),
+            &failover,
+            &SyncRun::NotRun("x".into()),
+            &harvest,
+            &progress,
+        );
+        assert_eq!(
+            i.pause_2k,
+            Err("no run at 2,000 pages an epoch in this plan".into())
+        );
+        assert_eq!(i.one_client, Err("unprotected failed: no guest".into()));
+        assert_eq!(i.kv_set, Err("no unprotected run".into()));
     }
 
     #[test]
@@ -1134,7 +1686,7 @@ mod tests {
     #[test]
     fn report_options() {
         let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        let usage = |v: &[&str]| match Args::parse_with_flags("report", &strings(v), OPTIONS, FLAGS)
+        let usage = |v: &[&str]| match Args::parse("report", &strings(v), OPTIONS, FLAGS)
             .and_then(|a| run(&a))
         {
             Err(BenchError::Usage(m)) => m,
@@ -1153,6 +1705,15 @@ mod tests {
         assert_eq!(at(951_782_400), "2000-02-29 00:00:00");
         assert_eq!(at(1_709_251_199), "2024-02-29 23:59:59");
         assert_eq!(at(4_102_444_800), "2100-01-01 00:00:00");
+    }
+
+    #[test]
+    fn qemu_versions_shortened() {
+        assert_eq!(
+            short_version("QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)"),
+            "QEMU 7.2.22"
+        );
+        assert_eq!(short_version("something else"), "something else");
     }
 
     #[test]
