@@ -401,6 +401,31 @@ fn page_pair() -> impl Strategy<Value = (Vec<u8>, Vec<u8>)> {
                 (p, base)
             }),
         (any::<u8>(), page()).prop_map(|(s, base)| (test_page(s).to_vec(), base)),
+        // Mostly zeros (a few runs of bytes): the zero-run coding of the page (`Rle`),
+        // against a random base or a base that is the page with a few changes.
+        (
+            prop::collection::vec(
+                (0..PAGE_SIZE, prop::collection::vec(any::<u8>(), 1..64)),
+                0..12
+            ),
+            page(),
+            any::<bool>(),
+        )
+            .prop_map(|(runs, base, near)| {
+                let mut p = vec![0u8; PAGE_SIZE];
+                for (at, bytes) in runs {
+                    let end = (at + bytes.len()).min(PAGE_SIZE);
+                    p[at..end].copy_from_slice(&bytes[..end - at]);
+                }
+                let base = if near {
+                    let mut b = p.clone();
+                    b[PAGE_SIZE / 2] ^= 1;
+                    b
+                } else {
+                    base
+                };
+                (p, base)
+            }),
     ]
 }
 
@@ -429,7 +454,7 @@ proptest! {
     fn page_codec_decode(
         (page, base) in page_pair(),
         muts in prop::collection::vec(mutation(), 0..5),
-        enc_byte in prop_oneof![4 => 0u8..5, 1 => any::<u8>()],
+        enc_byte in prop_oneof![4 => 0u8..Encoding::ALL.len() as u8, 1 => any::<u8>()],
         random in prop::option::weighted(0.2, prop::collection::vec(any::<u8>(), 0..4200)),
     ) {
         let (page, base) = (as_page(&page), as_page(&base));

@@ -1090,6 +1090,14 @@ fn replication(
         }
         Some(ms) => return Err(usage(format!("--min-interval-ms {ms}: not a number of ms"))),
     };
+    if min_interval > interval {
+        return Err(usage(format!(
+            "--min-interval-ms {} is longer than the epoch interval ({} ms): an early \
+             checkpoint could never come early",
+            min_interval.as_secs_f64() * 1000.0,
+            interval.as_millis()
+        )));
+    }
     let connect_timeout = match r.connect_timeout_s {
         None => defaults.connect_timeout,
         Some(s) => Duration::from_secs(in_range("connect-timeout-s", s, 0..=MAX_SECONDS)?),

@@ -172,6 +172,10 @@ fn bad_replication_options_on_every_role() {
             ),
             (&["--min-interval-ms", "x"][..], "--min-interval-ms"),
             (
+                &["--min-interval-ms", "30", "--interval-ms", "25"][..],
+                "--min-interval-ms 30 is longer than the epoch interval (25 ms)",
+            ),
+            (
                 &["--min-interval-ms", "NaN"][..],
                 "--min-interval-ms NaN: not a number of ms",
             ),

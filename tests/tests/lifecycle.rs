@@ -1101,7 +1101,9 @@ fn a_backup_that_cannot_run_the_guest_never_fences_for_it() {
     let ns = Netns::create("lsnonet").expect("network namespace");
 
     // 1. A fence agent and --net, a guest without a network device: warns, never fences.
-    let fence = fence_args(&dir, "primary");
+    let bsock = dir.join("backup.sock");
+    let mut fence = fence_args(&dir, "primary");
+    fence.extend(["--api-sock".to_string(), path(&bsock).to_string()]);
     let fence: Vec<&str> = fence.iter().map(String::as_str).collect();
     let mut b = backup_cmd_named(&ns, &dir, "backup", "127.0.0.1:7610", &fence);
     let pid = dir.arg("primary.pid");
@@ -1136,6 +1138,16 @@ fn a_backup_that_cannot_run_the_guest_never_fences_for_it() {
         log.contains("CANNOT TAKE OVER") && log.contains("no network device"),
         "{log}"
     );
+    // An operator's failover is refused before any fencing: the primary runs on.
+    lockstep(&["ctl", "--api-sock", path(&bsock), "failover"])
+        .assert_one_line_error(&["cannot take over", "not fenced"]);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        a.try_wait().is_none(),
+        "the primary was fenced:\n{}",
+        b.log()
+    );
+    assert!(!b.log().contains("fenced the primary"), "{}", b.log());
     a.kill9();
     let status = b.wait_for(Duration::from_secs(15)).unwrap_or_else(|| {
         panic!(

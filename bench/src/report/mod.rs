@@ -876,7 +876,9 @@ fn stretches(t: &Timeline) -> Vec<plot::Stretch> {
     let mut out = Vec::new();
     for (kind, m) in moments.iter().enumerate() {
         if let Some(to) = *m {
-            let to = to.max(from);
+            // A moment before the one drawn last (a reply sent before the promoted guest
+            // ran) still shows: a 1 ms mark.
+            let to = if to > from { to } else { from + 1.0 };
             out.push(plot::Stretch { from, to, kind });
             from = to;
         }
@@ -908,12 +910,14 @@ fn failover_section(plan: &Plan, r: &TrialsResult) -> Section {
         note: "Times count from the moment the bench sent the SIGKILL. The backup's moments \
                are the times of its --events lines (whole ms, so up to a ms early). The backup \
                learns of the death when the primary's kernel closes its connections as the \
-               process dies, a few ms after the signal and before the bench can reap it \
+               process dies, a few ms after the signal, often before the bench reaps it \
                (primary reaped: when the bench saw it gone, which is where bench failover's \
                kill → first reply counts from), not from a heartbeat timeout. The client's \
                wait beyond the promotion is mostly its own TCP retransmission of the request \
                the dead primary took but the backup never committed (200 ms at least on \
-               Linux)."
+               Linux). A reply that came before the promotion (committed output the dead \
+               primary still held, which the backup sends before its guest runs) is drawn \
+               as a 1 ms mark at the promotion."
             .into(),
         ..Section::default()
     };
@@ -1622,6 +1626,20 @@ mod tests {
         assert_eq!(s.plot, Some(Err("no guest".into())));
         let none: Vec<PauseRun> = Vec::new();
         assert!(matches!(pause_pages_section(&none).plot, Some(Err(_))));
+    }
+
+    #[test]
+    fn a_reply_before_the_promotion_is_a_mark_not_nothing() {
+        let t = Timeline {
+            reaped: Some(8.0),
+            detected: Some(3.0),
+            fenced: Some(20.0),
+            promoted: Some(39.7),
+            first_reply: Some(37.1),
+        };
+        let s = stretches(&t);
+        assert_eq!(s.len(), 4);
+        assert_eq!((s[3].from, s[3].to, s[3].kind), (39.7, 40.7, 3));
     }
 
     #[test]

@@ -424,7 +424,15 @@ fn sync(r: &Result<Sync, String>) -> Target {
                 s.trials
             );
             t.baseline = format!("{}: {} ms", s.qemu, ms(s.qemu_ms));
-            t.verdict = Verdict::at_most(ratio, 1.0);
+            t.verdict = if size.is_empty() {
+                Verdict::at_most(ratio, 1.0)
+            } else {
+                // A smaller guest's ratio says little of a 2 GiB one's.
+                Verdict::NotRun(format!(
+                    "the target is for 2 GiB, this run synced {}",
+                    s.mem
+                ))
+            };
         }
         Err(e) => not_run(&mut t, e),
     }
@@ -988,5 +996,21 @@ pub(crate) mod tests {
         assert_eq!(ms(184.4), "184");
         assert_eq!(added(0.93), "+0.93 ms");
         assert_eq!(added(-0.2), "−0.20 ms");
+    }
+
+    #[test]
+    fn a_sync_of_another_size_than_2_gib_is_not_judged() {
+        let mut i = all_met();
+        i.sync = Ok(Sync {
+            mem: "512M".into(),
+            ..all_met().sync.unwrap()
+        });
+        let t = sync(&i.sync);
+        assert!(
+            matches!(&t.verdict, Verdict::NotRun(why) if why.contains("512M")),
+            "{t:?}"
+        );
+        assert!(t.measured.contains("a 512M guest"), "{}", t.measured);
+        assert_eq!(sync(&all_met().sync).verdict, Verdict::Met);
     }
 }

@@ -392,7 +392,19 @@ fn replicate(
             });
             return Err(BackupError::Stopped(staging.committed_epoch()));
         }
-        if fencing.is_none() && control::take(|r| *r == Request::Failover).is_some() {
+        let failover = fencing.is_none() && control::take(|r| *r == Request::Failover).is_some();
+        let cannot = failover
+            .then(|| runnable_here(staging, opts).err())
+            .flatten();
+        if let Some(why) = cannot {
+            // Fencing the primary for a guest this backup cannot run would leave it running
+            // nowhere: the request fails and nothing changes.
+            warn!("failover requested: refused, this backup cannot take over: {why}");
+            control::finish(Err(format!(
+                "this backup cannot take over ({why}); the primary was not fenced, nothing \
+                 changed"
+            )));
+        } else if failover {
             match &opts.fence {
                 Some(FenceConfig::Agent(_)) => {
                     info!("failover requested: fencing the primary while replication goes on");
@@ -787,13 +799,18 @@ pub(crate) fn devices_fit(state: &MachineState, opts: &BackupOptions) -> Result<
     }
 }
 
+/// Whether this backup can run the guest of its committed epoch (see [`devices_fit`]).
+fn runnable_here(staging: &Staging, opts: &BackupOptions) -> Result<(), String> {
+    let state = MachineState::from_blob(staging.committed_state()).map_err(|e| e.to_string())?;
+    devices_fit(&state, opts)
+}
+
 /// Epoch 1 just committed: whether this backup could ever run the guest. With
 /// `--run-after-end` it could not do what it was asked: it leaves at once (the primary goes
 /// on without fencing it) rather than fail at the end. Otherwise it replicates on and says
 /// that it cannot take over (a failover fails before fencing, see `take_over`).
 fn check_runnable(staging: &Staging, opts: &BackupOptions) -> Result<(), String> {
-    let state = MachineState::from_blob(staging.committed_state()).map_err(|e| e.to_string())?;
-    let Err(why) = devices_fit(&state, opts) else {
+    let Err(why) = runnable_here(staging, opts) else {
         return Ok(());
     };
     if opts.run_after_end {

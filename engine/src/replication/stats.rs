@@ -437,6 +437,10 @@ pub enum StatsFileError {
     /// The path is a directory.
     #[error("is a directory")]
     IsDirectory,
+    /// The path exists and is not a regular file: a symbolic link, a device, a FIFO or a
+    /// socket would be replaced by the file.
+    #[error("exists and is not a regular file (a symbolic link, device, FIFO or socket would be replaced)")]
+    NotRegular,
     /// No new file can be made in the file's directory.
     #[error("cannot write in directory {dir}: {source}")]
     Directory {
@@ -462,6 +466,11 @@ pub fn check_json_path(path: &Path) -> Result<(), StatsFileError> {
     if path.is_dir() {
         return Err(StatsFileError::IsDirectory);
     }
+    if let Ok(m) = std::fs::symlink_metadata(path) {
+        if !m.file_type().is_file() {
+            return Err(StatsFileError::NotRegular);
+        }
+    }
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
@@ -486,6 +495,30 @@ pub fn check_json_path(path: &Path) -> Result<(), StatsFileError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_path_that_is_not_a_regular_file_is_refused() {
+        let dir = std::env::temp_dir().join(format!("lockstep-stats-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let target = dir.join("target.json");
+        std::fs::write(&target, b"{}").unwrap();
+        let link = dir.join("link.json");
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        assert!(matches!(
+            check_json_path(&link),
+            Err(StatsFileError::NotRegular)
+        ));
+        assert!(matches!(
+            check_json_path(Path::new("/dev/null")),
+            Err(StatsFileError::NotRegular)
+        ));
+        assert!(
+            check_json_path(&target).is_ok(),
+            "an existing file is replaced"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     /// A deterministic stream of pseudo-random numbers (splitmix64).
     struct Rng(u64);

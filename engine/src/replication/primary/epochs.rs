@@ -153,6 +153,10 @@ impl Primary<'_> {
                 && next.elapsed() < self.opts.interval
             {
                 next += self.opts.interval / 2;
+                // Output waiting would end the wait at once, again and again: until the
+                // next ack (or a slice of the loop's time), there is nothing to do.
+                let acked = self.inflight.lock().last_acked();
+                self.inflight.wait_acked(acked + 1, DIRTY_POLL_MIN);
                 continue;
             }
             if pacing == Pacing::Throttle || self.sending.is_some() {

@@ -312,7 +312,9 @@ const STATS_EVERY: Duration = Duration::from_secs(2);
 
 /// How often the pause and commit figures go to the control socket's status.
 const STATUS_EVERY: Duration = Duration::from_secs(1);
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one handshake attempt waits for the backup's answer before the connection is
+/// made again (within `--connect-timeout-s`).
+const HANDSHAKE_ATTEMPT: Duration = Duration::from_secs(2);
 
 struct Primary<'m> {
     machine: &'m mut Machine,
@@ -658,7 +660,10 @@ fn connect_and_greet(
         let mut conn = connect(link, peer, left.max(Duration::from_millis(100)))?;
         // Under TLS 1.3 the backup's verdict on this side's certificate arrives after the
         // client's handshake completed: with the answer to the hello.
-        match primary_handshake(&mut conn, hello, HANDSHAKE_TIMEOUT) {
+        // A backup answers the hello in milliseconds: a silent one is tried again within
+        // the deadline rather than waited for until it has passed.
+        let attempt = left.clamp(Duration::from_millis(500), HANDSHAKE_ATTEMPT);
+        match primary_handshake(&mut conn, hello, attempt) {
             Ok(()) => return Ok(conn),
             Err(HandshakeError::Transport(t @ TransportError::Tls { .. })) => {
                 return Err(PrimaryError::Link(t))
