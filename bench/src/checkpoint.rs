@@ -759,6 +759,12 @@ fn rate_of(console: &str, from_ms: u64) -> Result<Rate, String> {
         })
         .filter(|&(ms, _)| ms >= from_ms)
         .collect();
+    // Reports after the workload's end (`seconds=`) repeat its last count: they are not
+    // seconds the guest made no progress in.
+    let mut points = points;
+    while points.len() > 2 && points[points.len() - 1].1 == points[points.len() - 2].1 {
+        points.pop();
+    }
     match (points.first(), points.last()) {
         (Some(&(t0, n0)), Some(&(t1, n1))) if t1 > t0 => {
             Ok(n1.saturating_sub(n0) as f64 * 1000.0 / (t1 - t0) as f64)
@@ -883,6 +889,15 @@ throttled=2 held_us max=45642 capped=5
         // The guest's last report may share a line with what the VMM prints next.
         assert!(rate_of("dirty: ms=1000 pages=5\ndirty: ms=2000 pages=15final", 0).is_ok());
         assert!(rate_of("dirty: ms=1000 pages=5\n", 0).is_err());
+        // The workload ended before the last reports: they do not count as stalls.
+        let ended = "dirty: ms=1000 pages=100\ndirty: ms=2000 pages=300\n\
+                     dirty: ms=3000 pages=300\ndirty: ms=4000 pages=300";
+        assert_eq!(rate_of(ended, 0).unwrap(), 200.0);
+        // A guest that made no progress at all still says so.
+        assert_eq!(
+            rate_of("dirty: ms=1000 pages=7\ndirty: ms=2000 pages=7", 0).unwrap(),
+            0.0
+        );
     }
 
     #[test]
