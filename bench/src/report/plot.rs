@@ -182,65 +182,56 @@ pub fn cdf(title: &str, x_label: &str, series: &[Series], log_x: bool) -> Result
             .x_label_area_size(48)
             .y_label_area_size(64);
         let y_desc = "fraction of samples at or below";
+        // One chart either way; x below `$floor` (a log axis' lower end) is drawn at it.
+        macro_rules! draw {
+            ($chart:expr, $floor:expr) => {{
+                let mut chart = $chart;
+                chart
+                    .configure_mesh()
+                    .x_desc(x_label)
+                    .y_desc(y_desc)
+                    .x_label_formatter(&|v| tick(*v))
+                    .y_label_formatter(&|v| tick(*v))
+                    .axis_desc_style((FONT, 15))
+                    .label_style((FONT, 13))
+                    .draw()
+                    .map_err(err)?;
+                for (i, s) in series.iter().enumerate() {
+                    let c = color(i);
+                    let points: Vec<(f64, f64)> =
+                        s.points.iter().map(|&(x, y)| (x.max($floor), y)).collect();
+                    chart
+                        .draw_series(LineSeries::new(points, c.stroke_width(2)))
+                        .map_err(err)?
+                        .label(s.name.as_str())
+                        .legend(move |(x, y)| {
+                            PathElement::new(vec![(x, y), (x + 22, y)], c.stroke_width(2))
+                        });
+                }
+                legend(&mut chart, SeriesLabelPosition::LowerRight)
+            }};
+        }
         if log_x {
             let (lo, hi) = log_range(xs());
             let (bold, light) = log_ticks(lo, hi);
-            let mut chart = builder
-                .build_cartesian_2d(
-                    (lo..hi)
-                        .log_scale()
-                        .with_key_points(bold)
-                        .with_light_points(light),
-                    0.0..1.0,
-                )
-                .map_err(err)?;
-            chart
-                .configure_mesh()
-                .x_desc(x_label)
-                .y_desc(y_desc)
-                .x_label_formatter(&|v| tick(*v))
-                .y_label_formatter(&|v| tick(*v))
-                .axis_desc_style((FONT, 15))
-                .label_style((FONT, 13))
-                .draw()
-                .map_err(err)?;
-            for (i, s) in series.iter().enumerate() {
-                let c = color(i);
-                let points: Vec<(f64, f64)> =
-                    s.points.iter().map(|&(x, y)| (x.max(lo), y)).collect();
-                chart
-                    .draw_series(LineSeries::new(points, c.stroke_width(2)))
-                    .map_err(err)?
-                    .label(s.name.as_str())
-                    .legend(move |(x, y)| {
-                        PathElement::new(vec![(x, y), (x + 22, y)], c.stroke_width(2))
-                    });
-            }
-            legend(&mut chart, SeriesLabelPosition::LowerRight)
+            draw!(
+                builder
+                    .build_cartesian_2d(
+                        (lo..hi)
+                            .log_scale()
+                            .with_key_points(bold)
+                            .with_light_points(light),
+                        0.0..1.0,
+                    )
+                    .map_err(err)?,
+                lo
+            )
         } else {
             let (lo, hi) = linear_range(xs());
-            let mut chart = builder.build_cartesian_2d(lo..hi, 0.0..1.0).map_err(err)?;
-            chart
-                .configure_mesh()
-                .x_desc(x_label)
-                .y_desc(y_desc)
-                .x_label_formatter(&|v| tick(*v))
-                .y_label_formatter(&|v| tick(*v))
-                .axis_desc_style((FONT, 15))
-                .label_style((FONT, 13))
-                .draw()
-                .map_err(err)?;
-            for (i, s) in series.iter().enumerate() {
-                let c = color(i);
-                chart
-                    .draw_series(LineSeries::new(s.points.iter().copied(), c.stroke_width(2)))
-                    .map_err(err)?
-                    .label(s.name.as_str())
-                    .legend(move |(x, y)| {
-                        PathElement::new(vec![(x, y), (x + 22, y)], c.stroke_width(2))
-                    });
-            }
-            legend(&mut chart, SeriesLabelPosition::LowerRight)
+            draw!(
+                builder.build_cartesian_2d(lo..hi, 0.0..1.0).map_err(err)?,
+                f64::NEG_INFINITY
+            )
         }
     })
 }
