@@ -90,6 +90,19 @@ pub struct Target {
     pub verdict: Verdict,
 }
 
+impl Target {
+    /// A target not judged yet: no figure, met until a check says otherwise.
+    fn new(what: &str, target: &str, baseline: &str) -> Target {
+        Target {
+            what: what.into(),
+            target: target.into(),
+            measured: String::new(),
+            baseline: baseline.into(),
+            verdict: Verdict::Met,
+        }
+    }
+}
+
 /// A run of epochs: its figures (pause from the primary's histogram when it wrote one).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Pause {
@@ -239,13 +252,11 @@ pub fn section(rows: &[Target]) -> Section {
 }
 
 fn pause_2k(r: &Result<Pause, String>) -> Target {
-    let mut t = Target {
-        what: "Epoch pause at ~2,000 dirty pages an epoch, 25 ms epochs".into(),
-        target: "p99 ≤ 1 ms".into(),
-        measured: String::new(),
-        baseline: "none (a bound)".into(),
-        verdict: Verdict::Met,
-    };
+    let mut t = Target::new(
+        "Epoch pause at ~2,000 dirty pages an epoch, 25 ms epochs",
+        "p99 ≤ 1 ms",
+        "none (a bound)",
+    );
     match r {
         Ok(p) => {
             t.measured = format!(
@@ -263,16 +274,13 @@ fn pause_2k(r: &Result<Pause, String>) -> Target {
 }
 
 fn pause_10k(r: &Result<Pause, String>) -> Target {
-    let mut t = Target {
-        what: "Epoch pause when the guest asks for 10,000 pages an epoch, 25 ms epochs (an \
+    let mut t = Target::new(
+        "Epoch pause when the guest asks for 10,000 pages an epoch, 25 ms epochs (an \
                epoch ends early once it holds the default --max-epoch-pages 4096; pages \
-               written until the pause add to it)"
-            .into(),
-        target: "p99 ≤ 2 ms".into(),
-        measured: String::new(),
-        baseline: "none (a bound)".into(),
-        verdict: Verdict::Met,
-    };
+               written until the pause add to it)",
+        "p99 ≤ 2 ms",
+        "none (a bound)",
+    );
     match r {
         Ok(p) => {
             t.measured = format!(
@@ -294,15 +302,12 @@ fn pause_10k(r: &Result<Pause, String>) -> Target {
 }
 
 fn fast(r: &Result<Pause, String>) -> Target {
-    let mut t = Target {
-        what: "5 ms epochs at a 1,000-page target (1 vCPU, workload=dirty pages_per_ms=200 \
-               wss=128M): mean epoch period (seconds of epochs ÷ epochs) and pause"
-            .into(),
-        target: "period ≤ 6 ms and pause p99 ≤ 1 ms".into(),
-        measured: String::new(),
-        baseline: "none (bounds)".into(),
-        verdict: Verdict::Met,
-    };
+    let mut t = Target::new(
+        "5 ms epochs at a 1,000-page target (1 vCPU, workload=dirty pages_per_ms=200 \
+               wss=128M): mean epoch period (seconds of epochs ÷ epochs) and pause",
+        "period ≤ 6 ms and pause p99 ≤ 1 ms",
+        "none (bounds)",
+    );
     match r {
         Ok(p) => {
             let period = match p.period_ms {
@@ -330,15 +335,12 @@ fn fast(r: &Result<Pause, String>) -> Target {
 }
 
 fn kv(r: &Result<(Figures, Figures), String>) -> Target {
-    let mut t = Target {
-        what: "kv guest under redis-benchmark -c 20 (SET), protected with early checkpoints \
-               ÷ unprotected"
-            .into(),
-        target: "throughput ≥ 0.8×, p50 added ≤ +1 ms, p99 added ≤ +3 ms".into(),
-        measured: String::new(),
-        baseline: String::new(),
-        verdict: Verdict::Met,
-    };
+    let mut t = Target::new(
+        "kv guest under redis-benchmark -c 20 (SET), protected with early checkpoints \
+               ÷ unprotected",
+        "throughput ≥ 0.8×, p50 added ≤ +1 ms, p99 added ≤ +3 ms",
+        "",
+    );
     match r {
         Ok((base, p)) => {
             let ratio = p.rps / base.rps;
@@ -369,13 +371,11 @@ fn kv(r: &Result<(Figures, Figures), String>) -> Target {
 }
 
 fn one_client(r: &Result<(Summary, Summary), String>) -> Target {
-    let mut t = Target {
-        what: "One client, one connection: request → reply added by output commit".into(),
-        target: "p50 added ≤ +1 ms".into(),
-        measured: String::new(),
-        baseline: String::new(),
-        verdict: Verdict::Met,
-    };
+    let mut t = Target::new(
+        "One client, one connection: request → reply added by output commit",
+        "p50 added ≤ +1 ms",
+        "",
+    );
     match r {
         Ok((base, p)) => {
             let f = |d: Duration| d.as_secs_f64() * 1000.0;
@@ -401,15 +401,12 @@ fn one_client(r: &Result<(Summary, Summary), String>) -> Target {
 }
 
 fn sync(r: &Result<Sync, String>) -> Target {
-    let mut t = Target {
-        what: "Initial sync of a 2 GiB mostly untouched guest, end to end ÷ QEMU's live \
-               migration of a microvm with the same RAM over loopback"
-            .into(),
-        target: "≤ 1.0×".into(),
-        measured: String::new(),
-        baseline: String::new(),
-        verdict: Verdict::Met,
-    };
+    let mut t = Target::new(
+        "Initial sync of a 2 GiB mostly untouched guest, end to end ÷ QEMU's live \
+               migration of a microvm with the same RAM over loopback",
+        "≤ 1.0×",
+        "",
+    );
     match r {
         Ok(s) => {
             let ratio = s.lockstep_ms / s.qemu_ms;
@@ -440,15 +437,12 @@ fn sync(r: &Result<Sync, String>) -> Target {
 }
 
 fn sigkill(r: &Result<Trials, String>) -> Target {
-    let mut t = Target {
-        what: "Failover, primary SIGKILLed: kill → first reply from the promoted guest, same \
-               connection"
-            .into(),
-        target: "p99 ≤ 250 ms".into(),
-        measured: String::new(),
-        baseline: "none (a bound)".into(),
-        verdict: Verdict::Met,
-    };
+    let mut t = Target::new(
+        "Failover, primary SIGKILLed: kill → first reply from the promoted guest, same \
+               connection",
+        "p99 ≤ 250 ms",
+        "none (a bound)",
+    );
     match r {
         Ok(tr) => match summary_ms(&tr.ms) {
             Some(s) => {
@@ -477,16 +471,13 @@ fn sigkill(r: &Result<Trials, String>) -> Target {
 }
 
 fn host(r: &Result<Trials, String>, soak: &Result<Soak, String>) -> Target {
-    let mut t = Target {
-        what: "Failover, primary's host lost (link cut, no FIN): detection at the default \
+    let mut t = Target::new(
+        "Failover, primary's host lost (link cut, no FIN): detection at the default \
                --heartbeat-timeout-ms; false failovers of a soak (pairs nobody kills, two \
-               threads spinning beside them)"
-            .into(),
-        target: "detection p99 ≤ 300 ms; 0 false failovers".into(),
-        measured: String::new(),
-        baseline: "none (bounds)".into(),
-        verdict: Verdict::Met,
-    };
+               threads spinning beside them)",
+        "detection p99 ≤ 300 ms; 0 false failovers",
+        "none (bounds)",
+    );
     let (detection, v1) = match r {
         Ok(tr) => match summary_ms(&tr.ms) {
             Some(s) => (
@@ -538,15 +529,12 @@ fn host(r: &Result<Trials, String>, soak: &Result<Soak, String>) -> Target {
 }
 
 fn harvest(sizes: &[(String, Result<Harvest, String>)]) -> Target {
-    let mut t = Target {
-        what: "Dirty harvest and pause at the same dirty count (2,000 pages), 1 → 4 → 16 GiB \
-               guests (bitmap, 2 vCPUs, p50)"
-            .into(),
-        target: "growth 1 → 16 GiB < 2× (harvest and pause)".into(),
-        measured: String::new(),
-        baseline: String::new(),
-        verdict: Verdict::Met,
-    };
+    let mut t = Target::new(
+        "Dirty harvest and pause at the same dirty count (2,000 pages), 1 → 4 → 16 GiB \
+               guests (bitmap, 2 vCPUs, p50)",
+        "growth 1 → 16 GiB < 2× (harvest and pause)",
+        "",
+    );
     if let Some((label, Err(e))) = sizes.iter().find(|(_, r)| r.is_err()) {
         not_run(&mut t, &format!("{label}: {e}"));
         return t;
@@ -588,15 +576,12 @@ fn harvest(sizes: &[(String, Result<Harvest, String>)]) -> Target {
 }
 
 fn progress(r: &Result<(f64, f64), String>) -> Target {
-    let mut t = Target {
-        what: "Guest progress protected ÷ unprotected, 25 ms epochs, mixed computation and \
-               writes (workload=dirty pages_per_ms=0 wss=16M compute=10000)"
-            .into(),
-        target: "≥ 0.9".into(),
-        measured: String::new(),
-        baseline: String::new(),
-        verdict: Verdict::Met,
-    };
+    let mut t = Target::new(
+        "Guest progress protected ÷ unprotected, 25 ms epochs, mixed computation and \
+               writes (workload=dirty pages_per_ms=0 wss=16M compute=10000)",
+        "≥ 0.9",
+        "",
+    );
     match r {
         Ok((base, p)) => {
             let ratio = p / base;
