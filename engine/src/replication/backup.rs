@@ -782,8 +782,7 @@ fn can_take_over(staging: &Staging, epoch: u64, opts: &BackupOptions) -> Result<
             staging.committed_epoch()
         ));
     }
-    let state = MachineState::from_blob(staging.committed_state()).map_err(|e| e.to_string())?;
-    devices_fit(&state, opts)
+    runnable_here(staging, opts)
 }
 
 /// Whether this backup can run a guest in `state`: a guest with a network device needs
